@@ -1,0 +1,365 @@
+"""The project spec: typed, validated on load, resolved once at the flow's entry.
+
+A spec is a YAML file. Relative paths in it are relative to the spec file. Unknown keys are
+refused, naming the key. The project secret is read from the environment variable the spec
+names and is never written anywhere: it is held as a :class:`pydantic.SecretStr`, whose
+``repr`` hides it, and :meth:`ProjectSpec.public_dict` (what provenance records) leaves it out.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from datetime import date
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import SpecError
+
+_LABEL = re.compile(r"^[A-Za-z0-9]+$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DimseSettings(_Model):
+    """A DIMSE peer (C-ECHO, C-FIND, C-GET, C-MOVE)."""
+
+    ae_title: str = Field(description="The PACS's AE title (called AE).")
+    host: str = Field(description="The PACS's host name or address.")
+    port: int = Field(ge=1, le=65535, description="The PACS's DICOM port.")
+    calling_ae_title: str = Field("PACS2BIDS", description="Our AE title, as the PACS knows it.")
+    retrieve: Literal["c-get", "c-move"] = Field("c-get", description="How instances are retrieved.")
+    move_destination: str | None = Field(
+        None,
+        description="For C-MOVE: the AE title the PACS sends to (our storage SCP). "
+        "Defaults to calling_ae_title.",
+    )
+    storage_host: str = Field("127.0.0.1", description="For C-MOVE: the address our storage SCP binds.")
+    storage_port: int = Field(
+        0, ge=0, le=65535, description="For C-MOVE: the port our storage SCP listens on (0: any free port)."
+    )
+    max_associations: int = Field(2, ge=1, le=32, description="Associations open at once to this PACS.")
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE or network answer.")
+
+    @field_validator("ae_title", "calling_ae_title", "move_destination")
+    @classmethod
+    def _ae_title(cls, v: str | None) -> str | None:
+        if v is not None and not (1 <= len(v.strip()) <= 16):
+            raise ValueError("an AE title has 1 to 16 characters")
+        return v
+
+
+class DicomwebSettings(_Model):
+    """A DICOMweb peer (QIDO-RS, WADO-RS)."""
+
+    url: str = Field(description="The DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web.")
+    username_env: str | None = Field(None, description="Environment variable holding the user name.")
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    timeout: float = Field(120.0, gt=0, description="Seconds to wait for an HTTP answer.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+
+class PacsSettings(_Model):
+    """Where the studies come from: DIMSE, DICOMweb, or both (DIMSE first)."""
+
+    dimse: DimseSettings | None = None
+    dicomweb: DicomwebSettings | None = None
+    transport: Literal["dimse", "dicomweb"] | None = Field(
+        None, description="Which transport to use when both are given (default: dimse)."
+    )
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> "PacsSettings":
+        if self.dimse is None and self.dicomweb is None:
+            raise ValueError("give pacs.dimse or pacs.dicomweb")
+        chosen = self.transport or ("dimse" if self.dimse else "dicomweb")
+        if getattr(self, chosen) is None:
+            raise ValueError(f"pacs.transport is {chosen!r} but pacs.{chosen} is not given")
+        return self
+
+    @property
+    def chosen(self) -> str:
+        return self.transport or ("dimse" if self.dimse else "dicomweb")
+
+
+class DateRange(_Model):
+    start: date | None = Field(None, alias="from", description="First study date included.")
+    end: date | None = Field(None, alias="to", description="Last study date included.")
+
+
+class Inclusion(_Model):
+    """One row of the inclusion list. ``patient_id`` and ``accession_number`` identify a
+    patient: they live in memory only and are never logged or written."""
+
+    row: int
+    subject: str
+    session: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+
+    def __repr__(self) -> str:  # identifiers stay out of reprs, hence out of logs
+        return f"Inclusion(row={self.row}, subject={self.subject!r}, session={self.session!r})"
+
+    __str__ = __repr__
+
+
+class SelectionSettings(_Model):
+    inclusions: Path = Field(description="CSV: patient_id or accession_number, subject[, session].")
+    study_date: DateRange | None = Field(None, description="Study date range.")
+    modalities: list[str] = Field(default_factory=lambda: ["MR"], description="Series modalities kept.")
+    study_description: str | None = Field(None, description="Regex a study description must match.")
+    series_description: str | None = Field(None, description="Regex a series description must match.")
+    exclude_series_description: str | None = Field(
+        None, description="Regex: series whose description matches are left out."
+    )
+
+    @field_validator("study_description", "series_description", "exclude_series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+
+class PseudonymizationSettings(_Model):
+    secret_env: str = Field(
+        "PACS2BIDS_PROJECT_SECRET",
+        description="Environment variable holding the project's key (at least 16 characters).",
+    )
+    options: list[str] | None = Field(
+        None,
+        description="PS3.15 Annex E options applied on top of the Basic profile "
+        "(default: the research default of pacs2bids.deid).",
+    )
+    keep_private: list[str] = Field(
+        default_factory=list,
+        description="Extra private attributes kept, as 'gggg,\"CREATOR\",ee' (element within the block).",
+    )
+    allow_sop_classes: list[str] = Field(
+        default_factory=list, description="SOP Class UIDs kept although dropped by default (SR, PR, KO...)."
+    )
+    key_store: Path | None = Field(
+        None, description="Where the encrypted matching key lives (default: beside work_dir, never under output)."
+    )
+
+
+class RetrySettings(_Model):
+    attempts: int = Field(3, ge=0, le=20, description="Retries of a network stage on transient failures.")
+    backoff_seconds: float = Field(2.0, ge=0, description="First back-off; doubles at each retry.")
+
+
+class ProjectSpec(_Model):
+    """A research project's extraction spec."""
+
+    project: str = Field(description="Project code: names the dataset and keys its pseudonyms.")
+    pacs: PacsSettings
+    selection: SelectionSettings
+    pseudonymization: PseudonymizationSettings = Field(default_factory=PseudonymizationSettings)
+    heuristic: str = Field("auto", description="A heuristic shipped in heuristics/, or a path to one.")
+    output: Path = Field(description="Local folder where the finished BIDS dataset appears.")
+    work_dir: Path | None = Field(
+        None, description="Scratch space for retrieval and conversion (default: beside output, hidden)."
+    )
+    retries: RetrySettings = Field(default_factory=RetrySettings)
+    dataset_name: str | None = Field(None, description="Name in dataset_description.json (default: project).")
+
+    # resolved at load, not from YAML
+    spec_path: Path | None = Field(None, exclude=True)
+    secret: SecretStr | None = Field(None, exclude=True, repr=False)
+    inclusions: tuple[Inclusion, ...] = Field((), exclude=True, repr=False)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 64), starting with a letter or digit")
+        return v
+
+    # -- derived locations -------------------------------------------------------------
+    @property
+    def resolved_work_dir(self) -> Path:
+        if self.work_dir is not None:
+            return self.work_dir
+        return self.output.parent / f".{self.output.name}.pacs2bids-work"
+
+    @property
+    def resolved_key_store(self) -> Path:
+        if self.pseudonymization.key_store is not None:
+            return self.pseudonymization.key_store
+        return self.resolved_work_dir.parent / f".{self.project}.pacs2bids-keys"
+
+    @property
+    def secret_bytes(self) -> bytes:
+        if self.secret is None:
+            raise SpecError(f"project {self.project}: no secret loaded; set {self.pseudonymization.secret_env}")
+        return self.secret.get_secret_value().encode()
+
+    def public_dict(self) -> dict:
+        """The resolved configuration without secrets or identifiers, for provenance."""
+        d = self.model_dump(mode="json", by_alias=True, exclude={"spec_path", "secret", "inclusions"})
+        d["work_dir"] = str(self.resolved_work_dir)
+        d["inclusion_count"] = len(self.inclusions)
+        return d
+
+
+def _format_validation_error(spec_path: Path, exc: ValidationError) -> str:
+    lines = [f"spec {spec_path} is invalid:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key (check its spelling and indentation)")
+        elif err["type"] == "missing":
+            lines.append(f"  - {key}: required key is missing")
+        else:
+            lines.append(f"  - {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def _resolve(base: Path, p: Path | str | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def read_inclusions(path: Path) -> tuple[Inclusion, ...]:
+    """Read the inclusion CSV (columns: patient_id or accession_number, subject[, session]).
+
+    Subject and session labels must be BIDS labels (letters and digits); a leading ``sub-``
+    or ``ses-`` is accepted and removed. Raises :class:`SpecError` naming the row.
+    """
+    try:
+        handle = path.open(newline="", encoding="utf-8-sig")
+    except OSError as exc:
+        raise SpecError(f"selection.inclusions: cannot read {path}: {exc.strerror}") from None
+    with handle:
+        sample = handle.read(4096)
+        handle.seek(0)
+        try:
+            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
+        except csv.Error:
+            dialect = csv.excel
+        reader = csv.DictReader(handle, dialect=dialect)
+        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+        if "subject" not in fields or not ({"patient_id", "accession_number"} & set(fields)):
+            raise SpecError(
+                f"selection.inclusions: {path} needs a 'subject' column and a 'patient_id' or "
+                f"'accession_number' column; found {fields}"
+            )
+        rows: list[Inclusion] = []
+        seen: dict[tuple, int] = {}
+        for n, raw in enumerate(reader, start=2):
+            row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
+            if not any(row.values()):
+                continue
+            subject = row.get("subject", "").removeprefix("sub-")
+            session = row.get("session", "").removeprefix("ses-") or None
+            pid = row.get("patient_id") or None
+            acc = row.get("accession_number") or None
+            if not _LABEL.match(subject):
+                raise SpecError(f"selection.inclusions: {path} row {n}: subject must be letters and digits only")
+            if session is not None and not _LABEL.match(session):
+                raise SpecError(f"selection.inclusions: {path} row {n}: session must be letters and digits only")
+            if not pid and not acc:
+                raise SpecError(f"selection.inclusions: {path} row {n}: give a patient_id or an accession_number")
+            key = (pid, acc, session)
+            if key in seen:
+                raise SpecError(f"selection.inclusions: {path} row {n} repeats row {seen[key]}")
+            seen[key] = n
+            rows.append(Inclusion(row=n, subject=subject, session=session, patient_id=pid, accession_number=acc))
+    if not rows:
+        raise SpecError(f"selection.inclusions: {path} has no rows")
+    return tuple(rows)
+
+
+def load_spec(path: str | Path, *, environ: dict[str, str] | None = None, require_secret: bool = True) -> ProjectSpec:
+    """Load, validate and resolve a project spec.
+
+    Relative paths are made absolute against the spec's folder; the inclusion list is read;
+    the secret is taken from the environment. Raises :class:`SpecError` naming the key.
+    """
+    spec_path = Path(path).resolve()
+    environ = os.environ if environ is None else environ
+    try:
+        raw = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {spec_path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"spec {spec_path} is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"spec {spec_path} must be a mapping of keys (project, pacs, selection, ...)")
+    try:
+        spec = ProjectSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_validation_error(spec_path, exc)) from None
+
+    base = spec_path.parent
+    selection = spec.selection.model_copy(update={"inclusions": _resolve(base, spec.selection.inclusions)})
+    pseudo = spec.pseudonymization.model_copy(
+        update={"key_store": _resolve(base, spec.pseudonymization.key_store)}
+    )
+    if spec.heuristic and ("/" in spec.heuristic or spec.heuristic.endswith(".py")):
+        heuristic = str(_resolve(base, spec.heuristic))
+        if not Path(heuristic).is_file():
+            raise SpecError(f"spec {spec_path}: heuristic: no file at {heuristic}")
+    else:
+        heuristic = spec.heuristic
+        from .heuristic_path import heuristic_file  # local: avoids import cycles
+
+        try:
+            heuristic_file(heuristic)
+        except FileNotFoundError as exc:
+            raise SpecError(f"spec {spec_path}: heuristic: {exc}") from None
+    out = _resolve(base, spec.output)
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"spec {spec_path}: output: {out} exists and is not a folder")
+    secret = None
+    if require_secret:
+        value = environ.get(spec.pseudonymization.secret_env)
+        if not value:
+            raise SpecError(
+                f"spec {spec_path}: pseudonymization.secret_env: environment variable "
+                f"{spec.pseudonymization.secret_env} is not set; export the project's key there"
+            )
+        if len(value) < 16:
+            raise SpecError(
+                f"spec {spec_path}: pseudonymization.secret_env: the key in "
+                f"{spec.pseudonymization.secret_env} is shorter than 16 characters"
+            )
+        secret = SecretStr(value)
+    inclusions = read_inclusions(selection.inclusions)
+    return spec.model_copy(
+        update={
+            "selection": selection,
+            "pseudonymization": pseudo,
+            "heuristic": heuristic,
+            "output": out,
+            "work_dir": _resolve(base, spec.work_dir),
+            "spec_path": spec_path,
+            "secret": secret,
+            "inclusions": inclusions,
+        }
+    )

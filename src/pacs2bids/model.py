@@ -1,0 +1,64 @@
+"""Small records passed between stages and tasks.
+
+They hold what a stage needs to find its input (UIDs, counts, paths), never pixel data.
+Records that still hold original identifiers (``StudyRef``, ``SeriesRef``) stay inside one
+run's process: tasks run with result persistence and caching off, and their ``repr`` keeps
+the original UIDs and patient identifiers out of logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class SeriesRef:
+    """A series announced by the PACS."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    announced_instances: int | None = None
+
+    def __repr__(self) -> str:
+        return f"SeriesRef(#{self.series_number}, {self.modality}, {self.announced_instances} instances)"
+
+
+@dataclass
+class StudyRef:
+    """A study matched by an inclusion row, with its series after filtering."""
+
+    inclusion_row: int
+    subject: str
+    session: str | None
+    study_instance_uid: str
+    study_date: str = ""
+    study_description: str = ""
+    series: list[SeriesRef] = field(default_factory=list)
+    excluded_series: int = 0
+
+    def __repr__(self) -> str:
+        return f"StudyRef(row {self.inclusion_row}, sub-{self.subject}, {len(self.series)} series)"
+
+
+@dataclass
+class SeriesOutcome:
+    """What happened to one series, pseudonymised identifiers only: goes in the summary."""
+
+    subject: str
+    session: str | None
+    series_number: int | None
+    series_description: str = ""
+    pseudo_series_uid: str = ""
+    pseudo_study_uid: str = ""
+    announced: int | None = None
+    received: int = 0
+    quarantined: int = 0
+    status: str = "pending"  # retrieved | incomplete | failed | pseudonymised | converted | skipped
+    reason: str = ""
+    outputs: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
