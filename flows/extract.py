@@ -1,0 +1,311 @@
+"""Flow ``extract_project``: one research project from the PACS to a published BIDS dataset.
+
+Read it top-down to follow a series: query → retrieve (private raw folder) → pseudonymise
+(staging ``sourcedata/``) → convert (heudiconv + dcm2niix) → provenance → leak scan →
+validate → lineage → publish (atomic rename into ``output``).
+
+Side effects: writes the private work folder beside ``output`` (raw files, quarantine,
+staging), the encrypted matching key, and, when the run succeeds, the dataset in ``output``.
+Nothing is written to ``output`` if the PACS cannot be reached, a leak is found, or the
+validator reports errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, runtime
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from pacs2bids import __version__
+from pacs2bids.config import ProjectSpec, load_spec
+from pacs2bids.errors import LeakDetected, Pacs2BidsError, PacsError, ValidationFailed
+from pacs2bids.heuristic_path import heuristic_sha256
+from pacs2bids.lineage import LineageRecord
+from pacs2bids.model import StudyRef
+from pacs2bids.provenance import write_series_provenance
+from pacs2bids.publish import seed_staging, staging_dir
+from pacs2bids.run import RunSummary, SeriesLine, assign_sessions, label, session_dir
+from pacs2bids.versions import tool_versions
+from pacs2bids.tasks.bids import finalise_dataset
+from pacs2bids.tasks.convert import convert_session
+from pacs2bids.tasks.deid import scan_for_leaks
+from pacs2bids.tasks.lineage import record_lineage
+from pacs2bids.tasks.pseudonymise import pseudonymise_series
+from pacs2bids.tasks.publish import publish_dataset
+from pacs2bids.tasks.query import query_studies
+from pacs2bids.tasks.retrieve import retrieve_study
+from pacs2bids.tasks.validate import validate_dataset
+
+META = Path(".pacs2bids")
+
+
+class RunFailed(Pacs2BidsError):
+    """The run stopped before publishing; ``summary`` says why. ``output`` is unchanged."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may succeed later (PACS busy, connection dropped), not misconfiguration."""
+    try:
+        state.result()
+    except PacsError as exc:
+        return exc.transient
+    except (ConnectionError, TimeoutError, OSError):
+        return True
+    except Exception:
+        return False
+    return True
+
+
+@flow(name="extract_project", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
+def extract_project(spec_path: str) -> dict:
+    """Extract one project end to end; returns the run summary (pseudonymised, JSON-ready).
+
+    Raises :class:`RunFailed` (carrying the summary) when nothing could be published.
+    """
+    logger = get_run_logger()
+    spec = load_spec(spec_path)
+    versions = tool_versions()
+    logger.info("versions: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
+
+    flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+    work = spec.resolved_work_dir
+    raw_root, quarantine, scratch = work / "raw", work / "quarantine", work / f"scratch-{run_id}"
+    staging = staging_dir(spec.output, work, run_id)
+    for d in (raw_root, quarantine, scratch):
+        d.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o700)
+    seed_staging(spec.output, staging)
+    run_log = _attach_run_log(staging / META / "logs" / f"run-{run_id}.log")
+
+    summary = RunSummary(project=spec.project, run_id=run_id, output=str(spec.output))
+    records: list[LineageRecord] = []
+    done_raw: list[Path] = []
+    try:
+        _extract(spec, staging, raw_root, quarantine, scratch, summary, records, done_raw, flow_run_id, logger)
+        _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger)
+    except Pacs2BidsError as exc:
+        summary.errors.append(str(exc))
+        summary.finish()
+        summary.write(work / "runs" / f"run-{run_id}.json")
+        logger.error("run %s failed, nothing published: %s", run_id, exc)
+        raise RunFailed(str(exc), summary.to_dict()) from None
+    finally:
+        logging.getLogger("pacs2bids").removeHandler(run_log)
+        run_log.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    for folder in done_raw:  # the clinical copy goes as soon as its research copy is published (E6)
+        shutil.rmtree(folder, ignore_errors=True)
+    summary.write(work / "runs" / f"run-{run_id}.json")
+    logger.info("%s", summary.format())
+    return summary.to_dict()
+
+
+def _extract(
+    spec: ProjectSpec,
+    staging: Path,
+    raw_root: Path,
+    quarantine: Path,
+    scratch: Path,
+    summary: RunSummary,
+    records: list[LineageRecord],
+    done_raw: list[Path],
+    flow_run_id: str | None,
+    logger,
+) -> None:
+    query = query_studies.with_options(
+        retries=spec.retries.attempts,
+        retry_delay_seconds=exponential_backoff(spec.retries.backoff_seconds or 0.1),
+        retry_condition_fn=_transient,
+    )
+    retrieve = retrieve_study.with_options(
+        retries=spec.retries.attempts,
+        retry_delay_seconds=exponential_backoff(spec.retries.backoff_seconds or 0.1),
+        retry_condition_fn=_transient,
+    )
+    found = query(spec)
+    summary.unmatched = [{"row": i.row, "subject": i.subject} for i in found.unmatched]
+    for i in found.unmatched:
+        logger.warning("inclusion row %d (sub-%s): no study matched", i.row, i.subject)
+    studies = assign_sessions(found.studies)
+    summary.studies = len(studies)
+    summary.subjects |= {s.subject for s in studies}
+    logger.info("%d studies of %d subjects selected", len(studies), len(summary.subjects))
+
+    retrievals = [(study, retrieve.submit(spec, study, raw_root)) for study in studies]
+    conversions = []
+    for n, (study, fut) in enumerate(retrievals, start=1):
+        lbl = label(study.subject, study.session)
+        try:
+            retrieved = fut.result()
+        except Exception as exc:  # one study's failure never stops the others
+            summary.study_failures.append({"label": lbl, "reason": _reason(exc)})
+            records.append(LineageRecord(study.subject, study.session, retrieve_status="failed", reason=_reason(exc)))
+            logger.error("study %d/%d (%s): retrieval failed: %s", n, len(studies), lbl, _reason(exc))
+            continue
+        logger.info("study %d/%d (%s): %d series retrieved", n, len(studies), lbl, len(retrieved))
+        src = session_dir(staging / "sourcedata", study.subject, study.session)
+        pending = []
+        for rs in retrieved:
+            for name, why in rs.quarantined:
+                summary.quarantined.append({"file": f"{lbl}/{name}", "reason": why})
+            if rs.status != "complete":
+                line = SeriesLine(study.subject, study.session, rs.series.series_number, "", rs.status, rs.reason)
+                summary.series.append(line)
+                records.append(_record(study, rs, retrieve_status=rs.status, reason=rs.reason))
+                continue
+            number = rs.series.series_number if rs.series.series_number is not None else 0
+            out_dir = src / f"{number:03d}-{rs.folder.name[:12]}"
+            fut_deid = pseudonymise_series.submit(spec, rs.folder, out_dir, study.subject, study.session, quarantine)
+            pending.append((rs, fut_deid))
+        deids = []
+        for rs, fut_deid in pending:
+            try:
+                res = fut_deid.result()
+            except Exception as exc:
+                summary.series.append(
+                    SeriesLine(study.subject, study.session, rs.series.series_number, "", "failed", _reason(exc))
+                )
+                records.append(_record(study, rs, pseudonymise_status="failed", reason=_reason(exc)))
+                continue
+            for name, why in res.quarantined:
+                summary.quarantined.append({"file": f"{lbl}/{name}", "reason": why})
+            _write_json(staging / META / "deid" / lbl / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json", res.record)
+            if not res.written:
+                summary.series.append(
+                    SeriesLine(study.subject, study.session, res.series_number, res.series_description, "skipped",
+                               "; ".join(r for _, r in res.dropped[:1]) or "nothing left after pseudonymisation")
+                )
+                done_raw.append(rs.folder)
+                continue
+            deids.append((rs, res))
+        if deids:
+            conv = convert_session.submit(src, staging, study.subject, study.session, spec.heuristic, scratch / lbl)
+            conversions.append((study, deids, conv))
+
+    for study, deids, conv in conversions:
+        lbl = label(study.subject, study.session)
+        try:
+            result = conv.result()
+        except Exception as exc:
+            for rs, res in deids:
+                summary.series.append(
+                    SeriesLine(study.subject, study.session, res.series_number, res.series_description, "failed",
+                               _reason(exc), pseudo_series_uid=res.pseudo_series_uid)
+                )
+                records.append(_record(study, rs, res, convert_status="failed", reason=_reason(exc)))
+            logger.error("%s: conversion failed: %s", lbl, _reason(exc))
+            continue
+        by_uid = {c.series_uid: c for c in result.series}
+        for rs, res in deids:
+            c = by_uid.get(res.pseudo_series_uid)
+            status = c.status if c else "skipped"
+            reason = c.reason if c else "not seen by the converter"
+            summary.series.append(
+                SeriesLine(study.subject, study.session, res.series_number, res.series_description, status, reason,
+                           list(c.outputs) if c else [], res.pseudo_series_uid)
+            )
+            if status != "failed":
+                done_raw.append(rs.folder)
+            outputs = list(c.outputs) if c else []
+            if status == "converted":
+                prov = write_series_provenance(
+                    staging / META / "provenance" / lbl / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json",
+                    pseudo_study_uid=res.pseudo_study_uid,
+                    pseudo_series_uid=res.pseudo_series_uid,
+                    instance_count=len(res.written),
+                    outputs=[staging / o for o in outputs],
+                    bids_root=staging,
+                    heuristic=spec.heuristic,
+                    flow_run_id=flow_run_id,
+                    started=summary.started,
+                    finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    extra={"deidentification": res.record.get("method", {}) if isinstance(res.record, dict) else {}},
+                )
+                outputs.append(prov.relative_to(staging).as_posix())
+            for o in outputs or [None]:
+                records.append(_record(study, rs, res, convert_status=status, reason=reason or None, path=o))
+        logger.info("%s: converted", lbl)
+
+
+def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger) -> None:
+    participants = sorted(summary.subjects | _existing_participants(staging))
+    finalise_dataset(staging, spec.dataset_name or spec.project, participants, {"pacs2bids": __version__, **versions})
+    hits = scan_for_leaks(spec, staging)
+    if hits:
+        where = "; ".join(f"{h.path} ({h.field}, {h.kind})" for h in hits[:10])
+        raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
+    report = validate_dataset(staging)
+    summary.validator_warnings = [_issue_text(w) for w in report.warnings]
+    if report.errors:
+        raise ValidationFailed(
+            f"bids-validator found {len(report.errors)} error(s): " + "; ".join(_issue_text(e) for e in report.errors[:10])
+        )
+    for r in records:
+        r.validate_status = "valid"
+        r.publish_status = "published"
+    summary.published = True
+    summary.finish()
+    summary.write(staging / META / "runs" / f"run-{run_id}.json")
+    record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__, heuristic_sha256(spec.heuristic))
+    publish_dataset(staging, spec.output)
+
+
+def _record(study: StudyRef, rs, res=None, **kw) -> LineageRecord:
+    return LineageRecord(
+        subject=study.subject,
+        session=study.session,
+        pseudo_study_uid=res.pseudo_study_uid if res else None,
+        pseudo_series_uid=res.pseudo_series_uid if res else None,
+        series_number=rs.series.series_number,
+        instances_announced=rs.series.announced_instances,
+        instances_received=rs.received,
+        retrieve_status=kw.pop("retrieve_status", rs.status),
+        pseudonymise_status=kw.pop("pseudonymise_status", "pseudonymised" if res else None),
+        **kw,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def _issue_text(issue: dict) -> str:
+    code = issue.get("code") or issue.get("key") or "?"
+    where = issue.get("location") or issue.get("file") or ""
+    msg = issue.get("message") or issue.get("reason") or ""
+    return f"{code} {where} {msg}".strip()
+
+
+def _existing_participants(staging: Path) -> set[str]:
+    return {p.name.removeprefix("sub-") for p in staging.glob("sub-*") if p.is_dir()}
+
+
+def _write_json(path: Path, data) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _attach_run_log(path: Path) -> logging.Handler:
+    """Keep the library's log of this run with the dataset (it is leak-scanned like the rest)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    lib = logging.getLogger("pacs2bids")
+    lib.addHandler(handler)
+    if lib.level == logging.NOTSET or lib.level > logging.INFO:
+        lib.setLevel(logging.INFO)
+    return handler

@@ -1,0 +1,169 @@
+"""The ``pacs2bids`` command.
+
+Exit codes: 0 completed; 1 failed, nothing published; 2 bad spec or usage; 3 completed with
+failures (published, some series or studies listed as failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import load_spec
+from .errors import Pacs2BidsError, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("pynetdicom", "nipype", "heudiconv", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
+    """Validate the spec, run the flow, print the summary; returns the exit code."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    try:
+        load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
+    except SpecError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from pacs2bids.flows.extract import RunFailed, extract_project
+    from .run import RunSummary
+
+    try:
+        summary = extract_project(str(spec_path))
+    except RunFailed as exc:
+        summary = exc.summary
+    except Pacs2BidsError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print()
+    print(json.dumps(summary, indent=2) if as_json else _format(summary))
+    return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)
+
+
+def _format(summary: dict) -> str:
+    from .run import RunSummary, SeriesLine
+
+    s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
+    for k in ("state", "studies", "unmatched", "study_failures", "quarantined", "validator_warnings", "errors", "published"):
+        setattr(s, k, summary[k])
+    s.subjects = set(summary["subjects"])
+    s.series = [SeriesLine(**line) for line in summary["series"]]
+    return s.format()
+
+
+def _cmd_run(args) -> int:
+    return run_spec(Path(args.spec), as_json=args.json)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.output), transport=args.transport, retrieve=args.retrieve)
+
+
+def _cmd_lineage(args) -> int:
+    from .lineage import format_chain, lineage_of
+
+    path = Path(args.path)
+    try:
+        root, rows = lineage_of(path)
+    except FileNotFoundError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(format_chain(root, path, rows))
+    return EXIT_OK if rows else EXIT_FAILED
+
+
+def _cmd_check(args) -> int:
+    from .check import preflight
+
+    spec = load_spec(args.spec)
+    results = preflight(spec)
+    for r in results:
+        print(f"[{'ok' if r.ok else 'FAIL'}] {r.name}: {r.detail}" + ("" if r.ok or not r.fix else f"\n       fix: {r.fix}"))
+    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+
+
+def _cmd_deid(args) -> int:
+    from .deid import dry_run_project
+
+    if not args.dry_run:
+        print("pacs2bids deid: only --dry-run is available; 'pacs2bids run' pseudonymises", file=sys.stderr)
+        return EXIT_USAGE
+    spec = load_spec(args.spec)
+    print(dry_run_project(spec, sample=args.sample))
+    return EXIT_OK
+
+
+def _cmd_reidentify(args) -> int:
+    from .deid import KeyStore
+
+    spec = load_spec(args.spec)
+    store = KeyStore(spec.resolved_key_store, spec.secret_bytes, project=spec.project)
+    answer = store.reidentify(args.subject.removeprefix("sub-"), reason=args.reason)
+    print(json.dumps(answer, indent=2))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pacs2bids", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="extract a project: query, retrieve, pseudonymise, convert, validate, publish")
+    p.add_argument("spec", help="project spec (YAML)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("demo", help="extract the bundled sample from a bundled Orthanc into a local BIDS dataset")
+    p.add_argument("--output", default="pacs2bids-demo", help="where the dataset appears (default: ./pacs2bids-demo)")
+    p.add_argument("--transport", choices=["dimse", "dicomweb"], default="dimse")
+    p.add_argument("--retrieve", choices=["c-get", "c-move"], default="c-get")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("lineage", help="where a dataset file came from")
+    p.add_argument("path")
+    p.set_defaults(func=_cmd_lineage)
+
+    p = sub.add_parser("check", help="preflight: C-ECHO, test query, C-MOVE destination, DICOMweb, disk space")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("deid", help="show what pseudonymisation would change, on a sample of the project's studies")
+    p.add_argument("spec")
+    p.add_argument("--dry-run", action="store_true", required=True)
+    p.add_argument("--sample", type=int, default=3, help="studies to sample (default 3)")
+    p.set_defaults(func=_cmd_deid)
+
+    p = sub.add_parser("reidentify", help="authorised lookup of a subject's original identity (audited)")
+    p.add_argument("spec")
+    p.add_argument("subject")
+    p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    p.set_defaults(func=_cmd_reidentify)
+
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Pacs2BidsError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Run bookkeeping that needs no engine: sessions, folder names, the run summary.
+
+The summary holds pseudonymised identifiers only (subject codes, series numbers, cleaned
+descriptions, pseudonymised UIDs) and inclusion row numbers, never patient IDs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .model import StudyRef
+
+
+def assign_sessions(studies: list[StudyRef]) -> list[StudyRef]:
+    """Give each study its BIDS session.
+
+    The inclusion list's session wins. A subject with several studies and no session given
+    gets ``ses-01``, ``ses-02``... in study-date order (heudiconv refuses several studies of
+    one subject without sessions). A subject with one study and no session has no session level.
+    """
+    by_subject: dict[str, list[StudyRef]] = defaultdict(list)
+    for s in studies:
+        by_subject[s.subject].append(s)
+    for subject, group in by_subject.items():
+        unlabelled = [s for s in group if not s.session]
+        if len(group) > 1 and unlabelled:
+            taken = {s.session for s in group if s.session}
+            n = 1
+            for s in sorted(unlabelled, key=lambda s: (s.study_date or "", s.study_instance_uid)):
+                while f"{n:02d}" in taken:
+                    n += 1
+                s.session = f"{n:02d}"
+                taken.add(s.session)
+    return studies
+
+
+def session_dir(root: Path, subject: str, session: str | None) -> Path:
+    p = root / f"sub-{subject}"
+    return p / f"ses-{session}" if session else p
+
+
+def label(subject: str, session: str | None) -> str:
+    return f"sub-{subject}" + (f"_ses-{session}" if session else "")
+
+
+@dataclass
+class SeriesLine:
+    subject: str
+    session: str | None
+    series_number: int | None
+    description: str
+    status: str  # converted | skipped | incomplete | failed | quarantined
+    reason: str = ""
+    outputs: list[str] = field(default_factory=list)
+    pseudo_series_uid: str = ""
+
+
+@dataclass
+class RunSummary:
+    project: str
+    run_id: str
+    output: str
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    finished: str = ""
+    state: str = "running"  # completed | completed with failures | failed
+    subjects: set[str] = field(default_factory=set)
+    studies: int = 0
+    series: list[SeriesLine] = field(default_factory=list)
+    unmatched: list[dict] = field(default_factory=list)  # {"row": n, "subject": code}
+    study_failures: list[dict] = field(default_factory=list)
+    quarantined: list[dict] = field(default_factory=list)
+    validator_warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    published: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.series if s.status == status)
+
+    @property
+    def retrieved(self) -> int:
+        return sum(1 for s in self.series if s.status in ("converted", "skipped", "failed_conversion"))
+
+    def finish(self) -> None:
+        self.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if self.errors:
+            self.state = "failed"
+        elif self.study_failures or any(s.status in ("incomplete", "failed") for s in self.series) or self.quarantined:
+            self.state = "completed with failures"
+        else:
+            self.state = "completed"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["subjects"] = sorted(self.subjects)
+        d["counts"] = {
+            "subjects": len(self.subjects),
+            "studies": self.studies,
+            "series_retrieved": self.retrieved,
+            "series_converted": self.count("converted"),
+            "series_skipped": self.count("skipped"),
+            "series_incomplete": self.count("incomplete"),
+            "series_failed": self.count("failed"),
+            "inclusions_unmatched": len(self.unmatched),
+            "files_quarantined": len(self.quarantined),
+        }
+        return d
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+        return path
+
+    def format(self) -> str:
+        c = self.to_dict()["counts"]
+        lines = [
+            f"pacs2bids run {self.run_id} of project {self.project}: {self.state}",
+            f"  subjects {c['subjects']}, studies {c['studies']}",
+            f"  series: {c['series_retrieved']} retrieved, {c['series_converted']} converted, "
+            f"{c['series_skipped']} skipped, {c['series_incomplete']} incomplete, {c['series_failed']} failed",
+        ]
+        if self.published:
+            lines.append(f"  dataset: {self.output}")
+        else:
+            lines.append(f"  dataset: not published ({self.output} unchanged)")
+        for u in self.unmatched:
+            lines.append(f"  inclusion row {u['row']} (sub-{u['subject']}): no study matched")
+        for f in self.study_failures:
+            lines.append(f"  study of {f['label']} failed: {f['reason']}")
+        for s in self.series:
+            if s.status != "converted":
+                lines.append(
+                    f"  {label(s.subject, s.session)} series {s.series_number if s.series_number is not None else '?'}"
+                    f" '{s.description}': {s.status}" + (f" ({s.reason})" if s.reason else "")
+                )
+        for q in self.quarantined:
+            lines.append(f"  quarantined: {q['file']} ({q['reason']})")
+        if self.validator_warnings:
+            lines.append(f"  validator warnings ({len(self.validator_warnings)}):")
+            lines += [f"    - {w}" for w in self.validator_warnings[:20]]
+        for e in self.errors:
+            lines.append(f"  error: {e}")
+        return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Sessions, atomic publishing and lineage, without Prefect or a PACS."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from pacs2bids.lineage import LineageRecord, format_chain, lineage_of, read_lineage, write_run
+from pacs2bids.model import StudyRef
+from pacs2bids.publish import publish_local, seed_staging
+from pacs2bids.run import RunSummary, SeriesLine, assign_sessions
+
+
+def _study(subject, date, uid, session=None):
+    return StudyRef(inclusion_row=2, subject=subject, session=session, study_instance_uid=uid, study_date=date)
+
+
+def test_sessions_numbered_by_date_only_when_a_subject_has_several_studies():
+    studies = assign_sessions(
+        [_study("01", "20200301", "1.2"), _study("01", "20190101", "1.1"), _study("02", "20200101", "2.1")]
+    )
+    assert [(s.subject, s.study_date, s.session) for s in studies] == [
+        ("01", "20200301", "02"),
+        ("01", "20190101", "01"),
+        ("02", "20200101", None),
+    ]
+
+
+def test_given_sessions_are_kept_and_not_reused():
+    studies = assign_sessions([_study("01", "20200301", "1.2", session="01"), _study("01", "20190101", "1.1")])
+    assert sorted(s.session for s in studies) == ["01", "02"]
+
+
+def test_publish_is_a_rename_and_replaces_previous_dataset(tmp_path):
+    out = tmp_path / "out"
+    staging = tmp_path / "work" / "staging-1"
+    staging.mkdir(parents=True)
+    (staging / "dataset_description.json").write_text("{}")
+    inode = os.stat(staging).st_ino
+    publish_local(staging, out)
+    assert os.stat(out).st_ino == inode and not staging.exists()
+
+    seed_staging(out, staging)  # a second run starts from the published dataset
+    assert (staging / "dataset_description.json").exists()
+    (staging / "new.txt").write_text("x")
+    assert not (out / "new.txt").exists()  # the copy is independent of the published dataset
+    publish_local(staging, out)
+    assert (out / "new.txt").exists()
+    assert not list(tmp_path.glob(".out.previous-*"))
+
+
+def test_reader_never_sees_a_half_dataset(tmp_path):
+    """While a large staging folder is filled, output stays absent; it appears whole."""
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    staging.mkdir()
+    seen = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if out.exists():
+                seen.append(len(list(out.iterdir())))
+
+    t = threading.Thread(target=watch)
+    t.start()
+    for i in range(200):
+        (staging / f"f{i}").write_text("x")
+    publish_local(staging, out)
+    stop.set()
+    t.join()
+    assert all(n == 200 for n in seen)
+
+
+def test_lineage_roundtrip_and_chain(tmp_path):
+    root = tmp_path / "ds"
+    f = root / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    f.parent.mkdir(parents=True)
+    f.write_bytes(b"nifti")
+    rec = LineageRecord(
+        subject="01", session=None, pseudo_study_uid="2.25.1", pseudo_series_uid="2.25.2", series_number=3,
+        instances_announced=10, instances_received=10, retrieve_status="complete", pseudonymise_status="pseudonymised",
+        convert_status="converted", validate_status="valid", publish_status="published",
+        path="sub-01/anat/sub-01_T1w.nii.gz",
+    )
+    write_run(root, [rec], run_id="r1", project="p", flow_run_id="fr", pacs2bids_version="0.1", heuristic_sha256="h")
+    write_run(root, [LineageRecord(subject="02", session=None, retrieve_status="failed", reason="x")],
+              run_id="r2", project="p", flow_run_id=None, pacs2bids_version="0.1", heuristic_sha256="h")
+    assert read_lineage(root).num_rows == 2
+    found_root, rows = lineage_of(f)
+    assert found_root == root.resolve() and len(rows) == 1
+    import hashlib
+
+    assert rows[0]["sha256"] == hashlib.sha256(b"nifti").hexdigest()
+    text = format_chain(found_root, f, rows)
+    assert "2.25.2" in text and "convert=converted" in text and "sub-01" in text
+    # a sidecar of the same image finds the image's series
+    _, rows = lineage_of(f.with_name("sub-01_T1w.json"))
+    assert rows and rows[0]["pseudo_series_uid"] == "2.25.2"
+
+
+def test_lineage_outside_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not inside a pacs2bids dataset"):
+        lineage_of(tmp_path)
+
+
+def test_summary_states_and_text():
+    s = RunSummary(project="p", run_id="r", output="/o")
+    s.subjects = {"01"}
+    s.series = [SeriesLine("01", None, 3, "T1", "converted"), SeriesLine("01", None, 4, "odd", "skipped", "unclassified")]
+    s.unmatched = [{"row": 3, "subject": "02"}]
+    s.finish()
+    assert s.state == "completed"
+    text = s.format()
+    assert "inclusion row 3 (sub-02): no study matched" in text and "'odd': skipped (unclassified)" in text
+    s.series.append(SeriesLine("01", None, 5, "", "incomplete", "2 missing"))
+    s.finish()
+    assert s.state == "completed with failures"
