@@ -1,0 +1,285 @@
+"""End to end: a real Orthanc loaded with real DICOM carrying planted identities, one
+``extract_project`` run, then the published dataset is checked: bids-validator passes, every
+image equals a direct dcm2niix conversion of its original series, and no planted identifier
+or original UID appears in any output file, file name, Prefect log or lineage record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from pacs2bids.dicomfiles import iter_dicom_bytes
+from pacs2bids.lineage import read_lineage
+from pacs2bids.validate import validate_dataset
+
+SECRET = "e2e-secret-0123456789abcdef"
+
+
+# -- planting identities into copies of real files ------------------------------------------
+def plant_corpus(src_root: Path, dst: Path, *, groups_at_depth: int = 1) -> dict:
+    """Copy every DICOM file under ``src_root`` (gz included) into ``dst``, giving each source
+    folder at ``groups_at_depth`` its own planted patient. Returns the planted values and the
+    original UIDs, per patient."""
+    patients: dict[str, dict] = {}
+    originals: set[str] = set()
+    by_series: dict[str, list[Path]] = defaultdict(list)
+    dst.mkdir(parents=True, exist_ok=True)
+    for n, (path, data) in enumerate(iter_dicom_bytes(src_root)):
+        group = path.relative_to(src_root).parts[: groups_at_depth][0]
+        if group not in patients:
+            k = len(patients) + 1
+            patients[group] = {
+                "patient_id": f"HOSP{k:04d}PLANT",
+                "name": f"DUPLANTE^JEANNE{k}",
+                "birth": f"197{k}0523",
+                "accession": f"ACCPLANT{k:05d}",
+                "institution": f"Hopital Plantevin {k}",
+                "address": f"{k} rue des Secrets Plantes",
+                "physician": f"MEDECIN^PLANTE{k}",
+                "station": f"STATPLANT{k}",
+                "subject": f"{k:02d}",
+            }
+        p = patients[group]
+        ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), force=True)
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
+            if kw in ds:
+                originals.add(str(ds.data_element(kw).value))
+        ds.PatientID = p["patient_id"]
+        ds.PatientName = p["name"]
+        ds.PatientBirthDate = p["birth"]
+        ds.AccessionNumber = p["accession"]
+        ds.InstitutionName = p["institution"]
+        ds.InstitutionAddress = p["address"]
+        ds.ReferringPhysicianName = p["physician"]
+        ds.PerformingPhysicianName = p["physician"]
+        ds.StationName = p["station"]
+        ds.StudyDescription = f"IRM cerebrale {p['name'].split('^')[0]}"
+        # nested: a request attributes item holding the accession number and the patient's name
+        item = Dataset()
+        item.AccessionNumber = p["accession"]
+        item.RequestedProcedureDescription = f"demande pour {p['name']}"
+        ds.RequestAttributesSequence = Sequence([item])
+        # a private block of an unknown creator holding the patient ID
+        block = ds.private_block(0x0011, "PLANTED HOSPITAL RIS", create=True)
+        block.add_new(0x01, "LO", p["patient_id"])
+        out = dst / group / f"{n:05d}.dcm"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out, enforce_file_format=False)
+        by_series[str(ds.SeriesInstanceUID)].append(out)
+    return {"patients": patients, "original_uids": originals, "by_series": by_series}
+
+
+def identifying_values(planted: dict) -> set[str]:
+    values = set(planted["original_uids"])
+    for p in planted["patients"].values():
+        values |= {p["patient_id"], p["accession"], p["institution"], p["address"], p["station"], p["birth"]}
+        values |= {p["name"], p["name"].replace("^", " "), p["name"].split("^")[0], p["physician"].split("^")[1]}
+    return values
+
+
+def assert_nothing_leaks(root: Path, values: set[str], extra_texts: dict[str, str] = {}) -> None:
+    needles = sorted({v.lower().encode() for v in values if len(v) >= 6}, key=len, reverse=True)
+    leaks = []
+    for f in sorted(root.rglob("*")):
+        name = f.relative_to(root).as_posix().lower().encode()
+        leaks += [(str(f), "path", n) for n in needles if n in name]
+        if f.is_file():
+            data = f.read_bytes()
+            if f.suffix == ".gz":
+                data = gzip.decompress(data)
+            low = data.lower()
+            leaks += [(str(f), "content", n) for n in needles if n in low]
+    for label, text in extra_texts.items():
+        low = text.lower().encode()
+        leaks += [(label, "text", n) for n in needles if n in low]
+    assert not leaks, f"identifying values found: {leaks[:10]}"
+
+
+# -- a direct dcm2niix conversion of every original series ------------------------------------
+def reference_images(by_series: dict[str, list[Path]], tmp: Path) -> list[tuple[np.ndarray, np.ndarray, Path]]:
+    refs = []
+    for i, files in enumerate(by_series.values()):
+        src, out = tmp / f"in{i}", tmp / f"out{i}"
+        src.mkdir(parents=True)
+        out.mkdir()
+        for f in files:
+            (src / f.name).symlink_to(f)
+        subprocess.run(["dcm2niix", "-b", "y", "-z", "n", "-f", "%s_%e", "-o", str(out), str(src)],
+                       check=True, capture_output=True)
+        for nii in out.glob("*.nii"):
+            img = nib.load(nii)
+            refs.append((np.asanyarray(img.dataobj), img.affine, nii))
+    return refs
+
+
+def assert_voxels_match_references(dataset: Path, refs) -> int:
+    images = [p for p in dataset.glob("sub-*/**/*.nii*")]
+    assert images, "no image converted"
+    for img_path in images:
+        img = nib.load(img_path)
+        data = np.asanyarray(img.dataobj)
+        matches = [
+            r for r in refs
+            if r[0].shape == data.shape and np.allclose(r[1], img.affine, atol=1e-4) and np.array_equal(r[0], data)
+        ]
+        assert matches, f"{img_path.relative_to(dataset)} equals no direct dcm2niix conversion of an original series"
+        ref_nii = matches[0][2]
+        for ext in (".bval", ".bvec"):
+            mine = Path(str(img_path).replace(".nii.gz", ext).replace(".nii", ext))
+            theirs = ref_nii.with_suffix(ext)
+            assert mine.exists() == theirs.exists(), f"{ext} present in one conversion only for {img_path.name}"
+            if mine.exists():
+                a, b = np.loadtxt(mine, ndmin=2), np.loadtxt(theirs, ndmin=2)
+                assert np.allclose(a, b, atol=1e-5), f"{mine.name} differs from dcm2niix"
+    return len(images)
+
+
+def write_spec(tmp: Path, pacs_block: str, planted: dict, output: Path, extra_rows: str = "") -> Path:
+    rows = ["patient_id,subject"] + [f"{p['patient_id']},{p['subject']}" for p in planted["patients"].values()]
+    (tmp / "inclusions.csv").write_text("\n".join(rows) + "\n" + extra_rows)
+    spec = tmp / "spec.yaml"
+    spec.write_text(
+        "project: e2e-test\n"
+        f"pacs:\n{pacs_block}"
+        "selection:\n  inclusions: inclusions.csv\n  modalities: [MR]\n"
+        "pseudonymization: {secret_env: PACS2BIDS_PROJECT_SECRET}\n"
+        "heuristic: auto\n"
+        f"output: {output}\n"
+        "retries: {attempts: 1, backoff_seconds: 0.2}\n"
+    )
+    return spec
+
+
+def prefect_logs_text() -> str:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            logs = await client.read_logs(limit=10000) if hasattr(client, "read_logs") else []
+            return "\n".join(l.message for l in logs)
+
+    return asyncio.run(read())
+
+
+def run_extraction(spec: Path, monkeypatch):
+    from pacs2bids.flows.extract import extract_project
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    monkeypatch.setenv("NIPYPE_NO_ET", "1")
+    return extract_project(str(spec))
+
+
+def check_published(out: Path, planted: dict, tmp: Path, summary: dict) -> None:
+    report = validate_dataset(out)
+    assert report.ok, report.errors
+    refs = reference_images(planted["by_series"], tmp / "refs")
+    n = assert_voxels_match_references(out, refs)
+    assert n >= 1
+    lineage = read_lineage(out)
+    assert lineage.num_rows >= n
+    assert_nothing_leaks(
+        out,
+        identifying_values(planted),
+        {"summary": json.dumps(summary), "lineage": json.dumps(lineage.to_pylist(), default=str),
+         "prefect logs": prefect_logs_text()},
+    )
+    provenance = list((out / ".pacs2bids" / "provenance").rglob("*.json"))
+    assert provenance, "no provenance JSON"
+    prov = json.loads(provenance[0].read_text())
+    text = json.dumps(prov)
+    assert "dcm2niix" in text and "heudiconv" in text and "sha256" in text
+
+
+# -- the tests ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, tmp_path, monkeypatch):
+    planted = plant_corpus(sample_dir, tmp_path / "planted")
+    pacs = orthanc_factory()
+    assert pacs.upload(f for files in planted["by_series"].values() for f in files) > 0
+    out = tmp_path / "out" / "dataset"
+    spec = write_spec(
+        tmp_path,
+        f"  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n",
+        planted,
+        out,
+        extra_rows="NOBODY-HERE,99\n",
+    )
+    summary = run_extraction(spec, monkeypatch)
+    assert summary["published"] and out.is_dir()
+    assert summary["counts"]["subjects"] == len(planted["patients"])
+    assert summary["counts"]["series_converted"] >= 5
+    assert {"row": len(planted["patients"]) + 2, "subject": "99"} in summary["unmatched"]
+    check_published(out, planted, tmp_path, summary)
+    # the clinical copy does not outlive the run
+    work = out.parent / f".{out.name}.pacs2bids-work"
+    assert not [f for f in (work / "raw").rglob("*") if f.is_file()]
+    assert (out / "sourcedata").is_dir() and list((out / "sourcedata").rglob("*.dcm"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["c-move", "dicomweb"])
+def test_other_transports_end_to_end(prefect_harness, orthanc_factory, sample_dir, tmp_path, monkeypatch, transport):
+    from pacs2bids.orthanc import free_port
+
+    planted = plant_corpus(sample_dir / "dcm_qa_philips", tmp_path / "planted")
+    storage_port = free_port()
+    pacs = orthanc_factory(modalities={"PACS2BIDS": ("127.0.0.1", storage_port)})
+    pacs.upload(f for files in planted["by_series"].values() for f in files)
+    out = tmp_path / "out"
+    if transport == "dicomweb":
+        block = f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n"
+    else:
+        block = (f"  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-move, "
+                 f"calling_ae_title: PACS2BIDS, storage_port: {storage_port}}}\n")
+    summary = run_extraction(write_spec(tmp_path, block, planted, out), monkeypatch)
+    assert summary["state"] == "completed", summary
+    check_published(out, planted, tmp_path, summary)
+
+
+@pytest.mark.slow
+def test_unreachable_pacs_writes_nothing(prefect_harness, tmp_path, monkeypatch, sample_dir):
+    from pacs2bids.flows.extract import RunFailed
+    from pacs2bids.orthanc import free_port
+
+    planted = {"patients": {"a": {"patient_id": "HOSP0001", "subject": "01"}}}
+    port = free_port()
+    out = tmp_path / "out"
+    spec = write_spec(
+        tmp_path,
+        f"  dimse: {{ae_title: NOSUCHPACS, host: 127.0.0.1, port: {port}, calling_ae_title: ME, retrieve: c-get,"
+        " timeout: 3}\n",
+        planted,
+        out,
+    )
+    with pytest.raises(RunFailed) as err:
+        run_extraction(spec, monkeypatch)
+    message = str(err.value)
+    assert str(port) in message and "127.0.0.1" in message and "NOSUCHPACS" in message and "ME" in message
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.corpus
+def test_corpus_end_to_end(prefect_harness, orthanc_factory, corpus_dir, tmp_path, monkeypatch):
+    """The fuller multi-vendor corpus: every vendor folder becomes a patient."""
+    planted = plant_corpus(corpus_dir, tmp_path / "planted")
+    pacs = orthanc_factory()
+    pacs.upload(f for files in planted["by_series"].values() for f in files)
+    out = tmp_path / "out"
+    block = f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n"
+    summary = run_extraction(write_spec(tmp_path, block, planted, out), monkeypatch)
+    assert summary["published"], summary
+    check_published(out, planted, tmp_path, summary)
