@@ -1,0 +1,136 @@
+"""Finish a BIDS dataset built by heudiconv: top-level files, and heudiconv's leftovers removed.
+
+heudiconv writes placeholder top-level files full of ``TODO`` (dataset_description.json,
+README, CHANGES, task-*_bold.json, events.tsv templates) and its ``.heudiconv/`` tables (with
+DICOM header values). ``finalise_dataset`` replaces the former with real content and removes
+the latter, keeping each session's ``*_scans.tsv``. BIDS 1.10: dataset_description.json with
+``DatasetType: raw`` and ``GeneratedBy``; participants.tsv with its JSON sidecar.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+from datetime import date
+from pathlib import Path
+
+from pacs2bids.versions import tool_versions
+
+log = logging.getLogger(__name__)
+BIDS_VERSION = "1.10.0"
+BIDSIGNORE = [".pacs2bids/", "**/*.log"]
+_PARTICIPANTS_JSON = {
+    "participant_id": {"Description": "Pseudonymised subject label (the project's subject code)."},
+}
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _label(p: str) -> str:
+    return p if p.startswith("sub-") else f"sub-{p}"
+
+
+def _remove_heudiconv_leftovers(root: Path) -> list[str]:
+    removed: list[str] = []
+    for name in (".heudiconv", ".duecredit.p"):
+        p = root / name
+        if p.is_dir():
+            shutil.rmtree(p)
+            removed.append(name)
+        elif p.exists():
+            p.unlink()
+            removed.append(name)
+    # heudiconv's top-level task templates override the real sidecars with TODO values
+    for p in root.glob("task-*_*.json"):
+        try:
+            meta = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if "TODO" in json.dumps(meta) or "HeudiconvVersion" in meta:
+            p.unlink()
+            removed.append(p.name)
+    for p in root.glob("sub-*/**/*_events.tsv"):
+        if "TODO" in p.read_text(errors="replace").splitlines()[0]:
+            p.unlink()
+            removed.append(str(p.relative_to(root)))
+    for p in root.glob("sub-*/**/*_heudiconv[0-9][0-9][0-9]*"):
+        p.unlink()
+        removed.append(str(p.relative_to(root)))
+    return removed
+
+
+def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], generated_by: dict) -> None:
+    """Write the top-level BIDS files of ``bids_root`` and remove heudiconv's leftovers.
+
+    Takes the dataset name, the subject labels (with or without ``sub-``; subjects found on
+    disk are added) and a ``GeneratedBy`` entry for pacs2bids (``Name``/``Version`` filled in
+    when missing; heudiconv and dcm2niix entries are added). Writes dataset_description.json,
+    participants.tsv/.json, README, CHANGES and .bidsignore; keeps every ``*_scans.tsv``.
+    Idempotent: a second call changes nothing but CHANGES' date line if the day changed.
+    Raises FileNotFoundError if ``bids_root`` does not exist.
+    """
+    root = Path(bids_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no dataset folder at {root}")
+    removed = _remove_heudiconv_leftovers(root)
+    if removed:
+        log.info("removed heudiconv leftovers: %s", ", ".join(sorted(removed)))
+    versions = tool_versions()
+    ours = {"Name": "pacs2bids", "Version": versions.get("pacs2bids") or "unknown",
+            "Description": "PACS query/retrieve, pseudonymisation (DICOM PS3.15 Annex E), heudiconv + dcm2niix"}
+    ours.update(generated_by or {})
+    description = {
+        "Name": name,
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "raw",
+        "GeneratedBy": [
+            ours,
+            {"Name": "heudiconv", "Version": versions.get("heudiconv") or "unknown"},
+            {"Name": "dcm2niix", "Version": versions.get("dcm2niix") or "unknown"},
+        ],
+    }
+    _write(root / "dataset_description.json", json.dumps(description, indent=2) + "\n")
+
+    labels = {_label(p) for p in participants}
+    labels |= {p.name for p in root.glob("sub-*") if p.is_dir()}
+    rows = ["participant_id"] + sorted(labels)
+    _write(root / "participants.tsv", "\n".join(rows) + "\n")
+    _write(root / "participants.json", json.dumps(_PARTICIPANTS_JSON, indent=2) + "\n")
+
+    readme = (
+        f"# {name}\n\n"
+        "Pseudonymised MRI data extracted from a clinical PACS for one research project by pacs2bids "
+        f"{ours['Version']}.\n\n"
+        "- Identifiers were replaced following DICOM PS3.15 Annex E with project-keyed pseudonyms; the "
+        "matching key is kept outside this dataset.\n"
+        f"- Images were converted with heudiconv {versions.get('heudiconv')} and dcm2niix "
+        f"{versions.get('dcm2niix')}; series the conversion heuristic could not classify were left out.\n"
+        "- `sourcedata/` holds the pseudonymised DICOM copy; `.pacs2bids/` holds provenance and lineage "
+        "records (ignored by the BIDS validator).\n"
+        "- Functional runs are named `task-unknown` when the task could not be read from the images.\n"
+    )
+    _write(root / "README", readme)
+    changes = root / "CHANGES"
+    first = f"1.0.0 {date.today().isoformat()}\n  - Extracted and converted by pacs2bids {ours['Version']}.\n"
+    _write(changes, first)
+    _write(root / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    for scans in root.glob("sub-*/**/*_scans.tsv"):
+        _check_scans(root, scans)
+
+
+def _check_scans(root: Path, scans: Path) -> None:
+    """Drop rows of a scans.tsv whose file no longer exists (renamed or removed series)."""
+    with open(scans, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and (scans.parent / r[0]).exists()]
+    if len(kept) != len(rows):
+        _write(scans, "\n".join("\t".join(r) for r in kept) + "\n")

@@ -1,0 +1,176 @@
+"""convert_session on the shipped sample and the real corpus: BIDS names, validity, voxel identity."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from _bidscheck import assert_same_images, copy_decompressed, direct_dcm2niix, files_by_series
+from pacs2bids.bids import finalise_dataset
+from pacs2bids.convert import ConversionResult, convert_session, is_image_sop_class
+from pacs2bids.errors import ConversionError
+from pacs2bids.validate import validate_dataset
+
+SAMPLE_SESSIONS = {"PACSMAN_data": "pacsman", "dcm_qa_fmap": "gefmap", "dcm_qa_ge": "gedwi",
+                   "dcm_qa_nih": "nih", "dcm_qa_philips": "philips"}
+
+
+@pytest.fixture(scope="module")
+def sample_bids(sample_dir, tmp_path_factory):
+    """The sample converted through convert_session (one session per study) and finalised."""
+    root = tmp_path_factory.mktemp("bids")
+    work = tmp_path_factory.mktemp("work")
+    results: dict[str, ConversionResult] = {}
+    for folder, ses in SAMPLE_SESSIONS.items():
+        results[ses] = convert_session(sample_dir / folder, root, subject="01", session=ses,
+                                       heuristic="auto", work_dir=work)
+    finalise_dataset(root, name="pacs2bids sample", participants=["01"], generated_by={"Name": "pacs2bids"})
+    return root, results
+
+
+def test_sample_names(sample_bids):
+    root, results = sample_bids
+    names = {Path(o).name for r in results.values() for s in r.series for o in s.outputs}
+    expected = {
+        "sub-01_ses-gefmap_fieldmap.nii.gz", "sub-01_ses-gefmap_magnitude.nii.gz",
+        "sub-01_ses-gedwi_dwi.nii.gz", "sub-01_ses-gedwi_dwi.bval", "sub-01_ses-gedwi_dwi.bvec",
+        "sub-01_ses-nih_dir-AP_epi.nii.gz", "sub-01_ses-nih_dir-PA_epi.nii.gz",
+        "sub-01_ses-nih_dir-RL_epi.nii.gz", "sub-01_ses-nih_dir-LR_epi.nii.gz",
+        "sub-01_ses-philips_task-unknown_bold.nii.gz",
+    }
+    assert expected <= names
+    for ses, r in results.items():
+        for s in r.series:
+            assert s.status == ("skipped" if ses == "pacsman" else "converted"), s
+            for o in s.outputs:
+                assert (root / o).is_file()
+    # PACSMAN has no SeriesNumber and no sequence parameters: reported, with its reason, not guessed
+    (pacsman,) = results["pacsman"].series
+    assert pacsman.series_number is None and not pacsman.outputs and "contrast unknown" in pacsman.reason
+    fmap = json.loads((root / "sub-01/ses-gefmap/fmap/sub-01_ses-gefmap_fieldmap.json").read_text())
+    assert fmap.get("Units") == "Hz"
+    scans = (root / "sub-01/ses-gefmap/sub-01_ses-gefmap_scans.tsv").read_text()
+    assert "fmap/sub-01_ses-gefmap_fieldmap.nii.gz" in scans and "fieldmap1" not in scans
+
+
+def test_sample_is_valid_bids(sample_bids):
+    root, _ = sample_bids
+    report = validate_dataset(root)
+    assert report.ok, report.summary()
+    assert not (root / ".heudiconv").exists()
+    desc = json.loads((root / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "raw" and desc["GeneratedBy"][0]["Name"] == "pacs2bids"
+    assert not list(root.glob("task-*_bold.json"))  # heudiconv's TODO templates are gone
+
+
+def test_sample_voxel_identity(sample_bids, sample_dir, tmp_path):
+    root, results = sample_bids
+    for folder, ses in SAMPLE_SESSIONS.items():
+        by_uid = files_by_series(sample_dir / folder)
+        for s in results[ses].series:
+            if s.status == "skipped":
+                continue
+            direct = direct_dcm2niix(by_uid[s.series_uid], tmp_path / s.series_uid)
+            assert_same_images(root, s.outputs, direct)
+
+
+def test_second_run_is_identical(sample_dir, tmp_path):
+    root = tmp_path / "bids"
+    first = convert_session(sample_dir / "dcm_qa_ge", root, subject="02", session=None, heuristic="auto",
+                            work_dir=tmp_path / "w")
+    before = {p: p.read_bytes() for p in root.rglob("*.nii.gz")}
+    second = convert_session(sample_dir / "dcm_qa_ge", root, subject="02", session=None, heuristic="auto",
+                             work_dir=tmp_path / "w")
+    assert [s.outputs for s in first.series] == [s.outputs for s in second.series]
+    assert {p: p.read_bytes() for p in root.rglob("*.nii.gz")} == before
+
+
+def test_failing_heuristic_raises_with_stderr_tail(sample_dir, tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def infotodict(seqinfo):\n    raise RuntimeError('heuristic exploded on purpose')\n")
+    with pytest.raises(ConversionError, match="heuristic exploded on purpose"):
+        convert_session(sample_dir / "dcm_qa_ge", tmp_path / "bids", subject="01", session=None,
+                        heuristic=str(bad), work_dir=tmp_path / "w")
+
+
+def test_sop_class_filter():
+    assert is_image_sop_class("1.2.840.10008.5.1.4.1.1.4")  # MR
+    assert is_image_sop_class("1.2.840.10008.5.1.4.1.1.4.1")  # Enhanced MR
+    assert not is_image_sop_class("1.2.840.10008.5.1.4.1.1.88.22")  # Enhanced SR
+    assert not is_image_sop_class("1.2.840.10008.5.1.4.1.1.11.1")  # GSPS
+    assert not is_image_sop_class("1.3.46.670589.11.0.0.12.4")  # Philips private
+
+
+CORPUS_SESSIONS = [
+    ("dcm_qa_xa30i", "xa30", {"T1w", "bold", "dwi", "magnitude1", "magnitude2", "phasediff"}),
+    ("dcm_qa_fmap/In/Siemens", "sie11fmap", {"magnitude1", "magnitude2", "phasediff"}),
+    ("dcm_qa_fmap/In/Philips", "phfmap", {"fieldmap", "magnitude"}),
+    ("dcm_qa_nih/In/20180918GE", "gebold", {"bold"}),
+    ("dcm_qa_philips_dwi", "phdwi", {"dwi"}),
+]
+
+
+@pytest.mark.corpus
+@pytest.mark.slow
+@pytest.mark.parametrize("folder,ses,suffixes", CORPUS_SESSIONS, ids=[c[1] for c in CORPUS_SESSIONS])
+def test_corpus_conversion(corpus_dir, tmp_path, folder, ses, suffixes):
+    src = copy_decompressed(corpus_dir / folder, tmp_path / "dicom")
+    root = tmp_path / "bids"
+    t0 = time.monotonic()
+    result = convert_session(src, root, subject="c1", session=ses, heuristic="auto", work_dir=tmp_path / "w")
+    elapsed = time.monotonic() - t0
+    got = {Path(o).name.split(".")[0].rsplit("_", 1)[-1] for s in result.series for o in s.outputs}
+    assert suffixes <= got, (got, [(s.series_description, s.status, s.reason) for s in result.series])
+    by_uid = files_by_series(src)
+    checked = set()
+    for s in result.series:
+        if s.status != "converted":
+            assert s.reason
+            continue
+        if tuple(s.outputs) in checked:
+            continue
+        checked.add(tuple(s.outputs))
+        uids = [x.series_uid for x in result.series if x.outputs == s.outputs]
+        files = [f for u in uids for f in by_uid[u]]
+        direct = direct_dcm2niix(files, tmp_path / "direct" / s.series_uid)
+        assert_same_images(root, s.outputs, direct)
+    finalise_dataset(root, name="corpus", participants=["c1"], generated_by={})
+    report = validate_dataset(root)
+    assert report.ok, report.summary()
+    print(f"{ses}: {elapsed:.1f}s")
+
+
+@pytest.mark.corpus
+def test_xa30_non_image_and_scouts_reported(corpus_dir, tmp_path):
+    src = tmp_path / "dicom"
+    for sub in ("99_Phoenix_Document", "2001_AAHead_Scout"):
+        copy_decompressed(corpus_dir / "dcm_qa_xa30i" / "In" / sub, src / sub)
+    result = convert_session(src, tmp_path / "bids", subject="c1", session=None, heuristic="auto",
+                             work_dir=tmp_path / "w")
+    by_desc = {s.series_description: s for s in result.series}
+    assert by_desc["PhoenixZIPReport"].status == "skipped" and "non-image" in by_desc["PhoenixZIPReport"].reason
+    scout = by_desc["AAHead_Scout_MPR_sag"]
+    assert scout.status == "skipped" and "derived" in scout.reason
+
+
+def test_series_provenance(sample_bids, tmp_path):
+    from datetime import datetime, timezone
+
+    from pacs2bids.provenance import sha256_file, write_series_provenance
+    from pacs2bids.versions import tool_versions
+
+    root, results = sample_bids
+    s = results["gedwi"].series[0]
+    now = datetime.now(timezone.utc)
+    path = write_series_provenance(tmp_path / "prov" / "series.json", pseudo_study_uid="2.25.1", pseudo_series_uid="2.25.2",
+                                   instance_count=14, outputs=[Path(o) for o in s.outputs], bids_root=root,
+                                   heuristic="auto", flow_run_id="run-1", started=now, finished=now, extra={"k": 1})
+    rec = json.loads(path.read_text())
+    assert {o["path"] for o in rec["outputs"]} == set(s.outputs)
+    for o in rec["outputs"]:
+        assert o["sha256"] == sha256_file(root / o["path"])
+    assert rec["versions"] == tool_versions() and rec["versions"]["dcm2niix"].startswith("v1.0.")
+    assert len(rec["heuristic"]["sha256"]) == 64 and rec["instance_count"] == 14
