@@ -40,7 +40,7 @@ from pacs2bids.tasks.lineage import record_lineage
 from pacs2bids.tasks.pseudonymise import pseudonymise_series
 from pacs2bids.tasks.publish import publish_dataset
 from pacs2bids.tasks.query import query_studies
-from pacs2bids.tasks.retrieve import retrieve_study
+from pacs2bids.tasks.retrieve import ensure_pacs_limit, retrieve_study
 from pacs2bids.tasks.validate import validate_dataset
 
 META = Path(".pacs2bids")
@@ -52,6 +52,11 @@ class RunFailed(Pacs2BidsError):
     def __init__(self, message: str, summary: dict):
         super().__init__(message)
         self.summary = summary
+
+
+class NothingToPublish(Pacs2BidsError):
+    """No image was converted. Check the inclusion list and filters, and the reasons the summary
+    gives for each series left out."""
 
 
 def _transient(task, task_run, state) -> bool:
@@ -77,6 +82,7 @@ def extract_project(spec_path: str) -> dict:
     spec = load_spec(spec_path)
     versions = tool_versions()
     logger.info("versions: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
+    ensure_pacs_limit(spec)
 
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
@@ -139,6 +145,7 @@ def _extract(
     for i in found.unmatched:
         logger.warning("inclusion row %d (sub-%s): no study matched", i.row, i.subject)
     studies = assign_sessions(found.studies)
+    studies = _skip_already_published(spec, studies, summary, logger)
     summary.studies = len(studies)
     summary.subjects |= {s.subject for s in studies}
     logger.info("%d studies of %d subjects selected", len(studies), len(summary.subjects))
@@ -183,10 +190,11 @@ def _extract(
                 summary.quarantined.append({"file": f"{lbl}/{name}", "reason": why})
             _write_json(staging / META / "deid" / lbl / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json", res.record)
             if not res.written:
+                why = "; ".join(r for _, r in res.dropped[:1]) or "nothing left after pseudonymisation"
                 summary.series.append(
-                    SeriesLine(study.subject, study.session, res.series_number, res.series_description, "skipped",
-                               "; ".join(r for _, r in res.dropped[:1]) or "nothing left after pseudonymisation")
+                    SeriesLine(study.subject, study.session, res.series_number, res.series_description, "skipped", why)
                 )
+                records.append(_record(study, rs, res, convert_status="skipped", reason=why))
                 done_raw.append(rs.folder)
                 continue
             deids.append((rs, res))
@@ -240,7 +248,12 @@ def _extract(
 
 
 def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger) -> None:
-    participants = sorted(summary.subjects | _existing_participants(staging))
+    participants = sorted(_existing_participants(staging))  # subjects with images, this run's or earlier
+    if not participants:
+        raise NothingToPublish(
+            "no series could be converted, so there is no dataset to publish: see the series, studies and "
+            "inclusions listed in this summary"
+        )
     finalise_dataset(staging, spec.dataset_name or spec.project, participants, {"pacs2bids": __version__, **versions})
     hits = scan_for_leaks(spec, staging)
     if hits:
@@ -260,6 +273,42 @@ def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, ver
     summary.write(staging / META / "runs" / f"run-{run_id}.json")
     record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__, heuristic_sha256(spec.heuristic))
     publish_dataset(staging, spec.output)
+
+
+def _skip_already_published(spec: ProjectSpec, studies: list[StudyRef], summary: RunSummary, logger) -> list[StudyRef]:
+    """The register of extractions done (E4): a study whose every series was already published
+    whole, by the same heuristic, is not retrieved again. Pseudonymised UIDs are recomputed from the query with
+    the project key and compared with the published dataset's lineage."""
+    if not (spec.output / ".pacs2bids" / "lineage").is_dir():
+        return studies
+    from pacs2bids.deid.keyed import Keyed
+    from pacs2bids.lineage import read_lineage
+
+    current = heuristic_sha256(spec.heuristic)
+    done = {
+        r["pseudo_series_uid"]: r["instances_received"]
+        for r in read_lineage(spec.output).to_pylist()
+        if r["publish_status"] == "published" and r["convert_status"] in ("converted", "skipped")
+        and r["heuristic_sha256"] == current
+    }
+    keyed = Keyed(spec.secret_bytes, spec.project)
+    kept = []
+    for study in studies:
+        # per study, not per series: a session is converted whole, so that run numbers and
+        # scans.tsv stay consistent when only part of it was published before
+        published = [
+            s for s in study.series
+            if (n := done.get(keyed.uid(s.series_instance_uid))) is not None
+            and (s.announced_instances is None or n >= s.announced_instances)
+        ]
+        if study.series and len(published) == len(study.series):
+            summary.already_published += len(published)
+            summary.subjects.add(study.subject)
+        else:
+            kept.append(study)
+    if summary.already_published:
+        logger.info("%d series already published by an earlier run: not retrieved again", summary.already_published)
+    return kept
 
 
 def _record(study: StudyRef, rs, res=None, **kw) -> LineageRecord:
@@ -284,8 +333,8 @@ def _reason(exc: BaseException) -> str:
 def _issue_text(issue: dict) -> str:
     code = issue.get("code") or issue.get("key") or "?"
     where = issue.get("location") or issue.get("file") or ""
-    msg = issue.get("message") or issue.get("reason") or ""
-    return f"{code} {where} {msg}".strip()
+    msg = " ".join(str(issue.get("message") or issue.get("reason") or "").split())
+    return f"{code} {where} {msg[:160]}".strip()
 
 
 def _existing_participants(staging: Path) -> set[str]:

@@ -29,9 +29,19 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _prefect_defaults() -> None:
+    """Settings for Prefect's ephemeral mode on a small machine with no outside network:
+    a first start migrates a new database and can take longer than Prefect's default wait."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    os.environ.setdefault("NO_ET", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
 def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
     """Validate the spec, run the flow, print the summary; returns the exit code."""
-    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    _prefect_defaults()
     try:
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
     except SpecError as exc:
@@ -56,7 +66,7 @@ def _format(summary: dict) -> str:
     from .run import RunSummary, SeriesLine
 
     s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
-    for k in ("state", "studies", "unmatched", "study_failures", "quarantined", "validator_warnings", "errors", "published"):
+    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "validator_warnings", "errors", "published"):
         setattr(s, k, summary[k])
     s.subjects = set(summary["subjects"])
     s.series = [SeriesLine(**line) for line in summary["series"]]

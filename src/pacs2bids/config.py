@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-from datetime import date
+from datetime import date, time
 from pathlib import Path
 from typing import Literal
 
@@ -79,6 +79,17 @@ class DicomwebSettings(_Model):
         return v.rstrip("/")
 
 
+class TimeWindow(_Model):
+    """A period in which retrieval is allowed; may cross midnight (start after end)."""
+
+    days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(
+        default_factory=lambda: ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+        description="Days on which the window opens.",
+    )
+    start: time = Field(description="Opening time, local (HH:MM).")
+    end: time = Field(description="Closing time, local (HH:MM); before start means the next day.")
+
+
 class PacsSettings(_Model):
     """Where the studies come from: DIMSE, DICOMweb, or both (DIMSE first)."""
 
@@ -86,6 +97,15 @@ class PacsSettings(_Model):
     dicomweb: DicomwebSettings | None = None
     transport: Literal["dimse", "dicomweb"] | None = Field(
         None, description="Which transport to use when both are given (default: dimse)."
+    )
+    windows: list[TimeWindow] = Field(
+        default_factory=list,
+        description="Retrieval windows (e.g. nights and week-ends); outside them a run waits. Empty: always.",
+    )
+    max_concurrent_studies: int = Field(
+        2, ge=1, le=64,
+        description="Studies retrieved at once from this PACS, across every run and worker "
+        "(a Prefect global concurrency limit named after the PACS).",
     )
 
     @model_validator(mode="after")

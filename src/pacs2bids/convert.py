@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import importlib.util
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -108,12 +109,13 @@ def _stage_inputs(dicom_dir: Path, stage: Path) -> tuple[int, dict[str, Converte
 
 def _heudiconv_cmd(stage: Path, bids_root: Path, subject: str, session: str | None, heur: Path,
                    custom_grouping: bool) -> list[str]:
-    exe = shutil.which("heudiconv", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
-    if exe is None:
+    if importlib.util.find_spec("heudiconv") is None:
         raise ConversionError("heudiconv is not installed: pip install heudiconv (and dcm2niix)")
+    # heudiconv's own command line, through a runner that makes its sidecar date check precise
+    exe = [sys.executable, "-m", "pacs2bids.heudiconv_runner"]
     # --minmeta: skip heudiconv's dcmstack embedding, which re-reads every DICOM and dominated the run
     # time (XA30 session: 94 s -> see report), and would copy whole DICOM headers into the sidecars.
-    cmd = [exe, "--files", str(stage), "-s", subject, "-f", str(heur), "-c", "dcm2niix", "-b",
+    cmd = [*exe, "--files", str(stage), "-s", subject, "-f", str(heur), "-c", "dcm2niix", "-b",
            "--minmeta", "--overwrite", "-o", str(bids_root)]
     if session:
         cmd += ["-ss", session]

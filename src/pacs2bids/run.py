@@ -69,6 +69,7 @@ class RunSummary:
     state: str = "running"  # completed | completed with failures | failed
     subjects: set[str] = field(default_factory=set)
     studies: int = 0
+    already_published: int = 0
     series: list[SeriesLine] = field(default_factory=list)
     unmatched: list[dict] = field(default_factory=list)  # {"row": n, "subject": code}
     study_failures: list[dict] = field(default_factory=list)
@@ -104,6 +105,7 @@ class RunSummary:
             "series_skipped": self.count("skipped"),
             "series_incomplete": self.count("incomplete"),
             "series_failed": self.count("failed"),
+            "series_already_published": self.already_published,
             "inclusions_unmatched": len(self.unmatched),
             "files_quarantined": len(self.quarantined),
         }
@@ -120,7 +122,8 @@ class RunSummary:
             f"pacs2bids run {self.run_id} of project {self.project}: {self.state}",
             f"  subjects {c['subjects']}, studies {c['studies']}",
             f"  series: {c['series_retrieved']} retrieved, {c['series_converted']} converted, "
-            f"{c['series_skipped']} skipped, {c['series_incomplete']} incomplete, {c['series_failed']} failed",
+            f"{c['series_skipped']} skipped, {c['series_incomplete']} incomplete, {c['series_failed']} failed"
+            + (f", {self.already_published} already published" if self.already_published else ""),
         ]
         if self.published:
             lines.append(f"  dataset: {self.output}")
