@@ -260,7 +260,7 @@ def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, ver
         where = "; ".join(f"{h.path} ({h.field}, {h.kind})" for h in hits[:10])
         raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
     report = validate_dataset(staging)
-    summary.validator_warnings = [_issue_text(w) for w in report.warnings]
+    summary.validator_warnings = _warning_counts(report.warnings)
     if report.errors:
         raise ValidationFailed(
             f"bids-validator found {len(report.errors)} error(s): " + "; ".join(_issue_text(e) for e in report.errors[:10])
@@ -328,6 +328,14 @@ def _record(study: StudyRef, rs, res=None, **kw) -> LineageRecord:
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+
+
+def _warning_counts(warnings: list[dict]) -> list[str]:
+    """One line per validator code, with how many places it was raised at."""
+    from collections import Counter
+
+    counts = Counter(w.get("code") or w.get("key") or "?" for w in warnings)
+    return [f"{code} ({n} place{'s' if n > 1 else ''})" for code, n in counts.most_common()]
 
 
 def _issue_text(issue: dict) -> str:

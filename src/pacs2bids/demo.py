@@ -87,5 +87,6 @@ def run_demo(output: Path, *, transport: str = "dimse", retrieve: str = "c-get")
             code = run_spec(spec)
     if code in (0, 3):
         print(f"\nLook at: {output}  (BIDS dataset; pseudonymised DICOM in sourcedata/, provenance and lineage in .pacs2bids/)")
-        print(f"Ask where a file came from:  pacs2bids lineage {output}/sub-01")
+        example = next(iter(sorted(output.glob("sub-*/**/*.nii.gz"))), output / "participants.tsv")
+        print(f"Ask where a file came from:  pacs2bids lineage {example}")
     return code
