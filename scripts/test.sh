@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-export NIPYPE_NO_ET=1 PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
+export PATH="$PWD/.venv/bin:$PATH" NIPYPE_NO_ET=1 PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
 exec .venv/bin/python -m pytest "$@"

@@ -11,6 +11,7 @@ import gzip
 import json
 import shutil
 import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pacs2bids.lineage import read_lineage
 from pacs2bids.validate import validate_dataset
 
 SECRET = "e2e-secret-0123456789abcdef"
+DCM2NIIX = shutil.which("dcm2niix", path=str(Path(sys.executable).parent)) or "dcm2niix"
 
 
 # -- planting identities into copies of real files ------------------------------------------
@@ -117,7 +119,7 @@ def reference_images(by_series: dict[str, list[Path]], tmp: Path) -> list[tuple[
         out.mkdir()
         for f in files:
             (src / f.name).symlink_to(f)
-        subprocess.run(["dcm2niix", "-b", "y", "-z", "n", "-f", "%s_%e", "-o", str(out), str(src)],
+        subprocess.run([DCM2NIIX, "-b", "y", "-z", "n", "-f", "%s_%e", "-o", str(out), str(src)],
                        check=True, capture_output=True)
         for nii in out.glob("*.nii"):
             img = nib.load(nii)
@@ -167,9 +169,14 @@ def prefect_logs_text() -> str:
     from prefect.client.orchestration import get_client
 
     async def read():
+        messages, offset = [], 0
         async with get_client() as client:
-            logs = await client.read_logs(limit=10000) if hasattr(client, "read_logs") else []
-            return "\n".join(l.message for l in logs)
+            while True:
+                page = await client.read_logs(limit=200, offset=offset)
+                messages += [log.message for log in page]
+                if len(page) < 200:
+                    return "\n".join(messages)
+                offset += 200
 
     return asyncio.run(read())
 
