@@ -1,0 +1,16 @@
+"""Pseudonymisation to DICOM PS3.15 Annex E, keyed per project (P1-P14).
+
+- :class:`Pseudonymiser`: one series at a time, streaming (:mod:`.pseudonymise`);
+- :mod:`.profile`: Table E.1-1 (2024b) and the private keep rules, as package data;
+- :mod:`.keyed`: UIDs, date offsets and key-store key derived from the project secret;
+- :mod:`.csa`: the Siemens CSA header decision (kept, scrubbed in place);
+- :mod:`.pixels`: burned-in text (OCR with tesseract, masking, quarantine);
+- :class:`KeyStore`: the encrypted matching key and its audit log;
+- :func:`scan_for_leaks`: the last check before publishing.
+"""
+
+from .keystore import KeyStore
+from .leakscan import LeakHit, scan_for_leaks
+from .pseudonymise import Pseudonymiser, SeriesDeidResult
+
+__all__ = ["KeyStore", "LeakHit", "Pseudonymiser", "SeriesDeidResult", "scan_for_leaks"]

@@ -1,0 +1,102 @@
+"""Throughput of pacs2bids.deid against a bare pydicom read+write of the same files.
+
+    /tmp/venv/bin/python benchmarks/bench_deid.py [folder-of-dicom] [--limit N]
+
+Defaults to the Siemens, GE and Philips series of the shared corpus (../shared/data/dicom);
+prints files/s and MB/s for each and the ratio. If ``dicognito`` is importable, it is timed
+too (same files, its default settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pydicom
+
+from pacs2bids.config import PseudonymizationSettings
+from pacs2bids.deid import Pseudonymiser
+from pacs2bids.dicomfiles import iter_dicom_bytes
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT = REPO.parent / "shared" / "data" / "dicom"
+
+
+def collect(root: Path, limit: int, work: Path) -> list[Path]:
+    files = []
+    for p, data in iter_dicom_bytes(root):
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if ds.get("Modality") != "MR" or not str(ds.get("SOPClassUID", "")).startswith("1.2.840.10008.5.1.4.1.1.4"):
+            continue
+        f = work / "in" / f"{len(files):06d}.dcm"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+        files.append(f)
+        if len(files) >= limit:
+            break
+    return files
+
+
+def bare(files: list[Path], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(files):
+        pydicom.dcmread(f).save_as(out / f"{i}.dcm")
+
+
+def ours(files: list[Path], out: Path, work: Path) -> None:
+    p = Pseudonymiser("bench", b"benchmark-secret-0123456789", PseudonymizationSettings(), work / "keys")
+    p.pseudonymise_series(files, out, subject="01", session=None, quarantine_dir=work / "q")
+
+
+def dicognito_run(files: list[Path], out: Path) -> None:
+    from dicognito.anonymizer import Anonymizer  # type: ignore[import-not-found]
+
+    out.mkdir(parents=True, exist_ok=True)
+    anon = Anonymizer()
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        anon.anonymize(ds)
+        ds.save_as(out / f"{i}.dcm")
+
+
+def timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.simplefilter("ignore")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("root", nargs="?", type=Path, default=DEFAULT)
+    ap.add_argument("--limit", type=int, default=600)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench-deid-") as tmp:
+        work = Path(tmp)
+        files = collect(args.root, args.limit, work)
+        if not files:
+            print(f"no MR files under {args.root}", file=sys.stderr)
+            return 2
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        rows = [("pydicom read+write", timed(bare, files, work / "bare"))]
+        rows.append(("pacs2bids.deid", timed(ours, files, work / "ours", work)))
+        try:
+            import dicognito  # noqa: F401
+
+            rows.append(("dicognito", timed(dicognito_run, files, work / "dicognito")))
+        except ImportError:
+            print("dicognito not installed: skipped")
+        base = rows[0][1]
+        print(f"{len(files)} files, {mb:.1f} MB")
+        for name, secs in rows:
+            print(f"{name:22s} {len(files) / secs:8.1f} files/s {mb / secs:8.1f} MB/s  x{secs / base:5.2f} of bare pydicom")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""Siemens CSA headers and other kept binary private values: length-preserving scrubs.
+
+Decision (P6, P14): the Siemens CSA headers, private block ``(0029,"SIEMENS CSA HEADER")``,
+are *kept* although neither PS3.15 Table E.3.10-1 nor TCIA keeps them, because dcm2niix reads
+slice timing (``MosaicRefAcqTimes``), phase-encoding polarity
+(``PhaseEncodingDirectionPositive``), diffusion (``B_value``, ``DiffusionGradientDirection``,
+``B_matrix``), mosaic layout (``NumberOfImagesInMosaic``) and the readout parameters of the
+Phoenix protocol from them. Neither header carries the patient's name or ID, but the series
+header's Phoenix protocol text (``MrPhoenixProtocol``) holds references to other instances
+(``tReferenceImage0 = "1.3.12.2..."``, Frame of Reference) whose UIDs embed the acquisition
+date and time and the scanner's serial number. So, in both headers:
+
+- every UID-like token (digits and dots, at least five components) is replaced by a keyed
+  token of exactly the same length (:meth:`Keyed.uid_like`): the CSA structure (item lengths,
+  offsets) stays valid without being re-encoded, and no original UID survives (P13);
+- every identifying value found in the file's header (name, ID, birth date, accession number,
+  institution, station, serial number, physicians) is overwritten by ``X`` of the same length.
+
+The same byte scrub is applied to every other kept private value of VR OB, OW or UN (P14).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+_UID_TOKEN = re.compile(rb"(?<![0-9.])[0-9]{1,10}(?:\.[0-9]{1,40}){4,}(?![0-9])")
+
+
+def scrub_bytes(value: bytes, uid_like: Callable[[str, int], str], identifiers: re.Pattern[bytes] | None) -> tuple[bytes, int]:
+    """Return ``value`` with UID-like tokens and identifying strings replaced in place (same
+    length), and the number of replacements made."""
+    count = 0
+
+    def _uid(m: re.Match[bytes]) -> bytes:
+        nonlocal count
+        count += 1
+        token = m.group(0)
+        return uid_like(token.decode("ascii"), len(token)).encode("ascii")
+
+    out = _UID_TOKEN.sub(_uid, value)
+    if identifiers is not None:
+
+        def _mask(m: re.Match[bytes]) -> bytes:
+            nonlocal count
+            count += 1
+            return b"X" * len(m.group(0))
+
+        out = identifiers.sub(_mask, out)
+    return out, count
+
+
+def scrub_ge_protocol(value: bytes, uid_like: Callable[[str, int], str], identifiers: re.Pattern[bytes] | None) -> tuple[bytes, int]:
+    """GE ``(0025,"GEMS_SERS_01",1B)`` Protocol Data Block: a 4-byte little-endian length and
+    a gzip stream of the protocol text, which dcm2niix reads (slice order, phase encoding).
+    The text is scrubbed like a CSA header, and re-compressed without the gzip header's
+    file name and time stamp (an acquisition date). Raises :class:`ValueError` when the value
+    is not of that form (the caller then removes it)."""
+    import gzip
+    import io
+
+    start = value.find(b"\x1f\x8b")
+    if start < 0 or start > 16:
+        raise ValueError("not a gzip protocol data block")
+    text = gzip.decompress(value[start:])
+    text, n = scrub_bytes(text, uid_like, identifiers)
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+        gz.write(text)
+    body = buf.getvalue()
+    out = len(body).to_bytes(4, "little") + body if start == 4 else value[:start] + body
+    if len(out) % 2:
+        out += b"\x00"
+    return out, n + 1

@@ -1,0 +1,229 @@
+"""Text burned into pixels (P9; PS3.15 E.3.1 Clean Pixel Data Option).
+
+Which images are at risk (:func:`risk_reason`), in order:
+
+- a Secondary Capture SOP class (1.2.840.10008.5.1.4.1.1.7*) or Modality US, SC, OT, XC, ES:
+  screenshots, exam summaries, ultrasound screens; BurnedInAnnotation = NO is *not* trusted
+  on these (real exports flag burned-in dates NO);
+- ImageType containing ``SCREEN SAVE``; BurnedInAnnotation = YES; a Sequence of Ultrasound
+  Regions;
+- ImageType containing ``SECONDARY`` unless BurnedInAnnotation = NO.
+
+How they are cleaned (:func:`clean_if_at_risk`): pixels are decompressed; for ultrasound with
+regions, everything outside the regions' rectangles is blacked out; each frame is rendered to
+8-bit grey, enlarged x2, and read by ``tesseract`` (page segmentation 11, sparse text) in TSV;
+every box holding a letter or digit is filled with the frame's minimum, with a margin. A second
+OCR pass on the masked frame must find nothing confident (confidence >= 60, 3+ characters):
+otherwise, or when the pixels cannot be decoded, or there are more than
+:data:`MAX_OCR_FRAMES` frames, the file is quarantined with the reason. Cleaned pixels are
+stored uncompressed (Explicit VR Little Endian), with Lossy Image Compression kept at 01 when
+the source was lossy (E7). The caller sets BurnedInAnnotation = NO and drops Icon Image
+Sequence. OCR text is never recorded, only counts of boxes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+MAX_OCR_FRAMES = 32
+MASK_CONFIDENCE = 0.0  # any box with a letter or digit is masked
+REMAIN_CONFIDENCE = 60.0
+_RISKY_MODALITIES = {"US", "SC", "OT", "XC", "ES"}
+_SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+
+
+class PixelError(Exception):
+    """Pixels at risk could not be cleaned with confidence (the file is quarantined)."""
+
+
+@dataclass
+class PixelOutcome:
+    at_risk: bool = False
+    reason: str = ""
+    cleaned: bool = False
+    quarantine: str = ""
+    frames: int = 0
+    boxes: int = 0
+    regions_masked: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "at_risk": self.reason,
+            "cleaned": self.cleaned,
+            "frames": self.frames,
+            "text_boxes_masked": self.boxes,
+            "outside_ultrasound_regions_masked": self.regions_masked,
+        }
+
+
+def risk_reason(ds: Dataset) -> str | None:
+    """Why this image may carry burned-in text (None: not at risk)."""
+    if "PixelData" not in ds:
+        return None
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = str(ds.get("Modality", "")).upper()
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    burned = str(ds.get("BurnedInAnnotation", "")).upper()
+    if sop.startswith(_SC_PREFIX):
+        return "Secondary Capture SOP class"
+    if modality in _RISKY_MODALITIES:
+        return f"modality {modality}"
+    if any("SCREEN SAVE" in v for v in image_type):
+        return "ImageType SCREEN SAVE"
+    if burned == "YES":
+        return "BurnedInAnnotation YES"
+    if "SequenceOfUltrasoundRegions" in ds:
+        return "Sequence of Ultrasound Regions"
+    if "SECONDARY" in image_type and burned != "NO":
+        return "ImageType SECONDARY without BurnedInAnnotation NO"
+    return None
+
+
+def tesseract_available() -> bool:
+    return shutil.which("tesseract") is not None
+
+
+def _to_grey8(frame: np.ndarray) -> np.ndarray:
+    f = frame.astype(np.float64)
+    if f.ndim == 3:
+        f = f[..., :3].mean(axis=2)
+    lo, hi = float(f.min()), float(f.max())
+    if hi <= lo:
+        return np.zeros(f.shape, dtype=np.uint8)
+    return ((f - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def ocr_boxes(grey: np.ndarray, scale: int = 2) -> list[tuple[int, int, int, int, float, int]]:
+    """Boxes (left, top, width, height, confidence, n_alnum) of text tesseract finds, in
+    the frame's own pixel coordinates. Raises :class:`PixelError` if tesseract fails."""
+    from PIL import Image
+
+    img = Image.fromarray(grey)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.LANCZOS)
+    with tempfile.TemporaryDirectory(prefix="pacs2bids-ocr-") as tmp:
+        png = Path(tmp) / "frame.png"
+        img.save(png)
+        proc = subprocess.run(
+            ["tesseract", str(png), "stdout", "--psm", "11", "tsv"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    if proc.returncode != 0:
+        raise PixelError(f"tesseract failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}")
+    boxes = []
+    for rec in csv.DictReader(io.StringIO(proc.stdout), delimiter="\t", quoting=csv.QUOTE_NONE):
+        text = (rec.get("text") or "").strip()
+        alnum = sum(ch.isalnum() for ch in text)
+        if not alnum:
+            continue
+        try:
+            conf = float(rec["conf"])
+            left, top, w, h = (int(rec[k]) // scale for k in ("left", "top", "width", "height"))
+        except (KeyError, ValueError, TypeError):
+            continue
+        boxes.append((left, top, max(1, w), max(1, h), conf, alnum))
+    return boxes
+
+
+def _frames(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    multi = n > 1
+    if not multi:
+        arr = arr[np.newaxis, ...]
+    if spp == 1 and arr.ndim == 4:  # pragma: no cover - defensive
+        arr = arr[..., 0]
+    return arr, multi
+
+
+def _mask_outside_regions(arr: np.ndarray, ds: Dataset) -> bool:
+    regions = ds.get("SequenceOfUltrasoundRegions") or []
+    rects = []
+    for r in regions:
+        try:
+            rects.append((int(r.RegionLocationMinX0), int(r.RegionLocationMinY0), int(r.RegionLocationMaxX1), int(r.RegionLocationMaxY1)))
+        except AttributeError:
+            return False
+    if not rects:
+        return False
+    keep = np.zeros(arr.shape[1:3], dtype=bool)
+    for x0, y0, x1, y1 in rects:
+        keep[max(0, y0) : y1 + 1, max(0, x0) : x1 + 1] = True
+    arr[:, ~keep] = arr.min()
+    return True
+
+
+def clean_if_at_risk(ds: Dataset, *, enabled: bool) -> PixelOutcome:
+    """Find and mask burned-in text in ``ds`` (in place). See the module docstring."""
+    reason = risk_reason(ds)
+    if reason is None:
+        return PixelOutcome()
+    out = PixelOutcome(at_risk=True, reason=reason)
+    if not enabled:
+        out.quarantine = f"pixels at risk ({reason}) and the Clean Pixel Data option is off"
+        return out
+    if not tesseract_available():
+        out.quarantine = f"pixels at risk ({reason}) and tesseract is not installed"
+        return out
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    if n > MAX_OCR_FRAMES:
+        out.quarantine = f"pixels at risk ({reason}): {n} frames, more than {MAX_OCR_FRAMES} to review by OCR"
+        return out
+    was_lossy = str(ds.get("LossyImageCompression", "")) == "01" or ds.file_meta.TransferSyntaxUID.is_compressed and not _lossless(ds)
+    try:
+        arr = np.array(ds.pixel_array, copy=True)
+    except Exception as exc:
+        out.quarantine = f"pixels at risk ({reason}) cannot be decoded ({type(exc).__name__})"
+        return out
+    frames, multi = _frames(arr, ds)
+    out.frames = frames.shape[0]
+    out.regions_masked = _mask_outside_regions(frames, ds)
+    for i in range(frames.shape[0]):
+        frame = frames[i]
+        fill = frame.min()
+        for left, top, w, h, conf, _n in ocr_boxes(_to_grey8(frame)):
+            if conf < MASK_CONFIDENCE and conf != -1:
+                continue
+            pad = max(2, h // 4)
+            frame[max(0, top - pad) : top + h + pad, max(0, left - pad) : left + w + pad] = fill
+            out.boxes += 1
+        remaining = [b for b in ocr_boxes(_to_grey8(frame)) if b[4] >= REMAIN_CONFIDENCE and b[5] >= 3]
+        if remaining:
+            out.quarantine = f"pixels at risk ({reason}): text still read after masking frame {i + 1}"
+            return out
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("SamplesPerPixel", 1) or 1) == 3:
+        pi = "RGB"  # pydicom decodes YBR to RGB
+    data = frames if multi else frames[0]
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_pixel_data(data, photometric_interpretation=pi, bits_stored=int(ds.get("BitsStored", data.itemsize * 8)))
+    if was_lossy:
+        ds.LossyImageCompression = "01"
+    out.cleaned = True
+    return out
+
+
+def _lossless(ds: Dataset) -> bool:
+    ts = ds.file_meta.TransferSyntaxUID
+    return ts in {
+        "1.2.840.10008.1.2.4.57",
+        "1.2.840.10008.1.2.4.70",
+        "1.2.840.10008.1.2.4.80",
+        "1.2.840.10008.1.2.4.90",
+        "1.2.840.10008.1.2.5",
+        "1.2.840.10008.1.2.4.201",
+        "1.2.840.10008.1.2.1.99",
+    }

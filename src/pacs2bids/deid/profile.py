@@ -1,0 +1,264 @@
+"""The de-identification profile as data: PS3.15 Annex E Table E.1-1 plus private-tag rules.
+
+Loaded from package data (``pacs2bids/data/deid``):
+
+- ``confidentiality_profile_attributes.json``: Table E.1-1 of PS3.15 edition 2024b, one row
+  per attribute with the Basic Profile action and each option's action.
+- ``TCIAPrivateTagKB-02-01-2024-formatted.csv``: TCIA's private-tag knowledge base; its keep
+  rows (``k``) are kept when the Retain Safe Private option is on.
+
+Resolving an action (:meth:`Profile.action`): the Basic Profile column first, then each
+enabled option's column in the table's order overrides it. Composite codes depend on the
+attribute's Type in the IOD, which a generic tool does not know, so the strictest reading is
+taken (``X`` before ``Z`` before ``D``), except ``X/Z/U*`` on reference sequences, which
+become ``U`` (recurse and replace the UIDs inside): new UIDs are keyed hashes, as safe as a
+removal, and the references stay usable (P3).
+
+Public attributes absent from the table (pacs2bids's documented default, see
+:func:`default_action`): sequences are walked; PN values are emptied; UI values get new UIDs
+(unless a well-known UID of the standard); DA/DT are shifted (or emptied without a dates
+option); other attributes of the Patient group (0010) are removed; short and long text (SH,
+LO, ST, LT, UT, UC) is kept but cleaned of the identifying values found in the header;
+everything else (numbers, codes, pixel data) is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from ..errors import SpecError
+
+EDITION = "2024b"
+DATA = "data/deid"
+PROFILE_FILE = "confidentiality_profile_attributes.json"
+TCIA_FILE = "TCIAPrivateTagKB-02-01-2024-formatted.csv"
+
+# Column order of Table E.1-1; a later enabled option overrides an earlier one.
+TABLE_OPTIONS = (
+    "rtnSafePrivOpt",
+    "rtnUIDsOpt",
+    "rtnDevIdOpt",
+    "rtnInstIdOpt",
+    "rtnPatCharsOpt",
+    "rtnLongFullDatesOpt",
+    "rtnLongModifDatesOpt",
+    "cleanDescOpt",
+    "cleanStructContOpt",
+    "cleanGraphOpt",
+)
+PIXEL_OPTION = "cleanPixelDataOpt"
+ALL_OPTIONS = TABLE_OPTIONS + (PIXEL_OPTION,)
+DEFAULT_OPTIONS = ("rtnLongModifDatesOpt", "rtnSafePrivOpt", "cleanDescOpt", PIXEL_OPTION)
+
+# PS3.16 CID 7050 "De-identification Method": code values (scheme DCM) of the profile and options.
+CID_7050 = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    PIXEL_OPTION: ("113101", "Clean Pixel Data Option"),
+    "cleanGraphOpt": ("113103", "Clean Graphics Option"),
+    "cleanStructContOpt": ("113104", "Clean Structured Content Option"),
+    "cleanDescOpt": ("113105", "Clean Descriptors Option"),
+    "rtnLongFullDatesOpt": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "rtnLongModifDatesOpt": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "rtnPatCharsOpt": ("113108", "Retain Patient Characteristics Option"),
+    "rtnDevIdOpt": ("113109", "Retain Device Identity Option"),
+    "rtnUIDsOpt": ("113110", "Retain UIDs Option"),
+    "rtnSafePrivOpt": ("113111", "Retain Safe Private Option"),
+    "rtnInstIdOpt": ("113112", "Retain Institution Identity Option"),
+}
+
+# PS3.15 Table E.3.10-1 "Safe Private Attributes": the entries pacs2bids carries (those of the
+# vendors in its corpus: diffusion b-value, direction, B-matrix and scaling). The TCIA keep rows
+# below extend it; (group, creator, element low byte).
+SAFE_PRIVATE = {
+    (0x0019, "SIEMENS MR HEADER", 0x0C),  # B_value
+    (0x0019, "SIEMENS MR HEADER", 0x0D),  # DiffusionDirectionality
+    (0x0019, "SIEMENS MR HEADER", 0x0E),  # DiffusionGradientDirection
+    (0x0019, "SIEMENS MR HEADER", 0x27),  # B_matrix
+    (0x0043, "GEMS_PARM_01", 0x39),  # slop_int_6..9 (b-value)
+    (0x0043, "GEMS_PARM_01", 0x6F),  # scanner table entries
+    (0x2001, "PHILIPS IMAGING DD 001", 0x03),  # diffusion b-factor
+    (0x2001, "PHILIPS IMAGING DD 001", 0x04),  # diffusion direction
+}
+
+# What dcm2niix reads to rebuild slice timing, phase encoding, diffusion and mosaics, beyond the
+# two lists above (checked by tests/test_deid_dcm2niix.py on every series of the corpus). The
+# Siemens CSA headers are kept and scrubbed (see pacs2bids.deid.csa).
+CONVERTER_PRIVATE = {
+    (0x0029, "SIEMENS CSA HEADER", 0x08),
+    (0x0029, "SIEMENS CSA HEADER", 0x09),
+    (0x0029, "SIEMENS CSA HEADER", 0x10),  # CSA image header: MosaicRefAcqTimes, PE polarity, B-matrix
+    (0x0029, "SIEMENS CSA HEADER", 0x18),
+    (0x0029, "SIEMENS CSA HEADER", 0x19),
+    (0x0029, "SIEMENS CSA HEADER", 0x20),  # CSA series header: Phoenix protocol (scrubbed)
+    (0x0043, "GEMS_PARM_01", 0x2A),  # GE user defined data: phase-encoding polarity
+    (0x2005, "PHILIPS MR IMAGING DD 005", 0x0F),  # Philips per-frame private data (walked): image type
+    (0x2005, "PHILIPS MR IMAGING DD 006", 0x96),  # Philips slice number (IS): DWI volume order
+    (0x0025, "GEMS_SERS_01", 0x1B),  # GE protocol data block: slice order (scrubbed, re-zipped)
+}
+CSA_SCRUBBED = {(0x0029, "SIEMENS CSA HEADER", 0x10), (0x0029, "SIEMENS CSA HEADER", 0x20), (0x0025, "GEMS_SERS_01", 0x1B)}
+GE_PROTOCOL = (0x0025, "GEMS_SERS_01", 0x1B)
+
+_TAG = re.compile(r"\(([0-9A-F]{4}),([0-9A-F]{4})\)")
+_MASK = re.compile(r"\(([0-9A-FX]{4}),([0-9A-FX]{4})\)")
+_TCIA_LAST = re.compile(r'\(([0-9a-fA-F]{4}),"?([^"]*)"*,([0-9a-fA-F]{2})\)$')
+
+_STRICT = "XZDU"
+
+
+def _resource(name: str) -> Path:
+    return Path(__file__).resolve().parent.parent / DATA / name
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    tag: str
+    basic: str
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def parse_private_key(text: str) -> tuple[int, str, int]:
+    """Parse ``'gggg,"CREATOR",ee'`` (the spec's keep_private form) into a rule key."""
+    m = re.fullmatch(r'\s*\(?([0-9a-fA-F]{4}),\s*"([^"]+)"\s*,\s*([0-9a-fA-F]{2})\)?\s*', text)
+    if not m:
+        raise SpecError(
+            f"pseudonymization.keep_private: {text!r} is not of the form gggg,\"CREATOR\",ee "
+            "(group in hex, private creator in double quotes, element within the block in hex)"
+        )
+    group = int(m.group(1), 16)
+    if group % 2 == 0:
+        raise SpecError(f"pseudonymization.keep_private: {text!r}: a private group is odd")
+    return group, m.group(2).strip().upper(), int(m.group(3), 16)
+
+
+class Profile:
+    """Table E.1-1 with a chosen set of options, and the private keep rules."""
+
+    def __init__(self, options: list[str] | tuple[str, ...] | None = None, keep_private: list[str] = ()):
+        chosen = tuple(DEFAULT_OPTIONS if options is None else options)
+        unknown = [o for o in chosen if o not in ALL_OPTIONS]
+        if unknown:
+            raise SpecError(
+                f"pseudonymization.options: unknown option(s) {unknown}; choose among {list(ALL_OPTIONS)}"
+            )
+        if "rtnLongFullDatesOpt" in chosen and "rtnLongModifDatesOpt" in chosen:
+            raise SpecError(
+                "pseudonymization.options: rtnLongFullDatesOpt and rtnLongModifDatesOpt exclude each other; keep one"
+            )
+        self.options = tuple(o for o in ALL_OPTIONS if o in chosen)
+        self.user_private = {parse_private_key(k) for k in keep_private}
+        self.rows: dict[int, Row] = {}
+        self.masked: list[tuple[int, int, Row]] = []
+        self.private_row: Row | None = None
+        for raw in json.loads(_resource(PROFILE_FILE).read_text(encoding="utf-8")):
+            row = Row(raw["name"], raw["tag"], raw["basicProfile"], {k: v for k, v in raw.items() if k in TABLE_OPTIONS})
+            m = _TAG.fullmatch(raw["tag"])
+            if m:
+                self.rows[int(m.group(1) + m.group(2), 16)] = row
+                continue
+            m = _MASK.fullmatch(raw["tag"])
+            if m:
+                text = m.group(1) + m.group(2)
+                mask = int("".join("0" if c == "X" else "F" for c in text), 16)
+                value = int(text.replace("X", "0"), 16)
+                self.masked.append((mask, value, row))
+            elif "ODD" in raw["tag"].upper():
+                self.private_row = row
+
+    @property
+    def shift_dates(self) -> bool:
+        return "rtnLongModifDatesOpt" in self.options
+
+    @property
+    def keep_dates(self) -> bool:
+        return "rtnLongFullDatesOpt" in self.options
+
+    def has(self, option: str) -> bool:
+        return option in self.options
+
+    def row(self, tag: int) -> Row | None:
+        row = self.rows.get(tag)
+        if row is None:
+            for mask, value, r in self.masked:
+                if tag & mask == value:
+                    return r
+        return row
+
+    def action(self, tag: int) -> tuple[str, str] | None:
+        """The resolved action code for a public tag and where it came from, or None when the
+        tag is not in Table E.1-1."""
+        row = self.row(tag)
+        if row is None:
+            return None
+        code, source = row.basic, "basicProfile"
+        for opt in self.options:
+            if opt in row.options:
+                code, source = row.options[opt], opt
+        return code, source
+
+    @staticmethod
+    def strictest(code: str, is_sequence: bool = False) -> str:
+        """Reduce a composite code (``X/Z/D`` ...) to one action (see module docstring)."""
+        if "/" not in code:
+            return code
+        parts = code.replace("*", "").split("/")
+        if is_sequence and "U" in parts:
+            return "U"
+        for c in _STRICT:
+            if c in parts:
+                return c
+        return parts[0]
+
+    # -- private -------------------------------------------------------------------------
+    @cached_property
+    def tcia_keep(self) -> frozenset[tuple[int, str, int]]:
+        keep = set()
+        with _resource(TCIA_FILE).open(newline="", encoding="utf-8-sig") as f:
+            for rec in csv.DictReader(f):
+                if rec["private_disposition"].strip().lower() != "k":
+                    continue
+                last = rec["element_sig_pattern"].rsplit("]", 1)[-1]
+                m = _TCIA_LAST.match(last)
+                if m:
+                    keep.add((int(m.group(1), 16), m.group(2).strip().upper(), int(m.group(3), 16)))
+        return frozenset(keep)
+
+    def private_reason(self, group: int, creator: str, elem: int) -> str | None:
+        """Why a private element is kept (``None``: it is removed). PS3.15 E.3.10."""
+        key = (group, creator.strip().upper(), elem)
+        if key in self.user_private:
+            return "settings.keep_private"
+        if key in CONVERTER_PRIVATE:
+            return "needed by dcm2niix (scrubbed)" if key in CSA_SCRUBBED else "needed by dcm2niix"
+        if "rtnSafePrivOpt" in self.options:
+            if key in SAFE_PRIVATE:
+                return "PS3.15 Table E.3.10-1 safe private"
+            if key in self.tcia_keep:
+                return "TCIA private tag knowledge base: keep"
+        return None
+
+    def method_codes(self, pixels_cleaned: bool) -> list[tuple[str, str]]:
+        codes = [CID_7050["basic"]]
+        for opt in self.options:
+            if opt == PIXEL_OPTION and not pixels_cleaned:
+                continue
+            codes.append(CID_7050[opt])
+        return codes
+
+    def describe(self) -> dict:
+        return {
+            "standard": "DICOM PS3.15 Annex E, Table E.1-1",
+            "edition": EDITION,
+            "options": list(self.options),
+            "private_sources": [
+                "PS3.15 Table E.3.10-1 (subset, see pacs2bids.deid.profile.SAFE_PRIVATE)",
+                "TCIAPrivateTagKB-02-01-2024 keep rows",
+                "converter needs (pacs2bids.deid.profile.CONVERTER_PRIVATE)",
+                "settings.keep_private",
+            ],
+        }

@@ -1,0 +1,732 @@
+"""Pseudonymise one series to DICOM PS3.15 Annex E, keyed per project (P1-P14).
+
+One file at a time (memory does not grow with the series): read, decide its SOP class, collect
+its identifying values, walk every element at every depth applying the profile
+(:mod:`pacs2bids.deid.profile`), clean pixels at risk (:mod:`pacs2bids.deid.pixels`), rebuild
+the File Meta Information with a zeroed preamble (PS3.10 7.1), write it under the output folder
+named by its new SOP Instance UID.
+
+What each element becomes (PS3.15 E.1.1 action codes):
+
+- Patient's Name and Patient ID: the subject code (P2). Patient's Birth Date: shifted with the
+  subject's dates, then cut to 1 January of that year (P4); emptied without a dates option.
+- DA and DT: shifted by the subject's whole-day offset (Retain Longitudinal Temporal Information
+  with Modified Dates, PS3.15 E.3.6), in nested sequences and kept private elements too; TM is
+  unchanged (whole days). Values that are not dates are emptied.
+- UI: ``2.25.<HMAC>`` (:mod:`pacs2bids.deid.keyed`), except the UIDs of the standard (SOP
+  classes, transfer syntaxes, coding schemes: those in pydicom's UID dictionary).
+- Clean Descriptors (``C`` on text): identifying values of the header (and of the project) are
+  removed from the text; the rest (sequence names, the science) is kept.
+- Private elements: kept by private creator, never by fixed group/element, when listed
+  (:meth:`Profile.private_reason`), and then scrubbed like public ones; everything else private
+  is removed (PS3.15 E.3.10).
+- Set: Patient Identity Removed = YES, De-identification Method (text) and its code sequence
+  (CID 7050), Longitudinal Temporal Information Modified = MODIFIED (PS3.15 E.1.1, E.3.6).
+
+Dropped by default (listed with a reason): SR, KO, presentation states, raw data, encapsulated
+documents, private SOP classes and DICOMDIRs, unless their SOP class is in
+``settings.allow_sop_classes`` (P12, C4).
+"""
+
+from __future__ import annotations
+
+import re
+
+import logging
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable
+
+import pydicom
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, UID_dictionary
+
+from ..config import PseudonymizationSettings
+from ..errors import PseudonymisationError
+from . import pixels
+from .csa import scrub_bytes, scrub_ge_protocol
+from .keyed import Keyed, birth_date_to_year, shift_da, shift_dt
+from .keystore import KeyStore
+from .patterns import clean_text, compile_identifiers
+from .profile import GE_PROTOCOL, Profile
+
+log = logging.getLogger(__name__)
+
+# Attributes whose values identify the patient, the visit or the site: collected from every
+# file (at any depth) for cleaning text, for the key store and for the leak scan.
+IDENTIFYING_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientBirthDate",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "MilitaryRank",
+    "MedicalRecordLocator",
+    "IssuerOfPatientID",
+    "AccessionNumber",
+    "StudyID",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "PhysiciansOfRecord",
+    "OperatorsName",
+    "ScheduledPerformingPhysicianName",
+    "StationName",
+    "DeviceSerialNumber",
+    "ResponsiblePerson",
+    "ResponsibleOrganization",
+    "RequestedProcedureID",
+    "ScheduledProcedureStepID",
+    "PerformedProcedureStepID",
+)
+_IDENT_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTIFYING_KEYWORDS}
+_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "AE", "CS"}
+_CLEANED_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC"}
+_NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "UV", "SV", "AT"}
+_BINARY_VRS = {"OB", "OW", "UN", "OF", "OD", "OL", "OV"}
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_SET_BY_US = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280301}
+
+_DROP = (
+    ("1.2.840.10008.5.1.4.1.1.88.", "structured report or key object selection (P12)"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data (C4)"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document (P12)"),
+    ("1.2.840.10008.1.3.10", "media storage directory (DICOMDIR)"),
+)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pacs2bids")
+    except metadata.PackageNotFoundError:  # pragma: no cover
+        return "0+unknown"
+
+
+def _mask(value: Any) -> str:
+    """Show a value's shape, never its content (dry-run output)."""
+    text = str(value)
+    if not text:
+        return ""
+    return f"{text[0]}***({len(text)})"
+
+
+@dataclass
+class SeriesDeidResult:
+    """What :meth:`Pseudonymiser.pseudonymise_series` did to one series. Holds no original
+    values: it is safe to log, to return from a task and to archive (P8)."""
+
+    pseudo_study_uid: str = ""
+    pseudo_series_uid: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    modality: str = ""
+    written: list[Path] = field(default_factory=list)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    record: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["written"] = [str(p) for p in self.written]
+        d["quarantined"] = [list(t) for t in self.quarantined]
+        d["dropped"] = [list(t) for t in self.dropped]
+        return d
+
+
+class _FileContext:
+    """Per-file state of the walk: the subject's offset, the cleaning pattern, the notes."""
+
+    def __init__(self, owner: "Pseudonymiser", subject: str, pattern, notes: Counter, changes: list | None):
+        self.owner = owner
+        self.keyed = owner.keyed
+        self.profile = owner.profile
+        self.subject = subject
+        self.days = owner.keyed.day_offset(subject)
+        self.pattern = pattern
+        self.notes = notes
+        self.changes = changes
+        self.dates_shifted = False
+
+    def note(self, name: str, action: str, why: str, before: Any = None, after: Any = None) -> None:
+        self.notes[(name, action, why)] += 1
+        if self.changes is not None and action != "kept":
+            self.changes.append(
+                {"attribute": name, "action": action, "why": why, "before": _mask(before), "after": _mask(after) if action in ("cleaned",) else str(after) if after is not None else ""}
+            )
+
+
+def _name(elem: DataElement, creator: str | None = None) -> str:
+    if creator is not None:
+        return f'({elem.tag.group:04X},"{creator}",{elem.tag.element & 0xFF:02X})'
+    return elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+
+
+def _is_standard_uid(value: str) -> bool:
+    """UIDs of the standard itself (SOP classes, transfer syntaxes, context groups, coding
+    schemes): in pydicom's dictionary or under the DICOM root 1.2.840.10008 (PS3.5 9.1)."""
+    return value in UID_dictionary or value.startswith("1.2.840.10008.")
+
+
+class Pseudonymiser:
+    """Pseudonymise series of one project, with the project's secret and settings.
+
+    ``key_store`` is the folder of the encrypted matching key (never under the dataset).
+    Raises :class:`~pacs2bids.errors.SpecError` for unknown options or malformed
+    ``keep_private`` entries, :class:`ValueError` for a secret shorter than 16 bytes.
+    """
+
+    def __init__(self, project: str, secret: bytes, settings: PseudonymizationSettings, key_store: Path):
+        self.project = project
+        self.settings = settings
+        self.profile = Profile(settings.options, settings.keep_private)
+        self.keyed = Keyed(secret, project)
+        self.key_store = KeyStore(Path(key_store), project=project, secret=secret)
+        self._identifiers: set[str] = set(self.key_store.identifiers())
+        self.allow_sop = set(settings.allow_sop_classes)
+
+    # -- public API ----------------------------------------------------------------------
+    def identifiers(self) -> set[str]:
+        """Identifying values seen so far in this project (this process and the key store)."""
+        return set(self._identifiers)
+
+    def drop_reason(self, ds: Dataset) -> str | None:
+        """Why an instance is dropped by default (None: it is kept)."""
+        sop = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
+        if sop in self.allow_sop:
+            return None
+        if not sop:
+            return "no SOP Class UID (not a composite instance)"
+        for prefix, reason in _DROP:
+            if sop.startswith(prefix):
+                return reason
+        if not sop.startswith("1.2.840.10008."):
+            return "private SOP class"
+        return None
+
+    def pseudonymise_series(
+        self,
+        files: Iterable[Path],
+        out_dir: Path,
+        *,
+        subject: str,
+        session: str | None,
+        quarantine_dir: Path,
+    ) -> SeriesDeidResult:
+        """Pseudonymise the files of one series into ``out_dir``.
+
+        Files are read and written one at a time. Unreadable files and files whose pixels
+        cannot be cleaned with confidence are copied to ``quarantine_dir`` under a keyed name
+        with a ``.reason.txt``; dropped SOP classes are listed. The key store is updated once,
+        at the end. Returns a :class:`SeriesDeidResult`; raises
+        :class:`~pacs2bids.errors.PseudonymisationError` when ``out_dir`` cannot be written.
+        """
+        out_dir = Path(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PseudonymisationError(f"cannot create output folder {out_dir}: {exc.strerror}") from None
+        result = SeriesDeidResult()
+        notes: Counter = Counter()
+        pixel_log: list[dict] = []
+        seen: dict[str, int] = {}
+        originals: dict[str, set[str]] = {"patient_ids": set(), "patient_names": set(), "studies": set()}
+        study_map: dict[str, dict] = {}
+        new_identifiers: set[str] = set()
+        pattern_cache: dict[frozenset, Any] = {}
+        count = 0
+        for path in files:
+            count += 1
+            path = Path(path)
+            qname = self.keyed.token(f"{subject}/{session}/{path.name}/{count}")
+            try:
+                ds = pydicom.dcmread(path, force=False)
+                _ = ds.get("SOPClassUID")
+            except Exception as exc:  # pydicom raises many kinds on truncated or corrupt files
+                self._quarantine(path, quarantine_dir, qname, f"unreadable DICOM ({type(exc).__name__})", result)
+                continue
+            reason = self.drop_reason(ds)
+            if reason:
+                result.dropped.append((qname, reason))
+                continue
+            file_ids = self._collect(ds)
+            new_identifiers |= file_ids
+            key = frozenset(v for v in file_ids | self._identifiers if not _looks_like_uid(v))
+            pattern = pattern_cache.get(key)
+            if pattern is None:
+                pattern = pattern_cache[key] = compile_identifiers(key)
+            try:
+                ctx = _FileContext(self, subject, pattern, notes, None)
+                originals["patient_ids"].add(str(ds.get("PatientID", "")))
+                originals["patient_names"].add(str(ds.get("PatientName", "")))
+                study_uid = str(ds.get("StudyInstanceUID", ""))
+                if study_uid and study_uid not in study_map:
+                    study_map[study_uid] = {
+                        "accession_number": str(ds.get("AccessionNumber", "")),
+                        "study_date": str(ds.get("StudyDate", "")),
+                        "pseudo_study_uid": self.keyed.uid(study_uid),
+                        "session": session,
+                    }
+                outcome = pixels.clean_if_at_risk(ds, enabled=self.profile.has("cleanPixelDataOpt"))
+                if outcome.quarantine:
+                    self._quarantine(path, quarantine_dir, qname, outcome.quarantine, result)
+                    continue
+                if outcome.at_risk:
+                    pixel_log.append(outcome.summary())
+                self._apply(ds, ctx, pixels_cleaned=outcome.cleaned)
+            except pixels.PixelError as exc:
+                self._quarantine(path, quarantine_dir, qname, str(exc), result)
+                continue
+            except Exception as exc:  # any failure of the walk: never publish a half-done file
+                log.warning("file %d of the series could not be pseudonymised: %s", count, type(exc).__name__)
+                self._quarantine(path, quarantine_dir, qname, f"pseudonymisation failed ({type(exc).__name__})", result)
+                continue
+            sop = str(ds.get("SOPInstanceUID", "")) or self.keyed.uid(qname)
+            n = seen.get(sop, 0)
+            seen[sop] = n + 1
+            target = out_dir / (f"{sop}.dcm" if n == 0 else f"{sop}-{n}.dcm")
+            ds.save_as(target, enforce_file_format=True)
+            result.written.append(target)
+            if not result.pseudo_series_uid:
+                result.pseudo_study_uid = str(ds.get("StudyInstanceUID", ""))
+                result.pseudo_series_uid = str(ds.get("SeriesInstanceUID", ""))
+                sn = ds.get("SeriesNumber")
+                result.series_number = int(sn) if sn not in (None, "") else None
+                result.series_description = str(ds.get("SeriesDescription", ""))
+                result.modality = str(ds.get("Modality", ""))
+            del ds
+        self._identifiers |= new_identifiers
+        self.key_store.record_series(
+            subject,
+            patient_ids=sorted(v for v in originals["patient_ids"] if v),
+            patient_names=sorted(v for v in originals["patient_names"] if v),
+            studies=study_map,
+            identifiers=new_identifiers,
+        )
+        result.record = self._record(notes, pixel_log, result, count)
+        return result
+
+    def dry_run(self, files_sample: Iterable[Path], *, subject: str = "dryrun") -> list[dict]:
+        """What pseudonymisation would change, per file and attribute, writing nothing.
+
+        Original values are masked (first character and length); replaced values are shown.
+        Returns a list of ``{"file": n, "attribute", "action", "why", "before", "after"}``.
+        """
+        out: list[dict] = []
+        for n, path in enumerate(files_sample, start=1):
+            try:
+                ds = pydicom.dcmread(Path(path))
+            except Exception as exc:
+                out.append({"file": n, "attribute": "*", "action": "quarantined", "why": type(exc).__name__, "before": "", "after": ""})
+                continue
+            reason = self.drop_reason(ds)
+            if reason:
+                out.append({"file": n, "attribute": "*", "action": "dropped", "why": reason, "before": "", "after": ""})
+                continue
+            ids = self._collect(ds) | {v for v in self._identifiers if not _looks_like_uid(v)}
+            changes: list[dict] = []
+            ctx = _FileContext(self, subject, compile_identifiers(frozenset(v for v in ids if not _looks_like_uid(v))), Counter(), changes)
+            risk = pixels.risk_reason(ds)
+            if risk:
+                changes.append({"attribute": "PixelData", "action": "ocr-and-mask", "why": risk, "before": "", "after": ""})
+            self._apply(ds, ctx, pixels_cleaned=False)
+            for c in changes:
+                c["file"] = n
+            out.extend(changes)
+        return out
+
+    # -- internals -----------------------------------------------------------------------
+    def _quarantine(self, path: Path, qdir: Path, qname: str, reason: str, result: SeriesDeidResult) -> None:
+        qdir = Path(qdir)
+        qdir.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(path, qdir / f"{qname}.dcm")
+        except OSError:
+            pass
+        (qdir / f"{qname}.reason.txt").write_text(reason + "\n", encoding="utf-8")
+        result.quarantined.append((qname, reason))
+
+    def _collect(self, ds: Dataset) -> set[str]:
+        """Identifying values of one file, at any depth (names, IDs, original UIDs...)."""
+        found: set[str] = set()
+
+        def visit(d: Dataset) -> None:
+            for elem in d:
+                if elem.VR == "SQ":
+                    for item in elem.value or ():
+                        visit(item)
+                    continue
+                if elem.value in (None, "", b""):
+                    continue
+                resolved = self.profile.action(int(elem.tag)) if not elem.tag.is_private else None
+                if resolved is not None and resolved[0] == "K":
+                    continue  # retained on purpose by an option: neither cleaned nor a leak
+                if elem.tag in _IDENT_TAGS or elem.VR == "PN":
+                    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+                    found.update(str(v).strip() for v in values if str(v).strip())
+                elif elem.VR == "UI" and not elem.tag.is_private:
+                    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+                    found.update(str(v).strip() for v in values if v and not _is_standard_uid(str(v).strip()))
+
+        visit(ds)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and meta.get("MediaStorageSOPInstanceUID"):
+            found.add(str(meta.MediaStorageSOPInstanceUID))
+        # A January 1st date carries its year only (exports and this profile truncate birth dates
+        # so): searched for, it would hit every other subject's truncated date.
+        return {v for v in found if v and not re.fullmatch(r"\d{4}0101", v)}
+
+    def _apply(self, ds: Dataset, ctx: _FileContext, *, pixels_cleaned: bool) -> None:
+        self._walk(ds, ctx, depth=0)
+        subject = ctx.subject
+        ds.PatientName = subject
+        ds.PatientID = subject
+        ctx.note("PatientName", "replaced", "subject code (P2)")
+        ctx.note("PatientID", "replaced", "subject code (P2)")
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = (
+            f"pacs2bids {_version()}: PS3.15 Annex E ({self.profile.describe()['edition']}) Basic Profile"
+            + "".join(f" + {o}" for o in self.profile.options if o != "cleanPixelDataOpt" or pixels_cleaned)
+        )[:64]
+        seq = Sequence()
+        for value, meaning in self.profile.method_codes(pixels_cleaned):
+            item = Dataset()
+            item.CodeValue = value
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            seq.append(item)
+        ds.DeidentificationMethodCodeSequence = seq
+        if self.profile.shift_dates:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        elif self.profile.keep_dates:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+        if pixels_cleaned:
+            ds.BurnedInAnnotation = "NO"
+        self._file_meta(ds)
+
+    def _file_meta(self, ds: Dataset) -> None:
+        old = getattr(ds, "file_meta", None) or FileMetaDataset()
+        meta = FileMetaDataset()
+        meta.FileMetaInformationVersion = b"\x00\x01"
+        meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", old.get("MediaStorageSOPClassUID"))
+        meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or self.keyed.uid(
+            str(old.get("MediaStorageSOPInstanceUID", ""))
+        )
+        meta.TransferSyntaxUID = old.get("TransferSyntaxUID", ExplicitVRLittleEndian)
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = f"PACS2BIDS_{_version()}"[:16]
+        ds.file_meta = meta
+        ds.preamble = b"\x00" * 128
+
+    # the walk ---------------------------------------------------------------------------
+    def _walk(self, ds: Dataset, ctx: _FileContext, depth: int) -> None:
+        kept_blocks: set[tuple[int, int]] = set()
+        creators: dict[tuple[int, int], str] = {}
+        for elem in ds:
+            t = elem.tag
+            if t.is_private and 0x0010 <= t.element <= 0x00FF:
+                creators[(t.group, t.element)] = elem.value if isinstance(elem.value, str) else ""
+        for elem in list(ds):
+            t = elem.tag
+            if t.element == 0x0000:  # group lengths: recomputed or obsolete
+                del ds[t]
+                continue
+            if t.is_private:
+                if 0x0010 <= t.element <= 0x00FF:
+                    continue  # private creators: decided after their blocks
+                block = (t.group, t.element >> 8)
+                creator = creators.get(block)
+                if not creator:
+                    del ds[t]
+                    ctx.note(f"({t.group:04X},{t.element:04X})", "removed", "private element without private creator")
+                    continue
+                why = ctx.profile.private_reason(t.group, creator, t.element & 0xFF)
+                name = _name(elem, creator)
+                if why is None:
+                    del ds[t]
+                    ctx.note(f'({t.group:04X},"{creator}")', "removed", "private, not on a keep list (PS3.15 E.3.10)")
+                    continue
+                kept_blocks.add(block)
+                if (t.group, creator.strip().upper(), t.element & 0xFF) == GE_PROTOCOL:
+                    self._ge_protocol(ds, elem, ctx, name, why)
+                    continue
+                self._clean_value(ds, elem, ctx, depth, name, why, private=True)
+                continue
+            if t.group == 0x0002:
+                continue
+            if depth == 0 and t in _SET_BY_US:
+                if t == 0x00100010 or t == 0x00100020:
+                    continue
+                del ds[t]
+                continue
+            if t == 0x00100030:  # Patient's Birth Date (P4)
+                self._birth_date(ds, elem, ctx)
+                continue
+            if t == 0x00880200:  # Icon Image Sequence: a thumbnail of pixels nobody cleaned (P9)
+                del ds[t]
+                ctx.note("IconImageSequence", "removed", "thumbnail of the pixel data (P9)")
+                continue
+            resolved = ctx.profile.action(int(t))
+            if resolved is None:
+                self._default(ds, elem, ctx, depth)
+                continue
+            code, source = resolved
+            code = ctx.profile.strictest(code, elem.VR == "SQ")
+            self._act(ds, elem, ctx, depth, code, f"{source} {code}")
+        for (group, blk), _creator in creators.items():
+            if (group, blk) not in kept_blocks:
+                tag = (group << 16) | blk
+                if tag in ds:
+                    del ds[tag]
+
+    def _birth_date(self, ds: Dataset, elem: DataElement, ctx: _FileContext) -> None:
+        value = str(elem.value or "")
+        if ctx.profile.shift_dates and value:
+            new = birth_date_to_year(value, ctx.days)
+            elem.value = new or ""
+            ctx.note("PatientBirthDate", "shifted-to-year", "P4: shifted, then 1 January", value, new)
+        else:
+            elem.value = ""
+            ctx.note("PatientBirthDate", "emptied", "basicProfile Z", value, "")
+
+    def _act(self, ds: Dataset, elem: DataElement, ctx: _FileContext, depth: int, code: str, why: str) -> None:
+        name = _name(elem)
+        vr = elem.VR
+        if code == "X":
+            del ds[elem.tag]
+            ctx.note(name, "removed", why, elem.value if vr != "SQ" else "")
+        elif code == "Z":
+            before = elem.value if vr != "SQ" else ""
+            elem.value = Sequence() if vr == "SQ" else ("" if vr not in _NUMERIC_VRS else None)
+            ctx.note(name, "emptied", why, before, "")
+        elif code == "K":
+            if vr == "SQ":
+                self._recurse(elem, ctx, depth)
+            ctx.note(name, "kept", why)
+        elif code == "D":
+            if vr == "SQ":
+                self._recurse(elem, ctx, depth)
+                ctx.note(name, "walked", why)
+            elif vr in ("DA", "DT"):
+                self._dates(elem, ctx, name, why, fallback="19000101" if vr == "DA" else "19000101000000")
+            elif vr == "UI":
+                self._uids(elem, ctx, name, why)
+            elif vr == "TM":
+                ctx.note(name, "kept", why + " (time of day kept: dates shift by whole days)")
+            else:
+                before = elem.value
+                elem.value = _dummy(vr)
+                ctx.note(name, "replaced", why, before, elem.value)
+        elif code == "U":
+            if vr == "SQ":
+                self._recurse(elem, ctx, depth)
+                ctx.note(name, "walked", why)
+            elif vr == "UI":
+                self._uids(elem, ctx, name, why)
+            else:
+                del ds[elem.tag]
+                ctx.note(name, "removed", why + " (not a UI value)")
+        elif code == "C":
+            self._clean_value(ds, elem, ctx, depth, name, why, private=False)
+        else:  # unknown code: strictest
+            del ds[elem.tag]
+            ctx.note(name, "removed", f"{why} (unknown action, strictest)")
+
+    def _default(self, ds: Dataset, elem: DataElement, ctx: _FileContext, depth: int) -> None:
+        """Public attributes absent from Table E.1-1 (see :mod:`pacs2bids.deid.profile`)."""
+        name = _name(elem)
+        vr = elem.VR
+        why = "not in Table E.1-1: pacs2bids default"
+        if vr == "SQ":
+            self._recurse(elem, ctx, depth)
+        elif vr == "PN":
+            before = elem.value
+            elem.value = ""
+            ctx.note(name, "emptied", why + " (person name)", before, "")
+        elif vr == "UI":
+            self._uids(elem, ctx, name, why)
+        elif vr in ("DA", "DT"):
+            if ctx.profile.keep_dates:
+                ctx.note(name, "kept", why)
+            elif ctx.profile.shift_dates:
+                self._dates(elem, ctx, name, why, fallback="")
+            else:
+                before = elem.value
+                elem.value = ""
+                ctx.note(name, "emptied", why + " (date)", before, "")
+        elif elem.tag.group == 0x0010:
+            del ds[elem.tag]
+            ctx.note(name, "removed", why + " (Patient group)")
+        elif vr in _CLEANED_TEXT_VRS:
+            self._text(elem, ctx, name, why)
+        elif vr == "UN":
+            self._binary(elem, ctx, name, why)
+        else:
+            ctx.note(name, "kept", why)
+
+    def _clean_value(self, ds: Dataset, elem: DataElement, ctx: _FileContext, depth: int, name: str, why: str, *, private: bool) -> None:
+        """Action C on a public element, or any kept private element."""
+        vr = elem.VR
+        if vr == "SQ":
+            self._recurse(elem, ctx, depth)
+            ctx.note(name, "walked", why)
+        elif vr in ("DA", "DT"):
+            if ctx.profile.keep_dates:
+                ctx.note(name, "kept", why)
+            else:
+                self._dates(elem, ctx, name, why, fallback="")
+        elif vr == "TM":
+            ctx.note(name, "kept", why + " (time of day kept: dates shift by whole days)")
+        elif vr == "UI":
+            self._uids(elem, ctx, name, why)
+        elif vr == "PN":
+            before = elem.value
+            elem.value = ""
+            ctx.note(name, "emptied", why + " (person name)", before, "")
+        elif vr in _TEXT_VRS:
+            self._text(elem, ctx, name, why)
+        elif vr in _BINARY_VRS and elem.tag not in _PIXEL_TAGS:
+            self._binary(elem, ctx, name, why)
+        else:
+            ctx.note(name, "kept", why)
+
+    def _recurse(self, elem: DataElement, ctx: _FileContext, depth: int) -> None:
+        for item in elem.value or ():
+            self._walk(item, ctx, depth + 1)
+
+    def _dates(self, elem: DataElement, ctx: _FileContext, name: str, why: str, fallback: str) -> None:
+        if not ctx.profile.shift_dates:
+            before = elem.value
+            elem.value = fallback
+            ctx.note(name, "replaced" if fallback else "emptied", why, before, fallback)
+            return
+        fn = shift_da if elem.VR == "DA" else shift_dt
+        values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+        new, bad = [], 0
+        for v in values:
+            v = str(v or "").strip()
+            if not v:
+                new.append("")
+                continue
+            s = fn(v, ctx.days)
+            if s is None:
+                bad += 1
+                s = ""
+            new.append(s)
+        before = elem.value
+        elem.value = new if len(new) > 1 else (new[0] if new else "")
+        ctx.dates_shifted = True
+        ctx.note(name, "shifted", why + (" (unparsable values emptied)" if bad else ""), before, elem.value)
+
+    def _uids(self, elem: DataElement, ctx: _FileContext, name: str, why: str) -> None:
+        values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+        new = []
+        changed = False
+        for v in values:
+            v = str(v or "").strip("\x00 ")
+            if not v or _is_standard_uid(v) or (elem.keyword or "").endswith(("SOPClassUID", "TransferSyntaxUID")):
+                new.append(v)
+            else:
+                new.append(ctx.keyed.uid(v))
+                changed = True
+        if changed:
+            before = elem.value
+            elem.value = [UID(x) for x in new] if len(new) > 1 else UID(new[0])
+            ctx.note(name, "new-uid", why, before, elem.value)
+        else:
+            ctx.note(name, "kept", why + " (UID of the standard)")
+
+    def _text(self, elem: DataElement, ctx: _FileContext, name: str, why: str) -> None:
+        values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+        total = 0
+        new = []
+        for v in values:
+            if not isinstance(v, str):
+                new.append(v)
+                continue
+            c, n = clean_text(v, ctx.pattern)
+            total += n
+            new.append(c)
+        if total:
+            before = elem.value
+            elem.value = new if len(new) > 1 else new[0]
+            ctx.note(name, "cleaned", why + " (identifying values removed)", before, elem.value)
+        else:
+            ctx.note(name, "kept", why + " (checked)")
+
+    def _ge_protocol(self, ds: Dataset, elem: DataElement, ctx: _FileContext, name: str, why: str) -> None:
+        try:
+            elem.value, _n = scrub_ge_protocol(bytes(elem.value or b""), ctx.keyed.uid_like, ctx.pattern)
+            ctx.note(name, "scrubbed", why)
+        except (ValueError, OSError, EOFError):
+            del ds[elem.tag]
+            ctx.note(name, "removed", why + " (not a readable protocol block)")
+
+    def _binary(self, elem: DataElement, ctx: _FileContext, name: str, why: str) -> None:
+        value = elem.value
+        if not isinstance(value, (bytes, bytearray)):
+            ctx.note(name, "kept", why)
+            return
+        new, n = scrub_bytes(bytes(value), ctx.keyed.uid_like, ctx.pattern)
+        if n:
+            elem.value = new
+            ctx.note(name, "scrubbed", why + " (UIDs and identifying strings overwritten, same length)")
+        else:
+            ctx.note(name, "kept", why + " (checked)")
+
+    def _record(self, notes: Counter, pixel_log: list[dict], result: SeriesDeidResult, count: int) -> dict:
+        attributes: dict[str, list[dict]] = {}
+        for (name, action, why), n in sorted(notes.items()):
+            attributes.setdefault(name, []).append({"action": action, "why": why, "files": n})
+        return {
+            "tool": f"pacs2bids {_version()}",
+            "pydicom": pydicom.__version__,
+            "profile": self.profile.describe(),
+            "pseudonyms": {
+                "PatientName/PatientID": "the study's subject code",
+                "UIDs": "2.25. + decimal HMAC-SHA256 of the original UID under a per-project key (HKDF), cut to 64 characters",
+                "dates": "shifted back by a whole number of days (1 to 3650) from HMAC-SHA256 of the subject code; times kept",
+                "PatientBirthDate": "shifted with the subject's dates, then cut to 1 January",
+            },
+            "files_in": count,
+            "files_written": len(result.written),
+            "quarantined": len(result.quarantined),
+            "dropped": [reason for _, reason in result.dropped],
+            "attributes": attributes,
+            "pixels": pixel_log,
+        }
+
+
+def _looks_like_uid(value: str) -> bool:
+    return value.count(".") >= 2 and value.replace(".", "").isdigit()
+
+
+def _dummy(vr: str) -> Any:
+    if vr in _NUMERIC_VRS:
+        return "0" if vr in ("DS", "IS") else 0
+    if vr == "TM":
+        return "000000"
+    if vr == "AS":
+        return "000Y"
+    if vr == "CS":
+        return "ANONYMIZED"
+    if vr in ("OB", "OW", "UN"):
+        return b""
+    return "ANONYMIZED"

@@ -1,0 +1,413 @@
+"""pacs2bids.deid: keyed pseudonyms, the Annex E profile row by row, private tags, key store,
+leak scanner, dry run, property tests. Real files only (the bundled sample and the corpus)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.sequence import Sequence
+
+from pacs2bids.config import PseudonymizationSettings
+from pacs2bids.deid import KeyStore, LeakHit, Pseudonymiser, SeriesDeidResult, scan_for_leaks
+from pacs2bids.deid.keyed import Keyed, parse_dt, shift_da, shift_dt
+from pacs2bids.deid.profile import DEFAULT_OPTIONS, Profile
+from pacs2bids.deid.pseudonymise import _IDENT_TAGS
+from pacs2bids.errors import PseudonymisationError, SpecError
+
+SECRET = b"unit-test-secret-0123456789"
+OTHER = b"another-secret-9876543210xx"
+
+
+@pytest.fixture(scope="module")
+def t1_files(sample_dir) -> list[Path]:
+    files = sorted((sample_dir / "PACSMAN_data" / "dicomseries").glob("*.dcm"), key=lambda p: int(p.stem[5:]))
+    assert len(files) == 128
+    return files
+
+
+def make(tmp_path: Path, secret: bytes = SECRET, **kw) -> Pseudonymiser:
+    return Pseudonymiser("proj", secret, PseudonymizationSettings(**kw), tmp_path / "keys")
+
+
+def run(p: Pseudonymiser, files, tmp_path: Path, name="out", subject="001") -> SeriesDeidResult:
+    return p.pseudonymise_series(files, tmp_path / name, subject=subject, session=None, quarantine_dir=tmp_path / "q")
+
+
+# -- keyed functions --------------------------------------------------------------------
+def test_uid_is_keyed_deterministic_and_valid():
+    k1, k2, k3 = Keyed(SECRET, "proj"), Keyed(SECRET, "proj"), Keyed(OTHER, "proj")
+    uid = "1.3.12.2.1107.5.2.32.35131.2015031915183965462301234"
+    new = k1.uid(uid)
+    assert new == k2.uid(uid) and new != k3.uid(uid) and new != Keyed(SECRET, "other").uid(uid)
+    assert new.startswith("2.25.") and len(new) <= 64 and re.fullmatch(r"2\.25\.[1-9][0-9]*", new)
+
+
+def test_dates_shift_by_whole_days_keeping_time_and_intervals():
+    k = Keyed(SECRET, "proj")
+    d = k.day_offset("001")
+    assert -3650 <= d <= -1 and d == Keyed(SECRET, "proj").day_offset("001")
+    assert shift_da("20240301", -1) == "20240229"
+    assert shift_dt("20231231235959.5+0100", 1) == "20240101235959.5+0100"
+    assert shift_dt("2023", -400) == "2021"
+    assert shift_da("not a date", 3) is None
+
+
+def test_unknown_option_and_bad_keep_private_are_refused():
+    with pytest.raises(SpecError, match="unknown option"):
+        Profile(["rtnEverythingOpt"])
+    with pytest.raises(SpecError, match="exclude each other"):
+        Profile(["rtnLongFullDatesOpt", "rtnLongModifDatesOpt"])
+    with pytest.raises(SpecError, match="gggg"):
+        Profile(None, ["0019,1234"])
+
+
+# -- the safe core on a real series ----------------------------------------------------------
+def test_core_replaces_identity_uids_dates(t1_files, tmp_path):
+    src = [pydicom.dcmread(f) for f in t1_files[:3]]
+    p = make(tmp_path)
+    res = run(p, t1_files[:3], tmp_path)
+    assert len(res.written) == 3 and not res.quarantined and not res.dropped
+    offset = timedelta(days=p.keyed.day_offset("001"))
+    for path in res.written:
+        ds = pydicom.dcmread(path)
+        orig = next(s for s in src if p.keyed.uid(s.SOPInstanceUID) == ds.SOPInstanceUID)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm"
+        assert ds.preamble == b"\x00" * 128
+        assert str(ds.PatientName) == "001" and ds.PatientID == "001"
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert ds.StudyInstanceUID == p.keyed.uid(orig.StudyInstanceUID) == res.pseudo_study_uid
+        assert ds.FrameOfReferenceUID == p.keyed.uid(orig.FrameOfReferenceUID)
+        assert ds.SOPClassUID == orig.SOPClassUID
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.LongitudinalTemporalInformationModified == "MODIFIED"
+        codes = {i.CodeValue for i in ds.DeidentificationMethodCodeSequence}
+        assert {"113100", "113107", "113111", "113105"} <= codes
+        if orig.get("StudyDate"):
+            assert parse_dt(ds.StudyDate + "000000") == parse_dt(orig.StudyDate + "000000") + offset
+        if orig.get("PatientBirthDate"):
+            assert ds.PatientBirthDate.endswith("0101")
+        for kw in ("InstitutionName", "InstitutionAddress", "ReferringPhysicianName", "AccessionNumber", "StationName"):
+            assert not ds.get(kw), kw
+        assert ds.Rows == orig.Rows and ds.PixelData == orig.PixelData
+    rec = json.loads(json.dumps(res.to_dict()))
+    assert rec["record"]["profile"]["edition"] == "2024b"
+    text = json.dumps(rec)
+    for ident in p.identifiers():
+        if len(ident) >= 4:
+            assert ident not in text
+
+
+def test_series_description_keeps_science_loses_identity(t1_files, tmp_path):
+    ds = pydicom.dcmread(t1_files[0])
+    ds.PatientName = "Dupontel^Marguerite"
+    ds.PatientID = "IPP77881234"
+    ds.SeriesDescription = "T1 MPRAGE Dupontel IPP77881234 sag"
+    ds.ProtocolName = "t1_mprage Marguerite Dupontel"
+    f = tmp_path / "in.dcm"
+    ds.save_as(f)
+    res = run(make(tmp_path), [f], tmp_path)
+    out = pydicom.dcmread(res.written[0])
+    assert out.SeriesDescription == res.series_description == "T1 MPRAGE sag"
+    assert out.ProtocolName == "t1_mprage"
+
+
+# -- the table, row by row, at depth 1 and 3 --------------------------------------------------
+_PLANT_VR_VALUES = {
+    "DA": "20010203",
+    "DT": "20010203040506",
+    "TM": "040506",
+    "UI": "1.2.3.4.5.6.7.8.9.424242",
+}
+_SKIP_ROWS = {0x00100010, 0x00100020, 0x00100030, 0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00880200}
+
+
+def _rows(profile: Profile):
+    for tag, row in sorted(profile.rows.items()):
+        if tag in _SKIP_ROWS or (tag >> 16) < 0x0008 or (tag >> 16) == 0x7FE0:
+            continue
+        try:
+            vr = dictionary_VR(tag)
+        except KeyError:
+            continue
+        if vr in ("SQ", "OB", "OW", "UN", "US or SS", "OB or OW", "US or SS or OW", "AT", "OF", "OD", "OL", "OV"):
+            continue
+        yield tag, vr
+
+
+def _plant(ds: Dataset, tag: int, vr: str, ident: str):
+    if vr in _PLANT_VR_VALUES:
+        ds.add_new(tag, vr, _PLANT_VR_VALUES[vr])
+    elif vr in ("US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"):
+        ds.add_new(tag, vr, 7)
+    elif vr in ("DS", "IS"):
+        ds.add_new(tag, vr, "7")
+    elif vr == "AS":
+        ds.add_new(tag, vr, "042Y")
+    elif vr == "UR":
+        ds.add_new(tag, vr, "urn:keep")
+    elif vr == "CS":
+        ds.add_new(tag, vr, "PLANTCS")
+    else:
+        ds.add_new(tag, vr, f"Keep{tag:08X}" if vr in ("SH", "AE") else f"Keep{tag:08X} this {ident}")
+
+
+def _nest(ds: Dataset, depth: int) -> Dataset:
+    """An item ``depth`` levels down, through sequences absent from Table E.1-1 (walked)."""
+    chain = ["SharedFunctionalGroupsSequence", "MRImagingModifierSequence", "MRTimingAndRelatedParametersSequence"]
+    item = ds
+    for kw in chain[:depth]:
+        if kw not in item:
+            setattr(item, kw, Sequence([Dataset()]))
+        item = item[kw][0]
+    return item
+
+
+def _find(ds: Dataset, depth: int) -> Dataset:
+    chain = ["SharedFunctionalGroupsSequence", "MRImagingModifierSequence", "MRTimingAndRelatedParametersSequence"]
+    item = ds
+    for kw in chain[:depth]:
+        item = item[kw][0]
+    return item
+
+
+@pytest.mark.parametrize(
+    "options",
+    [None, [], ["rtnLongFullDatesOpt", "rtnUIDsOpt", "rtnDevIdOpt", "rtnInstIdOpt", "rtnPatCharsOpt"], ["cleanDescOpt", "cleanStructContOpt", "cleanGraphOpt", "rtnSafePrivOpt"]],
+    ids=["default", "basic", "retain-all", "clean-all"],
+)
+def test_every_table_row_at_depth_1_and_3(t1_files, tmp_path, options):
+    ident = "Zoltarovich"
+    profile = Profile(options)
+    rows = list(_rows(profile))
+    assert len(rows) > 300
+    ds = pydicom.dcmread(t1_files[0])
+    ds.PatientName = f"{ident}^Hortense"
+    for depth in (1, 3):
+        item = _nest(ds, depth)
+        for tag, vr in rows:
+            _plant(item, tag, vr, ident)
+    f = tmp_path / "planted.dcm"
+    ds.save_as(f)
+    p = make(tmp_path, options=options)
+    res = run(p, [f], tmp_path)
+    assert res.written, res.quarantined
+    out = pydicom.dcmread(res.written[0])
+    raw = res.written[0].read_bytes()
+    retained = any(profile.strictest(profile.action(t)[0]) == "K" and v not in ("DA", "DT", "TM", "UI", "CS") for t, v in rows)
+    assert (ident.encode() in raw) == retained  # only a Retain option keeps free text verbatim
+    assert (b"1.2.3.4.5.6.7.8.9.424242" in raw) == ("rtnUIDsOpt" in profile.options)
+    offset = timedelta(days=p.keyed.day_offset("001"))
+    checked = 0
+    for depth in (1, 3):
+        item = _find(out, depth)
+        for tag, vr in rows:
+            code, _src = profile.action(tag)
+            code = profile.strictest(code)
+            elem = item.get(tag)
+            name = keyword_for_tag(tag) or hex(tag)
+            if code == "X":
+                assert elem is None, name
+            elif code == "Z":
+                assert elem is not None and elem.value in ("", None, b""), name
+            elif code == "K":
+                assert elem is not None, name
+                if vr in ("DA", "DT", "TM", "UI"):
+                    assert elem.value == _PLANT_VR_VALUES[vr], name
+            elif code in ("U", "D", "C"):
+                assert elem is not None, name
+                if vr == "UI":
+                    assert elem.value != _PLANT_VR_VALUES[vr] and elem.value.startswith("2.25."), name
+                elif vr in ("DA", "DT") and not profile.shift_dates:
+                    assert elem.value != _PLANT_VR_VALUES[vr], name
+                elif vr == "DA":
+                    assert parse_dt(elem.value + "000000") == parse_dt("20010203000000") + offset, name
+                elif vr == "DT":
+                    assert parse_dt(elem.value) == parse_dt("20010203040506") + offset, name
+                elif vr in ("LO", "LT", "ST", "UT", "SH", "UC") and code == "C" and tag not in _IDENT_TAGS:
+                    assert "Keep" in str(elem.value), name  # the science stays, the name goes
+            checked += 1
+    assert checked == 2 * len(rows)
+
+
+# -- private tags -----------------------------------------------------------------------------
+def test_private_tags_kept_by_creator_not_by_number(tmp_path, sample_dir):
+    src = sorted((sample_dir / "dcm_qa_nih").rglob("*"))
+    siemens = next(p for p in src if p.is_file() and pydicom.misc.is_dicom(p) and "SIEMENS CSA HEADER" in str(pydicom.dcmread(p, stop_before_pixels=True).get((0x0029, 0x0010), "")))
+    ds = pydicom.dcmread(siemens)
+    # the diffusion b-value's creator moved to another block: still kept, by creator
+    ds.private_block(0x0019, "SIEMENS MR HEADER")  # exists
+    blk = ds.private_block(0x0011, "ACME IDENTITY", create=True)
+    ds.PatientName = "Zoltarovich^Hortense"
+    blk.add_new(0x01, "LO", "Zoltarovich^Hortense")
+    ds.private_block(0x0019, "ACME OTHER", create=True).add_new(0x0C, "LO", "ShouldGo")
+    f = tmp_path / "siemens.dcm"
+    ds.save_as(f)
+    p = make(tmp_path, keep_private=['0011,"ACME IDENTITY",01'])
+    out = pydicom.dcmread(run(p, [f], tmp_path).written[0])
+    creators = {str(e.value) for e in out if e.tag.is_private_creator}
+    assert "SIEMENS CSA HEADER" in creators and "ACME OTHER" not in creators
+    kept = out.private_block(0x0011, "ACME IDENTITY")
+    assert kept[0x01].value == ""  # kept on request, and cleaned of the patient's name
+    assert b"ShouldGo" not in res_bytes(out)
+    csa = out.private_block(0x0029, "SIEMENS CSA HEADER")[0x20].value
+    orig = ds.private_block(0x0029, "SIEMENS CSA HEADER")[0x20].value
+    assert len(csa) == len(orig)
+    for uid in set(re.findall(rb"(?<![0-9.])[0-9]+(?:\.[0-9]+){4,}", orig)):
+        assert uid not in csa
+
+
+def res_bytes(ds: Dataset) -> bytes:
+    from io import BytesIO
+
+    buf = BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+# -- SOP classes ------------------------------------------------------------------------------
+def test_sr_pr_private_classes_and_dicomdir_are_dropped(tmp_path, corpus_dir):
+    import gzip
+
+    files = []
+    for i, p in enumerate(sorted((corpus_dir / "dcm_qa_philips_dwi").rglob("*.gz"))):
+        data = gzip.decompress(p.read_bytes())
+        ds = pydicom.dcmread(__import__("io").BytesIO(data), stop_before_pixels=True)
+        if ds.get("Modality") != "MR" or "SOPClassUID" not in ds or ds.SOPClassUID != "1.2.840.10008.5.1.4.1.1.4":
+            f = tmp_path / f"x{i}.dcm"
+            f.write_bytes(data)
+            files.append(f)
+    files.append(next(p for p in sorted((corpus_dir / "dcm_qa_xa30i").rglob("*.gz")) if True))
+    sr = [p for p in sorted((corpus_dir / "dcm_qa_xa30i").rglob("*.gz"))]
+    for i, p in enumerate(sr):
+        data = gzip.decompress(p.read_bytes())
+        if b"1.2.840.10008.5.1.4.1.1.88.22" in data[:4000]:
+            f = tmp_path / f"sr{i}.dcm"
+            f.write_bytes(data)
+            files.append(f)
+            break
+    files = [f for f in files if f.suffix == ".dcm"]
+    res = run(make(tmp_path), files, tmp_path)
+    reasons = {r for _, r in res.dropped}
+    assert "presentation state" in reasons and "private SOP class" in reasons
+    assert any("structured report" in r for r in reasons)
+    assert not res.written
+    for name, _ in res.dropped:
+        assert re.fullmatch(r"[0-9a-f]{16}", name)
+
+
+def test_unreadable_file_is_quarantined_with_reason(tmp_path, t1_files):
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 10)
+    res = run(make(tmp_path), [bad, t1_files[0]], tmp_path)
+    assert len(res.written) == 1 and len(res.quarantined) == 1
+    name, reason = res.quarantined[0]
+    assert (tmp_path / "q" / f"{name}.reason.txt").read_text().strip() == reason
+
+
+# -- key store --------------------------------------------------------------------------------
+def test_key_store_encrypted_reidentify_audited(t1_files, tmp_path):
+    p = make(tmp_path)
+    run(p, t1_files[:2], tmp_path)
+    pid = str(pydicom.dcmread(t1_files[0]).PatientID)
+    for f in (tmp_path / "keys").iterdir():
+        assert pid.encode() not in f.read_bytes()
+    ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET)
+    assert pid in ks.identifiers() and ks.subjects() == ["001"]
+    info = ks.reidentify("001", reason="audit test")
+    assert pid in info["patient_ids"]
+    with pytest.raises(KeyError):
+        ks.reidentify("999")
+    log = ks.audit_log()
+    assert [r["what"] for r in log] == ["reidentify", "reidentify (unknown subject)"]
+    assert all(r["who"] and r["when"] for r in log)
+    with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
+        KeyStore(tmp_path / "keys", project="proj", secret=OTHER).identifiers()
+    # a new Pseudonymiser sees what earlier runs recorded
+    assert pid in make(tmp_path).identifiers()
+
+
+# -- leak scanner -----------------------------------------------------------------------------
+def test_scan_for_leaks_finds_every_kind_of_place(tmp_path, t1_files):
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "ds"
+    (root / "sub-Dupontel").mkdir(parents=True)
+    (root / "notes.tsv").write_text("a\tb\nx\tMARGUERITE DUPONTEL\n")
+    (root / "ok.json").write_text(json.dumps({"SeriesDescription": "T1"}))
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), dtype=np.int16), np.eye(4))
+    img.header["descrip"] = b"IPP77881234"
+    nib.save(img, root / "x.nii.gz")
+    ds = pydicom.dcmread(t1_files[0])
+    ds.private_block(0x0011, "ACME", create=True).add_new(0x01, "OB", b"\x01\x02IPP77881234\x00")
+    ds.save_as(root / "a.dcm")
+    hits = scan_for_leaks(root, ["Dupontel^Marguerite", "IPP77881234", "AB"])
+    got = {(h.path, h.field, h.kind) for h in hits}
+    assert ("sub-Dupontel", "folder name", "name") in got
+    assert ("notes.tsv", "content", "text") in got
+    assert ("x.nii.gz", "descrip", "nifti-header") in got
+    assert any(h.path == "a.dcm" and h.kind == "dicom" and "(0011,1001)" in h.field for h in hits)
+    assert not any(h.path == "ok.json" for h in hits)
+    assert all(isinstance(h, LeakHit) for h in hits)
+    assert scan_for_leaks(root, ["AB", "xyz"]) == []  # shorter than 4: skipped, documented
+
+
+# -- dry run ----------------------------------------------------------------------------------
+def test_dry_run_masks_originals(t1_files, tmp_path):
+    p = make(tmp_path)
+    rows = p.dry_run(t1_files[:1])
+    assert rows and not (tmp_path / "out").exists()
+    ds = pydicom.dcmread(t1_files[0])
+    text = json.dumps(rows)
+    for v in (str(ds.PatientName), str(ds.get("InstitutionAddress", "")), ds.StudyInstanceUID):
+        if len(v) >= 4:
+            assert v not in text
+    assert any(r["attribute"] == "StudyInstanceUID" and r["action"] == "new-uid" for r in rows)
+
+
+# -- properties -------------------------------------------------------------------------------
+_uid_part = st.integers(min_value=1, max_value=10**9).map(str)
+_uids = st.lists(_uid_part, min_size=5, max_size=8).map(lambda p: "1.2.826.0.1." + ".".join(p)).filter(lambda u: len(u) <= 64)
+_dates = st.dates(min_value=__import__("datetime").date(1950, 1, 1), max_value=__import__("datetime").date(2030, 12, 31))
+_ident = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=6, max_size=12)
+
+
+@hsettings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(uid=_uids, d=_dates, ident=_ident, gap=st.integers(min_value=1, max_value=7200))
+def test_property_determinism_and_no_leak(t1_files, tmp_path_factory, uid, d, ident, gap):
+    tmp = tmp_path_factory.mktemp("prop")
+    ds = pydicom.dcmread(t1_files[5])
+    ds.SeriesInstanceUID = uid
+    ds.PatientName = f"{ident}^Xavier"
+    ds.OtherPatientIDs = ident + "77"
+    start = d.strftime("%Y%m%d") + "235500"
+    end_dt = parse_dt(start) + timedelta(seconds=gap)  # may cross midnight
+    ds.AcquisitionDateTime = start
+    ds.SharedFunctionalGroupsSequence = Sequence([Dataset()])
+    ds.SharedFunctionalGroupsSequence[0].FrameAcquisitionDateTime = end_dt.strftime("%Y%m%d%H%M%S")
+    ds.SharedFunctionalGroupsSequence[0].ReferencedSOPInstanceUID = uid + ".1"
+    f = tmp / "in.dcm"
+    ds.save_as(f)
+    a = run(make(tmp), [f], tmp, "a")
+    b = run(make(tmp), [f], tmp, "b")
+    c = run(make(tmp / "other", secret=OTHER), [f], tmp, "c")
+    assert a.pseudo_series_uid == b.pseudo_series_uid != c.pseudo_series_uid
+    out_a = pydicom.dcmread(a.written[0])
+    assert a.written[0].read_bytes() == b.written[0].read_bytes()
+    raw = a.written[0].read_bytes()
+    for secret_value in (uid, ident, ds.SOPInstanceUID, ds.StudyInstanceUID):
+        assert secret_value.encode() not in raw
+    got = parse_dt(out_a.SharedFunctionalGroupsSequence[0].FrameAcquisitionDateTime) - parse_dt(out_a.AcquisitionDateTime)
+    assert got == timedelta(seconds=gap)
+
+
+def test_default_options_are_the_research_default():
+    assert set(Profile().options) == set(DEFAULT_OPTIONS)
