@@ -254,7 +254,7 @@ def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, ver
             "no series could be converted, so there is no dataset to publish: see the series, studies and "
             "inclusions listed in this summary"
         )
-    finalise_dataset(staging, spec.dataset_name or spec.project, participants, {"pacs2bids": __version__, **versions})
+    finalise_dataset(staging, spec.dataset_name or spec.project, participants, {"Name": "pacs2bids", "Version": __version__})
     hits = scan_for_leaks(spec, staging)
     if hits:
         where = "; ".join(f"{h.path} ({h.field}, {h.kind})" for h in hits[:10])

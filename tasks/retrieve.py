@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 from prefect import task
@@ -17,7 +18,8 @@ def pacs_limit_name(spec: ProjectSpec) -> str:
     if spec.pacs.chosen == "dimse":
         d = spec.pacs.dimse
         return f"pacs2bids-pacs-{d.ae_title}@{d.host}:{d.port}"
-    return f"pacs2bids-pacs-{spec.pacs.dicomweb.url.split('://', 1)[1]}"
+    # limit names may not hold / % & < >
+    return "pacs2bids-pacs-" + re.sub(r"[/%&<>]+", "_", spec.pacs.dicomweb.url.split("://", 1)[1])
 
 
 def ensure_pacs_limit(spec: ProjectSpec) -> str:

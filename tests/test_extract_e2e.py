@@ -56,6 +56,8 @@ def plant_corpus(src_root: Path, dst: Path, *, groups_at_depth: int = 1) -> dict
             }
         p = patients[group]
         ds = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), force=True)
+        if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
+            continue  # not a composite instance (a DICOMDIR, say)
         for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
             if kw in ds:
                 originals.add(str(ds.data_element(kw).value))
@@ -282,7 +284,14 @@ def test_unreachable_pacs_writes_nothing(prefect_harness, tmp_path, monkeypatch,
 @pytest.mark.corpus
 def test_corpus_end_to_end(prefect_harness, orthanc_factory, corpus_dir, tmp_path, monkeypatch):
     """The fuller multi-vendor corpus: every vendor folder becomes a patient."""
-    planted = plant_corpus(corpus_dir, tmp_path / "planted")
+    # dcm_qa_ts holds one image in nine transfer syntaxes under one SeriesInstanceUID: a codec
+    # test set, not an acquisition (tests/test_deid_dcm2niix.py covers its transfer syntaxes)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for folder in corpus_dir.iterdir():
+        if folder.is_dir() and folder.name != "dcm_qa_ts":
+            (corpus / folder.name).symlink_to(folder)
+    planted = plant_corpus(corpus, tmp_path / "planted")
     pacs = orthanc_factory()
     pacs.upload(f for files in planted["by_series"].values() for f in files)
     out = tmp_path / "out"

@@ -66,6 +66,34 @@ def _remove_heudiconv_leftovers(root: Path) -> list[str]:
     return removed
 
 
+def fill_phasediff_echo_times(root: Path) -> list[str]:
+    """Give each ``*_phasediff.json`` its EchoTime1/EchoTime2 (BIDS: required) when heudiconv did not.
+
+    When the phase difference and the two magnitudes come as separate series (Siemens XA,
+    classic export), dcm2niix writes only EchoTime in each sidecar. The echo times are then taken
+    from ``magnitude1``/``magnitude2`` of the same acquisition (same name but the suffix).
+    Returns the sidecars changed.
+    """
+    changed = []
+    for pd in sorted(root.glob("sub-*/**/fmap/*_phasediff.json")):
+        data = json.loads(pd.read_text())
+        if "EchoTime1" in data and "EchoTime2" in data:
+            continue
+        stem = pd.name[: -len("_phasediff.json")]
+        echoes = []
+        for n in (1, 2):
+            mag = pd.with_name(f"{stem}_magnitude{n}.json")
+            if mag.exists():
+                echoes.append(json.loads(mag.read_text()).get("EchoTime"))
+        if len(echoes) == 2 and all(isinstance(e, (int, float)) for e in echoes) and echoes[0] < echoes[1]:
+            data["EchoTime1"], data["EchoTime2"] = echoes
+            pd.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            changed.append(pd.relative_to(root).as_posix())
+        else:
+            log.warning("%s: EchoTime1/EchoTime2 unknown (no magnitude1/magnitude2 echo times)", pd.name)
+    return changed
+
+
 def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], generated_by: dict) -> None:
     """Write the top-level BIDS files of ``bids_root`` and remove heudiconv's leftovers.
 
@@ -82,6 +110,9 @@ def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], gen
     removed = _remove_heudiconv_leftovers(root)
     if removed:
         log.info("removed heudiconv leftovers: %s", ", ".join(sorted(removed)))
+    filled = fill_phasediff_echo_times(root)
+    if filled:
+        log.info("EchoTime1/EchoTime2 filled from the magnitude images: %s", ", ".join(filled))
     versions = tool_versions()
     ours = {"Name": "pacs2bids", "Version": versions.get("pacs2bids") or "unknown",
             "Description": "PACS query/retrieve, pseudonymisation (DICOM PS3.15 Annex E), heudiconv + dcm2niix"}

@@ -107,7 +107,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_deid(args) -> int:
-    from .deid import dry_run_project
+    from .dryrun import dry_run_project
 
     if not args.dry_run:
         print("pacs2bids deid: only --dry-run is available; 'pacs2bids run' pseudonymises", file=sys.stderr)
@@ -121,8 +121,13 @@ def _cmd_reidentify(args) -> int:
     from .deid import KeyStore
 
     spec = load_spec(args.spec)
-    store = KeyStore(spec.resolved_key_store, spec.secret_bytes, project=spec.project)
-    answer = store.reidentify(args.subject.removeprefix("sub-"), reason=args.reason)
+    store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
+    try:
+        answer = store.reidentify(args.subject.removeprefix("sub-"), reason=args.reason)
+    except KeyError:
+        print(f"pacs2bids: no subject {args.subject} in the matching key of {spec.project} "
+              "(the attempt is recorded in the audit log)", file=sys.stderr)
+        return EXIT_FAILED
     print(json.dumps(answer, indent=2))
     return EXIT_OK
 

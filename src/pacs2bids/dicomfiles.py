@@ -20,7 +20,7 @@ def is_dicom(path: Path) -> bool:
 
 def iter_dicom_files(root: Path) -> Iterator[Path]:
     """Yield every DICOM Part 10 file under ``root``, sorted, skipping everything else."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
@@ -30,7 +30,7 @@ def iter_dicom_files(root: Path) -> Iterator[Path]:
 
 def iter_dicom_bytes(root: Path) -> Iterator[tuple[Path, bytes]]:
     """Like :func:`iter_dicom_files`, also opening gzip-compressed files (``*.gz``)."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         for name in sorted(filenames):
             p = Path(dirpath) / name
