@@ -1,0 +1,61 @@
+"""The command line as a data engineer uses it: run as a subprocess against a real Orthanc."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pacs2bids.dicomfiles import iter_dicom_files
+
+SECRET = "cli-secret-0123456789abcdef"
+
+
+def cli(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "PACS2BIDS_PROJECT_SECRET": SECRET, "NIPYPE_NO_ET": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "pacs2bids.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def spec_for(tmp: Path, pacs, patient_id: str) -> Path:
+    (tmp / "inclusions.csv").write_text(f"patient_id,subject\n{patient_id},01\n")
+    spec = tmp / "spec.yaml"
+    spec.write_text(
+        "project: cli-test\n"
+        f"pacs:\n  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
+        "selection: {inclusions: inclusions.csv}\n"
+        f"output: {tmp / 'out'}\n"
+    )
+    return spec
+
+
+def test_bad_spec_is_refused_before_anything_runs(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nX1,01\n")
+    spec.write_text("project: p\npacs: {dimse: {ae_title: A, host: 127.0.0.1, port: 1}}\n"
+                    "selection: {inclusions: inclusions.csv, colour: blue}\noutput: out\n")
+    r = cli("run", str(spec))
+    assert r.returncode == 2 and "selection.colour: unknown key" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_secret_is_refused(tmp_path, orthanc_factory):
+    pacs = orthanc_factory(dicomweb=False)
+    r = cli("run", str(spec_for(tmp_path, pacs, "X")), env_extra={"PACS2BIDS_PROJECT_SECRET": ""})
+    assert r.returncode == 2 and "PACS2BIDS_PROJECT_SECRET is not set" in r.stderr
+
+
+def test_deid_dry_run_and_check(tmp_path, orthanc_factory, sample_dir):
+    pacs = orthanc_factory(dicomweb=False)
+    pacs.upload(iter_dicom_files(sample_dir / "dcm_qa_philips"))
+    spec = spec_for(tmp_path, pacs, "phantom")
+    r = cli("deid", "--dry-run", str(spec))
+    assert r.returncode == 0, r.stderr
+    assert "sub-01 series 201" in r.stdout and "PatientName" in r.stdout
+    assert "Leibniz" not in r.stdout  # original values are masked
+    assert not (tmp_path / "out").exists()
+    r = cli("check", str(spec))
+    assert "C-ECHO" in r.stdout or "echo" in r.stdout.lower(), r.stdout + r.stderr
