@@ -1,0 +1,131 @@
+"""Retrieval throughput: pacs2bids's C-GET, C-MOVE and WADO-RS against dcmtk getscu/movescu.
+
+Starts a local Orthanc on loopback, loads ../shared/data/dicom when present (else the bundled
+sample), then retrieves every study with each method in the same run and prints MB/s,
+instances/s and the ratio to dcmtk (getscu for C-GET and WADO-RS, movescu for C-MOVE).
+
+    python benchmarks/bench_retrieve.py [--sample] [--only c-get,wado-rs,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pacs2bids import dimse
+from pacs2bids.config import load_spec
+from pacs2bids.dicomfiles import iter_dicom_bytes
+from pacs2bids.orthanc import Orthanc, free_port
+from pacs2bids.query import find_studies
+from pacs2bids.retrieve import retrieve_study
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "dicom"
+SAMPLE = REPO / "src" / "pacs2bids" / "data" / "sample"
+
+
+def load(o: Orthanc, root: Path) -> tuple[list[str], list[str]]:
+    """Upload every DICOM file under ``root``; returns (patient ids, study uids)."""
+    import pydicom
+    from io import BytesIO
+
+    pids, studies, blobs = set(), set(), []
+    for _path, data in iter_dicom_bytes(root):
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+        pid, study = str(ds.get("PatientID", "") or ""), str(ds.get("StudyInstanceUID", "") or "")
+        if not (pid and study):  # not reachable by an inclusion row: left out of the comparison
+            continue
+        pids.add(pid)
+        studies.add(study)
+        blobs.append(data)
+    o.upload(blobs)
+    return sorted(pids), sorted(studies)
+
+
+def tree_size(root: Path) -> tuple[int, int]:
+    files = [p for p in root.rglob("*") if p.is_file() and p.suffix == ".dcm"]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def run_ours(o: Orthanc, method: str, pids: list[str], work: Path, move_port: int) -> tuple[float, int, int]:
+    work.mkdir(parents=True)
+    (work / "inc.csv").write_text("patient_id,subject\n" + "".join(f"{p},S{i}\n" for i, p in enumerate(pids)))
+    if method == "wado-rs":
+        pacs = f"  dicomweb:\n    url: {o.dicomweb_url}\n"
+    else:
+        pacs = (f"  dimse:\n    ae_title: {o.aet}\n    host: 127.0.0.1\n    port: {o.dicom_port}\n"
+                f"    retrieve: {method}\n    storage_port: {move_port}\n    max_associations: 1\n")
+    (work / "spec.yaml").write_text(f"project: BENCH\npacs:\n{pacs}selection:\n  inclusions: inc.csv\n"
+                                    "  modalities: []\noutput: out\n")
+    spec = load_spec(work / "spec.yaml", environ={"PACS2BIDS_PROJECT_SECRET": "b" * 32})
+    t0 = time.perf_counter()
+    statuses: dict[str, int] = {}
+    for study in find_studies(spec).studies:
+        for r in retrieve_study(spec, study, work / "raw"):
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+    if set(statuses) != {"complete"}:
+        print(f"warning: pacs2bids {method}: series {statuses}", file=sys.stderr)
+    elapsed = time.perf_counter() - t0
+    dimse.close_pools()
+    n, size = tree_size(work / "raw")
+    return elapsed, n, size
+
+
+def run_dcmtk(o: Orthanc, tool: str, studies: list[str], work: Path) -> tuple[float, int, int]:
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for uid in studies:  # one association per study, as a script would do
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}"]
+        if tool == "getscu":
+            cmd = ["getscu", "-aet", "PACS2BIDS", "-aec", o.aet, "-S", *keys, "-od", str(work), "127.0.0.1",
+                   str(o.dicom_port)]
+        else:
+            cmd = ["movescu", "-aet", "PACS2BIDS", "-aec", o.aet, "-aem", "PACS2BIDS", "--port", str(o.move_port), "+xa",
+                   "-S", *keys, "-od", str(work), "127.0.0.1", str(o.dicom_port)]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=1800)
+        if done.returncode:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:]
+            print(f"warning: {tool} exited {done.returncode} on one study: {tail}", file=sys.stderr)
+    elapsed = time.perf_counter() - t0
+    files = [p for p in work.iterdir() if p.is_file()]
+    return elapsed, len(files), sum(p.stat().st_size for p in files)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sample", action="store_true", help="use the bundled sample even if the corpus is there")
+    ap.add_argument("--only", default="c-get,c-move,wado-rs", help="methods of ours to run")
+    args = ap.parse_args(argv)
+    root = SAMPLE if args.sample or not CORPUS.is_dir() else CORPUS
+    if not shutil.which("getscu"):
+        print("dcmtk is not installed (apt-get install dcmtk)", file=sys.stderr)
+        return 2
+    move_port = free_port()
+    with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp, \
+            Orthanc(workdir=Path(tmp) / "orthanc", modalities={"PACS2BIDS": ("127.0.0.1", move_port)}) as o:
+        o.move_port = move_port
+        pids, studies = load(o, root)
+        print(f"data: {root} ({len(studies)} studies, {len(pids)} patients) on Orthanc {o.get('/system')['Version']}")
+        rows = []
+        dcmtk = {}
+        for tool in ("getscu", "movescu"):
+            dcmtk[tool] = run_dcmtk(o, tool, studies, Path(tmp) / tool)
+            rows.append((f"dcmtk {tool}", *dcmtk[tool], None))
+        for method in args.only.split(","):
+            t, n, size = run_ours(o, method, pids, Path(tmp) / method, move_port)
+            ref = dcmtk["movescu" if method == "c-move" else "getscu"]
+            rows.append((f"pacs2bids {method}", t, n, size, (size / t) / (ref[2] / ref[0])))
+        print(f"{'method':<20} {'seconds':>8} {'instances':>9} {'MB':>8} {'MB/s':>8} {'inst/s':>8} {'x dcmtk':>8}")
+        for name, t, n, size, ratio in rows:
+            print(f"{name:<20} {t:8.2f} {n:9d} {size / 1e6:8.1f} {size / 1e6 / t:8.2f} {n / t:8.1f} "
+                  f"{'' if ratio is None else f'{ratio:8.2f}'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

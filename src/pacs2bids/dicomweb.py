@@ -1,0 +1,183 @@
+"""DICOMweb with a PACS: QIDO-RS through dicomweb-client, WADO-RS streamed to disk.
+
+QIDO-RS (PS3.18 10.6) pages with ``limit``/``offset`` until an empty page, so a server-side
+result cap never hides matches. WADO-RS (PS3.18 10.4) asks for
+``multipart/related; type="application/dicom"`` and writes each part to a temporary file as
+it streams, byte for byte as the server sent it: no instance is held whole in memory.
+Credentials come from the environment variables the spec names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+
+from .config import DicomwebSettings
+from .errors import PacsError
+
+log = logging.getLogger(__name__)
+
+PAGE = 500
+_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+_ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
+
+
+def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
+    """A requests session with basic auth from ``username_env``/``password_env`` if set.
+    Raises :class:`PacsError` if a named variable is missing."""
+    environ = os.environ if environ is None else environ
+    session = requests.Session()
+    if settings.username_env or settings.password_env:
+        missing = [v for v in (settings.username_env, settings.password_env) if v and v not in environ]
+        if missing:
+            raise PacsError(f"DICOMweb {settings.url}: environment variable(s) {', '.join(missing)} not set; export them")
+        session.auth = (environ.get(settings.username_env or "", ""), environ.get(settings.password_env or "", ""))
+    return session
+
+
+class WebPacs:
+    """One DICOMweb peer: QIDO-RS searches and WADO-RS retrievals, with the spec's timeout."""
+
+    def __init__(self, settings: DicomwebSettings, session: requests.Session | None = None):
+        self.settings = settings
+        self.session = session or make_session(settings)
+        self.client = DICOMwebClient(settings.url, session=self.session, timeout=settings.timeout)
+        # Learnt result cap: a short page followed by a non-empty one means the server cuts
+        # every answer at this size, and offsets are not to be trusted (Orthanc with
+        # LimitFindResults). The caller then splits its question.
+        self.cap: int | None = None
+
+    # -- errors -----------------------------------------------------------------------
+    def _error(self, what: str, exc: Exception) -> PacsError:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403):
+            return PacsError(
+                f"DICOMweb {self.settings.url}: {what} refused (HTTP {status}); check the user name and password "
+                f"in {self.settings.username_env} / {self.settings.password_env} and the account's rights",
+                status=status,
+            )
+        transient = status is None or status in (408, 429) or status >= 500
+        detail = f"HTTP {status}" if status else type(exc).__name__
+        return PacsError(
+            f"DICOMweb {self.settings.url}: {what} failed ({detail}); check that the server is running and the "
+            f"URL is its DICOMweb root (QIDO-RS at <url>/studies)",
+            transient=transient,
+            status=status,
+        )
+
+    # -- QIDO-RS ----------------------------------------------------------------------
+    def search(self, level: str, filters: dict, fields: list[str], study_uid: str | None = None,
+               series_uid: str | None = None) -> list[Dataset]:
+        """Every match of a QIDO-RS search at ``level`` (studies, series, instances), paged."""
+        out: list[Dataset] = []
+        offset = 0
+        short = None
+        while True:
+            try:
+                if level == "studies":
+                    page = self.client.search_for_studies(search_filters=filters, fields=fields, limit=PAGE, offset=offset)
+                elif level == "series":
+                    page = self.client.search_for_series(
+                        study_instance_uid=study_uid, search_filters=filters, fields=fields, limit=PAGE, offset=offset
+                    )
+                else:
+                    page = self.client.search_for_instances(
+                        study_instance_uid=study_uid, series_instance_uid=series_uid, search_filters=filters,
+                        fields=fields, limit=PAGE, offset=offset,
+                    )
+            except (requests.RequestException, OSError) as exc:
+                raise self._error(f"QIDO-RS search of {level}", exc) from None
+            if not page:
+                return out
+            if short is not None:
+                self.cap = min(self.cap or short, short)
+            if len(page) < PAGE:
+                short = len(page)
+            out.extend(Dataset.from_json(item) for item in page)
+            offset += len(page)
+
+    # -- WADO-RS ----------------------------------------------------------------------
+    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str | None, incoming: Path,
+                 on_part: Callable[[Path], None]) -> int:
+        """Stream a series (or one instance) into temporary files in ``incoming``, calling
+        ``on_part(path)`` for each as soon as it is complete. Returns the number of parts."""
+        url = f"{self.settings.url}/studies/{study_uid}/series/{series_uid}"
+        if sop_uid:
+            url += f"/instances/{sop_uid}"
+        try:
+            r = self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.settings.timeout)
+            if r.status_code in (400, 406):  # server does not take transfer-syntax=*
+                r.close()
+                r = self.session.get(url, headers={"Accept": _ACCEPT_PLAIN}, stream=True, timeout=self.settings.timeout)
+            r.raise_for_status()
+            with r:
+                n = 0
+                for part in _multipart_parts(r, incoming):
+                    n += 1
+                    on_part(part)
+                return n
+        except (requests.RequestException, OSError) as exc:
+            raise self._error("WADO-RS retrieval", exc) from None
+
+
+def _boundary(content_type: str) -> bytes:
+    for item in content_type.split(";"):
+        k, _, v = item.strip().partition("=")
+        if k.lower() == "boundary":
+            return v.strip().strip('"').encode()
+    raise requests.RequestException(f"WADO-RS answer is not multipart ({content_type.split(';')[0]})")
+
+
+def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Path]:
+    """Split a multipart/related body (RFC 2046 5.1) into files while it streams."""
+    boundary = _boundary(response.headers.get("Content-Type", ""))
+    delim = b"\r\n--" + boundary
+    buf = b""
+    state = "preamble"
+    out = None
+    path = None
+    for data in response.iter_content(chunk):
+        buf += data
+        while True:
+            if state == "preamble":
+                i = buf.find(b"--" + boundary)
+                if i < 0:
+                    buf = buf[-len(delim):]
+                    break
+                buf = buf[i + len(boundary) + 2:]
+                state = "headers"
+            elif state == "headers":
+                if len(buf) >= 2 and buf[:2] == b"--":
+                    return
+                i = buf.find(b"\r\n\r\n")
+                if i < 0:
+                    break
+                buf = buf[i + 4:]
+                fd, name = tempfile.mkstemp(suffix=".part", dir=incoming)
+                out, path = os.fdopen(fd, "wb"), Path(name)
+                state = "body"
+            else:
+                i = buf.find(delim)
+                if i < 0:
+                    keep = len(delim)
+                    if len(buf) > keep:
+                        out.write(buf[:-keep])
+                        buf = buf[-keep:]
+                    break
+                out.write(buf[:i])
+                out.close()
+                out = None
+                buf = buf[i + len(delim):]
+                state = "headers"
+                yield path
+    if out is not None:
+        out.close()
+        path.unlink(missing_ok=True)
+        raise requests.RequestException("WADO-RS answer ended in the middle of an instance")

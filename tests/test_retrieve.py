@@ -1,0 +1,335 @@
+"""Retrieval against a real Orthanc on loopback: C-GET, C-MOVE, WADO-RS, resume, faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from pacs2bids import dimse
+from pacs2bids.config import load_spec
+from pacs2bids.dicomfiles import iter_dicom_files
+from pacs2bids.errors import PacsError
+from pacs2bids.orthanc import Orthanc, free_port
+from pacs2bids.query import find_studies
+from pacs2bids.retrieve import LEDGER, RateLimiter, SeriesSink, retrieve_study
+
+SECRET = "x" * 32
+
+
+def make_spec(tmp_path: Path, pacs_yaml: str, rows: list[tuple[str, str, str]], extra: str = ""):
+    """A ProjectSpec from a YAML and an inclusions.csv written into ``tmp_path``.
+    ``rows`` are (column, value, subject) with column patient_id or accession_number."""
+    cols = sorted({c for c, _, _ in rows})
+    lines = [",".join(cols + ["subject"])]
+    for c, v, sub in rows:
+        lines.append(",".join(v if k == c else "" for k in cols) + f",{sub}")
+    (tmp_path / "inclusions.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "spec.yaml").write_text(
+        "project: TEST\n"
+        f"pacs:\n{pacs_yaml}"
+        "selection:\n  inclusions: inclusions.csv\n  modalities: [MR]\n"
+        f"{extra}"
+        "output: out\n"
+        "retries:\n  attempts: 3\n  backoff_seconds: 0.5\n"
+    )
+    return load_spec(tmp_path / "spec.yaml", environ={"PACS2BIDS_PROJECT_SECRET": SECRET})
+
+
+def dimse_yaml(o, retrieve="c-get", **kw) -> str:
+    lines = [f"  dimse:\n    ae_title: {o.aet}\n    host: 127.0.0.1\n    port: {o.dicom_port}\n",
+             f"    retrieve: {retrieve}\n    timeout: 10\n"]
+    lines += [f"    {k}: {v}\n" for k, v in kw.items()]
+    return "".join(lines)
+
+
+def web_yaml(o) -> str:
+    return f"  dicomweb:\n    url: {o.dicomweb_url}\n    timeout: 20\n"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pools(orthanc_factory):
+    # depends on orthanc_factory so pooled associations close before Orthanc stops
+    yield
+    dimse.close_pools()
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The bundled sample, found beside the modules (importlib.resources fails on the editable
+    install's namespace path here)."""
+    return Path(dimse.__file__).parent / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def sample_files(sample_dir) -> list[Path]:
+    return list(iter_dicom_files(sample_dir))
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, sample_files):
+    """One Orthanc holding the whole sample, shared by the read-only tests of this module;
+    it knows our C-MOVE storage AE PACS2BIDS at a fixed port."""
+    port = free_port()
+    o = Orthanc(workdir=tmp_path_factory.mktemp("orthanc"), modalities={"PACS2BIDS": ("127.0.0.1", port)})
+    o.start()
+    assert o.upload(sample_files) == len(sample_files)
+    o.move_port = port
+    yield o
+    dimse.close_pools()
+    o.stop()
+
+
+def orthanc_sops(o) -> set[str]:
+    return {i["MainDicomTags"]["SOPInstanceUID"] for i in o.get("/instances?expand")}
+
+
+def disk_sops(raw: Path) -> list[str]:
+    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in raw.rglob("*.dcm")]
+
+
+def retrieve_all(spec, raw: Path, progress=None):
+    q = find_studies(spec)
+    results = []
+    for st in q.studies:
+        results += retrieve_study(spec, st, raw, progress=progress)
+    return q, results
+
+
+def patient_ids(files) -> list[str]:
+    return sorted({str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in files})
+
+
+class Counter:
+    """progress callback: instances written to disk, per series (last value wins)."""
+
+    def __init__(self):
+        self.stored: dict[int, int] = {}
+
+    def __call__(self, series, stored, announced):
+        self.stored[id(series)] = stored
+
+    @property
+    def total(self) -> int:
+        return sum(self.stored.values())
+
+
+@pytest.mark.parametrize("transport", ["c-get", "c-move", "wado-rs"])
+def test_each_transport_retrieves_every_instance(tmp_path, loaded, sample_files, transport):
+    o = loaded
+    rows = [("patient_id", pid, f"S{i}") for i, pid in enumerate(patient_ids(sample_files))]
+    if transport == "wado-rs":
+        pacs = web_yaml(o)
+    elif transport == "c-move":
+        pacs = dimse_yaml(o, "c-move", storage_port=o.move_port)
+    else:
+        pacs = dimse_yaml(o)
+    spec = make_spec(tmp_path, pacs, rows)
+    raw = tmp_path / "work" / "raw"
+    count = Counter()
+    q, results = retrieve_all(spec, raw, count)
+    assert not q.unmatched and len(q.studies) == len(rows)
+    assert all(r.status == "complete" and r.missing == 0 for r in results), [(r.status, r.reason) for r in results]
+    got = disk_sops(raw)
+    assert len(got) == len(set(got)) == count.total  # no duplicate
+    assert set(got) == orthanc_sops(o)
+    # names carry no original UID; the ledger lists exactly the files, with their checksums
+    for r in results:
+        files = {p.stem: p for p in r.folder.glob("*.dcm")}
+        assert len(files) == r.received
+        ledger = json.loads((r.folder / LEDGER).read_text())["instances"]
+        assert set(ledger) == set(files)
+        name, entry = next(iter(ledger.items()))
+        assert entry["sha256"] == hashlib.sha256(files[name].read_bytes()).hexdigest()
+    for p in raw.rglob("*"):
+        assert not any(uid in str(p) for uid in got[:5])
+        assert len(p.stem) == 32 or p.name in (LEDGER, ".incoming")
+    # a second run fetches nothing and changes nothing
+    before = {p: p.stat().st_mtime_ns for p in raw.rglob("*.dcm")}
+    again = Counter()
+    _, results2 = retrieve_all(spec, raw, again)
+    assert all(r.status == "complete" for r in results2)
+    assert again.total == 0
+    assert {p: p.stat().st_mtime_ns for p in raw.rglob("*.dcm")} == before
+
+
+@pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
+def test_resume_fetches_only_missing_instances(tmp_path, loaded, sample_files, transport):
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o) if transport == "c-get" else web_yaml(o),
+                     [("patient_id", "DEV", "A"), ("patient_id", "phantom", "B")])
+    raw = tmp_path / "raw"
+    retrieve_all(spec, raw)
+    files = sorted(raw.rglob("*.dcm"))
+    assert len(files) == 8 + 27
+    gone = files[::4]
+    kept = {p: p.stat().st_mtime_ns for p in files if p not in gone}
+    for p in gone:
+        p.unlink()
+    # a file half-written by a killed run is cleaned and does not count
+    (files[1].parent / f"{files[1].name}.1234.part").write_bytes(b"partial")
+    count = Counter()
+    _, results = retrieve_all(spec, raw, count)
+    assert count.total == len(gone)
+    assert all(r.status == "complete" for r in results)
+    assert sorted(raw.rglob("*.dcm")) == files
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert not list(raw.rglob("*.part"))
+
+
+def test_orthanc_killed_mid_transfer_then_restarted(tmp_path, orthanc_factory, sample_dir):
+    o = orthanc_factory(dicomweb=False)
+    files = list(iter_dicom_files(sample_dir / "PACSMAN_data"))
+    o.upload(files)
+    spec = make_spec(tmp_path, dimse_yaml(o, timeout=5), [("patient_id", "PACSMAN1", "P")])
+    raw = tmp_path / "raw"
+    q = find_studies(spec)
+
+    def saboteur():
+        deadline = time.monotonic() + 60
+        while len(list(raw.rglob("*.dcm"))) < 20 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        o.kill()
+        time.sleep(1.0)
+        o.restart()
+
+    t = threading.Thread(target=saboteur)
+    t.start()
+    count = Counter()
+    results = retrieve_study(spec, q.studies[0], raw, progress=count)
+    t.join()
+    assert results[0].status == "complete", results[0].reason
+    got = disk_sops(raw)
+    assert len(got) == len(set(got)) == len(files)
+    assert set(got) == orthanc_sops(o)
+
+
+def test_move_destination_unknown_fails_at_once(tmp_path, loaded):
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o, "c-move", move_destination="NOBODY", storage_port=free_port()),
+                     [("patient_id", "phantom", "A")])
+    study = find_studies(spec).studies[0]
+    pool = dimse.pool_for(spec.pacs.dimse)
+    before = pool.stats.requests
+    t0 = time.monotonic()
+    with pytest.raises(PacsError, match=r"NOBODY.*0xA801.*DicomModalities") as err:
+        retrieve_study(spec, study, tmp_path / "raw")
+    assert not err.value.transient
+    # one instance listing, one C-MOVE, one single-instance C-MOVE telling "unknown" from
+    # another failure (Orthanc answers 0xC000, not 0xA801): no retry
+    assert pool.stats.requests - before == 3
+    assert time.monotonic() - t0 < 3.0  # retries would sleep 0.5 + 1 + 2 s
+
+
+def test_unreachable_pacs_names_host_port_and_titles(tmp_path):
+    port = free_port()
+    spec = make_spec(tmp_path, f"  dimse:\n    ae_title: FARPACS\n    host: 127.0.0.1\n    port: {port}\n"
+                     "    calling_ae_title: OURAE\n    timeout: 3\n", [("patient_id", "x", "A")])
+    with pytest.raises(PacsError) as err:
+        find_studies(spec)
+    msg = str(err.value)
+    for part in ("FARPACS", "127.0.0.1", str(port), "OURAE", "running"):
+        assert part in msg
+    assert err.value.transient
+
+
+def test_one_association_at_most_under_two_concurrent_retrievals(tmp_path, loaded):
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o, max_associations=1),
+                     [("patient_id", "DEV", "A"), ("patient_id", "phantom", "B"), ("patient_id", "dicom", "C")])
+    studies = find_studies(spec).studies
+    dimse.close_pools()
+    pool = dimse.pool_for(spec.pacs.dimse)
+    results: list = []
+    errors: list = []
+
+    def run(study):
+        try:
+            results.extend(retrieve_study(spec, study, tmp_path / "raw"))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(r.status == "complete" for r in results) and len(results) == 4 + 1 + 1
+    assert pool.stats.max_open == 1
+    assert pool.stats.opened == 1  # reused, not one per request
+    assert pool.stats.requests >= 12
+
+
+def test_rate_limiter_paces_instances(tmp_path, loaded):
+    spec = make_spec(tmp_path, dimse_yaml(loaded), [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    t0 = time.monotonic()
+    results = retrieve_study(spec, study, tmp_path / "raw", limiter=RateLimiter(per_minute=600))
+    assert sum(r.received for r in results) == 8
+    assert time.monotonic() - t0 >= 7 * 0.1
+
+
+# -- what arrives is checked before it is kept ----------------------------------------------
+def _sink(tmp_path, study="1.2.3", series="1.2.3.4"):
+    folder = tmp_path / "raw" / "s" / "se"
+    folder.mkdir(parents=True)
+    return SeriesSink(SECRET.encode(), study, series, folder, tmp_path / "quarantine")
+
+
+def test_corrupt_payload_is_quarantined(tmp_path, sample_dir):
+    """The receiving end is tested directly: a real Orthanc cannot be made to send a payload
+    that is not DICOM (it refuses to store one, and re-reads what it sends)."""
+    src = next(iter_dicom_files(sample_dir / "dcm_qa_philips"))
+    ds = pydicom.dcmread(src)
+    sink = _sink(tmp_path, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    junk = tmp_path / "junk.part"
+    junk.write_bytes(b"this is not DICOM at all" * 10)
+    assert sink(junk, str(ds.SOPClassUID), "1.2.826.0.1.99") == 0xC000
+    truncated = tmp_path / "trunc.part"
+    truncated.write_bytes(src.read_bytes()[:-5000])
+    assert sink(truncated, str(ds.SOPClassUID), str(ds.SOPInstanceUID)) == 0xC000
+    other = tmp_path / "other.part"
+    other.write_bytes(next(iter_dicom_files(sample_dir / "dcm_qa_ge")).read_bytes())
+    assert sink(other, None, None) == 0xC000
+    good = tmp_path / "good.part"
+    good.write_bytes(src.read_bytes())
+    assert sink(good, str(ds.SOPClassUID), str(ds.SOPInstanceUID)) == 0
+    assert len(sink.quarantined) == 3 and sink.stored == 1
+    q = tmp_path / "quarantine"
+    for name, reason in sink.quarantined:
+        assert (q / name).is_file() and (q / f"{name}.reason.txt").read_text().strip() == reason
+        assert "1.2.826.0.1.99" not in name and str(ds.SOPInstanceUID) not in name
+        assert str(ds.SOPInstanceUID) not in reason
+    assert "truncated" in sink.quarantined[1][1]
+    assert not junk.exists() and not truncated.exists()
+
+
+def test_quarantined_payload_makes_series_incomplete(tmp_path, orthanc_factory, sample_dir):
+    """Orthanc serves a stored file whose content was swapped on disk (a damaged archive):
+    the payload carries another instance's UIDs; it is quarantined, the series is reported
+    incomplete, and the other series of the study still arrive."""
+    o = orthanc_factory(dicomweb=False, extra={"MaximumStorageCacheSize": 0})
+    files = list(iter_dicom_files(sample_dir / "dcm_qa_nih"))
+    o.upload(files)
+    spec = make_spec(tmp_path, dimse_yaml(o), [("patient_id", "DEV", "A")])
+    spec = spec.model_copy(update={"retries": spec.retries.model_copy(update={"attempts": 1, "backoff_seconds": 0.1})})
+    study = find_studies(spec).studies[0]
+    victim = study.series[0]
+    iid = next(i["ID"] for i in o.get("/instances?expand")
+               if i["MainDicomTags"]["SOPInstanceUID"] and o.get(f"/instances/{i['ID']}/simplified-tags")["SeriesInstanceUID"]
+               == victim.series_instance_uid)
+    uuid = o.get(f"/instances/{iid}/attachments/dicom/info")["Uuid"]
+    stored = next((o.workdir / "db").rglob(uuid))
+    stored.write_bytes(next(iter_dicom_files(sample_dir / "dcm_qa_philips")).read_bytes())
+    results = retrieve_study(spec, study, tmp_path / "work" / "raw")
+    by = {r.series.series_instance_uid: r for r in results}
+    bad = by[victim.series_instance_uid]
+    assert bad.status == "incomplete" and bad.missing == 1 and bad.quarantined, bad.reason
+    assert (tmp_path / "work" / "quarantine" / bad.quarantined[0][0]).is_file()
+    assert all(r.status == "complete" for u, r in by.items() if u != victim.series_instance_uid)
