@@ -122,7 +122,7 @@ def reference_images(by_series: dict[str, list[Path]], tmp: Path) -> list[tuple[
         for f in files:
             (src / f.name).symlink_to(f)
         subprocess.run([DCM2NIIX, "-b", "y", "-z", "n", "-f", "%s_%e", "-o", str(out), str(src)],
-                       check=True, capture_output=True)
+                       check=False, capture_output=True)  # non-image series give no reference
         for nii in out.glob("*.nii"):
             img = nib.load(nii)
             refs.append((np.asanyarray(img.dataobj), img.affine, nii))

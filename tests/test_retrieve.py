@@ -59,13 +59,6 @@ def _fresh_pools(orthanc_factory):
     dimse.close_pools()
 
 
-@pytest.fixture(scope="session")
-def sample_dir() -> Path:
-    """The bundled sample, found beside the modules (importlib.resources fails on the editable
-    install's namespace path here)."""
-    return Path(dimse.__file__).parent / "data" / "sample"
-
-
 @pytest.fixture(scope="module")
 def sample_files(sample_dir) -> list[Path]:
     return list(iter_dicom_files(sample_dir))
