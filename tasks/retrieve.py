@@ -45,7 +45,8 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[r
     """C-GET, C-MOVE or WADO-RS of one study into the private raw folder; counts checked per series.
 
     Waits for the PACS's retrieval window, then holds one slot of the PACS's global
-    concurrency limit for the whole study.
+    concurrency limit for the whole study; series the chosen transport cannot retrieve whole go
+    to the project's fallback transport, if any.
     """
     logger = get_run_logger()
 
@@ -53,6 +54,11 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[r
         number = series.series_number if series.series_number is not None else "?"
         logger.info("sub-%s series %s: %d/%s instances received", study.subject, number, done, total or "?")
 
+    limiter = None
+    if spec.pacs.instances_per_minute:
+        # at most max_concurrent_studies studies hold a slot at once, across every run: each
+        # gets its share, so the PACS never sends more than instances_per_minute in all
+        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_concurrent_studies)
     wait_until_open(spec.pacs.windows, log=logger.info)
     with concurrency(pacs_limit_name(spec), occupy=1, timeout_seconds=None):
-        return retrieve.retrieve_study(spec, study, raw_root, progress=progress)
+        return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)

@@ -326,3 +326,28 @@ def test_quarantined_payload_makes_series_incomplete(tmp_path, orthanc_factory, 
     assert bad.status == "incomplete" and bad.missing == 1 and bad.quarantined, bad.reason
     assert (tmp_path / "work" / "quarantine" / bad.quarantined[0][0]).is_file()
     assert all(r.status == "complete" for u, r in by.items() if u != victim.series_instance_uid)
+
+
+def test_fallback_transport_retrieves_what_the_chosen_one_cannot(tmp_path, loaded):
+    """C-MOVE to a destination the PACS does not know fails at once; with `fallback: dicomweb`
+    the study still arrives whole, over WADO-RS, into the same keyed folders."""
+    from pacs2bids.retrieve import retrieve_study_with_fallback
+
+    o = loaded
+    pacs_yaml = dimse_yaml(o, "c-move", move_destination="NOBODY", storage_port=free_port()) + web_yaml(o)
+    spec = make_spec(tmp_path, pacs_yaml + "  fallback: dicomweb\n", [("patient_id", "phantom", "A")])
+    study = find_studies(spec).studies[0]
+    with pytest.raises(PacsError):
+        retrieve_study(spec, study, tmp_path / "raw0")  # the chosen transport alone fails
+    got = retrieve_study_with_fallback(spec, study, tmp_path / "raw")
+    assert [rs.status for rs in got] == ["complete"] * len(study.series)
+    for rs in got:
+        sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in iter_dicom_files(rs.folder)}
+        assert len(sops) == rs.series.announced_instances == rs.received
+
+
+def test_fallback_must_be_another_configured_transport(tmp_path, loaded):
+    from pacs2bids.errors import SpecError
+
+    with pytest.raises(SpecError, match="pacs.fallback is 'dicomweb' but pacs.dicomweb is not given"):
+        make_spec(tmp_path, dimse_yaml(loaded) + "  fallback: dicomweb\n", [("patient_id", "phantom", "A")])

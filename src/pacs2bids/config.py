@@ -102,6 +102,16 @@ class PacsSettings(_Model):
         default_factory=list,
         description="Retrieval windows (e.g. nights and week-ends); outside them a run waits. Empty: always.",
     )
+    fallback: Literal["dimse", "dicomweb"] | None = Field(
+        None,
+        description="Transport tried for the series the chosen one could not retrieve whole "
+        "(both transports must be configured).",
+    )
+    instances_per_minute: int | None = Field(
+        None, ge=1,
+        description="Optional cap on instances received per minute from this PACS, across every run "
+        "(each of the max_concurrent_studies slots gets its share).",
+    )
     max_concurrent_studies: int = Field(
         2, ge=1, le=64,
         description="Studies retrieved at once from this PACS, across every run and worker "
@@ -115,6 +125,11 @@ class PacsSettings(_Model):
         chosen = self.transport or ("dimse" if self.dimse else "dicomweb")
         if getattr(self, chosen) is None:
             raise ValueError(f"pacs.transport is {chosen!r} but pacs.{chosen} is not given")
+        if self.fallback is not None:
+            if self.fallback == chosen:
+                raise ValueError(f"pacs.fallback {self.fallback!r} is already the chosen transport")
+            if getattr(self, self.fallback) is None:
+                raise ValueError(f"pacs.fallback is {self.fallback!r} but pacs.{self.fallback} is not given")
         return self
 
     @property

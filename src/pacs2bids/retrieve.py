@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -428,3 +428,33 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
                      series.series_number, rs.status, rs.received, rs.missing, len(rs.quarantined))
             out.append(rs)
     return out
+
+
+def retrieve_study_with_fallback(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progress=None,
+                                 limiter: RateLimiter | None = None) -> list[RetrievedSeries]:
+    """:func:`retrieve_study` with the chosen transport, then, when ``pacs.fallback`` is set, the
+    fallback transport for whatever did not arrive whole (or for the whole study when the chosen
+    transport refused it). Both write to the same keyed folders, so the fallback fetches only
+    the missing instances. Returns one :class:`RetrievedSeries` per series of ``study``.
+    """
+    fallback = spec.pacs.fallback
+    try:
+        first = retrieve_study(spec, study, raw_root, progress=progress, limiter=limiter)
+    except PacsError as exc:
+        if fallback is None:
+            raise
+        log.warning("%s refused the study (%s); trying %s", spec.pacs.chosen, exc, fallback)
+        first = []
+    done = {rs.series.series_instance_uid: rs for rs in first if rs.status == "complete"}
+    todo = [s for s in study.series if s.series_instance_uid not in done]
+    if fallback is None or not todo:
+        return first
+    other = spec.model_copy(update={"pacs": spec.pacs.model_copy(update={"transport": fallback})})
+    log.info("%d series not retrieved whole by %s: trying %s", len(todo), spec.pacs.chosen, fallback)
+    second = retrieve_study(other, replace(study, series=todo), raw_root, progress=progress, limiter=limiter)
+    by_uid = {**{rs.series.series_instance_uid: rs for rs in first}, **done,
+              **{rs.series.series_instance_uid: rs for rs in second}}
+    for rs in second:
+        if rs.status != "complete":
+            rs.reason = f"{rs.reason} (after {spec.pacs.chosen}, then {fallback})".strip()
+    return [by_uid[s.series_instance_uid] for s in study.series if s.series_instance_uid in by_uid]
