@@ -159,7 +159,8 @@ def test_xa30_non_image_and_scouts_reported(corpus_dir, tmp_path):
 def test_series_provenance(sample_bids, tmp_path):
     from datetime import datetime, timezone
 
-    from pacs2bids.provenance import sha256_file, write_series_provenance
+    from pacs2bids.checksum import sha256_file
+    from pacs2bids.provenance import write_series_provenance
     from pacs2bids.versions import tool_versions
 
     root, results = sample_bids

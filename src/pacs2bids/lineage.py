@@ -8,7 +8,6 @@ own file next to the earlier ones, and readers see the union.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+
+from .checksum import sha256_file
 
 LINEAGE_DIR = Path(".pacs2bids") / "lineage"
 
@@ -67,14 +68,6 @@ class LineageRecord:
     sha256: str | None = None
     size: int | None = None
     extra: dict = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_run(

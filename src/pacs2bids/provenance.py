@@ -7,7 +7,6 @@ tool chain, the heuristic's sha256, the flow run id and timestamps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from datetime import datetime
@@ -15,16 +14,9 @@ from pathlib import Path
 
 from pacs2bids.heuristic_path import heuristic_file
 from pacs2bids.versions import tool_versions
+from pacs2bids.checksum import sha256_file
 
 SCHEMA = "pacs2bids.series-provenance/1"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _iso(t) -> str | None:

@@ -33,6 +33,7 @@ from typing import Callable
 import pydicom
 from pydicom.dataset import Dataset
 
+from .checksum import sha256_file
 from .config import ProjectSpec
 from .errors import PacsError
 from .model import SeriesRef, StudyRef
@@ -83,14 +84,6 @@ class RateLimiter:
 # ---------------------------------------------------------------------------------------
 # The receiving end: one per series
 # ---------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _move_into_place(src: Path, dest: Path) -> None:
     """Rename ``src`` to ``dest`` atomically (copying first to a temporary name beside ``dest``
     when they are on different file systems)."""
@@ -164,7 +157,7 @@ class SeriesSink:
             size = p.stat().st_size
             entry = self.ledger.get(name)
             if entry is None:  # renamed into place, then the run died before the ledger was saved
-                entry = self.ledger[name] = {"sha256": _sha256(p), "size": size}
+                entry = self.ledger[name] = {"sha256": sha256_file(p), "size": size}
             if entry["size"] != size:
                 log.warning("a raw file differs from its ledger entry; fetching it again")
                 p.unlink()
@@ -219,7 +212,7 @@ class SeriesSink:
             if dest.exists():
                 self.duplicates += 1
                 return 0x0000
-        digest, size = _sha256(path), path.stat().st_size
+        digest, size = sha256_file(path), path.stat().st_size
         _move_into_place(path, dest)
         with self.lock:
             self.ledger[name] = {"sha256": digest, "size": size}
