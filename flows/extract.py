@@ -2,7 +2,8 @@
 
 Read it top-down to follow a series: query → retrieve (private raw folder) → pseudonymise
 (staging ``sourcedata/``) → convert (heudiconv + dcm2niix) → provenance → leak scan →
-validate → lineage → publish (atomic rename into ``output``).
+validate → lineage → publish (atomic rename into ``output``). Files a reviewer released from
+quarantine since the last run join the staging ``sourcedata/`` before the leak scan.
 
 Side effects: writes the private work folder beside ``output`` (raw files, quarantine,
 staging), the encrypted matching key, and, when the run succeeds, the dataset in ``output``.
@@ -31,13 +32,14 @@ from pacs2bids.lineage import LineageRecord
 from pacs2bids.model import StudyRef
 from pacs2bids.provenance import write_series_provenance
 from pacs2bids.publish import seed_staging, staging_dir
+from pacs2bids.quarantine import Quarantine, QuarantineError
 from pacs2bids.run import RunSummary, SeriesLine, assign_sessions, label, session_dir
 from pacs2bids.versions import tool_versions
 from pacs2bids.tasks.bids import finalise_dataset
 from pacs2bids.tasks.convert import convert_session
 from pacs2bids.tasks.deid import scan_for_leaks
 from pacs2bids.tasks.lineage import record_lineage
-from pacs2bids.tasks.pseudonymise import pseudonymise_series
+from pacs2bids.tasks.pseudonymise import pseudonymise_released, pseudonymise_series
 from pacs2bids.tasks.publish import publish_dataset
 from pacs2bids.tasks.query import query_studies
 from pacs2bids.tasks.retrieve import ensure_pacs_limit, retrieve_study
@@ -98,8 +100,11 @@ def extract_project(spec_path: str) -> dict:
     summary = RunSummary(project=spec.project, run_id=run_id, output=str(spec.output))
     records: list[LineageRecord] = []
     done_raw: list[Path] = []
+    released: list[str] = []
     try:
         _extract(spec, staging, raw_root, quarantine, scratch, summary, records, done_raw, flow_run_id, logger)
+        released = _include_released(spec, staging, quarantine, scratch, summary, records, logger)
+        summary.awaiting_review = sum(1 for i in Quarantine(quarantine).items() if i.state == "pending")
         _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger)
     except Pacs2BidsError as exc:
         summary.errors.append(str(exc))
@@ -113,6 +118,8 @@ def extract_project(spec_path: str) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     for folder in done_raw:  # the clinical copy goes as soon as its research copy is published (E6)
         shutil.rmtree(folder, ignore_errors=True)
+    for item_id in released:
+        Quarantine(quarantine).mark_published(item_id, run_id=run_id)
     summary.write(work / "runs" / f"run-{run_id}.json")
     logger.info("%s", summary.format())
     return summary.to_dict()
@@ -245,6 +252,55 @@ def _extract(
             for o in outputs or [None]:
                 records.append(_record(study, rs, res, convert_status=status, reason=reason or None, path=o))
         logger.info("%s: converted", lbl)
+
+
+def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratch: Path, summary: RunSummary,
+                      records: list[LineageRecord], logger) -> list[str]:
+    """Files a reviewer released from quarantine (:mod:`pacs2bids.quarantine`): pseudonymised
+    per series into the staging ``sourcedata/``, pixels as reviewed. They are published as
+    DICOM, not converted. Returns the item ids included."""
+    q = Quarantine(quarantine)
+    groups: dict[tuple, list] = {}
+    for item in q.released():
+        lbl = f"{label(item.subject, item.session)}/{item.id}"
+        try:
+            path = q.check_released(item)
+        except QuarantineError as exc:
+            summary.released.append({"file": lbl, "status": f"not included: {exc}"})
+            logger.warning("%s", exc)
+            continue
+        groups.setdefault((item.subject, item.session, item.series_folder), []).append((item, path))
+    included: list[str] = []
+    for (subject, session, folder), items in groups.items():
+        out_dir = session_dir(staging / "sourcedata", subject, session) / folder
+        try:
+            # a released file that fails again stays where it is: its copy goes to scratch, not back into quarantine
+            res = pseudonymise_released(spec, [p for _, p in items], out_dir, subject, session, scratch / "requarantine")
+        except Exception as exc:
+            for item, _ in items:
+                summary.released.append({"file": f"{label(subject, session)}/{item.id}", "status": f"failed: {_reason(exc)}"})
+            continue
+        lbl = label(subject, session)
+        _write_json(staging / META / "deid" / lbl / f"released-{res.pseudo_series_uid[-12:]}-{items[0][0].id[:8]}.json",
+                    res.record)
+        ok = len(res.written) == len(items) and not res.quarantined
+        for item, _ in items:
+            status = "included in this run" if ok else "failed: " + "; ".join(r for _, r in res.quarantined + res.dropped)
+            summary.released.append({"file": f"{lbl}/{item.id}", "status": status})
+        if not ok:  # a series is released whole or not at all
+            for f in res.written:
+                f.unlink(missing_ok=True)
+            continue
+        included += [item.id for item, _ in items]
+        for f in res.written:
+            records.append(LineageRecord(
+                subject, session, pseudo_study_uid=res.pseudo_study_uid, pseudo_series_uid=res.pseudo_series_uid,
+                series_number=res.series_number, retrieve_status="quarantined", pseudonymise_status="pseudonymised",
+                convert_status="released", reason="released from quarantine after review; published as DICOM",
+                path=f.relative_to(staging).as_posix(),
+            ))
+        logger.info("%s: %d file(s) released from quarantine included", lbl, len(items))
+    return included
 
 
 def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger) -> None:

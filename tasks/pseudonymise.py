@@ -23,3 +23,20 @@ def pseudonymise_series(
     return p.pseudonymise_series(
         iter_dicom_files(raw_series), out_dir, subject=subject, session=session, quarantine_dir=quarantine_dir
     )
+
+
+@task(name="pseudonymise_released", **TASK_DEFAULTS)
+def pseudonymise_released(
+    spec: ProjectSpec, files: list[Path], out_dir: Path, subject: str, session: str | None, quarantine_dir: Path
+) -> SeriesDeidResult:
+    """Files of one series released from quarantine by a reviewer: headers pseudonymised like
+    any other, pixels kept as reviewed (no OCR), into the staging sourcedata/."""
+    p = Pseudonymiser(
+        project=spec.project,
+        secret=spec.secret_bytes,
+        settings=spec.pseudonymization,
+        key_store=spec.resolved_key_store,
+    )
+    return p.pseudonymise_series(
+        files, out_dir, subject=subject, session=session, quarantine_dir=quarantine_dir, pixels_reviewed=True
+    )

@@ -309,7 +309,11 @@ def test_unreadable_file_is_quarantined_with_reason(tmp_path, t1_files):
     res = run(make(tmp_path), [bad, t1_files[0]], tmp_path)
     assert len(res.written) == 1 and len(res.quarantined) == 1
     name, reason = res.quarantined[0]
-    assert (tmp_path / "q" / f"{name}.reason.txt").read_text().strip() == reason
+    from pacs2bids.quarantine import Quarantine
+
+    item = Quarantine(tmp_path / "q").get(name)
+    assert item.reason == reason and item.state == "pending" and item.subject == "001"
+    assert Quarantine(tmp_path / "q").path(item).read_bytes() == bad.read_bytes()
 
 
 # -- key store --------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def _format(summary: dict) -> str:
     from .run import RunSummary, SeriesLine
 
     s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
-    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "validator_warnings", "errors", "published"):
+    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released", "awaiting_review", "validator_warnings", "errors", "published"):
         setattr(s, k, summary[k])
     s.subjects = set(summary["subjects"])
     s.series = [SeriesLine(**line) for line in summary["series"]]
@@ -132,6 +132,34 @@ def _cmd_reidentify(args) -> int:
     return EXIT_OK
 
 
+def _cmd_quarantine(args) -> int:
+    from .quarantine import Quarantine
+
+    spec = load_spec(args.spec)
+    q = Quarantine(spec.resolved_work_dir / "quarantine")
+    if args.action == "list":
+        items = q.items()
+        if not items:
+            print(f"nothing in quarantine for {spec.project}")
+        for i in items:
+            where = f"sub-{i.subject}" + (f"_ses-{i.session}" if i.session else "") if i.subject else "(at retrieval)"
+            print(f"{i.id}  {i.state:<9} {i.stage:<12} {where:<20} {i.reason}")
+            if i.state == "pending" and q.path(i).exists():
+                print(f"    file to review: {q.path(i)}")
+        return EXIT_OK
+    if not args.item or not args.reviewer:
+        print(f"pacs2bids quarantine {args.action}: give the item id and --reviewer", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "release":
+        item = q.release(args.item, reviewer=args.reviewer, note=args.note,
+                         replacement=Path(args.replace) if args.replace else None)
+        print(f"{item.id} released: the next 'pacs2bids run' publishes it (pseudonymised, pixels as reviewed)")
+    else:
+        item = q.reject(args.item, reviewer=args.reviewer, note=args.note)
+        print(f"{item.id} rejected: its clinical copy is deleted and it will never be published")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacs2bids", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -167,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("subject")
     p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     p.set_defaults(func=_cmd_reidentify)
+
+    p = sub.add_parser("quarantine", help="list quarantined files; release or reject one after review")
+    p.add_argument("action", choices=["list", "release", "reject"])
+    p.add_argument("spec")
+    p.add_argument("item", nargs="?", help="item id (from 'list')")
+    p.add_argument("--reviewer", help="who decides (recorded with the decision)")
+    p.add_argument("--note", default="", help="why (recorded with the decision)")
+    p.add_argument("--replace", help="release: a cleaned copy of the same image to publish instead")
+    p.set_defaults(func=_cmd_quarantine)
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

@@ -74,6 +74,8 @@ class RunSummary:
     unmatched: list[dict] = field(default_factory=list)  # {"row": n, "subject": code}
     study_failures: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
+    released: list[dict] = field(default_factory=list)  # quarantined earlier, released by a reviewer, published now
+    awaiting_review: int = 0  # quarantined items (this run's or earlier) no one has decided on yet
     validator_warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     published: bool = False
@@ -108,6 +110,8 @@ class RunSummary:
             "series_already_published": self.already_published,
             "inclusions_unmatched": len(self.unmatched),
             "files_quarantined": len(self.quarantined),
+            "files_released": len(self.released),
+            "files_awaiting_review": self.awaiting_review,
         }
         return d
 
@@ -141,6 +145,10 @@ class RunSummary:
                 )
         for q in self.quarantined:
             lines.append(f"  quarantined: {q['file']} ({q['reason']})")
+        for r in self.released:
+            lines.append(f"  released from quarantine: {r['file']} ({r['status']})")
+        if self.awaiting_review:
+            lines.append(f"  {self.awaiting_review} quarantined file(s) await review: pacs2bids quarantine list SPEC")
         if self.validator_warnings:
             lines.append(f"  validator warnings ({len(self.validator_warnings)}):")
             lines += [f"    - {w}" for w in self.validator_warnings[:20]]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import re
 
 import logging
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -48,6 +47,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, UID, UID_dictionary
 
 from ..config import PseudonymizationSettings
+from .. import quarantine
 from ..errors import PseudonymisationError
 from . import pixels
 from .csa import scrub_bytes, scrub_ge_protocol
@@ -227,13 +227,16 @@ class Pseudonymiser:
         subject: str,
         session: str | None,
         quarantine_dir: Path,
+        pixels_reviewed: bool = False,
     ) -> SeriesDeidResult:
         """Pseudonymise the files of one series into ``out_dir``.
 
         Files are read and written one at a time. Unreadable files and files whose pixels
         cannot be cleaned with confidence are copied to ``quarantine_dir`` under a keyed name
         with a ``.reason.txt``; dropped SOP classes are listed. The key store is updated once,
-        at the end. Returns a :class:`SeriesDeidResult`; raises
+        at the end. ``pixels_reviewed``: a person released these files from quarantine
+        (:mod:`pacs2bids.quarantine`), so their pixels are kept as reviewed, without OCR.
+        Returns a :class:`SeriesDeidResult`; raises
         :class:`~pacs2bids.errors.PseudonymisationError` when ``out_dir`` cannot be written.
         """
         out_dir = Path(out_dir)
@@ -250,6 +253,12 @@ class Pseudonymiser:
         new_identifiers: set[str] = set()
         pattern_cache: dict[frozenset, Any] = {}
         count = 0
+        first: tuple | None = None  # original study and series UIDs, series number of the first readable file
+
+        def hold(path: Path, qname: str, reason: str, result: SeriesDeidResult) -> None:
+            self._quarantine(path, quarantine_dir, qname, reason, result,
+                             subject=subject, session=session, series_folder=out_dir.name)
+
         for path in files:
             count += 1
             path = Path(path)
@@ -258,8 +267,10 @@ class Pseudonymiser:
                 ds = pydicom.dcmread(path, force=False)
                 _ = ds.get("SOPClassUID")
             except Exception as exc:  # pydicom raises many kinds on truncated or corrupt files
-                self._quarantine(path, quarantine_dir, qname, f"unreadable DICOM ({type(exc).__name__})", result)
+                hold(path, qname, f"unreadable DICOM ({type(exc).__name__})", result)
                 continue
+            if first is None:
+                first = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), ds.get("SeriesNumber"))
             reason = self.drop_reason(ds)
             if reason:
                 result.dropped.append((qname, reason))
@@ -282,19 +293,23 @@ class Pseudonymiser:
                         "pseudo_study_uid": self.keyed.uid(study_uid),
                         "session": session,
                     }
-                outcome = pixels.clean_if_at_risk(ds, enabled=self.profile.has("cleanPixelDataOpt"))
+                if pixels_reviewed:
+                    outcome = pixels.PixelOutcome(at_risk=True, reason="released from quarantine by a reviewer",
+                                                  notes=["pixels kept as reviewed, not OCRed again"])
+                else:
+                    outcome = pixels.clean_if_at_risk(ds, enabled=self.profile.has("cleanPixelDataOpt"))
                 if outcome.quarantine:
-                    self._quarantine(path, quarantine_dir, qname, outcome.quarantine, result)
+                    hold(path, qname, outcome.quarantine, result)
                     continue
                 if outcome.at_risk:
                     pixel_log.append(outcome.summary())
                 self._apply(ds, ctx, pixels_cleaned=outcome.cleaned)
             except pixels.PixelError as exc:
-                self._quarantine(path, quarantine_dir, qname, str(exc), result)
+                hold(path, qname, str(exc), result)
                 continue
             except Exception as exc:  # any failure of the walk: never publish a half-done file
                 log.warning("file %d of the series could not be pseudonymised: %s", count, type(exc).__name__)
-                self._quarantine(path, quarantine_dir, qname, f"pseudonymisation failed ({type(exc).__name__})", result)
+                hold(path, qname, f"pseudonymisation failed ({type(exc).__name__})", result)
                 continue
             sop = str(ds.get("SOPInstanceUID", "")) or self.keyed.uid(qname)
             n = seen.get(sop, 0)
@@ -310,6 +325,11 @@ class Pseudonymiser:
                 result.series_description = str(ds.get("SeriesDescription", ""))
                 result.modality = str(ds.get("Modality", ""))
             del ds
+        if not result.pseudo_series_uid and first is not None:
+            # nothing written (all dropped or quarantined): the series still has its pseudonyms,
+            # so that lineage and re-runs can name it
+            result.pseudo_study_uid, result.pseudo_series_uid = self.keyed.uid(first[0]), self.keyed.uid(first[1])
+            result.series_number = int(first[2]) if first[2] not in (None, "") else None
         self._identifiers |= new_identifiers
         self.key_store.record_series(
             subject,
@@ -351,15 +371,10 @@ class Pseudonymiser:
         return out
 
     # -- internals -----------------------------------------------------------------------
-    def _quarantine(self, path: Path, qdir: Path, qname: str, reason: str, result: SeriesDeidResult) -> None:
-        qdir = Path(qdir)
-        qdir.mkdir(parents=True, exist_ok=True)
-        try:
-            shutil.copyfile(path, qdir / f"{qname}.dcm")
-        except OSError:
-            pass
-        (qdir / f"{qname}.reason.txt").write_text(reason + "\n", encoding="utf-8")
-        result.quarantined.append((qname, reason))
+    def _quarantine(self, path: Path, qdir: Path, qname: str, reason: str, result: SeriesDeidResult, *,
+                    subject: str, session: str | None, series_folder: str) -> None:
+        item = quarantine.hold(qdir, qname, path, reason, subject=subject, session=session, series_folder=series_folder)
+        result.quarantined.append((item.id, reason))
 
     def _collect(self, ds: Dataset) -> set[str]:
         """Identifying values of one file, at any depth (names, IDs, original UIDs...)."""

@@ -1,0 +1,206 @@
+"""Quarantine review (P9): files held back are listed, released or rejected by a person, and a
+released file is published by the next run, pseudonymised, with its pixels as reviewed.
+
+Burned-in risk is planted into copies of real sample files (BurnedInAnnotation YES, ImageType
+SECONDARY); the project turns Clean Pixel Data off, so the pseudonymiser must quarantine them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from pacs2bids.cli import main
+from pacs2bids.config import PseudonymizationSettings
+from pacs2bids.deid import Pseudonymiser
+from pacs2bids.deid.profile import DEFAULT_OPTIONS
+from pacs2bids.quarantine import Quarantine, QuarantineError
+
+SECRET = "quarantine-test-secret-0123456789"
+NAME, PID = "DURAND^Quarantaine", "QPAT-778899"
+NO_PIXEL_CLEANING = [o for o in DEFAULT_OPTIONS if o != "cleanPixelDataOpt"]
+
+
+def t1_files(sample_dir: Path) -> list[Path]:
+    files = sorted((sample_dir / "PACSMAN_data" / "dicomseries").glob("*.dcm"), key=lambda p: int(p.stem[5:]))
+    return files
+
+
+def plant_screen(src: Path, dst: Path, series_uid: str, study_uid: str | None = None) -> Path:
+    """A copy of a real MR image flagged as carrying burned-in text, in its own series."""
+    ds = pydicom.dcmread(src)
+    ds.PatientName, ds.PatientID = NAME, PID
+    ds.BurnedInAnnotation = "YES"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesNumber = 99
+    ds.SeriesDescription = "screen save"
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dst)
+    return dst
+
+
+def pseudonymiser(tmp_path: Path) -> Pseudonymiser:
+    return Pseudonymiser("qproj", SECRET.encode(), PseudonymizationSettings(options=NO_PIXEL_CLEANING), tmp_path / "keys")
+
+
+@pytest.fixture
+def held(tmp_path, sample_dir):
+    """One at-risk image quarantined by the pseudonymiser, and the quarantine it is in."""
+    src = plant_screen(t1_files(sample_dir)[0], tmp_path / "raw" / "a.dcm", generate_uid())
+    res = pseudonymiser(tmp_path).pseudonymise_series(
+        [src], tmp_path / "out" / "099-abc", subject="07", session="01", quarantine_dir=tmp_path / "q"
+    )
+    assert not res.written and len(res.quarantined) == 1
+    return src, res.quarantined[0][0], Quarantine(tmp_path / "q")
+
+
+def test_quarantined_file_is_listed_with_its_subject_and_reason(held):
+    src, item_id, q = held
+    item = q.get(item_id)
+    assert item.state == "pending" and item.stage == "pseudonymise" and item.releasable
+    assert (item.subject, item.session, item.series_folder) == ("07", "01", "099-abc")
+    assert "Clean Pixel Data option is off" in item.reason
+    assert q.path(item).read_bytes() == src.read_bytes()
+    # the description is pseudonymised: it is listed and logged freely
+    text = (q.folder / f"{item_id}.json").read_text()
+    assert NAME.split("^")[0] not in text and PID not in text
+
+
+def test_release_is_recorded_and_guards_the_reviewed_bytes(held):
+    _, item_id, q = held
+    item = q.release(item_id, reviewer="dr.martin", note="no text in the image")
+    assert q.get(item_id).state == "released" and [i.id for i in q.released()] == [item_id]
+    (decision,) = q.decisions()
+    assert decision["who"] == "dr.martin" and decision["action"] == "release" and decision["sha256"] == item.released_sha256
+    assert q.check_released(q.get(item_id)) == q.path(item)
+    with open(q.path(item), "ab") as f:  # bytes changed after the review
+        f.write(b"\0")
+    with pytest.raises(QuarantineError, match="changed after it was reviewed"):
+        q.check_released(q.get(item_id))
+
+
+def test_reject_deletes_the_clinical_copy_and_blocks_release(held):
+    _, item_id, q = held
+    q.reject(item_id, reviewer="dr.martin", note="name in the pixels")
+    assert q.get(item_id).state == "rejected" and not q.path(q.get(item_id)).exists()
+    with pytest.raises(QuarantineError, match="only a pending item"):
+        q.release(item_id, reviewer="dr.martin")
+
+
+def test_replacement_must_be_the_same_image(held, tmp_path, sample_dir):
+    _, item_id, q = held
+    other = plant_screen(t1_files(sample_dir)[1], tmp_path / "other.dcm", generate_uid())
+    with pytest.raises(QuarantineError, match="another instance"):
+        q.release(item_id, reviewer="x", replacement=other)
+    cleaned = tmp_path / "cleaned.dcm"
+    ds = pydicom.dcmread(q.path(q.get(item_id)))
+    arr = ds.pixel_array.copy()
+    arr[:10, :] = 0  # the reviewer blacked out a band
+    ds.PixelData = arr.tobytes()
+    ds.save_as(cleaned)
+    item = q.release(item_id, reviewer="x", replacement=cleaned)
+    assert q.path(item).read_bytes() == cleaned.read_bytes()
+
+
+def test_unknown_item_and_retrieval_payloads_cannot_be_released(tmp_path):
+    q = Quarantine(tmp_path / "q")
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "abc-1234.dcm").write_bytes(b"not dicom")
+    (tmp_path / "q" / "abc-1234.dcm.reason.txt").write_text("not readable DICOM (InvalidDicomError)\n")
+    item = q.get("abc-1234")
+    assert item.stage == "retrieve" and not item.releasable
+    with pytest.raises(QuarantineError, match="fetch the instance again"):
+        q.release("abc-1234", reviewer="x")
+    with pytest.raises(QuarantineError, match="quarantine list"):
+        q.get("nope")
+    q.reject("abc-1234", reviewer="x")
+    assert not (tmp_path / "q" / "abc-1234.dcm").exists()
+
+
+def test_released_file_is_pseudonymised_with_pixels_as_reviewed(held, tmp_path):
+    src, item_id, q = held
+    q.release(item_id, reviewer="dr.martin")
+    path = q.check_released(q.get(item_id))
+    res = pseudonymiser(tmp_path).pseudonymise_series(
+        [path], tmp_path / "pub", subject="07", session="01", quarantine_dir=tmp_path / "q2", pixels_reviewed=True
+    )
+    assert len(res.written) == 1 and not res.quarantined
+    out, orig = pydicom.dcmread(res.written[0]), pydicom.dcmread(src)
+    assert np.array_equal(out.pixel_array, orig.pixel_array)
+    assert str(out.PatientName) == "07" and out.SOPInstanceUID != orig.SOPInstanceUID
+    raw = res.written[0].read_bytes()
+    assert PID.encode() not in raw and b"DURAND" not in raw
+    assert "released from quarantine" in json.dumps(res.record)
+
+
+# -- end to end: quarantined, reviewed, released, published by the next run ----------------------
+@pytest.mark.slow
+def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sample_dir, tmp_path, monkeypatch, capsys):
+    from pacs2bids.flows.extract import extract_project
+    from pacs2bids.lineage import read_lineage
+
+    t1 = sorted((sample_dir / "dcm_qa_nih" / "In" / "20180918Si" / "mr_0003").glob("*.dcm"))  # converted by auto
+    assert len(t1) == 2
+    study_uid, series_uid = generate_uid(), generate_uid()
+    (tmp_path / "up").mkdir()
+    upload = []
+    for i, f in enumerate(t1):
+        ds = pydicom.dcmread(f)
+        ds.PatientName, ds.PatientID, ds.StudyInstanceUID = NAME, PID, study_uid
+        ds.save_as(tmp_path / "up" / f"t1-{i}.dcm")
+        upload.append(tmp_path / "up" / f"t1-{i}.dcm")
+    upload.append(plant_screen(t1[0], tmp_path / "up" / "screen.dcm", series_uid, study_uid))
+    pacs = orthanc_factory()
+    assert pacs.upload(upload) == len(upload)
+    (tmp_path / "inclusions.csv").write_text(f"patient_id,subject\n{PID},07\n")
+    out = tmp_path / "out" / "ds"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "project: qproj\n"
+        f"pacs:\n  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
+        "selection: {inclusions: inclusions.csv, modalities: [MR]}\n"
+        f"pseudonymization: {{secret_env: P2B_Q_SECRET, options: [{', '.join(NO_PIXEL_CLEANING)}]}}\n"
+        "heuristic: auto\n"
+        f"output: {out}\n"
+        "retries: {attempts: 1, backoff_seconds: 0.2}\n"
+    )
+    monkeypatch.setenv("P2B_Q_SECRET", SECRET)
+
+    first = extract_project(str(spec))
+    assert first["published"] and first["state"] == "completed with failures"
+    assert len(first["quarantined"]) == 1 and first["counts"]["files_awaiting_review"] == 1
+    item_id = first["quarantined"][0]["file"].split("/")[-1]
+    published_before = {p.name for p in (out / "sourcedata").rglob("*.dcm")}
+
+    assert main(["quarantine", "list", str(spec)]) == 0
+    listing = capsys.readouterr().out
+    assert item_id in listing and "pending" in listing and PID not in listing
+    assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.martin", "--note", "checked"]) == 0
+
+    second = extract_project(str(spec))
+    assert second["published"] and second["state"] == "completed"
+    assert second["released"] == [{"file": f"sub-07/{item_id}", "status": "included in this run"}]
+    assert second["already_published"] >= 1 and second["counts"]["files_awaiting_review"] == 0
+    new = [p for p in (out / "sourcedata").rglob("*.dcm") if p.name not in published_before]
+    assert len(new) == 1 and new[0].parent.name.startswith("099-")
+    ds = pydicom.dcmread(new[0])
+    assert str(ds.PatientID) == "07"
+    assert np.array_equal(ds.pixel_array, pydicom.dcmread(tmp_path / "up" / "screen.dcm").pixel_array)
+    assert PID.encode() not in new[0].read_bytes()
+    rows = [r for r in read_lineage(out).to_pylist() if r["convert_status"] == "released"]
+    assert [r["path"] for r in rows] == [new[0].relative_to(out).as_posix()]
+    q = Quarantine(out.parent / f".{out.name}.pacs2bids-work" / "quarantine")
+    assert q.get(item_id).state == "published" and not q.path(q.get(item_id)).exists()
+
+    third = extract_project(str(spec))  # nothing left to release: published once only
+    assert third["released"] == [] and len(list((out / "sourcedata").rglob("*.dcm"))) == len(published_before) + 1
