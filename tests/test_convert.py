@@ -156,6 +156,41 @@ def test_xa30_non_image_and_scouts_reported(corpus_dir, tmp_path):
     assert scout.status == "skipped" and "derived" in scout.reason
 
 
+@pytest.mark.corpus
+def test_series_split_by_dcm2niix_is_failed_and_removed(corpus_dir, tmp_path):
+    """dcm_qa_ts: one image in nine transfer syntaxes under one SeriesInstanceUID. dcm2niix
+    writes _bold1 ... _bold9, names BIDS refuses: the series is failed with the reason and
+    nothing of it stays (no file, no scans.tsv row, no empty subject folder)."""
+    result = convert_session(corpus_dir / "dcm_qa_ts" / "In", tmp_path / "bids", subject="ts", session=None,
+                             heuristic="auto", work_dir=tmp_path / "w")
+    (series,) = result.series
+    assert series.status == "failed" and "split this series into 9 images" in series.reason
+    assert series.outputs == [] and not (tmp_path / "bids" / "sub-ts").exists()
+
+
+def test_split_check_keeps_other_series_of_the_session(sample_dir, corpus_dir, tmp_path):
+    import shutil
+
+    import pydicom
+
+    src = tmp_path / "dicom"
+    shutil.copytree(sample_dir / "dcm_qa_nih" / "In", src / "nih")
+    study = pydicom.dcmread(next((src / "nih").rglob("*.dcm"))).StudyInstanceUID
+    (src / "ts").mkdir()
+    for f in (corpus_dir / "dcm_qa_ts" / "In").glob("*.dcm"):  # one session: the split series joins the nih study
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = study
+        ds.save_as(src / "ts" / f.name)
+    result = convert_session(src, tmp_path / "bids", subject="ts", session=None, heuristic="auto",
+                             work_dir=tmp_path / "w")
+    status = sorted(s.status for s in result.series)
+    assert status.count("failed") == 1 and status.count("converted") >= 2, result.series
+    kept = [o for s in result.series for o in s.outputs]
+    assert kept and all((tmp_path / "bids" / o).exists() for o in kept)
+    scans = (tmp_path / "bids" / "sub-ts" / "sub-ts_scans.tsv").read_text()
+    assert "bold1" not in scans and all(o.split("/", 1)[1] in scans for o in kept if o.endswith(".nii.gz"))
+
+
 def test_series_provenance(sample_bids, tmp_path):
     from datetime import datetime, timezone
 

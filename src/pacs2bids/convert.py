@@ -206,6 +206,33 @@ def _fix_fieldmap_names(bids_root: Path, outputs: list[Path], prefix: str) -> li
     return sorted(renamed)
 
 
+def _split_outputs(outputs: list[Path], prefix: str) -> int:
+    """How many images dcm2niix made from one template beyond the first, when it numbered them
+    (``_bold1``, ``_bold2``...; field maps are renamed before this check). 0: named as BIDS wants."""
+    stem = Path(prefix).name
+    numbered = {re.match(r"\d+", p.name[len(stem):]).group() for p in outputs
+                if p.name.startswith(stem) and re.match(r"\d+\.", p.name[len(stem):])}
+    return len(numbered)
+
+
+def _remove_outputs(bids_root: Path, prefix: str, outputs: list[Path]) -> None:
+    """Delete one template's outputs and their rows in scans.tsv."""
+    names = {p.name for p in outputs}
+    for p in outputs:
+        p.unlink(missing_ok=True)
+    sess_dir = (bids_root / prefix).parent.parent
+    for scans in sess_dir.glob("*_scans.tsv"):
+        lines = scans.read_text().splitlines(keepends=True)
+        scans.write_text("".join(l for l in lines if l.split("\t", 1)[0].rsplit("/", 1)[-1] not in names))
+    # nothing left of the session (or subject): no folder, so no empty subject in the dataset
+    for folder in (sess_dir, sess_dir.parent):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        if folder.name.startswith(("sub-", "ses-")) and all(
+            f.name.endswith("_scans.tsv") and len(f.read_text().splitlines()) <= 1 for f in files
+        ):
+            shutil.rmtree(folder)
+
+
 def _rename_in_scans(bids_root: Path, prefix: str, renames: dict[str, str]) -> None:
     sess_dir = (bids_root / prefix).parent.parent
     for scans in sess_dir.glob("*_scans.tsv"):
@@ -289,7 +316,14 @@ def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: 
             prefix = _fill(template, subject, session)
             found = _fix_fieldmap_names(bids_root, _outputs_for(bids_root, prefix), prefix)
             outs = [str(p.relative_to(bids_root)) for p in found]
-            if any(o.endswith((".nii", ".nii.gz")) for o in outs):
+            split = _split_outputs(found, prefix)
+            if split:
+                _remove_outputs(bids_root, prefix, found)
+                status, outs = "failed", []
+                reason = (f"dcm2niix split this series into {split} images (geometry, echo or transfer syntax changes "
+                          "within one series): BIDS has no name for that, so it is left out. Split it into series "
+                          "at the source, or give it a rule in a project heuristic")
+            elif any(o.endswith((".nii", ".nii.gz")) for o in outs):
                 status, reason = "converted", ""
             else:
                 status, reason = "failed", f"heudiconv produced no image for {prefix} (see {log_file.name})"
