@@ -14,8 +14,10 @@ validator reports errors.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import uuid
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +28,8 @@ from prefect.tasks import exponential_backoff
 
 from pacs2bids import __version__
 from pacs2bids.config import ProjectSpec, load_spec
+from pacs2bids.deadletter import DeadLetters
+from pacs2bids.deid.keyed import Keyed
 from pacs2bids.errors import LeakDetected, Pacs2BidsError, PacsError, ValidationFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.lineage import LineageRecord
@@ -101,15 +105,19 @@ def extract_project(spec_path: str) -> dict:
     records: list[LineageRecord] = []
     done_raw: list[Path] = []
     released: list[str] = []
+    dead_letters = DeadLetters(work / "dead-letter.json")
     try:
         _extract(spec, staging, raw_root, quarantine, scratch, summary, records, done_raw, flow_run_id, logger)
         released = _include_released(spec, staging, quarantine, scratch, summary, records, logger)
         summary.awaiting_review = sum(1 for i in Quarantine(quarantine).items() if i.state == "pending")
+        dead = dead_letters.fold(records, run_id=run_id)
+        summary.dead_letter = [asdict(e) for e in dead]
         _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger)
     except Pacs2BidsError as exc:
         summary.errors.append(str(exc))
         summary.finish()
         summary.write(work / "runs" / f"run-{run_id}.json")
+        _summary_artifact(spec, summary, logger)
         logger.error("run %s failed, nothing published: %s", run_id, exc)
         raise RunFailed(str(exc), summary.to_dict()) from None
     finally:
@@ -120,9 +128,24 @@ def extract_project(spec_path: str) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
     for item_id in released:
         Quarantine(quarantine).mark_published(item_id, run_id=run_id)
+    dead_letters.save(dead)
     summary.write(work / "runs" / f"run-{run_id}.json")
+    _summary_artifact(spec, summary, logger)
     logger.info("%s", summary.format())
     return summary.to_dict()
+
+
+def _summary_artifact(spec: ProjectSpec, summary: RunSummary, logger) -> None:
+    """The run summary as a Prefect artifact, for the UI (pseudonymised like the summary;
+    the leak tests read it back)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    key = "pacs2bids-" + (re.sub(r"[^a-z0-9-]+", "-", spec.project.lower()).strip("-") or "project")
+    try:
+        create_markdown_artifact(markdown="```\n" + summary.format() + "\n```", key=key,
+                                 description=f"pacs2bids run {summary.run_id}: {summary.state}")
+    except Exception as exc:  # the UI's copy: never worth failing a run for
+        logger.warning("could not record the summary artifact: %s", type(exc).__name__)
 
 
 def _extract(
@@ -147,6 +170,7 @@ def _extract(
         retry_delay_seconds=exponential_backoff(spec.retries.backoff_seconds or 0.1),
         retry_condition_fn=_transient,
     )
+    keyed = Keyed(spec.secret_bytes, spec.project)
     found = query(spec)
     summary.unmatched = [{"row": i.row, "subject": i.subject} for i in found.unmatched]
     for i in found.unmatched:
@@ -165,7 +189,8 @@ def _extract(
             retrieved = fut.result()
         except Exception as exc:  # one study's failure never stops the others
             summary.study_failures.append({"label": lbl, "reason": _reason(exc)})
-            records.append(LineageRecord(study.subject, study.session, retrieve_status="failed", reason=_reason(exc)))
+            records.append(LineageRecord(study.subject, study.session, keyed.uid(study.study_instance_uid),
+                                         retrieve_status="failed", reason=_reason(exc)))
             logger.error("study %d/%d (%s): retrieval failed: %s", n, len(studies), lbl, _reason(exc))
             continue
         logger.info("study %d/%d (%s): %d series retrieved", n, len(studies), lbl, len(retrieved))
@@ -177,7 +202,7 @@ def _extract(
             if rs.status != "complete":
                 line = SeriesLine(study.subject, study.session, rs.series.series_number, "", rs.status, rs.reason)
                 summary.series.append(line)
-                records.append(_record(study, rs, retrieve_status=rs.status, reason=rs.reason))
+                records.append(_record(keyed, study, rs, retrieve_status=rs.status, reason=rs.reason))
                 continue
             number = rs.series.series_number if rs.series.series_number is not None else 0
             out_dir = src / f"{number:03d}-{rs.folder.name[:12]}"
@@ -191,7 +216,7 @@ def _extract(
                 summary.series.append(
                     SeriesLine(study.subject, study.session, rs.series.series_number, "", "failed", _reason(exc))
                 )
-                records.append(_record(study, rs, pseudonymise_status="failed", reason=_reason(exc)))
+                records.append(_record(keyed, study, rs, pseudonymise_status="failed", reason=_reason(exc)))
                 continue
             for name, why in res.quarantined:
                 summary.quarantined.append({"file": f"{lbl}/{name}", "reason": why})
@@ -201,7 +226,7 @@ def _extract(
                 summary.series.append(
                     SeriesLine(study.subject, study.session, res.series_number, res.series_description, "skipped", why)
                 )
-                records.append(_record(study, rs, res, convert_status="skipped", reason=why))
+                records.append(_record(keyed, study, rs, res, convert_status="skipped", reason=why))
                 done_raw.append(rs.folder)
                 continue
             deids.append((rs, res))
@@ -219,7 +244,7 @@ def _extract(
                     SeriesLine(study.subject, study.session, res.series_number, res.series_description, "failed",
                                _reason(exc), pseudo_series_uid=res.pseudo_series_uid)
                 )
-                records.append(_record(study, rs, res, convert_status="failed", reason=_reason(exc)))
+                records.append(_record(keyed, study, rs, res, convert_status="failed", reason=_reason(exc)))
             logger.error("%s: conversion failed: %s", lbl, _reason(exc))
             continue
         by_uid = {c.series_uid: c for c in result.series}
@@ -250,7 +275,7 @@ def _extract(
                 )
                 outputs.append(prov.relative_to(staging).as_posix())
             for o in outputs or [None]:
-                records.append(_record(study, rs, res, convert_status=status, reason=reason or None, path=o))
+                records.append(_record(keyed, study, rs, res, convert_status=status, reason=reason or None, path=o))
         logger.info("%s: converted", lbl)
 
 
@@ -337,7 +362,6 @@ def _skip_already_published(spec: ProjectSpec, studies: list[StudyRef], summary:
     the project key and compared with the published dataset's lineage."""
     if not (spec.output / ".pacs2bids" / "lineage").is_dir():
         return studies
-    from pacs2bids.deid.keyed import Keyed
     from pacs2bids.lineage import read_lineage
 
     current = heuristic_sha256(spec.heuristic)
@@ -367,12 +391,14 @@ def _skip_already_published(spec: ProjectSpec, studies: list[StudyRef], summary:
     return kept
 
 
-def _record(study: StudyRef, rs, res=None, **kw) -> LineageRecord:
+def _record(keyed, study: StudyRef, rs, res=None, **kw) -> LineageRecord:
+    """One lineage row; before pseudonymisation (``res`` None) the pseudonymised UIDs are
+    computed with the project key, so that a failed series is still named."""
     return LineageRecord(
         subject=study.subject,
         session=study.session,
-        pseudo_study_uid=res.pseudo_study_uid if res else None,
-        pseudo_series_uid=res.pseudo_series_uid if res else None,
+        pseudo_study_uid=res.pseudo_study_uid if res else keyed.uid(study.study_instance_uid),
+        pseudo_series_uid=res.pseudo_series_uid if res else keyed.uid(rs.series.series_instance_uid),
         series_number=rs.series.series_number,
         instances_announced=rs.series.announced_instances,
         instances_received=rs.received,

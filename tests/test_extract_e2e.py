@@ -202,6 +202,16 @@ def prefect_logs_text() -> str:
     return asyncio.run(read())
 
 
+def prefect_artifacts_text() -> str:
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return "\n".join(f"{a.key} {a.description} {a.data}" for a in await client.read_artifacts())
+
+    return asyncio.run(read())
+
+
 def run_extraction(spec: Path, monkeypatch):
     from pacs2bids.flows.extract import extract_project
 
@@ -222,7 +232,7 @@ def check_published(out: Path, planted: dict, tmp: Path, summary: dict) -> None:
         out,
         identifying_values(planted),
         {"summary": json.dumps(summary), "lineage": json.dumps(lineage.to_pylist(), default=str),
-         "prefect logs": prefect_logs_text()},
+         "prefect logs": prefect_logs_text(), "prefect artifacts": prefect_artifacts_text()},
     )
     provenance = list((out / ".pacs2bids" / "provenance").rglob("*.json"))
     assert provenance, "no provenance JSON"
@@ -255,6 +265,7 @@ def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, t
     work = out.parent / f".{out.name}.pacs2bids-work"
     assert not [f for f in (work / "raw").rglob("*") if f.is_file()]
     assert (out / "sourcedata").is_dir() and list((out / "sourcedata").rglob("*.dcm"))
+    assert f"pacs2bids run {summary['run_id']}" in prefect_artifacts_text()  # the UI's copy of the summary
 
 
 @pytest.mark.slow
@@ -303,12 +314,10 @@ def test_unreachable_pacs_writes_nothing(prefect_harness, tmp_path, monkeypatch,
 @pytest.mark.corpus
 def test_corpus_end_to_end(prefect_harness, orthanc_factory, corpus_dir, tmp_path, monkeypatch):
     """The fuller multi-vendor corpus: every vendor folder becomes a patient."""
-    # dcm_qa_ts holds one image in nine transfer syntaxes under one SeriesInstanceUID: a codec
-    # test set, not an acquisition (tests/test_deid_dcm2niix.py covers its transfer syntaxes)
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for folder in corpus_dir.iterdir():
-        if folder.is_dir() and folder.name != "dcm_qa_ts":
+        if folder.is_dir():
             (corpus / folder.name).symlink_to(folder)
     planted = plant_corpus(corpus, tmp_path / "planted")
     pacs = orthanc_factory()
@@ -318,3 +327,8 @@ def test_corpus_end_to_end(prefect_harness, orthanc_factory, corpus_dir, tmp_pat
     summary = run_extraction(write_spec(tmp_path, block, planted, out), monkeypatch)
     assert summary["published"], summary
     check_published(out, planted, tmp_path, summary)
+    # dcm_qa_ts holds one image in nine transfer syntaxes under one SeriesInstanceUID: dcm2niix
+    # splits it into images BIDS cannot name, so that series alone fails, with its reason
+    failed = [s for s in summary["series"] if s["status"] == "failed"]
+    assert summary["state"] == "completed with failures"
+    assert len(failed) == 1 and "split this series into 9 images" in failed[0]["reason"], failed

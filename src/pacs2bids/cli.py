@@ -66,7 +66,7 @@ def _format(summary: dict) -> str:
     from .run import RunSummary, SeriesLine
 
     s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
-    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released", "awaiting_review", "validator_warnings", "errors", "published"):
+    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released", "awaiting_review", "dead_letter", "validator_warnings", "errors", "published"):
         setattr(s, k, summary[k])
     s.subjects = set(summary["subjects"])
     s.series = [SeriesLine(**line) for line in summary["series"]]
@@ -160,6 +160,15 @@ def _cmd_quarantine(args) -> int:
     return EXIT_OK
 
 
+def _cmd_dead_letter(args) -> int:
+    from .deadletter import DeadLetters, format_entries
+
+    spec = load_spec(args.spec)
+    entries = DeadLetters(spec.resolved_work_dir / "dead-letter.json").entries()
+    print(format_entries(entries))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacs2bids", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -204,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="why (recorded with the decision)")
     p.add_argument("--replace", help="release: a cleaned copy of the same image to publish instead")
     p.set_defaults(func=_cmd_quarantine)
+
+    p = sub.add_parser("dead-letter", help="series and studies that keep failing, with their last error")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_dead_letter)
 
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

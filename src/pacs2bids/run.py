@@ -76,6 +76,7 @@ class RunSummary:
     quarantined: list[dict] = field(default_factory=list)
     released: list[dict] = field(default_factory=list)  # quarantined earlier, released by a reviewer, published now
     awaiting_review: int = 0  # quarantined items (this run's or earlier) no one has decided on yet
+    dead_letter: list[dict] = field(default_factory=list)  # what keeps failing, run after run (deadletter.py)
     validator_warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     published: bool = False
@@ -112,6 +113,7 @@ class RunSummary:
             "files_quarantined": len(self.quarantined),
             "files_released": len(self.released),
             "files_awaiting_review": self.awaiting_review,
+            "dead_letter": len(self.dead_letter),
         }
         return d
 
@@ -147,6 +149,9 @@ class RunSummary:
             lines.append(f"  quarantined: {q['file']} ({q['reason']})")
         for r in self.released:
             lines.append(f"  released from quarantine: {r['file']} ({r['status']})")
+        if self.dead_letter:
+            lines.append(f"  dead-letter list: {len(self.dead_letter)} item(s) keep failing "
+                         "(pacs2bids dead-letter SPEC shows them with their last error)")
         if self.awaiting_review:
             lines.append(f"  {self.awaiting_review} quarantined file(s) await review: pacs2bids quarantine list SPEC")
         if self.validator_warnings:
