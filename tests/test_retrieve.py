@@ -397,3 +397,70 @@ def test_sigkill_during_retrieval_then_rerun_fetches_only_what_is_missing(tmp_pa
     assert len(sops) == len(set(sops)) == announced  # complete, no duplicate
     for f, stamp in before.items():
         assert (f.stat().st_ino, f.stat().st_mtime_ns) == stamp, f"{f.name} was fetched again"
+
+
+class NearLinePacs:
+    """FAKE PACS, on purpose: a study on near-line storage (tape, cold archive) that answers
+    C-ECHO and C-FIND at once but never answers a C-GET, a fault a real Orthanc cannot show.
+    pynetdicom SCP on loopback; the stuck C-GET handler is released when the test stops it."""
+
+    def __init__(self, study_uid: str, series_uid: str, sop_uid: str):
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import (MRImageStorage, PatientRootQueryRetrieveInformationModelFind,
+                                          PatientRootQueryRetrieveInformationModelGet,
+                                          StudyRootQueryRetrieveInformationModelFind,
+                                          StudyRootQueryRetrieveInformationModelGet, Verification)
+
+        self.release = threading.Event()
+        self.get_requests = 0
+        ae = AE(ae_title="NEARLINE")
+        for ctx in (Verification, StudyRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelFind,
+                    StudyRootQueryRetrieveInformationModelGet, PatientRootQueryRetrieveInformationModelGet):
+            ae.add_supported_context(ctx)
+        ae.add_supported_context(MRImageStorage, scu_role=True, scp_role=True)
+
+        def on_find(event):
+            level = str(event.identifier.QueryRetrieveLevel)
+            ds = pydicom.Dataset()
+            ds.QueryRetrieveLevel = level
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+            ds.SOPInstanceUID, ds.SOPClassUID = sop_uid, MRImageStorage
+            ds.Modality, ds.SeriesNumber, ds.NumberOfSeriesRelatedInstances = "MR", 1, 1
+            yield 0xFF00, ds
+
+        def on_get(event):
+            self.get_requests += 1
+            self.release.wait(120)  # the archive is "fetching from tape"
+            yield 0
+
+        self.server = ae.start_server(("127.0.0.1", 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_GET, on_get)])
+        self.port = self.server.server_address[1]
+
+    def stop(self):
+        self.release.set()
+        self.server.shutdown()
+
+
+def test_near_line_study_that_never_answers_times_out_and_is_reported(tmp_path):
+    from pacs2bids.model import SeriesRef, StudyRef
+
+    study_uid, series_uid, sop_uid = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
+    pacs = NearLinePacs(study_uid, series_uid, sop_uid)
+    try:
+        spec = make_spec(tmp_path, f"  dimse:\n    ae_title: NEARLINE\n    host: 127.0.0.1\n    port: {pacs.port}\n"
+                                   "    retrieve: c-get\n    timeout: 2\n", [("patient_id", "P", "01")])
+        spec = spec.model_copy(update={"retries": spec.retries.model_copy(update={"attempts": 1, "backoff_seconds": 0.1})})
+        study = StudyRef(1, "01", None, study_uid, series=[SeriesRef(study_uid, series_uid, "MR", 1, "", 1)])
+        done: list = []
+        worker = threading.Thread(target=lambda: done.append(retrieve_study(spec, study, tmp_path / "raw")), daemon=True)
+        worker.start()
+        worker.join(90)  # a hang would block the run forever: the timeout must end it
+        assert not worker.is_alive(), "retrieval of a study that never answers did not time out"
+        (rs,) = done[0]
+        assert rs.status == "failed" and rs.received == 0 and rs.missing == 1
+        assert "timeout" in rs.reason.lower() or "did not answer" in rs.reason.lower(), rs.reason
+        assert pacs.get_requests == 2  # the first try and one retry, then it is reported, not retried forever
+    finally:
+        dimse.close_pools()
+        pacs.stop()

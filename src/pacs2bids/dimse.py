@@ -445,10 +445,19 @@ def _with_retry_on_lost_association(pool: AssociationPool, op: Callable, **kw):
     try once more on a fresh one."""
     for attempt in (1, 2):
         with pool.session(**kw) as assoc:
+            started = time.monotonic()
             try:
                 return op(assoc)
             except _LostAssociation:
                 assoc.abort()
+                if time.monotonic() - started >= 0.9 * pool.settings.timeout:
+                    # it was alive but silent: asking again at once would only double the load
+                    raise PacsError(
+                        f"{_peer(pool.settings)} did not answer within {pool.settings.timeout:.0f} s (timeout). "
+                        "A study on near-line storage (tape, cold archive) can take longer: raise "
+                        "pacs.dimse.timeout, or let the retries and the dead-letter list take it",
+                        transient=True,
+                    ) from None
                 if attempt == 2:
                     raise PacsError(
                         f"{_peer(pool.settings)} closed the association or did not answer within "
