@@ -168,6 +168,17 @@ def test_series_split_by_dcm2niix_is_failed_and_removed(corpus_dir, tmp_path):
     assert series.outputs == [] and not (tmp_path / "bids" / "sub-ts").exists()
 
 
+def test_split_check_accepts_numbered_field_map_echoes(tmp_path):
+    from pacs2bids.convert import _split_outputs
+
+    fmap = tmp_path / "sub-01" / "fmap"
+    fmap.mkdir(parents=True)
+    mags = [fmap / f"sub-01_magnitude{n}{ext}" for n in (1, 2) for ext in (".nii.gz", ".json")]
+    bolds = [tmp_path / f"sub-01_task-x_bold{n}.nii.gz" for n in (1, 2, 3)]
+    assert _split_outputs(mags, "sub-01/fmap/sub-01_magnitude") == 0
+    assert _split_outputs(bolds, "sub-01/func/sub-01_task-x_bold") == 3
+
+
 def test_split_check_keeps_other_series_of_the_session(sample_dir, corpus_dir, tmp_path):
     import shutil
 

@@ -208,8 +208,11 @@ def _fix_fieldmap_names(bids_root: Path, outputs: list[Path], prefix: str) -> li
 
 def _split_outputs(outputs: list[Path], prefix: str) -> int:
     """How many images dcm2niix made from one template beyond the first, when it numbered them
-    (``_bold1``, ``_bold2``...; field maps are renamed before this check). 0: named as BIDS wants."""
+    (``_bold1``, ``_bold2``...; field maps are renamed before this check). 0: named as BIDS wants.
+    GRE field-map echoes are BIDS names: ``_magnitude1``/``_magnitude2``, ``_phase1``/``_phase2``."""
     stem = Path(prefix).name
+    if stem.endswith(("_magnitude", "_phase")):
+        return 0
     numbered = {re.match(r"\d+", p.name[len(stem):]).group() for p in outputs
                 if p.name.startswith(stem) and re.match(r"\d+\.", p.name[len(stem):])}
     return len(numbered)
