@@ -234,6 +234,12 @@ def check_published(out: Path, planted: dict, tmp: Path, summary: dict) -> None:
         {"summary": json.dumps(summary), "lineage": json.dumps(lineage.to_pylist(), default=str),
          "prefect logs": prefect_logs_text(), "prefect artifacts": prefect_artifacts_text()},
     )
+    for sidecar in out.glob("sub-*/**/*.json"):  # the de-identification travels into every sidecar
+        meta = json.loads(sidecar.read_text())
+        codes = {c.get("CodeValue") for c in meta.get("DeidentificationMethodCodeSequence", [])}
+        # Basic profile, Retain Longitudinal with Modified Dates, Clean Descriptors, Retain Safe Private
+        assert {"113100", "113107", "113105", "113111"} <= codes, (sidecar.name, codes)
+        assert "pacs2bids" in json.dumps(meta.get("DeidentificationMethod")), sidecar.name
     provenance = list((out / ".pacs2bids" / "provenance").rglob("*.json"))
     assert provenance, "no provenance JSON"
     prov = json.loads(provenance[0].read_text())

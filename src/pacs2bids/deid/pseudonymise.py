@@ -414,9 +414,10 @@ class Pseudonymiser:
         ctx.note("PatientName", "replaced", "subject code (P2)")
         ctx.note("PatientID", "replaced", "subject code (P2)")
         ds.PatientIdentityRemoved = "YES"
+        # one LO value within 64 characters (dcm2niix copies only that much into the sidecar);
+        # the options applied are the CID 7050 codes of the sequence below
         ds.DeidentificationMethod = (
-            f"pacs2bids {_version()}: PS3.15 Annex E ({self.profile.describe()['edition']}) Basic Profile"
-            + "".join(f" + {o}" for o in self.profile.options if o != "cleanPixelDataOpt" or pixels_cleaned)
+            f"pacs2bids {_version()}, PS3.15 Annex E ({self.profile.describe()['edition']}) Basic Profile"
         )[:64]
         seq = Sequence()
         for value, meaning in self.profile.method_codes(pixels_cleaned):
