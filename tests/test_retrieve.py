@@ -397,3 +397,60 @@ def test_sigkill_during_retrieval_then_rerun_fetches_only_what_is_missing(tmp_pa
     assert len(sops) == len(set(sops)) == announced  # complete, no duplicate
     for f, stamp in before.items():
         assert (f.stat().st_ino, f.stat().st_mtime_ns) == stamp, f"{f.name} was fetched again"
+
+
+def test_storage_scp_refuses_associations_beyond_its_bound(tmp_path, loaded):
+    """Our C-MOVE storage SCP holds at most ``storage_max_associations`` associations at once:
+    a real pynetdicom client is refused one more (A-ASSOCIATE-RJ, transient, local limit
+    exceeded), also while Orthanc holds a slot to send a C-MOVE's instances, and that C-MOVE
+    still completes."""
+    from pynetdicom import AE, evt
+
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o, "c-move", storage_port=o.move_port, storage_max_associations=2),
+                     [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    client = AE(ae_title="INTRUDER")
+    client.add_requested_context(dimse.ECHO)
+    rejections: list[tuple] = []
+
+    def on_acse(event):
+        p = event.primitive
+        if getattr(p, "result", None) in (0x01, 0x02):
+            rejections.append((p.result, p.result_source, p.diagnostic))
+
+    def associate():
+        return client.associate("127.0.0.1", o.move_port, ae_title="PACS2BIDS",
+                                evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+
+    with dimse.storage_server(spec.pacs.dimse) as server:
+        assert server.maximum_associations == 2
+        held = [associate(), associate()]
+        assert all(a.is_established for a in held)
+        extra = associate()
+        assert extra.is_rejected and not extra.is_established
+        assert rejections[-1] == (0x02, 0x03, 0x02)  # transient, ACSE provider, local limit exceeded
+        held.pop().release()
+
+        # one slot left: Orthanc takes it for the C-MOVE; nobody else gets in meanwhile
+        refused_during_move: list[bool] = []
+
+        def intrude():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if len(server._server.active_associations) >= 2:
+                    a = associate()
+                    refused_during_move.append(a.is_rejected)
+                    if a.is_established:
+                        a.release()
+                    return
+                time.sleep(0.01)
+
+        t = threading.Thread(target=intrude)
+        t.start()
+        results = retrieve_study(spec, study, tmp_path / "raw", limiter=RateLimiter(per_minute=240))
+        t.join()
+        held.pop().release()
+    assert refused_during_move == [True]
+    assert all(r.status == "complete" for r in results), [r.reason for r in results]
+    assert sum(r.received for r in results) == sum(s.announced_instances for s in study.series) == 8

@@ -577,7 +577,7 @@ class StorageServer:
     (:meth:`expect_series`); the receiver then checks each one. Started on first use, stopped when the last user leaves.
     """
 
-    def __init__(self, host: str, port: int, ae_title: str, timeout: float):
+    def __init__(self, host: str, port: int, ae_title: str, timeout: float, max_associations: int = 4):
         self.host, self.ae_title = host, ae_title
         self._routes: dict[str, Receiver] = {}
         self._lock = threading.Lock()
@@ -586,6 +586,10 @@ class StorageServer:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.maximum_pdu_size = 0
         ae.require_called_aet = True
+        # E5 both ways: a PACS (or anything else on the network) cannot make us run more than
+        # this many receiving threads; pynetdicom rejects one more with A-ASSOCIATE-RJ
+        # (transient, service provider ACSE, local limit exceeded: PS3.8 9.3.4), read per association
+        ae.maximum_associations = max_associations
         for uid in sorted(DEFAULT_STORAGE_CLASSES):
             ae.add_supported_context(uid, UNCOMPRESSED + COMPRESSED)
         ae.add_supported_context(ECHO)
@@ -612,6 +616,15 @@ class StorageServer:
         except Exception:  # unreadable: nobody can claim it
             return None
 
+    @property
+    def maximum_associations(self) -> int:
+        """Associations accepted at once; one more is rejected (read for each new association)."""
+        return self._ae.maximum_associations
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._ae.maximum_associations = value
+
     def expect_series(self, series_uid: str, receiver: Receiver) -> None:
         """Route instances of ``series_uid`` to ``receiver`` until :meth:`forget_series`."""
         with self._lock:
@@ -632,20 +645,24 @@ _SERVERS_LOCK = threading.Lock()
 @contextmanager
 def storage_server(settings: DimseSettings) -> Iterator[StorageServer]:
     """The storage SCP C-MOVE sends to, on ``storage_host:storage_port`` with AE title
-    ``move_destination or calling_ae_title``. Raises :class:`PacsError` if the port is taken."""
+    ``move_destination or calling_ae_title``, accepting at most ``storage_max_associations``
+    associations at once. Raises :class:`PacsError` if the port is taken."""
     aet = settings.move_destination or settings.calling_ae_title
     key = (settings.storage_host, settings.storage_port, aet)
     with _SERVERS_LOCK:
         server = _SERVERS.get(key)
         if server is None:
             try:
-                server = StorageServer(settings.storage_host, settings.storage_port, aet, settings.timeout)
+                server = StorageServer(settings.storage_host, settings.storage_port, aet, settings.timeout,
+                                       settings.storage_max_associations)
             except OSError as exc:
                 raise PacsError(
                     f"cannot start our storage SCP {aet} on {settings.storage_host}:{settings.storage_port}: "
                     f"{exc.strerror or exc}. Free that port or change pacs.dimse.storage_port."
                 ) from None
             _SERVERS[key] = server
+        else:  # shared by several specs: the strictest bound holds
+            server.maximum_associations = min(server.maximum_associations, settings.storage_max_associations)
         server._users += 1
     try:
         yield server
