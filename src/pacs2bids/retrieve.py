@@ -274,6 +274,7 @@ class _Dimse:
             if self.server is None:
                 self.dimse.get(self.settings, ds, sink, classes)
             else:
+                self.server.support(classes)
                 self.server.expect_series(series_uid, sink)
                 try:
                     self.dimse.move(self.settings, ds, self.server.ae_title, self.server)
