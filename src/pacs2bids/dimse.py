@@ -261,10 +261,13 @@ def _accept_ignored_scp_roles(assoc) -> None:
     pynetdicom then refuses those C-STOREs with 0x0122; Orthanc accepts unknown (private) SOP
     classes that way and sends on them anyway, so its private instances would never arrive
     by C-GET. We proposed the SCP role for every storage context we offered, so taking it is
-    what we asked for. (pynetdicom has no public setter: ``_as_scp`` is pinned by constraints.txt
-    and tests/test_retrieve.py fails if it stops working.)"""
+    what we asked for; an explicit refusal of the role is respected. (pynetdicom has no public
+    setter: ``_as_scp`` is pinned by constraints.txt and tests/test_retrieve.py fails if it stops
+    working.)"""
+    answered = {str(uid) for uid in assoc.acceptor.role_selection}
     for cx in assoc.accepted_contexts:
-        if cx.as_scp is False and str(cx.abstract_syntax) not in (ECHO, FIND, GET, MOVE):
+        uid = str(cx.abstract_syntax)
+        if cx.as_scp is False and uid not in answered and uid not in (ECHO, FIND, GET, MOVE):
             cx._as_scp = True
 
 
@@ -318,7 +321,7 @@ class AssociationPool:
         if classes - offered:
             log.warning("%d announced SOP class(es) do not fit in one association's presentation contexts; "
                         "their instances will be reported missing", len(classes - offered))
-        roles = [build_role(uid, scu_role=True, scp_role=True) for uid in sorted(offered)]
+        roles = [build_role(uid, scp_role=True) for uid in sorted(offered)]
         rejection: dict = {}
 
         def on_acse(event):
