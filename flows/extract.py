@@ -1,9 +1,12 @@
 """Flow ``extract_project``: one research project from the PACS to a published BIDS dataset.
 
 Read it top-down to follow a series: query → retrieve (private raw folder) → pseudonymise
-(staging ``sourcedata/``) → convert (heudiconv + dcm2niix) → provenance → leak scan →
-validate → lineage → publish (atomic rename into ``output``). Files a reviewer released from
-quarantine since the last run join the staging ``sourcedata/`` before the leak scan.
+(staging ``sourcedata/``) → convert (heudiconv + dcm2niix) → provenance → validate →
+lineage (per output file, and per instance with its received file's keyed checksum) → leak
+scan (the last gate, lineage tables and run summary included) → publish (atomic rename into
+``output``).
+Files a reviewer released from quarantine since the last run join the staging ``sourcedata/``
+before the checks.
 
 Side effects: writes the private work folder beside ``output`` (raw files, quarantine,
 staging), the encrypted matching key, and, when the run succeeds, the dataset in ``output``.
@@ -32,11 +35,12 @@ from pacs2bids.deadletter import DeadLetters
 from pacs2bids.deid.keyed import Keyed
 from pacs2bids.errors import LeakDetected, Pacs2BidsError, PacsError, ValidationFailed
 from pacs2bids.heuristic_path import heuristic_sha256
-from pacs2bids.lineage import LineageRecord
+from pacs2bids.lineage import InstanceRecord, LineageRecord, instance_records
 from pacs2bids.model import StudyRef
 from pacs2bids.provenance import write_series_provenance
 from pacs2bids.publish import seed_staging, staging_dir
 from pacs2bids.quarantine import Quarantine, QuarantineError
+from pacs2bids.retrieve import read_ledger
 from pacs2bids.run import RunSummary, SeriesLine, assign_sessions, label, session_dir
 from pacs2bids.versions import tool_versions
 from pacs2bids.tasks.bids import finalise_dataset
@@ -103,16 +107,18 @@ def extract_project(spec_path: str) -> dict:
 
     summary = RunSummary(project=spec.project, run_id=run_id, output=str(spec.output))
     records: list[LineageRecord] = []
+    instances: list[InstanceRecord] = []  # compact, one per published sourcedata file
     done_raw: list[Path] = []
     released: list[str] = []
     dead_letters = DeadLetters(work / "dead-letter.json")
     try:
-        _extract(spec, staging, raw_root, quarantine, scratch, summary, records, done_raw, flow_run_id, logger)
+        _extract(spec, staging, raw_root, quarantine, scratch, summary, records, instances, done_raw, flow_run_id,
+                 logger)
         released = _include_released(spec, staging, quarantine, scratch, summary, records, logger)
         summary.awaiting_review = sum(1 for i in Quarantine(quarantine).items() if i.state == "pending")
         dead = dead_letters.fold(records, run_id=run_id)
         summary.dead_letter = [asdict(e) for e in dead]
-        _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger)
+        _check_and_publish(spec, staging, summary, records, instances, run_id, flow_run_id, versions, logger)
     except Pacs2BidsError as exc:
         summary.errors.append(str(exc))
         summary.finish()
@@ -156,10 +162,14 @@ def _extract(
     scratch: Path,
     summary: RunSummary,
     records: list[LineageRecord],
+    instances: list[InstanceRecord],
     done_raw: list[Path],
     flow_run_id: str | None,
     logger,
 ) -> None:
+    from pacs2bids.deid.keyed import Keyed
+
+    keyed = Keyed(spec.secret_bytes, spec.project)
     query = query_studies.with_options(
         retries=spec.retries.attempts,
         retry_delay_seconds=exponential_backoff(spec.retries.backoff_seconds or 0.1),
@@ -220,6 +230,12 @@ def _extract(
                 continue
             for name, why in res.quarantined:
                 summary.quarantined.append({"file": f"{lbl}/{name}", "reason": why})
+            # each sourcedata file paired with the received file it came from (its ledger entry)
+            instances += instance_records(
+                staging, res.written, res.sources, read_ledger(rs.folder), subject=study.subject,
+                session=study.session, pseudo_study_uid=res.pseudo_study_uid,
+                pseudo_series_uid=res.pseudo_series_uid, received_digest=keyed.received_digest,
+            )
             _write_json(staging / META / "deid" / lbl / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json", res.record)
             if not res.written:
                 why = "; ".join(r for _, r in res.dropped[:1]) or "nothing left after pseudonymisation"
@@ -328,7 +344,7 @@ def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratc
     return included
 
 
-def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, versions, logger) -> None:
+def _check_and_publish(spec, staging, summary, records, instances, run_id, flow_run_id, versions, logger) -> None:
     participants = sorted(_existing_participants(staging))  # subjects with images, this run's or earlier
     if not participants:
         raise NothingToPublish(
@@ -336,10 +352,6 @@ def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, ver
             "inclusions listed in this summary"
         )
     finalise_dataset(staging, spec.dataset_name or spec.project, participants, {"Name": "pacs2bids", "Version": __version__})
-    hits = scan_for_leaks(spec, staging)
-    if hits:
-        where = "; ".join(f"{h.path} ({h.field}, {h.kind})" for h in hits[:10])
-        raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
     report = validate_dataset(staging)
     summary.validator_warnings = _warning_counts(report.warnings)
     if report.errors:
@@ -352,7 +364,14 @@ def _check_and_publish(spec, staging, summary, records, run_id, flow_run_id, ver
     summary.published = True
     summary.finish()
     summary.write(staging / META / "runs" / f"run-{run_id}.json")
-    record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__, heuristic_sha256(spec.heuristic))
+    record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__, heuristic_sha256(spec.heuristic),
+                   instances)
+    # the last gate: after the lineage tables and the run summary are written, so they are scanned too
+    hits = scan_for_leaks(spec, staging)
+    if hits:
+        summary.published = False
+        where = "; ".join(f"{h.path} ({h.field}, {h.kind})" for h in hits[:10])
+        raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
     publish_dataset(staging, spec.output)
 
 

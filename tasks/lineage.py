@@ -16,8 +16,11 @@ def record_lineage(
     flow_run_id: str | None,
     pacs2bids_version: str,
     heuristic_sha256: str | None,
+    instances: list[lineage.InstanceRecord] = (),
 ) -> Path:
-    """Append this run's lineage table (Parquet) to the dataset."""
+    """Append this run's lineage tables (Parquet) to the dataset: one row per output file, and
+    one per published sourcedata instance (with its received file's keyed checksum)."""
+    lineage.write_instances(dataset_root, instances, run_id=run_id, project=project)
     return lineage.write_run(
         dataset_root,
         records,

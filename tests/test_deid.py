@@ -415,3 +415,23 @@ def test_property_determinism_and_no_leak(t1_files, tmp_path_factory, uid, d, id
 
 def test_default_options_are_the_research_default():
     assert set(Profile().options) == set(DEFAULT_OPTIONS)
+
+
+def test_scan_for_leaks_reads_parquet_values_not_only_bytes(tmp_path):
+    """A Parquet table compressed with gzip (Huffman-coded literals) hides its strings from a byte scan: the scanner
+    decodes Parquet and names the column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "ds" / ".pacs2bids" / "lineage"
+    root.mkdir(parents=True)
+    table = pa.table({"subject": ["01", "02"] * 50, "reason": ["fine"] * 99 + ["from patient IPP77881234 again"]})
+    pq.write_table(table, root / "run-x.parquet", compression="gzip", write_statistics=False)
+    assert b"IPP77881234" not in (root / "run-x.parquet").read_bytes()  # the byte scan alone would pass it
+    hits = scan_for_leaks(tmp_path / "ds", ["IPP77881234"])
+    assert [(h.path, h.field, h.kind) for h in hits] == [(".pacs2bids/lineage/run-x.parquet", "column reason", "parquet")]
+    pq.write_table(pa.table({"subject": ["01"]}), root / "run-x.parquet", compression="zstd")
+    assert scan_for_leaks(tmp_path / "ds", ["IPP77881234"]) == []
+    (root / "broken.parquet").write_bytes(b"PAR1" + b"\0" * 20 + b"PAR1")
+    with pytest.raises(OSError, match="Parquet"):  # cannot read: must not pass
+        scan_for_leaks(tmp_path / "ds", ["IPP77881234"])

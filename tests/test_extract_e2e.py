@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from pacs2bids.dicomfiles import iter_dicom_bytes
-from pacs2bids.lineage import read_lineage
+from pacs2bids.lineage import read_instances, read_lineage
 from pacs2bids.validate import validate_dataset
 
 SECRET = "e2e-secret-0123456789abcdef"
@@ -220,7 +220,67 @@ def run_extraction(spec: Path, monkeypatch):
     return extract_project(str(spec))
 
 
-def check_published(out: Path, planted: dict, tmp: Path, summary: dict) -> None:
+def received_sha256s(pacs, spec: Path | None, tmp: Path) -> dict[str, str]:
+    """Original SOPInstanceUID -> SHA-256 of the file as the run's transport delivers it: the
+    PACS's own file for WADO-RS (served as stored); for C-GET and C-MOVE, whose File Meta
+    Information pynetdicom writes, the file a fresh retrieval with the same spec receives."""
+    import hashlib
+
+    import requests
+
+    from pacs2bids import dimse
+    from pacs2bids.config import load_spec
+    from pacs2bids.query import find_studies
+    from pacs2bids.retrieve import retrieve_study
+
+    loaded = load_spec(spec, environ={"PACS2BIDS_PROJECT_SECRET": SECRET})
+    out = {}
+    if loaded.pacs.chosen == "dicomweb":
+        for iid in pacs.get("/instances"):
+            data = requests.get(f"{pacs.url}/instances/{iid}/file", timeout=60).content
+            sop = str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+            out[sop] = hashlib.sha256(data).hexdigest()
+        return out
+    raw = tmp / "again-raw"
+    try:
+        for study in find_studies(loaded).studies:
+            retrieve_study(loaded, study, raw)
+    finally:
+        dimse.close_pools()
+    for f in raw.rglob("*.dcm"):
+        out[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+def check_instance_lineage(out: Path, pacs, spec: Path, tmp: Path) -> list[dict]:
+    """Every published sourcedata DICOM has exactly one instance row, whose checksum is the
+    file's; its received checksum is keyed: HMAC(project key, SHA-256 of the received file),
+    never the plain SHA-256. Returns the rows."""
+    import hashlib
+    import hmac
+
+    from pacs2bids.config import load_spec
+    from pacs2bids.deid.keyed import Keyed, derive_key
+
+    rows = read_instances(out).to_pylist()
+    files = sorted(f.relative_to(out).as_posix() for f in (out / "sourcedata").rglob("*.dcm"))
+    assert files and sorted(r["path"] for r in rows) == files  # exactly one row each, no row without file
+    project = load_spec(spec, environ={"PACS2BIDS_PROJECT_SECRET": SECRET}).project
+    keyed, key = Keyed(SECRET.encode(), project), derive_key(SECRET.encode(), project, "received-sha256")
+    received = {keyed.uid(sop): sha for sop, sha in received_sha256s(pacs, spec, tmp).items()}
+    for r in rows:
+        f = out / r["path"]
+        assert r["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest() and r["size"] == f.stat().st_size
+        assert str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) == r["pseudo_sop_instance_uid"]
+        plain = received[r["pseudo_sop_instance_uid"]]
+        assert r["received_sha256_hmac"] == hmac.new(key, bytes.fromhex(plain), hashlib.sha256).hexdigest()
+        assert r["transport"] in ("c-get", "c-move", "wado-rs")
+    text = json.dumps(rows, default=str)
+    assert not [sha for sha in received.values() if sha in text]  # no plain checksum of a clinical file
+    return rows
+
+
+def check_published(out: Path, planted: dict, tmp: Path, summary: dict, pacs=None, spec: Path | None = None) -> None:
     report = validate_dataset(out)
     assert report.ok, report.errors
     refs = reference_images(planted["by_series"], tmp / "refs")
@@ -228,11 +288,14 @@ def check_published(out: Path, planted: dict, tmp: Path, summary: dict) -> None:
     assert n >= 1
     lineage = read_lineage(out)
     assert lineage.num_rows >= n
+    instances = check_instance_lineage(out, pacs, spec, tmp) if pacs is not None else read_instances(out).to_pylist()
+    assert instances
     assert_nothing_leaks(
         out,
         identifying_values(planted),
         {"summary": json.dumps(summary), "lineage": json.dumps(lineage.to_pylist(), default=str),
-         "prefect logs": prefect_logs_text(), "prefect artifacts": prefect_artifacts_text()},
+         "instance lineage": json.dumps(instances, default=str), "prefect logs": prefect_logs_text(),
+         "prefect artifacts": prefect_artifacts_text()},
     )
     for sidecar in out.glob("sub-*/**/*.json"):  # the de-identification travels into every sidecar
         meta = json.loads(sidecar.read_text())
@@ -266,7 +329,18 @@ def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, t
     assert summary["counts"]["subjects"] == len(planted["patients"])
     assert summary["counts"]["series_converted"] >= 5
     assert {"row": len(planted["patients"]) + 2, "subject": "99"} in summary["unmatched"]
-    check_published(out, planted, tmp_path, summary)
+    check_published(out, planted, tmp_path, summary, pacs, spec)
+    # `pacs2bids lineage` on a sourcedata file shows its instance row; on an image, its sources
+    row = read_instances(out).to_pylist()[0]
+    shown = subprocess.run([sys.executable, "-m", "pacs2bids.cli", "lineage", str(out / row["path"])],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert row["pseudo_sop_instance_uid"] in shown.stdout and row["received_sha256_hmac"] in shown.stdout
+    assert "c-get" in shown.stdout
+    image = next(out.glob("sub-*/**/*.nii.gz"))
+    shown = subprocess.run([sys.executable, "-m", "pacs2bids.cli", "lineage", str(image)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "pseudonymised DICOM instance(s) in sourcedata/" in shown.stdout, shown.stdout
     # the clinical copy does not outlive the run
     work = out.parent / f".{out.name}.pacs2bids-work"
     assert not [f for f in (work / "raw").rglob("*") if f.is_file()]
@@ -289,9 +363,12 @@ def test_other_transports_end_to_end(prefect_harness, orthanc_factory, sample_di
     else:
         block = (f"  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-move, "
                  f"calling_ae_title: PACS2BIDS, storage_port: {storage_port}}}\n")
-    summary = run_extraction(write_spec(tmp_path, block, planted, out), monkeypatch)
+    spec = write_spec(tmp_path, block, planted, out)
+    summary = run_extraction(spec, monkeypatch)
     assert summary["state"] == "completed", summary
-    check_published(out, planted, tmp_path, summary)
+    check_published(out, planted, tmp_path, summary, pacs, spec)
+    rows = read_instances(out).to_pylist()
+    assert {r["transport"] for r in rows} == {"wado-rs" if transport == "dicomweb" else "c-move"}
 
 
 @pytest.mark.slow
@@ -330,9 +407,10 @@ def test_corpus_end_to_end(prefect_harness, orthanc_factory, corpus_dir, tmp_pat
     pacs.upload(f for files in planted["by_series"].values() for f in files)
     out = tmp_path / "out"
     block = f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n"
-    summary = run_extraction(write_spec(tmp_path, block, planted, out), monkeypatch)
+    spec = write_spec(tmp_path, block, planted, out)
+    summary = run_extraction(spec, monkeypatch)
     assert summary["published"], summary
-    check_published(out, planted, tmp_path, summary)
+    check_published(out, planted, tmp_path, summary, pacs, spec)
     # dcm_qa_ts holds one image in nine transfer syntaxes under one SeriesInstanceUID: dcm2niix
     # splits it into images BIDS cannot name, so that series alone fails, with its reason
     failed = [s for s in summary["series"] if s["status"] == "failed"]

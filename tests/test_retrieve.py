@@ -464,3 +464,131 @@ def test_near_line_study_that_never_answers_times_out_and_is_reported(tmp_path):
     finally:
         dimse.close_pools()
         pacs.stop()
+def test_storage_scp_refuses_associations_beyond_its_bound(tmp_path, loaded):
+    """Our C-MOVE storage SCP holds at most ``storage_max_associations`` associations at once:
+    a real pynetdicom client is refused one more (A-ASSOCIATE-RJ, transient, local limit
+    exceeded), also while Orthanc holds a slot to send a C-MOVE's instances, and that C-MOVE
+    still completes."""
+    from pynetdicom import AE, evt
+
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o, "c-move", storage_port=o.move_port, storage_max_associations=2),
+                     [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    client = AE(ae_title="INTRUDER")
+    client.add_requested_context(dimse.ECHO)
+    rejections: list[tuple] = []
+
+    def on_acse(event):
+        p = event.primitive
+        if getattr(p, "result", None) in (0x01, 0x02):
+            rejections.append((p.result, p.result_source, p.diagnostic))
+
+    def associate():
+        return client.associate("127.0.0.1", o.move_port, ae_title="PACS2BIDS",
+                                evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+
+    with dimse.storage_server(spec.pacs.dimse) as server:
+        assert server.maximum_associations == 2
+        held = [associate(), associate()]
+        assert all(a.is_established for a in held)
+        extra = associate()
+        assert extra.is_rejected and not extra.is_established
+        assert rejections[-1] == (0x02, 0x03, 0x02)  # transient, ACSE provider, local limit exceeded
+        held.pop().release()
+
+        # one slot left: Orthanc takes it for the C-MOVE; nobody else gets in meanwhile
+        refused_during_move: list[bool] = []
+
+        def intrude():
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if len(server._server.active_associations) >= 2:
+                    a = associate()
+                    refused_during_move.append(a.is_rejected)
+                    if a.is_established:
+                        a.release()
+                    return
+                time.sleep(0.01)
+
+        t = threading.Thread(target=intrude)
+        t.start()
+        results = retrieve_study(spec, study, tmp_path / "raw", limiter=RateLimiter(per_minute=240))
+        t.join()
+        held.pop().release()
+    assert refused_during_move == [True]
+    assert all(r.status == "complete" for r in results), [r.reason for r in results]
+    assert sum(r.received for r in results) == sum(s.announced_instances for s in study.series) == 8
+
+
+# -- private SOP classes (E1: never lose an image, whatever its class) -----------------------
+PHILIPS_PRIVATE = "1.3.46.670589.11.0.0.12.4"  # Philips private MR series data storage
+
+
+def private_class_copies(sample_dir: Path, n: int = 3) -> tuple[list[bytes], str]:
+    """Copies of bundled Philips files turned into a series of a private SOP class (SOPClassUID
+    and MediaStorageSOPClassUID), in the same study and patient. Returns (files, series UID)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.uid import generate_uid
+
+    series_uid = generate_uid(prefix="1.2.826.0.1.3680043.10.543.")
+    out = []
+    for src in sorted(iter_dicom_files(sample_dir / "dcm_qa_philips"))[:n]:
+        ds = pydicom.dcmread(src)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = PHILIPS_PRIVATE
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.10.543.")
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = 9901
+        buf = DicomBytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out, series_uid
+
+
+def assert_private_series_complete(results, raw: Path, o, series_uids: set[str]) -> None:
+    by = {r.series.series_instance_uid: r for r in results}
+    assert series_uids <= set(by)
+    for uid in series_uids:
+        r = by[uid]
+        assert r.status == "complete" and r.missing == 0 and r.received == r.series.announced_instances, r.reason
+    got = {str(d.SOPInstanceUID): str(d.SOPClassUID)
+           for d in (pydicom.dcmread(p, stop_before_pixels=True) for p in raw.rglob("*.dcm"))}
+    held = {i["MainDicomTags"]["SOPInstanceUID"] for i in o.get("/instances?expand")}
+    assert set(got) == held  # every instance of the study, none lost
+    assert sum(1 for c in got.values() if not c.startswith("1.2.840.10008.")) >= len(series_uids)
+
+
+@pytest.mark.parametrize("transport", ["c-get", "c-move"])
+def test_private_sop_class_retrieved_whole(tmp_path, orthanc_factory, sample_dir, transport):
+    """A series of a private SOP class arrives whole by C-GET (proposed with the SCP role, which
+    Orthanc accepts without answering the role item) and by C-MOVE (our running storage SCP
+    learns the classes the instance-level query announced), beside the standard series."""
+    port = free_port()
+    o = orthanc_factory(dicomweb=False, modalities={"PACS2BIDS": ("127.0.0.1", port)})
+    private, series_uid = private_class_copies(sample_dir)
+    assert o.upload(list(iter_dicom_files(sample_dir / "dcm_qa_philips")) + private) == 27 + len(private)
+    spec = make_spec(tmp_path, dimse_yaml(o, transport, storage_port=port), [("patient_id", "phantom", "A")])
+    spec = spec.model_copy(update={"retries": spec.retries.model_copy(update={"attempts": 0})})  # no second chance
+    study = find_studies(spec).studies[0]
+    results = retrieve_study(spec, study, tmp_path / "raw")
+    assert_private_series_complete(results, tmp_path / "raw", o, {series_uid})
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("transport", ["c-get", "c-move"])
+def test_corpus_philips_private_objects_retrieved(tmp_path, orthanc_factory, corpus_dir, transport):
+    """The corpus's Philips private objects (ExamCard, series data: private SOP classes)."""
+    import gzip
+
+    port = free_port()
+    o = orthanc_factory(dicomweb=False, modalities={"PACS2BIDS": ("127.0.0.1", port)})
+    files = [gzip.decompress(p.read_bytes()) for p in sorted((corpus_dir / "dcm_qa_philips_dwi").rglob("XX_*.gz"))]
+    private = [pydicom.dcmread(pydicom.filebase.DicomBytesIO(b), stop_before_pixels=True) for b in files]
+    private = [d for d in private if not str(d.SOPClassUID).startswith("1.2.840.10008.")]
+    assert len(private) >= 2
+    assert o.upload(files) == len(files)
+    spec = make_spec(tmp_path, dimse_yaml(o, transport, storage_port=port),
+                     [("patient_id", str(private[0].PatientID), "A")])
+    spec = spec.model_copy(update={"retries": spec.retries.model_copy(update={"attempts": 0})})
+    results = [r for st in find_studies(spec).studies for r in retrieve_study(spec, st, tmp_path / "raw")]
+    assert_private_series_complete(results, tmp_path / "raw", o, {str(d.SeriesInstanceUID) for d in private})

@@ -118,3 +118,59 @@ def test_summary_states_and_text():
     s.series.append(SeriesLine("01", None, 5, "", "incomplete", "2 missing"))
     s.finish()
     assert s.state == "completed with failures"
+
+
+def test_instance_lineage_pairs_written_files_with_keyed_received_checksums(tmp_path, monkeypatch):
+    """One row per published sourcedata file: its own checksum, the transport, and the received
+    file's checksum keyed with the project key (never plain), written in bounded row groups."""
+    import hashlib
+    import hmac
+
+    import pyarrow.parquet as pq
+
+    from pacs2bids import lineage
+    from pacs2bids.deid.keyed import Keyed, derive_key
+    from pacs2bids.lineage import format_instances, instance_records, instances_of, read_instances, write_instances
+
+    secret = b"s" * 32
+    keyed = Keyed(secret, "proj")
+    root = tmp_path / "ds"
+    series = root / "sourcedata" / "sub-01" / "003-abcdef"
+    series.mkdir(parents=True)
+    written, sources, ledger = [], [], {}
+    for i in range(7):
+        f = series / (f"2.25.{100 + i}.dcm" if i != 6 else "2.25.105-1.dcm")
+        f.write_bytes(b"pseudonymised %d" % i)
+        raw_sha = hashlib.sha256(b"received %d" % i).hexdigest()
+        written.append(f)
+        sources.append(f"raw{i}.dcm")
+        if i != 3:  # recovered after a killed run: no ledger entry, so no digest at all
+            ledger[f"raw{i}"] = {"sha256": raw_sha, "size": 10, "transport": "c-get"}
+    recs = instance_records(root, written, sources, ledger, subject="01", session=None, pseudo_study_uid="2.25.1",
+                            pseudo_series_uid="2.25.2", received_digest=keyed.received_digest)
+    monkeypatch.setattr(lineage, "_BATCH", 3)
+    out = write_instances(root, iter(recs), run_id="r1", project="proj")
+    assert out.name == "instances-r1.parquet" and pq.ParquetFile(out).metadata.num_row_groups == 3
+    rows = {r["path"]: r for r in read_instances(root).to_pylist()}
+    assert len(rows) == 7
+    k = derive_key(secret, "proj", "received-sha256")
+    for i, f in enumerate(written):
+        r = rows[f.relative_to(root).as_posix()]
+        assert r["sha256"] == hashlib.sha256(f.read_bytes()).hexdigest() and r["size"] == f.stat().st_size
+        assert r["pseudo_sop_instance_uid"] == ("2.25.105" if i == 6 else f"2.25.{100 + i}")
+        plain = hashlib.sha256(b"received %d" % i).hexdigest()
+        if i == 3:
+            assert r["received_sha256_hmac"] is None and r["transport"] is None
+        else:
+            assert r["received_sha256_hmac"] == hmac.new(k, bytes.fromhex(plain), hashlib.sha256).hexdigest()
+            assert r["received_sha256_hmac"] != plain and r["transport"] == "c-get"
+    # another project key gives other digests
+    assert Keyed(b"t" * 32, "proj").received_digest(plain) != keyed.received_digest(plain)
+    # the CLI's view of one file, and of the series folder
+    found_root, one = instances_of(written[0])
+    assert found_root == root.resolve() and len(one) == 1
+    _, every = instances_of(series)
+    assert len(every) == 7
+    text = format_instances(found_root, written[0], one)
+    assert "2.25.100" in text and "c-get" in text and one[0]["received_sha256_hmac"] in text
+    assert write_instances(root, [], run_id="r2", project="proj") is None

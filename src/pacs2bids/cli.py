@@ -84,15 +84,19 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_lineage(args) -> int:
-    from .lineage import format_chain, lineage_of
+    from .lineage import format_chain, format_instances, instance_counts, instances_of, lineage_of
 
     path = Path(args.path)
     try:
         root, rows = lineage_of(path)
+        _, instances = instances_of(path)
     except FileNotFoundError as exc:
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(format_chain(root, path, rows))
+    if instances and not rows:  # a pseudonymised DICOM file or folder under sourcedata/
+        print(format_instances(root, path, instances))
+        return EXIT_OK
+    print(format_chain(root, path, rows, instance_counts(root) if rows else None))
     return EXIT_OK if rows else EXIT_FAILED
 
 

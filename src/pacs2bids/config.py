@@ -53,6 +53,12 @@ class DimseSettings(_Model):
         0, ge=0, le=65535, description="For C-MOVE: the port our storage SCP listens on (0: any free port)."
     )
     max_associations: int = Field(2, ge=1, le=32, description="Associations open at once to this PACS.")
+    storage_max_associations: int = Field(
+        4, ge=1, le=64,
+        description="For C-MOVE: associations the PACS may hold open at once to our storage SCP; one more is "
+        "refused (A-ASSOCIATE-RJ, transient, local limit exceeded) and its instances are fetched again by the "
+        "next attempt. The default leaves room for max_associations C-MOVEs at once, each with a spare.",
+    )
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE or network answer.")
 
     @field_validator("ae_title", "calling_ae_title", "move_destination")

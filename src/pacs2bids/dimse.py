@@ -237,20 +237,38 @@ def _store_handler(get_receiver: Callable[[object], Receiver | None]):
 
 
 def storage_contexts(extra_classes: frozenset[str] = frozenset()) -> list:
-    """Presentation contexts for receiving instances (C-GET), at most 128 in all with Q/R ones."""
-    contexts = []
-    for uid in IMAGE_CLASSES:
-        contexts.append(build_context(uid, UNCOMPRESSED))
-    for uid in sorted(DEFAULT_STORAGE_CLASSES - {str(u) for u in IMAGE_CLASSES} | set(extra_classes)):
+    """Presentation contexts for receiving instances (C-GET), at most 124 (128 per association,
+    PS3.8 9.3.2.2, less the four Q/R and Verification ones).
+
+    ``extra_classes`` (SOP classes the instance-level query announced beyond the defaults,
+    private ones included) come right after the image classes, so the cap never drops them
+    before the defaults; compressed syntaxes get the room that is left."""
+    extra = sorted(set(extra_classes) - DEFAULT_STORAGE_CLASSES)
+    contexts = [build_context(uid, UNCOMPRESSED) for uid in list(IMAGE_CLASSES) + extra]
+    for uid in sorted(DEFAULT_STORAGE_CLASSES - {str(u) for u in IMAGE_CLASSES}):
         contexts.append(build_context(uid, UNCOMPRESSED))
     # the acceptor picks one syntax per context: big endian, deflate and every compressed
     # syntax get their own context for image classes, so no instance needs transcoding
-    for uid in list(IMAGE_CLASSES) + sorted(set(extra_classes) - DEFAULT_STORAGE_CLASSES):
+    for uid in list(IMAGE_CLASSES) + extra:
         for ts in UNCOMPRESSED[1:] + COMPRESSED:
-            if len(contexts) >= _MAX_CONTEXTS - 4:
-                break
             contexts.append(build_context(uid, [ts]))
     return contexts[: _MAX_CONTEXTS - 4]
+
+
+def _accept_ignored_scp_roles(assoc) -> None:
+    """Let the PACS send C-STOREs on storage contexts it accepted while ignoring our SCP/SCU role
+    proposal. Strictly (PS3.7 D.3.3.4) an unanswered role item leaves the default roles, and
+    pynetdicom then refuses those C-STOREs with 0x0122; Orthanc accepts unknown (private) SOP
+    classes that way and sends on them anyway, so its private instances would never arrive
+    by C-GET. We proposed the SCP role for every storage context we offered, so taking it is
+    what we asked for; an explicit refusal of the role is respected. (pynetdicom has no public
+    setter: ``_as_scp`` is pinned by constraints.txt and tests/test_retrieve.py fails if it stops
+    working.)"""
+    answered = {str(uid) for uid in assoc.acceptor.role_selection}
+    for cx in assoc.accepted_contexts:
+        uid = str(cx.abstract_syntax)
+        if cx.as_scp is False and uid not in answered and uid not in (ECHO, FIND, GET, MOVE):
+            cx._as_scp = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,7 +317,11 @@ class AssociationPool:
         ae.maximum_pdu_size = 0  # no limit on what we receive
         contexts = [build_context(ECHO), build_context(FIND), build_context(GET), build_context(MOVE)]
         contexts += storage_contexts(classes - DEFAULT_STORAGE_CLASSES)
-        roles = [build_role(uid, scp_role=True) for uid in sorted({str(c.abstract_syntax) for c in contexts[4:]})]
+        offered = frozenset(str(c.abstract_syntax) for c in contexts[4:])
+        if classes - offered:
+            log.warning("%d announced SOP class(es) do not fit in one association's presentation contexts; "
+                        "their instances will be reported missing", len(classes - offered))
+        roles = [build_role(uid, scp_role=True) for uid in sorted(offered)]
         rejection: dict = {}
 
         def on_acse(event):
@@ -307,7 +329,7 @@ class AssociationPool:
             if isinstance(p, A_ASSOCIATE) and p.result in (0x01, 0x02):
                 rejection.update(result=p.result_str, source=p.source_str, reason=p.reason_str, transient=p.result == 2)
 
-        slot = _Slot(None, classes | DEFAULT_STORAGE_CLASSES, time.monotonic())
+        slot = _Slot(None, offered, time.monotonic())
         handlers = [
             (evt.EVT_C_STORE, _store_handler(lambda event: slot.receiver)),
             (evt.EVT_ACSE_RECV, on_acse),
@@ -328,6 +350,7 @@ class AssociationPool:
                 f"right, and that no firewall blocks the port.",
                 transient=True,
             )
+        _accept_ignored_scp_roles(assoc)
         slot.assoc = assoc
         self.stats.opened += 1
         return slot
@@ -579,6 +602,22 @@ def move(settings: DimseSettings, identifier: Dataset, destination: str,
 # ---------------------------------------------------------------------------------------
 # Storage SCP for C-MOVE
 # ---------------------------------------------------------------------------------------
+_REGISTER_LOCK = threading.Lock()
+
+
+def _register_storage_class(uid: str) -> None:
+    """Make pynetdicom's acceptor treat ``uid`` (a private or newer SOP class) as a Storage SOP
+    class: it dispatches each request by SOP class, and aborts the association for one it does
+    not know. Registered only for classes a query announced, not for everything
+    (``_config.UNRESTRICTED_STORAGE_SERVICE`` would accept any)."""
+    from pynetdicom.service_class import ServiceClass, StorageServiceClass
+    from pynetdicom.sop_class import register_uid, uid_to_service_class
+
+    with _REGISTER_LOCK:
+        if uid_to_service_class(uid) is ServiceClass:  # unknown to pynetdicom; never re-map a known one
+            register_uid(uid, "Pacs2bidsStorage_" + uid.replace(".", "_"), StorageServiceClass)
+
+
 class StorageServer:
     """Our storage SCP, shared by every C-MOVE of the process on one (host, port, AE title).
 
@@ -586,7 +625,7 @@ class StorageServer:
     (:meth:`expect_series`); the receiver then checks each one. Started on first use, stopped when the last user leaves.
     """
 
-    def __init__(self, host: str, port: int, ae_title: str, timeout: float):
+    def __init__(self, host: str, port: int, ae_title: str, timeout: float, max_associations: int = 4):
         self.host, self.ae_title = host, ae_title
         self._routes: dict[str, Receiver] = {}
         self._lock = threading.Lock()
@@ -595,6 +634,10 @@ class StorageServer:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.maximum_pdu_size = 0
         ae.require_called_aet = True
+        # E5 both ways: a PACS (or anything else on the network) cannot make us run more than
+        # this many receiving threads; pynetdicom rejects one more with A-ASSOCIATE-RJ
+        # (transient, service provider ACSE, local limit exceeded: PS3.8 9.3.4), read per association
+        ae.maximum_associations = max_associations
         for uid in sorted(DEFAULT_STORAGE_CLASSES):
             ae.add_supported_context(uid, UNCOMPRESSED + COMPRESSED)
         ae.add_supported_context(ECHO)
@@ -621,6 +664,29 @@ class StorageServer:
         except Exception:  # unreadable: nobody can claim it
             return None
 
+    @property
+    def maximum_associations(self) -> int:
+        """Associations accepted at once; one more is rejected (read for each new association)."""
+        return self._ae.maximum_associations
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        self._ae.maximum_associations = value
+
+    def support(self, classes: frozenset[str]) -> None:
+        """Accept storage of ``classes`` too (SOP classes an instance-level query announced,
+        private ones included), from the next association on: pynetdicom's server copies its
+        ``contexts`` for each association it accepts, so a running server can be extended.
+        The acceptor's list has no 128 limit (that caps what one requestor proposes)."""
+        with self._lock:
+            known = {str(cx.abstract_syntax) for cx in self._server.contexts}
+            fresh = sorted(set(classes) - known)
+            for uid in fresh:
+                _register_storage_class(uid)
+            if fresh:
+                self._server.contexts = [*self._server.contexts,
+                                         *(build_context(uid, UNCOMPRESSED + COMPRESSED) for uid in fresh)]
+
     def expect_series(self, series_uid: str, receiver: Receiver) -> None:
         """Route instances of ``series_uid`` to ``receiver`` until :meth:`forget_series`."""
         with self._lock:
@@ -641,20 +707,24 @@ _SERVERS_LOCK = threading.Lock()
 @contextmanager
 def storage_server(settings: DimseSettings) -> Iterator[StorageServer]:
     """The storage SCP C-MOVE sends to, on ``storage_host:storage_port`` with AE title
-    ``move_destination or calling_ae_title``. Raises :class:`PacsError` if the port is taken."""
+    ``move_destination or calling_ae_title``, accepting at most ``storage_max_associations``
+    associations at once. Raises :class:`PacsError` if the port is taken."""
     aet = settings.move_destination or settings.calling_ae_title
     key = (settings.storage_host, settings.storage_port, aet)
     with _SERVERS_LOCK:
         server = _SERVERS.get(key)
         if server is None:
             try:
-                server = StorageServer(settings.storage_host, settings.storage_port, aet, settings.timeout)
+                server = StorageServer(settings.storage_host, settings.storage_port, aet, settings.timeout,
+                                       settings.storage_max_associations)
             except OSError as exc:
                 raise PacsError(
                     f"cannot start our storage SCP {aet} on {settings.storage_host}:{settings.storage_port}: "
                     f"{exc.strerror or exc}. Free that port or change pacs.dimse.storage_port."
                 ) from None
             _SERVERS[key] = server
+        else:  # shared by several specs: the strictest bound holds
+            server.maximum_associations = min(server.maximum_associations, settings.storage_max_associations)
         server._users += 1
     try:
         yield server

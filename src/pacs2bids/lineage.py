@@ -4,6 +4,17 @@ Rows hold pseudonymised identifiers only (subject and session codes, pseudonymis
 Series Instance UIDs), stage statuses and checksums. All lineage goes through :data:`SCHEMA`.
 The table lives in ``<dataset>/.pacs2bids/lineage/run-<run_id>.parquet``; a later run adds its
 own file next to the earlier ones, and readers see the union.
+
+Per instance, a second table, :data:`INSTANCE_SCHEMA`, in ``instances-<run_id>.parquet``: one
+row per pseudonymised DICOM file the run published under ``sourcedata/`` (its pseudonymised
+SOP Instance UID, path, SHA-256 and size), with the transport that brought the received file
+and that file's checksum as recorded on receipt. That checksum is keyed
+(:meth:`pacs2bids.deid.keyed.Keyed.received_digest`, HMAC-SHA256 under a key derived from the
+project secret): a plain SHA-256 would let anyone holding the clinical file link it to its
+pseudonym; with the key, the holder can check which clinical file a research file came from.
+The digest is of the file as received: over WADO-RS, the PACS's file as it serves it; over
+C-GET and C-MOVE, pynetdicom writes the File Meta Information itself, so it matches what the
+same transport delivers, not the PACS's own copy byte for byte.
 """
 
 from __future__ import annotations
@@ -124,6 +135,166 @@ def write_run(
     return out
 
 
+INSTANCE_SCHEMA = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("project", pa.string(), nullable=False),
+        pa.field("recorded_at", pa.timestamp("s", tz="UTC"), nullable=False),
+        pa.field("subject", pa.string(), nullable=False),
+        pa.field("session", pa.string()),
+        pa.field("pseudo_study_uid", pa.string()),
+        pa.field("pseudo_series_uid", pa.string()),
+        pa.field("pseudo_sop_instance_uid", pa.string()),
+        pa.field("path", pa.string(), nullable=False),  # the sourcedata file, relative to the dataset root
+        pa.field("sha256", pa.string()),  # of the published (pseudonymised) file
+        pa.field("size", pa.int64()),
+        pa.field("transport", pa.string()),  # c-get, c-move, wado-rs (null: recovered after a killed run)
+        pa.field("received_sha256_hmac", pa.string()),  # keyed digest of the received file's SHA-256
+    ]
+)
+_BATCH = 4096  # instance rows per Parquet row group: memory stays flat however large the run
+
+
+@dataclass(slots=True)
+class InstanceRecord:
+    """One published sourcedata file and the received file it was made from (compact: one per
+    instance of the run)."""
+
+    subject: str
+    session: str | None
+    pseudo_study_uid: str
+    pseudo_series_uid: str
+    pseudo_sop_instance_uid: str
+    path: str
+    transport: str | None
+    received_sha256_hmac: str | None
+
+
+def instance_records(
+    dataset_root: Path,
+    written: Iterable[Path],
+    sources: Iterable[str],
+    ledger: dict[str, dict],
+    *,
+    subject: str,
+    session: str | None,
+    pseudo_study_uid: str,
+    pseudo_series_uid: str,
+    received_digest,
+) -> list[InstanceRecord]:
+    """Pair each pseudonymised file of a series (``written``, under ``dataset_root``) with the
+    raw file it came from (``sources``, same order) and that file's retrieval ledger entry.
+    ``received_digest(sha256_hex)`` keys the received checksum. A source missing from the ledger
+    gets no digest (null), never a plain checksum."""
+    out = []
+    for target, source in zip(written, sources, strict=True):
+        entry = ledger.get(Path(source).stem) or {}
+        target = Path(target)
+        sha = entry.get("sha256")
+        out.append(
+            InstanceRecord(
+                subject=subject,
+                session=session,
+                pseudo_study_uid=pseudo_study_uid,
+                pseudo_series_uid=pseudo_series_uid,
+                # pseudonymised files are named <SOPInstanceUID>.dcm, or <SOPInstanceUID>-<n>.dcm
+                pseudo_sop_instance_uid=target.stem.split("-")[0],
+                path=target.relative_to(dataset_root).as_posix(),
+                transport=entry.get("transport"),
+                received_sha256_hmac=received_digest(sha) if sha else None,
+            )
+        )
+    return out
+
+
+def write_instances(
+    dataset_root: Path, records: Iterable[InstanceRecord], *, run_id: str, project: str
+) -> Path | None:
+    """Write this run's instance table, ``_BATCH`` rows at a time, computing each published
+    file's SHA-256 and size as it goes (streamed). Returns its path, or None if no record."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    out = dataset_root / LINEAGE_DIR / f"instances-{run_id}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".parquet.tmp")
+    writer = None
+    rows: list[dict] = []
+
+    def flush() -> None:
+        nonlocal writer
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, INSTANCE_SCHEMA)
+        writer.write_table(pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA))
+        rows.clear()
+
+    try:
+        for r in records:
+            f = dataset_root / r.path
+            sha, size = (sha256_file(f), f.stat().st_size) if f.is_file() else (None, None)
+            rows.append({"run_id": run_id, "project": project, "recorded_at": now, "subject": r.subject,
+                         "session": r.session, "pseudo_study_uid": r.pseudo_study_uid,
+                         "pseudo_series_uid": r.pseudo_series_uid,
+                         "pseudo_sop_instance_uid": r.pseudo_sop_instance_uid, "path": r.path, "sha256": sha,
+                         "size": size, "transport": r.transport, "received_sha256_hmac": r.received_sha256_hmac})
+            if len(rows) >= _BATCH:
+                flush()
+        if rows:
+            flush()
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        return None
+    tmp.replace(out)
+    return out
+
+
+def read_instances(dataset_root: Path) -> pa.Table:
+    """Every run's instance table of a dataset, as one table."""
+    files = sorted((dataset_root / LINEAGE_DIR).glob("instances-*.parquet"))
+    if not files:
+        return INSTANCE_SCHEMA.empty_table()
+    return ds.dataset(files, schema=INSTANCE_SCHEMA, format="parquet").to_table()
+
+
+def instances_of(path: Path) -> tuple[Path, list[dict]]:
+    """The instance rows of a sourcedata file, or of every file under a sourcedata folder,
+    newest run first."""
+    root = find_dataset_root(path)
+    rel = path.resolve().relative_to(root).as_posix()
+    table = read_instances(root)
+    if table.num_rows == 0:
+        return root, []
+    import pyarrow.compute as pc
+
+    col = table["path"]
+    mask = pc.or_(pc.equal(col, rel), pc.starts_with(col, rel.rstrip("/") + "/"))
+    rows = table.filter(mask).to_pylist()
+    rows.sort(key=lambda r: (r["recorded_at"], r["path"]), reverse=True)
+    return root, rows
+
+
+def format_instances(root: Path, path: Path, rows: list[dict], limit: int = 20) -> str:
+    """Human-readable instance rows for ``pacs2bids lineage`` on a sourcedata file or folder."""
+    if not rows:
+        return f"{path}: no instance record in {root / LINEAGE_DIR}"
+    lines = [f"{path}: {len(rows)} instance record(s)"]
+    for r in rows[:limit]:
+        ses = f" ses-{r['session']}" if r["session"] else ""
+        lines += [
+            f"  {r['path']}",
+            f"    run {r['run_id']} at {r['recorded_at']:%Y-%m-%d %H:%M:%S} UTC, project {r['project']}, "
+            f"sub-{r['subject']}{ses}",
+            f"    study {r['pseudo_study_uid'] or '-'}, series {r['pseudo_series_uid'] or '-'}, "
+            f"instance {r['pseudo_sop_instance_uid'] or '-'} (pseudonymised)",
+            f"    file sha256={r['sha256'] or '-'} ({r['size'] if r['size'] is not None else '-'} bytes)",
+            f"    received by {r['transport'] or 'unknown transport'}, keyed checksum "
+            f"{r['received_sha256_hmac'] or '-'} (HMAC-SHA256 under the project key)",
+        ]
+    if len(rows) > limit:
+        lines.append(f"  ... and {len(rows) - limit} more")
+    return "\n".join(lines)
+
+
 def find_dataset_root(path: Path) -> Path:
     """The dataset holding ``path``: the nearest parent with a lineage folder."""
     p = path.resolve()
@@ -169,8 +340,21 @@ def lineage_of(path: Path) -> tuple[Path, list[dict]]:
     return root, rows
 
 
-def format_chain(root: Path, path: Path, rows: list[dict]) -> str:
-    """Human-readable chain for ``pacs2bids lineage``."""
+def instance_counts(dataset_root: Path) -> dict[str, int]:
+    """Published sourcedata instances per pseudonymised SeriesInstanceUID (every run)."""
+    files = sorted((dataset_root / LINEAGE_DIR).glob("instances-*.parquet"))
+    if not files:
+        return {}
+    table = ds.dataset(files, schema=INSTANCE_SCHEMA, format="parquet").to_table(columns=["pseudo_series_uid", "path"])
+    seen: dict[str, set[str]] = {}
+    for uid, path in zip(table["pseudo_series_uid"].to_pylist(), table["path"].to_pylist()):
+        seen.setdefault(uid, set()).add(path)
+    return {uid: len(paths) for uid, paths in seen.items()}
+
+
+def format_chain(root: Path, path: Path, rows: list[dict], instances: dict[str, int] | None = None) -> str:
+    """Human-readable chain for ``pacs2bids lineage``; ``instances`` (from :func:`instance_counts`)
+    adds how many sourcedata instances of each series the instance tables record."""
     if not rows:
         return f"{path}: no lineage record in {root / LINEAGE_DIR}"
     lines = [f"{path}"]
@@ -189,6 +373,9 @@ def format_chain(root: Path, path: Path, rows: list[dict]) -> str:
             f"    file   {r['path']} sha256={r['sha256'] or '-'} ({r['size'] if r['size'] is not None else '-'} bytes)",
             f"    pacs2bids {r['pacs2bids_version']}, heuristic sha256 {r['heuristic_sha256'] or '-'}",
         ]
+        if instances is not None and r["pseudo_series_uid"] in instances:
+            lines.append(f"    source {instances[r['pseudo_series_uid']]} pseudonymised DICOM instance(s) in sourcedata/, "
+                         "each with its received file's keyed checksum (lineage instances-*.parquet)")
         if r["reason"]:
             lines.append(f"    note   {r['reason']}")
     return "\n".join(lines)

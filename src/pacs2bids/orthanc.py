@@ -88,6 +88,9 @@ class Orthanc:
             "DicomAlwaysAllowGet": True,
             "DicomAlwaysAllowMove": True,
             "DicomAlwaysAllowStore": True,
+            # store, and offer over C-GET, instances of SOP classes DCMTK does not know
+            # (vendors' private classes, e.g. Philips 1.3.46.670589.11.0.0.12.x), as a PACS must
+            "UnknownSopClassAccepted": True,
             "DicomModalities": {aet: [aet, host, port] for aet, (host, port) in self.modalities.items()},
             "HttpServerEnabled": True,
             "StableAge": 1,

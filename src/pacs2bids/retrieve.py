@@ -5,7 +5,9 @@ Layout: ``raw_root/<h(study)>/<h(series)>/<h(sop)>.dcm`` where ``h`` is a keyed 
 written under a temporary name and renamed into place, so what is on disk is always whole;
 a re-run, or a run resumed after SIGKILL, compares the PACS's instance list (instance-level
 C-FIND or QIDO-RS, by SOPInstanceUID) with the disk and fetches only what is missing.
-Each series folder keeps ``.ledger.json`` (file name -> sha256, size).
+Each series folder keeps ``.ledger.json`` (file name -> sha256, size, transport): the checksum
+of each file as received, before anything reads it, so the lineage can record (keyed) which
+received file each published instance came from (:func:`read_ledger`).
 
 Payloads that are not readable DICOM, or carry UIDs of another instance or series, go to
 ``raw_root/../quarantine/`` with a ``.reason.txt``; their series is reported incomplete and
@@ -129,8 +131,10 @@ class SeriesSink:
     """
 
     def __init__(self, key: bytes, study_uid: str, series_uid: str, folder: Path, quarantine: Path,
-                 limiter: RateLimiter | None = None, on_stored: Callable[[], None] | None = None):
+                 limiter: RateLimiter | None = None, on_stored: Callable[[], None] | None = None,
+                 transport: str | None = None):
         self.key, self.study_uid, self.series_uid = key, study_uid, series_uid
+        self.transport = transport  # c-get, c-move or wado-rs: recorded per file in the ledger
         self.folder, self.quarantine_dir = folder, quarantine
         self.limiter, self.on_stored = limiter, on_stored
         self.lock = threading.Lock()
@@ -142,10 +146,7 @@ class SeriesSink:
     # -- ledger -----------------------------------------------------------------------
     def load(self, announced_names: set[str] | None) -> set[str]:
         """Reconcile the folder with its ledger; returns the names of the good files on disk."""
-        try:
-            self.ledger = json.loads((self.folder / LEDGER).read_text()).get("instances", {})
-        except (OSError, ValueError):
-            self.ledger = {}
+        self.ledger = read_ledger(self.folder)
         present: set[str] = set()
         for p in self.folder.iterdir():
             if p.name.endswith(".part"):
@@ -157,7 +158,7 @@ class SeriesSink:
             size = p.stat().st_size
             entry = self.ledger.get(name)
             if entry is None:  # renamed into place, then the run died before the ledger was saved
-                entry = self.ledger[name] = {"sha256": sha256_file(p), "size": size}
+                entry = self.ledger[name] = {"sha256": sha256_file(p), "size": size, "transport": None}
             if entry["size"] != size:
                 log.warning("a raw file differs from its ledger entry; fetching it again")
                 p.unlink()
@@ -215,11 +216,26 @@ class SeriesSink:
         digest, size = sha256_file(path), path.stat().st_size
         _move_into_place(path, dest)
         with self.lock:
-            self.ledger[name] = {"sha256": digest, "size": size}
+            self.ledger[name] = {"sha256": digest, "size": size, "transport": self.transport}
             self.stored += 1
         if self.on_stored is not None:
             self.on_stored()
         return 0x0000
+
+
+def read_ledger(folder: Path) -> dict[str, dict]:
+    """The retrieval ledger of one raw series folder: raw file name (without ``.dcm``) ->
+    ``{"sha256", "size", "transport"}`` (transport None for a file recovered after a killed
+    run). Empty when there is none."""
+    try:
+        return json.loads((Path(folder) / LEDGER).read_text()).get("instances", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def transport_name(spec: ProjectSpec) -> str:
+    """How ``spec`` retrieves: ``c-get``, ``c-move`` or ``wado-rs``."""
+    return spec.pacs.dimse.retrieve if spec.pacs.chosen == "dimse" else "wado-rs"
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,6 +290,7 @@ class _Dimse:
             if self.server is None:
                 self.dimse.get(self.settings, ds, sink, classes)
             else:
+                self.server.support(classes)
                 self.server.expect_series(series_uid, sink)
                 try:
                     self.dimse.move(self.settings, ds, self.server.ae_title, self.server)
@@ -408,7 +425,8 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
         for series in study.series:
             folder = raw_root / keyed_name(key, study.study_instance_uid) / keyed_name(key, series.series_instance_uid)
             folder.mkdir(parents=True, exist_ok=True)
-            sink = SeriesSink(key, study.study_instance_uid, series.series_instance_uid, folder, quarantine, limiter)
+            sink = SeriesSink(key, study.study_instance_uid, series.series_instance_uid, folder, quarantine, limiter,
+                              transport=transport_name(spec))
             try:
                 rs = _retrieve_series(spec, transport, series, sink, progress)
             except PacsError as exc:

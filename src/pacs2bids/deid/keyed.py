@@ -12,6 +12,11 @@ tells nothing about the others, and none of them is the secret itself.
 - Dates: a whole number of days, between 1 and ``MAX_SHIFT_DAYS`` back in time, from
   ``HMAC-SHA256(k_date, subject)``. Whole days keep times of day unchanged and every interval
   exact (P5); the offset is never written anywhere.
+- Received files: the lineage records, per published instance, ``HMAC-SHA256(k_recv,
+  SHA-256(received file))`` (hex) rather than the plain SHA-256: a plain checksum of the
+  clinical file would let anyone holding that file (the PACS, another extraction) link it to
+  its pseudonym (P13). Only the project key holder can recompute the keyed digest from a
+  candidate file and so verify which clinical file a research file came from.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Keyed:
         self._uid_key = derive_key(secret, project, "uid")
         self._date_key = derive_key(secret, project, "date-shift")
         self._name_key = derive_key(secret, project, "file-name")
+        self._received_key = derive_key(secret, project, "received-sha256")
         self.uid = lru_cache(maxsize=200_000)(self._uid)
 
     def _uid(self, original: str) -> str:
@@ -69,6 +75,12 @@ class Keyed:
         """Days added to every date of ``subject`` (negative: back in time)."""
         digest = hmac.new(self._date_key, subject.encode(), hashlib.sha256).digest()
         return -(1 + int.from_bytes(digest[:8], "big") % MAX_SHIFT_DAYS)
+
+    def received_digest(self, sha256_hex: str) -> str:
+        """``HMAC-SHA256(k_recv, digest)`` in hex, where ``digest`` is the 32-byte SHA-256 of a
+        received file given as hex (as the retrieval ledger holds it). Verifiable only with the
+        project key; links nothing without it."""
+        return hmac.new(self._received_key, bytes.fromhex(sha256_hex), hashlib.sha256).hexdigest()
 
     def token(self, value: str, n: int = 16) -> str:
         """A short keyed hex token (quarantine file names and the like)."""

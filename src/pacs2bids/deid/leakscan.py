@@ -8,6 +8,9 @@ Every file under ``root`` is read:
 - NIfTI (``.nii``, ``.nii.gz``): the header fields ``descrip``, ``aux_file``, ``intent_name``,
   ``db_name`` and the header extensions (the voxels are not text);
 - ``.gz`` files: decompressed, then as above;
+- Parquet (the lineage tables): every value of every column, the schema and its metadata,
+  decoded batch by batch; the raw bytes alone would miss values that the column encodings
+  (dictionary, run-length) and compression (snappy, zstd) split or hide;
 - everything else (JSON, TSV, text, ...): raw bytes;
 - every file and folder name (relative to ``root``).
 
@@ -33,7 +36,7 @@ _MAX_TEXT_BYTES = 256 * 1024 * 1024
 @dataclass(frozen=True)
 class LeakHit:
     """One identifying value found: where (``path`` relative to the root, ``field``) and what
-    kind of place it is (``dicom``, ``nifti-header``, ``text``, ``name``, ``raw``)."""
+    kind of place it is (``dicom``, ``nifti-header``, ``parquet``, ``text``, ``name``, ``raw``)."""
 
     path: str
     field: str
@@ -105,6 +108,31 @@ def _vox_offset(data: bytes) -> float:
     return struct.unpack(">q", data[168:176])[0]
 
 
+def _parquet_fields(path: Path, pattern: re.Pattern[bytes]) -> list[str]:
+    """Columns (and ``schema``) of a Parquet file holding a match; raises OSError when the file
+    cannot be decoded (a scan that cannot read must not pass)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields: list[str] = []
+    try:
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.to_string(show_schema_metadata=True).encode("utf-8", "replace")
+        meta += b"\n".join(k + b"=" + v for k, v in (pf.metadata.metadata or {}).items())
+        if pattern.search(meta):
+            fields.append("schema")
+        for batch in pf.iter_batches(batch_size=8192):
+            for name, column in zip(batch.schema.names, batch.columns):
+                if name in fields:
+                    continue
+                text = "\n".join(str(v) for v in column.to_pylist() if v is not None)
+                if pattern.search(text.encode("utf-8", "replace")):
+                    fields.append(name)
+    except (pa.ArrowException, ValueError, OSError) as exc:
+        raise OSError(f"cannot read Parquet file {path.name}: {str(exc).strip()}") from None
+    return fields
+
+
 def _scan_bytes(rel: str, name: str, data: bytes, pattern: re.Pattern[bytes]) -> list[LeakHit]:
     lowered = name.lower()
     if lowered.endswith(".gz"):
@@ -150,11 +178,30 @@ def scan_for_leaks(root: Path, identifiers: Iterable[str]) -> list[LeakHit]:
                 hits.append(LeakHit(rel, "file name", "name"))
             if p.is_symlink() or not p.is_file():
                 continue
+            if _is_parquet(p):
+                found = [LeakHit(rel, c if c == "schema" else f"column {c}", "parquet")
+                         for c in _parquet_fields(p, pattern)]
+                hits.extend(found or _scan_large(rel, p, pattern))  # and the raw bytes (footer, statistics)
+                continue
             if p.stat().st_size > _MAX_TEXT_BYTES and not f.lower().endswith((".nii", ".nii.gz")):
                 hits.extend(_scan_large(rel, p, pattern))
                 continue
             hits.extend(_scan_bytes(rel, f, p.read_bytes(), pattern))
     return hits
+
+
+def _is_parquet(p: Path) -> bool:
+    """By content (magic ``PAR1`` at both ends), not by name."""
+    try:
+        size = p.stat().st_size
+        if size < 12:
+            return False
+        with open(p, "rb") as fh:
+            head = fh.read(4)
+            fh.seek(size - 4)
+            return head == b"PAR1" and fh.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def _scan_large(rel: str, p: Path, pattern: re.Pattern[bytes]) -> list[LeakHit]:

@@ -137,6 +137,7 @@ class SeriesDeidResult:
     series_description: str = ""
     modality: str = ""
     written: list[Path] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # per written file: the name of the file it was made from
     quarantined: list[tuple[str, str]] = field(default_factory=list)
     dropped: list[tuple[str, str]] = field(default_factory=list)
     record: dict = field(default_factory=dict)
@@ -317,6 +318,7 @@ class Pseudonymiser:
             target = out_dir / (f"{sop}.dcm" if n == 0 else f"{sop}-{n}.dcm")
             ds.save_as(target, enforce_file_format=True)
             result.written.append(target)
+            result.sources.append(path.name)
             if not result.pseudo_series_uid:
                 result.pseudo_study_uid = str(ds.get("StudyInstanceUID", ""))
                 result.pseudo_series_uid = str(ds.get("SeriesInstanceUID", ""))
