@@ -334,6 +334,112 @@ def test_key_store_encrypted_reidentify_audited(t1_files, tmp_path):
     assert pid in make(tmp_path).identifiers()
 
 
+def _record(ks: KeyStore, subject: str, n: int) -> None:
+    ks.record_series(
+        subject,
+        patient_ids=[f"IPP{subject}"],
+        patient_names=[f"Name^{subject}"],
+        studies={f"1.2.3.{subject}": {"accession_number": f"ACC{subject}", "study_date": "20200101", "pseudo_study_uid": "2.25.1", "session": None}},
+        identifiers=[f"IPP{subject}", f"1.2.3.{subject}.{n}"],
+    )
+
+
+def test_key_store_record_appends_one_line_and_rewrites_nothing(tmp_path):
+    ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET)
+    _record(ks, "001", 1)
+    journal = tmp_path / "keys" / "keys.journal"
+    before = journal.read_bytes()
+    _record(ks, "002", 2)
+    after = journal.read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == before.count(b"\n") + 1 == 2
+    assert not (tmp_path / "keys" / "keys.fernet").exists()  # no snapshot rewritten per series
+    assert ks.subjects() == ["001", "002"] and {"IPP001", "1.2.3.002.2"} <= ks.identifiers()
+
+
+def test_key_store_legacy_single_document_still_loads(tmp_path):
+    from cryptography.fernet import Fernet
+
+    from pacs2bids.deid.keyed import fernet_key
+
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    legacy = {"project": "proj", "subjects": {"007": {"patient_ids": ["IPP007"], "patient_names": ["Bond^James"], "studies": {"1.2.7": {"accession_number": "A7"}}}}, "identifiers": ["IPP007", "Bond^James"]}
+    (folder / "keys.fernet").write_bytes(Fernet(fernet_key(SECRET, "proj")).encrypt(json.dumps(legacy).encode()))
+    ks = KeyStore(folder, project="proj", secret=SECRET)
+    _record(ks, "001", 1)
+    assert ks.subjects() == ["001", "007"] and {"IPP007", "Bond^James", "IPP001"} <= ks.identifiers()
+    assert ks.reidentify("007")["patient_names"] == ["Bond^James"]
+    ks.compact()
+    assert (folder / "keys.journal").read_bytes() == b""
+    assert ks.subjects() == ["001", "007"] and ks.reidentify("001")["patient_ids"] == ["IPP001"]
+
+
+def test_key_store_compacts_when_the_journal_grows(tmp_path):
+    ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET, compact_bytes=2000)
+    for i in range(12):
+        _record(ks, f"{i:03d}", i)
+    journal = (tmp_path / "keys" / "keys.journal").read_bytes()
+    assert (tmp_path / "keys" / "keys.fernet").exists() and journal.count(b"\n") < 12
+    assert ks.subjects() == [f"{i:03d}" for i in range(12)]
+    assert {f"1.2.3.{i:03d}.{i}" for i in range(12)} <= ks.identifiers()
+
+
+def test_key_store_torn_last_line_is_ignored_then_cut(tmp_path):
+    ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET)
+    _record(ks, "001", 1)
+    journal = tmp_path / "keys" / "keys.journal"
+    with open(journal, "ab") as f:
+        f.write(b"gAAAAAB-half-written-token")  # a crash mid-write: no newline, never committed
+    assert ks.subjects() == ["001"]
+    _record(ks, "002", 2)
+    assert b"half-written" not in journal.read_bytes() and ks.subjects() == ["001", "002"]
+
+
+def test_key_store_tampered_or_other_secret_is_refused(tmp_path):
+    ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET)
+    _record(ks, "001", 1)
+    with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
+        KeyStore(tmp_path / "keys", project="proj", secret=OTHER).subjects()
+    journal = tmp_path / "keys" / "keys.journal"
+    data = bytearray(journal.read_bytes())
+    data[40] = ord("A") if data[40] != ord("A") else ord("B")
+    journal.write_bytes(bytes(data))
+    with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
+        ks.identifiers()
+    with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
+        ks.reidentify("001")
+
+
+def _record_many(folder: str, worker: int, n: int) -> None:
+    ks = KeyStore(Path(folder), project="proj", secret=SECRET, compact_bytes=3000)
+    for i in range(n):
+        _record(ks, f"{worker}{i:03d}", i)
+
+
+@pytest.mark.parametrize("kind", ["processes", "threads"])
+def test_key_store_concurrent_writers_lose_nothing(tmp_path, kind):
+    import multiprocessing
+    import threading
+
+    folder, n = str(tmp_path / "keys"), 40
+    if kind == "processes":
+        ctx = multiprocessing.get_context("fork")
+        workers = [ctx.Process(target=_record_many, args=(folder, w, n)) for w in (1, 2, 3)]
+    else:
+        workers = [threading.Thread(target=_record_many, args=(folder, w, n)) for w in (1, 2, 3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if kind == "processes":
+        assert all(w.exitcode == 0 for w in workers)
+    ks = KeyStore(Path(folder), project="proj", secret=SECRET)
+    expected = {f"{w}{i:03d}" for w in (1, 2, 3) for i in range(n)}
+    assert set(ks.subjects()) == expected
+    assert {f"1.2.3.{s}.{int(s[1:])}" for s in expected} <= ks.identifiers()
+    assert (tmp_path / "keys" / "keys.fernet").exists()  # compactions ran amid the appends
+
+
 # -- leak scanner -----------------------------------------------------------------------------
 def test_scan_for_leaks_finds_every_kind_of_place(tmp_path, t1_files):
     import nibabel as nib

@@ -310,14 +310,14 @@ class Pseudonymiser:
                 result.series_description = str(ds.get("SeriesDescription", ""))
                 result.modality = str(ds.get("Modality", ""))
             del ds
-        self._identifiers |= new_identifiers
         self.key_store.record_series(
             subject,
             patient_ids=sorted(v for v in originals["patient_ids"] if v),
             patient_names=sorted(v for v in originals["patient_names"] if v),
             studies=study_map,
-            identifiers=new_identifiers,
+            identifiers=new_identifiers - self._identifiers,  # the store has the others already
         )
+        self._identifiers |= new_identifiers
         result.record = self._record(notes, pixel_log, result, count)
         return result
 
