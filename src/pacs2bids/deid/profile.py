@@ -155,6 +155,7 @@ class Profile:
         self.rows: dict[int, Row] = {}
         self.masked: list[tuple[int, int, Row]] = []
         self.private_row: Row | None = None
+        self._resolved: dict[int, tuple[str, str] | None] = {}
         for raw in json.loads(_resource(PROFILE_FILE).read_text(encoding="utf-8")):
             row = Row(raw["name"], raw["tag"], raw["basicProfile"], {k: v for k, v in raw.items() if k in TABLE_OPTIONS})
             m = _TAG.fullmatch(raw["tag"])
@@ -191,15 +192,19 @@ class Profile:
 
     def action(self, tag: int) -> tuple[str, str] | None:
         """The resolved action code for a public tag and where it came from, or None when the
-        tag is not in Table E.1-1."""
+        tag is not in Table E.1-1. Resolved once per tag (the options do not change)."""
+        if tag in self._resolved:
+            return self._resolved[tag]
         row = self.row(tag)
-        if row is None:
-            return None
-        code, source = row.basic, "basicProfile"
-        for opt in self.options:
-            if opt in row.options:
-                code, source = row.options[opt], opt
-        return code, source
+        resolved = None
+        if row is not None:
+            code, source = row.basic, "basicProfile"
+            for opt in self.options:
+                if opt in row.options:
+                    code, source = row.options[opt], opt
+            resolved = (code, source)
+        self._resolved[int(tag)] = resolved
+        return resolved
 
     @staticmethod
     def strictest(code: str, is_sequence: bool = False) -> str:
