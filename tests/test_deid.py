@@ -264,6 +264,67 @@ def test_private_tags_kept_by_creator_not_by_number(tmp_path, sample_dir):
         assert uid not in csa
 
 
+_SAFE_VALUES = {
+    "DS": "1.5", "IS": "7", "CS": "SAFECODE", "LO": "SafeText", "SH": "SafeText", "LT": "SafeText",
+    "FL": 1.5, "FD": 1.5, "SS": 7, "US": 7, "SL": 7, "UL": 7, "UI": "1.2.3.4.5.6.7.8.9.77", "OB": b"\x01\x02\x03\x04",
+}
+
+
+def _safe_value(vr: str, vm: str):
+    if vr == "SQ":
+        return Sequence([Dataset()])
+    value = _SAFE_VALUES.get(vr, b"\x01\x02\x03\x04")  # VR left blank by the table: planted as UN
+    n = int(vm) if vm.isdigit() else 1
+    return [value] * n if n > 1 else value
+
+
+def _find_private(ds: Dataset, group: int, creator: str, element: int):
+    """The private element (group, creator, element), whatever block the creator reserved."""
+    for blk in range(0x10, 0x100):
+        reserved = ds.get((group << 16) | blk)
+        if reserved is not None and str(reserved.value).strip().upper() == creator.strip().upper():
+            return blk, ds.get((group << 16) | (blk << 8) | element)
+    return None, None
+
+
+@pytest.mark.parametrize("moved", [False, True], ids=["block-10", "block-moved"])
+@pytest.mark.parametrize("retain", [True, False], ids=["rtnSafePrivOpt", "without"])
+def test_every_safe_private_row_kept_by_creator_only_under_retain_safe_private(t1_files, tmp_path, retain, moved):
+    from pacs2bids.deid.profile import read_safe_private
+
+    rows = read_safe_private()
+    assert len(rows) == 130 and all(r["source"].startswith("PS3.15 Table E.3.10-1") for r in rows)
+    ds = pydicom.dcmread(t1_files[0])
+    ds.remove_private_tags()
+    for group in sorted({int(r["group"], 16) for r in rows}):
+        for n in range(3 if moved else 0):  # other creators first: the listed ones land past block 10
+            ds.private_block(group, f"ACME FILLER {n}", create=True).add_new(0x01, "LO", "filler")
+    blocks = set()
+    for r in rows:
+        group, element = int(r["group"], 16), int(r["element"], 16)
+        ds.private_block(group, r["private_creator"], create=True).add_new(element, r["vr"] or "UN", _safe_value(r["vr"], r["vm"]))
+        blocks.add(_find_private(ds, group, r["private_creator"], element)[0])
+    assert (0x10 in blocks) != moved
+    f = tmp_path / "planted.dcm"
+    ds.save_as(f)
+    src = pydicom.dcmread(f)
+    options = None if retain else ["rtnLongModifDatesOpt", "cleanDescOpt"]
+    out = pydicom.dcmread(run(make(tmp_path, options=options), [f], tmp_path).written[0])
+    assert not moved or _find_private(out, 0x0099, "ACME FILLER 0", 0x01) == (None, None)
+    for r in rows:
+        group, element = int(r["group"], 16), int(r["element"], 16)
+        _blk, elem = _find_private(out, group, r["private_creator"], element)
+        name = f'({r["group"]},"{r["private_creator"]}",{r["element"]})'
+        if not retain:
+            assert elem is None, name
+            continue
+        assert elem is not None, name
+        if r["vr"] in ("DS", "IS", "FL", "FD", "SS", "US", "SL", "UL", "CS", "LO", "SH", "LT"):
+            assert elem.value == _find_private(src, group, r["private_creator"], element)[1].value, name
+        if r["vr"] == "UI":
+            assert elem.value.startswith("2.25."), name  # kept, with a new UID
+
+
 def res_bytes(ds: Dataset) -> bytes:
     from io import BytesIO
 

@@ -4,8 +4,14 @@ Loaded from package data (``pacs2bids/data/deid``):
 
 - ``confidentiality_profile_attributes.json``: Table E.1-1 of PS3.15 edition 2024b, one row
   per attribute with the Basic Profile action and each option's action.
+- ``safe_private_attributes.csv``: PS3.15 Table E.3.10-1 "Safe Private Attributes", one row per
+  private attribute (private creator, group, element within the block, VR, VM, meaning, source);
+  kept when the Retain Safe Private option is on.
 - ``TCIAPrivateTagKB-02-01-2024-formatted.csv``: TCIA's private-tag knowledge base; its keep
   rows (``k``) are kept when the Retain Safe Private option is on.
+
+Private attributes are matched by private creator, group and the element's low byte, never by
+the block number the creator happens to reserve (PS3.5 7.8.1).
 
 Resolving an action (:meth:`Profile.action`): the Basic Profile column first, then each
 enabled option's column in the table's order overrides it. Composite codes depend on the
@@ -37,6 +43,7 @@ EDITION = "2024b"
 DATA = "data/deid"
 PROFILE_FILE = "confidentiality_profile_attributes.json"
 TCIA_FILE = "TCIAPrivateTagKB-02-01-2024-formatted.csv"
+SAFE_PRIVATE_FILE = "safe_private_attributes.csv"
 
 # Column order of Table E.1-1; a later enabled option overrides an earlier one.
 TABLE_OPTIONS = (
@@ -71,22 +78,8 @@ CID_7050 = {
     "rtnInstIdOpt": ("113112", "Retain Institution Identity Option"),
 }
 
-# PS3.15 Table E.3.10-1 "Safe Private Attributes": the entries pacs2bids carries (those of the
-# vendors in its corpus: diffusion b-value, direction, B-matrix and scaling). The TCIA keep rows
-# below extend it; (group, creator, element low byte).
-SAFE_PRIVATE = {
-    (0x0019, "SIEMENS MR HEADER", 0x0C),  # B_value
-    (0x0019, "SIEMENS MR HEADER", 0x0D),  # DiffusionDirectionality
-    (0x0019, "SIEMENS MR HEADER", 0x0E),  # DiffusionGradientDirection
-    (0x0019, "SIEMENS MR HEADER", 0x27),  # B_matrix
-    (0x0043, "GEMS_PARM_01", 0x39),  # slop_int_6..9 (b-value)
-    (0x0043, "GEMS_PARM_01", 0x6F),  # scanner table entries
-    (0x2001, "PHILIPS IMAGING DD 001", 0x03),  # diffusion b-factor
-    (0x2001, "PHILIPS IMAGING DD 001", 0x04),  # diffusion direction
-}
-
 # What dcm2niix reads to rebuild slice timing, phase encoding, diffusion and mosaics, beyond the
-# two lists above (checked by tests/test_deid_dcm2niix.py on every series of the corpus). The
+# safe private attributes and TCIA's keep rows (checked by tests/test_deid_dcm2niix.py on every series of the corpus). The
 # Siemens CSA headers are kept and scrubbed (see pacs2bids.deid.csa).
 CONVERTER_PRIVATE = {
     (0x0029, "SIEMENS CSA HEADER", 0x08),
@@ -134,6 +127,12 @@ def parse_private_key(text: str) -> tuple[int, str, int]:
     if group % 2 == 0:
         raise SpecError(f"pseudonymization.keep_private: {text!r}: a private group is odd")
     return group, m.group(2).strip().upper(), int(m.group(3), 16)
+
+
+def read_safe_private() -> list[dict[str, str]]:
+    """The rows of ``safe_private_attributes.csv`` (PS3.15 Table E.3.10-1), as read."""
+    with _resource(SAFE_PRIVATE_FILE).open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 class Profile:
@@ -221,6 +220,14 @@ class Profile:
 
     # -- private -------------------------------------------------------------------------
     @cached_property
+    def safe_private(self) -> frozenset[tuple[int, str, int]]:
+        """PS3.15 Table E.3.10-1, as (group, CREATOR, element low byte)."""
+        return frozenset(
+            (int(rec["group"], 16), rec["private_creator"].strip().upper(), int(rec["element"], 16))
+            for rec in read_safe_private()
+        )
+
+    @cached_property
     def tcia_keep(self) -> frozenset[tuple[int, str, int]]:
         keep = set()
         with _resource(TCIA_FILE).open(newline="", encoding="utf-8-sig") as f:
@@ -241,7 +248,7 @@ class Profile:
         if key in CONVERTER_PRIVATE:
             return "needed by dcm2niix (scrubbed)" if key in CSA_SCRUBBED else "needed by dcm2niix"
         if "rtnSafePrivOpt" in self.options:
-            if key in SAFE_PRIVATE:
+            if key in self.safe_private:
                 return "PS3.15 Table E.3.10-1 safe private"
             if key in self.tcia_keep:
                 return "TCIA private tag knowledge base: keep"
@@ -261,7 +268,7 @@ class Profile:
             "edition": EDITION,
             "options": list(self.options),
             "private_sources": [
-                "PS3.15 Table E.3.10-1 (subset, see pacs2bids.deid.profile.SAFE_PRIVATE)",
+                f"PS3.15 Table E.3.10-1 ({SAFE_PRIVATE_FILE})",
                 "TCIAPrivateTagKB-02-01-2024 keep rows",
                 "converter needs (pacs2bids.deid.profile.CONVERTER_PRIVATE)",
                 "settings.keep_private",
