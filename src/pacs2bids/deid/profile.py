@@ -34,7 +34,7 @@ import csv
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SpecError
@@ -135,6 +135,51 @@ def read_safe_private() -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@lru_cache(maxsize=1)
+def _table() -> tuple[dict[int, Row], tuple[tuple[int, int, Row], ...], Row | None]:
+    """Table E.1-1, parsed once per process: rows by tag, rows by tag mask, the private row."""
+    rows: dict[int, Row] = {}
+    masked: list[tuple[int, int, Row]] = []
+    private_row = None
+    for raw in json.loads(_resource(PROFILE_FILE).read_text(encoding="utf-8")):
+        row = Row(raw["name"], raw["tag"], raw["basicProfile"], {k: v for k, v in raw.items() if k in TABLE_OPTIONS})
+        m = _TAG.fullmatch(raw["tag"])
+        if m:
+            rows[int(m.group(1) + m.group(2), 16)] = row
+            continue
+        m = _MASK.fullmatch(raw["tag"])
+        if m:
+            text = m.group(1) + m.group(2)
+            mask = int("".join("0" if c == "X" else "F" for c in text), 16)
+            value = int(text.replace("X", "0"), 16)
+            masked.append((mask, value, row))
+        elif "ODD" in raw["tag"].upper():
+            private_row = row
+    return rows, tuple(masked), private_row
+
+
+@lru_cache(maxsize=1)
+def _safe_private() -> frozenset[tuple[int, str, int]]:
+    return frozenset(
+        (int(rec["group"], 16), rec["private_creator"].strip().upper(), int(rec["element"], 16))
+        for rec in read_safe_private()
+    )
+
+
+@lru_cache(maxsize=1)
+def _tcia_keep() -> frozenset[tuple[int, str, int]]:
+    keep = set()
+    with _resource(TCIA_FILE).open(newline="", encoding="utf-8-sig") as f:
+        for rec in csv.DictReader(f):
+            if rec["private_disposition"].strip().lower() != "k":
+                continue
+            last = rec["element_sig_pattern"].rsplit("]", 1)[-1]
+            m = _TCIA_LAST.match(last)
+            if m:
+                keep.add((int(m.group(1), 16), m.group(2).strip().upper(), int(m.group(3), 16)))
+    return frozenset(keep)
+
+
 class Profile:
     """Table E.1-1 with a chosen set of options, and the private keep rules."""
 
@@ -151,24 +196,10 @@ class Profile:
             )
         self.options = tuple(o for o in ALL_OPTIONS if o in chosen)
         self.user_private = {parse_private_key(k) for k in keep_private}
-        self.rows: dict[int, Row] = {}
-        self.masked: list[tuple[int, int, Row]] = []
-        self.private_row: Row | None = None
+        rows, masked, self.private_row = _table()
+        self.rows: dict[int, Row] = dict(rows)
+        self.masked: list[tuple[int, int, Row]] = list(masked)
         self._resolved: dict[int, tuple[str, str] | None] = {}
-        for raw in json.loads(_resource(PROFILE_FILE).read_text(encoding="utf-8")):
-            row = Row(raw["name"], raw["tag"], raw["basicProfile"], {k: v for k, v in raw.items() if k in TABLE_OPTIONS})
-            m = _TAG.fullmatch(raw["tag"])
-            if m:
-                self.rows[int(m.group(1) + m.group(2), 16)] = row
-                continue
-            m = _MASK.fullmatch(raw["tag"])
-            if m:
-                text = m.group(1) + m.group(2)
-                mask = int("".join("0" if c == "X" else "F" for c in text), 16)
-                value = int(text.replace("X", "0"), 16)
-                self.masked.append((mask, value, row))
-            elif "ODD" in raw["tag"].upper():
-                self.private_row = row
 
     @property
     def shift_dates(self) -> bool:
@@ -219,26 +250,15 @@ class Profile:
         return parts[0]
 
     # -- private -------------------------------------------------------------------------
-    @cached_property
+    @property
     def safe_private(self) -> frozenset[tuple[int, str, int]]:
-        """PS3.15 Table E.3.10-1, as (group, CREATOR, element low byte)."""
-        return frozenset(
-            (int(rec["group"], 16), rec["private_creator"].strip().upper(), int(rec["element"], 16))
-            for rec in read_safe_private()
-        )
+        """PS3.15 Table E.3.10-1, as (group, CREATOR, element low byte); read once per process."""
+        return _safe_private()
 
-    @cached_property
+    @property
     def tcia_keep(self) -> frozenset[tuple[int, str, int]]:
-        keep = set()
-        with _resource(TCIA_FILE).open(newline="", encoding="utf-8-sig") as f:
-            for rec in csv.DictReader(f):
-                if rec["private_disposition"].strip().lower() != "k":
-                    continue
-                last = rec["element_sig_pattern"].rsplit("]", 1)[-1]
-                m = _TCIA_LAST.match(last)
-                if m:
-                    keep.add((int(m.group(1), 16), m.group(2).strip().upper(), int(m.group(3), 16)))
-        return frozenset(keep)
+        """TCIA's keep rows, as (group, CREATOR, element low byte); read once per process."""
+        return _tcia_keep()
 
     def private_reason(self, group: int, creator: str, elem: int) -> str | None:
         """Why a private element is kept (``None``: it is removed). PS3.15 E.3.10."""

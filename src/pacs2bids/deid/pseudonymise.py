@@ -526,46 +526,48 @@ class Pseudonymiser:
                     del ds[tag]
 
     def _walk_element(self, ds: Dataset, t, ctx: _FileContext, depth: int, creators: dict, kept_blocks: set) -> None:
-        if t.element == 0x0000:  # group lengths: recomputed or obsolete
+        tag = int(t)  # plain int comparisons: pydicom's BaseTag compares in Python
+        group, element = tag >> 16, tag & 0xFFFF
+        if element == 0x0000:  # group lengths: recomputed or obsolete
             del ds[t]
             return
-        if t.is_private:
-            if 0x0010 <= t.element <= 0x00FF:
+        if group & 1:  # private
+            if 0x0010 <= element <= 0x00FF:
                 return  # private creators: decided after their blocks
-            block = (t.group, t.element >> 8)
+            block = (group, element >> 8)
             creator = creators.get(block)
             if not creator:
                 del ds[t]
-                ctx.note(f"({t.group:04X},{t.element:04X})", "removed", "private element without private creator")
+                ctx.note(f"({group:04X},{element:04X})", "removed", "private element without private creator")
                 return
-            why = ctx.profile.private_reason(t.group, creator, t.element & 0xFF)
+            why = ctx.profile.private_reason(group, creator, element & 0xFF)
             if why is None:
                 del ds[t]
-                ctx.note(f'({t.group:04X},"{creator}")', "removed", "private, not on a keep list (PS3.15 E.3.10)")
+                ctx.note(f'({group:04X},"{creator}")', "removed", "private, not on a keep list (PS3.15 E.3.10)")
                 return
             kept_blocks.add(block)
-            name = _name(t, creator)
-            if (t.group, creator.strip().upper(), t.element & 0xFF) == GE_PROTOCOL:
+            name = _name(tag, creator)
+            if (group, creator.strip().upper(), element & 0xFF) == GE_PROTOCOL:
                 self._ge_protocol(ds, ds[t], ctx, name, why)
                 return
             self._clean_value(ds, _element(ds, t), ctx, depth, name, why, private=True)
             return
-        if t.group == 0x0002:
+        if group == 0x0002:
             return
-        if depth == 0 and t in _SET_BY_US:
-            if t == 0x00100010 or t == 0x00100020:
+        if depth == 0 and tag in _SET_BY_US:
+            if tag == 0x00100010 or tag == 0x00100020:
                 return
             del ds[t]
             return
-        if t == 0x00100030:  # Patient's Birth Date (P4)
+        if tag == 0x00100030:  # Patient's Birth Date (P4)
             self._birth_date(ds, ds[t], ctx)
             return
-        if t == 0x00880200:  # Icon Image Sequence: a thumbnail of pixels nobody cleaned (P9)
+        if tag == 0x00880200:  # Icon Image Sequence: a thumbnail of pixels nobody cleaned (P9)
             del ds[t]
             ctx.note("IconImageSequence", "removed", "thumbnail of the pixel data (P9)")
             return
         elem = _element(ds, t)
-        resolved = ctx.profile.action(t)
+        resolved = ctx.profile.action(tag)
         if resolved is None:
             self._default(ds, elem, ctx, depth)
             return
