@@ -119,6 +119,25 @@ def test_series_description_keeps_science_loses_identity(t1_files, tmp_path):
     assert out.ProtocolName == "t1_mprage"
 
 
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192", "ISO_IR 148"])
+def test_accented_name_cleaned_from_undecoded_text_in_any_charset(t1_files, tmp_path, charset):
+    """Text kept raw unless the pattern hits its bytes: the accented name must still go, in
+    Latin-1, UTF-8 and a charset whose bytes are not searched (ISO_IR 148: decoded first)."""
+    ds = pydicom.dcmread(t1_files[0])
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = "Dupré^Hélène"
+    ds.SeriesDescription = "T1 Hélène Dupré sag"
+    ds.ImageComments = "séquence de Dupré"
+    f = tmp_path / "in.dcm"
+    ds.save_as(f)
+    res = run(make(tmp_path), [f], tmp_path)
+    out = pydicom.dcmread(res.written[0])
+    assert out.SeriesDescription == "T1 sag" and "Dupré" not in out.ImageComments
+    raw = res.written[0].read_bytes()
+    for enc in ("latin-1", "utf-8"):
+        assert "Dupré".encode(enc) not in raw
+
+
 # -- the table, row by row, at depth 1 and 3 --------------------------------------------------
 _PLANT_VR_VALUES = {
     "DA": "20010203",
