@@ -6,12 +6,23 @@ the project secret by HKDF-SHA256 with the distinct info ``pacs2bids/<project>/k
 (:func:`pacs2bids.deid.keyed.fernet_key`): the UID and date keys cannot be derived from it, nor
 it from them. Files:
 
-- ``keys.fernet``: one Fernet token holding the JSON document
-  ``{"project", "subjects": {code: {"patient_ids", "patient_names", "studies"}}, "identifiers"}``;
+- ``keys.journal``: one Fernet token per line, each what one series taught
+  ``{"project", "subject", "patient_ids", "patient_names", "studies", "identifiers"}``;
+  appended (one line per :meth:`KeyStore.record_series`) and fsync'd, never rewritten, so
+  recording a series costs the size of that series, not of the project;
+- ``keys.fernet``: the snapshot, one Fernet token holding the folded document
+  ``{"project", "subjects": {code: {"patient_ids", "patient_names", "studies"}}, "identifiers"}``
+  (the whole store before journals existed: such a file keeps loading as it is);
 - ``audit.fernet``: one Fernet token per line, each an audit record
-  ``{"who", "when", "what", "subject"}`` (S2): appended, never rewritten.
+  ``{"who", "when", "what", "subject", "reason"}`` (S2): appended, never rewritten.
 
-Writes take an exclusive ``flock`` on ``.lock`` and replace the file atomically.
+The store is the snapshot with every journal record folded in (unions; a study's first
+record wins). When the journal grows past :data:`COMPACT_BYTES` and past the snapshot, the writer
+folds it into a new snapshot (written aside, then ``os.replace``) and empties the journal the same
+way; a crash between the two leaves records folded twice, which changes nothing. A line
+without its final newline was never committed (a crash mid-write): readers ignore it and the
+next writer cuts it off. Every access takes ``flock`` on ``.lock`` (shared to read, exclusive
+to write).
 """
 
 from __future__ import annotations
@@ -30,56 +41,131 @@ from cryptography.fernet import Fernet, InvalidToken
 from ..errors import PseudonymisationError
 from .keyed import fernet_key
 
+#: The writer whose append takes the journal past this size, and past the snapshot's size, folds
+#: the journal into the snapshot: compaction then costs, amortised, a constant per byte recorded.
+COMPACT_BYTES = 16 * 1024 * 1024
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 class KeyStore:
     """The encrypted matching key of one project, in folder ``path``."""
 
-    def __init__(self, path: Path, *, project: str, secret: bytes):
+    def __init__(self, path: Path, *, project: str, secret: bytes, compact_bytes: int = COMPACT_BYTES):
         self.path = Path(path)
         self.project = project
+        self.compact_bytes = compact_bytes
         self._fernet = Fernet(fernet_key(secret, project))
         self._keys = self.path / "keys.fernet"
+        self._journal = self.path / "keys.journal"
         self._audit = self.path / "audit.fernet"
 
     # -- storage -------------------------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, exclusive: bool = True) -> Iterator[None]:
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.path / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
                 yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _load(self) -> dict:
-        if not self._keys.exists():
-            return {"project": self.project, "subjects": {}, "identifiers": []}
+    def _decrypt(self, token: bytes, where: Path) -> dict:
         try:
-            doc = json.loads(self._fernet.decrypt(self._keys.read_bytes()))
+            doc = json.loads(self._fernet.decrypt(token))
         except InvalidToken:
             raise PseudonymisationError(
-                f"key store {self._keys} cannot be decrypted with this project's secret; "
+                f"key store {where} cannot be decrypted with this project's secret; "
                 "check the secret's environment variable (a different secret gives different pseudonyms)"
             ) from None
         if doc.get("project") != self.project:
-            raise PseudonymisationError(f"key store {self._keys} belongs to another project; point key_store elsewhere")
+            raise PseudonymisationError(f"key store {where} belongs to another project; point key_store elsewhere")
         return doc
 
-    def _save(self, doc: dict) -> None:
-        tmp = self._keys.with_suffix(".tmp")
-        tmp.write_bytes(self._fernet.encrypt(json.dumps(doc, sort_keys=True).encode()))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self._keys)
+    def _journal_lines(self) -> list[bytes]:
+        """The committed journal lines (a trailing line without its newline never was)."""
+        if not self._journal.exists():
+            return []
+        data = self._journal.read_bytes()
+        return [line for line in data[: data.rfind(b"\n") + 1].split(b"\n") if line]
+
+    def _load(self) -> dict:
+        """The snapshot with every committed journal record folded in (``identifiers`` as a set)."""
+        doc = {"project": self.project, "subjects": {}, "identifiers": []}
+        if self._keys.exists():
+            doc = self._decrypt(self._keys.read_bytes(), self._keys)
+        identifiers = set(doc.get("identifiers", []))
+        subjects = doc.setdefault("subjects", {})
+        for line in self._journal_lines():
+            rec = self._decrypt(line, self._journal)
+            entry = subjects.setdefault(rec["subject"], {"patient_ids": [], "patient_names": [], "studies": {}})
+            entry["patient_ids"] = sorted(set(entry["patient_ids"]) | set(rec["patient_ids"]))
+            entry["patient_names"] = sorted(set(entry["patient_names"]) | set(rec["patient_names"]))
+            for uid, info in rec["studies"].items():
+                entry["studies"].setdefault(uid, info)
+            identifiers.update(rec["identifiers"])
+        doc["identifiers"] = identifiers
+        return doc
+
+    def _append(self, record: dict) -> int:
+        """Append one record to the journal and fsync it; returns the journal's size in bytes.
+        Reads only the journal's tail (to cut off a line a crash left without its newline)."""
+        token = self._fernet.encrypt(json.dumps(record, sort_keys=True).encode())
+        with open(self._journal, "ab+") as f:
+            os.chmod(self._journal, 0o600)
+            end = f.seek(0, os.SEEK_END)
+            committed = end
+            while committed > 0:
+                f.seek(max(0, committed - 4096))
+                chunk = f.read(committed - max(0, committed - 4096))
+                cut = chunk.rfind(b"\n")
+                if cut >= 0:
+                    committed = committed - len(chunk) + cut + 1
+                    break
+                committed -= len(chunk)
+            if committed != end:  # a torn line: never committed
+                f.truncate(committed)
+            f.write(token + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+            return f.tell()
+
+    def _replace(self, target: Path, data: bytes) -> None:
+        tmp = target.with_name(target.name + ".tmp")
+        with open(tmp, "wb") as f:
+            os.chmod(tmp, 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        _fsync_dir(self.path)
+
+    def compact(self) -> None:
+        """Fold the journal into the snapshot (atomic replace of each file)."""
+        with self._locked():
+            self._compact()
+
+    def _compact(self) -> None:
+        doc = self._load()
+        doc["identifiers"] = sorted(doc["identifiers"])
+        self._replace(self._keys, self._fernet.encrypt(json.dumps(doc, sort_keys=True).encode()))
+        self._replace(self._journal, b"")
 
     # -- API -----------------------------------------------------------------------------
     def identifiers(self) -> set[str]:
         """The identifying values recorded so far (for cleaning and leak scanning)."""
-        with self._locked():
-            return set(self._load().get("identifiers", []))
+        with self._locked(exclusive=False):
+            return self._load()["identifiers"]
 
     def subjects(self) -> list[str]:
-        with self._locked():
+        with self._locked(exclusive=False):
             return sorted(self._load()["subjects"])
 
     def record_series(
@@ -91,16 +177,20 @@ class KeyStore:
         studies: dict[str, dict],
         identifiers: Iterable[str],
     ) -> None:
-        """Add what one series taught about ``subject`` (idempotent)."""
+        """Add what one series taught about ``subject``: one journal line (idempotent when
+        folded). Compacts the journal once it is larger than ``compact_bytes`` and the snapshot."""
+        record = {
+            "project": self.project,
+            "subject": subject,
+            "patient_ids": sorted(set(patient_ids)),
+            "patient_names": sorted(set(patient_names)),
+            "studies": studies,
+            "identifiers": sorted(set(identifiers)),
+        }
         with self._locked():
-            doc = self._load()
-            entry = doc["subjects"].setdefault(subject, {"patient_ids": [], "patient_names": [], "studies": {}})
-            entry["patient_ids"] = sorted(set(entry["patient_ids"]) | set(patient_ids))
-            entry["patient_names"] = sorted(set(entry["patient_names"]) | set(patient_names))
-            for uid, info in studies.items():
-                entry["studies"].setdefault(uid, info)
-            doc["identifiers"] = sorted(set(doc["identifiers"]) | set(identifiers))
-            self._save(doc)
+            size = self._append(record)
+            if size > max(self.compact_bytes, self._keys.stat().st_size if self._keys.exists() else 0):
+                self._compact()
 
     def reidentify(self, subject: str, *, reason: str = "") -> dict:
         """The original identifiers of ``subject``; appends an audit record first (S2).

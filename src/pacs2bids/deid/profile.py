@@ -4,8 +4,14 @@ Loaded from package data (``pacs2bids/data/deid``):
 
 - ``confidentiality_profile_attributes.json``: Table E.1-1 of PS3.15 edition 2024b, one row
   per attribute with the Basic Profile action and each option's action.
+- ``safe_private_attributes.csv``: PS3.15 Table E.3.10-1 "Safe Private Attributes", one row per
+  private attribute (private creator, group, element within the block, VR, VM, meaning, source);
+  kept when the Retain Safe Private option is on.
 - ``TCIAPrivateTagKB-02-01-2024-formatted.csv``: TCIA's private-tag knowledge base; its keep
   rows (``k``) are kept when the Retain Safe Private option is on.
+
+Private attributes are matched by private creator, group and the element's low byte, never by
+the block number the creator happens to reserve (PS3.5 7.8.1).
 
 Resolving an action (:meth:`Profile.action`): the Basic Profile column first, then each
 enabled option's column in the table's order overrides it. Composite codes depend on the
@@ -28,7 +34,7 @@ import csv
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import SpecError
@@ -37,6 +43,7 @@ EDITION = "2024b"
 DATA = "data/deid"
 PROFILE_FILE = "confidentiality_profile_attributes.json"
 TCIA_FILE = "TCIAPrivateTagKB-02-01-2024-formatted.csv"
+SAFE_PRIVATE_FILE = "safe_private_attributes.csv"
 
 # Column order of Table E.1-1; a later enabled option overrides an earlier one.
 TABLE_OPTIONS = (
@@ -71,22 +78,8 @@ CID_7050 = {
     "rtnInstIdOpt": ("113112", "Retain Institution Identity Option"),
 }
 
-# PS3.15 Table E.3.10-1 "Safe Private Attributes": the entries pacs2bids carries (those of the
-# vendors in its corpus: diffusion b-value, direction, B-matrix and scaling). The TCIA keep rows
-# below extend it; (group, creator, element low byte).
-SAFE_PRIVATE = {
-    (0x0019, "SIEMENS MR HEADER", 0x0C),  # B_value
-    (0x0019, "SIEMENS MR HEADER", 0x0D),  # DiffusionDirectionality
-    (0x0019, "SIEMENS MR HEADER", 0x0E),  # DiffusionGradientDirection
-    (0x0019, "SIEMENS MR HEADER", 0x27),  # B_matrix
-    (0x0043, "GEMS_PARM_01", 0x39),  # slop_int_6..9 (b-value)
-    (0x0043, "GEMS_PARM_01", 0x6F),  # scanner table entries
-    (0x2001, "PHILIPS IMAGING DD 001", 0x03),  # diffusion b-factor
-    (0x2001, "PHILIPS IMAGING DD 001", 0x04),  # diffusion direction
-}
-
 # What dcm2niix reads to rebuild slice timing, phase encoding, diffusion and mosaics, beyond the
-# two lists above (checked by tests/test_deid_dcm2niix.py on every series of the corpus). The
+# safe private attributes and TCIA's keep rows (checked by tests/test_deid_dcm2niix.py on every series of the corpus). The
 # Siemens CSA headers are kept and scrubbed (see pacs2bids.deid.csa).
 CONVERTER_PRIVATE = {
     (0x0029, "SIEMENS CSA HEADER", 0x08),
@@ -136,6 +129,57 @@ def parse_private_key(text: str) -> tuple[int, str, int]:
     return group, m.group(2).strip().upper(), int(m.group(3), 16)
 
 
+def read_safe_private() -> list[dict[str, str]]:
+    """The rows of ``safe_private_attributes.csv`` (PS3.15 Table E.3.10-1), as read."""
+    with _resource(SAFE_PRIVATE_FILE).open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+@lru_cache(maxsize=1)
+def _table() -> tuple[dict[int, Row], tuple[tuple[int, int, Row], ...], Row | None]:
+    """Table E.1-1, parsed once per process: rows by tag, rows by tag mask, the private row."""
+    rows: dict[int, Row] = {}
+    masked: list[tuple[int, int, Row]] = []
+    private_row = None
+    for raw in json.loads(_resource(PROFILE_FILE).read_text(encoding="utf-8")):
+        row = Row(raw["name"], raw["tag"], raw["basicProfile"], {k: v for k, v in raw.items() if k in TABLE_OPTIONS})
+        m = _TAG.fullmatch(raw["tag"])
+        if m:
+            rows[int(m.group(1) + m.group(2), 16)] = row
+            continue
+        m = _MASK.fullmatch(raw["tag"])
+        if m:
+            text = m.group(1) + m.group(2)
+            mask = int("".join("0" if c == "X" else "F" for c in text), 16)
+            value = int(text.replace("X", "0"), 16)
+            masked.append((mask, value, row))
+        elif "ODD" in raw["tag"].upper():
+            private_row = row
+    return rows, tuple(masked), private_row
+
+
+@lru_cache(maxsize=1)
+def _safe_private() -> frozenset[tuple[int, str, int]]:
+    return frozenset(
+        (int(rec["group"], 16), rec["private_creator"].strip().upper(), int(rec["element"], 16))
+        for rec in read_safe_private()
+    )
+
+
+@lru_cache(maxsize=1)
+def _tcia_keep() -> frozenset[tuple[int, str, int]]:
+    keep = set()
+    with _resource(TCIA_FILE).open(newline="", encoding="utf-8-sig") as f:
+        for rec in csv.DictReader(f):
+            if rec["private_disposition"].strip().lower() != "k":
+                continue
+            last = rec["element_sig_pattern"].rsplit("]", 1)[-1]
+            m = _TCIA_LAST.match(last)
+            if m:
+                keep.add((int(m.group(1), 16), m.group(2).strip().upper(), int(m.group(3), 16)))
+    return frozenset(keep)
+
+
 class Profile:
     """Table E.1-1 with a chosen set of options, and the private keep rules."""
 
@@ -152,23 +196,10 @@ class Profile:
             )
         self.options = tuple(o for o in ALL_OPTIONS if o in chosen)
         self.user_private = {parse_private_key(k) for k in keep_private}
-        self.rows: dict[int, Row] = {}
-        self.masked: list[tuple[int, int, Row]] = []
-        self.private_row: Row | None = None
-        for raw in json.loads(_resource(PROFILE_FILE).read_text(encoding="utf-8")):
-            row = Row(raw["name"], raw["tag"], raw["basicProfile"], {k: v for k, v in raw.items() if k in TABLE_OPTIONS})
-            m = _TAG.fullmatch(raw["tag"])
-            if m:
-                self.rows[int(m.group(1) + m.group(2), 16)] = row
-                continue
-            m = _MASK.fullmatch(raw["tag"])
-            if m:
-                text = m.group(1) + m.group(2)
-                mask = int("".join("0" if c == "X" else "F" for c in text), 16)
-                value = int(text.replace("X", "0"), 16)
-                self.masked.append((mask, value, row))
-            elif "ODD" in raw["tag"].upper():
-                self.private_row = row
+        rows, masked, self.private_row = _table()
+        self.rows: dict[int, Row] = dict(rows)
+        self.masked: list[tuple[int, int, Row]] = list(masked)
+        self._resolved: dict[int, tuple[str, str] | None] = {}
 
     @property
     def shift_dates(self) -> bool:
@@ -191,15 +222,19 @@ class Profile:
 
     def action(self, tag: int) -> tuple[str, str] | None:
         """The resolved action code for a public tag and where it came from, or None when the
-        tag is not in Table E.1-1."""
+        tag is not in Table E.1-1. Resolved once per tag (the options do not change)."""
+        if tag in self._resolved:
+            return self._resolved[tag]
         row = self.row(tag)
-        if row is None:
-            return None
-        code, source = row.basic, "basicProfile"
-        for opt in self.options:
-            if opt in row.options:
-                code, source = row.options[opt], opt
-        return code, source
+        resolved = None
+        if row is not None:
+            code, source = row.basic, "basicProfile"
+            for opt in self.options:
+                if opt in row.options:
+                    code, source = row.options[opt], opt
+            resolved = (code, source)
+        self._resolved[int(tag)] = resolved
+        return resolved
 
     @staticmethod
     def strictest(code: str, is_sequence: bool = False) -> str:
@@ -215,18 +250,15 @@ class Profile:
         return parts[0]
 
     # -- private -------------------------------------------------------------------------
-    @cached_property
+    @property
+    def safe_private(self) -> frozenset[tuple[int, str, int]]:
+        """PS3.15 Table E.3.10-1, as (group, CREATOR, element low byte); read once per process."""
+        return _safe_private()
+
+    @property
     def tcia_keep(self) -> frozenset[tuple[int, str, int]]:
-        keep = set()
-        with _resource(TCIA_FILE).open(newline="", encoding="utf-8-sig") as f:
-            for rec in csv.DictReader(f):
-                if rec["private_disposition"].strip().lower() != "k":
-                    continue
-                last = rec["element_sig_pattern"].rsplit("]", 1)[-1]
-                m = _TCIA_LAST.match(last)
-                if m:
-                    keep.add((int(m.group(1), 16), m.group(2).strip().upper(), int(m.group(3), 16)))
-        return frozenset(keep)
+        """TCIA's keep rows, as (group, CREATOR, element low byte); read once per process."""
+        return _tcia_keep()
 
     def private_reason(self, group: int, creator: str, elem: int) -> str | None:
         """Why a private element is kept (``None``: it is removed). PS3.15 E.3.10."""
@@ -236,7 +268,7 @@ class Profile:
         if key in CONVERTER_PRIVATE:
             return "needed by dcm2niix (scrubbed)" if key in CSA_SCRUBBED else "needed by dcm2niix"
         if "rtnSafePrivOpt" in self.options:
-            if key in SAFE_PRIVATE:
+            if key in self.safe_private:
                 return "PS3.15 Table E.3.10-1 safe private"
             if key in self.tcia_keep:
                 return "TCIA private tag knowledge base: keep"
@@ -256,7 +288,7 @@ class Profile:
             "edition": EDITION,
             "options": list(self.options),
             "private_sources": [
-                "PS3.15 Table E.3.10-1 (subset, see pacs2bids.deid.profile.SAFE_PRIVATE)",
+                f"PS3.15 Table E.3.10-1 ({SAFE_PRIVATE_FILE})",
                 "TCIAPrivateTagKB-02-01-2024 keep rows",
                 "converter needs (pacs2bids.deid.profile.CONVERTER_PRIVATE)",
                 "settings.keep_private",

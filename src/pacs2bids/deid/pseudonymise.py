@@ -30,17 +30,18 @@ documents, private SOP classes and DICOMDIRs, unless their SOP class is in
 
 from __future__ import annotations
 
-import re
-
 import logging
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
@@ -101,6 +102,17 @@ _NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "UV", "SV", "AT"
 _BINARY_VRS = {"OB", "OW", "UN", "OF", "OD", "OL", "OV"}
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _SET_BY_US = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280301}
+_CHARSET_TAG = 0x00080005
+# Character sets whose encoded text can be searched as bytes with the identifiers' UTF-8 and
+# Latin-1 spellings (compile_identifiers) and give the same hits as the decoded text.
+_BYTE_SEARCHABLE_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
+# What the pacs2bids default (not in Table E.1-1) reads or changes; every other VR is kept as is.
+_DEFAULT_ACTED_VRS = {"SQ", "PN", "UI", "DA", "DT", "UN"} | _CLEANED_TEXT_VRS
+# What a kept private element or action C reads or changes (TM is kept: dates shift by whole days).
+_CLEAN_ACTED_VRS = {"SQ", "DA", "DT", "UI", "PN"} | _TEXT_VRS | _BINARY_VRS
+# A kept binary private value scrubbed once per series: the Siemens CSA series header (the
+# Phoenix protocol) is the same in every instance of a series.
+_SCRUB_CACHE_SIZE = 8
 
 _DROP = (
     ("1.2.840.10008.5.1.4.1.1.88.", "structured report or key object selection (P12)"),
@@ -111,6 +123,7 @@ _DROP = (
 )
 
 
+@lru_cache(maxsize=1)
 def _version() -> str:
     try:
         return metadata.version("pacs2bids")
@@ -153,7 +166,9 @@ class SeriesDeidResult:
 class _FileContext:
     """Per-file state of the walk: the subject's offset, the cleaning pattern, the notes."""
 
-    def __init__(self, owner: "Pseudonymiser", subject: str, pattern, notes: Counter, changes: list | None):
+    def __init__(
+        self, owner: "Pseudonymiser", subject: str, pattern, notes: Counter, changes: list | None, scrubbed: dict | None = None
+    ):
         self.owner = owner
         self.keyed = owner.keyed
         self.profile = owner.profile
@@ -163,6 +178,25 @@ class _FileContext:
         self.notes = notes
         self.changes = changes
         self.dates_shifted = False
+        self.scrubbed = {} if scrubbed is None else scrubbed  # (value, pattern) -> scrub_bytes result
+        self.bytes_searchable = True  # the current dataset's character set (see _walk)
+
+    def holds_no_identifier(self, elem: DataElement | RawDataElement) -> bool:
+        """True when ``elem`` is still raw (undecoded) text in which the cleaning pattern finds
+        nothing: then cleaning would change nothing and the value need not be decoded."""
+        if not elem.is_raw or not self.bytes_searchable:
+            return False
+        return self.pattern is None or self.pattern.search(elem.value or b"") is None
+
+    def scrub(self, value: bytes) -> tuple[bytes, int]:
+        """:func:`scrub_bytes` with this file's pattern, remembered for the series."""
+        key = (value, self.pattern)
+        done = self.scrubbed.get(key)
+        if done is None:
+            if len(self.scrubbed) >= _SCRUB_CACHE_SIZE:
+                self.scrubbed.clear()
+            done = self.scrubbed[key] = scrub_bytes(value, self.keyed.uid_like, self.pattern)
+        return done
 
     def note(self, name: str, action: str, why: str, before: Any = None, after: Any = None) -> None:
         self.notes[(name, action, why)] += 1
@@ -172,10 +206,28 @@ class _FileContext:
             )
 
 
-def _name(elem: DataElement, creator: str | None = None) -> str:
+@lru_cache(maxsize=8192)
+def _name(tag: int, creator: str | None = None) -> str:
+    """How an element is named in records: its keyword, or its tag (private: with its creator)."""
     if creator is not None:
-        return f'({elem.tag.group:04X},"{creator}",{elem.tag.element & 0xFF:02X})'
-    return elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        return f'({tag >> 16:04X},"{creator}",{tag & 0xFF:02X})'
+    if dictionary_has_tag(tag):
+        return dictionary_keyword(tag)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+def _decoded(ds: Dataset, elem: DataElement | RawDataElement) -> DataElement:
+    """The decoded element (pydicom decodes a raw element on first access and keeps it)."""
+    return ds[elem.tag] if elem.is_raw else elem
+
+
+def _element(ds: Dataset, tag) -> DataElement | RawDataElement:
+    """The element at ``tag``, left raw when its VR is known without decoding it (explicit VR
+    other than UN, which pydicom may replace by the dictionary's VR on decoding)."""
+    elem = ds.get_item(tag)
+    if elem.is_raw and elem.VR in (None, "UN"):
+        return ds[tag]
+    return elem
 
 
 def _is_standard_uid(value: str) -> bool:
@@ -199,6 +251,9 @@ class Pseudonymiser:
         self.keyed = Keyed(secret, project)
         self.key_store = KeyStore(Path(key_store), project=project, secret=secret)
         self._identifiers: set[str] = set(self.key_store.identifiers())
+        # The non-UID values among them, searched for in every file's text (UIDs are replaced
+        # by element, never searched for in text).
+        self._values: frozenset[str] = frozenset(v for v in self._identifiers if not _looks_like_uid(v))
         self.allow_sop = set(settings.allow_sop_classes)
 
     # -- public API ----------------------------------------------------------------------
@@ -253,6 +308,7 @@ class Pseudonymiser:
         study_map: dict[str, dict] = {}
         new_identifiers: set[str] = set()
         pattern_cache: dict[frozenset, Any] = {}
+        scrubbed: dict = {}
         count = 0
         first: tuple | None = None  # original study and series UIDs, series number of the first readable file
 
@@ -278,12 +334,12 @@ class Pseudonymiser:
                 continue
             file_ids = self._collect(ds)
             new_identifiers |= file_ids
-            key = frozenset(v for v in file_ids | self._identifiers if not _looks_like_uid(v))
+            key = frozenset(v for v in file_ids if not _looks_like_uid(v)) - self._values
             pattern = pattern_cache.get(key)
             if pattern is None:
-                pattern = pattern_cache[key] = compile_identifiers(key)
+                pattern = pattern_cache[key] = compile_identifiers(key | self._values)
             try:
-                ctx = _FileContext(self, subject, pattern, notes, None)
+                ctx = _FileContext(self, subject, pattern, notes, None, scrubbed)
                 originals["patient_ids"].add(str(ds.get("PatientID", "")))
                 originals["patient_names"].add(str(ds.get("PatientName", "")))
                 study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -332,14 +388,15 @@ class Pseudonymiser:
             # so that lineage and re-runs can name it
             result.pseudo_study_uid, result.pseudo_series_uid = self.keyed.uid(first[0]), self.keyed.uid(first[1])
             result.series_number = int(first[2]) if first[2] not in (None, "") else None
-        self._identifiers |= new_identifiers
         self.key_store.record_series(
             subject,
             patient_ids=sorted(v for v in originals["patient_ids"] if v),
             patient_names=sorted(v for v in originals["patient_names"] if v),
             studies=study_map,
-            identifiers=new_identifiers,
+            identifiers=new_identifiers - self._identifiers,  # the store has the others already
         )
+        self._identifiers |= new_identifiers
+        self._values |= {v for v in new_identifiers if not _looks_like_uid(v)}
         result.record = self._record(notes, pixel_log, result, count)
         return result
 
@@ -360,9 +417,9 @@ class Pseudonymiser:
             if reason:
                 out.append({"file": n, "attribute": "*", "action": "dropped", "why": reason, "before": "", "after": ""})
                 continue
-            ids = self._collect(ds) | {v for v in self._identifiers if not _looks_like_uid(v)}
+            ids = {v for v in self._collect(ds) if not _looks_like_uid(v)} | self._values
             changes: list[dict] = []
-            ctx = _FileContext(self, subject, compile_identifiers(frozenset(v for v in ids if not _looks_like_uid(v))), Counter(), changes)
+            ctx = _FileContext(self, subject, compile_identifiers(frozenset(ids)), Counter(), changes)
             risk = pixels.risk_reason(ds)
             if risk:
                 changes.append({"attribute": "PixelData", "action": "ocr-and-mask", "why": risk, "before": "", "after": ""})
@@ -383,21 +440,27 @@ class Pseudonymiser:
         found: set[str] = set()
 
         def visit(d: Dataset) -> None:
-            for elem in d:
-                if elem.VR == "SQ":
-                    for item in elem.value or ():
+            for tag in d.keys():
+                elem = _element(d, tag)  # decoded only when its value is read
+                vr = elem.VR
+                if vr == "SQ":
+                    for item in d[tag].value or ():
                         visit(item)
                     continue
-                if elem.value in (None, "", b""):
+                private = tag.is_private
+                identifying = tag in _IDENT_TAGS or vr == "PN"
+                if not identifying and (vr != "UI" or private):
                     continue
-                resolved = self.profile.action(int(elem.tag)) if not elem.tag.is_private else None
+                resolved = self.profile.action(tag) if not private else None
                 if resolved is not None and resolved[0] == "K":
                     continue  # retained on purpose by an option: neither cleaned nor a leak
-                if elem.tag in _IDENT_TAGS or elem.VR == "PN":
-                    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+                value = d[tag].value
+                if value in (None, "", b""):
+                    continue
+                values = value if isinstance(value, MultiValue) else [value]
+                if identifying:
                     found.update(str(v).strip() for v in values if str(v).strip())
-                elif elem.VR == "UI" and not elem.tag.is_private:
-                    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+                else:
                     found.update(str(v).strip() for v in values if v and not _is_standard_uid(str(v).strip()))
 
         visit(ds)
@@ -455,64 +518,80 @@ class Pseudonymiser:
 
     # the walk ---------------------------------------------------------------------------
     def _walk(self, ds: Dataset, ctx: _FileContext, depth: int) -> None:
+        """Apply the profile to every element of ``ds`` (and of its sequences). Elements are
+        decoded only when their value is read or changed: what is kept as it is stays in its
+        raw form and is written back byte for byte."""
+        tags = sorted(ds.keys())
         kept_blocks: set[tuple[int, int]] = set()
         creators: dict[tuple[int, int], str] = {}
-        for elem in ds:
-            t = elem.tag
+        for t in tags:
             if t.is_private and 0x0010 <= t.element <= 0x00FF:
-                creators[(t.group, t.element)] = elem.value if isinstance(elem.value, str) else ""
-        for elem in list(ds):
-            t = elem.tag
-            if t.element == 0x0000:  # group lengths: recomputed or obsolete
-                del ds[t]
-                continue
-            if t.is_private:
-                if 0x0010 <= t.element <= 0x00FF:
-                    continue  # private creators: decided after their blocks
-                block = (t.group, t.element >> 8)
-                creator = creators.get(block)
-                if not creator:
-                    del ds[t]
-                    ctx.note(f"({t.group:04X},{t.element:04X})", "removed", "private element without private creator")
-                    continue
-                why = ctx.profile.private_reason(t.group, creator, t.element & 0xFF)
-                name = _name(elem, creator)
-                if why is None:
-                    del ds[t]
-                    ctx.note(f'({t.group:04X},"{creator}")', "removed", "private, not on a keep list (PS3.15 E.3.10)")
-                    continue
-                kept_blocks.add(block)
-                if (t.group, creator.strip().upper(), t.element & 0xFF) == GE_PROTOCOL:
-                    self._ge_protocol(ds, elem, ctx, name, why)
-                    continue
-                self._clean_value(ds, elem, ctx, depth, name, why, private=True)
-                continue
-            if t.group == 0x0002:
-                continue
-            if depth == 0 and t in _SET_BY_US:
-                if t == 0x00100010 or t == 0x00100020:
-                    continue
-                del ds[t]
-                continue
-            if t == 0x00100030:  # Patient's Birth Date (P4)
-                self._birth_date(ds, elem, ctx)
-                continue
-            if t == 0x00880200:  # Icon Image Sequence: a thumbnail of pixels nobody cleaned (P9)
-                del ds[t]
-                ctx.note("IconImageSequence", "removed", "thumbnail of the pixel data (P9)")
-                continue
-            resolved = ctx.profile.action(int(t))
-            if resolved is None:
-                self._default(ds, elem, ctx, depth)
-                continue
-            code, source = resolved
-            code = ctx.profile.strictest(code, elem.VR == "SQ")
-            self._act(ds, elem, ctx, depth, code, f"{source} {code}")
+                value = ds[t].value
+                creators[(t.group, t.element)] = value if isinstance(value, str) else ""
+        outer_searchable = ctx.bytes_searchable
+        if _CHARSET_TAG in ds:  # an item's own character set holds for the items below it
+            charset = ds[_CHARSET_TAG].value
+            ctx.bytes_searchable = isinstance(charset, str) and charset.strip() in _BYTE_SEARCHABLE_CHARSETS
+        try:
+            for t in tags:
+                self._walk_element(ds, t, ctx, depth, creators, kept_blocks)
+        finally:
+            ctx.bytes_searchable = outer_searchable
         for (group, blk), _creator in creators.items():
             if (group, blk) not in kept_blocks:
                 tag = (group << 16) | blk
                 if tag in ds:
                     del ds[tag]
+
+    def _walk_element(self, ds: Dataset, t, ctx: _FileContext, depth: int, creators: dict, kept_blocks: set) -> None:
+        tag = int(t)  # plain int comparisons: pydicom's BaseTag compares in Python
+        group, element = tag >> 16, tag & 0xFFFF
+        if element == 0x0000:  # group lengths: recomputed or obsolete
+            del ds[t]
+            return
+        if group & 1:  # private
+            if 0x0010 <= element <= 0x00FF:
+                return  # private creators: decided after their blocks
+            block = (group, element >> 8)
+            creator = creators.get(block)
+            if not creator:
+                del ds[t]
+                ctx.note(f"({group:04X},{element:04X})", "removed", "private element without private creator")
+                return
+            why = ctx.profile.private_reason(group, creator, element & 0xFF)
+            if why is None:
+                del ds[t]
+                ctx.note(f'({group:04X},"{creator}")', "removed", "private, not on a keep list (PS3.15 E.3.10)")
+                return
+            kept_blocks.add(block)
+            name = _name(tag, creator)
+            if (group, creator.strip().upper(), element & 0xFF) == GE_PROTOCOL:
+                self._ge_protocol(ds, ds[t], ctx, name, why)
+                return
+            self._clean_value(ds, _element(ds, t), ctx, depth, name, why, private=True)
+            return
+        if group == 0x0002:
+            return
+        if depth == 0 and tag in _SET_BY_US:
+            if tag == 0x00100010 or tag == 0x00100020:
+                return
+            del ds[t]
+            return
+        if tag == 0x00100030:  # Patient's Birth Date (P4)
+            self._birth_date(ds, ds[t], ctx)
+            return
+        if tag == 0x00880200:  # Icon Image Sequence: a thumbnail of pixels nobody cleaned (P9)
+            del ds[t]
+            ctx.note("IconImageSequence", "removed", "thumbnail of the pixel data (P9)")
+            return
+        elem = _element(ds, t)
+        resolved = ctx.profile.action(tag)
+        if resolved is None:
+            self._default(ds, elem, ctx, depth)
+            return
+        code, source = resolved
+        code = ctx.profile.strictest(code, elem.VR == "SQ")
+        self._act(ds, elem, ctx, depth, code, f"{source} {code}")
 
     def _birth_date(self, ds: Dataset, elem: DataElement, ctx: _FileContext) -> None:
         value = str(elem.value or "")
@@ -524,9 +603,20 @@ class Pseudonymiser:
             elem.value = ""
             ctx.note("PatientBirthDate", "emptied", "basicProfile Z", value, "")
 
-    def _act(self, ds: Dataset, elem: DataElement, ctx: _FileContext, depth: int, code: str, why: str) -> None:
-        name = _name(elem)
+    def _act(self, ds: Dataset, elem: DataElement | RawDataElement, ctx: _FileContext, depth: int, code: str, why: str) -> None:
+        name = _name(elem.tag)
         vr = elem.VR
+        if code == "K" and vr != "SQ":
+            ctx.note(name, "kept", why)
+            return
+        if code == "X" and ctx.changes is None:  # removed: nobody reads the value
+            del ds[elem.tag]
+            ctx.note(name, "removed", why)
+            return
+        if code == "C":
+            self._clean_value(ds, elem, ctx, depth, name, why, private=False)
+            return
+        elem = _decoded(ds, elem)
         if code == "X":
             del ds[elem.tag]
             ctx.note(name, "removed", why, elem.value if vr != "SQ" else "")
@@ -561,17 +651,23 @@ class Pseudonymiser:
             else:
                 del ds[elem.tag]
                 ctx.note(name, "removed", why + " (not a UI value)")
-        elif code == "C":
-            self._clean_value(ds, elem, ctx, depth, name, why, private=False)
         else:  # unknown code: strictest
             del ds[elem.tag]
             ctx.note(name, "removed", f"{why} (unknown action, strictest)")
 
-    def _default(self, ds: Dataset, elem: DataElement, ctx: _FileContext, depth: int) -> None:
+    def _default(self, ds: Dataset, elem: DataElement | RawDataElement, ctx: _FileContext, depth: int) -> None:
         """Public attributes absent from Table E.1-1 (see :mod:`pacs2bids.deid.profile`)."""
-        name = _name(elem)
+        name = _name(elem.tag)
         vr = elem.VR
         why = "not in Table E.1-1: pacs2bids default"
+        if elem.tag.group != 0x0010:
+            if vr not in _DEFAULT_ACTED_VRS:
+                ctx.note(name, "kept", why)
+                return
+            if vr in _CLEANED_TEXT_VRS and ctx.holds_no_identifier(elem):
+                ctx.note(name, "kept", why + " (checked)")
+                return
+        elem = _decoded(ds, elem)
         if vr == "SQ":
             self._recurse(elem, ctx, depth)
         elif vr == "PN":
@@ -599,9 +695,21 @@ class Pseudonymiser:
         else:
             ctx.note(name, "kept", why)
 
-    def _clean_value(self, ds: Dataset, elem: DataElement, ctx: _FileContext, depth: int, name: str, why: str, *, private: bool) -> None:
+    def _clean_value(
+        self, ds: Dataset, elem: DataElement | RawDataElement, ctx: _FileContext, depth: int, name: str, why: str, *, private: bool
+    ) -> None:
         """Action C on a public element, or any kept private element."""
         vr = elem.VR
+        if vr == "TM":
+            ctx.note(name, "kept", why + " (time of day kept: dates shift by whole days)")
+            return
+        if vr not in _CLEAN_ACTED_VRS or (vr in _BINARY_VRS and elem.tag in _PIXEL_TAGS):
+            ctx.note(name, "kept", why)
+            return
+        if vr in _TEXT_VRS and ctx.holds_no_identifier(elem):
+            ctx.note(name, "kept", why + " (checked)")
+            return
+        elem = _decoded(ds, elem)
         if vr == "SQ":
             self._recurse(elem, ctx, depth)
             ctx.note(name, "walked", why)
@@ -610,8 +718,6 @@ class Pseudonymiser:
                 ctx.note(name, "kept", why)
             else:
                 self._dates(elem, ctx, name, why, fallback="")
-        elif vr == "TM":
-            ctx.note(name, "kept", why + " (time of day kept: dates shift by whole days)")
         elif vr == "UI":
             self._uids(elem, ctx, name, why)
         elif vr == "PN":
@@ -702,7 +808,7 @@ class Pseudonymiser:
         if not isinstance(value, (bytes, bytearray)):
             ctx.note(name, "kept", why)
             return
-        new, n = scrub_bytes(bytes(value), ctx.keyed.uid_like, ctx.pattern)
+        new, n = ctx.scrub(bytes(value))
         if n:
             elem.value = new
             ctx.note(name, "scrubbed", why + " (UIDs and identifying strings overwritten, same length)")
