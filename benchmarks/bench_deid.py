@@ -1,6 +1,7 @@
 """Throughput of pacs2bids.deid against a bare pydicom read+write of the same files.
 
-    /tmp/venv/bin/python benchmarks/bench_deid.py [folder-of-dicom] [--limit N] [--rounds R]
+    .venv/bin/pip install -c constraints.txt -e '.[bench]'     # dicognito, pinned
+    .venv/bin/python benchmarks/bench_deid.py [folder-of-dicom] [--limit N] [--rounds R]
 
 Defaults to the Siemens, GE and Philips series of the shared corpus (../shared/data/dicom);
 prints files/s and MB/s for each and the ratio. If ``dicognito`` is importable, it is timed
