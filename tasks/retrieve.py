@@ -79,7 +79,10 @@ class PrefectGate:
             finally:
                 taken.set()
 
-        holder = threading.Thread(target=contextvars.copy_context().run, args=(hold,), daemon=True,
+        # an empty context, not a copy of the caller's: Prefect records a lease on the task run
+        # that acquires it and releases it when that task ends, but a pooled association (and
+        # its slot) outlives the task that opened it
+        holder = threading.Thread(target=contextvars.Context().run, args=(hold,), daemon=True,
                                   name="pacs2bids-pacs-slot")
         holder.start()
         taken.wait()

@@ -105,6 +105,9 @@ class Sampler:
     samples: int = 0
     seen: dict[str, list[float]] = field(default_factory=dict)  # run -> times it held a connection
     both_at_once: int = 0  # samples where every run held a connection
+    slots_url: str = ""  # the Prefect limit: its active slots are read at each sample too
+    slots_at_peak: list = field(default_factory=list)  # (time, connections, active slots)
+    max_slots: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _run(self) -> None:
@@ -121,8 +124,17 @@ class Sampler:
                     for ino in socket_inodes(pid) & inodes:
                         owner[ino] = name
             holders = {owner[i] for i in inodes if i in owner}
+            if self.slots_url:
+                try:
+                    act = requests.get(self.slots_url, timeout=2).json().get("active_slots", -1)
+                except Exception:
+                    act = -2
+                self.max_slots = max(self.max_slots, act)
+            else:
+                act = None
             if len(inodes) == self.peak:
                 self.at_peak = sorted(owner.get(i, "?") for i in inodes)
+                self.slots_at_peak.append((round(now, 2), len(inodes), act))
             for name in holders:
                 self.seen.setdefault(name, []).append(now)
             if self.pids and holders == set(self.pids):
@@ -168,7 +180,8 @@ def test_two_runs_at_once_stay_within_the_pacs_limit(limit, prefect_server, orth
     assert pacs.upload(planted) == len(planted)
     specs = {name: write_project(tmp_path, name, pacs.dicom_port, limit, per_minute=600) for name in ("run-a", "run-b")}
     procs = {}
-    with Sampler(pacs.dicom_port) as sampler:
+    limit_url = f"{prefect_server}/v2/concurrency_limits/pacs2bids-pacs-ORTHANC@127.0.0.1:{pacs.dicom_port}"
+    with Sampler(pacs.dicom_port, slots_url=limit_url) as sampler:
         for name, spec in specs.items():
             env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / f"home-{name}"),
                    "PACS2BIDS_PROJECT_SECRET": f"{name}-secret-0123456789abcdef", "NIPYPE_NO_ET": "1"}
@@ -187,9 +200,11 @@ def test_two_runs_at_once_stay_within_the_pacs_limit(limit, prefect_server, orth
 
     detail = (f"peak {sampler.peak} (single reads: {sampler.raw_peak}) over {sampler.samples} samples; "
               f"both runs connected at once in "
-              f"{sampler.both_at_once} samples; held at the peak by {sampler.at_peak}")
+              f"{sampler.both_at_once} samples; held at the peak by {sampler.at_peak}; server's active slots at most "
+              f"{sampler.max_slots}; at the peaks (time, connections, slots): {sampler.slots_at_peak[-10:]}")
     # the bound holds at every sample, and is reached: the measurement sees what is limited
     assert sampler.peak <= limit, detail
+    assert 0 < sampler.max_slots <= limit, detail  # the server never lent more, and was read
     assert sampler.peak == limit, detail
     # both runs retrieved while the other one did: their connection times overlap
     a, b = sampler.seen.get("run-a", []), sampler.seen.get("run-b", [])
