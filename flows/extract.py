@@ -33,6 +33,7 @@ from pacs2bids import __version__
 from pacs2bids.config import ProjectSpec, load_spec
 from pacs2bids.deadletter import DeadLetters
 from pacs2bids.deid.keyed import Keyed
+from pacs2bids.dimse import close_pools
 from pacs2bids.errors import LeakDetected, Pacs2BidsError, PacsError, ValidationFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.lineage import InstanceRecord, LineageRecord, instance_records
@@ -50,7 +51,7 @@ from pacs2bids.tasks.lineage import record_lineage
 from pacs2bids.tasks.pseudonymise import pseudonymise_released, pseudonymise_series
 from pacs2bids.tasks.publish import publish_dataset
 from pacs2bids.tasks.query import query_studies
-from pacs2bids.tasks.retrieve import ensure_pacs_limit, retrieve_study
+from pacs2bids.tasks.retrieve import retrieve_study, use_pacs_limit
 from pacs2bids.tasks.validate import validate_dataset
 
 META = Path(".pacs2bids")
@@ -92,7 +93,7 @@ def extract_project(spec_path: str) -> dict:
     spec = load_spec(spec_path)
     versions = tool_versions()
     logger.info("versions: %s", ", ".join(f"{k} {v}" for k, v in versions.items()))
-    ensure_pacs_limit(spec)
+    use_pacs_limit(spec)  # every connection to the PACS holds a slot of its limit, shared by every run
 
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
@@ -127,6 +128,7 @@ def extract_project(spec_path: str) -> dict:
         logger.error("run %s failed, nothing published: %s", run_id, exc)
         raise RunFailed(str(exc), summary.to_dict()) from None
     finally:
+        close_pools()  # idle associations would hold the PACS's slots until the reaper's turn
         logging.getLogger("pacs2bids").removeHandler(run_log)
         run_log.close()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,16 +1,21 @@
+import contextvars
 import re
+import threading
 from pathlib import Path
+from typing import Callable
 
 from prefect import task
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 
-from pacs2bids import retrieve
+from pacs2bids import limits, retrieve
 from pacs2bids.config import ProjectSpec
 from pacs2bids.model import StudyRef
 from pacs2bids.windows import wait_until_open
 
 from . import TASK_DEFAULTS
+
+LEASE_SECONDS = 60.0  # a slot held by a process that died is freed after this long
 
 
 def pacs_limit_name(spec: ProjectSpec) -> str:
@@ -23,20 +28,79 @@ def pacs_limit_name(spec: ProjectSpec) -> str:
 
 
 def ensure_pacs_limit(spec: ProjectSpec) -> str:
-    """Create (or update) the PACS's global concurrency limit; returns its name."""
+    """Create (or update) the PACS's global concurrency limit to ``pacs.max_associations``;
+    returns its name. Runs that configure different values for one PACS: the last one started wins."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = pacs_limit_name(spec)
-    limit = spec.pacs.max_concurrent_studies
+    limit = spec.pacs.max_associations
     with get_client(sync_client=True) as client:
-        try:
-            current = client.read_global_concurrency_limit_by_name(name)
+        for _ in range(2):  # another run may create it between our read and our create
+            try:
+                current = client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                try:
+                    client.create_global_concurrency_limit(
+                        GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
+                    return name
+                except ObjectAlreadyExists:
+                    continue
             if current.limit != limit or not current.active:
                 client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
+            return name
+    return name
+
+
+class PrefectGate:
+    """A :data:`pacs2bids.limits.Gate` backed by a Prefect global concurrency limit.
+
+    Each slot is held by a small thread inside Prefect's ``concurrency`` context (which renews
+    the slot's lease), so that a slot taken by one thread can be given back by another: an
+    association is opened by the thread that needs it and may be released by the pool's reaper.
+    """
+
+    def __init__(self, name: str, lease_seconds: float = LEASE_SECONDS):
+        self.name, self.lease_seconds = name, lease_seconds
+
+    def __call__(self) -> Callable[[], None]:
+        taken, done = threading.Event(), threading.Event()
+        failure: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                with concurrency(self.name, occupy=1, timeout_seconds=None, strict=True,
+                                 lease_duration=self.lease_seconds, raise_on_lease_renewal_failure=False):
+                    taken.set()
+                    done.wait()
+            except BaseException as exc:  # handed to the caller below
+                failure.append(exc)
+            finally:
+                taken.set()
+
+        # an empty context, not a copy of the caller's: Prefect records a lease on the task run
+        # that acquires it and releases it when that task ends, but a pooled association (and
+        # its slot) outlives the task that opened it
+        holder = threading.Thread(target=contextvars.Context().run, args=(hold,), daemon=True,
+                                  name="pacs2bids-pacs-slot")
+        holder.start()
+        taken.wait()
+        if failure:
+            raise failure[0]
+
+        def release() -> None:
+            done.set()
+            holder.join(timeout=60)
+
+        return release
+
+
+def use_pacs_limit(spec: ProjectSpec) -> str:
+    """Create or update the PACS's global concurrency limit, and make every connection this
+    process opens to the PACS hold one of its slots. Returns the limit's name."""
+    name = ensure_pacs_limit(spec)
+    limits.set_gate(spec.pacs, PrefectGate(name))
     return name
 
 
@@ -44,9 +108,9 @@ def ensure_pacs_limit(spec: ProjectSpec) -> str:
 def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[retrieve.RetrievedSeries]:
     """C-GET, C-MOVE or WADO-RS of one study into the private raw folder; counts checked per series.
 
-    Waits for the PACS's retrieval window, then holds one slot of the PACS's global
-    concurrency limit for the whole study; series the chosen transport cannot retrieve whole go
-    to the project's fallback transport, if any.
+    Waits for the PACS's retrieval window. Every association (or DICOMweb request) it opens holds
+    a slot of the PACS's global concurrency limit (:func:`use_pacs_limit`, installed by the flow);
+    series the chosen transport cannot retrieve whole go to the project's fallback transport, if any.
     """
     logger = get_run_logger()
 
@@ -56,9 +120,9 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[r
 
     limiter = None
     if spec.pacs.instances_per_minute:
-        # at most max_concurrent_studies studies hold a slot at once, across every run: each
-        # gets its share, so the PACS never sends more than instances_per_minute in all
-        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_concurrent_studies)
+        # a study receives on one connection at a time, and at most max_associations are open
+        # to the PACS across every run: each gets its share, so the PACS never sends more than
+        # instances_per_minute in all
+        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_associations)
     wait_until_open(spec.pacs.windows, log=logger.info)
-    with concurrency(pacs_limit_name(spec), occupy=1, timeout_seconds=None):
-        return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)
+    return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)

@@ -114,3 +114,11 @@ def test_inclusions_accept_prefixes_sessions_and_accession_numbers(tmp_path):
     spec = load_spec(write_spec(tmp_path, BASE, csv_text), environ=ENV)
     (inc,) = spec.inclusions
     assert (inc.accession_number, inc.subject, inc.session, inc.patient_id) == ("A1", "007", "02", None)
+
+
+def test_old_study_limit_is_refused_with_its_replacement(tmp_path):
+    body = BASE.replace("retrieve: c-get}\n", "retrieve: c-get}\n  max_concurrent_studies: 3\n")
+    with pytest.raises(SpecError, match=r"pacs: .*max_concurrent_studies.*pacs\.max_associations"):
+        load_spec(write_spec(tmp_path, body), environ=ENV)
+    body = BASE.replace("retrieve: c-get}\n", "retrieve: c-get}\n  max_associations: 3\n")
+    assert load_spec(write_spec(tmp_path, body), environ=ENV).pacs.max_associations == 3

@@ -11,7 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs2bids import dimse
+from pacs2bids import dimse, limits
 from pacs2bids.config import load_spec
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.errors import PacsError
@@ -464,6 +464,8 @@ def test_near_line_study_that_never_answers_times_out_and_is_reported(tmp_path):
     finally:
         dimse.close_pools()
         pacs.stop()
+
+
 def test_storage_scp_refuses_associations_beyond_its_bound(tmp_path, loaded):
     """Our C-MOVE storage SCP holds at most ``storage_max_associations`` associations at once:
     a real pynetdicom client is refused one more (A-ASSOCIATE-RJ, transient, local limit
@@ -592,3 +594,70 @@ def test_corpus_philips_private_objects_retrieved(tmp_path, orthanc_factory, cor
     spec = spec.model_copy(update={"retries": spec.retries.model_copy(update={"attempts": 0})})
     results = [r for st in find_studies(spec).studies for r in retrieve_study(spec, st, tmp_path / "raw")]
     assert_private_series_complete(results, tmp_path / "raw", o, {str(d.SeriesInstanceUID) for d in private})
+
+
+class CountingGate:
+    """A gate of ``slots`` slots (the plain-Python stand-in for the PACS's Prefect limit) that
+    records how many were held at once."""
+
+    def __init__(self, slots: int):
+        self._sem = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+        self.held = self.max_held = self.taken = 0
+
+    def __call__(self):
+        self._sem.acquire()
+        with self._lock:
+            self.held += 1
+            self.taken += 1
+            self.max_held = max(self.max_held, self.held)
+
+        def release():
+            with self._lock:
+                self.held -= 1
+            self._sem.release()
+
+        return release
+
+
+@pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
+def test_every_connection_holds_a_slot_of_the_pacs_gate(tmp_path, loaded, transport):
+    """Three studies at once, a pool allowed 3 associations, a gate of 2 slots: never more than
+    2 connections, every one through the gate, and idle ones give their slot back unasked."""
+    o = loaded
+    pacs = web_yaml(o) if transport == "wado-rs" else dimse_yaml(o, max_associations=3)
+    spec = make_spec(tmp_path, pacs, [("patient_id", "DEV", "A"), ("patient_id", "phantom", "B"),
+                                      ("patient_id", "dicom", "C")])
+    dimse.close_pools()
+    gate = CountingGate(2)
+    limits.set_gate(spec.pacs, gate)
+    try:
+        studies = find_studies(spec).studies
+        assert len(studies) == 3 and gate.taken >= 1
+        results: list = []
+        errors: list = []
+
+        def run(study):
+            try:
+                # paced, so that each study holds its connection long enough for the others to want one
+                results.extend(retrieve_study(spec, study, tmp_path / "raw", limiter=RateLimiter(per_minute=600)))
+            except Exception as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert all(r.status == "complete" for r in results) and len(results) == 6
+        assert gate.max_held == 2
+        if transport == "c-get":
+            pool = dimse.pool_for(spec.pacs.dimse)
+            assert pool.stats.max_open <= 3 and pool.stats.opened == gate.taken
+        deadline = time.monotonic() + 3 * 5.0  # the reaper releases idle associations after 5 s
+        while gate.held and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gate.held == 0
+    finally:
+        limits.set_gate(spec.pacs, None)

@@ -52,7 +52,11 @@ class DimseSettings(_Model):
     storage_port: int = Field(
         0, ge=0, le=65535, description="For C-MOVE: the port our storage SCP listens on (0: any free port)."
     )
-    max_associations: int = Field(2, ge=1, le=32, description="Associations open at once to this PACS.")
+    max_associations: int = Field(
+        2, ge=1, le=32,
+        description="Associations one process opens at once to this PACS (its pool). Every run and worker "
+        "together stay within pacs.max_associations, whatever this says.",
+    )
     storage_max_associations: int = Field(
         4, ge=1, le=64,
         description="For C-MOVE: associations the PACS may hold open at once to our storage SCP; one more is "
@@ -116,13 +120,24 @@ class PacsSettings(_Model):
     instances_per_minute: int | None = Field(
         None, ge=1,
         description="Optional cap on instances received per minute from this PACS, across every run "
-        "(each of the max_concurrent_studies slots gets its share).",
+        "(each of the max_associations slots gets its share).",
     )
-    max_concurrent_studies: int = Field(
+    max_associations: int = Field(
         2, ge=1, le=64,
-        description="Studies retrieved at once from this PACS, across every run and worker "
-        "(a Prefect global concurrency limit named after the PACS).",
+        description="Connections open at once to this PACS, across every run and worker: DIMSE associations "
+        "(C-ECHO, C-FIND, C-GET, C-MOVE) and DICOMweb requests in flight. A Prefect global concurrency limit "
+        "named after the PACS; each connection holds one slot while it is open.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "max_concurrent_studies" in data:
+            raise ValueError(
+                "max_concurrent_studies is no longer read: the shared per-PACS limit now counts connections, "
+                "not studies. Rename it to pacs.max_associations (a study uses one association at a time)"
+            )
+        return data
 
     @model_validator(mode="after")
     def _one_transport(self) -> "PacsSettings":

@@ -4,7 +4,9 @@ QIDO-RS (PS3.18 10.6) pages with ``limit``/``offset`` until an empty page, so a 
 result cap never hides matches. WADO-RS (PS3.18 10.4) asks for
 ``multipart/related; type="application/dicom"`` and writes each part to a temporary file as
 it streams, byte for byte as the server sent it: no instance is held whole in memory.
-Credentials come from the environment variables the spec names.
+Credentials come from the environment variables the spec names. When a gate is installed for
+the PACS (:mod:`pacs2bids.limits`), every request holds one of its slots while in flight, and
+asks the server to close its connection with it: no idle keep-alive connection outlives its slot.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,6 +22,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
+from . import limits
 from .config import DicomwebSettings
 from .errors import PacsError
 
@@ -81,17 +85,8 @@ class WebPacs:
         short = None
         while True:
             try:
-                if level == "studies":
-                    page = self.client.search_for_studies(search_filters=filters, fields=fields, limit=PAGE, offset=offset)
-                elif level == "series":
-                    page = self.client.search_for_series(
-                        study_instance_uid=study_uid, search_filters=filters, fields=fields, limit=PAGE, offset=offset
-                    )
-                else:
-                    page = self.client.search_for_instances(
-                        study_instance_uid=study_uid, series_instance_uid=series_uid, search_filters=filters,
-                        fields=fields, limit=PAGE, offset=offset,
-                    )
+                with self._slot():
+                    page = self._page(level, filters, fields, study_uid, series_uid, offset)
             except (requests.RequestException, OSError) as exc:
                 raise self._error(f"QIDO-RS search of {level}", exc) from None
             if not page:
@@ -103,6 +98,32 @@ class WebPacs:
             out.extend(Dataset.from_json(item) for item in page)
             offset += len(page)
 
+    def _page(self, level, filters, fields, study_uid, series_uid, offset) -> list[dict]:
+        if level == "studies":
+            return self.client.search_for_studies(search_filters=filters, fields=fields, limit=PAGE, offset=offset)
+        if level == "series":
+            return self.client.search_for_series(
+                study_instance_uid=study_uid, search_filters=filters, fields=fields, limit=PAGE, offset=offset
+            )
+        return self.client.search_for_instances(
+            study_instance_uid=study_uid, series_instance_uid=series_uid, search_filters=filters,
+            fields=fields, limit=PAGE, offset=offset,
+        )
+
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold a slot of the PACS's gate, if any, for one request; its connection closes with it."""
+        if limits.gate_for(self.settings) is None:
+            yield
+            return
+        self.session.headers["Connection"] = "close"
+        with limits.holding(self.settings):
+            try:
+                yield
+            finally:
+                for adapter in self.session.adapters.values():
+                    adapter.close()  # whatever the server did with the header
+
     # -- WADO-RS ----------------------------------------------------------------------
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str | None, incoming: Path,
                  on_part: Callable[[Path], None]) -> int:
@@ -112,19 +133,23 @@ class WebPacs:
         if sop_uid:
             url += f"/instances/{sop_uid}"
         try:
-            r = self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.settings.timeout)
-            if r.status_code in (400, 406):  # server does not take transfer-syntax=*
-                r.close()
-                r = self.session.get(url, headers={"Accept": _ACCEPT_PLAIN}, stream=True, timeout=self.settings.timeout)
-            r.raise_for_status()
-            with r:
-                n = 0
-                for part in _multipart_parts(r, incoming):
-                    n += 1
-                    on_part(part)
-                return n
+            with self._slot():
+                return self._retrieve(url, incoming, on_part)
         except (requests.RequestException, OSError) as exc:
             raise self._error("WADO-RS retrieval", exc) from None
+
+    def _retrieve(self, url: str, incoming: Path, on_part: Callable[[Path], None]) -> int:
+        r = self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.settings.timeout)
+        if r.status_code in (400, 406):  # server does not take transfer-syntax=*
+            r.close()
+            r = self.session.get(url, headers={"Accept": _ACCEPT_PLAIN}, stream=True, timeout=self.settings.timeout)
+        r.raise_for_status()
+        with r:
+            n = 0
+            for part in _multipart_parts(r, incoming):
+                n += 1
+                on_part(part)
+            return n
 
 
 def _boundary(content_type: str) -> bytes:

@@ -6,8 +6,9 @@ answer becomes a :class:`StatusInfo` (category, meaning, whether a retry may hel
 that name the peer and the fix.
 
 Associations are reused: :class:`AssociationPool` keeps at most ``max_associations`` open to
-one PACS, shared by every caller in the process (:func:`pool_for`). Every network call has
-the spec's ``timeout``.
+one PACS, shared by every caller in the process (:func:`pool_for`); when a gate is installed
+for the PACS (:mod:`pacs2bids.limits`), each open association also holds one of its slots, so
+the bound holds across processes. Every network call has the spec's ``timeout``.
 
 Received instances (C-GET sub-operations on our association, or C-MOVE sub-operations on the
 storage SCP this module starts) are never decoded in memory: pynetdicom writes each to a
@@ -46,6 +47,7 @@ from pynetdicom import sop_class as sc
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
+from . import limits
 from .config import DimseSettings
 from .errors import PacsError
 
@@ -280,6 +282,7 @@ class _Slot:
     classes: frozenset[str]
     last_used: float
     receiver: Receiver | None = None
+    release_gate: Callable[[], None] | None = None  # gives back the PACS-wide slot this association holds
 
 
 @dataclass
@@ -293,21 +296,50 @@ class PoolStats:
 class AssociationPool:
     """At most ``settings.max_associations`` associations open at once to one PACS, reused.
 
-    :meth:`session` lends an established association (waiting up to ``timeout`` for one to
-    be free); idle ones older than ``idle_seconds`` are released and replaced, since PACS
-    close idle associations (Orthanc: DicomScpTimeout). ``stats`` counts what was opened.
+    :meth:`session` lends an established association, waiting for one to be free as long as
+    it takes (an association in use always comes back: every DIMSE call has a timeout).
+    When a gate is installed for the PACS (:func:`pacs2bids.limits.set_gate`), every open
+    association holds one of its slots, taken before the association is requested and given
+    back once it is released, so that every process sharing the gate stays within its bound.
+    Idle associations are released after ``idle_seconds`` by a background reaper (PACS close
+    idle associations anyway, Orthanc after DicomScpTimeout, and an idle one holds a slot
+    another run may be waiting for), and at once when a thread of this process is waiting for
+    a slot. ``stats`` counts what was opened.
     """
 
-    def __init__(self, settings: DimseSettings, *, idle_seconds: float = 15.0):
+    def __init__(self, settings: DimseSettings, *, idle_seconds: float = 5.0):
         self.settings = settings
         self.idle_seconds = idle_seconds
         self.stats = PoolStats()
         self._idle: list[_Slot] = []
         self._cond = threading.Condition()
-        self._busy = 0
+        self._gate_waiters = 0  # threads of this process waiting for a PACS-wide slot
+        self._reaper: threading.Thread | None = None
 
     # -- opening ----------------------------------------------------------------------
     def _open(self, classes: frozenset[str]) -> _Slot:
+        """Take a slot of the PACS's gate (if any), then open an association; the slot is
+        given back if the association cannot be had."""
+        gate = limits.gate_for(self.settings)
+        release_gate = None
+        if gate is not None:
+            with self._cond:
+                self._gate_waiters += 1
+            try:
+                release_gate = gate()
+            finally:
+                with self._cond:
+                    self._gate_waiters -= 1
+        try:
+            slot = self._associate(classes)
+        except BaseException:
+            if release_gate is not None:
+                release_gate()
+            raise
+        slot.release_gate = release_gate
+        return slot
+
+    def _associate(self, classes: frozenset[str]) -> _Slot:
         s = self.settings
         ae = AE(ae_title=s.calling_ae_title)
         ae.acse_timeout = s.timeout
@@ -336,6 +368,7 @@ class AssociationPool:
         ]
         assoc = ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title, ext_neg=roles, evt_handlers=handlers)
         if not assoc.is_established:
+            _wait_closed(assoc)
             where = f"{_peer(s)}"
             if rejection:
                 raise PacsError(
@@ -358,8 +391,7 @@ class AssociationPool:
     @contextmanager
     def session(self, classes: frozenset[str] = frozenset(), receiver: Receiver | None = None) -> Iterator[object]:
         """Lend an association offering storage of ``classes`` (beyond the defaults); received
-        instances go to ``receiver``. Raises :class:`PacsError` if none can be had."""
-        deadline = time.monotonic() + self.settings.timeout
+        instances go to ``receiver``. Raises :class:`PacsError` if none can be opened."""
         slot: _Slot | None = None
         with self._cond:
             while True:
@@ -372,18 +404,15 @@ class AssociationPool:
                     self._idle.remove(fit)
                     slot = fit
                     break
+                if self._idle and (self.stats.open_now >= self.settings.max_associations
+                                   or limits.gate_for(self.settings) is not None):
+                    # idle ones of the wrong kind: replace one (it holds a slot we need)
+                    self._close(self._idle.pop(0))
+                    continue
                 if self.stats.open_now < self.settings.max_associations:
                     self.stats.open_now += 1  # reserve; released below on failure
                     break
-                if self._idle:  # at the limit with idle ones of the wrong kind: replace one
-                    self._close(self._idle.pop(0))
-                    continue
-                if not self._cond.wait(timeout=max(0.0, deadline - now)) and time.monotonic() >= deadline:
-                    raise PacsError(
-                        f"no free association to {_peer(self.settings)} within {self.settings.timeout:.0f} s "
-                        f"(max_associations={self.settings.max_associations})",
-                        transient=True,
-                    )
+                self._cond.wait()
             self.stats.max_open = max(self.stats.max_open, self.stats.open_now)
         if slot is None:
             try:
@@ -401,20 +430,50 @@ class AssociationPool:
             slot.receiver = None
             slot.last_used = time.monotonic()
             with self._cond:
-                if slot.assoc.is_established:
+                if slot.assoc.is_established and not self._gate_waiters:
                     self._idle.append(slot)
-                else:
+                    self._start_reaper()
+                else:  # dead, or a thread here waits for a PACS-wide slot: give ours back
                     self._close(slot)
                 self._cond.notify_all()
 
-    def _close(self, slot: _Slot) -> None:
+    def _start_reaper(self) -> None:
         # called with the lock held
+        if self._reaper is None or not self._reaper.is_alive():
+            self._reaper = threading.Thread(target=self._reap, name="pacs2bids-pool-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Release idle associations once they have been idle ``idle_seconds``; ends when none is idle."""
+        with self._cond:
+            while self._idle:
+                now = time.monotonic()
+                for stale in [x for x in self._idle if now - x.last_used >= self.idle_seconds]:
+                    self._idle.remove(stale)
+                    self._close(stale)
+                if self._idle:
+                    oldest = min(x.last_used for x in self._idle)
+                    self._cond.wait(timeout=max(0.05, oldest + self.idle_seconds - now))
+            self._cond.notify_all()
+            if self._reaper is threading.current_thread():
+                self._reaper = None
+
+    def _close(self, slot: _Slot) -> None:
+        # called with the lock held; the PACS-wide slot is given back only once the
+        # connection is closed, so that the bound holds at every instant
         try:
             if slot.assoc.is_established:
                 slot.assoc.release()
         except Exception:  # a dead peer: nothing more to do
             pass
+        _wait_closed(slot.assoc)
         self.stats.open_now -= 1
+        if slot.release_gate is not None:
+            release, slot.release_gate = slot.release_gate, None
+            try:
+                release()
+            except Exception:  # the slot's lease expires on its own
+                log.warning("could not give back a PACS-wide association slot; its lease will expire", exc_info=True)
 
     def close(self) -> None:
         """Release every idle association."""
@@ -422,6 +481,22 @@ class AssociationPool:
             while self._idle:
                 self._close(self._idle.pop())
             self._cond.notify_all()
+
+
+def _wait_closed(assoc, timeout: float = 10.0) -> None:
+    """Wait until the association's connection is closed (its DUL thread has ended);
+    abort it if it is still open after ``timeout`` seconds."""
+    dul = getattr(assoc, "dul", None)
+    if dul is None:
+        return
+    deadline = time.monotonic() + timeout
+    while dul.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if dul.is_alive():
+        try:
+            assoc.abort()
+        except Exception:
+            pass
 
 
 _POOLS: dict[tuple, AssociationPool] = {}
