@@ -138,6 +138,30 @@ def test_accented_name_cleaned_from_undecoded_text_in_any_charset(t1_files, tmp_
         assert "Dupré".encode(enc) not in raw
 
 
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+@pytest.mark.parametrize("written", ["HÉLÈNE DURAND", "Hélène Durand", "hélène", "Helene DURAND", "DURAND, HELENE"])
+def test_name_cleaned_from_text_in_any_case_and_without_accents(t1_files, tmp_path, charset, written):
+    """Names are written in capitals in headers (DURAND^HÉLÈNE) and in any case, or without
+    accents, in free text: an accented capital is not an ASCII letter, so byte patterns must list
+    each spelling. The leak scanner shares the pattern: it must see them too."""
+    ds = pydicom.dcmread(t1_files[0])
+    ds.SpecificCharacterSet = charset
+    ds.PatientName = "DURAND^HÉLÈNE"
+    ds.StudyDescription = f"IRM cérébrale {written} contrôle"
+    f = tmp_path / "in.dcm"
+    ds.save_as(f)
+    res = run(make(tmp_path), [f], tmp_path)
+    out = pydicom.dcmread(res.written[0])
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", str(out.StudyDescription)).encode("ascii", "ignore").decode().upper()
+    assert "DURAND" not in text and "HELENE" not in text, out.StudyDescription
+    assert str(out.StudyDescription).startswith("IRM cérébrale") and "contrôle" in str(out.StudyDescription)
+    (tmp_path / "scan").mkdir()
+    (tmp_path / "scan" / "notes.txt").write_bytes(f"IRM {written}".encode("latin-1" if charset == "ISO_IR 100" else "utf-8"))
+    assert scan_for_leaks(tmp_path / "scan", {"DURAND^HÉLÈNE"}), f"the leak scanner missed {written!r}"
+
+
 # -- the table, row by row, at depth 1 and 3 --------------------------------------------------
 _PLANT_VR_VALUES = {
     "DA": "20010203",

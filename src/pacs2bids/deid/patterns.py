@@ -19,6 +19,7 @@ Rules (documented, P14):
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from typing import Iterable
 
@@ -94,13 +95,24 @@ def compile_identifiers(values: Iterable[str]) -> re.Pattern[bytes] | None:
     words: set[bytes] = set()
     for v in values:
         for s in variants(v):
-            for enc in ("utf-8", "latin-1"):
-                try:
-                    words.add(s.lower().encode(enc))
-                except UnicodeEncodeError:
-                    pass
-    # lower-casing bytes only folds ASCII; IGNORECASE on bytes does the same, so store lower.
+            for form in _cased_forms(s):
+                for enc in ("utf-8", "latin-1"):
+                    try:
+                        words.add(form.encode(enc))
+                    except UnicodeEncodeError:
+                        pass
     return _compile(frozenset(words))
+
+
+def _cased_forms(text: str) -> set[str]:
+    """The spellings a name takes in free text. IGNORECASE on bytes folds ASCII letters only, so
+    an accented letter must be listed in each case it can appear in (DURAND^HÉLÈNE is written
+    "Hélène", "HÉLÈNE", "hélène"), and without its accents (systems that strip them: "Helene")."""
+    forms = {text.lower(), text.upper(), text.title(), text}
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    if plain and plain != text and len(plain) >= len(text) - 2 * sum(not c.isascii() for c in text):
+        forms.add(plain.lower())
+    return forms
 
 
 def clean_text(text: str, pattern: re.Pattern[bytes] | None) -> tuple[str, int]:
