@@ -531,7 +531,9 @@ def test_key_store_concurrent_writers_lose_nothing(tmp_path, kind):
 
     folder, n = str(tmp_path / "keys"), 40
     if kind == "processes":
-        ctx = multiprocessing.get_context("fork")
+        # spawn, not fork: the session may already run threads (Prefect's harness), and a forked
+        # child can inherit one of their locks held
+        ctx = multiprocessing.get_context("spawn")
         workers = [ctx.Process(target=_record_many, args=(folder, w, n)) for w in (1, 2, 3)]
     else:
         workers = [threading.Thread(target=_record_many, args=(folder, w, n)) for w in (1, 2, 3)]
