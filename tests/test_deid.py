@@ -438,6 +438,8 @@ def test_key_store_encrypted_reidentify_audited(t1_files, tmp_path):
     assert all(r["who"] and r["when"] for r in log)
     with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
         KeyStore(tmp_path / "keys", project="proj", secret=OTHER).identifiers()
+    with pytest.raises(PseudonymisationError, match=r"audit\.fernet cannot be decrypted"):
+        KeyStore(tmp_path / "keys", project="proj", secret=OTHER).audit_log()
     # a new Pseudonymiser sees what earlier runs recorded
     assert pid in make(tmp_path).identifiers()
 

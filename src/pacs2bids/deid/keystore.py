@@ -77,7 +77,7 @@ class KeyStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def _decrypt(self, token: bytes, where: Path) -> dict:
+    def _decrypt(self, token: bytes, where: Path, *, own_project: bool = True) -> dict:
         try:
             doc = json.loads(self._fernet.decrypt(token))
         except InvalidToken:
@@ -85,7 +85,7 @@ class KeyStore:
                 f"key store {where} cannot be decrypted with this project's secret; "
                 "check the secret's environment variable (a different secret gives different pseudonyms)"
             ) from None
-        if doc.get("project") != self.project:
+        if own_project and doc.get("project") != self.project:
             raise PseudonymisationError(f"key store {where} belongs to another project; point key_store elsewhere")
         return doc
 
@@ -228,5 +228,5 @@ class KeyStore:
         out = []
         for line in self._audit.read_bytes().splitlines():
             if line.strip():
-                out.append(json.loads(self._fernet.decrypt(line)))
+                out.append(self._decrypt(line, self._audit, own_project=False))
         return out
