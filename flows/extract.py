@@ -115,7 +115,7 @@ def extract_project(spec_path: str) -> dict:
     try:
         _extract(spec, staging, raw_root, quarantine, scratch, summary, records, instances, done_raw, flow_run_id,
                  logger)
-        released = _include_released(spec, staging, quarantine, scratch, summary, records, logger)
+        released = _include_released(spec, staging, quarantine, scratch, summary, records, instances, logger)
         summary.awaiting_review = sum(1 for i in Quarantine(quarantine).items() if i.state == "pending")
         dead = dead_letters.fold(records, run_id=run_id)
         summary.dead_letter = [asdict(e) for e in dead]
@@ -298,7 +298,7 @@ def _extract(
 
 
 def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratch: Path, summary: RunSummary,
-                      records: list[LineageRecord], logger) -> list[str]:
+                      records: list[LineageRecord], instances: list[InstanceRecord], logger) -> list[str]:
     """Files a reviewer released from quarantine (:mod:`pacs2bids.quarantine`): pseudonymised
     per series into the staging ``sourcedata/``, pixels as reviewed. They are published as
     DICOM, not converted. Returns the item ids included."""
@@ -335,6 +335,13 @@ def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratc
                 f.unlink(missing_ok=True)
             continue
         included += [item.id for item, _ in items]
+        # per-instance lineage as for any published file: the received checksum is the one taken
+        # when the file entered quarantine (the transport is not recorded there)
+        instances += instance_records(
+            staging, res.written, res.sources, {item.id: {"sha256": item.sha256} for item, _ in items},
+            subject=subject, session=session, pseudo_study_uid=res.pseudo_study_uid,
+            pseudo_series_uid=res.pseudo_series_uid, received_digest=Keyed(spec.secret_bytes, spec.project).received_digest,
+        )
         for f in res.written:
             records.append(LineageRecord(
                 subject, session, pseudo_study_uid=res.pseudo_study_uid, pseudo_series_uid=res.pseudo_series_uid,

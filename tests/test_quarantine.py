@@ -200,7 +200,15 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     rows = [r for r in read_lineage(out).to_pylist() if r["convert_status"] == "released"]
     assert [r["path"] for r in rows] == [new[0].relative_to(out).as_posix()]
     q = Quarantine(out.parent / f".{out.name}.pacs2bids-work" / "quarantine")
+    received = q.get(item_id).sha256  # taken when the file entered quarantine
     assert q.get(item_id).state == "published" and not q.path(q.get(item_id)).exists()
+    # per-instance lineage like any published file, its received checksum keyed with the project key
+    from pacs2bids.deid.keyed import Keyed
+    from pacs2bids.lineage import instances_of
+
+    _, inst = instances_of(new[0])
+    assert len(inst) == 1 and inst[0]["pseudo_sop_instance_uid"] == str(ds.SOPInstanceUID)
+    assert inst[0]["received_sha256_hmac"] == Keyed(SECRET.encode(), "qproj").received_digest(received)
 
     third = extract_project(str(spec))  # nothing left to release: published once only
     assert third["released"] == [] and len(list((out / "sourcedata").rglob("*.dcm"))) == len(published_before) + 1
