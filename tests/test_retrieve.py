@@ -94,6 +94,29 @@ def retrieve_all(spec, raw: Path, progress=None):
     return q, results
 
 
+def retrieve_concurrently(spec, studies, raw: Path, limiter=None) -> list:
+    """Retrieve each study in its own thread, at once; raises the first error any thread met.
+    ``limiter``: a factory, one RateLimiter per study."""
+    results: list = []
+    errors: list = []
+
+    def run(study):
+        try:
+            kw = {"limiter": limiter()} if limiter else {}
+            results.extend(retrieve_study(spec, study, raw, **kw))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 def patient_ids(files) -> list[str]:
     return sorted({str(pydicom.dcmread(p, stop_before_pixels=True).PatientID) for p in files})
 
@@ -238,21 +261,7 @@ def test_one_association_at_most_under_two_concurrent_retrievals(tmp_path, loade
     studies = find_studies(spec).studies
     dimse.close_pools()
     pool = dimse.pool_for(spec.pacs.dimse)
-    results: list = []
-    errors: list = []
-
-    def run(study):
-        try:
-            results.extend(retrieve_study(spec, study, tmp_path / "raw"))
-        except Exception as exc:  # surfaced below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(s,)) for s in studies]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = retrieve_concurrently(spec, studies, tmp_path / "raw")
     assert all(r.status == "complete" for r in results) and len(results) == 4 + 1 + 1
     assert pool.stats.max_open == 1
     assert pool.stats.opened == 1  # reused, not one per request
@@ -634,22 +643,8 @@ def test_every_connection_holds_a_slot_of_the_pacs_gate(tmp_path, loaded, transp
     try:
         studies = find_studies(spec).studies
         assert len(studies) == 3 and gate.taken >= 1
-        results: list = []
-        errors: list = []
-
-        def run(study):
-            try:
-                # paced, so that each study holds its connection long enough for the others to want one
-                results.extend(retrieve_study(spec, study, tmp_path / "raw", limiter=RateLimiter(per_minute=600)))
-            except Exception as exc:  # surfaced below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=run, args=(s,)) for s in studies]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors
+        # paced, so that each study holds its connection long enough for the others to want one
+        results = retrieve_concurrently(spec, studies, tmp_path / "raw", limiter=lambda: RateLimiter(per_minute=600))
         assert all(r.status == "complete" for r in results) and len(results) == 6
         assert gate.max_held == 2
         if transport == "c-get":
