@@ -134,6 +134,11 @@ def extract_project(spec_path: str) -> dict:
         shutil.rmtree(scratch, ignore_errors=True)
     for folder in done_raw:  # the clinical copy goes as soon as its research copy is published (E6)
         shutil.rmtree(folder, ignore_errors=True)
+    for study_folder in {f.parent for f in done_raw}:
+        try:
+            study_folder.rmdir()  # only once every series of the study is gone
+        except OSError:
+            pass
     for item_id in released:
         Quarantine(quarantine).mark_published(item_id, run_id=run_id)
     dead_letters.save(dead)

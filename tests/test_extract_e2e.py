@@ -344,6 +344,7 @@ def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, t
     # the clinical copy does not outlive the run
     work = out.parent / f".{out.name}.pacs2bids-work"
     assert not [f for f in (work / "raw").rglob("*") if f.is_file()]
+    assert [f.name for f in (work / "raw").iterdir()] == [".incoming"]  # no emptied study folders either
     assert (out / "sourcedata").is_dir() and list((out / "sourcedata").rglob("*.dcm"))
     assert f"pacs2bids run {summary['run_id']}" in prefect_artifacts_text()  # the UI's copy of the summary
 
