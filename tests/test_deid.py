@@ -552,6 +552,45 @@ def test_key_store_concurrent_writers_lose_nothing(tmp_path, kind):
     assert (tmp_path / "keys" / "keys.fernet").exists()  # compactions ran amid the appends
 
 
+def test_key_store_process_reads_only_what_others_appended_since(tmp_path, monkeypatch):
+    """A series task opens the key in time proportional to what was recorded since its process
+    last read it, and still sees every record another process wrote or compacted."""
+    import multiprocessing
+
+    from cryptography.fernet import Fernet
+
+    KeyStore.forget_cache()
+    folder = tmp_path / "keys"
+    writer = KeyStore(folder, project="proj", secret=SECRET)
+    for i in range(20):
+        _record(writer, f"{i:03d}", i)
+    decrypted: list[bytes] = []
+    real = Fernet.decrypt
+    monkeypatch.setattr(Fernet, "decrypt", lambda self, token, ttl=None: decrypted.append(token) or real(self, token, ttl))
+
+    reader = KeyStore(folder, project="proj", secret=SECRET)
+    assert len(reader.subjects()) == 20 and len(decrypted) == 20  # first read: every line
+    decrypted.clear()
+    _record(writer, "020", 20)  # another series task of this process
+    assert "1.2.3.020.20" in KeyStore(folder, project="proj", secret=SECRET).identifiers()
+    assert len(decrypted) == 1  # only the new line
+    decrypted.clear()
+    assert "IPP020" in Pseudonymiser("proj", SECRET, PseudonymizationSettings(), folder)._values
+    assert not decrypted  # nothing new: nothing decrypted
+
+    # another process appends, then compacts the journal into a new snapshot
+    proc = multiprocessing.get_context("spawn").Process(target=_record_many, args=(str(folder), 9, 30))
+    proc.start()
+    proc.join()
+    assert proc.exitcode == 0 and (folder / "keys.fernet").exists()
+    assert set(reader.subjects()) == {f"{i:03d}" for i in range(21)} | {f"9{i:03d}" for i in range(30)}
+    assert {"IPP9029", "1.2.3.9029.29"} <= reader.identifiers()
+    # what a caller does with the answers does not change the store's
+    reader.identifiers().clear()
+    reader.reidentify("001")["patient_ids"].append("X")
+    assert reader.reidentify("001")["patient_ids"] == ["IPP001"] and len(reader.identifiers()) > 50
+
+
 # -- leak scanner -----------------------------------------------------------------------------
 def test_scan_for_leaks_finds_every_kind_of_place(tmp_path, t1_files):
     import nibabel as nib

@@ -23,15 +23,26 @@ way; a crash between the two leaves records folded twice, which changes nothing.
 without its final newline was never committed (a crash mid-write): readers ignore it and the
 next writer cuts it off. Every access takes ``flock`` on ``.lock`` (shared to read, exclusive
 to write).
+
+A process keeps what it has decrypted (one cache per store, secret and project): a later read
+decrypts only the journal lines appended since, so a series task opens the matching key in
+time proportional to what other tasks recorded meanwhile, not to the project's size. A new
+snapshot or journal (compaction, or a file replaced by hand) is noticed by its inode, size and
+modification time and read again whole. Lines already read are not authenticated again by
+the same process: a change to them is seen by the next process that opens the store.
 """
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import getpass
+import hashlib
 import json
 import os
+import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -40,10 +51,36 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from ..errors import PseudonymisationError
 from .keyed import fernet_key
+from .patterns import looks_like_uid
 
 #: The writer whose append takes the journal past this size, and past the snapshot's size, folds
 #: the journal into the snapshot: compaction then costs, amortised, a constant per byte recorded.
 COMPACT_BYTES = 16 * 1024 * 1024
+
+
+@dataclass
+class _Folded:
+    """What one process has decrypted of one store: the snapshot it read (``snapshot``: inode,
+    size, mtime; None when absent), the journal (``journal``: inode) up to byte ``offset``, and
+    the document they fold into, with its non-UID identifiers apart (``values``)."""
+
+    snapshot: tuple | None
+    journal: int | None
+    offset: int
+    doc: dict
+    values: set[str] = field(default_factory=set)
+
+
+_CACHE: dict[tuple, _Folded] = {}
+_CACHE_LOCK = threading.Lock()  # flock does not order the threads of one process holding it shared
+
+
+def _sig(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -61,7 +98,9 @@ class KeyStore:
         self.path = Path(path)
         self.project = project
         self.compact_bytes = compact_bytes
-        self._fernet = Fernet(fernet_key(secret, project))
+        key = fernet_key(secret, project)
+        self._fernet = Fernet(key)
+        self._cache_key = (str(self.path.resolve()), project, hashlib.sha256(key).hexdigest())
         self._keys = self.path / "keys.fernet"
         self._journal = self.path / "keys.journal"
         self._audit = self.path / "audit.fernet"
@@ -89,30 +128,67 @@ class KeyStore:
             raise PseudonymisationError(f"key store {where} belongs to another project; point key_store elsewhere")
         return doc
 
-    def _journal_lines(self) -> list[bytes]:
-        """The committed journal lines (a trailing line without its newline never was)."""
-        if not self._journal.exists():
-            return []
-        data = self._journal.read_bytes()
-        return [line for line in data[: data.rfind(b"\n") + 1].split(b"\n") if line]
+    def _journal_tail(self, offset: int) -> tuple[list[bytes], int]:
+        """The committed journal lines from byte ``offset`` on, and the offset after the last
+        (a trailing line without its newline never was)."""
+        try:
+            with open(self._journal, "rb") as f:
+                f.seek(offset)
+                data = f.read()
+        except FileNotFoundError:
+            return [], 0
+        end = data.rfind(b"\n") + 1
+        return [line for line in data[:end].split(b"\n") if line], offset + end
 
-    def _load(self) -> dict:
-        """The snapshot with every committed journal record folded in (``identifiers`` as a set)."""
-        doc = {"project": self.project, "subjects": {}, "identifiers": []}
-        if self._keys.exists():
-            doc = self._decrypt(self._keys.read_bytes(), self._keys)
-        identifiers = set(doc.get("identifiers", []))
-        subjects = doc.setdefault("subjects", {})
-        for line in self._journal_lines():
-            rec = self._decrypt(line, self._journal)
-            entry = subjects.setdefault(rec["subject"], {"patient_ids": [], "patient_names": [], "studies": {}})
-            entry["patient_ids"] = sorted(set(entry["patient_ids"]) | set(rec["patient_ids"]))
-            entry["patient_names"] = sorted(set(entry["patient_names"]) | set(rec["patient_names"]))
-            for uid, info in rec["studies"].items():
-                entry["studies"].setdefault(uid, info)
-            identifiers.update(rec["identifiers"])
-        doc["identifiers"] = identifiers
-        return doc
+    def _load(self) -> _Folded:
+        """The snapshot with every committed journal record folded in (``doc["identifiers"]``
+        as a set). Shared with the rest of the process: read it, never change it.
+        The caller holds the store's flock."""
+        with _CACHE_LOCK:
+            snapshot, journal = _sig(self._keys), _sig(self._journal)
+            folded = _CACHE.get(self._cache_key)
+            if (
+                folded is None
+                or folded.snapshot != snapshot
+                or folded.journal != (journal[0] if journal else None)
+                or (journal[1] if journal else 0) < folded.offset
+            ):
+                _CACHE.pop(self._cache_key, None)
+                doc = {"project": self.project, "subjects": {}, "identifiers": []}
+                if snapshot is not None:
+                    doc = self._decrypt(self._keys.read_bytes(), self._keys)
+                doc.setdefault("subjects", {})
+                doc["identifiers"] = set(doc.get("identifiers", []))
+                folded = _Folded(snapshot, journal[0] if journal else None, 0, doc,
+                                 {v for v in doc["identifiers"] if not looks_like_uid(v)})
+            lines, offset = self._journal_tail(folded.offset)
+            try:
+                for line in lines:
+                    self._fold(folded, self._decrypt(line, self._journal))
+            except Exception:
+                _CACHE.pop(self._cache_key, None)  # half folded: the next read starts again
+                raise
+            folded.offset = max(offset, folded.offset)
+            _CACHE[self._cache_key] = folded
+            return folded
+
+    @staticmethod
+    def _fold(folded: _Folded, rec: dict) -> None:
+        """Fold one journal record in: unions; a study's first record wins."""
+        subjects = folded.doc["subjects"]
+        entry = subjects.setdefault(rec["subject"], {"patient_ids": [], "patient_names": [], "studies": {}})
+        entry["patient_ids"] = sorted(set(entry["patient_ids"]) | set(rec["patient_ids"]))
+        entry["patient_names"] = sorted(set(entry["patient_names"]) | set(rec["patient_names"]))
+        for uid, info in rec["studies"].items():
+            entry["studies"].setdefault(uid, info)
+        folded.doc["identifiers"].update(rec["identifiers"])
+        folded.values.update(v for v in rec["identifiers"] if not looks_like_uid(v))
+
+    @staticmethod
+    def forget_cache() -> None:
+        """Drop what this process has decrypted of every store (tests, benchmarks)."""
+        with _CACHE_LOCK:
+            _CACHE.clear()
 
     def _append(self, record: dict) -> int:
         """Append one record to the journal and fsync it; returns the journal's size in bytes.
@@ -153,20 +229,30 @@ class KeyStore:
             self._compact()
 
     def _compact(self) -> None:
-        doc = self._load()
-        doc["identifiers"] = sorted(doc["identifiers"])
+        folded = self._load()
+        doc = {**folded.doc, "identifiers": sorted(folded.doc["identifiers"])}
         self._replace(self._keys, self._fernet.encrypt(json.dumps(doc, sort_keys=True).encode()))
         self._replace(self._journal, b"")
+        with _CACHE_LOCK:  # the same document, now from the new files: nothing to read again
+            journal = _sig(self._journal)
+            folded.snapshot, folded.journal, folded.offset = _sig(self._keys), journal[0] if journal else None, 0
+            _CACHE[self._cache_key] = folded
 
     # -- API -----------------------------------------------------------------------------
     def identifiers(self) -> set[str]:
         """The identifying values recorded so far (for cleaning and leak scanning)."""
         with self._locked(exclusive=False):
-            return self._load()["identifiers"]
+            return set(self._load().doc["identifiers"])
+
+    def values(self) -> set[str]:
+        """The recorded identifiers that are not UIDs (names, IDs, accession numbers...): what
+        is searched for in text. Grows with the patients, not with the instances."""
+        with self._locked(exclusive=False):
+            return set(self._load().values)
 
     def subjects(self) -> list[str]:
         with self._locked(exclusive=False):
-            return sorted(self._load()["subjects"])
+            return sorted(self._load().doc["subjects"])
 
     def record_series(
         self,
@@ -198,8 +284,7 @@ class KeyStore:
         Raises :class:`KeyError` (after auditing the attempt) when the subject is unknown.
         """
         with self._locked():
-            doc = self._load()
-            entry = doc["subjects"].get(subject)
+            entry = copy.deepcopy(self._load().doc["subjects"].get(subject))
             self._append_audit(
                 {
                     "who": getpass.getuser(),

@@ -89,6 +89,11 @@ def _compile(words: frozenset[bytes]) -> re.Pattern[bytes] | None:
     return re.compile(rb"(?<![A-Za-z0-9])(?:" + body + rb")(?![A-Za-z0-9])", re.IGNORECASE)
 
 
+def looks_like_uid(value: str) -> bool:
+    """Dotted digits, as a DICOM UID is written: replaced by element, never searched for in text."""
+    return value.count(".") >= 2 and value.replace(".", "").isdigit()
+
+
 def compile_identifiers(values: Iterable[str]) -> re.Pattern[bytes] | None:
     """A bytes pattern matching any variant of any value (UTF-8 and Latin-1 spellings);
     None when nothing is long enough to search."""

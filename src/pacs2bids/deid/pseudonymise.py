@@ -54,7 +54,7 @@ from . import pixels
 from .csa import scrub_bytes, scrub_ge_protocol
 from .keyed import Keyed, birth_date_to_year, shift_da, shift_dt
 from .keystore import KeyStore
-from .patterns import clean_text, compile_identifiers
+from .patterns import clean_text, compile_identifiers, looks_like_uid
 from .profile import GE_PROTOCOL, Profile
 
 log = logging.getLogger(__name__)
@@ -250,16 +250,17 @@ class Pseudonymiser:
         self.profile = Profile(settings.options, settings.keep_private)
         self.keyed = Keyed(secret, project)
         self.key_store = KeyStore(Path(key_store), project=project, secret=secret)
-        self._identifiers: set[str] = set(self.key_store.identifiers())
-        # The non-UID values among them, searched for in every file's text (UIDs are replaced
-        # by element, never searched for in text).
-        self._values: frozenset[str] = frozenset(v for v in self._identifiers if not _looks_like_uid(v))
+        # The identifying values recorded so far that are not UIDs, searched for in every file's
+        # text (UIDs are replaced by element, never searched for in text); they grow with the
+        # patients, not with the instances. The UIDs are read only for the leak scan.
+        self._values: frozenset[str] = frozenset(self.key_store.values())
+        self._learned: set[str] = set()  # what this instance recorded
         self.allow_sop = set(settings.allow_sop_classes)
 
     # -- public API ----------------------------------------------------------------------
     def identifiers(self) -> set[str]:
         """Identifying values seen so far in this project (this process and the key store)."""
-        return set(self._identifiers)
+        return self.key_store.identifiers() | self._learned
 
     def drop_reason(self, ds: Dataset) -> str | None:
         """Why an instance is dropped by default (None: it is kept)."""
@@ -334,7 +335,7 @@ class Pseudonymiser:
                 continue
             file_ids = self._collect(ds)
             new_identifiers |= file_ids
-            key = frozenset(v for v in file_ids if not _looks_like_uid(v)) - self._values
+            key = frozenset(v for v in file_ids if not looks_like_uid(v)) - self._values
             pattern = pattern_cache.get(key)
             if pattern is None:
                 pattern = pattern_cache[key] = compile_identifiers(key | self._values)
@@ -393,10 +394,10 @@ class Pseudonymiser:
             patient_ids=sorted(v for v in originals["patient_ids"] if v),
             patient_names=sorted(v for v in originals["patient_names"] if v),
             studies=study_map,
-            identifiers=new_identifiers - self._identifiers,  # the store has the others already
+            identifiers=new_identifiers - self._values - self._learned,  # the store has those already
         )
-        self._identifiers |= new_identifiers
-        self._values |= {v for v in new_identifiers if not _looks_like_uid(v)}
+        self._learned |= new_identifiers
+        self._values |= {v for v in new_identifiers if not looks_like_uid(v)}
         result.record = self._record(notes, pixel_log, result, count)
         return result
 
@@ -417,7 +418,7 @@ class Pseudonymiser:
             if reason:
                 out.append({"file": n, "attribute": "*", "action": "dropped", "why": reason, "before": "", "after": ""})
                 continue
-            ids = {v for v in self._collect(ds) if not _looks_like_uid(v)} | self._values
+            ids = {v for v in self._collect(ds) if not looks_like_uid(v)} | self._values
             changes: list[dict] = []
             ctx = _FileContext(self, subject, compile_identifiers(frozenset(ids)), Counter(), changes)
             risk = pixels.risk_reason(ds)
@@ -836,10 +837,6 @@ class Pseudonymiser:
             "attributes": attributes,
             "pixels": pixel_log,
         }
-
-
-def _looks_like_uid(value: str) -> bool:
-    return value.count(".") >= 2 and value.replace(".", "").isdigit()
 
 
 def _dummy(vr: str) -> Any:
