@@ -420,6 +420,90 @@ def test_unreadable_file_is_quarantined_with_reason(tmp_path, t1_files):
     assert Quarantine(tmp_path / "q").path(item).read_bytes() == bad.read_bytes()
 
 
+# -- overlays (Clean Graphics) ------------------------------------------------------------------
+def _with_overlay(sample_dir: Path, tmp_path: Path, text: str | None) -> tuple[Path, "np.ndarray"]:
+    """A real GE image with an overlay plane (6000) holding ``text`` drawn large, and an ROI
+    outline (a rectangle: graphics, not text) in a corner that the text does not reach."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    src = next((sample_dir / "dcm_qa_ge" / "In" / "01_Ax_DWI_TENSOR_R2").glob("i*"))
+    ds = pydicom.dcmread(src)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    img = Image.new("L", (cols, rows), 0)
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([170, 170, 240, 240], outline=255, width=2)
+    if text:
+        draw.text((8, 20), text, fill=255, font=ImageFont.load_default(size=22))
+    bits = (np.asarray(img) > 127).astype(np.uint8)
+    ds.add_new(0x60000010, "US", rows)
+    ds.add_new(0x60000011, "US", cols)
+    ds.add_new(0x60000040, "CS", "G")
+    ds.add_new(0x60000050, "SS", [1, 1])
+    ds.add_new(0x60000100, "US", 1)
+    ds.add_new(0x60000102, "US", 0)
+    ds.add_new(0x60003000, "OW", np.packbits(bits.ravel(), bitorder="little").tobytes())
+    out = tmp_path / "overlay.dcm"
+    ds.save_as(out)
+    return out, bits
+
+
+def _overlay_words(ds, tmp_path: Path) -> set[str]:
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    bits = ds.overlay_array(0x6000).astype(np.uint8) * 255
+    Image.fromarray(bits).resize((bits.shape[1] * 2, bits.shape[0] * 2)).save(tmp_path / "ov.png")
+    text = subprocess.run(["tesseract", str(tmp_path / "ov.png"), "stdout", "--psm", "11"],
+                          capture_output=True, text=True, check=True).stdout
+    return {w.upper() for w in re.findall(r"[A-Za-z0-9]{4,}", text)}
+
+
+@pytest.mark.skipif(not __import__("shutil").which("tesseract"), reason="tesseract is not installed")
+def test_clean_graphics_clears_text_drawn_in_an_overlay_and_keeps_the_rest(sample_dir, tmp_path):
+    import numpy as np
+
+    f, planted = _with_overlay(sample_dir, tmp_path, "DURAND JEAN 1961")
+    assert {"DURAND", "JEAN", "1961"} <= _overlay_words(pydicom.dcmread(f), tmp_path)  # the plant is readable
+
+    # Basic profile (no Clean Graphics): the overlay goes, as Table E.1-1 says (60xx,3000 X)
+    res = make(tmp_path / "basic").pseudonymise_series([f], tmp_path / "o1", subject="001", session=None,
+                                                        quarantine_dir=tmp_path / "q")
+    assert 0x60003000 not in pydicom.dcmread(res.written[0])
+
+    # Clean Graphics: the overlay stays, its text cleared, the ROI outline untouched
+    res = make(tmp_path / "graph", options=list(DEFAULT_OPTIONS) + ["cleanGraphOpt"]).pseudonymise_series(
+        [f], tmp_path / "o2", subject="001", session=None, quarantine_dir=tmp_path / "q")
+    out = pydicom.dcmread(res.written[0])
+    kept = out.overlay_array(0x6000)
+    assert not {"DURAND", "JEAN", "1961"} & _overlay_words(out, tmp_path)
+    assert np.array_equal(kept[165:, 165:], planted[165:, 165:]) and kept[165:, 165:].sum() > 200
+    assert kept[:60, :].sum() < planted[:60, :].sum() // 4  # the text's strokes are gone
+    assert res.record["pixels"] == [{"overlay_planes": 1, "overlay_boxes_cleared": res.record["pixels"][0]["overlay_boxes_cleared"],
+                                     "overlay_planes_removed": []}]
+    assert res.record["pixels"][0]["overlay_boxes_cleared"] >= 1
+
+    # an overlay with graphics only is kept bit for bit
+    (tmp_path / "plain").mkdir()
+    g, outline = _with_overlay(sample_dir, tmp_path / "plain", None)
+    res = make(tmp_path / "graph2", options=list(DEFAULT_OPTIONS) + ["cleanGraphOpt"]).pseudonymise_series(
+        [g], tmp_path / "o3", subject="001", session=None, quarantine_dir=tmp_path / "q")
+    assert np.array_equal(pydicom.dcmread(res.written[0]).overlay_array(0x6000), outline)
+
+
+def test_clean_graphics_removes_an_overlay_it_cannot_read(sample_dir, tmp_path, monkeypatch):
+    from pacs2bids.deid import pixels
+
+    f, _ = _with_overlay(sample_dir, tmp_path, "DURAND JEAN 1961")
+    monkeypatch.setattr(pixels, "tesseract_available", lambda: False)
+    res = make(tmp_path, options=list(DEFAULT_OPTIONS) + ["cleanGraphOpt"]).pseudonymise_series(
+        [f], tmp_path / "o", subject="001", session=None, quarantine_dir=tmp_path / "q")
+    assert not [t for t in pydicom.dcmread(res.written[0]).keys() if t.group == 0x6000]
+    assert res.record["pixels"][0]["overlay_planes_removed"] == ["overlay 6000: tesseract is not installed"]
+
+
 # -- key store --------------------------------------------------------------------------------
 def test_key_store_encrypted_reidentify_audited(t1_files, tmp_path):
     p = make(tmp_path)

@@ -19,6 +19,13 @@ otherwise, or when the pixels cannot be decoded, or there are more than
 stored uncompressed (Explicit VR Little Endian), with Lossy Image Compression kept at 01 when
 the source was lossy (E7). The caller sets BurnedInAnnotation = NO and drops Icon Image
 Sequence. OCR text is never recorded, only counts of boxes.
+
+Overlay planes (PS3.15 E.3.4 Clean Graphics Option, :func:`clean_overlays`): without the option
+the Basic profile removes them (60xx,3000 X). With it they are kept, and a bitmap can draw a name
+as well as pixels can: each plane is unpacked, read by OCR the same way, its text boxes are
+cleared and it is packed again. A plane that cannot be read with confidence (no tesseract, too
+many frames, text left after masking, a malformed plane) is removed whole, as the Basic profile
+would. Graphic annotations are text elements, cleaned with the other text.
 """
 
 from __future__ import annotations
@@ -227,3 +234,74 @@ def _lossless(ds: Dataset) -> bool:
         "1.2.840.10008.1.2.4.201",
         "1.2.840.10008.1.2.1.99",
     }
+
+
+@dataclass
+class OverlayOutcome:
+    """What :func:`clean_overlays` did: planes read, text boxes cleared, planes removed and why."""
+
+    planes: int = 0
+    boxes: int = 0
+    removed: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {"overlay_planes": self.planes, "overlay_boxes_cleared": self.boxes, "overlay_planes_removed": self.removed}
+
+
+def _overlay_groups(ds: Dataset) -> list[int]:
+    return [g for g in range(0x6000, 0x6020, 2) if (g << 16 | 0x3000) in ds]
+
+
+def _remove_group(ds: Dataset, group: int) -> None:
+    for tag in [t for t in ds.keys() if t.group == group]:
+        del ds[tag]
+
+
+def clean_overlays(ds: Dataset) -> OverlayOutcome:
+    """OCR every overlay plane of ``ds`` and clear its text, in place (see the module docstring)."""
+    out = OverlayOutcome()
+    for group in _overlay_groups(ds):
+        out.planes += 1
+        label = f"overlay {group:04X}"
+        try:
+            rows, cols = int(ds[group << 16 | 0x0010].value), int(ds[group << 16 | 0x0011].value)
+            frames = int(ds.get(group << 16 | 0x0015).value) if (group << 16 | 0x0015) in ds else 1
+            data = ds[group << 16 | 0x3000].value
+            bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), bitorder="little")
+            n = rows * cols * frames
+            if rows < 1 or cols < 1 or frames < 1 or bits.size < n:
+                raise ValueError("plane smaller than its rows x columns x frames")
+            planes = bits[:n].reshape(frames, rows, cols).copy()
+        except Exception as exc:  # a malformed plane: nothing trustworthy to read
+            _remove_group(ds, group)
+            out.removed.append(f"{label}: unreadable ({type(exc).__name__})")
+            continue
+        if not tesseract_available():
+            _remove_group(ds, group)
+            out.removed.append(f"{label}: tesseract is not installed")
+            continue
+        if frames > MAX_OCR_FRAMES:
+            _remove_group(ds, group)
+            out.removed.append(f"{label}: {frames} frames, more than {MAX_OCR_FRAMES} to read by OCR")
+            continue
+        left_text = False
+        for i in range(frames):
+            plane = planes[i]
+            if not plane.any():
+                continue
+            for left, top, w, h, conf, _n in ocr_boxes(_to_grey8(plane)):
+                if conf < MASK_CONFIDENCE and conf != -1:
+                    continue
+                pad = max(2, h // 4)
+                plane[max(0, top - pad) : top + h + pad, max(0, left - pad) : left + w + pad] = 0
+                out.boxes += 1
+            if plane.any() and [b for b in ocr_boxes(_to_grey8(plane)) if b[4] >= REMAIN_CONFIDENCE and b[5] >= 3]:
+                left_text = True
+                break
+        if left_text:
+            _remove_group(ds, group)
+            out.removed.append(f"{label}: text still read after masking")
+            continue
+        packed = np.packbits(planes.ravel(), bitorder="little").tobytes()
+        ds[group << 16 | 0x3000].value = packed + b"\0" * (len(packed) % 2)
+    return out

@@ -361,6 +361,10 @@ class Pseudonymiser:
                     continue
                 if outcome.at_risk:
                     pixel_log.append(outcome.summary())
+                if self.profile.has("cleanGraphOpt"):  # without it, the Basic profile removes overlays
+                    overlays = pixels.clean_overlays(ds)
+                    if overlays.planes:
+                        pixel_log.append(overlays.summary())
                 self._apply(ds, ctx, pixels_cleaned=outcome.cleaned)
             except pixels.PixelError as exc:
                 hold(path, qname, str(exc), result)
