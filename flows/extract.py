@@ -174,9 +174,6 @@ def _extract(
     flow_run_id: str | None,
     logger,
 ) -> None:
-    from pacs2bids.deid.keyed import Keyed
-
-    keyed = Keyed(spec.secret_bytes, spec.project)
     query = query_studies.with_options(
         retries=spec.retries.attempts,
         retry_delay_seconds=exponential_backoff(spec.retries.backoff_seconds or 0.1),
@@ -308,6 +305,7 @@ def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratc
     per series into the staging ``sourcedata/``, pixels as reviewed. They are published as
     DICOM, not converted. Returns the item ids included."""
     q = Quarantine(quarantine)
+    keyed = Keyed(spec.secret_bytes, spec.project)
     groups: dict[tuple, list] = {}
     for item in q.released():
         lbl = f"{label(item.subject, item.session)}/{item.id}"
@@ -345,7 +343,7 @@ def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratc
         instances += instance_records(
             staging, res.written, res.sources, {item.id: {"sha256": item.sha256} for item, _ in items},
             subject=subject, session=session, pseudo_study_uid=res.pseudo_study_uid,
-            pseudo_series_uid=res.pseudo_series_uid, received_digest=Keyed(spec.secret_bytes, spec.project).received_digest,
+            pseudo_series_uid=res.pseudo_series_uid, received_digest=keyed.received_digest,
         )
         for f in res.written:
             records.append(LineageRecord(

@@ -60,12 +60,11 @@ COMPACT_BYTES = 16 * 1024 * 1024
 
 @dataclass
 class _Folded:
-    """What one process has decrypted of one store: the snapshot it read (``snapshot``: inode,
-    size, mtime; None when absent), the journal (``journal``: inode) up to byte ``offset``, and
-    the document they fold into, with its non-UID identifiers apart (``values``)."""
+    """What one process has decrypted of one store: the files it read (``files``, see
+    :meth:`KeyStore._files`), the journal up to byte ``offset``, and the document they fold
+    into, with its non-UID identifiers apart (``values``)."""
 
-    snapshot: tuple | None
-    journal: int | None
+    files: tuple
     offset: int
     doc: dict
     values: set[str] = field(default_factory=set)
@@ -73,14 +72,6 @@ class _Folded:
 
 _CACHE: dict[tuple, _Folded] = {}
 _CACHE_LOCK = threading.Lock()  # flock does not order the threads of one process holding it shared
-
-
-def _sig(path: Path) -> tuple | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,34 +131,37 @@ class KeyStore:
         end = data.rfind(b"\n") + 1
         return [line for line in data[:end].split(b"\n") if line], offset + end
 
+    def _files(self) -> tuple[tuple, int]:
+        """Which snapshot and journal are there now: ((snapshot inode, size, mtime; journal
+        inode), journal size). Compaction replaces both files, so both inodes change."""
+        try:
+            st = self._keys.stat()
+            snapshot = (st.st_ino, st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            snapshot = None
+        try:
+            st = self._journal.stat()
+            return (snapshot, st.st_ino), st.st_size
+        except FileNotFoundError:
+            return (snapshot, None), 0
+
     def _load(self) -> _Folded:
         """The snapshot with every committed journal record folded in (``doc["identifiers"]``
         as a set). Shared with the rest of the process: read it, never change it.
         The caller holds the store's flock."""
         with _CACHE_LOCK:
-            snapshot, journal = _sig(self._keys), _sig(self._journal)
-            folded = _CACHE.get(self._cache_key)
-            if (
-                folded is None
-                or folded.snapshot != snapshot
-                or folded.journal != (journal[0] if journal else None)
-                or (journal[1] if journal else 0) < folded.offset
-            ):
-                _CACHE.pop(self._cache_key, None)
+            files, journal_size = self._files()
+            folded = _CACHE.pop(self._cache_key, None)
+            if folded is None or folded.files != files or journal_size < folded.offset:
                 doc = {"project": self.project, "subjects": {}, "identifiers": []}
-                if snapshot is not None:
+                if files[0] is not None:
                     doc = self._decrypt(self._keys.read_bytes(), self._keys)
                 doc.setdefault("subjects", {})
                 doc["identifiers"] = set(doc.get("identifiers", []))
-                folded = _Folded(snapshot, journal[0] if journal else None, 0, doc,
-                                 {v for v in doc["identifiers"] if not looks_like_uid(v)})
+                folded = _Folded(files, 0, doc, {v for v in doc["identifiers"] if not looks_like_uid(v)})
             lines, offset = self._journal_tail(folded.offset)
-            try:
-                for line in lines:
-                    self._fold(folded, self._decrypt(line, self._journal))
-            except Exception:
-                _CACHE.pop(self._cache_key, None)  # half folded: the next read starts again
-                raise
+            for line in lines:  # a failure leaves nothing cached: the next read starts again
+                self._fold(folded, self._decrypt(line, self._journal))
             folded.offset = max(offset, folded.offset)
             _CACHE[self._cache_key] = folded
             return folded
@@ -234,8 +228,7 @@ class KeyStore:
         self._replace(self._keys, self._fernet.encrypt(json.dumps(doc, sort_keys=True).encode()))
         self._replace(self._journal, b"")
         with _CACHE_LOCK:  # the same document, now from the new files: nothing to read again
-            journal = _sig(self._journal)
-            folded.snapshot, folded.journal, folded.offset = _sig(self._keys), journal[0] if journal else None, 0
+            folded.files, folded.offset = self._files()[0], 0
             _CACHE[self._cache_key] = folded
 
     # -- API -----------------------------------------------------------------------------
@@ -244,11 +237,11 @@ class KeyStore:
         with self._locked(exclusive=False):
             return set(self._load().doc["identifiers"])
 
-    def values(self) -> set[str]:
+    def values(self) -> frozenset[str]:
         """The recorded identifiers that are not UIDs (names, IDs, accession numbers...): what
         is searched for in text. Grows with the patients, not with the instances."""
         with self._locked(exclusive=False):
-            return set(self._load().values)
+            return frozenset(self._load().values)
 
     def subjects(self) -> list[str]:
         with self._locked(exclusive=False):

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian
 
 MAX_OCR_FRAMES = 32
@@ -145,6 +146,20 @@ def ocr_boxes(grey: np.ndarray, scale: int = 2) -> list[tuple[int, int, int, int
     return boxes
 
 
+def _mask_text(frame: np.ndarray, fill) -> tuple[int, bool]:
+    """Fill every box of text OCR reads in ``frame`` (in place) with ``fill``, with a margin.
+    Returns the boxes filled, and whether a second reading still finds confident text."""
+    boxes = 0
+    for left, top, w, h, conf, _n in ocr_boxes(_to_grey8(frame)):
+        if conf < MASK_CONFIDENCE and conf != -1:
+            continue
+        pad = max(2, h // 4)
+        frame[max(0, top - pad) : top + h + pad, max(0, left - pad) : left + w + pad] = fill
+        boxes += 1
+    remaining = [b for b in ocr_boxes(_to_grey8(frame)) if b[4] >= REMAIN_CONFIDENCE and b[5] >= 3]
+    return boxes, bool(remaining)
+
+
 def _frames(arr: np.ndarray, ds: Dataset) -> tuple[np.ndarray, bool]:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
@@ -199,16 +214,9 @@ def clean_if_at_risk(ds: Dataset, *, enabled: bool) -> PixelOutcome:
     out.frames = frames.shape[0]
     out.regions_masked = _mask_outside_regions(frames, ds)
     for i in range(frames.shape[0]):
-        frame = frames[i]
-        fill = frame.min()
-        for left, top, w, h, conf, _n in ocr_boxes(_to_grey8(frame)):
-            if conf < MASK_CONFIDENCE and conf != -1:
-                continue
-            pad = max(2, h // 4)
-            frame[max(0, top - pad) : top + h + pad, max(0, left - pad) : left + w + pad] = fill
-            out.boxes += 1
-        remaining = [b for b in ocr_boxes(_to_grey8(frame)) if b[4] >= REMAIN_CONFIDENCE and b[5] >= 3]
-        if remaining:
+        boxes, text_left = _mask_text(frames[i], frames[i].min())
+        out.boxes += boxes
+        if text_left:
             out.quarantine = f"pixels at risk ({reason}): text still read after masking frame {i + 1}"
             return out
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
@@ -252,56 +260,38 @@ def _overlay_groups(ds: Dataset) -> list[int]:
     return [g for g in range(0x6000, 0x6020, 2) if (g << 16 | 0x3000) in ds]
 
 
-def _remove_group(ds: Dataset, group: int) -> None:
-    for tag in [t for t in ds.keys() if t.group == group]:
-        del ds[tag]
-
-
 def clean_overlays(ds: Dataset) -> OverlayOutcome:
     """OCR every overlay plane of ``ds`` and clear its text, in place (see the module docstring)."""
     out = OverlayOutcome()
     for group in _overlay_groups(ds):
         out.planes += 1
-        label = f"overlay {group:04X}"
-        try:
-            rows, cols = int(ds[group << 16 | 0x0010].value), int(ds[group << 16 | 0x0011].value)
-            frames = int(ds.get(group << 16 | 0x0015).value) if (group << 16 | 0x0015) in ds else 1
-            data = ds[group << 16 | 0x3000].value
-            bits = np.unpackbits(np.frombuffer(bytes(data), dtype=np.uint8), bitorder="little")
-            n = rows * cols * frames
-            if rows < 1 or cols < 1 or frames < 1 or bits.size < n:
-                raise ValueError("plane smaller than its rows x columns x frames")
-            planes = bits[:n].reshape(frames, rows, cols).copy()
-        except Exception as exc:  # a malformed plane: nothing trustworthy to read
-            _remove_group(ds, group)
-            out.removed.append(f"{label}: unreadable ({type(exc).__name__})")
-            continue
-        if not tesseract_available():
-            _remove_group(ds, group)
-            out.removed.append(f"{label}: tesseract is not installed")
-            continue
-        if frames > MAX_OCR_FRAMES:
-            _remove_group(ds, group)
-            out.removed.append(f"{label}: {frames} frames, more than {MAX_OCR_FRAMES} to read by OCR")
-            continue
-        left_text = False
-        for i in range(frames):
-            plane = planes[i]
-            if not plane.any():
-                continue
-            for left, top, w, h, conf, _n in ocr_boxes(_to_grey8(plane)):
-                if conf < MASK_CONFIDENCE and conf != -1:
-                    continue
-                pad = max(2, h // 4)
-                plane[max(0, top - pad) : top + h + pad, max(0, left - pad) : left + w + pad] = 0
-                out.boxes += 1
-            if plane.any() and [b for b in ocr_boxes(_to_grey8(plane)) if b[4] >= REMAIN_CONFIDENCE and b[5] >= 3]:
-                left_text = True
-                break
-        if left_text:
-            _remove_group(ds, group)
-            out.removed.append(f"{label}: text still read after masking")
-            continue
-        packed = np.packbits(planes.ravel(), bitorder="little").tobytes()
-        ds[group << 16 | 0x3000].value = packed + b"\0" * (len(packed) % 2)
+        boxes, why = _clean_overlay(ds, group)
+        out.boxes += boxes
+        if why:
+            for tag in [t for t in ds.keys() if t.group == group]:
+                del ds[tag]
+            out.removed.append(f"overlay {group:04X}: {why}")
     return out
+
+
+def _clean_overlay(ds: Dataset, group: int) -> tuple[int, str | None]:
+    """Clear the text of one overlay plane in place: (boxes cleared, why the plane must go instead)."""
+    try:
+        planes = np.array(ds.overlay_array(group), dtype=np.uint8, copy=True)
+    except Exception as exc:  # a malformed plane: nothing trustworthy to read
+        return 0, f"unreadable ({type(exc).__name__})"
+    if planes.ndim == 2:
+        planes = planes[np.newaxis]
+    if not tesseract_available():
+        return 0, "tesseract is not installed"
+    if planes.shape[0] > MAX_OCR_FRAMES:
+        return 0, f"{planes.shape[0]} frames, more than {MAX_OCR_FRAMES} to read by OCR"
+    boxes = 0
+    for plane in planes:
+        if plane.any():
+            n, text_left = _mask_text(plane, 0)
+            boxes += n
+            if text_left and plane.any():
+                return boxes, "text still read after masking"
+    ds[group << 16 | 0x3000].value = pack_bits(planes)
+    return boxes, None

@@ -253,7 +253,7 @@ class Pseudonymiser:
         # The identifying values recorded so far that are not UIDs, searched for in every file's
         # text (UIDs are replaced by element, never searched for in text); they grow with the
         # patients, not with the instances. The UIDs are read only for the leak scan.
-        self._values: frozenset[str] = frozenset(self.key_store.values())
+        self._values: frozenset[str] = self.key_store.values()
         self._learned: set[str] = set()  # what this instance recorded
         self.allow_sop = set(settings.allow_sop_classes)
 
