@@ -232,14 +232,12 @@ def test_move_destination_unknown_fails_at_once(tmp_path, loaded):
     study = find_studies(spec).studies[0]
     pool = dimse.pool_for(spec.pacs.dimse)
     before = pool.stats.requests
-    t0 = time.monotonic()
     with pytest.raises(PacsError, match=r"NOBODY.*0xA801.*DicomModalities") as err:
         retrieve_study(spec, study, tmp_path / "raw")
     assert not err.value.transient
     # one instance listing, one C-MOVE, one single-instance C-MOVE telling "unknown" from
     # another failure (Orthanc answers 0xC000, not 0xA801): no retry
     assert pool.stats.requests - before == 3
-    assert time.monotonic() - t0 < 3.0  # retries would sleep 0.5 + 1 + 2 s
 
 
 def test_unreachable_pacs_names_host_port_and_titles(tmp_path):
@@ -508,25 +506,38 @@ def test_storage_scp_refuses_associations_beyond_its_bound(tmp_path, loaded):
         assert rejections[-1] == (0x02, 0x03, 0x02)  # transient, ACSE provider, local limit exceeded
         held.pop().release()
 
-        # one slot left: Orthanc takes it for the C-MOVE; nobody else gets in meanwhile
+        # one slot left: Orthanc takes it for the C-MOVE; nobody else gets in meanwhile. Orthanc's
+        # first association is held open (its accept handler waits) until the intruder has tried:
+        # polling the count instead raced with Orthanc releasing a two-instance series.
+        orthanc_in, intruder_done = threading.Event(), threading.Event()
         refused_during_move: list[bool] = []
 
+        def hold_first_sender(event):
+            if event.assoc.requestor.ae_title != "INTRUDER" and not orthanc_in.is_set():
+                orthanc_in.set()
+                intruder_done.wait(30)
+
+        open_when_intruding: list[int] = []
+
         def intrude():
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if len(server._server.active_associations) >= 2:
+            try:
+                if orthanc_in.wait(30):
+                    open_when_intruding.append(len(server._server.active_associations))
                     a = associate()
                     refused_during_move.append(a.is_rejected)
                     if a.is_established:
                         a.release()
-                    return
-                time.sleep(0.01)
+            finally:
+                intruder_done.set()
 
+        server._server.bind(evt.EVT_ACCEPTED, hold_first_sender)
         t = threading.Thread(target=intrude)
         t.start()
         results = retrieve_study(spec, study, tmp_path / "raw", limiter=RateLimiter(per_minute=240))
         t.join()
+        server._server.unbind(evt.EVT_ACCEPTED, hold_first_sender)
         held.pop().release()
+    assert open_when_intruding == [2]  # our held one and Orthanc's
     assert refused_during_move == [True]
     assert all(r.status == "complete" for r in results), [r.reason for r in results]
     assert sum(r.received for r in results) == sum(s.announced_instances for s in study.series) == 8
