@@ -254,13 +254,14 @@ class Pseudonymiser:
         # text (UIDs are replaced by element, never searched for in text); they grow with the
         # patients, not with the instances. The UIDs are read only for the leak scan.
         self._values: frozenset[str] = self.key_store.values()
-        self._learned: set[str] = set()  # what this instance recorded
+        self._learned: set[str] = set()  # what this instance recorded: not appended twice
         self.allow_sop = set(settings.allow_sop_classes)
 
     # -- public API ----------------------------------------------------------------------
     def identifiers(self) -> set[str]:
-        """Identifying values seen so far in this project (this process and the key store)."""
-        return self.key_store.identifiers() | self._learned
+        """Identifying values seen so far in this project: the key store, where every series
+        this instance processed is recorded before it returns."""
+        return self.key_store.identifiers()
 
     def drop_reason(self, ds: Dataset) -> str | None:
         """Why an instance is dropped by default (None: it is kept)."""
