@@ -116,7 +116,7 @@ def extract_project(spec_path: str) -> dict:
         _extract(spec, staging, raw_root, quarantine, scratch, summary, records, instances, done_raw, flow_run_id,
                  logger)
         released = _include_released(spec, staging, quarantine, scratch, summary, records, instances, logger)
-        summary.awaiting_review = sum(1 for i in Quarantine(quarantine).items() if i.state == "pending")
+        summary.awaiting_review = sum(1 for i in _quarantine(spec, quarantine).items() if i.state == "pending")
         dead = dead_letters.fold(records, run_id=run_id)
         summary.dead_letter = [asdict(e) for e in dead]
         _check_and_publish(spec, staging, summary, records, instances, run_id, flow_run_id, versions, logger)
@@ -140,7 +140,7 @@ def extract_project(spec_path: str) -> dict:
         except OSError:
             pass
     for item_id in released:
-        Quarantine(quarantine).mark_published(item_id, run_id=run_id)
+        _quarantine(spec, quarantine).mark_published(item_id, run_id=run_id)
     dead_letters.save(dead)
     summary.write(work / "runs" / f"run-{run_id}.json")
     _summary_artifact(spec, summary, logger)
@@ -299,12 +299,27 @@ def _extract(
         logger.info("%s: converted", lbl)
 
 
+def _quarantine(spec: ProjectSpec, quarantine: Path) -> Quarantine:
+    """The quarantine with the project's log key: only decisions signed with it count."""
+    from pacs2bids.deid.keyed import audit_mac_key
+
+    return Quarantine(quarantine, key=audit_mac_key(spec.secret_bytes, spec.project))
+
+
 def _include_released(spec: ProjectSpec, staging: Path, quarantine: Path, scratch: Path, summary: RunSummary,
                       records: list[LineageRecord], instances: list[InstanceRecord], logger) -> list[str]:
     """Files a reviewer released from quarantine (:mod:`pacs2bids.quarantine`): pseudonymised
     per series into the staging ``sourcedata/``, pixels as reviewed. They are published as
-    DICOM, not converted. Returns the item ids included."""
-    q = Quarantine(quarantine)
+    DICOM, not converted. Returns the item ids included. Only releases signed with the project
+    key count; when the chain of decisions is broken, none is included and the summary says where."""
+    from pacs2bids.quarantine import DECISIONS
+
+    q = _quarantine(spec, quarantine)
+    for problem in q.problems():  # a decision that does not count is reported, never skipped silently
+        summary.released.append({"file": f"quarantine/{DECISIONS}", "status": f"not included: {problem}"})
+        logger.warning("%s", problem)
+    if q.verification().broken is not None:
+        return []
     keyed = Keyed(spec.secret_bytes, spec.project)
     groups: dict[tuple, list] = {}
     for item in q.released():

@@ -24,6 +24,7 @@ from pacs2bids.errors import PseudonymisationError, SpecError
 
 SECRET = b"unit-test-secret-0123456789"
 OTHER = b"another-secret-9876543210xx"
+WHY = "unit test of the key store"
 
 
 @pytest.fixture(scope="module")
@@ -513,16 +514,16 @@ def test_key_store_encrypted_reidentify_audited(t1_files, tmp_path):
         assert pid.encode() not in f.read_bytes()
     ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET)
     assert pid in ks.identifiers() and ks.subjects() == ["001"]
-    info = ks.reidentify("001", reason="audit test")
+    info = ks.reidentify("001", reason="audit test of the key store")
     assert pid in info["patient_ids"]
     with pytest.raises(KeyError):
-        ks.reidentify("999")
+        ks.reidentify("999", reason="audit test of the key store")
     log = ks.audit_log()
     assert [r["what"] for r in log] == ["reidentify", "reidentify (unknown subject)"]
     assert all(r["who"] and r["when"] for r in log)
     with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
         KeyStore(tmp_path / "keys", project="proj", secret=OTHER).identifiers()
-    with pytest.raises(PseudonymisationError, match=r"audit\.fernet cannot be decrypted"):
+    with pytest.raises(PseudonymisationError, match=r"audit\.jsonl does not verify"):
         KeyStore(tmp_path / "keys", project="proj", secret=OTHER).audit_log()
     # a new Pseudonymiser sees what earlier runs recorded
     assert pid in make(tmp_path).identifiers()
@@ -562,10 +563,10 @@ def test_key_store_legacy_single_document_still_loads(tmp_path):
     ks = KeyStore(folder, project="proj", secret=SECRET)
     _record(ks, "001", 1)
     assert ks.subjects() == ["001", "007"] and {"IPP007", "Bond^James", "IPP001"} <= ks.identifiers()
-    assert ks.reidentify("007")["patient_names"] == ["Bond^James"]
+    assert ks.reidentify("007", reason=WHY)["patient_names"] == ["Bond^James"]
     ks.compact()
     assert (folder / "keys.journal").read_bytes() == b""
-    assert ks.subjects() == ["001", "007"] and ks.reidentify("001")["patient_ids"] == ["IPP001"]
+    assert ks.subjects() == ["001", "007"] and ks.reidentify("001", reason=WHY)["patient_ids"] == ["IPP001"]
 
 
 def test_key_store_compacts_when_the_journal_grows(tmp_path):
@@ -601,7 +602,7 @@ def test_key_store_tampered_or_other_secret_is_refused(tmp_path):
     with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
         ks.identifiers()
     with pytest.raises(PseudonymisationError, match="cannot be decrypted"):
-        ks.reidentify("001")
+        ks.reidentify("001", reason=WHY)
 
 
 def _record_many(folder: str, worker: int, n: int) -> None:
@@ -671,8 +672,8 @@ def test_key_store_process_reads_only_what_others_appended_since(tmp_path, monke
     assert {"IPP9029", "1.2.3.9029.29"} <= reader.identifiers()
     # what a caller does with the answers does not change the store's
     reader.identifiers().clear()
-    reader.reidentify("001")["patient_ids"].append("X")
-    assert reader.reidentify("001")["patient_ids"] == ["IPP001"] and len(reader.identifiers()) > 50
+    reader.reidentify("001", reason=WHY)["patient_ids"].append("X")
+    assert reader.reidentify("001", reason=WHY)["patient_ids"] == ["IPP001"] and len(reader.identifiers()) > 50
 
 
 # -- leak scanner -----------------------------------------------------------------------------

@@ -17,11 +17,13 @@ from pydicom.uid import generate_uid
 
 from pacs2bids.cli import main
 from pacs2bids.config import PseudonymizationSettings
-from pacs2bids.deid import Pseudonymiser
+from pacs2bids.deid import KeyStore, Pseudonymiser
+from pacs2bids.deid.keyed import audit_mac_key
 from pacs2bids.deid.profile import DEFAULT_OPTIONS
-from pacs2bids.quarantine import Quarantine, QuarantineError
+from pacs2bids.quarantine import DECISIONS, Quarantine, QuarantineError
 
 SECRET = "quarantine-test-secret-0123456789"
+WRONG = "not-the-project-secret-0123456789"
 NAME, PID = "DURAND^Quarantaine", "QPAT-778899"
 NO_PIXEL_CLEANING = [o for o in DEFAULT_OPTIONS if o != "cleanPixelDataOpt"]
 
@@ -53,6 +55,12 @@ def pseudonymiser(tmp_path: Path) -> Pseudonymiser:
     return Pseudonymiser("qproj", SECRET.encode(), PseudonymizationSettings(options=NO_PIXEL_CLEANING), tmp_path / "keys")
 
 
+def quarantine(tmp_path: Path, secret: str = SECRET, folder: str = "q") -> Quarantine:
+    """The quarantine as the CLI opens it: the log key and the key store's check from ``secret``."""
+    store = KeyStore(tmp_path / "keys", project="qproj", secret=secret.encode())
+    return Quarantine(tmp_path / folder, key=audit_mac_key(secret.encode(), "qproj"), known_subjects=store.subjects)
+
+
 @pytest.fixture
 def held(tmp_path, sample_dir):
     """One at-risk image quarantined by the pseudonymiser, and the quarantine it is in."""
@@ -61,7 +69,7 @@ def held(tmp_path, sample_dir):
         [src], tmp_path / "out" / "099-abc", subject="07", session="01", quarantine_dir=tmp_path / "q"
     )
     assert not res.written and len(res.quarantined) == 1
-    return src, res.quarantined[0][0], Quarantine(tmp_path / "q")
+    return src, res.quarantined[0][0], quarantine(tmp_path)
 
 
 def test_quarantined_file_is_listed_with_its_subject_and_reason(held):
@@ -113,7 +121,7 @@ def test_replacement_must_be_the_same_image(held, tmp_path, sample_dir):
 
 
 def test_unknown_item_and_retrieval_payloads_cannot_be_released(tmp_path):
-    q = Quarantine(tmp_path / "q")
+    q = quarantine(tmp_path)
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / "abc-1234.dcm").write_bytes(b"not dicom")
     (tmp_path / "q" / "abc-1234.dcm.reason.txt").write_text("not readable DICOM (InvalidDicomError)\n")

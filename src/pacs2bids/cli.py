@@ -123,11 +123,15 @@ def _cmd_deid(args) -> int:
 
 def _cmd_reidentify(args) -> int:
     from .deid import KeyStore
+    from .deid.keystore import AuditRefused
 
     spec = load_spec(args.spec)
     store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
     try:
         answer = store.reidentify(args.subject.removeprefix("sub-"), reason=args.reason)
+    except AuditRefused as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyError:
         print(f"pacs2bids: no subject {args.subject} in the matching key of {spec.project} "
               "(the attempt is recorded in the audit log)", file=sys.stderr)
@@ -136,12 +140,39 @@ def _cmd_reidentify(args) -> int:
     return EXIT_OK
 
 
+def _cmd_audit(args) -> int:
+    from .deid import KeyStore
+
+    spec = load_spec(args.spec)
+    store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
+    legacy = store.legacy_audit_log() if (spec.resolved_key_store / "audit.fernet").exists() else []
+    for r in legacy:
+        print(f"   -  {r.get('when')}  {r.get('who')}  {r.get('what')}  sub-{r.get('subject')}  "
+              f"reason: {r.get('reason')!r}  (older version, not chained)")
+    v, records = store.verify_audit()
+    for e, r in zip(v.entries, records):
+        who = r.get("who", "?") + (f" (claimed {r['claimed_who']})" if r.get("claimed_who") else "")
+        reason = repr(r["reason"]) if "reason" in r else "(not readable without the key: SHA-256 only)"
+        mark = "ok" if e.signed else ("unsigned" if not e.problem else "BROKEN")
+        print(f"{e.number:4d}  {r.get('when')}  {who}  {r.get('what')}  sub-{r.get('subject')}  reason: {reason}  "
+              f"[{mark}]")
+    if v.broken is not None:
+        print(f"pacs2bids audit: the audit log {spec.resolved_key_store / 'audit.jsonl'} is BROKEN at entry "
+              f"{v.broken.number}, which {v.broken.problem}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"audit log intact: {len(v.entries)} entr{'y' if len(v.entries) == 1 else 'ies'}, head {v.head} "
+          "(note the head elsewhere: entries cut off at the end are found only by comparing it)")
+    return EXIT_OK
+
+
 def _cmd_quarantine(args) -> int:
     from .quarantine import Quarantine
 
     spec = load_spec(args.spec)
-    q = Quarantine(spec.resolved_work_dir / "quarantine")
+    q = Quarantine.for_spec(spec)
     if args.action == "list":
+        for problem in q.problems():
+            print(f"warning: {problem}", file=sys.stderr)
         items = q.items()
         if not items:
             print(f"nothing in quarantine for {spec.project}")
@@ -206,8 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("reidentify", help="authorised lookup of a subject's original identity (audited)")
     p.add_argument("spec")
     p.add_argument("subject")
-    p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    p.add_argument("--reason", required=True, help="why (recorded in the audit log; at least 10 characters)")
     p.set_defaults(func=_cmd_reidentify)
+
+    p = sub.add_parser("audit", help="print the re-identification audit log and verify its chain (exit 1 if broken)")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("quarantine", help="list quarantined files; release or reject one after review")
     p.add_argument("action", choices=["list", "release", "reject"])

@@ -13,8 +13,24 @@ stages put files there:
   they can be rejected.
 
 A reviewer decides with ``pacs2bids quarantine release|reject``. Every decision is appended to
-``decisions.jsonl`` (who, when, note, the SHA-256 the decision was about) and never rewritten:
-an item's state is its last decision (``pending`` when there is none).
+``decisions.jsonl`` (the reviewer, the OS account from the real uid, when, note, the SHA-256 the
+decision was about) and never rewritten: an item's state is its last decision (``pending`` when
+there is none).
+
+Decisions are authenticated with the project key (:mod:`pacs2bids.auditchain`): each line holds
+an HMAC-SHA256 under a key derived from the project secret
+(:func:`pacs2bids.deid.keyed.audit_mac_key`), and each MAC covers the previous line. A decision
+is written only by a holder of the secret: before writing, the secret is checked against the
+key store (which must know the item's subject) and against the existing chain. A line written
+by hand, edited, deleted or moved breaks the chain: no decision from the break on counts, the
+run then publishes no released file at all and its summary names the broken entry
+(:meth:`Quarantine.problems`). Without the key (``Quarantine(folder)``), no decision is read.
+
+Files of older versions, whose lines carry no MAC: those unsigned lines come before the chain
+and stay as they are. Their ``reject`` and ``published`` decisions still count (they can only
+withhold a file), their ``release`` decisions do not: such an item is pending again, and a
+reviewer releases it anew with the secret (``pacs2bids quarantine release SPEC ID --reviewer
+NAME``); ``list`` and the run summary say so.
 
 A **release** says: "I looked at these pixels and they carry nothing identifying" (or: "here is
 a copy I cleaned myself", ``replace``). The next run pseudonymises the released file's header
@@ -28,7 +44,6 @@ session is converted whole, in one run); they are published as pseudonymised DIC
 from __future__ import annotations
 
 import fcntl
-import getpass
 import json
 import os
 import shutil
@@ -36,12 +51,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+from . import auditchain
 from .checksum import sha256_file
 from .errors import Pacs2BidsError
 
 DECISIONS = "decisions.jsonl"
+#: binds the MACs of ``decisions.jsonl`` to this log (the re-identification audit has its own)
+MAC_CONTEXT = "pacs2bids/quarantine-decisions"
 STAGE_PSEUDONYMISE, STAGE_RETRIEVE = "pseudonymise", "retrieve"
 
 
@@ -107,10 +125,31 @@ def hold(folder: Path, item_id: str, source: Path, reason: str, *, subject: str,
 
 
 class Quarantine:
-    """The quarantine folder of one project's work folder."""
+    """The quarantine folder of one project's work folder.
 
-    def __init__(self, folder: Path):
+    ``key``: the project's log key (:func:`pacs2bids.deid.keyed.audit_mac_key`); without it no
+    decision is read (every item looks pending) and none can be written. ``known_subjects``:
+    returns the subjects of the project's key store, raising when the secret cannot decrypt it
+    (:meth:`pacs2bids.deid.KeyStore.subjects`); a release is refused unless the key store
+    opens with this secret and knows the item's subject. :meth:`for_spec` sets both.
+    """
+
+    def __init__(self, folder: Path, *, key: bytes | None = None,
+                 known_subjects: Callable[[], list[str]] | None = None):
         self.folder = Path(folder)
+        self.key = key
+        self.known_subjects = known_subjects
+
+    @classmethod
+    def for_spec(cls, spec) -> "Quarantine":
+        """The quarantine of a project spec, with its key and its key store's check."""
+        from .deid.keyed import audit_mac_key
+        from .deid.keystore import KeyStore
+
+        secret = spec.secret_bytes
+        store = KeyStore(spec.resolved_key_store, project=spec.project, secret=secret)
+        return cls(spec.resolved_work_dir / "quarantine", key=audit_mac_key(secret, spec.project),
+                   known_subjects=store.subjects)
 
     # -- reading ---------------------------------------------------------------------------
     def items(self) -> list[Item]:
@@ -128,12 +167,12 @@ class Quarantine:
                 stamp = datetime.fromtimestamp(reason.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
                 found[item_id] = Item(id=item_id, stage=STAGE_RETRIEVE, reason=reason.read_text().strip(),
                                       size=f.stat().st_size if f.exists() else None, quarantined_at=stamp)
-        for d in self._decisions():
-            item = found.get(d["id"])
-            if item is not None:
-                item.state = {"release": "released", "reject": "rejected", "published": "published"}[d["action"]]
-                if d["action"] == "release":
-                    item.released_sha256 = d.get("sha256")
+        for d in self._counted():
+            item = found.get(d.get("id"))
+            state = {"release": "released", "reject": "rejected", "published": "published"}.get(d.get("action"))
+            if item is not None and state is not None:
+                item.state = state
+                item.released_sha256 = d.get("sha256") if state == "released" else None
         return sorted(found.values(), key=lambda i: (i.quarantined_at or "", i.id))
 
     def get(self, item_id: str) -> Item:
@@ -152,21 +191,52 @@ class Quarantine:
         return [i for i in self.items() if i.state == "released"]
 
     def decisions(self) -> list[dict]:
-        """Every decision, oldest first (the audit trail of the quarantine)."""
-        return list(self._decisions())
+        """Every decision that counts, oldest first (the audit trail of the quarantine)."""
+        return list(self._counted())
 
-    def _decisions(self) -> Iterator[dict]:
-        log = self.folder / DECISIONS
-        if log.exists():
-            for line in log.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    yield json.loads(line)
+    def verification(self) -> auditchain.Verification:
+        """``decisions.jsonl`` checked against the project key (raises without a key)."""
+        if self.key is None:
+            raise QuarantineError("quarantine decisions are checked with the project key: open the quarantine "
+                                  "with Quarantine.for_spec(spec) (the secret's environment variable set)")
+        return auditchain.verify(auditchain.committed_lines(self.folder / DECISIONS), self.key, MAC_CONTEXT,
+                                 legacy_prefix=True)
+
+    def problems(self) -> list[str]:
+        """What makes decisions not count, in words for the reviewer and the run summary: a
+        broken chain (the first broken entry named), releases of an older version without MAC."""
+        if self.key is None:
+            return []
+        v = self.verification()
+        out = [f"{DECISIONS} entry {e.number} (item {e.record.get('id')}): a release without MAC, written by an "
+               f"older version or by hand, does not count; release it again "
+               f"('pacs2bids quarantine release SPEC {e.record.get('id')} --reviewer NAME')"
+               for e in v.entries if e.legacy and e.record.get("action") == "release"]
+        if v.broken is not None:
+            out.insert(0, self._broken_text(v.broken))
+        return out
+
+    def _broken_text(self, entry: auditchain.Entry) -> str:
+        return (f"{self.folder / DECISIONS}: the chain of decisions is broken at entry {entry.number}, which "
+                f"{entry.problem}; no decision from there on counts and no released file is published. "
+                "Find out who changed the file; to start again, move it aside and decide every item anew")
+
+    def _counted(self) -> Iterator[dict]:
+        """The decisions that count: signed ones before any break, and withholding decisions
+        (reject, published) of an older version's unsigned lines."""
+        if self.key is None:
+            return
+        for e in self.verification().trusted:
+            if e.legacy and e.record.get("action") not in ("reject", "published"):
+                continue
+            yield e.record
 
     # -- deciding --------------------------------------------------------------------------
     def release(self, item_id: str, *, reviewer: str, note: str = "", replacement: Path | None = None) -> Item:
         """Release ``item_id`` for the next run. With ``replacement``, the reviewer's cleaned copy
         (same SOP Instance UID) takes the place of the quarantined file first."""
         with self._locked():
+            self._check_key()
             item = self.get(item_id)
             if not item.releasable:
                 raise QuarantineError(
@@ -175,6 +245,7 @@ class Quarantine:
                 )
             if item.state not in ("pending", "released"):
                 raise QuarantineError(f"item {item_id} is {item.state}; only a pending item can be released")
+            self._check_subject(item)
             target = self.path(item)
             if replacement is not None:
                 self._replace(target, Path(replacement))
@@ -189,9 +260,11 @@ class Quarantine:
     def reject(self, item_id: str, *, reviewer: str, note: str = "") -> Item:
         """Never publish ``item_id``: its clinical copy is deleted, the decision kept."""
         with self._locked():
+            self._check_key()
             item = self.get(item_id)
             if item.state == "published":
                 raise QuarantineError(f"item {item_id} is already published; it cannot be rejected")
+            self._check_subject(item)
             target = self.path(item)
             digest = sha256_file(target) if target.exists() else None
             self._append({"id": item_id, "action": "reject", "who": reviewer, "when": _now(), "note": note,
@@ -215,7 +288,8 @@ class Quarantine:
     def mark_published(self, item_id: str, *, run_id: str) -> None:
         """Record that ``item_id`` was published by ``run_id`` and delete its clinical copy (E6)."""
         with self._locked():
-            self._append({"id": item_id, "action": "published", "who": getpass.getuser(), "when": _now(),
+            self._check_key()
+            self._append({"id": item_id, "action": "published", "who": f"run {run_id}", "when": _now(),
                           "note": f"run {run_id}", "sha256": None})
             (self.folder / f"{item_id}.dcm").unlink(missing_ok=True)
 
@@ -230,11 +304,39 @@ class Quarantine:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _check_key(self) -> None:
+        """Refuse to write with no key, a key the existing chain does not verify, or a broken chain."""
+        if self.key is None:
+            raise QuarantineError("a quarantine decision is signed with the project key: open the quarantine with "
+                                  "Quarantine.for_spec(spec), the secret's environment variable set")
+        v = self.verification()
+        if v.broken is None:
+            return
+        if not any(e.signed for e in v.entries) and "MAC" in (v.broken.problem or ""):
+            raise QuarantineError(
+                f"the project secret does not verify {self.folder / DECISIONS} (entry {v.broken.number} "
+                f"{v.broken.problem}): check the secret's environment variable; nothing was written"
+            )
+        raise QuarantineError(self._broken_text(v.broken) + "; nothing was written")
+
+    def _check_subject(self, item: Item) -> None:
+        """The key store must open with this secret and know the item's subject."""
+        if self.known_subjects is None:
+            return
+        try:
+            subjects = self.known_subjects()
+        except Pacs2BidsError as exc:
+            raise QuarantineError(f"the secret given cannot open the key store ({exc}); nothing was written") from None
+        if item.subject is not None and item.subject not in subjects:
+            raise QuarantineError(
+                f"the key store opened with this secret does not know subject {item.subject} of item {item.id}: "
+                "check the secret's environment variable and the spec's key_store; nothing was written"
+            )
+
     def _append(self, record: dict) -> None:
-        with open(self.folder / DECISIONS, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        assert self.key is not None
+        auditchain.append(self.folder / DECISIONS, {**record, **auditchain.os_account()}, key=self.key,
+                          context=MAC_CONTEXT)
 
     @staticmethod
     def _replace(target: Path, replacement: Path) -> None:

@@ -41,6 +41,16 @@ def derive_key(secret: bytes, project: str, purpose: str, length: int = 32) -> b
     ).derive(secret)
 
 
+#: HKDF purpose of the key that authenticates the project's decision and audit logs (quarantine
+#: decisions, re-identification audit): an HMAC-SHA256 per line, chained (:mod:`pacs2bids.auditchain`).
+AUDIT_MAC_PURPOSE = "audit-mac"
+
+
+def audit_mac_key(secret: bytes, project: str) -> bytes:
+    """The key of the HMAC-chained logs, derived apart from every other key of the project."""
+    return derive_key(secret, project, AUDIT_MAC_PURPOSE)
+
+
 def fernet_key(secret: bytes, project: str) -> bytes:
     """The url-safe base64 key Fernet needs, derived for the key store only."""
     return base64.urlsafe_b64encode(derive_key(secret, project, "keystore"))
