@@ -220,3 +220,98 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
 
     third = extract_project(str(spec))  # nothing left to release: published once only
     assert third["released"] == [] and len(list((out / "sourcedata").rglob("*.dcm"))) == len(published_before) + 1
+
+
+# -- decisions are authenticated with the project key (issue 10, item 7) -------------------------
+def _lines(q: Quarantine) -> list[str]:
+    return (q.folder / DECISIONS).read_text().splitlines()
+
+
+def test_a_wrong_secret_cannot_decide_and_writes_nothing(held, tmp_path):
+    _, item_id, q = held
+    wrong = quarantine(tmp_path, WRONG)
+    with pytest.raises(QuarantineError, match="cannot open the key store"):
+        wrong.release(item_id, reviewer="dr.nobody")
+    with pytest.raises(QuarantineError, match="cannot open the key store"):
+        wrong.reject(item_id, reviewer="dr.nobody")
+    assert not (q.folder / DECISIONS).exists() and q.get(item_id).state == "pending"
+    # once a chain exists, a wrong key is told by the chain too (here: without the key store's check)
+    q.release(item_id, reviewer="dr.martin", note="no text")
+    blind = Quarantine(q.folder, key=audit_mac_key(WRONG.encode(), "qproj"))
+    with pytest.raises(QuarantineError, match="secret does not verify"):
+        blind.reject(item_id, reviewer="dr.nobody")
+    assert len(_lines(q)) == 1
+    # and no key at all: nothing is read, nothing written
+    assert Quarantine(q.folder).released() == []
+    with pytest.raises(QuarantineError, match="signed with the project key"):
+        Quarantine(q.folder).reject(item_id, reviewer="x")
+
+
+def test_decision_records_the_os_account_of_the_real_uid(held, monkeypatch):
+    import os
+    import pwd
+
+    _, item_id, q = held
+    monkeypatch.setenv("LOGNAME", "dr.nobody")
+    monkeypatch.setenv("USER", "dr.nobody")
+    q.release(item_id, reviewer="dr.martin")
+    (line,) = _lines(q)
+    rec = json.loads(line)
+    assert rec["account"] == pwd.getpwuid(os.getuid()).pw_name and rec["uid"] == os.getuid()
+    assert rec["claimed_account"] == "dr.nobody" and rec["who"] == "dr.martin"
+    assert rec["seq"] == 1 and len(rec["mac"]) == 64
+
+
+def test_a_release_written_by_hand_does_not_count_and_is_reported(held):
+    _, item_id, q = held
+    item = q.get(item_id)
+    forged = {"id": item_id, "action": "release", "who": "dr.martin", "when": "2026-01-01T00:00:00+00:00",
+              "note": "", "sha256": item.sha256, "replaced": False}
+    (q.folder / DECISIONS).write_text(json.dumps(forged) + "\n")  # the attack of the issue
+    assert q.get(item_id).state == "pending" and q.released() == []
+    (problem,) = q.problems()
+    assert "entry 1" in problem and "without MAC" in problem and f"release SPEC {item_id}" in problem
+    # the reviewer releases it again with the key: the unsigned line stays, before the chain
+    q.release(item_id, reviewer="dr.martin")
+    assert [i.id for i in q.released()] == [item_id] and len(_lines(q)) == 2
+    # a forged line after the chain (even shaped like a chained one) breaks it: no release counts
+    (q.folder / DECISIONS).open("a").write(json.dumps({**forged, "seq": 3, "prev": "0" * 64, "mac": "f" * 64}) + "\n")
+    assert q.released() == []  # the release before the break is not published either
+    problems = q.problems()
+    assert "broken at entry 3" in problems[0] and "no released file is published" in problems[0]
+    with pytest.raises(QuarantineError, match="broken at entry 3.*nothing was written"):
+        q.reject(item_id, reviewer="dr.martin")
+
+
+def test_older_unsigned_decisions_withhold_but_never_release(held, tmp_path, sample_dir):
+    _, item_id, q = held
+    other = pseudonymiser(tmp_path).pseudonymise_series(
+        [plant_screen(t1_files(sample_dir)[1], tmp_path / "raw" / "b.dcm", generate_uid())],
+        tmp_path / "out" / "099-def", subject="07", session="01", quarantine_dir=q.folder,
+    ).quarantined[0][0]
+    old = [{"id": item_id, "action": "release", "who": "a", "when": "2025-01-01T00:00:00+00:00", "sha256": "x"},
+           {"id": other, "action": "reject", "who": "a", "when": "2025-01-01T00:00:00+00:00", "sha256": None}]
+    (q.folder / DECISIONS).write_text("".join(json.dumps(r) + "\n" for r in old))
+    states = {i.id: i.state for i in q.items()}
+    assert states == {item_id: "pending", other: "rejected"}
+    assert len(q.problems()) == 1 and item_id in q.problems()[0]
+
+
+@pytest.mark.parametrize("tamper", ["delete", "edit", "swap"])
+def test_chain_names_the_first_broken_decision(held, tamper):
+    _, item_id, q = held
+    q.release(item_id, reviewer="a", note="first")
+    q.mark_published(item_id, run_id="r1")
+    q.mark_published(item_id, run_id="r2")
+    lines = _lines(q)
+    assert q.verification().intact and len(lines) == 3
+    if tamper == "delete":
+        del lines[1]
+    elif tamper == "edit":
+        lines[1] = lines[1].replace("run r1", "run r9")
+    else:
+        lines[1], lines[2] = lines[2], lines[1]
+    (q.folder / DECISIONS).write_text("\n".join(lines) + "\n")
+    v = q.verification()
+    assert v.broken is not None and v.broken.number == 2
+    assert [d["note"] for d in q.decisions()] == ["first"]  # only what comes before the break counts

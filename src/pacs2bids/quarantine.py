@@ -187,7 +187,9 @@ class Quarantine:
         return self.folder / f"{item.id}.dcm"
 
     def released(self) -> list[Item]:
-        """Items released and not yet published."""
+        """Items released and not yet published; none while the chain of decisions is broken."""
+        if self.key is not None and self.verification().broken is not None:
+            return []
         return [i for i in self.items() if i.state == "released"]
 
     def decisions(self) -> list[dict]:
