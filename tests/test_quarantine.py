@@ -193,6 +193,22 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     assert main(["quarantine", "list", str(spec)]) == 0
     listing = capsys.readouterr().out
     assert item_id in listing and "pending" in listing and PID not in listing
+    decisions = out.parent / f".{out.name}.pacs2bids-work" / "quarantine" / DECISIONS
+    # a wrong secret cannot release (issue 10, item 7): refused, nothing written
+    monkeypatch.setenv("P2B_Q_SECRET", WRONG)
+    assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.nobody"]) == 1
+    assert "cannot open the key store" in capsys.readouterr().err and not decisions.exists()
+    monkeypatch.setenv("P2B_Q_SECRET", SECRET)
+    # a release written by hand is not published; the run says why
+    item = json.loads((decisions.parent / f"{item_id}.json").read_text())
+    decisions.write_text(json.dumps({"id": item_id, "action": "release", "who": "dr.martin", "sha256": item["sha256"],
+                                     "when": "2026-01-01T00:00:00+00:00", "note": "", "replaced": False}) + "\n")
+    forged = extract_project(str(spec))
+    (refused,) = forged["released"]
+    assert refused["status"].startswith("not included") and "entry 1" in refused["status"] and item_id in refused["status"]
+    assert {p.name for p in (out / "sourcedata").rglob("*.dcm")} == published_before
+    assert forged["counts"]["files_awaiting_review"] == 1
+
     assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.martin", "--note", "checked"]) == 0
 
     second = extract_project(str(spec))
@@ -207,7 +223,7 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     assert PID.encode() not in new[0].read_bytes()
     rows = [r for r in read_lineage(out).to_pylist() if r["convert_status"] == "released"]
     assert [r["path"] for r in rows] == [new[0].relative_to(out).as_posix()]
-    q = Quarantine(out.parent / f".{out.name}.pacs2bids-work" / "quarantine")
+    q = Quarantine(decisions.parent, key=audit_mac_key(SECRET.encode(), "qproj"))
     received = q.get(item_id).sha256  # taken when the file entered quarantine
     assert q.get(item_id).state == "published" and not q.path(q.get(item_id)).exists()
     # per-instance lineage like any published file, its received checksum keyed with the project key

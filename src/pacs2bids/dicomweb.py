@@ -11,6 +11,7 @@ asks the server to close its connection with it: no idle keep-alive connection o
 
 from __future__ import annotations
 
+import email.message
 import logging
 import os
 import tempfile
@@ -153,15 +154,33 @@ class WebPacs:
 
 
 def _boundary(content_type: str) -> bytes:
-    for item in content_type.split(";"):
-        k, _, v = item.strip().partition("=")
-        if k.lower() == "boundary":
-            return v.strip().strip('"').encode()
-    raise requests.RequestException(f"WADO-RS answer is not multipart ({content_type.split(';')[0]})")
+    """The boundary of a ``multipart/related`` answer (RFC 2046 5.1.1, quoted or not; other
+    parameters such as ``type`` and ``transfer-syntax`` in any order, PS3.18 8.7.3.5). Raises
+    :class:`PacsError` naming what the server sent when it is not a multipart answer of DICOM parts."""
+    header = email.message.Message()
+    header["Content-Type"] = content_type
+    kind = header.get_content_type() if content_type.strip() else "an answer without Content-Type"
+    if kind != "multipart/related":
+        raise PacsError(
+            f"WADO-RS answer is {kind}, not multipart/related: the server does not serve WADO-RS at this URL, or "
+            "refused the Accept header; check the DICOMweb URL in the spec (its root, where /studies is)"
+        )
+    part_type = header.get_param("type")
+    if isinstance(part_type, str) and part_type.lower() != "application/dicom":
+        raise PacsError(f"WADO-RS answer holds {part_type} parts, not application/dicom; check the server's WADO-RS")
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise PacsError("WADO-RS answer is multipart/related without a boundary parameter: it cannot be split "
+                        "into instances; the server's answer is malformed")
+    return boundary.encode()
 
 
 def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Path]:
-    """Split a multipart/related body (RFC 2046 5.1) into files while it streams."""
+    """Split a multipart/related body (RFC 2046 5.1) into files while it streams.
+
+    Raises :class:`PacsError` (transient: a retry may get it whole) when the body ends before
+    its close delimiter ``--boundary--``, in an instance or between two: parts already
+    yielded are whole, what was cut is not kept."""
     boundary = _boundary(response.headers.get("Content-Type", ""))
     delim = b"\r\n--" + boundary
     buf = b""
@@ -205,4 +224,10 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
     if out is not None:
         out.close()
         path.unlink(missing_ok=True)
-        raise requests.RequestException("WADO-RS answer ended in the middle of an instance")
+        raise PacsError("WADO-RS answer ended in the middle of an instance, before its closing boundary: the "
+                        "connection was cut; a retry fetches what is missing", transient=True)
+    if state == "preamble":
+        raise PacsError("WADO-RS answer ended before its first boundary: no instance in it (the server sent an "
+                        "empty or truncated multipart body)", transient=True)
+    raise PacsError("WADO-RS answer ended without its closing boundary (--boundary--): the connection was cut "
+                    "between two instances; a retry fetches what is missing", transient=True)

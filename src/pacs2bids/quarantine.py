@@ -210,10 +210,11 @@ class Quarantine:
         if self.key is None:
             return []
         v = self.verification()
+        pending = {i.id for i in self.items() if i.state == "pending"}  # decided since: nothing to say
         out = [f"{DECISIONS} entry {e.number} (item {e.record.get('id')}): a release without MAC, written by an "
                f"older version or by hand, does not count; release it again "
                f"('pacs2bids quarantine release SPEC {e.record.get('id')} --reviewer NAME')"
-               for e in v.entries if e.legacy and e.record.get("action") == "release"]
+               for e in v.entries if e.legacy and e.record.get("action") == "release" and e.record.get("id") in pending]
         if v.broken is not None:
             out.insert(0, self._broken_text(v.broken))
         return out

@@ -1,0 +1,118 @@
+"""The WADO-RS multipart reader (:func:`pacs2bids.dicomweb._multipart_parts`), on bodies built
+here byte by byte: every position a chunk boundary can fall at, truncated answers, and the
+Content-Type forms servers send (PS3.18 8.7.3.5, RFC 2046 5.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pacs2bids.dicomweb import _boundary, _multipart_parts
+from pacs2bids.errors import PacsError
+
+B = "3fe2a-Boundary"
+# part bodies that look like the framing: a near-miss delimiter, blank lines, a dash pair
+P1 = b"DICM\x00\x01\r\n--3fe2a-Bounda\r\n\r\n--\r\n" + bytes(range(40))
+P2 = b"\r\n\r\nsecond \r\n-- part\r\n-" + bytes(range(255, 200, -1))
+CT = f'multipart/related; type="application/dicom"; boundary={B}'
+
+
+def body(*parts: bytes, close: bool = True) -> bytes:
+    out = b"some preamble to ignore\r\n"
+    for p in parts:
+        out += f"--{B}\r\nContent-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n\r\n".encode()
+        out += p + b"\r\n"
+    return out + (f"--{B}--\r\nepilogue".encode() if close else b"")
+
+
+class Answer:
+    """Stands for a streamed ``requests.Response``: its Content-Type and the chunks it yields."""
+
+    def __init__(self, chunks: list[bytes], content_type: str = CT):
+        self.headers = {"Content-Type": content_type}
+        self.chunks = chunks
+
+    def iter_content(self, chunk_size):
+        yield from (c for c in self.chunks if c)
+
+
+def read(answer: Answer, folder: Path) -> list[bytes]:
+    folder.mkdir(exist_ok=True)
+    return [p.read_bytes() for p in _multipart_parts(answer, folder)]
+
+
+def test_every_split_position_of_a_two_part_body(tmp_path):
+    data = body(P1, P2)
+    for i in range(len(data) + 1):
+        assert read(Answer([data[:i], data[i:]]), tmp_path / "in") == [P1, P2], f"split at byte {i}"
+    for i in range(0, len(data) + 1, 7):  # and three chunks, the second one byte long
+        assert read(Answer([data[:i], data[i:i + 1], data[i + 1:]]), tmp_path / "in") == [P1, P2]
+    assert read(Answer([bytes([b]) for b in data]), tmp_path / "in") == [P1, P2]  # one byte at a time
+
+
+def test_parts_are_whole_files_and_nothing_partial_is_left(tmp_path):
+    data = body(P1, P2)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    paths = list(_multipart_parts(Answer([data]), folder))
+    assert [p.read_bytes() for p in paths] == [P1, P2] and sorted(folder.iterdir()) == sorted(paths)
+
+
+@pytest.mark.parametrize("cut, whole_parts", [
+    ("in_second_part", [P1]), ("after_delimiter", [P1]), ("before_close", [P1]), ("half_close", [P1, P2]),
+    ("no_boundary", []),
+])
+def test_an_answer_without_its_closing_boundary_is_an_error(tmp_path, cut, whole_parts):
+    whole = body(P1, P2)
+    data = {
+        "in_second_part": whole[: whole.index(P2) + 5],
+        "after_delimiter": whole[: whole.index(P2) - len("Content-Type: application/dicom; transfer-syntax=1.2.840.10008.1.2.1\r\n\r\n") - 2],
+        "before_close": body(P1, P2, close=False),
+        "half_close": whole[: whole.rindex(b"--") + 1],
+        "no_boundary": b"<html>gateway timeout</html>",
+    }[cut]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    got = []
+    with pytest.raises(PacsError, match="ended") as err:
+        for p in _multipart_parts(Answer([data]), folder):
+            got.append(p.read_bytes())
+    assert err.value.transient  # a retry may get it whole
+    assert got == whole_parts  # what was whole before the cut
+    assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(got)  # the cut instance is not left behind
+
+
+@pytest.mark.parametrize("content_type, what", [
+    ("application/json", "application/json, not multipart/related"),
+    ("", "without Content-Type"),
+    ("text/html; charset=utf-8", "text/html, not multipart/related"),
+    ('multipart/related; type="application/dicom"', "without a boundary"),
+    (f'multipart/related; type="application/dicom+json"; boundary={B}', "application/dicom+json parts"),
+])
+def test_a_wrong_content_type_is_a_clear_error(tmp_path, content_type, what):
+    with pytest.raises(PacsError, match=what.replace("+", r"\+")) as err:
+        read(Answer([body(P1)], content_type), tmp_path / "in")
+    assert not err.value.transient
+
+
+@pytest.mark.parametrize("content_type", [
+    f'multipart/related; type="application/dicom"; boundary="{B}"',
+    f'Multipart/Related; boundary="{B}"; type=application/dicom',
+    f'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.70; boundary={B}',
+    f'multipart/related;boundary={B};transfer-syntax="*";type="application/dicom"',
+])
+def test_boundary_parameter_forms(tmp_path, content_type):
+    assert _boundary(content_type) == B.encode()
+    assert read(Answer([body(P1, P2)], content_type), tmp_path / "in") == [P1, P2]
+
+
+def test_quoted_boundary_with_characters_a_token_cannot_hold(tmp_path):
+    global B
+    old, B = B, "abc=def:ghi 12"  # '=', ':' and a space are bchars (RFC 2046 5.1.1), legal only when quoted
+    try:
+        ct = f'multipart/related; type="application/dicom"; boundary="{B}"'
+        assert _boundary(ct) == B.encode()
+        assert read(Answer([body(P1, P2)], ct), tmp_path / "in") == [P1, P2]
+    finally:
+        B = old
