@@ -53,25 +53,47 @@ def test_publish_is_a_rename_and_replaces_previous_dataset(tmp_path):
 
 
 def test_reader_never_sees_a_half_dataset(tmp_path):
-    """While a large staging folder is filled, output stays absent; it appears whole."""
+    """While a large staging folder is filled and published, a reader polling ``output`` sees it
+    absent, then whole: never part of it. The reader is running before publishing starts and
+    is stopped only after it has seen the dataset, so its checks are never vacuous."""
+    import sys
+
     out, staging = tmp_path / "out", tmp_path / "staging"
     staging.mkdir()
-    seen = []
-    stop = threading.Event()
+    absent, seen = [], []
+    started, stop = threading.Event(), threading.Event()
 
     def watch():
         while not stop.is_set():
             if out.exists():
-                seen.append(len(list(out.iterdir())))
+                try:
+                    seen.append(len(list(out.iterdir())))
+                except FileNotFoundError:  # gone between the two calls: a reader's race, not a half dataset
+                    continue
+            else:
+                absent.append(1)
+            started.set()
 
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # let the reader run between any two steps of the publisher
     t = threading.Thread(target=watch)
     t.start()
-    for i in range(200):
-        (staging / f"f{i}").write_text("x")
-    publish_local(staging, out)
-    stop.set()
-    t.join()
-    assert all(n == 200 for n in seen)
+    try:
+        assert started.wait(10)
+        for i in range(200):
+            (staging / f"f{i}").write_text("x")
+        publish_local(staging, out)
+        waited = 0
+        while not seen and waited < 1000:
+            stop.wait(0.01)
+            waited += 1
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+    assert absent, "the reader never ran before the dataset was published"
+    assert seen, "the reader never saw the published dataset"
+    assert set(seen) == {200}, f"the reader saw a partial dataset: {sorted(set(seen))[:10]}"
 
 
 def test_lineage_roundtrip_and_chain(tmp_path):
