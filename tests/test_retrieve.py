@@ -205,11 +205,16 @@ def test_orthanc_killed_mid_transfer_then_restarted(tmp_path, orthanc_factory, s
     spec = make_spec(tmp_path, dimse_yaml(o, timeout=5), [("patient_id", "PACSMAN1", "P")])
     raw = tmp_path / "raw"
     q = find_studies(spec)
+    pool = dimse.pool_for(spec.pacs.dimse)
+    at_kill: list[int] = []
+    opened_at_kill: list[int] = []
 
     def saboteur():
         deadline = time.monotonic() + 60
         while len(list(raw.rglob("*.dcm"))) < 20 and time.monotonic() < deadline:
             time.sleep(0.02)
+        at_kill.append(len(list(raw.rglob("*.dcm"))))  # what was on disk when the PACS died
+        opened_at_kill.append(pool.stats.opened)
         o.kill()
         time.sleep(1.0)
         o.restart()
@@ -219,6 +224,10 @@ def test_orthanc_killed_mid_transfer_then_restarted(tmp_path, orthanc_factory, s
     count = Counter()
     results = retrieve_study(spec, q.studies[0], raw, progress=count)
     t.join()
+    # the kill landed mid-transfer: some instances were in, not all
+    assert at_kill and 20 <= at_kill[0] < len(files), (at_kill, len(files))
+    # and the retrieval went on over a new association, opened to the restarted PACS
+    assert pool.stats.opened > opened_at_kill[0], (opened_at_kill, pool.stats)
     assert results[0].status == "complete", results[0].reason
     got = disk_sops(raw)
     assert len(got) == len(set(got)) == len(files)
