@@ -103,8 +103,13 @@ def _four_entries(spec, tmp_path) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("tamper, broken", [("delete", 2), ("edit", 3), ("reorder", 2), ("garbage", 5)])
-def test_audit_names_the_first_broken_entry(spec, tmp_path, capsys, tamper, broken):
+@pytest.mark.parametrize("tamper, broken, why", [
+    ("delete", 2, "holds entry 3 in the place of entry 2: entries were deleted or moved"),
+    ("edit", 3, "does not match its MAC: it was edited"),
+    ("reorder", 2, "holds entry 3 in the place of entry 2"),
+    ("garbage", 5, "is not a JSON record"),
+])
+def test_audit_names_the_first_broken_entry(spec, tmp_path, capsys, tamper, broken, why):
     lines = _four_entries(spec, tmp_path)
     if tamper == "delete":
         del lines[1]
@@ -120,7 +125,7 @@ def test_audit_names_the_first_broken_entry(spec, tmp_path, capsys, tamper, brok
     capsys.readouterr()
     assert main(["audit", str(spec)]) == 1
     err = capsys.readouterr().err
-    assert f"BROKEN at entry {broken}," in err
+    assert f"BROKEN at entry {broken}, which {why}" in err
     with pytest.raises(PseudonymisationError, match=f"entry {broken} "):
         store(tmp_path).audit_log()
 
