@@ -205,7 +205,8 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
                                      "when": "2026-01-01T00:00:00+00:00", "note": "", "replaced": False}) + "\n")
     forged = extract_project(str(spec))
     (refused,) = forged["released"]
-    assert refused["status"].startswith("not included") and "entry 1" in refused["status"] and item_id in refused["status"]
+    assert refused["status"].startswith("not included") and "entry 1" in refused["status"]
+    assert item_id in refused["status"] and "release it again" in refused["status"]
     assert {p.name for p in (out / "sourcedata").rglob("*.dcm")} == published_before
     assert forged["counts"]["files_awaiting_review"] == 1
 

@@ -1,8 +1,8 @@
 """Chained JSON-lines logs: quarantine decisions and the re-identification audit (S2, P9).
 
-One JSON object per line. Every line holds its number ``seq`` (from 1), ``prev``, the SHA-256 of the previous line's bytes
-(the first line holds :data:`GENESIS`), and ``mac``, an HMAC-SHA256 of the line's canonical
-JSON (``prev`` included, ``mac`` left out) under the project's log key
+One JSON object per line. Every line holds its number ``seq`` (from 1); ``prev``, the SHA-256
+of the previous line's bytes (the first line holds :data:`GENESIS`); and ``mac``, an HMAC-SHA256
+of the line's canonical JSON (``prev`` included, ``mac`` left out) under the project's log key
 (:func:`pacs2bids.deid.keyed.audit_mac_key`) and the log's own context string. So:
 
 - editing a line breaks its MAC; deleting, inserting or reordering lines breaks the ``prev`` of
