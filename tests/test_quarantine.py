@@ -208,7 +208,7 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     assert refused["status"].startswith("not included") and "entry 1" in refused["status"]
     assert item_id in refused["status"] and "release it again" in refused["status"]
     assert {p.name for p in (out / "sourcedata").rglob("*.dcm")} == published_before
-    assert forged["counts"]["files_awaiting_review"] == 1
+    assert forged["counts"]["files_awaiting_review"] == 1 and forged["state"] == "completed with failures"
 
     assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.martin", "--note", "checked"]) == 0
 

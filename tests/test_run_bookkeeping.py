@@ -142,6 +142,18 @@ def test_summary_states_and_text():
     assert s.state == "completed with failures"
 
 
+def test_a_refused_release_is_a_failure_of_the_run():
+    """A quarantine release that does not count (unsigned, broken chain) or fails is not a quiet success."""
+    s = RunSummary(project="p", run_id="r", output="/o")
+    s.series = [SeriesLine("01", None, 3, "T1", "converted")]
+    s.released = [{"file": "sub-01/abc", "status": "included in this run"}]
+    s.finish()
+    assert s.state == "completed"
+    s.released.append({"file": "quarantine/decisions.jsonl", "status": "not included: the chain is broken at entry 2"})
+    s.finish()
+    assert s.state == "completed with failures"
+
+
 def test_instance_lineage_pairs_written_files_with_keyed_received_checksums(tmp_path, monkeypatch):
     """One row per published sourcedata file: its own checksum, the transport, and the received
     file's checksum keyed with the project key (never plain), written in bounded row groups."""

@@ -94,6 +94,8 @@ class RunSummary:
             self.state = "failed"
         elif self.study_failures or any(s.status in ("incomplete", "failed") for s in self.series) or self.quarantined:
             self.state = "completed with failures"
+        elif any(r["status"] != "included in this run" for r in self.released):  # a release refused or failed
+            self.state = "completed with failures"
         else:
             self.state = "completed"
 
