@@ -211,6 +211,14 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     assert forged["counts"]["files_awaiting_review"] == 1 and forged["state"] == "completed with failures"
 
     assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.martin", "--note", "checked"]) == 0
+    # a line added after the signed release breaks the chain: the run publishes no release and says where
+    signed = decisions.read_text()
+    decisions.write_text(signed + json.dumps({"id": "x", "action": "release", "seq": 3, "prev": "0" * 64}) + "\n")
+    broken = extract_project(str(spec))
+    assert [r["status"] for r in broken["released"]][0].startswith("not included") and len(broken["released"]) == 1
+    assert "broken at entry 3" in broken["released"][0]["status"] and broken["state"] == "completed with failures"
+    assert {p.name for p in (out / "sourcedata").rglob("*.dcm")} == published_before
+    decisions.write_text(signed)  # the reviewer found the intruder's line and took it out
 
     second = extract_project(str(spec))
     assert second["published"] and second["state"] == "completed"
