@@ -159,3 +159,22 @@ def test_an_older_unchained_audit_is_sealed_by_the_first_chained_entry(spec, tmp
     legacy.write_bytes(b"")  # the older records removed
     assert main(["audit", str(spec)]) == 1
     assert "BROKEN at entry 1, which seals audit.fernet" in capsys.readouterr().err
+
+
+def test_audit_checks_the_quarantine_decisions_too(spec, tmp_path, capsys):
+    from pacs2bids.deid.keyed import audit_mac_key
+    from pacs2bids.quarantine import DECISIONS, Quarantine, hold
+
+    folder = tmp_path / ".out.pacs2bids-work" / "quarantine"
+    (tmp_path / "image.dcm").write_bytes(b"stands for a held image")
+    item = hold(folder, "item-1", tmp_path / "image.dcm", "pixels at risk", subject="01", session=None,
+                series_folder="001-x")
+    q = Quarantine(folder, key=audit_mac_key(SECRET.encode(), "aproj"), known_subjects=store(tmp_path).subjects)
+    q.release(item.id, reviewer="dr.martin")
+    q.mark_published(item.id, run_id="r1")
+    assert main(["audit", str(spec)]) == 0
+    assert "quarantine decisions intact: 2 entries" in capsys.readouterr().out
+    lines = (folder / DECISIONS).read_text().splitlines()
+    (folder / DECISIONS).write_text(lines[1] + "\n")  # the release taken out
+    assert main(["audit", str(spec)]) == 1
+    assert "chain of decisions is broken at entry 1" in capsys.readouterr().err

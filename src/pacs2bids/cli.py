@@ -156,13 +156,26 @@ def _cmd_audit(args) -> int:
         mark = "ok" if e.signed else ("unsigned" if not e.problem else "BROKEN")
         print(f"{e.number:4d}  {r.get('when')}  {who}  {r.get('what')}  sub-{r.get('subject')}  reason: {reason}  "
               f"[{mark}]")
+    code = EXIT_OK
     if v.broken is not None:
         print(f"pacs2bids audit: the audit log {spec.resolved_key_store / 'audit.jsonl'} is BROKEN at entry "
               f"{v.broken.number}, which {v.broken.problem}", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"audit log intact: {len(v.entries)} entr{'y' if len(v.entries) == 1 else 'ies'}, head {v.head} "
-          "(note the head elsewhere: entries cut off at the end are found only by comparing it)")
-    return EXIT_OK
+        code = EXIT_FAILED
+    else:
+        print(f"audit log intact: {len(v.entries)} entr{'y' if len(v.entries) == 1 else 'ies'}, head {v.head} "
+              "(note the head elsewhere: entries cut off at the end are found only by comparing it)")
+    # the quarantine's decisions are the other signed log of the project: checked with it
+    from .quarantine import Quarantine
+
+    q = Quarantine.for_spec(spec)
+    qv = q.verification()
+    if qv.broken is not None:
+        print(f"pacs2bids audit: {q.problems()[0]}", file=sys.stderr)
+        code = EXIT_FAILED
+    elif qv.entries:
+        print(f"quarantine decisions intact: {len(qv.entries)} entr{'y' if len(qv.entries) == 1 else 'ies'}, "
+              f"head {qv.head}")
+    return code
 
 
 def _cmd_quarantine(args) -> int:
@@ -240,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reason", required=True, help="why (recorded in the audit log; at least 10 characters)")
     p.set_defaults(func=_cmd_reidentify)
 
-    p = sub.add_parser("audit", help="print the re-identification audit log and verify its chain (exit 1 if broken)")
+    p = sub.add_parser("audit", help="print the re-identification audit log; verify it and the quarantine decisions "
+                                     "(exit 1 if either is broken)")
     p.add_argument("spec")
     p.set_defaults(func=_cmd_audit)
 
