@@ -655,8 +655,8 @@ def _retrieve(assoc, gen, settings: DimseSettings, operation: str, peer_reached_
             raise MoveDestinationUnknown(
                 f"C-MOVE: {_peer(settings)} answered {info.meaning} (0x{info.code:04X}) before sending anything, "
                 f"and our storage SCP at {where} received no connection: either the PACS does not know the "
-                f"move destination {dest!r}, or it knows it but could not connect to the host and port it has for "
-                f"it. Declare (or correct) it among the PACS's DICOM modalities (Orthanc: DicomModalities) as AE "
+                f"move destination {dest!r} (what other PACS answer as 0xA801 'move destination unknown'), or it "
+                f"knows it but could not connect to the host and port it has for it. Declare (or correct) it among the PACS's DICOM modalities (Orthanc: DicomModalities) as AE "
                 f"title {dest!r}, host {settings.storage_host}, port {settings.storage_port or '<storage_port>'} "
                 f"(set pacs.dimse.storage_port to a fixed port), check that no firewall blocks that port, or use "
                 f"retrieve: c-get. `pacs2bids check` tells the two causes apart where the PACS allows it.",
