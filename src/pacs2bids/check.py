@@ -122,10 +122,6 @@ def _move_check(spec: ProjectSpec, study_uid: str | None) -> CheckResult:
                            f"Check that the PACS can open a connection to {s.storage_host}:{s.storage_port} "
                            f"(firewall) and that its entry for {dest} has that host and port.")
     except dimse.MoveDestinationUnknown as exc:
-        if exc.status == 0xA801:
-            return CheckResult("c-move", FAILED, f"unknown AE: {exc}", f"Declare AE title {dest}, host "
-                               f"{s.storage_host}, port {s.storage_port} among the PACS's modalities, or use "
-                               "retrieve: c-get.")
         return _unknown_or_unreachable(spec, q, exc)
     except PacsError as exc:
         return CheckResult("c-move", FAILED, str(exc), f"Declare AE title {dest}, host {s.storage_host}, port "
@@ -160,19 +156,24 @@ def _unknown_or_unreachable(spec: ProjectSpec, query: Dataset, first: PacsError)
         other = exc.status
     probe_seconds = time.monotonic() - started
     ours = first.status
-    if other == 0xA801 and ours != 0xA801:
+    if other is not None and other != ours:
         return CheckResult(
             "c-move", FAILED,
-            f"destination known but unreachable: the PACS knows AE title {dest} (for an unknown AE title it answers "
-            f"0xA801, for {dest} 0x{ours:04X}) but could not connect to it; our storage SCP at {where} received "
-            "no connection", fix_address)
+            f"destination known but unreachable: the PACS knows AE title {dest} (it answers 0x{other:04X} for an AE "
+            f"title it cannot know, 0x{ours:04X} for {dest}) but could not connect to it: our storage SCP at {where} "
+            "received no connection", fix_address)
+    if ours == 0xA801:
+        return CheckResult(
+            "c-move", FAILED,
+            f"unknown AE: the PACS answered 0xA801 'move destination unknown' for {dest}, as for an AE title it cannot "
+            f"know, and our storage SCP at {where} received no connection (a PACS that answers 0xA801 also when it "
+            "cannot connect would say the same: its log tells)", f"{fix_declare} {fix_address}")
     return CheckResult(
         "c-move", FAILED,
-        f"unknown AE or unreachable destination: the PACS answered 0x{ours:04X} for {dest} and "
-        f"{'0x%04X' % other if other is not None else 'no failure'} for an AE title it cannot know "
-        f"({probe_seconds:.1f} s), and our storage SCP at {where} received no connection, so it either does not know "
-        f"{dest} or cannot connect to the host and port it has for it (its log says which: Orthanc logs 'Unknown "
-        "modality' or 'connecting to AET ...')",
+        f"unknown AE or unreachable destination: the PACS answered 0x{ours:04X} for {dest}, the same as for an AE "
+        f"title it cannot know ({probe_seconds:.1f} s), and our storage SCP at {where} received no connection: it "
+        f"either does not know {dest} or cannot connect to the host and port it has for it (its log says which: "
+        "Orthanc logs 'Unknown modality' or 'connecting to AET ...')",
         f"{fix_declare} If it is declared, check its host and port there. {fix_address}")
 
 
