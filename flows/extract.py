@@ -385,6 +385,7 @@ def _check_and_publish(spec, staging, summary, records, instances, run_id, flow_
                    instances)
     # the last gate: after the lineage tables and the run summary are written, so they are scanned too
     write_marker(staging, spec.project, spec.secret_bytes)  # whose dataset this is (keyed, not the key)
+    _close_run_log(staging)  # the log is scanned and published as it is now: nothing is appended after the scan
     hits = scan_for_leaks(spec, staging)
     if hits:
         summary.published = False
@@ -473,6 +474,14 @@ def _write_json(path: Path, data) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _close_run_log(staging: Path) -> None:
+    lib = logging.getLogger("pacs2bids")
+    for handler in list(lib.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(staging):
+            lib.removeHandler(handler)
+            handler.close()
 
 
 def _attach_run_log(path: Path) -> logging.Handler:

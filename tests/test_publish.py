@@ -204,3 +204,55 @@ def test_validator_child_does_not_see_the_secret(tmp_path, monkeypatch):
     assert "PATH" in seen and seen.get("NO_COLOR") == "1"
     assert "PACS2BIDS_PROJECT_SECRET" not in seen and "STUDY_SECRET_KEY" not in seen
     assert "the-project-key-0123456789" not in json.dumps(seen)
+
+
+# -- the whole run, killed while publishing ---------------------------------------------------------
+@pytest.mark.slow
+def test_run_killed_while_publishing_then_rerun(tmp_path, orthanc_factory, sample_dir):
+    """``pacs2bids run`` (a real subprocess) is SIGKILLed between writing the new version and
+    swapping the symlink: ``output`` still names the first run's dataset, whole; the next run
+    removes the dead run's staging and scratch folders, finds the published state (nothing is
+    retrieved again) and publishes."""
+    from pacs2bids.dicomfiles import iter_dicom_files
+    from test_cli import SECRET, cli, spec_for
+
+    pacs = orthanc_factory(dicomweb=False)
+    pacs.upload(iter_dicom_files(sample_dir / "dcm_qa_philips"))
+    spec = spec_for(tmp_path, pacs, "phantom")
+    out, work = tmp_path / "out", tmp_path / ".out.pacs2bids-work"
+    env = {"PREFECT_HOME": str(tmp_path / "prefect")}
+
+    first = cli("run", "--json", str(spec), env_extra=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert out.is_symlink()
+    v1 = current_version(out)
+    files_v1 = json.loads((out / MANIFEST).read_text())["files"]
+
+    # its own process group: the ephemeral Prefect server it starts outlives the kill, and is ended with the group
+    with open(tmp_path / "killed.log", "w") as log:
+        killed = subprocess.Popen([sys.executable, "-m", "pacs2bids.cli", "run", str(spec)], stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, "PACS2BIDS_PROJECT_SECRET": SECRET, "NIPYPE_NO_ET": "1", **env,
+                                       "PACS2BIDS_TEST_KILL_AT": "linked"})
+        try:
+            killed.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(killed.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert killed.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()[-3000:]
+    assert current_version(out) == v1
+    changed = [f for f, n in files_v1.items() if (out / f).stat().st_size != n]
+    assert not changed, f"the published version changed after its manifest was written: {changed}"
+    assert list(work.glob("scratch-*")), "the kill should have left the dead run's scratch folder"
+    assert len(list(versions_dir(out).iterdir())) == 2  # the new version, complete but never linked
+
+    third = cli("run", "--json", str(spec), env_extra=env)
+    assert third.returncode == 0, third.stderr[-3000:]
+    summary = json.loads(third.stdout[third.stdout.index("{"):])
+    assert summary["already_published"] >= 1 and summary["published"]
+    assert current_version(out) != v1 and (out / "dataset_description.json").is_file()
+    assert not list(work.glob("staging-*")) and not list(work.glob("scratch-*"))
+    assert not list(tmp_path.glob(".out.link-*"))
+    assert len(list(versions_dir(out).iterdir())) == 2  # the current one and the one it replaced
