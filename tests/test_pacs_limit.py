@@ -258,6 +258,17 @@ def kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Its output once it ends; killed with its group (and the test failed) if it does not."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail(f"still waiting for the slots after {timeout:.0f} s: {proc.stderr.read()[-3000:]}")
+    finally:
+        kill_group(proc)  # an ephemeral Prefect server it started
+
+
 def wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 240) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -284,7 +295,7 @@ def test_killed_run_slots_expire_and_the_waiter_says_what_it_waits_for(prefect_s
         kill_group(holder)  # dies holding both slots
     killed_at = time.monotonic()
     waiter = start_slots(name, "take", env)
-    out, err = waiter.communicate(timeout=LEASE_SECONDS + 120)
+    out, err = finish(waiter, LEASE_SECONDS + 120)
     waited = time.monotonic() - killed_at
     assert waiter.returncode == 0, err[-3000:]
     assert "held after" in out
@@ -313,7 +324,7 @@ def test_ephemeral_mode_gives_back_the_slots_of_killed_runs_only(tmp_path):
     finally:
         kill_group(holder)
     taker = start_slots(name, "take", env)
-    out, err = taker.communicate(timeout=300)
+    out, err = finish(taker, 300)
     assert taker.returncode == 0, err[-3000:]
     assert "reclaimed 2" in out and "held after" in out, out + err[-2000:]
     assert "kept by runs that were killed were given back" in err

@@ -59,7 +59,8 @@ def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
         return EXIT_FAILED
     except Exception as exc:  # never a bare traceback without a summary: say what failed, how to see more
         logging.getLogger("pacs2bids").debug("run failed", exc_info=True)
-        print(f"pacs2bids: the run failed, nothing published: {type(exc).__name__}: {exc} "
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"pacs2bids: the run failed, nothing published: {type(exc).__name__}: {first} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_FAILED
     print()
