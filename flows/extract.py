@@ -39,7 +39,7 @@ from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.lineage import InstanceRecord, LineageRecord, instance_records
 from pacs2bids.model import StudyRef
 from pacs2bids.provenance import write_series_provenance
-from pacs2bids.publish import seed_staging, staging_dir
+from pacs2bids.publish import RunLock, seed_staging, staging_dir, write_marker
 from pacs2bids.quarantine import Quarantine, QuarantineError
 from pacs2bids.retrieve import read_ledger
 from pacs2bids.run import RunSummary, SeriesLine, assign_sessions, label, session_dir
@@ -100,9 +100,12 @@ def extract_project(spec_path: str) -> dict:
     work = spec.resolved_work_dir
     raw_root, quarantine, scratch = work / "raw", work / "quarantine", work / f"scratch-{run_id}"
     staging = staging_dir(spec.output, work, run_id)
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o700)
+    run_lock = RunLock(work)  # held till the end; stale staging/scratch of killed runs go when no run is alive
+    run_lock.acquire()
     for d in (raw_root, quarantine, scratch):
         d.mkdir(parents=True, exist_ok=True)
-    work.chmod(0o700)
     seed_staging(spec.output, staging)
     run_log = _attach_run_log(staging / META / "logs" / f"run-{run_id}.log")
 
@@ -132,6 +135,8 @@ def extract_project(spec_path: str) -> dict:
         logging.getLogger("pacs2bids").removeHandler(run_log)
         run_log.close()
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # gone when published; a failed run's must not linger
+        run_lock.release()
     for folder in done_raw:  # the clinical copy goes as soon as its research copy is published (E6)
         shutil.rmtree(folder, ignore_errors=True)
     for study_folder in {f.parent for f in done_raw}:
@@ -394,12 +399,14 @@ def _check_and_publish(spec, staging, summary, records, instances, run_id, flow_
     record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__, heuristic_sha256(spec.heuristic),
                    instances)
     # the last gate: after the lineage tables and the run summary are written, so they are scanned too
+    write_marker(staging, spec.project, spec.secret_bytes)  # whose dataset this is (keyed, not the key)
+    _close_run_log(staging)  # the log is scanned and published as it is now: nothing is appended after the scan
     hits = scan_for_leaks(spec, staging)
     if hits:
         summary.published = False
         where = "; ".join(f"{h.path} ({h.field}, {h.kind})" for h in hits[:10])
         raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
-    publish_dataset(staging, spec.output)
+    publish_dataset(staging, spec.output, run_id)
 
 
 def _skip_already_published(spec: ProjectSpec, studies: list[StudyRef], summary: RunSummary, logger) -> list[StudyRef]:
@@ -482,6 +489,14 @@ def _write_json(path: Path, data) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _close_run_log(staging: Path) -> None:
+    lib = logging.getLogger("pacs2bids")
+    for handler in list(lib.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(staging):
+            lib.removeHandler(handler)
+            handler.close()
 
 
 def _attach_run_log(path: Path) -> logging.Handler:

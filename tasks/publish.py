@@ -8,6 +8,6 @@ from . import TASK_DEFAULTS
 
 
 @task(name="publish_dataset", **TASK_DEFAULTS)
-def publish_dataset(staging: Path, output: Path) -> Path:
-    """Atomic move of the finished dataset into ``output``."""
-    return publish.publish_local(staging, output)
+def publish_dataset(staging: Path, output: Path, run_id: str | None = None) -> Path:
+    """The finished dataset becomes the version ``output`` names, in one atomic symlink swap."""
+    return publish.publish_local(staging, output, run_id)

@@ -58,4 +58,24 @@ def test_deid_dry_run_and_check(tmp_path, orthanc_factory, sample_dir):
     assert "Leibniz" not in r.stdout  # original values are masked
     assert not (tmp_path / "out").exists()
     r = cli("check", str(spec))
-    assert "C-ECHO" in r.stdout or "echo" in r.stdout.lower(), r.stdout + r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[ok] c-echo" in r.stdout and "[ok] c-find" in r.stdout and "[FAIL]" not in r.stdout, r.stdout
+
+
+def test_check_and_run_with_a_host_that_does_not_resolve(tmp_path):
+    """A clear error and an exit code, never a raw socket.gaierror traceback."""
+    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nX1,01\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("project: cli-test\n"
+                    "pacs: {dimse: {ae_title: ORTHANC, host: no-such-host.invalid, port: 104, timeout: 3}}\n"
+                    f"selection: {{inclusions: inclusions.csv}}\noutput: {tmp_path / 'out'}\n"
+                    "retries: {attempts: 0}\n")
+    r = cli("check", str(spec))
+    assert r.returncode == 1 and "[FAIL] c-echo" in r.stdout and "does not resolve" in r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "check: 1 failed (c-echo)" in r.stderr, r.stderr
+    r = cli("run", str(spec), env_extra={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "does not resolve" in r.stdout + r.stderr and "gaierror" not in r.stderr, r.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+    assert not list((tmp_path / ".out.pacs2bids-work").glob("staging-*")), "a failed run's staging was left"
+    assert not list((tmp_path / ".out.pacs2bids-work").glob("scratch-*")), "a failed run's scratch was left"

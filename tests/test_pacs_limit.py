@@ -216,3 +216,115 @@ def test_two_runs_at_once_stay_within_the_pacs_limit(limit, prefect_server, orth
     r.raise_for_status()
     assert r.json()["limit"] == limit and r.json()["active_slots"] == 0, r.json()
     print(detail)
+
+
+# -- slots of killed runs come back; a run waiting for one says so -----------------------------------
+SLOT_SCRIPT = """
+import logging, sys, time
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectAlreadyExists
+from pacs2bids.tasks.retrieve import PrefectGate, reclaim_dead_runs_slots
+name, action = sys.argv[1], sys.argv[2]
+with get_client(sync_client=True) as client:
+    try:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2, active=True))
+    except ObjectAlreadyExists:
+        pass
+print("reclaimed", reclaim_dead_runs_slots(name), flush=True)
+gate = PrefectGate(name, wait_log_seconds=5)
+started = time.monotonic()
+releases = [gate() for _ in range(2)]
+print("held after", round(time.monotonic() - started, 1), flush=True)
+if action == "hold":
+    time.sleep(600)
+"""
+
+
+def start_slots(name: str, action: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SLOT_SCRIPT, name, action], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the process and what it started (an ephemeral Prefect server), as a crash would."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """Its output once it ends; killed with its group (and the test failed) if it does not."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        pytest.fail(f"still waiting for the slots after {timeout:.0f} s: {proc.stderr.read()[-3000:]}")
+    finally:
+        kill_group(proc)  # an ephemeral Prefect server it started
+
+
+def wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 240) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line.strip()
+        if not line and proc.poll() is not None:
+            break
+    kill_group(proc)
+    pytest.fail(f"no {prefix!r} line: {proc.stderr.read()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_killed_run_slots_expire_and_the_waiter_says_what_it_waits_for(prefect_server, tmp_path):
+    from pacs2bids.tasks.retrieve import LEASE_SECONDS
+
+    name = "pacs2bids-pacs-KILLED@127.0.0.1:1"
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home")}
+    holder = start_slots(name, "hold", env)
+    try:
+        wait_line(holder, "held after")
+        assert requests.get(f"{prefect_server}/v2/concurrency_limits/{name}", timeout=10).json()["active_slots"] == 2
+    finally:
+        kill_group(holder)  # dies holding both slots
+    killed_at = time.monotonic()
+    waiter = start_slots(name, "take", env)
+    out, err = finish(waiter, LEASE_SECONDS + 120)
+    waited = time.monotonic() - killed_at
+    assert waiter.returncode == 0, err[-3000:]
+    assert "held after" in out
+    # the slots were really held after the kill, and came back once the lease expired (plus the
+    # server's 15 s sweep), not after the 11 minutes of a forgotten slot
+    assert 10 < waited < LEASE_SECONDS + 15 + 30, (waited, err[-2000:])
+    assert f"for a slot of the PACS limit {name}: 2 of 2 slots held" in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_ephemeral_mode_gives_back_the_slots_of_killed_runs_only(tmp_path):
+    """Without a Prefect server, leases are neither kept across processes nor revoked: a run
+    that is alone on the local Prefect database gives back what killed runs kept."""
+    name = "pacs2bids-pacs-EPHEMERAL@127.0.0.1:1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    holder = start_slots(name, "hold", env)
+    try:
+        assert wait_line(holder, "reclaimed") == "reclaimed 0"
+        wait_line(holder, "held after")
+        alive = subprocess.run([sys.executable, "-c", "import sys; from pacs2bids.tasks.retrieve import "
+                                "reclaim_dead_runs_slots as r; print(r(sys.argv[1]))", name],
+                               env=env, capture_output=True, text=True, timeout=240)
+        assert alive.stdout.strip().splitlines()[-1] == "None", alive.stderr[-2000:]  # a live run's slots stay
+    finally:
+        kill_group(holder)
+    taker = start_slots(name, "take", env)
+    out, err = finish(taker, 300)
+    assert taker.returncode == 0, err[-3000:]
+    assert "reclaimed 2" in out and "held after" in out, out + err[-2000:]
+    assert "kept by runs that were killed were given back" in err

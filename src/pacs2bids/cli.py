@@ -57,6 +57,12 @@ def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
     except Pacs2BidsError as exc:
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Exception as exc:  # never a bare traceback without a summary: say what failed, how to see more
+        logging.getLogger("pacs2bids").debug("run failed", exc_info=True)
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"pacs2bids: the run failed, nothing published: {type(exc).__name__}: {first} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
     print()
     print(json.dumps(summary, indent=2) if as_json else _format(summary))
     return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)
@@ -106,8 +112,15 @@ def _cmd_check(args) -> int:
     spec = load_spec(args.spec)
     results = preflight(spec)
     for r in results:
-        print(f"[{'ok' if r.ok else 'FAIL'}] {r.name}: {r.detail}" + ("" if r.ok or not r.fix else f"\n       fix: {r.fix}"))
-    return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
+        tag = {"ok": "ok", "failed": "FAIL"}.get(r.status, r.status)
+        print(f"[{tag}] {r.name}: {r.detail}" + (f"\n       fix: {r.fix}" if r.failed and r.fix else ""))
+    failed = [r.name for r in results if r.failed]
+    untested = [r.name for r in results if r.status not in ("ok", "failed")]
+    if failed:
+        print(f"check: {len(failed)} failed ({', '.join(failed)})", file=sys.stderr)
+    elif untested:
+        print(f"check: passed, but not tested: {', '.join(untested)}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _cmd_deid(args) -> int:

@@ -29,6 +29,7 @@ from pydantic import (
 from .errors import SpecError
 
 _LABEL = re.compile(r"^[A-Za-z0-9]+$")
+MIN_SECRET_CHARS = 16  # non-space characters in the project key
 
 
 class _Model(BaseModel):
@@ -188,6 +189,12 @@ class SelectionSettings(_Model):
     exclude_series_description: str | None = Field(
         None, description="Regex: series whose description matches are left out."
     )
+    merged_records: bool = Field(
+        False,
+        description="Several patient IDs under one subject are one person's merged hospital records (each row "
+        "names one of them). Without it such rows are refused, as a likely mix-up of two people. One patient ID "
+        "under two subjects is always refused.",
+    )
 
     @field_validator("study_description", "series_description", "exclude_series_description")
     @classmethod
@@ -301,11 +308,14 @@ def _resolve(base: Path, p: Path | str | None) -> Path | None:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def read_inclusions(path: Path) -> tuple[Inclusion, ...]:
+def read_inclusions(path: Path, *, merged_records: bool = False) -> tuple[Inclusion, ...]:
     """Read the inclusion CSV (columns: patient_id or accession_number, subject[, session]).
 
     Subject and session labels must be BIDS labels (letters and digits); a leading ``sub-``
-    or ``ses-`` is accepted and removed. Raises :class:`SpecError` naming the row.
+    or ``ses-`` is accepted and removed. Rows that would split one person or merge two are
+    refused: one patient ID (or accession number) under two subjects always, several patient IDs
+    under one subject unless ``merged_records`` (``selection.merged_records``) says they are
+    one person's records. Raises :class:`SpecError` naming the rows (never the identifiers).
     """
     try:
         handle = path.open(newline="", encoding="utf-8-sig")
@@ -348,7 +358,82 @@ def read_inclusions(path: Path) -> tuple[Inclusion, ...]:
             rows.append(Inclusion(row=n, subject=subject, session=session, patient_id=pid, accession_number=acc))
     if not rows:
         raise SpecError(f"selection.inclusions: {path} has no rows")
+    _refuse_split_or_merged(path, rows, merged_records)
     return tuple(rows)
+
+
+def _refuse_split_or_merged(path: Path, rows: list[Inclusion], merged_records: bool) -> None:
+    """One identifier under two subjects publishes one person twice; two patient IDs under one
+    subject publishes two people as one, unless they are one person's merged records."""
+    def rows_text(found: list[Inclusion]) -> str:
+        return ", ".join(f"{r.row} (sub-{r.subject})" for r in found)
+
+    for attr, what in (("patient_id", "patient ID"), ("accession_number", "accession number")):
+        by_value: dict[str, list[Inclusion]] = {}
+        for r in rows:
+            if getattr(r, attr):
+                by_value.setdefault(getattr(r, attr), []).append(r)
+        for found in by_value.values():
+            if len({r.subject for r in found}) > 1:
+                raise SpecError(
+                    f"selection.inclusions: {path} rows {rows_text(found)} give one {what} to "
+                    f"{len({r.subject for r in found})} subjects: one person would be published as several. "
+                    "Keep one subject per person (sessions tell the visits apart)"
+                )
+    if merged_records:
+        return
+    by_subject: dict[str, list[Inclusion]] = {}
+    for r in rows:
+        if r.patient_id:
+            by_subject.setdefault(r.subject, []).append(r)
+    for subject, found in by_subject.items():
+        if len({r.patient_id for r in found}) > 1:
+            raise SpecError(
+                f"selection.inclusions: {path} rows {rows_text(found)} give {len({r.patient_id for r in found})} "
+                f"different patient IDs to sub-{subject}: two people would be published as one. Fix the rows, "
+                "or, if they are one person's merged hospital records, set selection.merged_records: true"
+            )
+
+
+# folders no dataset may replace or live in (equal to, or, for the first group, anywhere under)
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+                 "/sys", "/usr")
+_SYSTEM_FOLDERS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var", "/var/tmp", "/var/lib")
+
+
+def _within(p: Path, folder: Path) -> bool:
+    return p == folder or folder in p.parents
+
+
+def _check_locations(spec_path: Path, spec: "ProjectSpec") -> None:
+    """Refuse an ``output`` that is a system or home folder, and any ``work_dir`` or ``key_store``
+    inside ``output`` (or ``output`` inside them): publishing replaces ``output`` whole, so a key
+    store there would be deleted (or published), and a work folder there copied into itself.
+    Paths are compared as written and with symlinks followed."""
+    out = Path(os.path.abspath(spec.output))
+    out_real = Path(os.path.realpath(out))
+    home = Path(os.path.realpath(os.path.expanduser("~")))
+    for p in {out, out_real}:
+        if (str(p) in _SYSTEM_FOLDERS or any(_within(p, Path(t)) for t in _SYSTEM_TREES)
+                or _within(home, p)):
+            raise SpecError(
+                f"spec {spec_path}: output: {spec.output} is a system folder or the home folder (or holds it), which "
+                "publishing would replace; give a folder of its own, e.g. ~/datasets/" + spec.project
+            )
+    versions = out.parent / f".{out.name}.versions"  # where the published versions live (pacs2bids.publish)
+    outputs = {out, out_real, Path(os.path.realpath(versions))}
+    for key, value in (("work_dir", spec.resolved_work_dir), ("pseudonymization.key_store", spec.resolved_key_store)):
+        lexical, real = Path(os.path.abspath(value)), Path(os.path.realpath(value))
+        if any(_within(v, o) for v in (lexical, real) for o in outputs):
+            raise SpecError(
+                f"spec {spec_path}: {key}: {value} is inside output {spec.output}; publishing replaces output "
+                f"whole, so it would be lost or published. Move {key} outside output (by default it sits beside it)"
+            )
+        if any(_within(o, v) for v in (lexical, real) for o in (out, out_real)):
+            raise SpecError(
+                f"spec {spec_path}: output: {spec.output} is inside {key} {value}; give output a folder outside "
+                f"{key}"
+            )
 
 
 def load_spec(path: str | Path, *, environ: dict[str, str] | None = None, require_secret: bool = True) -> ProjectSpec:
@@ -389,9 +474,14 @@ def load_spec(path: str | Path, *, environ: dict[str, str] | None = None, requir
             heuristic_file(heuristic)
         except FileNotFoundError as exc:
             raise SpecError(f"spec {spec_path}: heuristic: {exc}") from None
-    out = _resolve(base, spec.output)
+    out = Path(os.path.expanduser(str(spec.output)))
+    # not through output's own symlink, which names its published version (pacs2bids.publish)
+    out = _resolve(base, out.parent) / out.name if out.name not in ("", ".", "..") else _resolve(base, out)
     if out.exists() and not out.is_dir():
         raise SpecError(f"spec {spec_path}: output: {out} exists and is not a folder")
+    work_dir = _resolve(base, spec.work_dir)
+    located = spec.model_copy(update={"output": out, "work_dir": work_dir, "pseudonymization": pseudo})
+    _check_locations(spec_path, located)
     secret = None
     if require_secret:
         value = environ.get(spec.pseudonymization.secret_env)
@@ -400,20 +490,26 @@ def load_spec(path: str | Path, *, environ: dict[str, str] | None = None, requir
                 f"spec {spec_path}: pseudonymization.secret_env: environment variable "
                 f"{spec.pseudonymization.secret_env} is not set; export the project's key there"
             )
-        if len(value) < 16:
+        if len("".join(value.split())) < MIN_SECRET_CHARS:
             raise SpecError(
                 f"spec {spec_path}: pseudonymization.secret_env: the key in "
-                f"{spec.pseudonymization.secret_env} is shorter than 16 characters"
+                f"{spec.pseudonymization.secret_env} is shorter than {MIN_SECRET_CHARS} non-space characters; "
+                "use a random key, e.g. the output of `openssl rand -hex 32`"
             )
         secret = SecretStr(value)
-    inclusions = read_inclusions(selection.inclusions)
+    from .publish import output_owner_problem  # local: publish imports nothing of the spec
+
+    problem = output_owner_problem(out, spec.project, secret.get_secret_value().encode() if secret else None)
+    if problem:
+        raise SpecError(f"spec {spec_path}: output: {problem}")
+    inclusions = read_inclusions(selection.inclusions, merged_records=selection.merged_records)
     return spec.model_copy(
         update={
             "selection": selection,
             "pseudonymization": pseudo,
             "heuristic": heuristic,
             "output": out,
-            "work_dir": _resolve(base, spec.work_dir),
+            "work_dir": work_dir,
             "spec_path": spec_path,
             "secret": secret,
             "inclusions": inclusions,

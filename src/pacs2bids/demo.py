@@ -66,7 +66,7 @@ def run_demo(output: Path, *, transport: str = "dimse", retrieve: str = "c-get")
     """Run the demo; returns the process exit code."""
     from .cli import run_spec  # local: the CLI imports this module
 
-    output = output.resolve()
+    output = Path(os.path.abspath(output))  # not resolve(): output is a symlink to its published version
     os.environ.setdefault(DEMO_SECRET_ENV, DEMO_SECRET)
     sample = sample_dir()
     patients = sample_patients(sample)

@@ -366,7 +366,15 @@ class AssociationPool:
             (evt.EVT_C_STORE, _store_handler(lambda event: slot.receiver)),
             (evt.EVT_ACSE_RECV, on_acse),
         ]
-        assoc = ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title, ext_neg=roles, evt_handlers=handlers)
+        try:
+            assoc = ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title, ext_neg=roles,
+                                 evt_handlers=handlers)
+        except OSError as exc:  # socket.gaierror: the host name does not resolve
+            raise PacsError(
+                f"cannot open an association with {_peer(s)}: {_socket_reason(exc)}. Check pacs.dimse.host "
+                f"({s.host!r}) for spelling, and that this machine's DNS (or /etc/hosts) knows it.",
+                transient=False,
+            ) from None
         if not assoc.is_established:
             _wait_closed(assoc)
             where = f"{_peer(s)}"
@@ -564,6 +572,14 @@ def _with_retry_on_lost_association(pool: AssociationPool, op: Callable, **kw):
                     ) from None
 
 
+def _socket_reason(exc: OSError) -> str:
+    import socket
+
+    if isinstance(exc, socket.gaierror):
+        return f"the host name does not resolve ({exc.strerror or exc})"
+    return exc.strerror or str(exc)
+
+
 class _LostAssociation(Exception):
     pass
 
@@ -632,13 +648,18 @@ def _retrieve(assoc, gen, settings: DimseSettings, operation: str, peer_reached_
             # Orthanc (and other PACS) answer 0xC000 with no sub-operation, instead of 0xA801,
             # when they do not know the destination: a retry cannot help. Once the PACS has
             # connected to our storage SCP it knows us, and the failure is something else.
+            # Orthanc gives the same answer when it knows the destination but cannot connect to
+            # it (wrong host or port in its entry, firewall): both causes are named
             dest = settings.move_destination or settings.calling_ae_title
+            where = f"{settings.storage_host}:{settings.storage_port or '<storage_port>'}"
             raise MoveDestinationUnknown(
-                f"C-MOVE: {_peer(settings)} answered {info.meaning} before sending anything: it most likely "
-                f"does not know the move destination {dest!r} (as with 0xA801 'move destination unknown'). "
-                f"Declare it among the PACS's DICOM modalities (Orthanc: DicomModalities) as AE title {dest!r}, "
-                f"host {settings.storage_host}, port {settings.storage_port or '<storage_port>'} (set "
-                f"pacs.dimse.storage_port to a fixed port), or use retrieve: c-get.",
+                f"C-MOVE: {_peer(settings)} answered {info.meaning} (0x{info.code:04X}) before sending anything, "
+                f"and our storage SCP at {where} received no connection: either the PACS does not know the "
+                f"move destination {dest!r} (what other PACS answer as 0xA801 'move destination unknown'), or it "
+                f"knows it but could not connect to the host and port it has for it. Declare (or correct) it among the PACS's DICOM modalities (Orthanc: DicomModalities) as AE "
+                f"title {dest!r}, host {settings.storage_host}, port {settings.storage_port or '<storage_port>'} "
+                f"(set pacs.dimse.storage_port to a fixed port), check that no firewall blocks that port, or use "
+                f"retrieve: c-get. `pacs2bids check` tells the two causes apart where the PACS allows it.",
                 transient=False,
                 status=info.code,
             )

@@ -22,6 +22,8 @@ from typing import Iterable
 
 import requests
 
+from .childenv import child_env
+
 log = logging.getLogger(__name__)
 
 DICOMWEB_PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
@@ -127,6 +129,7 @@ class Orthanc:
             stdout=logf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=child_env(),
         )
         logf.close()
         deadline = time.monotonic() + timeout

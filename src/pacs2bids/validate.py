@@ -11,6 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pacs2bids.childenv import child_env
 from pacs2bids.errors import ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def validate_dataset(bids_root: Path) -> ValidationReport:
     if not bids_root.is_dir():
         raise FileNotFoundError(f"no BIDS dataset at {bids_root}")
     cmd = [_find_validator(), "--format", "json", str(bids_root)]
-    env = dict(os.environ, NO_COLOR="1")
+    env = child_env(NO_COLOR="1")  # deno runs with --allow-env --allow-net: never the project key
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired as exc:

@@ -10,6 +10,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from .childenv import child_env
+
 _PACKAGES = {
     "pacs2bids": "pacs2bids",
     "heudiconv": "heudiconv",
@@ -30,7 +32,7 @@ def dcm2niix_version() -> str | None:
     exe = _binary("dcm2niix")
     if exe:
         try:
-            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30)
+            out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30, env=child_env())
             m = re.search(r"v\d+\.\d+\.\d+\w*", out.stdout + out.stderr)
             if m:
                 return m.group(0)

@@ -43,6 +43,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian
 
+from ..childenv import child_env
+
 MAX_OCR_FRAMES = 32
 MASK_CONFIDENCE = 0.0  # any box with a letter or digit is masked
 REMAIN_CONFIDENCE = 60.0
@@ -128,6 +130,7 @@ def ocr_boxes(grey: np.ndarray, scale: int = 2) -> list[tuple[int, int, int, int
             capture_output=True,
             text=True,
             timeout=120,
+            env=child_env(),
         )
     if proc.returncode != 0:
         raise PixelError(f"tesseract failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}")
