@@ -188,11 +188,13 @@ def test_planted_private_dates_and_uids_are_shifted_keyed_or_removed(sample_dir,
     mine.add_new(0x04, "LT", f"ref {other_uid} on {study[6:]}.{study[4:6]}.{study[:4]}")  # inside text
     mine.add_new(0x05, "LO", "20180918121530.250000")  # a whole date-time in LO: shifted
     mine.add_new(0x06, "SH", "VE11C")  # not a date: kept as it is
+    mine.add_new(0x07, "UN", other_uid.encode() + b"\x00")  # a UID stored as UN: keyed like a public one
+    mine.add_new(0x08, "LO", "1.0.2")  # a version, not a UID: kept
     tcia = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
     tcia.add_new(0x0F, "SH", study)  # a TCIA "keep" row holding a date: not needed, removed
     f = tmp_path / "in.dcm"
     ds.save_as(f)
-    keep = [f'0011,"PLANTED SITE DATA",{e:02X}' for e in range(1, 7)]
+    keep = [f'0011,"PLANTED SITE DATA",{e:02X}' for e in range(1, 9)]
     p = Pseudonymiser("dates", SECRET, PseudonymizationSettings(keep_private=keep), tmp_path / "keys")
     res = p.pseudonymise_series([f], tmp_path / "out", subject=SUBJECT, session=None, quarantine_dir=tmp_path / "q")
     out = pydicom.dcmread(res.written[0])
@@ -210,6 +212,8 @@ def test_planted_private_dates_and_uids_are_shifted_keyed_or_removed(sample_dir,
     assert len(text) == len(mine[0x04].value)  # same length: a UID token and a date, replaced in place
     assert got[0x05].value == shifted + "121530.250000"
     assert got[0x06].value == "VE11C"
+    assert got[0x07].value.rstrip(b"\x00").decode() == p.keyed.uid(other_uid)
+    assert got[0x08].value == "1.0.2"
     assert 0x0F not in out.private_block(0x0019, "SIEMENS MR HEADER")
     raw = res.written[0].read_bytes()
     assert study.encode() not in raw and other_uid.encode() not in raw and b"20180917" not in raw

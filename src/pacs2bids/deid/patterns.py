@@ -195,7 +195,8 @@ def mask_personal_data(text: str) -> tuple[str, int]:
 def date_tokens(dates: Iterable[str]) -> re.Pattern[bytes] | None:
     """A bytes pattern finding the given dates (YYYYMMDD) as written in text or binary private
     values: ``YYYYMMDD``, ``YYYY-MM-DD``, ``YYYY.MM.DD``, ``YYYY/MM/DD``, ``DD.MM.YYYY``,
-    ``DD/MM/YYYY``, ``DD-MM-YYYY``, not inside a longer run of digits. None without dates."""
+    ``DD/MM/YYYY``, ``DD-MM-YYYY``, not inside a longer run of digits (but ``YYYYMMDD`` followed
+    by a time of day, ``YYYYMMDDHHMM...``). None without dates."""
     alts: set[str] = set()
     for d in dates:
         if not re.fullmatch(r"\d{8}", d or ""):
@@ -207,7 +208,10 @@ def date_tokens(dates: Iterable[str]) -> re.Pattern[bytes] | None:
             alts.add(re.escape(f"{dd}{sep}{m}{sep}{y}"))
     if not alts:
         return None
-    return re.compile(rb"(?<![0-9])(?:" + "|".join(sorted(alts)).encode() + rb")(?![0-9])")
+    # a compact date may run on into its time of day (20180918121530): shifted all the same
+    return re.compile(rb"(?<![0-9])(?:" + "|".join(sorted(alts)).encode() + rb")(?![0-9])"
+                      + rb"|(?<![0-9])(?:" + "|".join(sorted(a for a in alts if a.isdigit())).encode()
+                      + rb")(?=(?:[01][0-9]|2[0-3])[0-5][0-9])")
 
 
 def shift_date_token(token: bytes, days: int) -> bytes:

@@ -51,7 +51,7 @@ from ..config import PseudonymizationSettings
 from .. import quarantine
 from ..errors import PseudonymisationError
 from . import pixels
-from .csa import scrub_bytes, scrub_ge_protocol
+from .csa import _UID_TOKEN, scrub_bytes, scrub_ge_protocol
 from .keyed import Keyed, birth_date_to_year, shift_da, shift_dt
 from .keystore import KeyStore
 from .patterns import clean_text, compile_identifiers, date_tokens, is_date_value, looks_like_uid, mask_personal_data
@@ -96,6 +96,7 @@ IDENTIFYING_KEYWORDS = (
     "PerformedProcedureStepID",
 )
 _IDENT_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTIFYING_KEYWORDS}
+_UID_TEXT = re.compile(_UID_TOKEN.pattern.decode("ascii"))  # a whole UID in a private value (5+ components)
 _TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "AE", "CS"}
 _CLEANED_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC"}
 _NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "UV", "SV", "AT"}
@@ -777,13 +778,19 @@ class Pseudonymiser:
         (the Siemens CSA header "versions" (0029,1009)/(0029,1019) hold the acquisition date on
         some exports): shifted like a public date when a converter or the spec needs the
         element, removed otherwise (PS3.15 E.3.10 keeps safe private values, and a date kept
-        verbatim gives the subject's date offset away). Returns False for other values."""
+        verbatim gives the subject's date offset away). A binary (UN) value holding a whole UID
+        gets its keyed UID, as a public one would. Returns False for other values."""
         raw = elem.value
         if isinstance(raw, (bytes, bytearray)):
             try:
                 raw = bytes(raw).decode("ascii").strip(" \x00")
             except UnicodeDecodeError:
                 return False
+            if _UID_TEXT.fullmatch(raw) and not _is_standard_uid(raw):  # a UID kept as UN: keyed as a public one
+                new_uid = ctx.keyed.uid(raw).encode("ascii")
+                before, elem.value = elem.value, new_uid + (b"\x00" if len(new_uid) % 2 else b"")
+                ctx.note(name, "new-uid", why + " (private value holding a UID)", before, elem.value)
+                return True
             values = raw.split("\\")
         else:
             values = [str(v) for v in (raw if isinstance(raw, MultiValue) else [raw])]
@@ -868,7 +875,7 @@ class Pseudonymiser:
                 new.append(v)
                 continue
             c, n = clean_text(v, ctx.pattern)
-            if private and looks_like_uid(c.strip("\x00 ")) and not _is_standard_uid(c.strip("\x00 ")):
+            if private and _UID_TEXT.fullmatch(c.strip("\x00 ")) and not _is_standard_uid(c.strip("\x00 ")):
                 c, n = ctx.keyed.uid(c.strip("\x00 ")), n + 1
             elif private or ctx.dates_shift is not None:
                 raw = c.encode("utf-8", "surrogateescape")
