@@ -82,3 +82,24 @@ def test_quieting_covers_loggers_set_lower_below_a_quieted_one():
         assert logging.getLogger("dicomweb_client").isEnabledFor(logging.WARNING)
     finally:
         child.setLevel(logging.NOTSET)
+
+
+def test_own_warnings_and_errors_carry_no_original_uid(caplog):
+    """A failure message quoting a URL of the PACS (requests' HTTPError names the study and the
+    series) or an exception's text is redacted before any handler writes it."""
+    import logging
+
+    from pacs2bids.logsafety import quiet_third_party_loggers
+
+    quiet_third_party_loggers()
+    uid = "1.3.12.2.1107.5.2.43.66044.2018091812244919155211234"
+    log = logging.getLogger("pacs2bids.flows.extract")
+    with caplog.at_level(logging.WARNING):
+        log.error("study 1/1 (ses-01): retrieval failed: %s", f"HTTPError: 404 for url: http://pacs/studies/{uid}")
+        try:
+            raise RuntimeError(f"no such series {uid}")
+        except RuntimeError:
+            log.warning("retrying", exc_info=True)
+        logging.getLogger("dicomweb_client.api").warning('search for series of study "%s"', uid)
+    text = "\n".join(caplog.text.splitlines()) + "\n".join(r.getMessage() for r in caplog.records)
+    assert uid not in text and text.count("<uid>") >= 3, text
