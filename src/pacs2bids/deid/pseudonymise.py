@@ -214,7 +214,8 @@ class _FileContext:
     @property
     def dates_shift(self) -> re.Pattern[bytes] | None:
         """The file's dates to shift inside text and binary values (None when dates are kept as
-        they are, rtnLongFullDatesOpt; without a dates option the element walk empties them)."""
+        they are, rtnLongFullDatesOpt). Without a dates option the date elements are emptied, and
+        their dates found inside text are shifted all the same: the original never stays."""
         return None if self.profile.keep_dates else self.dates
 
     def note(self, name: str, action: str, why: str, before: Any = None, after: Any = None) -> None:
