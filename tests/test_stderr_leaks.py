@@ -18,7 +18,12 @@ from pacs2bids.logsafety import THIRD_PARTY_LOGGERS, redact
 from test_extract_e2e import SECRET, identifying_values, plant_corpus, write_spec
 
 
-def _run_cli(spec: Path, tmp: Path) -> tuple[subprocess.CompletedProcess, str]:
+# The flow alone, as a Prefect worker runs it (no CLI, no logging set-up of ours), with the root
+# logger opened to INFO as a worker's operator may do.
+_FLOW_ONLY = "import sys; from pacs2bids.flows.extract import extract_project; extract_project(sys.argv[1])"
+
+
+def _run_cli(spec: Path, tmp: Path, flow_only: bool = False) -> tuple[subprocess.CompletedProcess, str]:
     home = tmp / "prefect-home"
     env = {
         **os.environ,
@@ -29,8 +34,11 @@ def _run_cli(spec: Path, tmp: Path) -> tuple[subprocess.CompletedProcess, str]:
         "PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(THIRD_PARTY_LOGGERS),
     }
     env.pop("PREFECT_API_URL", None)  # the run's own ephemeral server and database, read below
-    proc = subprocess.run([sys.executable, "-m", "pacs2bids.cli", "run", str(spec)], capture_output=True,
-                          text=True, env=env, timeout=1500)
+    if flow_only:
+        env["PREFECT_LOGGING_ROOT_LEVEL"] = "INFO"
+        env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
+    cmd = ["-c", _FLOW_ONLY] if flow_only else ["-m", "pacs2bids.cli", "run"]
+    proc = subprocess.run([sys.executable, *cmd, str(spec)], capture_output=True, text=True, env=env, timeout=1500)
     stored = ""
     db = home / "prefect.db"
     if db.exists():
@@ -40,17 +48,17 @@ def _run_cli(spec: Path, tmp: Path) -> tuple[subprocess.CompletedProcess, str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["dicomweb", "c-get"])
+@pytest.mark.parametrize("transport", ["dicomweb", "c-get", "dicomweb-flow-only"])
 def test_a_run_prints_no_original_identifier(orthanc_factory, sample_dir, tmp_path, transport):
     planted = plant_corpus(sample_dir / "dcm_qa_philips", tmp_path / "planted")
     pacs = orthanc_factory()
     assert pacs.upload(f for files in planted["by_series"].values() for f in files) > 0
-    if transport == "dicomweb":
+    if transport.startswith("dicomweb"):
         block = f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n"
     else:
         block = f"  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
     spec = write_spec(tmp_path, block, planted, tmp_path / "out" / "dataset")
-    proc, stored = _run_cli(spec, tmp_path)
+    proc, stored = _run_cli(spec, tmp_path, flow_only=transport.endswith("flow-only"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "dataset").is_dir()
     # the streams were read: the run logged its progress there and in Prefect's database
