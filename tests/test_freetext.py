@@ -115,8 +115,12 @@ def test_the_name_of_a_third_party_goes_with_the_descriptor_unless_kept(sample_d
 
 @pytest.mark.parametrize("keyword", ["PatientName", "NoSuchKeyword", "RequestAttributesSequence", "Modality"])
 def test_keep_text_names_only_free_text_descriptors(tmp_path, keyword):
-    with pytest.raises(SpecError, match="keep_text"):
-        Pseudonymiser("text", SECRET, PseudonymizationSettings(keep_text=[keyword]), tmp_path / "keys")
+    from pacs2bids.deid.profile import Profile
+
+    with pytest.raises(SpecError, match=f"keep_text: '{keyword}' is not a free-text descriptor"):
+        Profile(keep_text=[keyword])
+    with pytest.raises(ValueError, match="is not a free-text descriptor"):  # pydantic's, at spec load
+        PseudonymizationSettings(keep_text=[keyword])
 
 
 def test_keep_text_default():
@@ -148,3 +152,18 @@ def test_nir_key_with_corsica():
     assert nir_key_valid(("2", "55", "08", "2A", "004", "101", "91"))
     assert nir_key_valid(("2", "69", "05", "2B", "004", "101", "63"))
     assert not nir_key_valid(("2", "55", "08", "2B", "004", "101", "91"))
+
+
+def test_a_spec_naming_a_non_descriptor_is_refused_at_load(tmp_path):
+    from pacs2bids.config import load_spec
+
+    (tmp_path / "inc.csv").write_text("patient_id,subject\nX1,01\n")
+    spec = tmp_path / "spec.yaml"
+    body = ("project: p\npacs: {dimse: {ae_title: A, host: 127.0.0.1, port: 104}}\n"
+            "selection: {inclusions: inc.csv}\noutput: out\n")
+    spec.write_text(body + "pseudonymization: {keep_text: [SeriesDescription, PatientName]}\n")
+    with pytest.raises(SpecError, match=r"pseudonymization\.keep_text.*'PatientName'"):
+        load_spec(spec, environ={"PACS2BIDS_PROJECT_SECRET": "0123456789abcdefgh"})
+    spec.write_text(body + "pseudonymization: {keep_text: [SeriesDescription, StudyDescription]}\n")
+    loaded = load_spec(spec, environ={"PACS2BIDS_PROJECT_SECRET": "0123456789abcdefgh"})
+    assert loaded.pseudonymization.keep_text == ["SeriesDescription", "StudyDescription"]
