@@ -240,3 +240,31 @@ def test_csa_version_date_removed_even_when_stored_as_un(sample_dir, tmp_path, v
     got = out.private_block(0x0029, "SIEMENS CSA HEADER")[0x09].value
     got = got.decode() if isinstance(got, bytes) else got
     assert got.strip() == shift_da(value[:8], p.keyed.day_offset(SUBJECT)) + value[8:]
+
+
+def test_an_earlier_visit_date_quoted_later_is_shifted_too(sample_dir, tmp_path):
+    """A second visit's description quotes the first visit's date: shifted like the first visit's own, when one
+    Pseudonymiser sees both (the flow makes one per series task: across tasks the key store would have to
+    give the subject's recorded study dates, see the report)."""
+    files = sorted((sample_dir / "dcm_qa_nih").rglob("*.dcm"))[:2]
+    first, second = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
+    first_date = first.StudyDate
+    for elem in second.iterall():  # the second visit's own dates are all another day
+        if elem.VR == "DA" and elem.value:
+            elem.value = "20190301"
+        elif elem.VR == "DT" and elem.value:
+            elem.value = "20190301" + str(elem.value)[8:]
+    assert _dates_of(second) == {"20190301"} != {first_date}
+    second.SeriesDescription = f"T1 suivi, comparer au {first_date}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first.save_as(tmp_path / "a" / "1.dcm")
+    second.save_as(tmp_path / "b" / "2.dcm")
+    p = Pseudonymiser("dates", SECRET, PseudonymizationSettings(), tmp_path / "keys")
+    a = p.pseudonymise_series([tmp_path / "a" / "1.dcm"], tmp_path / "oa", subject=SUBJECT, session="1",
+                              quarantine_dir=tmp_path / "q")
+    b = p.pseudonymise_series([tmp_path / "b" / "2.dcm"], tmp_path / "ob", subject=SUBJECT, session="2",
+                              quarantine_dir=tmp_path / "q")
+    shifted_first = pydicom.dcmread(a.written[0]).StudyDate
+    assert pydicom.dcmread(b.written[0]).SeriesDescription == f"T1 suivi, comparer au {shifted_first}"
+    assert first_date.encode() not in b.written[0].read_bytes()

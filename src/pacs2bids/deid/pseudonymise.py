@@ -275,6 +275,9 @@ class Pseudonymiser:
         # patients, not with the instances. The UIDs are read only for the leak scan.
         self._values: frozenset[str] = self.key_store.values()
         self._learned: set[str] = set()  # what this instance recorded: not appended twice
+        # Every date seen per subject by this instance: a later file may quote an earlier visit's
+        # date in its text (a prior exam in a protocol or a comment), shifted like its own.
+        self._subject_dates: dict[str, set[str]] = {}
         self.allow_sop = set(settings.allow_sop_classes)
 
     # -- public API ----------------------------------------------------------------------
@@ -358,7 +361,9 @@ class Pseudonymiser:
             file_dates: set[str] = set()
             file_ids = self._collect(ds, file_dates)
             new_identifiers |= file_ids
-            dkey = frozenset(file_dates)
+            seen_dates = self._subject_dates.setdefault(subject, set())
+            seen_dates |= file_dates
+            dkey = frozenset(seen_dates)
             if dkey not in date_cache:
                 date_cache[dkey] = date_tokens(dkey)
             key = frozenset(v for v in file_ids if not looks_like_uid(v)) - self._values
