@@ -245,7 +245,7 @@ def test_csa_version_date_removed_even_when_stored_as_un(sample_dir, tmp_path, v
 def test_an_earlier_visit_date_quoted_later_is_shifted_too(sample_dir, tmp_path):
     """A second visit's description quotes the first visit's date: shifted like the first visit's own, when one
     Pseudonymiser sees both (the flow makes one per series task: across tasks the key store would have to
-    give the subject's recorded study dates, see the report)."""
+    give the subject's recorded study dates)."""
     files = sorted((sample_dir / "dcm_qa_nih").rglob("*.dcm"))[:2]
     first, second = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
     first_date = first.StudyDate
