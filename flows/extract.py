@@ -37,6 +37,7 @@ from pacs2bids.dimse import close_pools
 from pacs2bids.errors import LeakDetected, Pacs2BidsError, PacsError, ValidationFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.lineage import InstanceRecord, LineageRecord, instance_records
+from pacs2bids.logsafety import quiet_third_party_loggers
 from pacs2bids.model import StudyRef
 from pacs2bids.provenance import write_series_provenance
 from pacs2bids.publish import RunLock, seed_staging, staging_dir, write_marker
@@ -89,6 +90,7 @@ def extract_project(spec_path: str) -> dict:
 
     Raises :class:`RunFailed` (carrying the summary) when nothing could be published.
     """
+    quiet_third_party_loggers()  # also under a Prefect worker, without the CLI
     logger = get_run_logger()
     spec = load_spec(spec_path)
     versions = tool_versions()

@@ -34,7 +34,9 @@ def _dcm2niix(src: Path, dst: Path) -> list[str]:
 
 def _voxels(path: Path) -> tuple:
     img = nib.load(path)
-    data = path.read_bytes()[int(img.header["vox_offset"]) :]
+    # the data proper: a NIfTI written with vox_offset 0 would otherwise compare its header too, and
+    # the header's aux_file holds ImageComments, removed by default (Clean Descriptors, keep_text)
+    data = path.read_bytes()[int(img.dataobj.offset) :]
     return img.shape, img.affine, data
 
 

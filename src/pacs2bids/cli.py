@@ -25,8 +25,9 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("pynetdicom", "nipype", "heudiconv", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from .logsafety import quiet_third_party_loggers
+
+    quiet_third_party_loggers()  # no original identifier on stderr (dicomweb-client logs UIDs at INFO)
 
 
 def _prefect_defaults() -> None:

@@ -224,6 +224,25 @@ class PseudonymizationSettings(_Model):
     allow_sop_classes: list[str] = Field(
         default_factory=list, description="SOP Class UIDs kept although dropped by default (SR, PR, KO...)."
     )
+    keep_text: list[str] = Field(
+        default_factory=lambda: ["SeriesDescription", "ProtocolName"],
+        description="Free-text descriptors (DICOM keywords of Table E.1-1 rows that the Clean Descriptors option "
+        "cleans) kept, after cleaning of identifiers, phone numbers, e-mail addresses and NIRs; every other "
+        "descriptor is removed or emptied as the Basic profile says. Default: SeriesDescription and ProtocolName "
+        "(series classification reads them).",
+    )
+
+    @field_validator("keep_text")
+    @classmethod
+    def _free_text_descriptors(cls, v: list[str]) -> list[str]:
+        from .deid.profile import Profile  # late: the profile reads package data
+        from .errors import SpecError
+
+        try:
+            Profile(options=[], keep_text=v)
+        except SpecError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return v
     key_store: Path | None = Field(
         None, description="Where the encrypted matching key lives (default: beside work_dir, never under output)."
     )

@@ -15,6 +15,12 @@ date and time and the scanner's serial number. So, in both headers:
   offsets) stays valid without being re-encoded, and no original UID survives (P13);
 - every identifying value found in the file's header (name, ID, birth date, accession number,
   institution, station, serial number, physicians) is overwritten by ``X`` of the same length.
+- every date of the file's own header (StudyDate, SeriesDate, AcquisitionDate, ContentDate,
+  any DA or DT, at any depth) written in the text (``YYYYMMDD``, ``YYYY-MM-DD``, ``DD.MM.YYYY``...)
+  is shifted in place by the subject's offset, like the public dates (same form, same length):
+  the Phoenix protocol of some exports holds the acquisition date as a plain number, outside any
+  UID. Other date-like numbers (software baselines such as ``N4_VE11C_LATEST_20160120``) are
+  not the patient's and are left as they are: shifting them would give the offset away.
 
 The same byte scrub is applied to every other kept private value of VR OB, OW or UN (P14).
 """
@@ -24,12 +30,21 @@ from __future__ import annotations
 import re
 from typing import Callable
 
+from .patterns import shift_date_token
+
 _UID_TOKEN = re.compile(rb"(?<![0-9.])[0-9]{1,10}(?:\.[0-9]{1,40}){4,}(?![0-9])")
 
 
-def scrub_bytes(value: bytes, uid_like: Callable[[str, int], str], identifiers: re.Pattern[bytes] | None) -> tuple[bytes, int]:
-    """Return ``value`` with UID-like tokens and identifying strings replaced in place (same
-    length), and the number of replacements made."""
+def scrub_bytes(
+    value: bytes,
+    uid_like: Callable[[str, int], str],
+    identifiers: re.Pattern[bytes] | None,
+    dates: re.Pattern[bytes] | None = None,
+    days: int = 0,
+) -> tuple[bytes, int]:
+    """Return ``value`` with UID-like tokens, identifying strings and the file's own dates
+    (``dates``, from :func:`pacs2bids.deid.patterns.date_tokens`, shifted by ``days``) replaced
+    in place (same length), and the number of replacements made."""
     count = 0
 
     def _uid(m: re.Match[bytes]) -> bytes:
@@ -47,10 +62,24 @@ def scrub_bytes(value: bytes, uid_like: Callable[[str, int], str], identifiers: 
             return b"X" * len(m.group(0))
 
         out = identifiers.sub(_mask, out)
+    if dates is not None:
+
+        def _shift(m: re.Match[bytes]) -> bytes:
+            nonlocal count
+            count += 1
+            return shift_date_token(m.group(0), days)
+
+        out = dates.sub(_shift, out)
     return out, count
 
 
-def scrub_ge_protocol(value: bytes, uid_like: Callable[[str, int], str], identifiers: re.Pattern[bytes] | None) -> tuple[bytes, int]:
+def scrub_ge_protocol(
+    value: bytes,
+    uid_like: Callable[[str, int], str],
+    identifiers: re.Pattern[bytes] | None,
+    dates: re.Pattern[bytes] | None = None,
+    days: int = 0,
+) -> tuple[bytes, int]:
     """GE ``(0025,"GEMS_SERS_01",1B)`` Protocol Data Block: a 4-byte little-endian length and
     a gzip stream of the protocol text, which dcm2niix reads (slice order, phase encoding).
     The text is scrubbed like a CSA header, and re-compressed without the gzip header's
@@ -63,7 +92,7 @@ def scrub_ge_protocol(value: bytes, uid_like: Callable[[str, int], str], identif
     if start < 0 or start > 16:
         raise ValueError("not a gzip protocol data block")
     text = gzip.decompress(value[start:])
-    text, n = scrub_bytes(text, uid_like, identifiers)
+    text, n = scrub_bytes(text, uid_like, identifiers, dates, days)
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
         gz.write(text)

@@ -132,3 +132,119 @@ def clean_text(text: str, pattern: re.Pattern[bytes] | None) -> tuple[str, int]:
     cleaned = new.decode("utf-8", "surrogateescape")
     cleaned = re.sub(r"[ _^-]{2,}", lambda m: m.group(0)[0], cleaned).strip(" _^-,")
     return cleaned, n
+
+
+# -- personal data found by its form (Clean Descriptors, P14) --------------------------------
+# A kept free-text value may hold a third party's contact or national number, which no header
+# attribute names. These are found by their form and masked with "X" of the same length (the
+# rest of the text, the science, stays readable; the length of a phone number tells nothing).
+# Boundaries: no letter, digit, "." or "+" just before, no letter or digit just after, so that
+# "3200", "1.5T", "0.9 mm" or a UID never match.
+_B = r"(?<![\w.+])"
+_E = r"(?![\w])"
+_SEP = r"[ .\-]?"
+PHONE = re.compile(
+    _B
+    + r"(?:"
+    # French national: 0X XX XX XX XX, separators optional (space, dot, dash)
+    + r"0[1-9](?:" + _SEP + r"\d{2}){4}"
+    # French international: +33 or 0033, optional (0), then 9 digits in pairs
+    + r"|(?:\+|00)33" + _SEP + r"(?:\(0\)" + _SEP + r")?[1-9](?:" + _SEP + r"\d{2}){4}"
+    # other international (E.164): + country code, then groups, 7 to 14 digits in all
+    + r"|\+[1-9]\d{0,2}(?:[ .\-]?\(?\d{1,4}\)?){2,6}"
+    + r")"
+    + _E
+)
+EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}" + _E)
+# French NIR (numéro d'inscription au répertoire): sex, year, month, department (2A/2B for
+# Corsica), commune, order number, then the 2-digit key; groups may be separated by spaces.
+NIR = re.compile(
+    r"(?<![\w])([1-478])\s?(\d{2})\s?(\d{2})\s?(\d{2}|2[AaBb])\s?(\d{3})\s?(\d{3})\s?(\d{2})" + _E
+)
+
+
+def nir_key_valid(groups: tuple[str, ...]) -> bool:
+    """The NIR key is 97 - (the 13-digit number mod 97); Corsica's 2A and 2B count as 19 and 18."""
+    *body, key = groups
+    number = "".join(body).upper().replace("2A", "19").replace("2B", "18")
+    return 97 - int(number) % 97 == int(key)
+
+
+def mask_personal_data(text: str) -> tuple[str, int]:
+    """Mask phone numbers (French and international), e-mail addresses and French NIRs (with
+    a valid key) in ``text`` by ``X`` of the same length; returns the text and the count."""
+    if not text or not any(c.isdigit() or c == "@" for c in text):
+        return text, 0
+    count = 0
+
+    def _x(m: re.Match[str]) -> str:
+        nonlocal count
+        count += 1
+        return "X" * len(m.group(0))
+
+    def _nir(m: re.Match[str]) -> str:
+        return _x(m) if nir_key_valid(m.groups()) else m.group(0)
+
+    out = EMAIL.sub(_x, text)
+    out = NIR.sub(_nir, out)
+    out = PHONE.sub(lambda m: _x(m) if 8 <= sum(c.isdigit() for c in m.group(0)) <= 15 else m.group(0), out)
+    return out, count
+
+
+# -- the file's own dates, wherever they are written (P4, P14) ------------------------------
+def date_tokens(dates: Iterable[str]) -> re.Pattern[bytes] | None:
+    """A bytes pattern finding the given dates (YYYYMMDD) as written in text or binary private
+    values: ``YYYYMMDD``, ``YYYY-MM-DD``, ``YYYY.MM.DD``, ``YYYY/MM/DD``, ``DD.MM.YYYY``,
+    ``DD/MM/YYYY``, ``DD-MM-YYYY``, not inside a longer run of digits (but ``YYYYMMDD`` followed
+    by a time of day, ``YYYYMMDDHHMM...``). None without dates."""
+    alts: set[str] = set()
+    for d in dates:
+        if not re.fullmatch(r"\d{8}", d or ""):
+            continue
+        y, m, dd = d[:4], d[4:6], d[6:]
+        alts.add(f"{y}{m}{dd}")
+        for sep in "-./":
+            alts.add(re.escape(f"{y}{sep}{m}{sep}{dd}"))
+            alts.add(re.escape(f"{dd}{sep}{m}{sep}{y}"))
+    if not alts:
+        return None
+    # a compact date may run on into its time of day (20180918121530): shifted all the same
+    return re.compile(rb"(?<![0-9])(?:" + "|".join(sorted(alts)).encode() + rb")(?![0-9])"
+                      + rb"|(?<![0-9])(?:" + "|".join(sorted(a for a in alts if a.isdigit())).encode()
+                      + rb")(?=(?:[01][0-9]|2[0-3])[0-5][0-9])")
+
+
+def shift_date_token(token: bytes, days: int) -> bytes:
+    """``token`` (one of :func:`date_tokens`' forms) shifted by ``days``, in the same form and
+    length."""
+    from datetime import date, timedelta
+
+    text = token.decode("ascii")
+    if text.isdigit():
+        y, m, d, fmt = int(text[:4]), int(text[4:6]), int(text[6:]), "%Y%m%d"
+    else:
+        sep = text[2] if not text[2].isdigit() else text[4]
+        a, b, c = text.split(sep)
+        if len(a) == 4:
+            y, m, d, fmt = int(a), int(b), int(c), f"%Y{sep}%m{sep}%d"
+        else:
+            y, m, d, fmt = int(c), int(b), int(a), f"%d{sep}%m{sep}%Y"
+    return (date(y, m, d) + timedelta(days=days)).strftime(fmt).encode("ascii")
+
+
+_WHOLE_DATE = re.compile(r"(19\d{2}|20\d{2})(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?([+-]\d{4})?")
+
+
+def is_date_value(value: str) -> bool:
+    """True when a whole value reads as a DICOM date or date-time of 1900-2099 (``YYYYMMDD``,
+    ``YYYYMMDDHHMMSS.FFFFFF&ZZXX``): a private text element holding one is a date, whatever its VR."""
+    from datetime import date
+
+    m = _WHOLE_DATE.fullmatch(value.strip(" \x00"))
+    if not m:
+        return False
+    try:
+        date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    except ValueError:
+        return False
+    return True

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from pydicom.datadict import dictionary_keyword
+
 from ..errors import SpecError
 
 EDITION = "2024b"
@@ -61,6 +63,9 @@ TABLE_OPTIONS = (
 PIXEL_OPTION = "cleanPixelDataOpt"
 ALL_OPTIONS = TABLE_OPTIONS + (PIXEL_OPTION,)
 DEFAULT_OPTIONS = ("rtnLongModifDatesOpt", "rtnSafePrivOpt", "cleanDescOpt", PIXEL_OPTION)
+#: Free-text descriptors kept (cleaned) under the Clean Descriptors option when the spec does not
+#: say (``pseudonymization.keep_text``): series classification and researchers read them.
+DEFAULT_KEEP_TEXT = ("SeriesDescription", "ProtocolName")
 
 # PS3.16 CID 7050 "De-identification Method": code values (scheme DCM) of the profile and options.
 CID_7050 = {
@@ -82,11 +87,11 @@ CID_7050 = {
 # safe private attributes and TCIA's keep rows (checked by tests/test_deid_dcm2niix.py on every series of the corpus). The
 # Siemens CSA headers are kept and scrubbed (see pacs2bids.deid.csa).
 CONVERTER_PRIVATE = {
+    # (0029,"SIEMENS CSA HEADER",09/19), the headers' "versions", are not read by dcm2niix and hold
+    # the acquisition date on some exports (dcm_qa_nih: 20180918, the StudyDate): removed, as TCIA says
     (0x0029, "SIEMENS CSA HEADER", 0x08),
-    (0x0029, "SIEMENS CSA HEADER", 0x09),
     (0x0029, "SIEMENS CSA HEADER", 0x10),  # CSA image header: MosaicRefAcqTimes, PE polarity, B-matrix
     (0x0029, "SIEMENS CSA HEADER", 0x18),
-    (0x0029, "SIEMENS CSA HEADER", 0x19),
     (0x0029, "SIEMENS CSA HEADER", 0x20),  # CSA series header: Phoenix protocol (scrubbed)
     (0x0043, "GEMS_PARM_01", 0x2A),  # GE user defined data: phase-encoding polarity
     (0x2005, "PHILIPS MR IMAGING DD 005", 0x0F),  # Philips per-frame private data (walked): image type
@@ -183,7 +188,12 @@ def _tcia_keep() -> frozenset[tuple[int, str, int]]:
 class Profile:
     """Table E.1-1 with a chosen set of options, and the private keep rules."""
 
-    def __init__(self, options: list[str] | tuple[str, ...] | None = None, keep_private: list[str] = ()):
+    def __init__(
+        self,
+        options: list[str] | tuple[str, ...] | None = None,
+        keep_private: list[str] = (),
+        keep_text: list[str] | tuple[str, ...] | None = None,
+    ):
         chosen = tuple(DEFAULT_OPTIONS if options is None else options)
         unknown = [o for o in chosen if o not in ALL_OPTIONS]
         if unknown:
@@ -200,6 +210,25 @@ class Profile:
         self.rows: dict[int, Row] = dict(rows)
         self.masked: list[tuple[int, int, Row]] = list(masked)
         self._resolved: dict[int, tuple[str, str] | None] = {}
+        self.keep_text = self._keep_text_tags(DEFAULT_KEEP_TEXT if keep_text is None else keep_text)
+
+    def _keep_text_tags(self, keywords) -> frozenset[int]:
+        """The tags of ``keep_text``: each must be a free-text row (not a sequence) that the Clean
+        Descriptors option cleans, or the setting would silently mean nothing."""
+        from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+        tags = set()
+        for kw in keywords:
+            tag = tag_for_keyword(str(kw))
+            row = self.row(tag) if tag is not None else None
+            if row is None or not row.options.get("cleanDescOpt", "").startswith("C") or dictionary_VR(tag) == "SQ":
+                raise SpecError(
+                    f"pseudonymization.keep_text: {kw!r} is not a free-text descriptor that PS3.15 Table E.1-1 "
+                    "cleans under the Clean Descriptors option; use DICOM keywords such as SeriesDescription, "
+                    "ProtocolName, StudyDescription, ImageComments"
+                )
+            tags.add(int(tag))
+        return frozenset(tags)
 
     @property
     def shift_dates(self) -> bool:
@@ -231,10 +260,24 @@ class Profile:
             code, source = row.basic, "basicProfile"
             for opt in self.options:
                 if opt in row.options:
+                    if opt == "cleanDescOpt" and not self._clean_desc_keeps(tag, row.options[opt]):
+                        continue
                     code, source = row.options[opt], opt
             resolved = (code, source)
         self._resolved[int(tag)] = resolved
         return resolved
+
+    def _clean_desc_keeps(self, tag: int, code: str) -> bool:
+        """Clean Descriptors (PS3.15 E.3.5) keeps, cleaned, only the free text the project allows
+        (``keep_text``); any other descriptor gets the Basic profile's action (X, Z or D), the safe
+        choice for text that science does not need: a third party's name, a phone number or an
+        address cannot all be found by patterns. Sequences stay walked (``C``): their text
+        attributes are decided one by one."""
+        from pydicom.datadict import dictionary_VR, dictionary_has_tag
+
+        if not code.startswith("C") or tag in self.keep_text:
+            return True
+        return dictionary_has_tag(tag) and dictionary_VR(tag) == "SQ"
 
     @staticmethod
     def strictest(code: str, is_sequence: bool = False) -> str:
@@ -287,6 +330,7 @@ class Profile:
             "standard": "DICOM PS3.15 Annex E, Table E.1-1",
             "edition": EDITION,
             "options": list(self.options),
+            "keep_text": sorted(dictionary_keyword(t) for t in self.keep_text),
             "private_sources": [
                 f"PS3.15 Table E.3.10-1 ({SAFE_PRIVATE_FILE})",
                 "TCIAPrivateTagKB-02-01-2024 keep rows",

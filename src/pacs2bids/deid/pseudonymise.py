@@ -51,10 +51,10 @@ from ..config import PseudonymizationSettings
 from .. import quarantine
 from ..errors import PseudonymisationError
 from . import pixels
-from .csa import scrub_bytes, scrub_ge_protocol
+from .csa import _UID_TOKEN, scrub_bytes, scrub_ge_protocol
 from .keyed import Keyed, birth_date_to_year, shift_da, shift_dt
 from .keystore import KeyStore
-from .patterns import clean_text, compile_identifiers, looks_like_uid
+from .patterns import clean_text, compile_identifiers, date_tokens, is_date_value, looks_like_uid, mask_personal_data
 from .profile import GE_PROTOCOL, Profile
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ IDENTIFYING_KEYWORDS = (
     "PerformedProcedureStepID",
 )
 _IDENT_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTIFYING_KEYWORDS}
+_UID_TEXT = re.compile(_UID_TOKEN.pattern.decode("ascii"))  # a whole UID in a private value (5+ components)
 _TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC", "AE", "CS"}
 _CLEANED_TEXT_VRS = {"SH", "LO", "ST", "LT", "UT", "UC"}
 _NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "DS", "IS", "UV", "SV", "AT"}
@@ -167,7 +168,14 @@ class _FileContext:
     """Per-file state of the walk: the subject's offset, the cleaning pattern, the notes."""
 
     def __init__(
-        self, owner: "Pseudonymiser", subject: str, pattern, notes: Counter, changes: list | None, scrubbed: dict | None = None
+        self,
+        owner: "Pseudonymiser",
+        subject: str,
+        pattern,
+        notes: Counter,
+        changes: list | None,
+        scrubbed: dict | None = None,
+        dates: re.Pattern[bytes] | None = None,
     ):
         self.owner = owner
         self.keyed = owner.keyed
@@ -180,23 +188,35 @@ class _FileContext:
         self.dates_shifted = False
         self.scrubbed = {} if scrubbed is None else scrubbed  # (value, pattern) -> scrub_bytes result
         self.bytes_searchable = True  # the current dataset's character set (see _walk)
+        self.dates = dates  # the file's own dates, as written in text (patterns.date_tokens)
 
     def holds_no_identifier(self, elem: DataElement | RawDataElement) -> bool:
         """True when ``elem`` is still raw (undecoded) text in which the cleaning pattern finds
         nothing: then cleaning would change nothing and the value need not be decoded."""
         if not elem.is_raw or not self.bytes_searchable:
             return False
-        return self.pattern is None or self.pattern.search(elem.value or b"") is None
+        value = elem.value or b""
+        # a date, a UID, a phone number or a NIR has at least 5 digits, an e-mail address an "@"
+        if b"@" in value or len(value) - len(value.translate(None, b"0123456789")) >= 5:
+            return False
+        return self.pattern is None or self.pattern.search(value) is None
 
     def scrub(self, value: bytes) -> tuple[bytes, int]:
         """:func:`scrub_bytes` with this file's pattern, remembered for the series."""
-        key = (value, self.pattern)
+        key = (value, self.pattern, self.dates, self.days)
         done = self.scrubbed.get(key)
         if done is None:
             if len(self.scrubbed) >= _SCRUB_CACHE_SIZE:
                 self.scrubbed.clear()
-            done = self.scrubbed[key] = scrub_bytes(value, self.keyed.uid_like, self.pattern)
+            done = self.scrubbed[key] = scrub_bytes(value, self.keyed.uid_like, self.pattern, self.dates_shift, self.days)
         return done
+
+    @property
+    def dates_shift(self) -> re.Pattern[bytes] | None:
+        """The file's dates to shift inside text and binary values (None when dates are kept as
+        they are, rtnLongFullDatesOpt). Without a dates option the date elements are emptied, and
+        their dates found inside text are shifted all the same: the original never stays."""
+        return None if self.profile.keep_dates else self.dates
 
     def note(self, name: str, action: str, why: str, before: Any = None, after: Any = None) -> None:
         self.notes[(name, action, why)] += 1
@@ -247,7 +267,7 @@ class Pseudonymiser:
     def __init__(self, project: str, secret: bytes, settings: PseudonymizationSettings, key_store: Path):
         self.project = project
         self.settings = settings
-        self.profile = Profile(settings.options, settings.keep_private)
+        self.profile = Profile(settings.options, settings.keep_private, settings.keep_text)
         self.keyed = Keyed(secret, project)
         self.key_store = KeyStore(Path(key_store), project=project, secret=secret)
         # The identifying values recorded so far that are not UIDs, searched for in every file's
@@ -255,6 +275,9 @@ class Pseudonymiser:
         # patients, not with the instances. The UIDs are read only for the leak scan.
         self._values: frozenset[str] = self.key_store.values()
         self._learned: set[str] = set()  # what this instance recorded: not appended twice
+        # Every date seen per subject by this instance: a later file may quote an earlier visit's
+        # date in its text (a prior exam in a protocol or a comment), shifted like its own.
+        self._subject_dates: dict[str, set[str]] = {}
         self.allow_sop = set(settings.allow_sop_classes)
 
     # -- public API ----------------------------------------------------------------------
@@ -310,6 +333,7 @@ class Pseudonymiser:
         study_map: dict[str, dict] = {}
         new_identifiers: set[str] = set()
         pattern_cache: dict[frozenset, Any] = {}
+        date_cache: dict[frozenset, Any] = {}
         scrubbed: dict = {}
         count = 0
         first: tuple | None = None  # original study and series UIDs, series number of the first readable file
@@ -334,14 +358,20 @@ class Pseudonymiser:
             if reason:
                 result.dropped.append((qname, reason))
                 continue
-            file_ids = self._collect(ds)
+            file_dates: set[str] = set()
+            file_ids = self._collect(ds, file_dates)
             new_identifiers |= file_ids
+            seen_dates = self._subject_dates.setdefault(subject, set())
+            seen_dates |= file_dates
+            dkey = frozenset(seen_dates)
+            if dkey not in date_cache:
+                date_cache[dkey] = date_tokens(dkey)
             key = frozenset(v for v in file_ids if not looks_like_uid(v)) - self._values
             pattern = pattern_cache.get(key)
             if pattern is None:
                 pattern = pattern_cache[key] = compile_identifiers(key | self._values)
             try:
-                ctx = _FileContext(self, subject, pattern, notes, None, scrubbed)
+                ctx = _FileContext(self, subject, pattern, notes, None, scrubbed, dates=date_cache[dkey])
                 originals["patient_ids"].add(str(ds.get("PatientID", "")))
                 originals["patient_names"].add(str(ds.get("PatientName", "")))
                 study_uid = str(ds.get("StudyInstanceUID", ""))
@@ -423,9 +453,11 @@ class Pseudonymiser:
             if reason:
                 out.append({"file": n, "attribute": "*", "action": "dropped", "why": reason, "before": "", "after": ""})
                 continue
-            ids = {v for v in self._collect(ds) if not looks_like_uid(v)} | self._values
+            file_dates: set[str] = set()
+            ids = {v for v in self._collect(ds, file_dates) if not looks_like_uid(v)} | self._values
             changes: list[dict] = []
-            ctx = _FileContext(self, subject, compile_identifiers(frozenset(ids)), Counter(), changes)
+            ctx = _FileContext(self, subject, compile_identifiers(frozenset(ids)), Counter(), changes,
+                               dates=date_tokens(file_dates))
             risk = pixels.risk_reason(ds)
             if risk:
                 changes.append({"attribute": "PixelData", "action": "ocr-and-mask", "why": risk, "before": "", "after": ""})
@@ -441,8 +473,10 @@ class Pseudonymiser:
         item = quarantine.hold(qdir, qname, path, reason, subject=subject, session=session, series_folder=series_folder)
         result.quarantined.append((item.id, reason))
 
-    def _collect(self, ds: Dataset) -> set[str]:
-        """Identifying values of one file, at any depth (names, IDs, original UIDs...)."""
+    def _collect(self, ds: Dataset, dates: set[str] | None = None) -> set[str]:
+        """Identifying values of one file, at any depth (names, IDs, original UIDs...). When
+        ``dates`` is given, the file's dates (``YYYYMMDD`` of every DA and DT value, public or
+        private, at any depth) are added to it: they are shifted wherever text repeats them."""
         found: set[str] = set()
 
         def visit(d: Dataset) -> None:
@@ -454,6 +488,12 @@ class Pseudonymiser:
                         visit(item)
                     continue
                 private = tag.is_private
+                if dates is not None and vr in ("DA", "DT"):
+                    value = d[tag].value
+                    for v in value if isinstance(value, MultiValue) else [value]:
+                        v = str(v or "").strip()
+                        if len(v) >= 8 and v[:8].isdigit():
+                            dates.add(v[:8])
                 identifying = tag in _IDENT_TAGS or vr == "PN"
                 if not identifying and (vr != "UI" or private):
                     continue
@@ -730,12 +770,56 @@ class Pseudonymiser:
             before = elem.value
             elem.value = ""
             ctx.note(name, "emptied", why + " (person name)", before, "")
+        elif private and vr in (_TEXT_VRS | _BINARY_VRS) and self._private_date(ds, elem, ctx, name, why):
+            return
         elif vr in _TEXT_VRS:
-            self._text(elem, ctx, name, why)
+            self._text(elem, ctx, name, why, private=private)
         elif vr in _BINARY_VRS and elem.tag not in _PIXEL_TAGS:
             self._binary(elem, ctx, name, why)
         else:
             ctx.note(name, "kept", why)
+
+    def _private_date(self, ds: Dataset, elem: DataElement, ctx: _FileContext, name: str, why: str) -> bool:
+        """A kept private element whose whole value is a date or date-time, whatever its VR
+        (the Siemens CSA header "versions" (0029,1009)/(0029,1019) hold the acquisition date on
+        some exports): shifted like a public date when a converter or the spec needs the
+        element, removed otherwise (PS3.15 E.3.10 keeps safe private values, and a date kept
+        verbatim gives the subject's date offset away). A binary (UN) value holding a whole UID
+        gets its keyed UID, as a public one would. Returns False for other values."""
+        raw = elem.value
+        if isinstance(raw, (bytes, bytearray)):
+            try:
+                raw = bytes(raw).decode("ascii").strip(" \x00")
+            except UnicodeDecodeError:
+                return False
+            if _UID_TEXT.fullmatch(raw) and not _is_standard_uid(raw):  # a UID kept as UN: keyed as a public one
+                new_uid = ctx.keyed.uid(raw).encode("ascii")
+                before, elem.value = elem.value, new_uid + (b"\x00" if len(new_uid) % 2 else b"")
+                ctx.note(name, "new-uid", why + " (private value holding a UID)", before, elem.value)
+                return True
+            values = raw.split("\\")
+        else:
+            values = [str(v) for v in (raw if isinstance(raw, MultiValue) else [raw])]
+        values = [v.strip(" \x00") for v in values]
+        if not any(values) or not all(is_date_value(v) for v in values if v):
+            return False
+        if ctx.profile.keep_dates:
+            ctx.note(name, "kept", why + " (date, rtnLongFullDatesOpt)")
+            return True
+        if not why.startswith(("needed by", "settings.keep_private")) or not ctx.profile.shift_dates:
+            del ds[elem.tag]
+            ctx.note(name, "removed", why + " (holds a date, not needed: PS3.15 E.3.10)", elem.value)
+            return True
+        new = [(shift_da(v, ctx.days) if len(v) == 8 else shift_dt(v, ctx.days)) or "" if v else "" for v in values]
+        before = elem.value
+        if isinstance(before, (bytes, bytearray)):
+            out = "\\".join(new).encode("ascii")
+            elem.value = out + (b" " if len(out) % 2 else b"")
+        else:
+            elem.value = new if len(new) > 1 else new[0]
+        ctx.dates_shifted = True
+        ctx.note(name, "shifted", why + " (private value holding a date)", before, elem.value)
+        return True
 
     def _recurse(self, elem: DataElement, ctx: _FileContext, depth: int) -> None:
         for item in elem.value or ():
@@ -783,7 +867,12 @@ class Pseudonymiser:
         else:
             ctx.note(name, "kept", why + " (UID of the standard)")
 
-    def _text(self, elem: DataElement, ctx: _FileContext, name: str, why: str) -> None:
+    def _text(self, elem: DataElement, ctx: _FileContext, name: str, why: str, *, private: bool = False) -> None:
+        """Clean one kept text value: the header's identifying values removed
+        (:func:`clean_text`), the file's own dates shifted in place, phone numbers, e-mail
+        addresses and NIRs masked (:func:`mask_personal_data`); in a private value, a whole
+        UID gets its keyed UID (as a public one would) and a UID inside text a keyed token of
+        the same length."""
         values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
         total = 0
         new = []
@@ -792,18 +881,26 @@ class Pseudonymiser:
                 new.append(v)
                 continue
             c, n = clean_text(v, ctx.pattern)
-            total += n
+            if private and _UID_TEXT.fullmatch(c.strip("\x00 ")) and not _is_standard_uid(c.strip("\x00 ")):
+                c, n = ctx.keyed.uid(c.strip("\x00 ")), n + 1
+            elif private or ctx.dates_shift is not None:
+                raw = c.encode("utf-8", "surrogateescape")
+                raw2, k = scrub_bytes(raw, ctx.keyed.uid_like if private else _same, None, ctx.dates_shift, ctx.days)
+                if raw2 != raw:
+                    c, n = raw2.decode("utf-8", "surrogateescape"), n + k
+            c, k = mask_personal_data(c)
+            total += n + k
             new.append(c)
         if total:
             before = elem.value
             elem.value = new if len(new) > 1 else new[0]
-            ctx.note(name, "cleaned", why + " (identifying values removed)", before, elem.value)
+            ctx.note(name, "cleaned", why + " (identifying values, dates or contact data removed)", before, elem.value)
         else:
             ctx.note(name, "kept", why + " (checked)")
 
     def _ge_protocol(self, ds: Dataset, elem: DataElement, ctx: _FileContext, name: str, why: str) -> None:
         try:
-            elem.value, _n = scrub_ge_protocol(bytes(elem.value or b""), ctx.keyed.uid_like, ctx.pattern)
+            elem.value, _n = scrub_ge_protocol(bytes(elem.value or b""), ctx.keyed.uid_like, ctx.pattern, ctx.dates_shift, ctx.days)
             ctx.note(name, "scrubbed", why)
         except (ValueError, OSError, EOFError):
             del ds[elem.tag]
@@ -842,6 +939,11 @@ class Pseudonymiser:
             "attributes": attributes,
             "pixels": pixel_log,
         }
+
+
+def _same(token: str, _length: int) -> str:
+    """UID tokens in public text are left to the leak scan (public UIDs are replaced by element)."""
+    return token
 
 
 def _dummy(vr: str) -> Any:
