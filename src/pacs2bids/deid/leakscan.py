@@ -221,6 +221,7 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
     import io
 
     import pydicom
+    from pydicom.datadict import keyword_for_tag
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
@@ -240,12 +241,17 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
             return False
 
     def visit(d, prefix: str) -> None:
-        for elem in d:
-            name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
+        for tag in list(d.keys()):
+            raw = d.get_item(tag)
+            keyword = keyword_for_tag(tag) if not tag.is_private else ""
+            if not distinctive and raw.VR not in (None, "UN", "SQ", "PN") and not rules.is_identity_field(keyword):
+                continue  # only identity fields can hold a common string: left undecoded
             try:
+                elem = d[tag]
                 vr, value = elem.VR, elem.value
             except Exception:  # a value pydicom cannot decode: the raw bytes were searched
                 continue
+            name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
             if vr == "SQ":
                 for i, item in enumerate(value or ()):
                     visit(item, f"{prefix}{name}[{i}].")
@@ -256,7 +262,9 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
             ):
                 fields.append(prefix + name)
 
-    visit(getattr(ds, "file_meta", []), "")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        visit(meta, "")
     visit(ds, "")
     return fields
 
@@ -274,12 +282,10 @@ def _json_fields(data: bytes, rules: Rules) -> list[str]:
         if isinstance(node, dict):
             for k, v in node.items():
                 here = f"{where}.{k}" if where else str(k)
-                if rules.is_identity_field(str(k)) and not isinstance(v, (dict, list)) or (
-                    rules.is_identity_field(str(k)) and isinstance(v, list) and all(isinstance(x, str) for x in v)
-                ):
-                    if rules.holds_common(v):
-                        found.append(here)
-                        continue
+                scalar = isinstance(v, (str, int, float)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                if scalar and rules.is_identity_field(str(k)) and rules.holds_common(v):
+                    found.append(here)
+                    continue
                 visit(v, here)
         elif isinstance(node, list):
             for i, v in enumerate(node):
