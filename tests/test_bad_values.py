@@ -99,3 +99,17 @@ def test_bad_values_are_matched_converted_or_listed(prefect_harness, orthanc_fac
     assert by_desc["path like"][0] and by_desc["path like"][0] != "20140214", by_desc
     # and no identity leaves
     assert scan_for_leaks(out, {"BADVAL7731", "DUPLANTE^JEANNE"}) == []
+
+
+def test_summary_prints_unapplied_filters():
+    from dataclasses import asdict
+
+    from pacs2bids.query import UnappliedFilter
+    from pacs2bids.run import RunSummary
+
+    s = RunSummary(project="p", run_id="r", output="out")
+    s.unapplied_filters = [asdict(UnappliedFilter(3, "07", "study_date", "StudyDate not a valid date: included"))]
+    s.finish()
+    text = s.format()
+    assert "inclusion row 3 (sub-07): study_date filter not applied to one study, included: StudyDate not a valid" in text
+    assert s.to_dict()["counts"]["filters_unapplied"] == 1
