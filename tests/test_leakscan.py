@@ -104,6 +104,12 @@ def test_common_name_is_caught_next_to_its_other_part_or_in_a_name_field(t1_file
     ds.save_as(root / "a.dcm")
     fields = {h.field for h in scan_for_leaks(root, ident)}
     assert fields == {"PatientName", "RequestAttributesSequence[0].RequestingPhysician", "(0033,1013)"}
+    # an accented spelling alone in a Latin-1 file (the file is read because the pattern lists it)
+    ds = pydicom.dcmread(t1_file)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.OperatorsName = "Désiré"
+    ds.save_as(root / "a.dcm")
+    assert [h.field for h in scan_for_leaks(root, ["Désiré^Jean"])] == ["OperatorsName"]
 
 
 def test_short_numbers_only_in_identity_fields(t1_file, tmp_path):

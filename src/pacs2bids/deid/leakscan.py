@@ -197,7 +197,7 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
     from .pseudonymise import IDENTIFYING_KEYWORDS
 
     distinctive: set[str] = set()
-    common: set[str] = set()
+    common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
     for value in {str(v) for v in identifiers}:
         found = variants(value)
         pairs = {s for s in found if "^" in s or " " in s or "," in s} if "^" in value else set()
@@ -207,10 +207,10 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
             if s in pairs or s in _name_forms(value) or not is_common(s):
                 distinctive.add(s)
             else:
-                common.add(_fold(s))
+                common.add(s)
     return Rules(
         distinctive=frozenset(distinctive),
-        common=frozenset(common),
+        common=frozenset(_fold(s) for s in common),
         pattern=_words_pattern(distinctive),
         common_pattern=_words_pattern(common),
         _keywords=frozenset(IDENTIFYING_KEYWORDS),
