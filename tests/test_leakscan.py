@@ -223,3 +223,21 @@ def test_deid_record_names_attributes_never_values(t1_file, tmp_path):
     root.mkdir()
     (root / "record.json").write_text(text)
     assert scan_for_leaks(root, p.identifiers()) == []
+
+
+def test_class_uids_kept_by_the_pseudonymiser_are_no_hit(t1_file, tmp_path):
+    """A private SOP class UID (Siemens CSA non-image, 1.3.12.2.1107.5.9.1, in the corpus's CT) is
+    collected as a non-standard UID but kept on purpose (it names a kind of object): found only
+    there, it is no hit; the same value anywhere else still is."""
+    ds = pydicom.dcmread(t1_file)
+    item = Dataset()
+    item.ReferencedSOPClassUID = "1.3.12.2.1107.5.9.1"
+    item.ReferencedSOPInstanceUID = "1.2.3.4.5.6.7"
+    ds.SourceImageSequence = Sequence([item])
+    root = tmp_path / "ds"
+    root.mkdir()
+    ds.save_as(root / "a.dcm")
+    assert scan_for_leaks(root, ["1.3.12.2.1107.5.9.1"]) == []
+    ds.ImageComments = "from 1.3.12.2.1107.5.9.1"
+    ds.save_as(root / "a.dcm")
+    assert [h.field for h in scan_for_leaks(root, ["1.3.12.2.1107.5.9.1"])] == ["ImageComments"]

@@ -217,7 +217,13 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
     )
 
 
-def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
+#: Elements whose UID names a kind of object, not an instance: the pseudonymiser keeps them as they
+#: are (a private SOP class such as Siemens' 1.3.12.2.1107.5.9.1 included), so a value there is no hit.
+_CLASS_UID_KEYWORDS = ("SOPClassUID", "TransferSyntaxUID")
+
+
+def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> tuple[list[str], list[bytes]]:
+    """The elements of a DICOM file holding a hit, and the class UIDs that matched (no hits)."""
     import io
 
     import pydicom
@@ -226,8 +232,9 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception:
-        return []
+        return [], []
     fields: list[str] = []
+    classes: list[bytes] = []
     pattern = rules.pattern if distinctive else None
 
     def check(value: object) -> bool:
@@ -256,7 +263,10 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
                 for i, item in enumerate(value or ()):
                     visit(item, f"{prefix}{name}[{i}].")
             elif check(value):
-                fields.append(prefix + name)
+                if vr == "UI" and name.endswith(_CLASS_UID_KEYWORDS):
+                    classes.append(str(value).encode("ascii", "replace"))
+                else:
+                    fields.append(prefix + name)
             elif (vr == "PN" or rules.is_identity_field(elem.keyword or "")) and rules.holds_common(
                 list(value) if isinstance(value, pydicom.multival.MultiValue) else value
             ):
@@ -266,7 +276,7 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> list[str]:
     if meta is not None:
         visit(meta, "")
     visit(ds, "")
-    return fields
+    return fields, classes
 
 
 def _json_fields(data: bytes, rules: Rules) -> list[str]:
@@ -388,9 +398,12 @@ def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]
         common = rules.common_pattern is not None and rules.common_pattern.search(data) is not None
         if not distinctive and not common:
             return []
-        fields = _dicom_fields(data, rules, distinctive)
+        fields, classes = _dicom_fields(data, rules, distinctive)
         if not fields and distinctive:
-            fields = ["raw bytes"]
+            for uid in classes:  # matched only as a class UID? then nothing else may match
+                data = data.replace(uid, b"")
+            if pattern.search(data):
+                fields = ["raw bytes"]
         return [LeakHit(rel, f, "dicom") for f in fields]
     if pattern is not None and pattern.search(data):
         return [LeakHit(rel, "content", "text")]
