@@ -30,6 +30,10 @@ is then one of:
   (dcm2niix sidecars: ``"InstitutionalDepartmentName": "DEFAULT"``). In free text, a common
   first name is caught next to its other part (a distinctive string).
 
+A UID found only in an element that names a class (``*SOPClassUID``, ``*TransferSyntaxUID``) is no
+hit: the pseudonymiser keeps those as they are, a private class (Siemens' CSA non-image storage
+1.3.12.2.1107.5.9.1) included, and it names a kind of object, not a patient.
+
 Word lists: every file of ``/usr/share/dict`` (Debian ``wamerican``, ``wfrench``; installed by
 scripts/bootstrap.sh). Only lower-case entries count: "marie" (French verb) makes "Marie"
 common, while "Hélène", listed nowhere in lower case, stays distinctive. With no word list the
