@@ -194,6 +194,7 @@ def _extract(
     keyed = Keyed(spec.secret_bytes, spec.project)
     found = query(spec)
     summary.unmatched = [{"row": i.row, "subject": i.subject} for i in found.unmatched]
+    summary.unapplied_filters = [asdict(u) for u in found.unapplied]  # included, listed (query.py)
     for i in found.unmatched:
         logger.warning("inclusion row %d (sub-%s): no study matched", i.row, i.subject)
     studies = assign_sessions(found.studies)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what pacs2bids needs on a Debian machine, idempotently:
-#   Debian: orthanc + orthanc-dicomweb (bundled PACS), dcmtk (comparisons), tesseract-ocr (burned-in text)
+#   Debian: orthanc + orthanc-dicomweb (bundled PACS), dcmtk (comparisons), tesseract-ocr (burned-in text),
+#           wamerican + wfrench (the leak scanner's common words, /usr/share/dict)
 #   PyPI:   the project in .venv, pinned by constraints.txt (prefect 3.8 needs fastapi < 0.151)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,8 @@ need=()
 ls /usr/share/orthanc/plugins/libOrthancDicomWeb.so >/dev/null 2>&1 || need+=(orthanc-dicomweb)
 command -v getscu >/dev/null || need+=(dcmtk)
 command -v tesseract >/dev/null || need+=(tesseract-ocr)
+[ -f /usr/share/dict/american-english ] || need+=(wamerican)
+[ -f /usr/share/dict/french ] || need+=(wfrench)
 python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"

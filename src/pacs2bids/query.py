@@ -5,6 +5,15 @@ date range), then its studies' series are listed and filtered by modality and de
 C-FIND answers cut short by the PACS's result limit (Orthanc ``LimitFindResults`` ends with
 Cancel 0xFE00) are split into StudyDate windows until each window is complete; QIDO-RS pages
 with limit/offset. Identifiers never reach the logs: rows are named by their row number.
+
+Bad values never lose a patient. A PACS keeps what the scanner wrote: United Imaging writes
+StudyDate ``***``, others leave it empty or out of range, and a date-range search never matches
+those studies. So each inclusion is also asked once without a date, and a study whose StudyDate
+is not a valid date is taken from that answer. When the spec filters by date, that filter
+cannot be applied to such a study: it is included (the data engineer asked for the patient, and
+its dates are emptied by pseudonymisation) and listed in :attr:`QueryResult.unapplied`, which
+the run summary prints. Missing SeriesNumber, and any description (path-like, non-ASCII), are
+kept as they are: they select nothing and name nothing on disk.
 """
 
 from __future__ import annotations
@@ -25,12 +34,37 @@ log = logging.getLogger(__name__)
 _EARLIEST = date(1900, 1, 1)
 
 
+@dataclass(frozen=True)
+class UnappliedFilter:
+    """A selection filter that could not be applied to one matched study: the study is included.
+    Holds no identifier (the inclusion row number and subject code, the filter, the reason)."""
+
+    row: int
+    subject: str
+    filter: str
+    reason: str
+
+
 @dataclass
 class QueryResult:
-    """Studies matched (with their kept series) and inclusion rows that matched nothing."""
+    """Studies matched (with their kept series), inclusion rows that matched nothing, and the
+    filters that could not be applied to a matched study (it was included)."""
 
     studies: list[StudyRef] = field(default_factory=list)
     unmatched: list[Inclusion] = field(default_factory=list)
+    unapplied: list[UnappliedFilter] = field(default_factory=list)
+
+
+def parse_da(value) -> date | None:
+    """A DICOM DA value (``YYYYMMDD``, PS3.5 6.2) as a date; None when it is not a valid date
+    (``***``, empty, ``99999999``, a year alone)."""
+    text = str(value or "").strip()
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
+    except ValueError:
+        return None
 
 
 def _da(d: date) -> str:
@@ -119,12 +153,11 @@ def _web_studies(web, key: str, value: str, lo: date, hi: date) -> list[Dataset]
     way. Costs two extra searches per inclusion with several study dates.
     """
     found = web.search("studies", {key: value, "StudyDate": f"{_da(lo)}-{_da(hi)}"}, _STUDY_FIELDS)
-    dates = sorted({str(d.get("StudyDate", "") or "")[:8] for d in found} - {""})
+    dates = sorted({d for d in (parse_da(st.get("StudyDate")) for st in found) if d is not None})
     if len(found) < 2 or lo >= hi:
         return found
     if len(dates) >= 2:
-        d = dates[(len(dates) - 1) // 2]
-        mid = date(int(d[:4]), int(d[4:6]), int(d[6:8]))
+        mid = dates[(len(dates) - 1) // 2]
         mid = min(max(mid, lo), hi - timedelta(days=1))
     else:
         mid = lo + (hi - lo) // 2
@@ -135,6 +168,30 @@ def _web_studies(web, key: str, value: str, lo: date, hi: date) -> list[Dataset]
         return found
     log.debug("QIDO-RS answer was cut short: splitting the date window")
     return _web_studies(web, key, value, lo, mid) + _web_studies(web, key, value, mid + timedelta(days=1), hi)
+
+
+def _studies_outside(spec: ProjectSpec, web, key: str, value: str, lo: date, hi: date) -> list[Dataset]:
+    """The studies of one inclusion that a search in [lo, hi] cannot return: those whose
+    StudyDate is not a valid date, or a valid one outside the window. One search without a date
+    (universal matching, PS3.4 C.2.2.2.3)."""
+    if web is not None:
+        found = web.search("studies", {key: value}, _STUDY_FIELDS)
+    else:
+        from . import dimse
+
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        setattr(ds, key, value)
+        ds.StudyDate = ""
+        ds.StudyInstanceUID = ""
+        ds.StudyDescription = ""
+        ds.ModalitiesInStudy = ""
+        result = dimse.find(spec.pacs.dimse, ds)
+        if result.truncated:
+            log.warning("C-FIND without a date was cut short: studies with an unreadable date may be missed; "
+                        "raise the PACS's result limit (Orthanc: LimitFindResults)")
+        found = result.matches
+    return [st for st in found if (d := parse_da(st.get("StudyDate"))) is None or not lo <= d <= hi]
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +210,7 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
     series_re = re.compile(sel.series_description) if sel.series_description else None
     exclude_re = re.compile(sel.exclude_series_description) if sel.exclude_series_description else None
     modalities = [m.upper() for m in sel.modalities]
+    dated = bool(sel.study_date and (sel.study_date.start or sel.study_date.end))
 
     web = None
     if spec.pacs.chosen == "dicomweb":
@@ -168,6 +226,7 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
             studies = _web_studies(web, key, value, lo, hi)
         else:
             studies = _dimse_studies(spec.pacs.dimse, key, value, lo, hi)
+        studies = list(studies) + _studies_outside(spec, web, key, value, lo, hi)
         kept_any = False
         uids_here: set[str] = set()
         for st in studies:
@@ -179,11 +238,17 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
             if str(st.get(key, value) or value) != value:
                 continue
             sdate = str(st.get("StudyDate", "") or "")
-            if sdate and not (_da(lo) <= sdate[:8] <= _da(hi)):
-                continue
+            day = parse_da(sdate)
+            if dated and day is not None and not (lo <= day <= hi):
+                continue  # outside the spec's date range (without one, no date excludes a study)
             desc = str(st.get("StudyDescription", "") or "")
             if study_re and not study_re.search(desc):
                 continue
+            unapplied = None
+            if day is None and dated:
+                what = "empty" if not sdate.strip() else "not a valid date"
+                unapplied = UnappliedFilter(inc.row, inc.subject, "study_date",
+                                            f"StudyDate {what}: the study is included, its date range unchecked")
             if web is not None:
                 series = web.search("series", {}, _SERIES_FIELDS, study_uid=uid)
             else:
@@ -222,6 +287,10 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
             seen.add(uid)
             kept_any = True
             result.studies.append(ref)
+            if unapplied is not None:
+                log.warning("inclusion row %d: a study's date is unreadable, so the date filter was not applied "
+                            "to it: included", inc.row)
+                result.unapplied.append(unapplied)
         if not kept_any:
             result.unmatched.append(inc)
     log.info(

@@ -72,6 +72,9 @@ class RunSummary:
     already_published: int = 0
     series: list[SeriesLine] = field(default_factory=list)
     unmatched: list[dict] = field(default_factory=list)  # {"row": n, "subject": code}
+    # a selection filter that could not be applied to a matched study, which was included anyway
+    # (query.UnappliedFilter: {"row", "subject", "filter", "reason"}): a StudyDate that is not a date
+    unapplied_filters: list[dict] = field(default_factory=list)
     study_failures: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
     released: list[dict] = field(default_factory=list)  # quarantined earlier, released by a reviewer, published now
@@ -112,6 +115,7 @@ class RunSummary:
             "series_failed": self.count("failed"),
             "series_already_published": self.already_published,
             "inclusions_unmatched": len(self.unmatched),
+            "filters_unapplied": len(self.unapplied_filters),
             "files_quarantined": len(self.quarantined),
             "files_released": len(self.released),
             "files_awaiting_review": self.awaiting_review,
@@ -139,6 +143,9 @@ class RunSummary:
             lines.append(f"  dataset: not published ({self.output} unchanged)")
         for u in self.unmatched:
             lines.append(f"  inclusion row {u['row']} (sub-{u['subject']}): no study matched")
+        for u in self.unapplied_filters:
+            lines.append(f"  inclusion row {u['row']} (sub-{u['subject']}): {u['filter']} filter not applied to one "
+                         f"study, included: {u['reason']}")
         for f in self.study_failures:
             lines.append(f"  study of {f['label']} failed: {f['reason']}")
         for s in self.series:

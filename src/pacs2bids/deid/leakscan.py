@@ -1,6 +1,47 @@
 """Scan a dataset for identifying values before it is published (P10, P14): fails closed upstream.
 
-Every file under ``root`` is read:
+Which values are searched, and where (the rule; README "Decisions" says the same)
+-------------------------------------------------------------------------------------
+The values come from the key store: those of the identity attributes of every file seen
+(:data:`pacs2bids.deid.pseudonymise.IDENTIFYING_KEYWORDS`: patient name parts, IDs, other IDs,
+birth date, address, telephone, accession number, institution name/address/department,
+physicians, operators, station, device serial, procedure IDs; every PN element; original UIDs).
+Protocol and procedure words, body parts and codes (ProtocolName, BodyPartExamined,
+RequestedProcedureDescription, code sequences...) are not identities: they are never collected.
+
+Each value is split into the strings searched for (:func:`pacs2bids.deid.patterns.variants`:
+a person name gives its parts and its written forms "FIRST LAST", "LAST, FIRST"...). Each string
+is then one of:
+
+- *distinctive*: searched in every byte of every file, in any case and with or without accents,
+  as a whole word (no letter or digit either side). That is a person's name written with another
+  part of it ("Marie Default", "DEFAULT^MARIE", "Default_Marie"), and any other string with at
+  least one word that is neither a common word nor a short number ("IPP77881234", "Dupontel",
+  "Hopital Edouard Herriot", an address, a birth date "19630715", an original UID);
+- *common*: a string whose every word is a common word (a lower-case entry of a system word
+  list, English or French, accents ignored: "DEFAULT", "HEAD", "ROUTINE", "TECH", "Research
+  MRI", and the first names that are words too: "Marie", "Jean", "Martin"), a number of fewer
+  than 7 digits ("2339", "17240": years, sizes, counts and times look the same), or shorter
+  than 4 characters once its common words are set aside. Such a string matches by chance in
+  the product's own words ("pacs2bids default"), in kept descriptions ("HEAD ROUTINE") and coil
+  names ("Head_32"): it is found only where an identity is held, as the whole value or a whole
+  name component of a DICOM identity element (the attributes above and every PN element, at any
+  depth, private blocks included) or of a JSON field or Parquet column named after one
+  (dcm2niix sidecars: ``"InstitutionalDepartmentName": "DEFAULT"``). In free text, a common
+  first name is caught next to its other part (a distinctive string).
+
+A UID found only in an element that names a class (``*SOPClassUID``, ``*TransferSyntaxUID``) is no
+hit: the pseudonymiser keeps those as they are, a private class (Siemens' CSA non-image storage
+1.3.12.2.1107.5.9.1) included, and it names a kind of object, not a patient.
+
+Word lists: every file of ``/usr/share/dict`` (Debian ``wamerican``, ``wfrench``; installed by
+scripts/bootstrap.sh). Only lower-case entries count: "marie" (French verb) makes "Marie"
+common, while "Hélène", listed nowhere in lower case, stays distinctive. With no word list the
+scanner warns and searches every string everywhere (stricter, never looser). Values shorter
+than 4 characters, placeholders ("DICOM", "phantom"...) and January 1st dates are skipped
+(:mod:`pacs2bids.deid.patterns`).
+
+Where (every file under ``root``):
 
 - DICOM Part 10 files: the raw bytes of the whole file (so private elements, OB/UN values and
   whatever a header reader skips are covered); a hit is attributed to the element holding it
@@ -8,29 +49,38 @@ Every file under ``root`` is read:
 - NIfTI (``.nii``, ``.nii.gz``): the header fields ``descrip``, ``aux_file``, ``intent_name``,
   ``db_name`` and the header extensions (the voxels are not text);
 - ``.gz`` files: decompressed, then as above;
-- Parquet (the lineage tables): every value of every column, the schema and its metadata,
-  decoded batch by batch; the raw bytes alone would miss values that the column encodings
-  (dictionary, run-length) and compression (snappy, zstd) split or hide;
-- everything else (JSON, TSV, text, ...): raw bytes;
+- Parquet (the lineage tables): every value of every column, the schema and its metadata and
+  the column statistics, decoded. Never the file's raw bytes: compressed pages of hex digests
+  hold runs of digits that match short numbers by chance, and the values they encode are
+  all read decoded anyway;
+- everything else (JSON, TSV, text, ...): raw bytes (JSON also by field, for common strings);
 - every file and folder name (relative to ``root``).
 
-Matching follows :mod:`pacs2bids.deid.patterns`: one trie-shaped regex compiled once for all
-identifiers, case-insensitive, with DICOM PN variants; values shorter than 4 characters are
-skipped (documented there). A hit names the path and the field, never the value.
+A hit names the path and the field, never the value.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
+import logging
 import os
 import re
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .patterns import compile_identifiers
+from .patterns import MIN_LENGTH, _cased_forms, _compile, variants
+
+log = logging.getLogger(__name__)
 
 _MAX_TEXT_BYTES = 256 * 1024 * 1024
+_WORD_LIST_DIR = Path("/usr/share/dict")
+#: A number with fewer digits than this is common: years, sizes, counts and times look alike.
+DISTINCTIVE_DIGITS = 7
+_WORD = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -43,18 +93,157 @@ class LeakHit:
     kind: str
 
 
-def _dicom_fields(data: bytes, pattern: re.Pattern[bytes]) -> list[str]:
+def _fold(text: str) -> str:
+    """Lower case, accents and extra spaces removed: how common strings are compared."""
+    plain = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    return " ".join(plain.lower().split())
+
+
+@lru_cache(maxsize=1)
+def common_words() -> frozenset[str]:
+    """Lower-case entries of every word list in ``/usr/share/dict``, accents removed."""
+    words: set[str] = set()
+    try:
+        lists = sorted(p for p in _WORD_LIST_DIR.iterdir() if p.is_file() and not p.name.startswith("README"))
+    except OSError:
+        lists = []
+    for p in lists:
+        try:
+            text = p.read_text("utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            w = line.strip()
+            if w and w == w.lower() and "'" not in w:
+                words.add(_fold(w))
+    if not words:
+        log.warning(
+            "no word list in %s (Debian packages wamerican and wfrench): the leak scanner searches every "
+            "identifying string everywhere, common words included", _WORD_LIST_DIR,
+        )
+    return frozenset(words)
+
+
+def is_common(text: str) -> bool:
+    """True when every word of ``text`` is a common word or a number of fewer than
+    :data:`DISTINCTIVE_DIGITS` digits, or when what is left once they are set aside is shorter
+    than 4 characters (see the module docstring)."""
+    words = common_words()
+    rest = []
+    for w in _WORD.findall(_fold(text)):
+        if w.isdigit():
+            if len(w) >= DISTINCTIVE_DIGITS:
+                return False
+            continue
+        if w not in words:
+            rest.append(w)
+    digits = sum(c.isdigit() for c in text)
+    if not rest:
+        return digits < DISTINCTIVE_DIGITS
+    return len("".join(rest)) < MIN_LENGTH and digits < DISTINCTIVE_DIGITS
+
+
+@dataclass
+class Rules:
+    """The identifying strings of a scan, sorted by the rule above."""
+
+    distinctive: frozenset[str] = frozenset()
+    common: frozenset[str] = frozenset()  # folded (:func:`_fold`)
+    pattern: re.Pattern[bytes] | None = None  # the distinctive strings, every spelling
+    common_pattern: re.Pattern[bytes] | None = None  # to skip files that cannot hold a common string
+    _keywords: frozenset[str] = field(default_factory=frozenset)
+
+    def holds_common(self, value: object) -> bool:
+        """True when ``value`` (an identity field's value: text, PN or a list) is, or has as a
+        whole name component, a common identifying string."""
+        if not self.common or value is None:
+            return False
+        if isinstance(value, (list, tuple)):
+            return any(self.holds_common(v) for v in value)
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        text = str(value)
+        parts = {text} | set(re.split(r"[\\^=]", text))
+        return any(_fold(p) in self.common for p in parts if p.strip())
+
+    def is_identity_field(self, name: str) -> bool:
+        return name in self._keywords
+
+
+def _name_forms(value: str) -> set[str]:
+    """The forms of a person name with two parts written next to each other (beyond those of
+    :func:`variants`): joined by an underscore or a hyphen, as in file names."""
+    out: set[str] = set()
+    if "^" not in value:
+        return out
+    for group in value.split("="):
+        parts = [p.strip() for p in group.split("^") if p.strip()]
+        if len(parts) >= 2:
+            last, first = parts[0], parts[1]
+            out.update({f"{first}_{last}", f"{last}_{first}", f"{first}-{last}", f"{last}-{first}"})
+    return out
+
+
+def _words_pattern(strings: Iterable[str]) -> re.Pattern[bytes] | None:
+    words: set[bytes] = set()
+    for s in strings:
+        for form in _cased_forms(s):
+            for enc in ("utf-8", "latin-1"):
+                try:
+                    words.add(form.encode(enc))
+                except UnicodeEncodeError:
+                    pass
+    return _compile(frozenset(words))
+
+
+def build_rules(identifiers: Iterable[str]) -> Rules:
+    """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring)."""
+    from .pseudonymise import IDENTIFYING_KEYWORDS
+
+    distinctive: set[str] = set()
+    common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
+    for value in {str(v) for v in identifiers}:
+        found = variants(value)
+        pairs = {s for s in found if "^" in s or " " in s or "," in s} if "^" in value else set()
+        for s in found | _name_forms(value):
+            if not s or len(s) < MIN_LENGTH:
+                continue
+            if s in pairs or s in _name_forms(value) or not is_common(s):
+                distinctive.add(s)
+            else:
+                common.add(s)
+    return Rules(
+        distinctive=frozenset(distinctive),
+        common=frozenset(_fold(s) for s in common),
+        pattern=_words_pattern(distinctive),
+        common_pattern=_words_pattern(common),
+        _keywords=frozenset(IDENTIFYING_KEYWORDS),
+    )
+
+
+#: Elements whose UID names a kind of object, not an instance: the pseudonymiser keeps them as they
+#: are (a private SOP class such as Siemens' 1.3.12.2.1107.5.9.1 included), so a value there is no hit.
+_CLASS_UID_KEYWORDS = ("SOPClassUID", "TransferSyntaxUID")
+
+
+def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> tuple[list[str], list[bytes]]:
+    """The elements of a DICOM file holding a hit, and the class UIDs that matched (no hits)."""
     import io
 
     import pydicom
+    from pydicom.datadict import keyword_for_tag
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception:
-        return []
+        return [], []
     fields: list[str] = []
+    classes: list[bytes] = []
+    pattern = rules.pattern if distinctive else None
 
     def check(value: object) -> bool:
+        if pattern is None:
+            return False
         if isinstance(value, (bytes, bytearray)):
             return bool(pattern.search(bytes(value)))
         try:
@@ -63,20 +252,66 @@ def _dicom_fields(data: bytes, pattern: re.Pattern[bytes]) -> list[str]:
             return False
 
     def visit(d, prefix: str) -> None:
-        for elem in d:
+        for tag in list(d.keys()):
+            raw = d.get_item(tag)
+            keyword = keyword_for_tag(tag) if not tag.is_private else ""
+            if not distinctive and raw.VR not in (None, "UN", "SQ", "PN") and not rules.is_identity_field(keyword):
+                continue  # only identity fields can hold a common string: left undecoded
+            try:
+                elem = d[tag]
+                vr, value = elem.VR, elem.value
+            except Exception:  # a value pydicom cannot decode: the raw bytes were searched
+                continue
             name = elem.keyword or f"({elem.tag.group:04X},{elem.tag.element:04X})"
-            if elem.VR == "SQ":
-                for i, item in enumerate(elem.value or ()):
+            if vr == "SQ":
+                for i, item in enumerate(value or ()):
                     visit(item, f"{prefix}{name}[{i}].")
-            elif check(elem.value):
+            elif check(value):
+                if vr == "UI" and name.endswith(_CLASS_UID_KEYWORDS):
+                    classes.append(str(value).encode("ascii", "replace"))
+                else:
+                    fields.append(prefix + name)
+            elif (vr == "PN" or rules.is_identity_field(elem.keyword or "")) and rules.holds_common(
+                list(value) if isinstance(value, pydicom.multival.MultiValue) else value
+            ):
                 fields.append(prefix + name)
 
-    visit(getattr(ds, "file_meta", []), "")
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        visit(meta, "")
     visit(ds, "")
-    return fields
+    return fields, classes
 
 
-def _nifti_fields(data: bytes, pattern: re.Pattern[bytes]) -> list[str]:
+def _json_fields(data: bytes, rules: Rules) -> list[str]:
+    """Identity fields of a JSON document (a dcm2niix sidecar names them by DICOM keyword)
+    holding a common identifying string."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    found: list[str] = []
+
+    def visit(node, where: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                here = f"{where}.{k}" if where else str(k)
+                scalar = isinstance(v, (str, int, float)) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+                if scalar and rules.is_identity_field(str(k)) and rules.holds_common(v):
+                    found.append(here)
+                    continue
+                visit(v, here)
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                visit(v, f"{where}[{i}]")
+
+    visit(doc, "")
+    return found
+
+
+def _nifti_fields(data: bytes, pattern: re.Pattern[bytes] | None) -> list[str]:
+    if pattern is None:
+        return []
     sizes = (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")) if len(data) >= 4 else (0, 0)
     if 540 in sizes and len(data) >= 540:
         spans = {"descrip": (240, 320), "aux_file": (320, 344), "intent_name": (508, 524)}
@@ -108,85 +343,117 @@ def _vox_offset(data: bytes) -> float:
     return struct.unpack(">q", data[168:176])[0]
 
 
-def _parquet_fields(path: Path, pattern: re.Pattern[bytes]) -> list[str]:
-    """Columns (and ``schema``) of a Parquet file holding a match; raises OSError when the file
-    cannot be decoded (a scan that cannot read must not pass)."""
+def _parquet_fields(path: Path, rules: Rules) -> list[str]:
+    """Columns (``schema``, ``statistics``) of a Parquet file holding a match, all decoded;
+    raises OSError when the file cannot be decoded (a scan that cannot read must not pass)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    pattern = rules.pattern
     fields: list[str] = []
+
+    def hit(text: str) -> bool:
+        return pattern is not None and bool(pattern.search(text.encode("utf-8", "surrogateescape")))
+
     try:
         pf = pq.ParquetFile(path)
-        meta = pf.schema_arrow.to_string(show_schema_metadata=True).encode("utf-8", "replace")
-        meta += b"\n".join(k + b"=" + v for k, v in (pf.metadata.metadata or {}).items())
-        if pattern.search(meta):
+        meta = pf.schema_arrow.to_string(show_schema_metadata=True)
+        meta += "\n" + "\n".join(
+            (k + b"=" + v).decode("utf-8", "replace") for k, v in (pf.metadata.metadata or {}).items()
+        )
+        if hit(meta):
             fields.append("schema")
+        stats: list[str] = []
+        for g in range(pf.metadata.num_row_groups):
+            group = pf.metadata.row_group(g)
+            for c in range(group.num_columns):
+                st = group.column(c).statistics
+                if st is not None and st.has_min_max:
+                    stats += [str(st.min), str(st.max)]
+        if hit("\n".join(stats)):
+            fields.append("statistics")
         for batch in pf.iter_batches(batch_size=8192):
             for name, column in zip(batch.schema.names, batch.columns):
                 if name in fields:
                     continue
-                text = "\n".join(str(v) for v in column.to_pylist() if v is not None)
-                if pattern.search(text.encode("utf-8", "replace")):
+                values = [v for v in column.to_pylist() if v is not None]
+                if hit("\n".join(str(v) for v in values)) or (
+                    rules.is_identity_field(name) and any(rules.holds_common(v) for v in values)
+                ):
                     fields.append(name)
     except (pa.ArrowException, ValueError, OSError) as exc:
         raise OSError(f"cannot read Parquet file {path.name}: {str(exc).strip()}") from None
     return fields
 
 
-def _scan_bytes(rel: str, name: str, data: bytes, pattern: re.Pattern[bytes]) -> list[LeakHit]:
+def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]:
+    pattern = rules.pattern
     lowered = name.lower()
     if lowered.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError):
-            return [LeakHit(rel, "raw bytes", "raw")] if pattern.search(data) else []
+            return [LeakHit(rel, "raw bytes", "raw")] if pattern is not None and pattern.search(data) else []
         lowered = lowered[:-3]
     if lowered.endswith(".nii"):
         return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, pattern)]
     if len(data) >= 132 and data[128:132] == b"DICM":
-        if not pattern.search(data):
+        distinctive = pattern is not None and pattern.search(data) is not None
+        common = rules.common_pattern is not None and rules.common_pattern.search(data) is not None
+        if not distinctive and not common:
             return []
-        fields = _dicom_fields(data, pattern) or ["raw bytes"]
+        fields, classes = _dicom_fields(data, rules, distinctive)
+        if not fields and distinctive:
+            for uid in classes:  # matched only as a class UID? then nothing else may match
+                data = data.replace(uid, b"")
+            if pattern.search(data):
+                fields = ["raw bytes"]
         return [LeakHit(rel, f, "dicom") for f in fields]
-    if pattern.search(data):
+    if pattern is not None and pattern.search(data):
         return [LeakHit(rel, "content", "text")]
+    if lowered.endswith(".json") and rules.common_pattern is not None and rules.common_pattern.search(data):
+        return [LeakHit(rel, f, "text") for f in _json_fields(data, rules)]
     return []
 
 
-def scan_for_leaks(root: Path, identifiers: Iterable[str]) -> list[LeakHit]:
-    """Search every file and name under ``root`` for any of ``identifiers``.
+def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakHit]:
+    """Search every file and name under ``root`` for ``identifiers`` (or rules built from them
+    by :func:`build_rules`), following the rule of the module docstring.
 
     Returns the hits (empty: nothing found). Values shorter than 4 characters are ignored.
     Raises :class:`OSError` when a file cannot be read (a scan that cannot read must not pass).
     """
     root = Path(root)
-    pattern = compile_identifiers(frozenset(str(v) for v in identifiers))
-    if pattern is None:
+    rules = identifiers if isinstance(identifiers, Rules) else build_rules(identifiers)
+    pattern = rules.pattern
+    if pattern is None and not rules.common:
         return []
     hits: list[LeakHit] = []
+
+    def named(text: str) -> bool:
+        return pattern is not None and bool(pattern.search(text.encode("utf-8", "surrogateescape")))
+
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         base = Path(dirpath)
         for d in dirnames:
-            rel = str((base / d).relative_to(root))
-            if pattern.search(d.encode("utf-8", "surrogateescape")):
-                hits.append(LeakHit(rel, "folder name", "name"))
+            if named(d):
+                hits.append(LeakHit(str((base / d).relative_to(root)), "folder name", "name"))
         for f in sorted(filenames):
             p = base / f
             rel = str(p.relative_to(root))
-            if pattern.search(f.encode("utf-8", "surrogateescape")):
+            if named(f):
                 hits.append(LeakHit(rel, "file name", "name"))
             if p.is_symlink() or not p.is_file():
                 continue
             if _is_parquet(p):
-                found = [LeakHit(rel, c if c == "schema" else f"column {c}", "parquet")
-                         for c in _parquet_fields(p, pattern)]
-                hits.extend(found or _scan_large(rel, p, pattern))  # and the raw bytes (footer, statistics)
+                hits.extend(LeakHit(rel, c if c in ("schema", "statistics") else f"column {c}", "parquet")
+                            for c in _parquet_fields(p, rules))
                 continue
             if p.stat().st_size > _MAX_TEXT_BYTES and not f.lower().endswith((".nii", ".nii.gz")):
                 hits.extend(_scan_large(rel, p, pattern))
                 continue
-            hits.extend(_scan_bytes(rel, f, p.read_bytes(), pattern))
+            hits.extend(_scan_bytes(rel, f, p.read_bytes(), rules))
     return hits
 
 
@@ -204,7 +471,9 @@ def _is_parquet(p: Path) -> bool:
         return False
 
 
-def _scan_large(rel: str, p: Path, pattern: re.Pattern[bytes]) -> list[LeakHit]:
+def _scan_large(rel: str, p: Path, pattern: re.Pattern[bytes] | None) -> list[LeakHit]:
+    if pattern is None:
+        return []
     overlap = 1024
     prev = b""
     with open(p, "rb") as fh:

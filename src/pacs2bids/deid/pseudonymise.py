@@ -607,10 +607,11 @@ class Pseudonymiser:
             why = ctx.profile.private_reason(group, creator, element & 0xFF)
             if why is None:
                 del ds[t]
-                ctx.note(f'({group:04X},"{creator}")', "removed", "private, not on a keep list (PS3.15 E.3.10)")
+                # named by its block, never by its creator's text (raw header text: P8)
+                ctx.note(f"({group:04X},{element >> 8:02X}xx)", "removed", "private, not on a keep list (PS3.15 E.3.10)")
                 return
             kept_blocks.add(block)
-            name = _name(tag, creator)
+            name = _name(tag, creator.strip().upper())  # as on the keep list that matched it
             if (group, creator.strip().upper(), element & 0xFF) == GE_PROTOCOL:
                 self._ge_protocol(ds, ds[t], ctx, name, why)
                 return
