@@ -24,6 +24,7 @@ from pacs2bids.orthanc import Orthanc, free_port
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
 SHARED_DEID = REPO.parent / "shared" / "data" / "deid"
+SHARED_VENDORS = REPO.parent / "shared" / "data" / "dicom-vendors"
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
@@ -46,6 +47,12 @@ def _corpus(path: Path) -> Path:
 def corpus_dir() -> Path:
     """../shared/data/dicom: fails (not skips) when CI=true and it is missing."""
     return _corpus(SHARED_DICOM)
+
+
+@pytest.fixture(scope="session")
+def vendors_dir() -> Path:
+    """../shared/data/dicom-vendors: fails (not skips) when CI=true and it is missing."""
+    return _corpus(SHARED_VENDORS)
 
 
 @pytest.fixture(scope="session")
