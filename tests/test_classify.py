@@ -292,3 +292,212 @@ def test_bidsguess_is_not_needed_except_for_philips_source_asl(vendors, corpus):
                             what=lambda d: d.suffix)
         changed = {(c.folder, c.series_number) for c, b, a in zip(converted, before, after) if b != a}
         assert changed <= {("dcm_qa_philips_enh/In/cl", 1903), ("dcm_qa_philips_asl/In/Classic/402_SOURCE_-_3D_pCASL_6mm", 402)}, changed
+
+
+# --------------------------------------------------------------------------- pure rules on hand-built sidecars
+
+_n = iter(range(10 ** 6))
+
+
+def mk(tmp_path: Path, *, shape=(64, 64, 30), series_number=1, series_uid=None, bvals=None, affine=None,
+       **sidecar) -> Dcm2niixOutput:
+    """A Dcm2niixOutput with a hand-built sidecar; a real NIfTI is written only when an affine is given."""
+    stem = tmp_path / f"o{next(_n)}"
+    if affine is not None:
+        nib.save(nib.Nifti1Image(np.zeros(shape, dtype=np.uint8), np.asarray(affine, dtype=float)),
+                 f"{stem}.nii")
+    side = {"Modality": "MR", "ImageType": ["ORIGINAL", "PRIMARY", "M", "ND"], **sidecar}
+    return Dcm2niixOutput(stem=stem, sidecar=side, shape=tuple(shape), series_uid=series_uid or f"2.25.{series_number}",
+                          series_number=series_number, bvals=tuple(bvals) if bvals is not None else None)
+
+
+def names(decisions: list[Decision]) -> list[str | None]:
+    return [d.relpath("01", None) for d in decisions]
+
+
+MAG = ["ORIGINAL", "PRIMARY", "M", "ND", "MAGNITUDE"]
+PHASE = ["ORIGINAL", "PRIMARY", "P", "ND", "PHASE"]
+GRE = dict(ScanningSequence="GR", SequenceVariant="SP", SequenceName="*fl3d", MRAcquisitionType="3D",
+           RepetitionTime=0.05, FlipAngle=15)
+EPI = dict(ScanningSequence="EP", SequenceVariant="SK", SequenceName="epfid2d1_64", MRAcquisitionType="2D",
+           EchoTime=0.03, RepetitionTime=2.0, FlipAngle=80, PhaseEncodingDirection="j-")
+
+
+def test_missing_echo_time_is_left_out_naming_the_field(tmp_path):
+    (d,) = classify_session([mk(tmp_path, **{**GRE, "RepetitionTime": 0.02})])
+    assert d.datatype is None
+    assert "without EchoTime" in d.reason and "project heuristic" in d.reason
+
+
+def test_unrecognised_contrast_reason_names_what_was_seen(tmp_path):
+    (d,) = classify_session([mk(tmp_path, ScanningSequence="GR", SequenceVariant="SS", MRAcquisitionType="3D",
+                                RepetitionTime=0.02, EchoTime=0.0046, FlipAngle=10, ImageType=MAG)])
+    assert d.datatype is None
+    assert d.reason.startswith("GR 3D TR=20 TE=4.6 TI=- flip=10")
+    assert d.reason.endswith("not a recognised contrast; name it in a project heuristic")
+
+
+def test_phase_image_alone_is_left_out(tmp_path):
+    (d,) = classify_session([mk(tmp_path, **GRE, EchoTime=0.02, ImageType=PHASE)])
+    assert d.datatype is None and "phase image alone" in d.reason
+
+
+def test_multi_echo_gre_is_megre_with_echo_and_part(tmp_path):
+    outs = [mk(tmp_path, **GRE, EchoTime=te, EchoNumber=n, ImageType=it)
+            for n, te in enumerate((0.005, 0.012, 0.02), start=1) for it in (MAG, PHASE)]
+    assert names(classify_session(outs)) == [
+        f"sub-01/anat/sub-01_echo-{n}_part-{p}_MEGRE" for n in (1, 2, 3) for p in ("mag", "phase")]
+
+
+def test_single_echo_gre_with_phase_is_t2starw_with_part(tmp_path):
+    outs = [mk(tmp_path, **GRE, EchoTime=0.02, ImageType=MAG), mk(tmp_path, **GRE, EchoTime=0.02, ImageType=PHASE)]
+    assert names(classify_session(outs)) == ["sub-01/anat/sub-01_part-mag_T2starw",
+                                             "sub-01/anat/sub-01_part-phase_T2starw"]
+
+
+def test_fieldmap_one_phase_is_phasediff_two_phases_are_phase1_phase2(tmp_path):
+    fm = dict(GRE, MRAcquisitionType="2D", RepetitionTime=0.5, FlipAngle=60, SequenceName="*fm2d2r")
+    one = [mk(tmp_path, series_number=2, **fm, EchoTime=0.00492, EchoNumber=1, ImageType=MAG),
+           mk(tmp_path, series_number=2, **fm, EchoTime=0.00738, EchoNumber=2, ImageType=MAG),
+           mk(tmp_path, series_number=3, **fm, EchoTime=0.00738, EchoNumber=2, ImageType=PHASE)]
+    assert [d.suffix for d in classify_session(one)] == ["magnitude1", "magnitude2", "phasediff"]
+    two = one[:2] + [mk(tmp_path, series_number=3, **fm, EchoTime=0.00492, EchoNumber=1, ImageType=PHASE),
+                     mk(tmp_path, series_number=3, **fm, EchoTime=0.00738, EchoNumber=2, ImageType=PHASE)]
+    assert [d.suffix for d in classify_session(two)] == ["magnitude1", "magnitude2", "phase1", "phase2"]
+    assert "phase image" in classify_session(one[:2])[0].reason  # magnitudes without their phase: incomplete
+
+
+def test_multi_echo_bold_and_its_sbref(tmp_path):
+    outs = [mk(tmp_path, series_number=5, shape=(64, 64, 30), **{**EPI, "EchoTime": te}, EchoNumber=n)
+            for n, te in ((1, 0.015), (2, 0.035), (3, 0.055))]
+    outs += [mk(tmp_path, series_number=6, shape=(64, 64, 30, 200), **{**EPI, "EchoTime": te}, EchoNumber=n)
+             for n, te in ((1, 0.015), (2, 0.035), (3, 0.055))]
+    assert names(classify_session(outs)) == [f"sub-01/func/sub-01_task-unknown_echo-{n}_sbref" for n in (1, 2, 3)] + \
+        [f"sub-01/func/sub-01_task-unknown_echo-{n}_bold" for n in (1, 2, 3)]
+
+
+def test_single_volume_after_the_run_is_not_its_sbref(tmp_path):
+    outs = [mk(tmp_path, series_number=6, shape=(64, 64, 30, 200), **EPI),
+            mk(tmp_path, series_number=7, shape=(64, 64, 30), **EPI)]
+    assert names(classify_session(outs)) == ["sub-01/func/sub-01_task-unknown_run-1_bold",
+                                             "sub-01/func/sub-01_task-unknown_run-2_bold"]
+
+
+def test_dwi_sbref(tmp_path):
+    dwi = dict(EPI, SequenceName="ep_b0", EchoTime=0.08)
+    outs = [mk(tmp_path, series_number=10, shape=(96, 96, 60), bvals=[0], **dwi),
+            mk(tmp_path, series_number=11, shape=(96, 96, 60, 31), bvals=[0] + [1000] * 30, **dwi)]
+    assert names(classify_session(outs)) == ["sub-01/dwi/sub-01_sbref", "sub-01/dwi/sub-01_dwi"]
+
+
+@pytest.mark.parametrize("sidecar,suffix", [
+    (dict(ScanningSequence="SE\\IR", SequenceVariant="SK\\SP", InversionTime=2.5, EchoTime=0.09,
+          RepetitionTime=9.0), "FLAIR"),
+    (dict(ScanningSequence="SE", SequenceVariant="SK", EchoTime=0.1, RepetitionTime=4.0), "T2w"),
+    (dict(ScanningSequence="SE", SequenceVariant="SK", EchoTime=0.02, RepetitionTime=3.0), "PDw"),
+    (dict(ScanningSequence="SE", SequenceVariant="SK", EchoTime=0.012, RepetitionTime=0.5), "T1w"),
+    (dict(ScanningSequence="GR\\IR", SequenceVariant="SK\\SP\\MP", InversionTime=0.9, EchoTime=0.003,
+          RepetitionTime=2.3, MRAcquisitionType="3D"), "T1w"),
+    (dict(ScanningSequence="GR", SequenceVariant="SP", EchoTime=0.0035, RepetitionTime=0.025, FlipAngle=20,
+          MRAcquisitionType="3D", MTState=True), "angio"),
+    (dict(ScanningSequence="GR", SequenceVariant="SP", EchoTime=0.0035, RepetitionTime=0.025, FlipAngle=20,
+          MRAcquisitionType="3D", ScanOptions="TOF"), "angio"),
+    (dict(ScanningSequence="GR", SequenceVariant="SP", EchoTime=0.003, RepetitionTime=0.008, FlipAngle=12,
+          MRAcquisitionType="3D"), "T1w"),
+    (dict(ScanningSequence="SE\\IR", SequenceVariant="SK", InversionTime=0.16, EchoTime=0.07,
+          RepetitionTime=5.0), None),  # STIR: no BIDS suffix says it; left for a project heuristic
+])
+def test_anatomical_contrasts(tmp_path, sidecar, suffix):
+    (d,) = classify_session([mk(tmp_path, ImageType=MAG, **sidecar)])
+    assert d.suffix == suffix, d.reason
+    assert d.datatype == ("anat" if suffix else None)
+
+
+@pytest.mark.parametrize("image_type,word", [
+    (["DERIVED", "PRIMARY", "DIFFUSION", "ADC"], "ADC"),
+    (["ORIGINAL", "PRIMARY", "DIFFUSION", "TRACEW"], "TRACEW"),
+    (["DERIVED", "PRIMARY", "MIP_SAG"], "DERIVED"),
+    (["DERIVED", "SECONDARY", "MPR"], "MPR"),
+    (["ORIGINAL", "PRIMARY", "LOCALIZER"], "localizer"),
+    (["ORIGINAL", "PRIMARY", "M", "ND", "MOCO"], "MOCO"),
+])
+def test_derived_and_localizers_are_left_out(tmp_path, image_type, word):
+    (d,) = classify_session([mk(tmp_path, shape=(64, 64, 30, 3), bvals=[0, 1000, 1000], **EPI, ImageType=image_type)])
+    assert d.datatype is None and word in d.reason
+
+
+def test_other_modalities_stay_in_sourcedata(tmp_path):
+    (d,) = classify_session([mk(tmp_path, Modality="CT", ImageType=["ORIGINAL", "PRIMARY", "AXIAL"])])
+    assert d.relpath("01", "01") is None
+    assert d.reason == "no BIDS datatype for modality CT: kept as pseudonymised DICOM in sourcedata/"
+
+
+def test_pet_lists_what_bids_needs_and_the_sidecar_lacks(tmp_path):
+    (d,) = classify_session([mk(tmp_path, Modality="PT", shape=(128, 128, 90, 20), Manufacturer="Siemens",
+                                TracerName="FDG", ImageType=["ORIGINAL", "PRIMARY"])])
+    assert d.relpath("01", "01") == "sub-01/ses-01/pet/sub-01_ses-01_pet"
+    assert "InjectedRadioactivity" in d.missing and "TracerName" not in d.missing and "Manufacturer" not in d.missing
+
+
+def test_epi_reference_direction_and_polarity(tmp_path):
+    se = dict(EPI, ScanningSequence="SE\\EP", SequenceName="epse2d1_90")
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])  # dcm2niix's usual axial storage: i towards left, j towards anterior
+    outs = [mk(tmp_path, series_number=3, shape=(90, 90, 60, 3), affine=las, **{**se, "PhaseEncodingDirection": "j-"}),
+            mk(tmp_path, series_number=4, shape=(90, 90, 60, 3), affine=las, **{**se, "PhaseEncodingDirection": "j"}),
+            mk(tmp_path, series_number=5, shape=(90, 90, 60, 3), affine=las,
+               **{k: v for k, v in se.items() if k != "PhaseEncodingDirection"}, PhaseEncodingAxis="j")]
+    d = classify_session(outs)
+    assert names(d)[:2] == ["sub-01/fmap/sub-01_dir-AP_epi", "sub-01/fmap/sub-01_dir-PA_epi"]
+    assert d[2].datatype is None and "PhaseEncodingAxis (no polarity)" in d[2].reason
+
+
+def test_phase_encoding_label_follows_the_affine():
+    sag = np.array([[0, 0, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=float)  # i->A, j->S, k->R
+    assert phase_encoding_label("i", sag) == "PA"
+    assert phase_encoding_label("i-", sag) == "AP"
+    assert phase_encoding_label("j", sag) == "IS"
+    assert phase_encoding_label("k-", sag) == "RL"
+    assert phase_encoding_label("i", np.diag([-1.0, 1, 1, 1])) == "RL"
+    assert phase_encoding_label("j", None) is None and phase_encoding_label(None, sag) is None
+
+
+def test_runs_follow_acquisition_order_not_list_order(tmp_path):
+    t1 = dict(ScanningSequence="GR\\IR", SequenceVariant="MP", InversionTime=0.9, EchoTime=0.003, RepetitionTime=2.3)
+    outs = [mk(tmp_path, series_number=7, **t1), mk(tmp_path, series_number=3, **t1)]
+    assert names(classify_session(outs)) == ["sub-01/anat/sub-01_run-2_T1w", "sub-01/anat/sub-01_run-1_T1w"]
+
+
+def test_relpath_prefixes_and_no_session(tmp_path):
+    (d,) = classify_session([mk(tmp_path, **EPI, shape=(64, 64, 30, 100))])
+    assert d.relpath("sub-07", "ses-2") == d.relpath("07", "2") == "sub-07/ses-2/func/sub-07_ses-2_task-unknown_bold"
+    assert d.relpath("07", None) == "sub-07/func/sub-07_task-unknown_bold"
+
+
+def test_asl_deltam_source_and_m0scan(tmp_path):
+    perf = dict(ScanningSequence="GR", SequenceVariant="SK", SequenceName="GraSE", MRAcquisitionType="3D",
+                EchoTime=0.009, RepetitionTime=4.25, FlipAngle=90)
+    outs = [mk(tmp_path, series_number=1, shape=(96, 96, 40), **perf,
+               ImageType=["ORIGINAL", "PRIMARY", "PERFUSION", "FFE"]),
+            mk(tmp_path, series_number=2, shape=(96, 96, 40, 6), **perf,
+               ImageType=["ORIGINAL", "PRIMARY", "PERFUSION", "NONE", "MAGNITUDE"]),
+            mk(tmp_path, series_number=3, shape=(96, 96, 40), **perf, ImageType=["ORIGINAL", "PRIMARY", "M0"],
+               ArterialSpinLabelingType="PCASL"),
+            mk(tmp_path, series_number=4, shape=(96, 96, 40), **{**perf, "RepetitionTime": 6.0}, ImageType=MAG)]
+    d = classify_session(outs)
+    assert [x.suffix for x in d] == ["asl", "asl", "m0scan", "m0scan"]
+    assert d[0].extra_files == {"aslcontext.tsv": "volume_type\ndeltam\n"}
+    assert d[1].extra_files == {} and d[1].missing[0] == "aslcontext.tsv"
+    assert set(ASL_REQUIRED) - {"FlipAngle", "EchoTime", "MRAcquisitionType"} <= set(d[0].missing)
+    assert [x.entities.get("run") for x in d] == ["1", "2", "1", "2"]
+
+
+def test_read_output(tmp_path):
+    stem = tmp_path / "s5_e1"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 3), dtype=np.uint8), np.eye(4)), f"{stem}.nii.gz")
+    Path(f"{stem}.json").write_text(json.dumps({"SeriesNumber": 5, "EchoTime": 0.08}))
+    Path(f"{stem}.bval").write_text("0 1000 1000\n")
+    o = read_output(stem, "2.25.9", None)
+    assert (o.shape, o.series_number, o.bvals, o.volumes) == ((4, 5, 6, 3), 5, (0.0, 1000.0, 1000.0), 3)
+    assert np.allclose(o.affine(), np.eye(4))
+    with pytest.raises(FileNotFoundError, match="run dcm2niix with -b y"):
+        read_output(tmp_path / "nothing", "2.25.9", None)

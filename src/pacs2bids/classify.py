@@ -603,7 +603,7 @@ def _directions(drafts: list[_Draft]) -> None:
 def _m0scans(drafts: list[_Draft]) -> None:
     asl_seq = {(d.f.seqname, _grid(d)) for d in drafts if d.kind == "asl"}
     for d in drafts:
-        if d.datatype is None and d.kind == "" and d.f.modality == "MR" and _derived_reason(d.f) is None \
+        if d.datatype is None and d.kind in ("", "gre") and d.f.modality == "MR" and _derived_reason(d.f) is None \
                 and (d.f.seqname, _grid(d)) in asl_seq and (d.f.volumes or 1) == 1 and d.f.part is None:
             d.kind = "m0"
             d.name("perf", "m0scan", "single volume of the ASL sequence and grid without labelling: M0 calibration")
