@@ -501,3 +501,20 @@ def test_read_output(tmp_path):
     assert np.allclose(o.affine(), np.eye(4))
     with pytest.raises(FileNotFoundError, match="run dcm2niix with -b y"):
         read_output(tmp_path / "nothing", "2.25.9", None)
+
+
+def test_bold_with_phase_images_uses_part(tmp_path):
+    outs = [mk(tmp_path, series_number=6, shape=(64, 64, 30, 200), **EPI, ImageType=MAG),
+            mk(tmp_path, series_number=6, shape=(64, 64, 30, 200), **EPI, ImageType=PHASE)]
+    assert names(classify_session(outs)) == ["sub-01/func/sub-01_task-unknown_part-mag_bold",
+                                             "sub-01/func/sub-01_task-unknown_part-phase_bold"]
+
+
+def test_reversed_b0_reference_is_an_epi_fieldmap_but_a_lone_b0_stays_dwi(tmp_path):
+    dwi = dict(EPI, SequenceName="ep_b0", EchoTime=0.08)
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])
+    main = mk(tmp_path, series_number=11, shape=(96, 96, 60, 31), bvals=[0] + [1000] * 30, affine=las, **dwi)
+    ref = mk(tmp_path, series_number=12, shape=(96, 96, 60, 2), bvals=[0, 0], affine=las,
+             **{**dwi, "PhaseEncodingDirection": "j"})
+    assert names(classify_session([main, ref])) == ["sub-01/dwi/sub-01_dwi", "sub-01/fmap/sub-01_dir-PA_epi"]
+    assert names(classify_session([ref])) == ["sub-01/dwi/sub-01_dwi"]

@@ -19,11 +19,13 @@ ASL: ``it`` PERFUSION, ArterialSpinLabelingType,   perf/asl; aslcontext "deltam"
 an ASL sequence name, or dcm2niix's perf guess     ``it`` says PERFUSION without M/MAGNITUDE
 ``it`` M0 in an ASL session                        perf/m0scan
 ``it`` FIELDMAPHZ                                  fmap/fieldmap (+ fmap/magnitude of the same series)
-bval file, ``it`` DIFFUSION or DiffusionScheme     dwi/dwi; one volume before a matching dwi: sbref
+bval file, ``it`` DIFFUSION or DiffusionScheme     dwi/dwi; one volume before a matching dwi: sbref;
+                                                   <= 3 volumes of b <= 50 with a reversed twin: fmap/epi
 EPI, spin echo, no diffusion, <= 3 volumes         fmap/epi, dir-XX (needs a polarity)
 EPI, gradient echo, no diffusion                   func/bold task-unknown; one volume before a
                                                    matching bold: sbref; <= 3 volumes with a
-                                                   reversed-polarity twin in the session: fmap/epi
+                                                   reversed-polarity twin in the session: fmap/epi;
+                                                   phase images: part-phase (magnitude part-mag)
 GRE set (same sequence, TR, flip, grid): 2 echoes  fmap magnitude1/2 + phasediff (one phase) or
 ΔTE <= 10 ms, TE <= 20 ms, with a phase image      phase1/2 (one phase per echo)
 GRE set with >= 2 echoes otherwise                 anat/MEGRE echo-N (part-mag / part-phase)
@@ -425,7 +427,12 @@ def _first_pass(d: _Draft) -> None:
         return
     if f.epi:
         if f.part is not None:
-            d.leave(f"{f.part} image of an EPI series ({f.signature()}): name it in a project heuristic")
+            if f.spin_echo:
+                d.leave(f"{f.part} image of a spin-echo EPI ({f.signature()}): name it in a project heuristic")
+                return
+            d.kind = "bold"
+            d.name("func", "bold", f"{f.part} image of a gradient-echo EPI time series ({f.volumes} volume(s))",
+                   task="unknown", part=f.part)
             return
         if f.spin_echo and (f.volumes or 1) <= 3:
             d.kind = "epi"
@@ -540,9 +547,9 @@ def _sbrefs(drafts: list[_Draft]) -> None:
     """A single-volume EPI acquired just before a matching time series is its reference (sbref)."""
     for kind, datatype in (("bold", "func"), ("dwi", "dwi")):
         series = [d for d in drafts if d.kind == kind]
-        multi = [d for d in series if (d.f.volumes or 1) > 1]
+        multi = [d for d in series if (d.f.volumes or 1) > 1 and d.f.part is None]
         for d in series:
-            if (d.f.volumes or 1) != 1:
+            if (d.f.volumes or 1) != 1 or d.f.part is not None:
                 continue
             later = [m for m in multi if _grid(m) == _grid(d) and m.f.pe == d.f.pe
                      and (kind == "dwi" or _close(m.f.te, d.f.te)) and m.f.echo_number == d.f.echo_number
@@ -563,13 +570,27 @@ def _reverse_pe_epis(drafts: list[_Draft]) -> None:
     """A short gradient-echo EPI with a reversed-polarity twin (same grid) is a field-map reference."""
     epis = [d for d in drafts if d.kind in ("bold", "dwi", "epi")]
     for d in drafts:
-        if d.kind != "bold" or (d.f.volumes or 1) > 3 or not d.f.pe:
+        if (d.f.volumes or 1) > 3 or not d.f.pe or d.f.part is not None:
+            continue
+        if d.kind == "dwi":  # b=0 references (b <= 50) only, never diffusion-weighted volumes
+            if not d.o.bvals or max(d.o.bvals) > 50:
+                continue
+        elif d.kind != "bold":
             continue
         flipped = d.f.pe[:-1] if d.f.pe.endswith("-") else d.f.pe + "-"
         if any(t is not d and t.f.pe == flipped and _grid(t) == _grid(d) for t in epis):
+            what = "b=0 EPI" if d.kind == "dwi" else "gradient-echo EPI"
             d.kind = "epi"
-            d.name("fmap", "epi", f"{d.f.volumes}-volume gradient-echo EPI with a reversed phase-encoding twin in "
+            d.name("fmap", "epi", f"{d.f.volumes}-volume {what} with a reversed phase-encoding twin in "
                                   f"this session: field-map reference")
+
+
+def _bold_parts(drafts: list[_Draft]) -> None:
+    """When a BOLD series also holds phase (or real/imaginary) images, its magnitude becomes part-mag."""
+    with_parts = {d.o.series_uid for d in drafts if d.kind == "bold" and d.f.part is not None}
+    for d in drafts:
+        if d.kind in ("bold", "bold-sbref") and d.f.part is None and d.o.series_uid in with_parts:
+            d.entities = {**d.entities, "part": "mag"}
 
 
 def _multi_echo_bold(drafts: list[_Draft]) -> None:
@@ -632,6 +653,7 @@ def classify_session(outputs: list[Dcm2niixOutput]) -> list[Decision]:
     _sbrefs(drafts)
     _reverse_pe_epis(drafts)
     _multi_echo_bold(drafts)
+    _bold_parts(drafts)
     _directions(drafts)
     _m0scans(drafts)
     for d in drafts:
