@@ -291,7 +291,8 @@ def test_bidsguess_is_not_needed_except_for_philips_source_asl(vendors, corpus):
         after = _reclassify(converted, lambda s: {k: v for k, v in s.items() if k != "BidsGuess"},
                             what=lambda d: d.suffix)
         changed = {(c.folder, c.series_number) for c, b, a in zip(converted, before, after) if b != a}
-        assert changed <= {("dcm_qa_philips_enh/In/cl", 1903), ("dcm_qa_philips_asl/In/Classic/402_SOURCE_-_3D_pCASL_6mm", 402)}, changed
+        assert changed <= {("dcm_qa_philips_enh/In/cl", 1903),
+                           ("dcm_qa_philips_asl/In/Classic/402_SOURCE_-_3D_pCASL_6mm", 402)}, changed
 
 
 # --------------------------------------------------------------------------- pure rules on hand-built sidecars
@@ -518,3 +519,18 @@ def test_reversed_b0_reference_is_an_epi_fieldmap_but_a_lone_b0_stays_dwi(tmp_pa
              **{**dwi, "PhaseEncodingDirection": "j"})
     assert names(classify_session([main, ref])) == ["sub-01/dwi/sub-01_dwi", "sub-01/fmap/sub-01_dir-PA_epi"]
     assert names(classify_session([ref])) == ["sub-01/dwi/sub-01_dwi"]
+
+
+def test_dsc_perfusion_is_not_asl_nor_bold(tmp_path):
+    dsc = dict(EPI, EchoTime=0.032, RepetitionTime=1.5, ImageType=["ORIGINAL", "PRIMARY", "PERFUSION", "NONE"])
+    (d,) = classify_session([mk(tmp_path, shape=(128, 128, 20, 60), **dsc)])
+    assert d.datatype is None and "dynamic susceptibility contrast" in d.reason
+    (d,) = classify_session([mk(tmp_path, shape=(128, 128, 20, 60), **{**EPI, "PulseSequenceDetails":
+                                                                       "%SiemensSeq%\\ep2d_perf"})])
+    assert d.datatype is None and "dynamic susceptibility contrast" in d.reason
+
+
+def test_inversion_time_zero_is_no_inversion(tmp_path):
+    outs = [mk(tmp_path, **GRE, EchoTime=0.02, InversionTime=0, ImageType=MAG),
+            mk(tmp_path, **GRE, EchoTime=0.02, InversionTime=0, ImageType=PHASE)]
+    assert [d.suffix for d in classify_session(outs)] == ["T2starw", "T2starw"]

@@ -15,8 +15,11 @@ TRACE, EADC, MPR, MIP, PROJECTION IMAGE, MOCO,     reformats, motion-corrected s
 CBF, CBV, MTT, TTP, RELCBF                         perfusion maps)
 Modality PT                                        pet/pet
 no EchoTime, RepetitionTime, ss nor SequenceName   unclassified: contrast cannot be read
-ASL: ``it`` PERFUSION, ArterialSpinLabelingType,   perf/asl; aslcontext "deltam" per volume when
-an ASL sequence name, or dcm2niix's perf guess     ``it`` says PERFUSION without M/MAGNITUDE
+EPI perfusion time series (> 10 volumes, or       left out: DSC has no BIDS raw suffix
+Siemens ep2d_perf) without ASL labelling
+ASL: ``it`` ASL, ArterialSpinLabelingType, an      perf/asl; aslcontext "deltam" per volume when
+ASL sequence name, dcm2niix's perf guess, or       ``it`` says PERFUSION without M/MAGNITUDE
+``it`` PERFUSION (not DSC)
 ``it`` M0 in an ASL session                        perf/m0scan
 ``it`` FIELDMAPHZ                                  fmap/fieldmap (+ fmap/magnitude of the same series)
 bval file, ``it`` DIFFUSION or DiffusionScheme     dwi/dwi; one volume before a matching dwi: sbref;
@@ -69,7 +72,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -102,7 +105,6 @@ _DERIVED_TOKENS = ("ADC", "EADC", "FA", "TRACEW", "TRACE", "MPR", "MIP", "MNIP",
                    "MOCO", "CBF", "CBV", "MTT", "TTP", "RELCBF", "RELCBV", "SWI", "COLFA", "EXP", "T1 MAP",
                    "T2 MAP", "R2STAR", "SUB", "SUBTRACTION", "CPR", "REFORMATTED")
 _LOCALIZER_TOKENS = ("LOCALIZER", "SCOUT", "SURVEY")
-_PHASE_TOKENS = ("P", "PHASE")
 _HUGE = 10 ** 12
 
 
@@ -204,7 +206,7 @@ def _tokens(value) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
-        value = value.replace("\\", "_").split("_") if "\\" in value else [value]
+        value = value.split("\\")
     return tuple(str(v).strip().upper() for v in value if str(v).strip())
 
 
@@ -337,9 +339,17 @@ def _is_asl(o: Dcm2niixOutput, f: _Facts) -> bool:
     s = o.sidecar
     guess = s.get("BidsGuess")
     seq = (str(s.get("PulseSequenceDetails") or "") + " " + f.seqname).lower()
-    return ("PERFUSION" in f.it or "ASL" in f.it or bool(s.get("ArterialSpinLabelingType"))
-            or any(k in seq for k in ("pcasl", "pasl", "_asl", "asl_", "tgse_asl", "3d_asl"))
-            or (isinstance(guess, list) and guess[:1] == ["perf"] and o.bvals is None))
+    labelled = ("ASL" in f.it or bool(s.get("ArterialSpinLabelingType"))
+                or any(k in seq for k in ("pcasl", "pasl", "_asl", "asl_", "3d_asl"))
+                or (isinstance(guess, list) and guess[:1] == ["perf"] and o.bvals is None))
+    # PERFUSION alone: Philips ASL (difference or source), unless it is a long EPI time series (DSC)
+    return labelled or ("PERFUSION" in f.it and not _is_dsc(o, f))
+
+
+def _is_dsc(o: Dcm2niixOutput, f: _Facts) -> bool:
+    """Dynamic susceptibility contrast: a long EPI perfusion series with no arterial spin labelling."""
+    seq = (str(o.sidecar.get("PulseSequenceDetails") or "") + " " + f.seqname).lower()
+    return f.epi and ("ep2d_perf" in seq or ("PERFUSION" in f.it and (f.volumes or 1) > 10))
 
 
 def _anat_contrast(f: _Facts) -> tuple[str | None, str]:
@@ -404,6 +414,10 @@ def _first_pass(d: _Draft) -> None:
         d.kind = "fmaphz"
         d.name("fmap", "fieldmap", "B0 field map in Hz (ImageType FIELDMAPHZ)")
         return
+    if _is_dsc(o, f) and not ("ASL" in f.it or s.get("ArterialSpinLabelingType")):
+        d.leave(f"dynamic susceptibility contrast perfusion ({f.signature()}): BIDS has no raw suffix for DSC; "
+                f"name it in a project heuristic")
+        return
     if _is_asl(o, f):
         if "M0" in f.it:
             d.kind = "m0"
@@ -450,7 +464,7 @@ def _first_pass(d: _Draft) -> None:
     if f.volumes is not None and f.volumes > 1 and f.part is None:
         d.leave(f"{f.signature()}: several volumes of a non-EPI sequence; name it in a project heuristic")
         return
-    if "GR" in f.ss and "IR" not in f.ss and f.ti is None and "MP" not in f.sv:
+    if "GR" in f.ss and "IR" not in f.ss and not f.ti and "MP" not in f.sv:
         d.kind = "gre"
         return
     if f.part is not None:
@@ -514,7 +528,7 @@ def _gre_sets(drafts: list[_Draft]) -> None:
         if len(tes) >= 2:
             for d in members:
                 n = echo_of[round(d.f.te, 3)]
-                part = {"phase": "phase", "real": "real", "imag": "imag"}.get(d.f.part, "mag") if phases else None
+                part = (d.f.part or "mag") if phases else None
                 d.name("anat", "MEGRE", f"multi-echo gradient echo, echo {n} of {len(tes)} (TE={d.f.te:g})",
                        echo=n, part=part)
             continue
@@ -529,7 +543,7 @@ def _gre_sets(drafts: list[_Draft]) -> None:
             if suffix is None:
                 d.leave(reason)
             elif phases:
-                d.name("anat", suffix, reason, part={"phase": "phase", "real": "real", "imag": "imag"}.get(d.f.part, "mag"))
+                d.name("anat", suffix, reason, part=d.f.part or "mag")
             else:
                 d.name("anat", suffix, reason)
 
