@@ -421,6 +421,7 @@ def test_anatomical_contrasts(tmp_path, sidecar, suffix):
     (["DERIVED", "SECONDARY", "MPR"], "MPR"),
     (["ORIGINAL", "PRIMARY", "LOCALIZER"], "localizer"),
     (["ORIGINAL", "PRIMARY", "M", "ND", "MOCO"], "MOCO"),
+    (["DERIVED", "SECONDARY", "SCREEN SAVE"], "secondary capture"),
 ])
 def test_derived_and_localizers_are_left_out(tmp_path, image_type, word):
     (d,) = classify_session([mk(tmp_path, shape=(64, 64, 30, 3), bvals=[0, 1000, 1000], **EPI, ImageType=image_type)])

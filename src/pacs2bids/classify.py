@@ -12,16 +12,16 @@ Modality not MR or PT                              left out: no BIDS datatype, s
 ``it`` LOCALIZER / SCOUT / SURVEY                  left out: localizer
 ``it`` DERIVED / SECONDARY, or ADC, FA, TRACEW,    left out: derived (ADC, FA, trace, MPR/MIP
 TRACE, EADC, MPR, MIP, PROJECTION IMAGE, MOCO,     reformats, motion-corrected series, scanner
-CBF, CBV, MTT, TTP, RELCBF                         perfusion maps)
+CBF, CBV, MTT, TTP, RELCBF, ...                    perfusion maps, screenshots)
 Modality PT                                        pet/pet
 no EchoTime, RepetitionTime, ss nor SequenceName   unclassified: contrast cannot be read
+``it`` FIELDMAPHZ                                  fmap/fieldmap (+ fmap/magnitude of the same series)
 EPI perfusion time series (> 10 volumes, or       left out: DSC has no BIDS raw suffix
 Siemens ep2d_perf) without ASL labelling
 ASL: ``it`` ASL, ArterialSpinLabelingType, an      perf/asl; aslcontext "deltam" per volume when
 ASL sequence name, dcm2niix's perf guess, or       ``it`` says PERFUSION without M/MAGNITUDE
 ``it`` PERFUSION (not DSC)
-``it`` M0 in an ASL session                        perf/m0scan
-``it`` FIELDMAPHZ                                  fmap/fieldmap (+ fmap/magnitude of the same series)
+``it`` M0, or one volume of an ASL sequence/grid   perf/m0scan
 bval file, ``it`` DIFFUSION or DiffusionScheme     dwi/dwi; one volume before a matching dwi: sbref;
                                                    <= 3 volumes of b <= 50 with a reversed twin: fmap/epi
 EPI, spin echo, no diffusion, <= 3 volumes         fmap/epi, dir-XX (needs a polarity)
@@ -39,7 +39,7 @@ spin echo TR >= 1500: TE >= 60 / TE <= 35          anat/T2w / anat/PDw
 spin echo TR <= 1000, TE <= 30                     anat/T1w
 3D GRE TOF (ScanOptions TOF, ANGIO, flow-encoded,  anat/angio
 or MT + 3D GRE TR 15-50, TE 2-8, flip 15-35)
-3D spoiled GRE TR < 30, TE < 10, flip >= 8         anat/T1w
+3D spoiled GRE TR < 15, TE < 10, flip >= 8         anat/T1w
 anything else                                      unclassified, reason names the fields seen
 =================================================  ==========================================
 
@@ -102,7 +102,7 @@ PET_REQUIRED = ("Manufacturer", "ManufacturersModelName", "Units", "TracerName",
                 "ReconFilterType", "ReconFilterSize", "AttenuationCorrection")
 
 _DERIVED_TOKENS = ("ADC", "EADC", "FA", "TRACEW", "TRACE", "MPR", "MIP", "MNIP", "MINIP", "PROJECTION IMAGE",
-                   "MOCO", "CBF", "CBV", "MTT", "TTP", "RELCBF", "RELCBV", "SWI", "COLFA", "EXP", "T1 MAP",
+                   "MOCO", "CBF", "CBV", "MTT", "TTP", "RELCBF", "RELCBV", "COLFA", "EXP", "T1 MAP",
                    "T2 MAP", "R2STAR", "SUB", "SUBTRACTION", "CPR", "REFORMATTED")
 _LOCALIZER_TOKENS = ("LOCALIZER", "SCOUT", "SURVEY")
 _HUGE = 10 ** 12
@@ -328,7 +328,10 @@ def _derived_reason(f: _Facts) -> str | None:
         if tok in f.it:
             return f"localizer (ImageType {tok}): not part of a BIDS dataset"
     hits = [t for t in _DERIVED_TOKENS if t in f.it]
-    if f.it[:1] == ("DERIVED",) or "SECONDARY" in f.it[:2] or hits:
+    if "SECONDARY" in f.it[:2] and not hits:
+        return (f"secondary capture (ImageType {'/'.join(f.it)}): a screenshot or report image, "
+                f"not raw BIDS data")
+    if f.it[:1] == ("DERIVED",) or hits:
         what = "/".join(hits) if hits else "/".join(f.it[:2])
         return (f"derived image (ImageType {'/'.join(f.it)}; {what}): scanner-computed maps, traces and "
                 f"reformats are not raw BIDS data")
