@@ -49,7 +49,7 @@ def _read_header(p: Path):
         return None
 
 
-def convert_and_classify(root: Path, work: Path) -> list[Converted]:
+def convert_and_classify(root: Path, work: Path, images: bool = True) -> list[Converted]:
     """Group files by session (StudyInstanceUID; the Philips enhanced export apart) and SeriesInstanceUID,
     run dcm2niix once per series folder, classify each session's outputs together."""
     assert DCM2NIIX, "dcm2niix is not on PATH: install the pinned wheel (pip install dcm2niix)"
@@ -78,7 +78,7 @@ def convert_and_classify(root: Path, work: Path) -> list[Converted]:
                     shutil.copyfileobj(f, g)
             else:
                 (src / p.name).symlink_to(p)
-        run = subprocess.run([DCM2NIIX, "-b", "y", "-z", "n", "-f", "s%s", "-o", str(out), str(src)],
+        run = subprocess.run([DCM2NIIX, "-b", "y" if images else "o", "-z", "n", "-f", "s%s", "-o", str(out), str(src)],
                              capture_output=True, text=True)
         assert run.returncode in (0, 2), f"dcm2niix failed on {where[key][0]}: {run.stderr[-500:]}"  # 2: no images
         for js in sorted(out.glob("*.json")):
@@ -535,3 +535,36 @@ def test_inversion_time_zero_is_no_inversion(tmp_path):
     outs = [mk(tmp_path, **GRE, EchoTime=0.02, InversionTime=0, ImageType=MAG),
             mk(tmp_path, **GRE, EchoTime=0.02, InversionTime=0, ImageType=PHASE)]
     assert [d.suffix for d in classify_session(outs)] == ["T2starw", "T2starw"]
+
+
+@pytest.mark.parametrize("name", ["sample", pytest.param("vendors", marks=pytest.mark.corpus),
+                                  pytest.param("corpus", marks=pytest.mark.corpus)])
+def test_sidecars_without_images_never_give_another_name(request, name, tmp_path_factory):
+    """dcm2niix -b o (a plan): the same suffix, or left out asking for the image; short EPI pairs stay bold."""
+    root = request.getfixturevalue({"sample": "sample_dir", "vendors": "vendors_dir", "corpus": "corpus_dir"}[name])
+    with_images = request.getfixturevalue(name)
+    without = convert_and_classify(root, tmp_path_factory.mktemp(f"cls-{name}-bo"), images=False)
+    full = {(c.folder, c.series_number, c.decision.output.stem.name): c.decision for c in with_images}
+    mr = {k for k, d in full.items() if d.output.sidecar.get("Modality") == "MR"}
+    assert mr <= {(c.folder, c.series_number, c.decision.output.stem.name) for c in without}
+    for c in without:
+        d, ref = c.decision, full.get((c.folder, c.series_number, c.decision.output.stem.name))
+        if ref is None:  # dcm2niix splits some CT secondary captures differently without images
+            assert d.output.sidecar.get("Modality") != "MR" and d.datatype is None
+            continue
+        assert d.output.shape == () and d.output.bvals is None
+        if d.suffix == ref.suffix:
+            assert d.entities.get("dir") == ref.entities.get("dir")
+        elif ref.suffix == "epi" and d.suffix == "bold":
+            assert "volume" in ref.reason  # pairing needs the volume count
+        else:
+            assert d.suffix is None and "dcm2niix -b y" in d.reason, (ref.suffix, d.reason)
+
+
+def test_epi_direction_without_an_image_comes_from_the_orientation(tmp_path):
+    se = dict(EPI, ScanningSequence="SE\\EP", SequenceName="epse2d1_90",
+              ImageOrientationPatientDICOM=[1, 0, 0, 0, 1, 0])  # axial: rows L->R... in LPS, columns A->P
+    refs = [mk(tmp_path, series_number=3, shape=(90, 90, 60, 3), **{**se, "PhaseEncodingDirection": "j-"})]
+    assert names(classify_session(refs)) == ["sub-01/fmap/sub-01_dir-AP_epi"]
+    (d,) = classify_session([dataclasses.replace(refs[0], shape=())])
+    assert d.datatype is None and "dcm2niix -b y" in d.reason  # volume count unknown: not guessed

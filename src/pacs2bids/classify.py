@@ -63,6 +63,11 @@ Decisions where BIDS or the issue left a choice
   images are derived and left out.
 - ``run`` is added only when a name repeats in the session, in acquisition order (SeriesNumber,
   then stem). A field-map set shares one run index per member.
+- Sidecars written without an image (``dcm2niix -b o``, for a plan) have no volume count and no
+  bval: the rules that need them (sbref, short EPI references, deltaM volume count) do not fire,
+  diffusion is read from ImageType/DiffusionScheme/sequence names, a spin-echo EPI without those is
+  left out asking for ``-b y``, and ``dir`` comes from ImageOrientationPatientDICOM instead of the
+  affine. The final names come from the conversion with images.
 - PET: ``pet``; BIDS-PET fields that dcm2niix does not write (tracer, injection, reconstruction,
   frame timing) are listed in ``Decision.missing``.
 """
@@ -385,6 +390,12 @@ def _anat_contrast(f: _Facts) -> tuple[str | None, str]:
     return None, f"{sig}: not a recognised contrast; name it in a project heuristic"
 
 
+def _diffusion_sequence(f: _Facts) -> bool:
+    """Diffusion sequence names: Philips DwiSE, Siemens ep_b<value> (bvals need the image with dcm2niix -b o)."""
+    name = f.seqname.lstrip("*").upper()
+    return "DWI" in name or (name.startswith("EP_B") and name[4:5].isdigit())
+
+
 def _is_tof(o: Dcm2niixOutput, f: _Facts) -> bool:
     s = o.sidecar
     opts = str(s.get("ScanOptions") or "").upper()
@@ -427,20 +438,23 @@ def _first_pass(d: _Draft) -> None:
             d.name("perf", "m0scan", "ASL M0 calibration (ImageType M0)")
             return
         d.kind = "asl"
-        nvol = f.volumes or 1
+        nvol = f.volumes
         if "PERFUSION" in f.it and not ({"M", "MAGNITUDE"} & set(f.it)):
-            d.name("perf", "asl", f"scanner-computed ASL difference (ImageType PERFUSION), {nvol} volume(s) "
-                                  f"of deltaM")
-            d.extra = {"aslcontext.tsv": "volume_type\n" + "deltam\n" * nvol}
+            d.name("perf", "asl", f"scanner-computed ASL difference (ImageType PERFUSION), {nvol or '?'} "
+                                  f"volume(s) of deltaM")
+            if nvol:
+                d.extra = {"aslcontext.tsv": "volume_type\n" + "deltam\n" * nvol}
+            else:
+                d.missing = ("aslcontext.tsv",)  # its volume count needs the image (dcm2niix -b y)
         else:
-            d.name("perf", "asl", f"ASL label/control series ({nvol} volumes)")
+            d.name("perf", "asl", f"ASL label/control series ({nvol or '?'} volumes)")
             d.missing = ("aslcontext.tsv",)
         d.missing = d.missing + tuple(k for k in ASL_REQUIRED if k not in s)
         return
-    if o.bvals is not None or "DIFFUSION" in f.it or s.get("DiffusionScheme"):
+    if o.bvals is not None or "DIFFUSION" in f.it or s.get("DiffusionScheme") or _diffusion_sequence(f):
         d.kind = "dwi"
         bmax = max(o.bvals) if o.bvals else None
-        d.name("dwi", "dwi", f"diffusion weighted ({f.volumes} volume(s), max b={_fmt(bmax)})")
+        d.name("dwi", "dwi", f"diffusion weighted ({f.volumes or '?'} volume(s), max b={_fmt(bmax)})")
         return
     if f.epi:
         if f.part is not None:
@@ -448,16 +462,20 @@ def _first_pass(d: _Draft) -> None:
                 d.leave(f"{f.part} image of a spin-echo EPI ({f.signature()}): name it in a project heuristic")
                 return
             d.kind = "bold"
-            d.name("func", "bold", f"{f.part} image of a gradient-echo EPI time series ({f.volumes} volume(s))",
+            d.name("func", "bold", f"{f.part} image of a gradient-echo EPI time series ({f.volumes or '?'} volume(s))",
                    task="unknown", part=f.part)
             return
-        if f.spin_echo and (f.volumes or 1) <= 3:
+        if f.spin_echo and f.volumes is None:
+            d.leave(f"spin-echo EPI without diffusion facts and without its image ({f.signature()}): "
+                    f"convert it with dcm2niix -b y to tell a field-map reference from a diffusion series")
+            return
+        if f.spin_echo and f.volumes <= 3:
             d.kind = "epi"
             d.name("fmap", "epi", f"spin-echo EPI without diffusion weighting, {f.volumes} volume(s): "
                                   f"field-map reference")
             return
         d.kind = "bold"
-        d.name("func", "bold", f"gradient-echo EPI time series ({f.volumes} volume(s), TE={_fmt(f.te)})",
+        d.name("func", "bold", f"gradient-echo EPI time series ({f.volumes or '?'} volume(s), TE={_fmt(f.te)})",
                task="unknown")
         return
     # non-EPI MR: angiography first, then gradient-echo sets are decided per session
@@ -564,9 +582,9 @@ def _sbrefs(drafts: list[_Draft]) -> None:
     """A single-volume EPI acquired just before a matching time series is its reference (sbref)."""
     for kind, datatype in (("bold", "func"), ("dwi", "dwi")):
         series = [d for d in drafts if d.kind == kind]
-        multi = [d for d in series if (d.f.volumes or 1) > 1 and d.f.part is None]
+        multi = [d for d in series if (d.f.volumes or 0) > 1 and d.f.part is None]
         for d in series:
-            if (d.f.volumes or 1) != 1 or d.f.part is not None:
+            if d.f.volumes != 1 or d.f.part is not None:
                 continue
             later = [m for m in multi if _grid(m) == _grid(d) and m.f.pe == d.f.pe
                      and (kind == "dwi" or _close(m.f.te, d.f.te)) and m.f.echo_number == d.f.echo_number
@@ -587,7 +605,7 @@ def _reverse_pe_epis(drafts: list[_Draft]) -> None:
     """A short gradient-echo EPI with a reversed-polarity twin (same grid) is a field-map reference."""
     epis = [d for d in drafts if d.kind in ("bold", "dwi", "epi")]
     for d in drafts:
-        if (d.f.volumes or 1) > 3 or not d.f.pe or d.f.part is not None:
+        if d.f.volumes is None or d.f.volumes > 3 or not d.f.pe or d.f.part is not None:
             continue
         if d.kind == "dwi":  # b=0 references (b <= 50) only, never diffusion-weighted volumes
             if not d.o.bvals or max(d.o.bvals) > 50:
@@ -622,14 +640,31 @@ def _multi_echo_bold(drafts: list[_Draft]) -> None:
                 d.reason += f"; echo {d.f.echo_number} of a multi-echo series"
 
 
+def _axes_from_orientation(sidecar: dict) -> np.ndarray | None:
+    """Voxel axes in RAS+ from ImageOrientationPatientDICOM, for sidecars written without an image (-b o).
+
+    dcm2niix keeps the DICOM row direction as NIfTI i and flips the rows, so NIfTI j runs against the
+    DICOM column direction (checked against the affine of every output of both shared corpora).
+    """
+    iop = sidecar.get("ImageOrientationPatientDICOM")
+    if not isinstance(iop, list) or len(iop) != 6:
+        return None
+    row = np.asarray(iop[:3], dtype=float) * (-1, -1, 1)  # LPS -> RAS
+    col = np.asarray(iop[3:], dtype=float) * (-1, -1, 1)
+    axes = np.eye(4)
+    axes[:3, 0], axes[:3, 1], axes[:3, 2] = row, -col, np.cross(row, col)
+    return axes
+
+
 def _directions(drafts: list[_Draft]) -> None:
     for d in drafts:
         if d.suffix != "epi":
             continue
-        label = phase_encoding_label(d.f.pe, d.o.affine())
+        affine = d.o.affine()
+        label = phase_encoding_label(d.f.pe, affine if affine is not None else _axes_from_orientation(d.o.sidecar))
         if label is None:
             why = ("only PhaseEncodingAxis (no polarity) in the sidecar" if not d.f.pe
-                   else "no NIfTI affine to map it to the head")
+                   else "neither a NIfTI affine nor ImageOrientationPatientDICOM to map it to the head")
             d.leave(f"EPI field-map reference whose direction cannot be read ({why}); BIDS requires dir- "
                     f"for epi: name it in a project heuristic")
             d.kind = ""
