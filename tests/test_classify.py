@@ -568,3 +568,9 @@ def test_epi_direction_without_an_image_comes_from_the_orientation(tmp_path):
     assert names(classify_session(refs)) == ["sub-01/fmap/sub-01_dir-AP_epi"]
     (d,) = classify_session([dataclasses.replace(refs[0], shape=())])
     assert d.datatype is None and "dcm2niix -b y" in d.reason  # volume count unknown: not guessed
+
+
+def test_relpath_writes_entities_in_bids_order(tmp_path):
+    d = Decision(output=mk(tmp_path), datatype="pet", suffix="pet", reason="x",
+                 entities={"run": "2", "trc": "FDG", "rec": "acdyn", "acq": "lowdose", "task": "rest"})
+    assert d.relpath("01", None) == "sub-01/pet/sub-01_task-rest_acq-lowdose_trc-FDG_rec-acdyn_run-2_pet"

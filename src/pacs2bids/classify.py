@@ -68,6 +68,10 @@ Decisions where BIDS or the issue left a choice
   diffusion is read from ImageType/DiffusionScheme/sequence names, a spin-echo EPI without those is
   left out asking for ``-b y``, and ``dir`` comes from ImageOrientationPatientDICOM instead of the
   affine. The final names come from the conversion with images.
+- What the images hold for ASL beyond the sidecar: Philips DICOM keeps the label/control type
+  per frame (2005,1429), the phase (2001,1008) and TriggerTime per phase (the labelling delay of
+  multi-phase PASL); it does not hold labelling duration, background suppression or M0 type
+  (dcm_qa_philips_asl README, "Missing Information"): those must come from the project.
 - PET: ``pet``; BIDS-PET fields that dcm2niix does not write (tracer, injection, reconstruction,
   frame timing) are listed in ``Decision.missing``.
 """
@@ -90,7 +94,7 @@ __all__ = [
 ]
 
 #: BIDS entity order after sub/ses (BIDS 1.10 appendix "Entity table", the ones MR/PET raw uses).
-ENTITY_ORDER = ("task", "trc", "acq", "ce", "rec", "dir", "run", "echo", "flip", "inv", "mt", "part",
+ENTITY_ORDER = ("task", "acq", "ce", "trc", "rec", "dir", "run", "echo", "flip", "inv", "mt", "part",
                 "chunk")
 
 #: BIDS-ASL REQUIRED sidecar fields (perf, BIDS 1.10); LabelingDuration for (P)CASL, BolusCutOff* for PASL.
@@ -245,7 +249,6 @@ class _Facts:
     volumes: int | None
     epi: bool
     spin_echo: bool
-    phase: bool
     part: str | None      # "phase", "real", "imag" or None (magnitude)
 
     def signature(self) -> str:
@@ -283,8 +286,7 @@ def _facts(o: Dcm2niixOutput) -> _Facts:
         flip=float(s["FlipAngle"]) if isinstance(s.get("FlipAngle"), (int, float)) else None,
         acq3d=str(s.get("MRAcquisitionType", "")).upper() == "3D",
         echo_number=int(echo) if isinstance(echo, (int, float)) else None,
-        pe=str(pe) if pe else None, volumes=o.volumes, epi=epi, spin_echo=spin_echo,
-        phase=part == "phase", part=part,
+        pe=str(pe) if pe else None, volumes=o.volumes, epi=epi, spin_echo=spin_echo, part=part,
     )
 
 
