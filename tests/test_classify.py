@@ -574,3 +574,9 @@ def test_relpath_writes_entities_in_bids_order(tmp_path):
     d = Decision(output=mk(tmp_path), datatype="pet", suffix="pet", reason="x",
                  entities={"run": "2", "trc": "FDG", "rec": "acdyn", "acq": "lowdose", "task": "rest"})
     assert d.relpath("01", None) == "sub-01/pet/sub-01_task-rest_acq-lowdose_trc-FDG_rec-acdyn_run-2_pet"
+
+
+def test_dce_with_a_perfusion_image_type_is_not_asl(tmp_path):
+    dce = dict(GRE, RepetitionTime=0.004, EchoTime=0.0015, ImageType=["ORIGINAL", "PRIMARY", "PERFUSION", "NONE"])
+    (d,) = classify_session([mk(tmp_path, shape=(256, 256, 40, 30), **dce)])
+    assert d.datatype is None and "several volumes of a non-EPI sequence" in d.reason

@@ -352,8 +352,10 @@ def _is_asl(o: Dcm2niixOutput, f: _Facts) -> bool:
     labelled = ("ASL" in f.it or bool(s.get("ArterialSpinLabelingType"))
                 or any(k in seq for k in ("pcasl", "pasl", "_asl", "asl_", "3d_asl"))
                 or (isinstance(guess, list) and guess[:1] == ["perf"] and o.bvals is None))
-    # PERFUSION alone: Philips ASL (difference or source), unless it is a long EPI time series (DSC)
-    return labelled or ("PERFUSION" in f.it and not _is_dsc(o, f))
+    # PERFUSION alone: Philips ASL (difference or source), unless it is a long EPI time series (DSC) or a
+    # fast spoiled gradient echo (DCE): ASL reads out with EPI, GRASE, spiral or turbo spin echo
+    dce = not f.epi and f.tr is not None and f.tr < 15
+    return labelled or ("PERFUSION" in f.it and not _is_dsc(o, f) and not dce)
 
 
 def _is_dsc(o: Dcm2niixOutput, f: _Facts) -> bool:
@@ -477,7 +479,9 @@ def _first_pass(d: _Draft) -> None:
                                   f"field-map reference")
             return
         d.kind = "bold"
-        d.name("func", "bold", f"gradient-echo EPI time series ({f.volumes or '?'} volume(s), TE={_fmt(f.te)})",
+        echo = "spin-echo" if f.spin_echo else "gradient-echo"
+        d.name("func", "bold", f"{echo} EPI time series without diffusion weighting ({f.volumes or '?'} volume(s), "
+                               f"TE={_fmt(f.te)})",
                task="unknown")
         return
     # non-EPI MR: angiography first, then gradient-echo sets are decided per session
