@@ -243,7 +243,7 @@ def test_epi_directions_from_the_affine(corpus):
 def test_xa30_runs_and_fieldmap_set(corpus):
     bolds = [_of(corpus, "dcm_qa_xa30i", n)[0] for n in range(7001, 7021)]
     assert [d.entities["run"] for d in bolds] == [str(n) for n in range(1, 21)]  # acquisition order
-    assert all(d.entities["task"] == "unknown" for d in bolds)
+    assert all(d.entities["task"] == "unknown" and d.missing == ("TaskName",) for d in bolds)
     (phase,) = _of(corpus, "dcm_qa_xa30i", 10001)
     assert phase.relpath("01", "01") == "sub-01/ses-01/fmap/sub-01_ses-01_phasediff"
     assert {"EchoTime1", "EchoTime2"} <= set(phase.output.sidecar)
@@ -362,6 +362,7 @@ def test_fieldmap_one_phase_is_phasediff_two_phases_are_phase1_phase2(tmp_path):
            mk(tmp_path, series_number=2, **fm, EchoTime=0.00738, EchoNumber=2, ImageType=MAG),
            mk(tmp_path, series_number=3, **fm, EchoTime=0.00738, EchoNumber=2, ImageType=PHASE)]
     assert [d.suffix for d in classify_session(one)] == ["magnitude1", "magnitude2", "phasediff"]
+    assert classify_session(one)[2].missing == ("EchoTime1", "EchoTime2")  # BIDS requires them; convert adds
     two = one[:2] + [mk(tmp_path, series_number=3, **fm, EchoTime=0.00492, EchoNumber=1, ImageType=PHASE),
                      mk(tmp_path, series_number=3, **fm, EchoTime=0.00738, EchoNumber=2, ImageType=PHASE)]
     assert [d.suffix for d in classify_session(two)] == ["magnitude1", "magnitude2", "phase1", "phase2"]
@@ -450,6 +451,7 @@ def test_epi_reference_direction_and_polarity(tmp_path):
                **{k: v for k, v in se.items() if k != "PhaseEncodingDirection"}, PhaseEncodingAxis="j")]
     d = classify_session(outs)
     assert names(d)[:2] == ["sub-01/fmap/sub-01_dir-AP_epi", "sub-01/fmap/sub-01_dir-PA_epi"]
+    assert d[0].missing == ("TotalReadoutTime",)
     assert d[2].datatype is None and "PhaseEncodingAxis (no polarity)" in d[2].reason
 
 
@@ -580,3 +582,16 @@ def test_dce_with_a_perfusion_image_type_is_not_asl(tmp_path):
     dce = dict(GRE, RepetitionTime=0.004, EchoTime=0.0015, ImageType=["ORIGINAL", "PRIMARY", "PERFUSION", "NONE"])
     (d,) = classify_session([mk(tmp_path, shape=(256, 256, 40, 30), **dce)])
     assert d.datatype is None and "several volumes of a non-EPI sequence" in d.reason
+
+
+@pytest.mark.parametrize("junk", [
+    {"EchoTime": "n/a", "RepetitionTime": None, "FlipAngle": "90", "EchoNumber": [1, 2]},
+    {"EchoTime": [0.01, 0.02], "RepetitionTime": float("nan"), "ImageType": "ORIGINAL\\PRIMARY\\P"},
+    {"ScanningSequence": None, "PhaseEncodingDirection": "j?", "ImageType": None, "Modality": None},
+    {"ScanningSequence": "EP", "PhaseEncodingDirection": "y-", "SeriesNumber": "x"},
+])
+def test_odd_sidecar_values_never_crash_and_say_why(tmp_path, junk):
+    outs = [mk(tmp_path, shape=(64, 64, 30, 2), **{**GRE, **junk}), mk(tmp_path, shape=(), **junk)]
+    for d in classify_session(outs):
+        assert d.reason
+        assert (d.datatype is None) == (d.relpath("01", None) is None)

@@ -90,7 +90,7 @@ import numpy as np
 
 __all__ = [
     "ENTITY_ORDER", "Dcm2niixOutput", "Decision", "read_output", "classify_session",
-    "ASL_REQUIRED", "PET_REQUIRED", "phase_encoding_label",
+    "ASL_REQUIRED", "PET_REQUIRED", "SUFFIX_REQUIRED", "phase_encoding_label",
 ]
 
 #: BIDS entity order after sub/ses (BIDS 1.10 appendix "Entity table", the ones MR/PET raw uses).
@@ -109,6 +109,16 @@ PET_REQUIRED = ("Manufacturer", "ManufacturersModelName", "Units", "TracerName",
                 "ImageDecayCorrected", "ImageDecayCorrectionTime", "ReconMethodName",
                 "ReconMethodParameterLabels", "ReconMethodParameterUnits", "ReconMethodParameterValues",
                 "ReconFilterType", "ReconFilterSize", "AttenuationCorrection")
+
+#: Other REQUIRED sidecar fields per suffix (BIDS 1.10) that a dcm2niix sidecar may lack. TaskName is
+#: never written by dcm2niix: convert writes it from the task entity.
+SUFFIX_REQUIRED = {
+    "bold": ("RepetitionTime", "TaskName"),
+    "epi": ("PhaseEncodingDirection", "TotalReadoutTime"),
+    "phasediff": ("EchoTime1", "EchoTime2"),
+    "phase1": ("EchoTime",), "phase2": ("EchoTime",),
+    "fieldmap": ("Units",),
+}
 
 _DERIVED_TOKENS = ("ADC", "EADC", "FA", "TRACEW", "TRACE", "MPR", "MIP", "MNIP", "MINIP", "PROJECTION IMAGE",
                    "MOCO", "CBF", "CBV", "MTT", "TTP", "RELCBF", "RELCBV", "COLFA", "EXP", "T1 MAP",
@@ -279,6 +289,7 @@ def _facts(o: Dcm2niixOutput) -> _Facts:
         part = "imag"
     echo = s.get("EchoNumber")
     pe = s.get("PhaseEncodingDirection")
+    pe = pe if pe in ("i", "i-", "j", "j-", "k", "k-") else None  # anything else: polarity unknown
     return _Facts(
         modality=str(s.get("Modality") or "MR").upper(), it=it, ss=ss, sv=sv, seqname=seqname,
         te=_ms(s, "EchoTime"), tr=_ms(s, "RepetitionTimeExcitation") or _ms(s, "RepetitionTime"),
@@ -547,7 +558,6 @@ def _gre_sets(drafts: list[_Draft]) -> None:
                     d.leave(f"{d.f.part} image of a field map: BIDS field maps hold magnitude and phase only")
                 elif one_phase:
                     d.name("fmap", "phasediff", f"field-map phase difference (TE={tes[0]:g}/{tes[1]:g})")
-                    d.missing = tuple(k for k in ("EchoTime1", "EchoTime2") if k not in d.o.sidecar)
                 else:
                     n = echo_of[round(d.f.te, 3)]
                     d.name("fmap", f"phase{n}", f"field-map phase, echo {n} (TE={d.f.te:g})")
@@ -721,6 +731,9 @@ def classify_session(outputs: list[Dcm2niixOutput]) -> list[Decision]:
     out = []
     for d in drafts:
         ents = {k: d.entities[k] for k in ENTITY_ORDER if k in d.entities}
+        if d.suffix in SUFFIX_REQUIRED:
+            d.missing = tuple(d.missing) + tuple(k for k in SUFFIX_REQUIRED[d.suffix]
+                                                 if k not in d.o.sidecar and k not in d.missing)
         out.append(Decision(output=d.o, datatype=d.datatype, suffix=d.suffix, entities=ents, reason=d.reason,
                             extra_files=dict(d.extra), missing=tuple(d.missing)))
     return out
