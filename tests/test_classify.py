@@ -595,3 +595,11 @@ def test_odd_sidecar_values_never_crash_and_say_why(tmp_path, junk):
     for d in classify_session(outs):
         assert d.reason
         assert (d.datatype is None) == (d.relpath("01", None) is None)
+
+
+def test_only_the_last_single_volume_before_a_run_is_its_sbref(tmp_path):
+    """XA exports a run as one series per volume: those stay bold, only the volume just before the run is sbref."""
+    outs = [mk(tmp_path, series_number=n, shape=(64, 64, 30), **EPI) for n in (5, 6, 7, 8)]
+    outs.append(mk(tmp_path, series_number=9, shape=(64, 64, 30, 200), **EPI))
+    got = [(d.output.series_number, d.suffix, d.entities.get("run")) for d in classify_session(outs)]
+    assert got == [(5, "bold", "1"), (6, "bold", "2"), (7, "bold", "3"), (8, "sbref", None), (9, "bold", "4")]

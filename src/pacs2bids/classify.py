@@ -595,10 +595,13 @@ def _fieldmap_magnitudes(drafts: list[_Draft]) -> None:
 
 
 def _sbrefs(drafts: list[_Draft]) -> None:
-    """A single-volume EPI acquired just before a matching time series is its reference (sbref)."""
+    """The last single-volume EPI acquired before a matching time series (same grid, phase encoding, echo,
+    and TE for BOLD) is its reference (sbref). Earlier single volumes stay what they are (XA exports a
+    run as one series per volume)."""
     for kind, datatype in (("bold", "func"), ("dwi", "dwi")):
         series = [d for d in drafts if d.kind == kind]
         multi = [d for d in series if (d.f.volumes or 0) > 1 and d.f.part is None]
+        chosen: dict[int, _Draft] = {}
         for d in series:
             if d.f.volumes != 1 or d.f.part is not None:
                 continue
@@ -607,10 +610,16 @@ def _sbrefs(drafts: list[_Draft]) -> None:
                      and _order(m) > _order(d)]
             if later:
                 target = min(later, key=_order)
-                d.kind = kind + "-sbref"
-                ents = {k: v for k, v in target.entities.items() if k != "run"}
-                d.name(datatype, "sbref", f"single-volume reference acquired before the {target.suffix} "
-                                          f"series {target.o.series_number} (same grid and phase encoding)", **ents)
+                if id(target) not in chosen or _order(chosen[id(target)]) < _order(d):
+                    chosen[id(target)] = d
+        for target in multi:
+            d = chosen.get(id(target))
+            if d is None:
+                continue
+            d.kind = kind + "-sbref"
+            ents = {k: v for k, v in target.entities.items() if k != "run"}
+            d.name(datatype, "sbref", f"single-volume reference acquired just before the {target.suffix} "
+                                      f"series {target.o.series_number} (same grid and phase encoding)", **ents)
 
 
 def _close(a: float | None, b: float | None) -> bool:
