@@ -490,6 +490,7 @@ def test_asl_deltam_source_and_m0scan(tmp_path):
     d = classify_session(outs)
     assert [x.suffix for x in d] == ["asl", "asl", "m0scan", "m0scan"]
     assert d[0].extra_files == {"aslcontext.tsv": "volume_type\ndeltam\n"}
+    assert d[0].aslcontext == ("deltam",) and d[1].aslcontext is None
     assert d[1].extra_files == {} and d[1].missing[0] == "aslcontext.tsv"
     assert set(ASL_REQUIRED) - {"FlipAngle", "EchoTime", "MRAcquisitionType"} <= set(d[0].missing)
     assert [x.entities.get("run") for x in d] == ["1", "2", "1", "2"]

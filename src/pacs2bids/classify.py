@@ -181,6 +181,12 @@ class Decision:
     #: (sidecar fields, or "aslcontext.tsv"): a project heuristic or the operator must supply it
     missing: tuple[str, ...] = ()
 
+    @property
+    def aslcontext(self) -> tuple[str, ...] | None:
+        """The volume types of ``aslcontext.tsv`` (one per volume), or None when none is proposed."""
+        text = self.extra_files.get("aslcontext.tsv")
+        return tuple(text.split()[1:]) if text else None
+
     def relpath(self, subject: str, session: str | None) -> str | None:
         """'sub-01/ses-01/anat/sub-01_ses-01_run-1_T1w' (no extension), entities in BIDS order; None if left out."""
         if self.datatype is None or self.suffix is None:
