@@ -157,7 +157,7 @@ VENDOR_SERIES = [
 # ../shared/data/dicom has no per-series table: these are the names a person reading the headers gives
 # (its README and each source's README say what each series is).
 CORPUS_SERIES = [
-    ("pacsman", "PACSMAN_data", None, "contrast cannot be read"),  # synthetic: no TE, TR or sequence at all
+    ("pacsman", "PACSMAN_data", None, "contrast unknown"),  # synthetic: no TE, TR or sequence at all
     ("ct-localizer", "dcm_qa_ct", 100, "no BIDS datatype for modality CT"),
     ("ct-summary", "dcm_qa_ct", 401, "no BIDS datatype for modality CT"),
     ("ge-b0map", "dcm_qa_fmap/In/GE", 6, ["fieldmap", "magnitude"]),
@@ -187,7 +187,7 @@ CORPUS_SERIES = [
 ]
 
 SAMPLE_SERIES = [
-    ("pacsman", "PACSMAN_data", None, "contrast cannot be read"),
+    ("pacsman", "PACSMAN_data", None, "contrast unknown"),
     ("ge-b0map", "dcm_qa_fmap/In/GE", 6, ["fieldmap", "magnitude"]),
     ("ge-dwi", "dcm_qa_ge", 1, ["dwi"]),
     ("nih-AP", "dcm_qa_nih", 3, ["epi"]),

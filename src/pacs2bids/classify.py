@@ -14,7 +14,7 @@ Modality not MR or PT                              left out: no BIDS datatype, s
 TRACE, EADC, MPR, MIP, PROJECTION IMAGE, MOCO,     reformats, motion-corrected series, scanner
 CBF, CBV, MTT, TTP, RELCBF, ...                    perfusion maps, screenshots)
 Modality PT                                        pet/pet
-no EchoTime, RepetitionTime, ss nor SequenceName   unclassified: contrast cannot be read
+no EchoTime, RepetitionTime, ss nor SequenceName   unclassified: contrast unknown
 ``it`` FIELDMAPHZ                                  fmap/fieldmap (+ fmap/magnitude of the same series)
 EPI perfusion time series (> 10 volumes, or       left out: DSC has no BIDS raw suffix
 Siemens ep2d_perf) without ASL labelling
@@ -387,7 +387,7 @@ def _anat_contrast(f: _Facts) -> tuple[str | None, str]:
     sig = f.signature()
     if te is None or tr is None:
         missing = "/".join(k for k, v in (("EchoTime", te), ("RepetitionTime", tr)) if v is None)
-        return None, f"no {missing} in the sidecar ({sig}): contrast cannot be read; name it in a project heuristic"
+        return None, f"no {missing} in the sidecar ({sig}): contrast unknown; name it in a project heuristic"
     ir = "IR" in f.ss or (ti is not None and ti > 0) or "MP" in f.sv
     if ir:
         if ti is not None and ti >= 1400 and te >= 60:
@@ -443,7 +443,7 @@ def _first_pass(d: _Draft) -> None:
     s = o.sidecar
     if f.te is None and f.tr is None and not f.ss and not f.seqname:
         d.leave(f"no EchoTime, RepetitionTime, ScanningSequence or SequenceName in the sidecar "
-                f"(ImageType {'/'.join(f.it) or '-'}): contrast cannot be read; name it in a project heuristic")
+                f"(ImageType {'/'.join(f.it) or '-'}): contrast unknown; name it in a project heuristic")
         return
     if "FIELDMAPHZ" in f.it:
         d.kind = "fmaphz"
