@@ -243,7 +243,7 @@ def test_epi_directions_from_the_affine(corpus):
 def test_xa30_runs_and_fieldmap_set(corpus):
     bolds = [_of(corpus, "dcm_qa_xa30i", n)[0] for n in range(7001, 7021)]
     assert [d.entities["run"] for d in bolds] == [str(n) for n in range(1, 21)]  # acquisition order
-    assert all(d.entities["task"] == "unknown" and d.missing == ("TaskName",) for d in bolds)
+    assert all(d.entities["task"] == "unknown" and d.missing == () for d in bolds)
     (phase,) = _of(corpus, "dcm_qa_xa30i", 10001)
     assert phase.relpath("01", "01") == "sub-01/ses-01/fmap/sub-01_ses-01_phasediff"
     assert {"EchoTime1", "EchoTime2"} <= set(phase.output.sidecar)

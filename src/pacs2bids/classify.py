@@ -110,10 +110,10 @@ PET_REQUIRED = ("Manufacturer", "ManufacturersModelName", "Units", "TracerName",
                 "ReconMethodParameterLabels", "ReconMethodParameterUnits", "ReconMethodParameterValues",
                 "ReconFilterType", "ReconFilterSize", "AttenuationCorrection")
 
-#: Other REQUIRED sidecar fields per suffix (BIDS 1.10) that a dcm2niix sidecar may lack. TaskName is
-#: never written by dcm2niix: convert writes it from the task entity.
+#: Other REQUIRED sidecar fields per suffix (BIDS 1.10) that a dcm2niix sidecar may lack. (TaskName, which
+#: dcm2niix never writes, is not listed: it is the task entity, and convert writes it from there.)
 SUFFIX_REQUIRED = {
-    "bold": ("RepetitionTime", "TaskName"),
+    "bold": ("RepetitionTime",),
     "epi": ("PhaseEncodingDirection", "TotalReadoutTime"),
     "phasediff": ("EchoTime1", "EchoTime2"),
     "phase1": ("EchoTime",), "phase2": ("EchoTime",),
@@ -177,8 +177,10 @@ class Decision:
     #: files the converter writes beside the image: BIDS suffix+extension -> content,
     #: e.g. {"aslcontext.tsv": "volume_type\\ndeltam\\n"} -> <name>_aslcontext.tsv
     extra_files: dict[str, str] = field(default_factory=dict)
-    #: what BIDS requires for this name that neither the sidecar nor ``extra_files`` holds
-    #: (sidecar fields, or "aslcontext.tsv"): a project heuristic or the operator must supply it
+    #: what BIDS requires for this name that neither the sidecar, the entities nor ``extra_files`` hold
+    #: (sidecar fields, or "aslcontext.tsv"): unless something fills them (EchoTime1/2 can be read from the
+    #: field-map magnitudes), the validator refuses the file: a project must supply them, or the series is
+    #: better kept as DICOM in sourcedata/ with this list as its reason
     missing: tuple[str, ...] = ()
 
     @property
