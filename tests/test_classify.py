@@ -604,3 +604,19 @@ def test_only_the_last_single_volume_before_a_run_is_its_sbref(tmp_path):
     outs.append(mk(tmp_path, series_number=9, shape=(64, 64, 30, 200), **EPI))
     got = [(d.output.series_number, d.suffix, d.entities.get("run")) for d in classify_session(outs)]
     assert got == [(5, "bold", "1"), (6, "bold", "2"), (7, "bold", "3"), (8, "sbref", None), (9, "bold", "4")]
+
+
+@pytest.mark.corpus
+def test_orientation_fallback_agrees_with_the_affine_on_real_data(vendors, corpus):
+    """The direction read from ImageOrientationPatientDICOM (for -b o) equals the one read from the NIfTI affine."""
+    from pacs2bids.classify import _axes_from_orientation
+
+    checked = 0
+    for c in vendors + corpus:
+        o = c.decision.output
+        pe = o.sidecar.get("PhaseEncodingDirection")
+        if pe and o.affine() is not None and _axes_from_orientation(o.sidecar) is not None:
+            from_iop = phase_encoding_label(pe, _axes_from_orientation(o.sidecar))
+            assert phase_encoding_label(pe, o.affine()) == from_iop, o.stem.name
+            checked += 1
+    assert checked >= 50
