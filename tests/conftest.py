@@ -50,6 +50,12 @@ def corpus_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def vendors_dir() -> Path:
+    """../shared/data/dicom-vendors: fails (not skips) when CI=true and it is missing."""
+    return _corpus(SHARED_VENDORS)
+
+
+@pytest.fixture(scope="session")
 def deid_data_dir() -> Path:
     return _corpus(SHARED_DEID)
 
