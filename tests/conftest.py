@@ -60,12 +60,6 @@ def deid_data_dir() -> Path:
     return _corpus(SHARED_DEID)
 
 
-@pytest.fixture(scope="session")
-def vendors_dir() -> Path:
-    """../shared/data/dicom-vendors: fails (not skips) when CI=true and it is missing."""
-    return _corpus(SHARED_VENDORS)
-
-
 @pytest.fixture
 def orthanc_factory(tmp_path_factory):
     """Start Orthanc servers on free loopback ports; all are stopped at the end of the test."""
