@@ -17,8 +17,8 @@ import logging
 import os
 import re
 import shutil
-import importlib.util
 import subprocess
+import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,28 +245,24 @@ def _rename_in_scans(bids_root: Path, prefix: str, renames: dict[str, str]) -> N
         scans.write_text(text)
 
 
-def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None,
-                    heuristic: str, work_dir: Path) -> ConversionResult:
-    """Convert the series under ``dicom_dir`` (one study) into ``bids_root``.
-
-    Takes the pseudonymised DICOM folder of one study, the BIDS root being built, the subject
-    and session labels (without ``sub-``/``ses-``; give a session whenever the subject has
-    several studies), a heuristic name (shipped in ``heuristics/``) or path, and a private
-    working folder. Returns one :class:`ConvertedSeries` per series found (non-image objects
-    and series the heuristic leaves out are ``skipped`` with their reason). Raises
-    :class:`ConversionError` (with heudiconv's stderr tail) when heudiconv or dcm2niix fails,
-    FileNotFoundError for an unknown heuristic.
-    """
-    dicom_dir, bids_root, work_dir = Path(dicom_dir).resolve(), Path(bids_root).resolve(), Path(work_dir).resolve()
+def _convert_heudiconv(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None,
+                       heuristic: str, work_dir: Path, log_dir: Path) -> ConversionResult:
+    """A project's own heudiconv heuristic: heudiconv's CLI on the session, in a private output
+    folder whose session files are then moved into ``bids_root``."""
+    dicom_dir, final_root, work_dir = Path(dicom_dir).resolve(), Path(bids_root).resolve(), Path(work_dir).resolve()
     heur = heuristic_file(heuristic).resolve()
     module = _load_module(heur)
     custom = callable(getattr(module, "grouping", None))
     label = f"{subject}" + (f"_ses-{session}" if session else "")
-    stage = work_dir / f"heudiconv-input-{label}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
-    bids_root.mkdir(parents=True, exist_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    # Everything heudiconv writes goes to folders of this call alone: sessions converted in
+    # parallel used to share the dataset root, where heudiconv reads and rewrites its top-level
+    # files (participants.tsv, dataset_description.json, task templates) and .heudiconv/<subject>/:
+    # the intermittent "heudiconv failed (exit 1)" on a subject's second session.
+    private = Path(tempfile.mkdtemp(prefix=f"heudiconv-{label}-", dir=work_dir))
+    stage, bids_root = private / "input", private / "bids"
+    stage.mkdir()
+    bids_root.mkdir()
     kept, filtered = _stage_inputs(dicom_dir, stage)
     results: list[ConvertedSeries] = list(filtered.values())
     if kept == 0:
@@ -284,13 +280,14 @@ def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: 
                PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     log.info("converting %d files of %s with heudiconv (heuristic %s)", kept, label, heur.name)
     proc = subprocess.run(cmd, cwd=work_dir, env=env, capture_output=True, text=True)
-    log_file = work_dir / f"heudiconv-{label}.log"
-    log_file.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
+    log_text = proc.stdout + "\n--- stderr ---\n" + proc.stderr
     if proc.returncode != 0:
+        kept = _keep_log(log_dir, f"heudiconv-sub-{label}", log_text, final_root)
+        shutil.rmtree(private, ignore_errors=True)
         tail = (proc.stderr or proc.stdout)[-_TAIL:]
         raise ConversionError(
             f"heudiconv failed (exit {proc.returncode}) on sub-{label} with heuristic {heur.name}; "
-            f"full log in {log_file}. stderr tail:\n{tail}")
+            f"full log kept in {kept}. stderr tail:\n{tail}")
 
     rows, table = _read_tables(info, subject, session)
     reasons: dict[str, str] = {}
@@ -329,18 +326,371 @@ def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: 
             elif any(o.endswith((".nii", ".nii.gz")) for o in outs):
                 status, reason = "converted", ""
             else:
-                status, reason = "failed", f"heudiconv produced no image for {prefix} (see {log_file.name})"
+                kept = _keep_log(log_dir, f"heudiconv-sub-{label}", log_text, final_root)
+                status, reason = "failed", f"heudiconv produced no image for {prefix}; its log is kept in {kept}"
         for k, uid in enumerate(uids):
             results.append(ConvertedSeries(uid, (sn + k) if (sn is not None and len(uids) > 1) else sn,
                                            desc, status, list(outs), reason))
-    # keep heudiconv's tables with the work folder, out of the dataset
-    dest = work_dir / f"heudiconv-info-{label}"
-    if dest.exists():
-        shutil.rmtree(dest)
-    if info.exists():
-        shutil.move(str(info), str(dest))
-    shutil.rmtree(stage, ignore_errors=True)
+    # only the session's own files join the dataset; heudiconv's tables and top-level templates stay behind
+    _move_session(bids_root, final_root, subject, session)
+    shutil.rmtree(private, ignore_errors=True)
     for res in results:
         if res.status == "skipped":
             log.info("series %s (%s) left out: %s", res.series_number, res.series_description, res.reason)
     return ConversionResult(results)
+
+
+# -- shared by both paths ------------------------------------------------------------------------
+def _keep_log(log_dir: Path, name: str, text: str, bids_root: Path) -> str:
+    """Write a failed conversion's log under ``log_dir`` (the run's records, leak-scanned before
+    publishing); returns its path relative to ``bids_root`` when inside it, for the reason."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / f"{name}.log"
+    path.write_text(text)
+    try:
+        return path.relative_to(bids_root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _session_rel(subject: str, session: str | None) -> Path:
+    return Path(f"sub-{subject}") / (f"ses-{session}" if session else "")
+
+
+def _move_session(src_root: Path, dest_root: Path, subject: str, session: str | None) -> None:
+    """Move the files of one session (``sub-X/[ses-Y/]``) from ``src_root`` into ``dest_root``,
+    replacing files of the same name."""
+    src = src_root / _session_rel(subject, session)
+    if not src.is_dir():
+        return
+    for f in sorted(p for p in src.rglob("*") if p.is_file()):
+        dest = dest_root / f.relative_to(src_root)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(f), str(dest))
+
+
+def child_env() -> dict[str, str]:
+    """The environment a converter needs, and nothing else: never the project secret, nor any
+    variable a spec names as holding it (they are simply not copied)."""
+    env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", os.defpath),
+           "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": os.environ.get("HOME", "/nonexistent"),
+           "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "NIPYPE_NO_ET": "1", "NO_ET": "1"}
+    return env
+
+
+def dcm2niix_exe() -> str:
+    """dcm2niix beside this interpreter (pip's wheel), else on PATH."""
+    exe = Path(sys.executable).parent / "dcm2niix"
+    found = str(exe) if exe.exists() else shutil.which("dcm2niix")
+    if not found:
+        raise ConversionError("dcm2niix is not installed: pip install dcm2niix (or apt install dcm2niix)")
+    return found
+
+
+def is_auto(heuristic: str | None) -> bool:
+    """``auto`` (the default): classify dcm2niix's sidecars (pacs2bids.classify), no heudiconv."""
+    return heuristic in (None, "", "auto")
+
+
+def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None,
+                    heuristic: str, work_dir: Path, log_dir: Path | None = None) -> ConversionResult:
+    """Convert the series under ``dicom_dir`` (one study) into ``bids_root``.
+
+    Takes the pseudonymised DICOM folder of one study, the BIDS root being built, the subject
+    and session labels (without ``sub-``/``ses-``; give a session whenever the subject has
+    several studies), a heuristic (``auto``: dcm2niix once on the session, each output named by
+    :func:`pacs2bids.classify.classify_session`; any other name or path: a heudiconv heuristic
+    run through heudiconv), and a private working folder. Logs of failed conversions are kept in
+    ``log_dir`` (default ``bids_root/.pacs2bids/logs``) and named in the reasons. Returns one
+    :class:`ConvertedSeries` per series found (non-image objects and series left out are
+    ``skipped`` with their reason). Raises :class:`ConversionError` when the converter fails as
+    a whole, FileNotFoundError for an unknown heuristic.
+    """
+    log_dir = Path(log_dir) if log_dir is not None else Path(bids_root) / ".pacs2bids" / "logs"
+    if is_auto(heuristic):
+        return _convert_dcm2niix(dicom_dir, bids_root, subject=subject, session=session, work_dir=work_dir,
+                                 log_dir=log_dir)
+    return _convert_heudiconv(dicom_dir, bids_root, subject=subject, session=session, heuristic=heuristic,
+                              work_dir=work_dir, log_dir=log_dir)
+
+
+# -- heuristic "auto": dcm2niix once per session, named from its sidecars ------------------------
+_IMAGE_EXTS = (".nii.gz", ".nii", ".json", ".bval", ".bvec")
+_STEM = re.compile(r"^s(\d{4})f(\d{5})(.*)$")
+_CONVERT_LINE = re.compile(r"^Convert (\d+) DICOM as (.+?) \(")
+_DATE_TAGS = ("AcquisitionDate", "SeriesDate", "ContentDate", "StudyDate")
+
+
+@dataclass
+class SessionSeries:
+    """One DICOM series of a session, as read from its (pseudonymised) headers."""
+
+    uid: str
+    number: int | None
+    description: str
+    files: list[Path] = field(default_factory=list)
+    date: str = ""  # YYYYMMDD of the (shifted) acquisition, "" when unreadable
+
+
+def scan_session(dicom_dir: Path) -> tuple[list[SessionSeries], list[ConvertedSeries]]:
+    """The image series under ``dicom_dir`` (in series-number order) and the non-image ones,
+    already reported as ``skipped``."""
+    series: dict[str, SessionSeries] = {}
+    filtered: dict[str, ConvertedSeries] = {}
+    for path in iter_dicom_files(dicom_dir):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=[
+                "SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", *_DATE_TAGS])
+        except (InvalidDicomError, OSError, ValueError) as exc:
+            log.warning("skipping unreadable file %s: %s", path.name, type(exc).__name__)
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        sn = ds.get("SeriesNumber")
+        try:
+            number = int(sn) if sn not in (None, "") else None
+        except (TypeError, ValueError):
+            number = None
+        sop = str(ds.get("SOPClassUID", ""))
+        if not is_image_sop_class(sop):
+            if uid not in filtered:
+                what = getattr(ds.SOPClassUID, "name", sop) if "SOPClassUID" in ds else "no SOP class"
+                filtered[uid] = ConvertedSeries(uid, number, str(ds.get("SeriesDescription", "")), "skipped", [],
+                                                f"non-image object ({what})")
+            continue
+        s = series.get(uid)
+        if s is None:
+            date = next((str(ds.get(t) or "") for t in _DATE_TAGS if str(ds.get(t) or "").strip()), "")
+            s = series[uid] = SessionSeries(uid, number, str(ds.get("SeriesDescription", "")), [], date)
+        s.files.append(path)
+    ordered = sorted(series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid))
+    return ordered, [f for u, f in filtered.items() if u not in series]
+
+
+def stage_series(series: list[SessionSeries], stage: Path) -> None:
+    """Link each series' files under ``stage/sNNNN/`` named ``sNNNNfMMMMM``: with ``-f %b``
+    dcm2niix names each output after its first file, so every output maps back to its series."""
+    for k, s in enumerate(series):
+        folder = stage / f"s{k:04d}"
+        folder.mkdir(parents=True)
+        for i, f in enumerate(s.files):
+            os.symlink(Path(f).resolve(), folder / f"s{k:04d}f{i:05d}")
+
+
+def run_dcm2niix(stage: Path, out: Path, *, sidecar_only: bool = False) -> subprocess.CompletedProcess:
+    """dcm2niix once on a staged session: ``-b y -z y`` (``-b o`` for a plan), names ``%b``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [dcm2niix_exe(), "-b", "o" if sidecar_only else "y", "-z", "y", "-f", "%b", "-o", str(out), str(stage)]
+    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, cwd=out)
+
+
+def collect_outputs(series: list[SessionSeries], out: Path, log_text: str) -> tuple[list, dict[int, int]]:
+    """One :class:`~pacs2bids.classify.Dcm2niixOutput` per sidecar dcm2niix wrote in ``out``, and
+    {index of a series dcm2niix merged into another one's image: index of that series}.
+
+    dcm2niix stacks some series into one image (Siemens XA "MFSPLIT": one series per volume);
+    the image is named after the first series, and the others are found by the number of files
+    dcm2niix reports for it ("Convert N DICOM as ...")."""
+    from pacs2bids.classify import read_output
+
+    outputs = []
+    converted: dict[int, int] = {}
+    for line in log_text.splitlines():
+        m = _CONVERT_LINE.match(line.strip())
+        if m:
+            sm = _STEM.match(Path(m.group(2)).name)
+            if sm:
+                k = int(sm.group(1))
+                converted[k] = converted.get(k, 0) + int(m.group(1))
+    for js in sorted(out.glob("*.json")):
+        m = _STEM.match(js.name[: -len(".json")])
+        if not m:
+            continue
+        k = int(m.group(1))
+        s = series[k]
+        outputs.append(read_output(js.with_name(js.name[: -len(".json")]), s.uid, s.number))
+    seen = {int(_STEM.match(o.stem.name).group(1)) for o in outputs}
+    orphans = [k for k in range(len(series)) if k not in seen]
+    merged: dict[int, int] = {}
+    for k in sorted(converted):
+        excess = converted[k] - len(series[k].files)
+        if excess <= 0:
+            continue
+        take, total = [], 0
+        for j in orphans:
+            if j > k and total < excess:
+                take.append(j)
+                total += len(series[j].files)
+        if total == excess:
+            for j in take:
+                merged[j] = k
+                orphans.remove(j)
+    return outputs, merged
+
+
+def _dcm_suffix(o) -> str:
+    """What dcm2niix added after the first file's name: _e2, _ph, _real, _i00002, ... or ''."""
+    return _STEM.match(o.stem.name).group(3)
+
+
+def _acq_time(sidecar: dict, date: str) -> str:
+    """scans.tsv acq_time (BIDS datetime, YYYY-MM-DDThh:mm:ss[.ffffff]) from the DICOM's (shifted)
+    date and the sidecar's AcquisitionTime; n/a when either is missing or malformed."""
+    t = str(sidecar.get("AcquisitionTime") or "")
+    d = re.sub(r"\D", "", date or "")
+    mt = re.fullmatch(r"(\d{2}):(\d{2}):(\d{2})(\.\d{1,6})?", t)
+    if len(d) != 8 or not mt or not (1 <= int(d[4:6]) <= 12 and 1 <= int(d[6:8]) <= 31):
+        return "n/a"
+    return f"{d[:4]}-{d[4:6]}-{d[6:8]}T{mt.group(1)}:{mt.group(2)}:{mt.group(3)}{mt.group(4) or ''}"
+
+
+def write_scans(bids_root: Path, subject: str, session: str | None, rows: dict[str, str]) -> Path | None:
+    """Write (or update) the session's ``*_scans.tsv``: {path relative to the session folder: acq_time}.
+    Rows of files that no longer exist are dropped."""
+    sess = bids_root / _session_rel(subject, session)
+    name = f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_scans.tsv"
+    path = sess / name
+    merged: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines()[1:]:
+            parts = line.split("\t")
+            if parts and parts[0]:
+                merged[parts[0]] = parts[1] if len(parts) > 1 else "n/a"
+    merged.update(rows)
+    merged = {k: v for k, v in merged.items() if (sess / k).exists()}
+    if not merged:
+        path.unlink(missing_ok=True)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("filename\tacq_time\n" + "".join(f"{k}\t{v}\n" for k, v in sorted(merged.items())))
+    return path
+
+
+def add_intended_for(bids_root: Path, subject: str, session: str | None) -> list[str]:
+    """Give every field map of the session (not its magnitude images) an ``IntendedFor`` listing
+    the session's func, dwi and perf images, as BIDS URIs. Returns the sidecars changed."""
+    sess = bids_root / _session_rel(subject, session)
+    targets = sorted(p.relative_to(bids_root).as_posix() for d in ("func", "dwi", "perf")
+                     for p in (sess / d).glob("*.nii*") if (sess / d).is_dir())
+    changed = []
+    for js in sorted((sess / "fmap").glob("*.json")) if (sess / "fmap").is_dir() else []:
+        if re.search(r"_magnitude\d?\.json$", js.name):
+            continue
+        meta = json.loads(js.read_text())
+        if targets:
+            meta["IntendedFor"] = [f"bids::{t}" for t in targets]
+        else:
+            meta.pop("IntendedFor", None)
+        js.write_text(json.dumps(meta, indent=2) + "\n")
+        changed.append(js.relative_to(bids_root).as_posix())
+    return changed
+
+
+def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None, work_dir: Path,
+                      log_dir: Path) -> ConversionResult:
+    from pacs2bids.classify import classify_session
+
+    dicom_dir, bids_root, work_dir = Path(dicom_dir).resolve(), Path(bids_root).resolve(), Path(work_dir).resolve()
+    label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    series, results = scan_session(dicom_dir)
+    if not series:
+        log.warning("no image objects to convert in %s", label)
+        return ConversionResult(results)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f"dcm2niix-{label}-", dir=work_dir))  # never shared between sessions
+    try:
+        stage, out = private / "in", private / "out"
+        stage_series(series, stage)
+        log.info("converting %d series of %s with dcm2niix", len(series), label)
+        proc = run_dcm2niix(stage, out)
+        log_text = f"$ dcm2niix (exit {proc.returncode})\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+        outputs, merged = collect_outputs(series, out, proc.stdout)
+        kept_log = ""
+
+        def failed_log() -> str:
+            nonlocal kept_log
+            kept_log = kept_log or _keep_log(log_dir, f"dcm2niix-{label}", log_text, bids_root)
+            return kept_log
+
+        if not outputs and proc.returncode != 0:
+            raise ConversionError(f"dcm2niix failed (exit {proc.returncode}) on {label} and wrote no image; "
+                                  f"its log is kept in {failed_log()}")
+        decisions = classify_session(outputs)
+        by_series: dict[str, list] = {}
+        for d in decisions:
+            by_series.setdefault(d.output.series_uid, []).append(d)
+        # a series dcm2niix split into images it could only tell apart by number is not named
+        split: dict[str, int] = {}
+        for uid, ds in by_series.items():
+            suffixes = [_dcm_suffix(d.output) for d in ds]
+            if len(ds) > 1 and len(set(suffixes)) < len(suffixes) and any(d.relpath(subject, session) for d in ds):
+                split[uid] = len(ds)
+        names: dict[str, list] = {}
+        for d in decisions:
+            rel = d.relpath(subject, session)
+            if rel and d.output.series_uid not in split:
+                names.setdefault(rel, []).append(d)
+        clash = {d.output.series_uid for same in names.values() if len(same) > 1 for d in same}
+        scans: dict[str, str] = {}
+        written: dict[str, list[str]] = {}
+        for d in decisions:
+            rel = d.relpath(subject, session)
+            if not rel or d.output.series_uid in split or d.output.series_uid in clash:
+                continue
+            files = []
+            for ext in _IMAGE_EXTS:
+                src = d.output.stem.with_name(d.output.stem.name + ext)
+                if src.exists():
+                    dest = bids_root / (rel + ext)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(src), str(dest))
+                    files.append(rel + ext)
+            context = getattr(d, "aslcontext", None)
+            if context and rel.endswith("_asl"):
+                (bids_root / (rel[: -len("_asl")] + "_aslcontext.tsv")).write_text(
+                    "volume_type\n" + "".join(f"{v}\n" for v in context))
+                files.append(rel[: -len("_asl")] + "_aslcontext.tsv")
+            image = next((f for f in files if f.endswith((".nii.gz", ".nii"))), None)
+            if image:
+                sk = next(s for s in series if s.uid == d.output.series_uid)
+                scans[Path(image).relative_to(_session_rel(subject, session)).as_posix()] = _acq_time(
+                    d.output.sidecar, sk.date)
+            written.setdefault(d.output.series_uid, []).extend(files)
+        if written:
+            add_intended_for(bids_root, subject, session)
+            write_scans(bids_root, subject, session, scans)
+        for k, s in enumerate(series):
+            if k in merged:
+                continue
+            ds = by_series.get(s.uid, [])
+            if s.uid in split:
+                status, outs, reason = "failed", [], (
+                    f"dcm2niix split this series into {split[s.uid]} images (geometry, echo or transfer syntax "
+                    "changes within one series): BIDS has no name for that, so it is left out. Split it into "
+                    "series at the source, or give it a rule in a project heuristic")
+            elif s.uid in clash:
+                status, outs, reason = "failed", [], (
+                    "the classifier gave two images of this session the same BIDS name; left out. Give the "
+                    "series a rule in a project heuristic")
+            elif written.get(s.uid):
+                status, outs = "converted", sorted(written[s.uid])
+                left = sorted({d.reason for d in ds if not d.relpath(subject, session)})
+                reason = ("other images of this series left out: " + "; ".join(left)) if left else ""
+            elif ds:
+                status, outs = "skipped", []
+                reason = "; ".join(sorted({d.reason for d in ds})) or "left out by the classifier"
+            else:
+                status, outs = "failed", []
+                reason = f"dcm2niix wrote no image for this series; its log is kept in {failed_log()}"
+            results.append(ConvertedSeries(s.uid, s.number, s.description, status, outs, reason))
+        first = {r.series_uid: r for r in results}
+        for j, k in sorted(merged.items()):
+            host = first[series[k].uid]
+            note = f"stacked by dcm2niix with series {series[k].number} into one image"
+            results.append(ConvertedSeries(series[j].uid, series[j].number, series[j].description, host.status,
+                                           list(host.outputs), host.reason or note))
+        for res in results:
+            if res.status != "converted":
+                log.info("%s series %s %s: %s", label, res.series_number, res.status, res.reason)
+        return ConversionResult(results)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
