@@ -104,7 +104,7 @@ def _one(o: Dcm2niixOutput, phase_protocols: set[str]) -> tuple[str | None, str 
     te, tr = s.get("EchoTime"), s.get("RepetitionTime")
     if te is None or tr is None:
         return None, None, {}, "contrast unknown: no EchoTime/RepetitionTime (add a rule in a project heuristic)"
-    if "IR" in seq or tr < 0.8:
+    if "IR" in seq or tr < 0.8 or (s.get("InversionTime") and s.get("MRAcquisitionType") == "3D" and te < 0.01):
         return "anat", "T1w", {}, "short TR or inversion recovery"
     if tr > 2 and te > 0.07:
         return "anat", "T2w", {}, "long TR and TE"

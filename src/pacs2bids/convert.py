@@ -683,6 +683,13 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.move(str(src), str(dest))
                     files.append(rel + ext)
+            task = d.entities.get("task")
+            side = bids_root / (rel + ".json")
+            if task and side.exists():  # BIDS requires TaskName beside every task-<label> image
+                meta = json.loads(side.read_text())
+                if not meta.get("TaskName"):
+                    meta["TaskName"] = task
+                    side.write_text(json.dumps(meta, indent=2) + "\n")
             context = getattr(d, "aslcontext", None)
             if context and rel.endswith("_asl"):
                 (bids_root / (rel[: -len("_asl")] + "_aslcontext.tsv")).write_text(
