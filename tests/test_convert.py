@@ -95,9 +95,49 @@ def test_second_run_is_identical(sample_dir, tmp_path):
 def test_failing_heuristic_raises_with_stderr_tail(sample_dir, tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def infotodict(seqinfo):\n    raise RuntimeError('heuristic exploded on purpose')\n")
-    with pytest.raises(ConversionError, match="heuristic exploded on purpose"):
+    with pytest.raises(ConversionError, match="heuristic exploded on purpose") as err:
         convert_session(sample_dir / "dcm_qa_ge", tmp_path / "bids", subject="01", session=None,
                         heuristic=str(bad), work_dir=tmp_path / "w")
+    # the log stays with the run's records (not in the scratch folder deleted at the end of a run)
+    kept = tmp_path / "bids" / ".pacs2bids" / "logs" / "heudiconv-sub-01.log"
+    assert ".pacs2bids/logs/heudiconv-sub-01.log" in str(err.value)
+    assert "heuristic exploded on purpose" in kept.read_text()
+
+
+# A project's own heudiconv heuristic (heudiconv's format stays the interface for those)
+PROJECT_HEURISTIC = """
+def create_key(template, outtype=("nii.gz",), annotation_classes=None):
+    return template, outtype, annotation_classes
+
+
+def infotodict(seqinfo):
+    dwi = create_key("{bids_subject_session_dir}/dwi/{bids_subject_session_prefix}_acq-project_dwi")
+    info = {dwi: []}
+    for s in seqinfo:
+        if "DWI" in s.series_description:
+            info[dwi].append(s.series_id)
+    return info
+"""
+
+
+def test_project_heudiconv_heuristic(sample_dir, tmp_path):
+    """A heudiconv heuristic file still goes through heudiconv; heudiconv works in a folder of
+    its own and only the session's files reach the dataset (sessions converted in parallel no
+    longer share heudiconv's top-level files and tables: the intermittent gre_field_magph failure)."""
+    heur = tmp_path / "project.py"
+    heur.write_text(PROJECT_HEURISTIC)
+    root = tmp_path / "bids"
+    (root).mkdir()
+    (root / "participants.tsv").write_text("not a table heudiconv wrote\n")
+    result = convert_session(sample_dir / "dcm_qa_ge", root, subject="01", session="p", heuristic=str(heur),
+                             work_dir=tmp_path / "w")
+    (s,) = result.series
+    assert s.status == "converted"
+    assert "sub-01/ses-p/dwi/sub-01_ses-p_acq-project_dwi.nii.gz" in s.outputs
+    assert sorted(p.name for p in root.iterdir()) == ["participants.tsv", "sub-01"]
+    assert (root / "participants.tsv").read_text() == "not a table heudiconv wrote\n"
+    assert (root / "sub-01/ses-p/sub-01_ses-p_scans.tsv").is_file()
+    assert not list((tmp_path / "w").iterdir())
 
 
 def test_sop_class_filter():
