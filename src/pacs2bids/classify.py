@@ -80,7 +80,7 @@ def _one(o: Dcm2niixOutput, phase_protocols: set[str]) -> tuple[str | None, str 
         return None, None, {}, f"modality {s.get('Modality')} has no BIDS datatype here"
     if "DERIVED" in it:
         return None, None, {}, "derived image (ImageType DERIVED)"
-    if not o.shape or min(o.shape[:3]) <= 1:
+    if o.shape and min(o.shape[:3]) <= 1:
         return None, None, {}, "2D image (localizer or screenshot)"
     seq = str(s.get("ScanningSequence", "")).upper()
     if str(s.get("Units", "")).lower() == "hz" or any("FIELDMAP" in x for x in it):
@@ -92,7 +92,7 @@ def _one(o: Dcm2niixOutput, phase_protocols: set[str]) -> tuple[str | None, str 
             return "fmap", "phasediff", {}, "phase of a GRE field map"
         return None, None, {}, "phase image outside a field map"
     if "EP" in seq or "EPI" in str(s.get("SequenceName", "")).upper():
-        vols = o.shape[3] if len(o.shape) == 4 else 1
+        vols = o.shape[3] if len(o.shape) == 4 else (1 if o.shape else 5)  # -b o: no image, volumes unknown
         d = _pe_dir(o)
         if vols >= 5 or (vols > 1 and not d):
             return "func", "bold", {"task": "unknown"}, "EPI time series"

@@ -110,6 +110,19 @@ def _cmd_check(args) -> int:
     return EXIT_OK if all(r.ok for r in results) else EXIT_FAILED
 
 
+def _cmd_plan(args) -> int:
+    from .dimse import close_pools
+    from .plan import plan_project
+
+    spec = load_spec(args.spec)
+    try:
+        plan = plan_project(spec)
+    finally:
+        close_pools()
+    print("\n".join(plan.lines()) or "no study matched")
+    return EXIT_OK
+
+
 def _cmd_deid(args) -> int:
     from .dryrun import dry_run_project
 
@@ -196,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="preflight: C-ECHO, test query, C-MOVE destination, DICOMweb, disk space")
     p.add_argument("spec")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("plan", help="before publishing: the BIDS path, or the reason left out, of every matched series")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("deid", help="show what pseudonymisation would change, on a sample of the project's studies")
     p.add_argument("spec")

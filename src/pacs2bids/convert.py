@@ -277,8 +277,7 @@ def _convert_heudiconv(dicom_dir: Path, bids_root: Path, *, subject: str, sessio
     cmd = _heudiconv_cmd(stage, bids_root, subject, session, heur, custom)
     # NO_ET / NIPYPE_NO_ET: heudiconv and nipype would otherwise look for updates over the network
     # dcm2niix is found on PATH by nipype: put this interpreter's bin first (pip's dcm2niix wheel)
-    env = dict(os.environ, NIPYPE_NO_ET="1", NO_ET="1",
-               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    env = child_env()  # never the project secret
     log.info("converting %d files of %s with heudiconv (heuristic %s)", kept, label, heur.name)
     proc = subprocess.run(cmd, cwd=work_dir, env=env, capture_output=True, text=True)
     log_text = proc.stdout + "\n--- stderr ---\n" + proc.stderr
