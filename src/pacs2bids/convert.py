@@ -416,7 +416,6 @@ def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: 
 
 # -- heuristic "auto": dcm2niix once per session, named from its sidecars ------------------------
 _IMAGE_EXTS = (".nii.gz", ".nii", ".json", ".bval", ".bvec")
-_STEM = re.compile(r"^s(\d{4})f(\d{5})(.*)$")
 _CONVERT_LINE = re.compile(r"^Convert (\d+) DICOM as (.+?) \(")
 _DATE_TAGS = ("AcquisitionDate", "SeriesDate", "ContentDate", "StudyDate")
 
@@ -495,16 +494,18 @@ def scan_session(dicom_dir: Path) -> tuple[list[SessionSeries], list[ConvertedSe
     return ordered, [f for u, f in filtered.items() if u not in series]
 
 
-def stage_series(series: list[SessionSeries], stage: Path) -> None:
-    """Link each series' files under ``stage/sNNNN/`` named ``sNNNNfMMMMM``: with ``-f %b``
-    dcm2niix names each output after its first file, so every output maps back to its series.
-    Hard links (symbolic ones across file systems): a symbolic link costs 50 times more here."""
+def stage_series(series: list[SessionSeries], stage: Path) -> dict[str, int]:
+    """Link each series' files under ``stage/sNNNN/`` named ``sNNNNfMMMMM`` (for sessions whose file
+    names are not unique); returns {link name: series index}. Hard links (symbolic ones across
+    file systems): a symbolic link costs 50 times more here."""
     hard = True
+    names: dict[str, int] = {}
     for k, s in enumerate(series):
         folder = stage / f"s{k:04d}"
         folder.mkdir(parents=True)
         for i, f in enumerate(s.files):
             target = folder / f"s{k:04d}f{i:05d}"
+            names[target.name] = k
             if hard:
                 try:
                     os.link(f, target)
@@ -512,62 +513,155 @@ def stage_series(series: list[SessionSeries], stage: Path) -> None:
                 except OSError:
                     hard = False
             os.symlink(Path(f).resolve(), target)
+    return names
 
 
-def run_dcm2niix(stage: Path, out: Path, *, sidecar_only: bool = False) -> subprocess.CompletedProcess:
-    """dcm2niix once on a staged session: ``-b y -z y`` (``-b o`` for a plan), names ``%b``."""
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [dcm2niix_exe(), "-b", "o" if sidecar_only else "y", "-z", "y", "-f", "%b", "-o", str(out), str(stage)]
-    return subprocess.run(cmd, env=child_env(), capture_output=True, text=True, cwd=out)
+@dataclass
+class Dcm2niixRun:
+    """One dcm2niix run on a session, mapped back to its DICOM series."""
+
+    series: list[SessionSeries]  # image series, in series-number order
+    skipped: list[ConvertedSeries]  # non-image series
+    outputs: list  # pacs2bids.classify.Dcm2niixOutput, one per sidecar written
+    merged: dict[int, int]  # series index stacked by dcm2niix into another series' image -> that index
+    suffix: dict[str, str]  # output stem name -> what dcm2niix appended to its first file's name
+    returncode: int
+    log: str
 
 
-def collect_outputs(series: list[SessionSeries], out: Path, log_text: str) -> tuple[list, dict[int, int]]:
-    """One :class:`~pacs2bids.classify.Dcm2niixOutput` per sidecar dcm2niix wrote in ``out``, and
-    {index of a series dcm2niix merged into another one's image: index of that series}.
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _dcm2niix_cmd(src: Path, out: Path, sidecar_only: bool) -> list[str]:
+    # -f %b: each output is named after its first DICOM file, so it maps back to that file's series
+    return [dcm2niix_exe(), "-b", "o" if sidecar_only else "y", "-z", "y", "-f", "%b", "-o", str(out), str(src)]
+
+
+def dcm2niix_session(roots: list[Path], private: Path, *, sidecar_only: bool = False) -> Dcm2niixRun:
+    """Run dcm2niix once on the DICOM under ``roots`` (one session) into ``private/out``.
+
+    When the session is one folder whose file names are all distinct (sourcedata: one file per
+    pseudonymised SOP Instance UID), dcm2niix reads it in place while the headers are scanned;
+    otherwise the files are linked into ``private/in`` under names of their own first. Its
+    output (stdout and stderr) is in :attr:`Dcm2niixRun.log`."""
+    private.mkdir(parents=True, exist_ok=True)
+    out = private / "out"
+    out.mkdir()
+    files = [Path(dp) / n for root in roots for dp, _, names in os.walk(root, followlinks=True) for n in names]
+    direct = len(roots) == 1 and len({f.name for f in files}) == len(files) and all(
+        _SAFE_NAME.match(f.name) for f in files)
+    log_path = private / "dcm2niix.log"
+    with open(log_path, "w") as fh:
+        if direct:
+            proc = subprocess.Popen(_dcm2niix_cmd(roots[0], out, sidecar_only), stdout=fh, stderr=subprocess.STDOUT,
+                                    env=child_env(), cwd=private)
+            try:
+                series, skipped = scan_session(roots[0])  # meanwhile
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                raise
+            names = _name_keys(series)
+            if names is None:  # two files' names differ only by their extension: name the links instead
+                proc.kill()
+                proc.wait()
+                shutil.rmtree(out)
+                out.mkdir()
+                (private / "in").mkdir()
+                names = stage_series(series, private / "in")
+                proc = subprocess.Popen(_dcm2niix_cmd(private / "in", out, sidecar_only), stdout=fh,
+                                        stderr=subprocess.STDOUT, env=child_env(), cwd=private)
+        else:
+            series, skipped = [], []
+            for root in roots:
+                a, b = scan_session(root)
+                series += a
+                skipped += b
+            series.sort(key=lambda s: (s.number is None, s.number or 0, s.uid))
+            (private / "in").mkdir()
+            names = stage_series(series, private / "in")
+            proc = subprocess.Popen(_dcm2niix_cmd(private / "in", out, sidecar_only), stdout=fh,
+                                    stderr=subprocess.STDOUT, env=child_env(), cwd=private)
+        returncode = proc.wait()
+    log_text = f"$ dcm2niix (exit {returncode})\n" + log_path.read_text(errors="replace")
+    outputs, merged, suffix = collect_outputs(series, out, log_text, names)
+    return Dcm2niixRun(series, skipped, outputs, merged, suffix, returncode, log_text)
+
+
+def _name_keys(series: list[SessionSeries]) -> dict[str, int] | None:
+    """{file name as dcm2niix's %b may give it: series index}. %b drops the extension's letters
+    ("x.dcm" -> "x."); the name without extension and the whole name are kept too. None when
+    two files of different series would give the same key."""
+    keys: dict[str, int] = {}
+    for k, s in enumerate(series):
+        for f in s.files:
+            stem, dot, ext = f.name.rpartition(".")
+            for key in {f.name, stem + dot, stem} - {""} if dot else {f.name}:
+                if keys.setdefault(key, k) != k:
+                    return None
+    return keys
+
+
+def _owner(stem: str, names: dict[str, int]) -> tuple[int, str] | None:
+    """(series index, what dcm2niix appended) for an output named after one of ``names``."""
+    for i in range(len(stem), 0, -1):
+        k = names.get(stem[:i])
+        if k is not None:
+            return k, stem[i:]
+    return None
+
+
+def collect_outputs(series: list[SessionSeries], out: Path, log_text: str, names: dict[str, int]
+                    ) -> tuple[list, dict[int, int], dict[str, str]]:
+    """One :class:`~pacs2bids.classify.Dcm2niixOutput` per sidecar dcm2niix wrote in ``out``,
+    {index of a series dcm2niix stacked into another one's image: index of that series}, and
+    {output stem name: what dcm2niix appended to its first file's name}.
 
     dcm2niix stacks some series into one image (Siemens XA "MFSPLIT": one series per volume);
-    the image is named after the first series, and the others are found by the number of files
-    dcm2niix reports for it ("Convert N DICOM as ...")."""
+    the image is named after one of them, and the others are found by the number of files
+    dcm2niix reports for it ("Convert N DICOM as ..."): the neighbouring series (in series
+    order) left without an image of their own whose files make up the difference."""
     from pacs2bids.classify import read_output
 
     outputs = []
+    suffix: dict[str, str] = {}
     converted: dict[int, int] = {}
     for line in log_text.splitlines():
         m = _CONVERT_LINE.match(line.strip())
         if m:
-            sm = _STEM.match(Path(m.group(2)).name)
-            if sm:
-                k = int(sm.group(1))
-                converted[k] = converted.get(k, 0) + int(m.group(1))
+            own = _owner(Path(m.group(2)).name, names)
+            if own:
+                converted[own[0]] = converted.get(own[0], 0) + int(m.group(1))
     for js in sorted(out.glob("*.json")):
-        m = _STEM.match(js.name[: -len(".json")])
-        if not m:
-            continue
-        k = int(m.group(1))
+        stem = js.name[: -len(".json")]
+        own = _owner(stem, names)
+        if own is None:
+            continue  # a file the header scan did not take (unreadable, or not an image)
+        k, suffix[stem] = own
         s = series[k]
-        outputs.append(read_output(js.with_name(js.name[: -len(".json")]), s.uid, s.number))
-    seen = {int(_STEM.match(o.stem.name).group(1)) for o in outputs}
-    orphans = [k for k in range(len(series)) if k not in seen]
+        outputs.append(read_output(js.with_name(stem), s.uid, s.number))
+    seen = {_owner(o.stem.name, names)[0] for o in outputs}
+    orphan = [k not in seen for k in range(len(series))]
     merged: dict[int, int] = {}
     for k in sorted(converted):
-        excess = converted[k] - len(series[k].files)
-        if excess <= 0:
+        want = converted[k]
+        if want <= len(series[k].files):
             continue
-        take, total = [], 0
-        for j in orphans:
-            if j > k and total < excess:
-                take.append(j)
-                total += len(series[j].files)
-        if total == excess:
-            for j in take:
-                merged[j] = k
-                orphans.remove(j)
-    return outputs, merged
-
-
-def _dcm_suffix(o) -> str:
-    """What dcm2niix added after the first file's name: _e2, _ph, _real, _i00002, ... or ''."""
-    return _STEM.match(o.stem.name).group(3)
+        found = None
+        lo = k
+        while found is None and lo >= 0 and (lo == k or orphan[lo]):
+            total = sum(len(series[j].files) for j in range(lo, k + 1))
+            hi = k
+            while total < want and hi + 1 < len(series) and orphan[hi + 1]:
+                hi += 1
+                total += len(series[hi].files)
+            if total == want:
+                found = [j for j in range(lo, hi + 1) if j != k]
+            lo -= 1
+        for j in found or []:
+            merged[j] = k
+            orphan[j] = False
+    return outputs, merged, suffix
 
 
 def _acq_time(sidecar: dict, date: str) -> str:
@@ -629,19 +723,16 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
 
     dicom_dir, bids_root, work_dir = Path(dicom_dir).resolve(), Path(bids_root).resolve(), Path(work_dir).resolve()
     label = f"sub-{subject}" + (f"_ses-{session}" if session else "")
-    series, results = scan_session(dicom_dir)
-    if not series:
-        log.warning("no image objects to convert in %s", label)
-        return ConversionResult(results)
     work_dir.mkdir(parents=True, exist_ok=True)
     private = Path(tempfile.mkdtemp(prefix=f"dcm2niix-{label}-", dir=work_dir))  # never shared between sessions
     try:
-        stage, out = private / "in", private / "out"
-        stage_series(series, stage)
-        log.info("converting %d series of %s with dcm2niix", len(series), label)
-        proc = run_dcm2niix(stage, out)
-        log_text = f"$ dcm2niix (exit {proc.returncode})\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
-        outputs, merged = collect_outputs(series, out, proc.stdout)
+        run = dcm2niix_session([dicom_dir], private)
+        series, outputs, merged, log_text = run.series, run.outputs, run.merged, run.log
+        results = list(run.skipped)
+        if not series:
+            log.warning("no image objects to convert in %s", label)
+            return ConversionResult(results)
+        log.info("converted %d series of %s with dcm2niix", len(series), label)
         kept_log = ""
 
         def failed_log() -> str:
@@ -649,8 +740,8 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
             kept_log = kept_log or _keep_log(log_dir, f"dcm2niix-{label}", log_text, bids_root)
             return kept_log
 
-        if not outputs and proc.returncode != 0:
-            raise ConversionError(f"dcm2niix failed (exit {proc.returncode}) on {label} and wrote no image; "
+        if not outputs and run.returncode != 0:
+            raise ConversionError(f"dcm2niix failed (exit {run.returncode}) on {label} and wrote no image; "
                                   f"its log is kept in {failed_log()}")
         decisions = classify_session(outputs)
         by_series: dict[str, list] = {}
@@ -659,7 +750,7 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
         # a series dcm2niix split into images it could only tell apart by number is not named
         split: dict[str, int] = {}
         for uid, ds in by_series.items():
-            suffixes = [_dcm_suffix(d.output) for d in ds]
+            suffixes = [run.suffix[d.output.stem.name] for d in ds]
             if len(ds) > 1 and len(set(suffixes)) < len(suffixes) and any(d.relpath(subject, session) for d in ds):
                 split[uid] = len(ds)
         names: dict[str, list] = {}

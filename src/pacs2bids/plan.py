@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacs2bids.config import ProjectSpec
-from pacs2bids.convert import collect_outputs, run_dcm2niix, scan_session, stage_series
+from pacs2bids.convert import dcm2niix_session
 from pacs2bids.query import find_studies
 from pacs2bids.retrieve import retrieve_study
 from pacs2bids.run import assign_sessions, label
@@ -69,37 +69,31 @@ def plan_session(series_folders: list[Path], subject: str, session: str | None, 
     from pacs2bids.classify import classify_session
 
     planned = PlannedSession(subject, session)
-    series, skipped = [], []
-    for folder in series_folders:
-        s, f = scan_session(folder)
-        series += s
-        skipped += f
-    series.sort(key=lambda s: (s.number is None, s.number or 0))
+    if not series_folders:
+        return planned
     private = Path(tempfile.mkdtemp(prefix="plan-", dir=scratch))
     try:
+        run = dcm2niix_session(series_folders, private / "run", sidecar_only=True)
+        series, skipped, merged = run.series, run.skipped, run.merged
         by_uid: dict[str, PlannedSeries] = {}
-        if series:
-            stage_series(series, private / "in")
-            proc = run_dcm2niix(private / "in", private / "out", sidecar_only=True)
-            outputs, merged = collect_outputs(series, private / "out", proc.stdout)
-            for d in classify_session(outputs):
-                p = by_uid.setdefault(d.output.series_uid, PlannedSeries(d.output.series_number))
-                rel = d.relpath(subject, session)
-                if rel:
-                    p.paths.append(rel)
-                elif not p.reason:
-                    p.reason = d.reason
-                elif d.reason not in p.reason:
-                    p.reason += "; " + d.reason
-            for k, s in enumerate(series):
-                if k in merged:
-                    host = series[merged[k]]
-                    by_uid[s.uid] = PlannedSeries(s.number, list(by_uid.get(host.uid, PlannedSeries(None)).paths),
-                                                  f"stacked by dcm2niix with series {host.number}")
-                elif s.uid not in by_uid:
-                    by_uid[s.uid] = PlannedSeries(s.number, [], "dcm2niix found no image it can convert")
-                elif by_uid[s.uid].paths:
-                    by_uid[s.uid].reason = ""  # left-out companions (e.g. a localizer's extra slices) are noise here
+        for d in classify_session(run.outputs) if run.outputs else []:
+            p = by_uid.setdefault(d.output.series_uid, PlannedSeries(d.output.series_number))
+            rel = d.relpath(subject, session)
+            if rel:
+                p.paths.append(rel)
+            elif not p.reason:
+                p.reason = d.reason
+            elif d.reason not in p.reason:
+                p.reason += "; " + d.reason
+        for k, s in enumerate(series):
+            if k in merged:
+                host = series[merged[k]]
+                by_uid[s.uid] = PlannedSeries(s.number, list(by_uid.get(host.uid, PlannedSeries(None)).paths),
+                                              f"stacked by dcm2niix with series {host.number}")
+            elif s.uid not in by_uid:
+                by_uid[s.uid] = PlannedSeries(s.number, [], "dcm2niix found no image it can convert")
+            elif by_uid[s.uid].paths:
+                by_uid[s.uid].reason = ""  # left-out companions (e.g. a localizer's extra slices) are noise here
         planned.series = [by_uid[s.uid] for s in series]
         planned.series += [PlannedSeries(f.series_number, [], f.reason) for f in skipped]
         planned.series.sort(key=lambda p: (p.series_number is None, p.series_number or 0))
