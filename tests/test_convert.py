@@ -365,3 +365,32 @@ def test_xa30_stacked_series_fmap_and_speed(corpus_dir, tmp_path):
     for uri in pd["IntendedFor"]:
         assert (root / uri.removeprefix("bids::")).is_file()
     assert ours <= max(1.5 * direct, direct + 1.0), (ours, direct)  # +1 s: a loaded 2-core machine
+
+
+@pytest.mark.parametrize("layout", ["unique", "stems-collide", "shared-names"])
+def test_auto_maps_each_output_to_its_series(sample_dir, tmp_path, layout):
+    """Whatever the file names (distinct: dcm2niix reads the folder in place; equal but for the
+    extension, or equal across folders: linked under names of their own), each image lands
+    under the series it came from."""
+    import shutil
+
+    src = tmp_path / "dicom"
+    files = sorted(p for p in (sample_dir / "dcm_qa_nih").rglob("*.dcm"))
+    folders = sorted({f.parent.name for f in files})
+    for n, f in enumerate(files):
+        series = f.parent.name
+        if layout == "unique":
+            dest = src / series / f"{n:04d}.dcm"
+        elif layout == "stems-collide":  # distinct names, equal once dcm2niix drops the extension
+            dest = src / series / f"{n % 2:04d}.{['dcm', 'ima', 'img', 'dc3'][folders.index(series)]}"
+        else:
+            dest = src / series / f"{n % 2:04d}.dcm"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, dest)
+    root = tmp_path / "bids"
+    result = convert_session(src, root, subject="01", session=None, heuristic="auto", work_dir=tmp_path / "w")
+    assert len(result.series) == 4
+    for s in result.series:
+        assert s.status == "converted", s
+        (side,) = [o for o in s.outputs if o.endswith(".json")]
+        assert json.loads((root / side).read_text())["SeriesNumber"] == s.series_number
