@@ -129,13 +129,19 @@ def test_project_heudiconv_heuristic(sample_dir, tmp_path):
     root = tmp_path / "bids"
     (root).mkdir()
     (root / "participants.tsv").write_text("not a table heudiconv wrote\n")
+    # another session's sidecar, half written at that moment (heudiconv reads every *_bold.json of
+    # the dataset at the end of its run, and failed after 10 s of retries on such a file)
+    other = root / "sub-99" / "func" / "sub-99_task-rest_bold.json"
+    other.parent.mkdir(parents=True)
+    other.write_text('{"RepetitionTime": 2.0, "Task')
     result = convert_session(sample_dir / "dcm_qa_ge", root, subject="01", session="p", heuristic=str(heur),
                              work_dir=tmp_path / "w")
     (s,) = result.series
     assert s.status == "converted"
     assert "sub-01/ses-p/dwi/sub-01_ses-p_acq-project_dwi.nii.gz" in s.outputs
-    assert sorted(p.name for p in root.iterdir()) == ["participants.tsv", "sub-01"]
+    assert sorted(p.name for p in root.iterdir()) == ["participants.tsv", "sub-01", "sub-99"]
     assert (root / "participants.tsv").read_text() == "not a table heudiconv wrote\n"
+    assert other.read_text() == '{"RepetitionTime": 2.0, "Task' and not list(other.parent.glob("*events*"))
     assert (root / "sub-01/ses-p/sub-01_ses-p_scans.tsv").is_file()
     assert not list((tmp_path / "w").iterdir())
 
