@@ -400,3 +400,17 @@ def test_auto_maps_each_output_to_its_series(sample_dir, tmp_path, layout):
         assert s.status == "converted", s
         (side,) = [o for o in s.outputs if o.endswith(".json")]
         assert json.loads((root / side).read_text())["SeriesNumber"] == s.series_number
+
+
+@pytest.mark.parametrize("time_,date,expected", [
+    ("19:40:15.687500", "20230113", "2023-01-13T19:40:15.687500"),
+    ("08:00:01", "20230113", "2023-01-13T08:00:01"),
+    ("08:00:01", "", "n/a"),  # no date left after pseudonymisation
+    ("08:00:01", "***", "n/a"),  # an unreadable date is not invented
+    ("08:00:01", "20231341", "n/a"),
+    (None, "20230113", "n/a"),
+])
+def test_acq_time(time_, date, expected):
+    from pacs2bids.convert import _acq_time
+
+    assert _acq_time({"AcquisitionTime": time_} if time_ else {}, date) == expected
