@@ -1,12 +1,15 @@
-"""Convert one pseudonymised study (one BIDS session) to BIDS with heudiconv + dcm2niix.
+"""Convert one pseudonymised study (one BIDS session) to BIDS.
 
-``convert_session`` reads only ``dicom_dir`` (the pseudonymised copy, one folder per series),
-drops objects dcm2niix cannot convert (SR, presentation states, raw data: heudiconv fails the
-whole session on some of them), runs the heudiconv CLI once for the session, and maps every
-output back to the series it came from through heudiconv's own tables (``dicominfo*.tsv``,
-``*.edit.txt``). Requirements C1, C2 (dcm2niix through HeuDiConv).
+``convert_session`` reads only ``dicom_dir`` (the pseudonymised copy, one folder per series).
+With ``heuristic: auto`` it runs dcm2niix once on the session in a private scratch folder, maps
+each image back to its DICOM series (outputs are named after their first file, ``-f %b``), has
+:func:`pacs2bids.classify.classify_session` name every image from its sidecar, moves the kept ones
+to their BIDS paths, and writes the session's ``*_scans.tsv`` and the field maps' ``IntendedFor``.
+With a project's own heudiconv heuristic it runs the heudiconv CLI on the session in a private
+output folder, maps every output back through heudiconv's tables (``dicominfo*.tsv``,
+``*.edit.txt``), and moves the session's files into the dataset. Objects dcm2niix cannot
+convert (SR, presentation states, raw data) are reported as skipped. Requirements C1, C2.
 """
-
 from __future__ import annotations
 
 import ast
