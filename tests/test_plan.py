@@ -44,3 +44,30 @@ def test_plan_lists_every_series_without_identifiers(orthanc_factory, sample_dir
     work = out.parent / f".{out.name}.pacs2bids-work"
     assert list((work / "raw").rglob("*.dcm"))
     assert not (work / "plan-scratch").exists()
+
+
+@pytest.mark.corpus
+def test_plan_session_says_what_conversion_does(corpus_dir, tmp_path):
+    """The plan shows the same verdicts as the conversion: stacked series with their run, a split
+    series left out with its reason, non-image objects left out."""
+    from _bidscheck import copy_decompressed
+    from pacs2bids.plan import Plan, plan_session
+
+    xa = copy_decompressed(corpus_dir / "dcm_qa_xa30i" / "In", tmp_path / "xa")
+    folders = sorted(p for p in xa.iterdir() if p.is_dir())
+    ts = copy_decompressed(corpus_dir / "dcm_qa_ts" / "In", tmp_path / "ts")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    planned = plan_session(folders, "x", "1", scratch)
+    by_number = {p.series_number: p for p in planned.series}
+    (run,) = by_number[7001].paths
+    assert run.startswith("sub-x/ses-1/func/sub-x_ses-1_task-unknown") and run.endswith("_bold")
+    assert by_number[7005].paths == by_number[7001].paths and "stacked by dcm2niix with series 7001" in by_number[7005].reason
+    assert not by_number[99].paths and "non-image" in by_number[99].reason
+    split = plan_session([ts], "t", None, scratch)
+    (only,) = split.series
+    assert not only.paths and "split this series into 9 images" in only.reason
+    text = "\n".join(Plan([planned, split]).lines())
+    assert f"  series 7005: {run}  (stacked by dcm2niix with series 7001)" in text
+    assert "left out: dcm2niix split this series" in text
+    assert not list(scratch.iterdir())

@@ -623,7 +623,9 @@ def collect_outputs(series: list[SessionSeries], out: Path, log_text: str, names
     dcm2niix stacks some series into one image (Siemens XA "MFSPLIT": one series per volume);
     the image is named after one of them, and the others are found by the number of files
     dcm2niix reports for it ("Convert N DICOM as ..."): the neighbouring series (in series
-    order) left without an image of their own whose files make up the difference."""
+    order) left without an image of their own whose files make up the difference. Sidecar-only
+    runs print no such count: there, the following series of the same description left without
+    an image are taken as stacked."""
     from pacs2bids.classify import read_output
 
     outputs = []
@@ -664,6 +666,12 @@ def collect_outputs(series: list[SessionSeries], out: Path, log_text: str, names
         for j in found or []:
             merged[j] = k
             orphan[j] = False
+    if not converted:  # -b o prints no "Convert N DICOM" line: a run of same-named series without image
+        for j in range(1, len(series)):
+            if orphan[j] and (not orphan[j - 1] or j - 1 in merged) and series[j].description and \
+                    series[j].description == series[j - 1].description:
+                merged[j] = merged.get(j - 1, j - 1)
+                orphan[j] = False
     return outputs, merged, suffix
 
 
@@ -720,6 +728,96 @@ def add_intended_for(bids_root: Path, subject: str, session: str | None) -> list
     return changed
 
 
+_SPLIT = ("dcm2niix split this series into {n} images (geometry, echo or transfer syntax changes within one "
+          "series): BIDS has no name for that, so it is left out. Split it into series at the source, or give it a "
+          "rule in a project heuristic")
+_CLASH = ("the classifier gave two images of this session the same BIDS name; left out. Give the series a rule in a "
+          "project heuristic")
+NO_IMAGE = "dcm2niix wrote no image for this series"
+
+
+@dataclass
+class Verdict:
+    """What becomes of one DICOM series of a session: ``converted`` (``kept``: the decisions with a
+    BIDS name), ``skipped`` (every image left out by the classifier) or ``failed`` (split, name
+    clash, or no image at all: ``reason`` starts with :data:`NO_IMAGE`). A series dcm2niix stacked
+    into another's image has ``stacked_with`` (that series) and shares its verdict."""
+
+    series: SessionSeries
+    status: str
+    kept: list = field(default_factory=list)
+    reason: str = ""
+    stacked_with: SessionSeries | None = None
+
+
+def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str | None) -> list[Verdict]:
+    """One :class:`Verdict` per image series of ``run`` (same order), from the classifier's decisions."""
+    by_series: dict[str, list] = {}
+    for d in decisions:
+        by_series.setdefault(d.output.series_uid, []).append(d)
+    split: dict[str, int] = {}  # images dcm2niix could only tell apart by their first file: not named
+    for uid, ds in by_series.items():
+        suffixes = [run.suffix[d.output.stem.name] for d in ds]
+        if len(ds) > 1 and len(set(suffixes)) < len(suffixes) and any(d.relpath(subject, session) for d in ds):
+            split[uid] = len(ds)
+    names: dict[str, list] = {}
+    for d in decisions:
+        rel = d.relpath(subject, session)
+        if rel and d.output.series_uid not in split:
+            names.setdefault(rel, []).append(d)
+    clash = {d.output.series_uid for same in names.values() if len(same) > 1 for d in same}
+    verdicts: list[Verdict] = []
+    for k, s in enumerate(run.series):
+        ds = by_series.get(s.uid, [])
+        kept = [d for d in ds if d.relpath(subject, session)]
+        if k in run.merged:
+            verdicts.append(Verdict(s, "", stacked_with=run.series[run.merged[k]]))
+        elif s.uid in split:
+            verdicts.append(Verdict(s, "failed", reason=_SPLIT.format(n=split[s.uid])))
+        elif s.uid in clash:
+            verdicts.append(Verdict(s, "failed", reason=_CLASH))
+        elif kept:
+            left = sorted({d.reason for d in ds if not d.relpath(subject, session)})
+            verdicts.append(Verdict(s, "converted", kept,
+                                    ("other images of this series left out: " + "; ".join(left)) if left else ""))
+        elif ds:
+            verdicts.append(Verdict(s, "skipped", reason="; ".join(sorted({d.reason for d in ds}))
+                                    or "left out by the classifier"))
+        else:
+            verdicts.append(Verdict(s, "failed", reason=NO_IMAGE))
+    host = {v.series.uid: v for v in verdicts if v.stacked_with is None}
+    for v in verdicts:
+        if v.stacked_with is not None:
+            h = host[v.stacked_with.uid]
+            v.status, v.reason = h.status, h.reason or f"stacked by dcm2niix with series {v.stacked_with.number} into one image"
+    return verdicts
+
+
+def _move_kept(d, rel: str, bids_root: Path) -> list[str]:
+    """Move one named image's files to ``rel`` + their extensions; TaskName and aslcontext.tsv as BIDS asks."""
+    files = []
+    for ext in _IMAGE_EXTS:
+        src = d.output.stem.with_name(d.output.stem.name + ext)
+        if src.exists():
+            dest = bids_root / (rel + ext)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(src), str(dest))
+            files.append(rel + ext)
+    task = d.entities.get("task")
+    side = bids_root / (rel + ".json")
+    if task and side.exists():  # BIDS requires TaskName beside every task-<label> image
+        meta = json.loads(side.read_text())
+        if not meta.get("TaskName"):
+            meta["TaskName"] = task
+            side.write_text(json.dumps(meta, indent=2) + "\n")
+    context = getattr(d, "aslcontext", None)
+    if context and rel.endswith("_asl"):
+        (bids_root / (rel[: -len("_asl")] + "_aslcontext.tsv")).write_text(
+            "volume_type\n" + "".join(f"{v}\n" for v in context))
+        files.append(rel[: -len("_asl")] + "_aslcontext.tsv")
+    return files
+
+
 def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None, work_dir: Path,
                       log_dir: Path) -> ConversionResult:
     from pacs2bids.classify import classify_session
@@ -730,103 +828,43 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
     private = Path(tempfile.mkdtemp(prefix=f"dcm2niix-{label}-", dir=work_dir))  # never shared between sessions
     try:
         run = dcm2niix_session([dicom_dir], private)
-        series, outputs, merged, log_text = run.series, run.outputs, run.merged, run.log
         results = list(run.skipped)
-        if not series:
+        if not run.series:
             log.warning("no image objects to convert in %s", label)
             return ConversionResult(results)
-        log.info("converted %d series of %s with dcm2niix", len(series), label)
+        log.info("converted %d series of %s with dcm2niix", len(run.series), label)
         kept_log = ""
 
         def failed_log() -> str:
             nonlocal kept_log
-            kept_log = kept_log or _keep_log(log_dir, f"dcm2niix-{label}", log_text, bids_root)
+            kept_log = kept_log or _keep_log(log_dir, f"dcm2niix-{label}", run.log, bids_root)
             return kept_log
 
-        if not outputs and run.returncode != 0:
+        if not run.outputs and run.returncode != 0:
             raise ConversionError(f"dcm2niix failed (exit {run.returncode}) on {label} and wrote no image; "
                                   f"its log is kept in {failed_log()}")
-        decisions = classify_session(outputs)
-        by_series: dict[str, list] = {}
-        for d in decisions:
-            by_series.setdefault(d.output.series_uid, []).append(d)
-        # a series dcm2niix split into images it could only tell apart by number is not named
-        split: dict[str, int] = {}
-        for uid, ds in by_series.items():
-            suffixes = [run.suffix[d.output.stem.name] for d in ds]
-            if len(ds) > 1 and len(set(suffixes)) < len(suffixes) and any(d.relpath(subject, session) for d in ds):
-                split[uid] = len(ds)
-        names: dict[str, list] = {}
-        for d in decisions:
-            rel = d.relpath(subject, session)
-            if rel and d.output.series_uid not in split:
-                names.setdefault(rel, []).append(d)
-        clash = {d.output.series_uid for same in names.values() if len(same) > 1 for d in same}
+        verdicts = judge_session(run, classify_session(run.outputs) if run.outputs else [], subject, session)
         scans: dict[str, str] = {}
         written: dict[str, list[str]] = {}
-        for d in decisions:
-            rel = d.relpath(subject, session)
-            if not rel or d.output.series_uid in split or d.output.series_uid in clash:
-                continue
-            files = []
-            for ext in _IMAGE_EXTS:
-                src = d.output.stem.with_name(d.output.stem.name + ext)
-                if src.exists():
-                    dest = bids_root / (rel + ext)
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.move(str(src), str(dest))
-                    files.append(rel + ext)
-            task = d.entities.get("task")
-            side = bids_root / (rel + ".json")
-            if task and side.exists():  # BIDS requires TaskName beside every task-<label> image
-                meta = json.loads(side.read_text())
-                if not meta.get("TaskName"):
-                    meta["TaskName"] = task
-                    side.write_text(json.dumps(meta, indent=2) + "\n")
-            context = getattr(d, "aslcontext", None)
-            if context and rel.endswith("_asl"):
-                (bids_root / (rel[: -len("_asl")] + "_aslcontext.tsv")).write_text(
-                    "volume_type\n" + "".join(f"{v}\n" for v in context))
-                files.append(rel[: -len("_asl")] + "_aslcontext.tsv")
-            image = next((f for f in files if f.endswith((".nii.gz", ".nii"))), None)
-            if image:
-                sk = next(s for s in series if s.uid == d.output.series_uid)
-                scans[Path(image).relative_to(_session_rel(subject, session)).as_posix()] = _acq_time(
-                    d.output.sidecar, sk.date)
-            written.setdefault(d.output.series_uid, []).extend(files)
+        for v in verdicts:
+            for d in v.kept:
+                files = _move_kept(d, d.relpath(subject, session), bids_root)
+                image = next((f for f in files if f.endswith((".nii.gz", ".nii"))), None)
+                if image:
+                    rel = Path(image).relative_to(_session_rel(subject, session)).as_posix()
+                    scans[rel] = _acq_time(d.output.sidecar, v.series.date)
+                written.setdefault(v.series.uid, []).extend(files)
         if written:
             add_intended_for(bids_root, subject, session)
             write_scans(bids_root, subject, session, scans)
-        for k, s in enumerate(series):
-            if k in merged:
-                continue
-            ds = by_series.get(s.uid, [])
-            if s.uid in split:
-                status, outs, reason = "failed", [], (
-                    f"dcm2niix split this series into {split[s.uid]} images (geometry, echo or transfer syntax "
-                    "changes within one series): BIDS has no name for that, so it is left out. Split it into "
-                    "series at the source, or give it a rule in a project heuristic")
-            elif s.uid in clash:
-                status, outs, reason = "failed", [], (
-                    "the classifier gave two images of this session the same BIDS name; left out. Give the "
-                    "series a rule in a project heuristic")
-            elif written.get(s.uid):
-                status, outs = "converted", sorted(written[s.uid])
-                left = sorted({d.reason for d in ds if not d.relpath(subject, session)})
-                reason = ("other images of this series left out: " + "; ".join(left)) if left else ""
-            elif ds:
-                status, outs = "skipped", []
-                reason = "; ".join(sorted({d.reason for d in ds})) or "left out by the classifier"
-            else:
-                status, outs = "failed", []
-                reason = f"dcm2niix wrote no image for this series; its log is kept in {failed_log()}"
-            results.append(ConvertedSeries(s.uid, s.number, s.description, status, outs, reason))
-        first = {r.series_uid: r for r in results}
-        for j, k in sorted(merged.items()):
-            host = first[series[k].uid]
-            note = f"stacked by dcm2niix with series {series[k].number} into one image"
-            results.append(ConvertedSeries(series[j].uid, series[j].number, series[j].description, host.status,
-                                           list(host.outputs), host.reason or note))
+        for v in verdicts:
+            owner = (v.stacked_with or v.series).uid
+            outs = sorted(written.get(owner, [])) if v.status == "converted" else []
+            reason = v.reason
+            if reason.startswith(NO_IMAGE):
+                reason = f"{NO_IMAGE}; its log is kept in {failed_log()}"
+            s = v.series
+            results.append(ConvertedSeries(s.uid, s.number, s.description, v.status, outs, reason))
         for res in results:
             if res.status != "converted":
                 log.info("%s series %s %s: %s", label, res.series_number, res.status, res.reason)

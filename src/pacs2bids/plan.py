@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacs2bids.config import ProjectSpec
-from pacs2bids.convert import dcm2niix_session
+from pacs2bids.convert import dcm2niix_session, judge_session
 from pacs2bids.query import find_studies
 from pacs2bids.retrieve import retrieve_study
 from pacs2bids.run import assign_sessions, label
@@ -74,28 +74,16 @@ def plan_session(series_folders: list[Path], subject: str, session: str | None, 
     private = Path(tempfile.mkdtemp(prefix="plan-", dir=scratch))
     try:
         run = dcm2niix_session(series_folders, private / "run", sidecar_only=True)
-        series, skipped, merged = run.series, run.skipped, run.merged
-        by_uid: dict[str, PlannedSeries] = {}
-        for d in classify_session(run.outputs) if run.outputs else []:
-            p = by_uid.setdefault(d.output.series_uid, PlannedSeries(d.output.series_number))
-            rel = d.relpath(subject, session)
-            if rel:
-                p.paths.append(rel)
-            elif not p.reason:
-                p.reason = d.reason
-            elif d.reason not in p.reason:
-                p.reason += "; " + d.reason
-        for k, s in enumerate(series):
-            if k in merged:
-                host = series[merged[k]]
-                by_uid[s.uid] = PlannedSeries(s.number, list(by_uid.get(host.uid, PlannedSeries(None)).paths),
-                                              f"stacked by dcm2niix with series {host.number}")
-            elif s.uid not in by_uid:
-                by_uid[s.uid] = PlannedSeries(s.number, [], "dcm2niix found no image it can convert")
-            elif by_uid[s.uid].paths:
-                by_uid[s.uid].reason = ""  # left-out companions (e.g. a localizer's extra slices) are noise here
-        planned.series = [by_uid[s.uid] for s in series]
-        planned.series += [PlannedSeries(f.series_number, [], f.reason) for f in skipped]
+        decisions = classify_session(run.outputs) if run.outputs else []
+        verdicts = judge_session(run, decisions, subject, session)
+        kept = {v.series.uid: [d.relpath(subject, session) for d in v.kept] for v in verdicts}
+        for v in verdicts:
+            if v.stacked_with is not None:
+                paths, note = kept[v.stacked_with.uid], f"stacked by dcm2niix with series {v.stacked_with.number}"
+            else:
+                paths, note = kept[v.series.uid], ""
+            planned.series.append(PlannedSeries(v.series.number, paths, note if paths else v.reason))
+        planned.series += [PlannedSeries(f.series_number, [], f.reason) for f in run.skipped]
         planned.series.sort(key=lambda p: (p.series_number is None, p.series_number or 0))
     finally:
         shutil.rmtree(private, ignore_errors=True)
