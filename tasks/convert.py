@@ -11,7 +11,7 @@ from . import TASK_DEFAULTS
 def convert_session(
     dicom_dir: Path, bids_root: Path, subject: str, session: str | None, heuristic: str, work_dir: Path
 ) -> convert.ConversionResult:
-    """heudiconv + dcm2niix on one session's pseudonymised DICOM."""
+    """One session's pseudonymised DICOM to BIDS: dcm2niix + pacs2bids.classify (auto) or heudiconv."""
     return convert.convert_session(
         dicom_dir, bids_root, subject=subject, session=session, heuristic=heuristic, work_dir=work_dir
     )

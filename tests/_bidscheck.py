@@ -15,6 +15,10 @@ import pydicom
 from pacs2bids.dicomfiles import iter_dicom_files
 
 
+DCM2NIIX_EXE = str(Path(sys.executable).parent / "dcm2niix") if (Path(sys.executable).parent / "dcm2niix").exists() \
+    else "dcm2niix"
+
+
 def copy_decompressed(src: Path, dst: Path) -> Path:
     """Copy a corpus folder, gunzipping ``*.gz`` DICOM, keeping the layout."""
     for p in sorted(src.rglob("*")):

@@ -115,7 +115,8 @@ def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], gen
         log.info("EchoTime1/EchoTime2 filled from the magnitude images: %s", ", ".join(filled))
     versions = tool_versions()
     ours = {"Name": "pacs2bids", "Version": versions.get("pacs2bids") or "unknown",
-            "Description": "PACS query/retrieve, pseudonymisation (DICOM PS3.15 Annex E), heudiconv + dcm2niix"}
+            "Description": "PACS query/retrieve, pseudonymisation (DICOM PS3.15 Annex E), dcm2niix conversion named "
+                           "from its sidecars (or heudiconv with a project's heuristic)"}
     ours.update(generated_by or {})
     description = {
         "Name": name,
@@ -141,8 +142,9 @@ def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], gen
         f"{ours['Version']}.\n\n"
         "- Identifiers were replaced following DICOM PS3.15 Annex E with project-keyed pseudonyms; the "
         "matching key is kept outside this dataset.\n"
-        f"- Images were converted with heudiconv {versions.get('heudiconv')} and dcm2niix "
-        f"{versions.get('dcm2niix')}; series the conversion heuristic could not classify were left out.\n"
+        f"- Images were converted with dcm2niix {versions.get('dcm2niix')} and named from its sidecars (through "
+        f"heudiconv {versions.get('heudiconv')} when the project gives a heudiconv heuristic); series that could "
+        "not be classified were left out.\n"
         "- `sourcedata/` holds the pseudonymised DICOM copy; `.pacs2bids/` holds provenance and lineage "
         "records (ignored by the BIDS validator).\n"
         "- Functional runs are named `task-unknown` when the task could not be read from the images.\n"

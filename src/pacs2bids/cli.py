@@ -124,6 +124,19 @@ def _cmd_check(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def _cmd_plan(args) -> int:
+    from .dimse import close_pools
+    from .plan import plan_project
+
+    spec = load_spec(args.spec)
+    try:
+        plan = plan_project(spec)
+    finally:
+        close_pools()
+    print("\n".join(plan.lines()) or "no study matched")
+    return EXIT_OK
+
+
 def _cmd_deid(args) -> int:
     from .dryrun import dry_run_project
 
@@ -254,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("check", help="preflight: C-ECHO, test query, C-MOVE destination, DICOMweb, disk space")
     p.add_argument("spec")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("plan", help="before publishing: the BIDS path, or the reason left out, of every matched series")
+    p.add_argument("spec")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("deid", help="show what pseudonymisation would change, on a sample of the project's studies")
     p.add_argument("spec")

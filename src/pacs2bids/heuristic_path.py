@@ -24,4 +24,13 @@ def heuristic_file(name_or_path: str) -> Path:
 
 
 def heuristic_sha256(name_or_path: str) -> str:
+    """sha256 of what names the outputs: the heuristic file, or for ``auto`` (no heudiconv
+    heuristic) the sources of pacs2bids.classify and pacs2bids.convert."""
+    if name_or_path in ("auto", "", None):
+        from pacs2bids import classify, convert
+
+        digest = hashlib.sha256()
+        for module in (classify, convert):
+            digest.update(Path(module.__file__).read_bytes())
+        return digest.hexdigest()
     return hashlib.sha256(heuristic_file(name_or_path).read_bytes()).hexdigest()

@@ -12,7 +12,7 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from pacs2bids.heuristic_path import heuristic_file
+from pacs2bids.heuristic_path import heuristic_file, heuristic_sha256
 from pacs2bids.versions import tool_versions
 from pacs2bids.checksum import sha256_file
 
@@ -50,7 +50,7 @@ def write_series_provenance(path: Path, *, pseudo_study_uid: str, pseudo_series_
         "instance_count": int(instance_count),
         "outputs": sorted(files, key=lambda f: f["path"]),
         "versions": tool_versions(),
-        "heuristic": {"name": heur.stem, "sha256": sha256_file(heur)},
+        "heuristic": {"name": heur.stem, "sha256": heuristic_sha256(heuristic)},
         "flow_run_id": flow_run_id,
         "started": _iso(started),
         "finished": _iso(finished),
