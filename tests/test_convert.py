@@ -414,3 +414,30 @@ def test_acq_time(time_, date, expected):
     from pacs2bids.convert import _acq_time
 
     assert _acq_time({"AcquisitionTime": time_} if time_ else {}, date) == expected
+
+
+def test_asl_without_its_context_is_left_out(sample_dir, tmp_path):
+    """An image named asl with no label/control order would fail the validator for the whole
+    dataset: it is left out with that reason; with the order given, aslcontext.tsv is written."""
+    from dataclasses import dataclass
+
+    from pacs2bids import classify
+    from pacs2bids.convert import judge_session, dcm2niix_session, _move_kept
+
+    run = dcm2niix_session([sample_dir / "dcm_qa_philips"], tmp_path / "p")
+    (out,) = run.outputs
+    plain = classify.Decision(out, "perf", "asl", {}, "said asl")
+    (v,) = judge_session(run, [plain], "01", None)
+    assert v.status == "skipped" and "aslcontext.tsv" in v.reason
+
+    @dataclass(frozen=True)
+    class WithContext(classify.Decision):
+        aslcontext: tuple = ("control", "label", "control")
+
+    given = WithContext(out, "perf", "asl", {}, "said asl")
+    (v,) = judge_session(run, [given], "01", None)
+    assert v.status == "converted" and v.kept == [given]
+    files = _move_kept(given, given.relpath("01", None), tmp_path / "bids")
+    ctx = tmp_path / "bids" / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    assert "sub-01/perf/sub-01_aslcontext.tsv" in files
+    assert ctx.read_text() == "volume_type\ncontrol\nlabel\ncontrol\n"

@@ -734,6 +734,12 @@ _SPLIT = ("dcm2niix split this series into {n} images (geometry, echo or transfe
 _CLASH = ("the classifier gave two images of this session the same BIDS name; left out. Give the series a rule in a "
           "project heuristic")
 NO_IMAGE = "dcm2niix wrote no image for this series"
+_ASL_NO_CONTEXT = ("ASL without its label/control order: BIDS requires an aslcontext.tsv the classifier did not give "
+                   "(the validator would refuse the whole dataset); give the order in a project heuristic")
+
+
+def _asl_without_context(d) -> bool:
+    return d.suffix == "asl" and not getattr(d, "aslcontext", None)
 
 
 @dataclass
@@ -769,7 +775,7 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
     verdicts: list[Verdict] = []
     for k, s in enumerate(run.series):
         ds = by_series.get(s.uid, [])
-        kept = [d for d in ds if d.relpath(subject, session)]
+        kept = [d for d in ds if d.relpath(subject, session) and not _asl_without_context(d)]
         if k in run.merged:
             verdicts.append(Verdict(s, "", stacked_with=run.series[run.merged[k]]))
         elif s.uid in split:
@@ -777,12 +783,13 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
         elif s.uid in clash:
             verdicts.append(Verdict(s, "failed", reason=_CLASH))
         elif kept:
-            left = sorted({d.reason for d in ds if not d.relpath(subject, session)})
+            left = sorted({_ASL_NO_CONTEXT if _asl_without_context(d) else d.reason
+                           for d in ds if d not in kept})
             verdicts.append(Verdict(s, "converted", kept,
                                     ("other images of this series left out: " + "; ".join(left)) if left else ""))
         elif ds:
-            verdicts.append(Verdict(s, "skipped", reason="; ".join(sorted({d.reason for d in ds}))
-                                    or "left out by the classifier"))
+            why = sorted({_ASL_NO_CONTEXT if _asl_without_context(d) else d.reason for d in ds})
+            verdicts.append(Verdict(s, "skipped", reason="; ".join(why) or "left out by the classifier"))
         else:
             verdicts.append(Verdict(s, "failed", reason=NO_IMAGE))
     host = {v.series.uid: v for v in verdicts if v.stacked_with is None}
