@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_convert.py [--repeat 3] [--corpus ../shared/data/dicom]
 
 For each session (one XA30 session from ``dcm_qa_xa30i``, Siemens and Philips field maps, GE
-EPI, Philips DTI, and the bundled sample's studies), the DICOM is first copied decompressed into
+EPI, Philips DTI; from ``../shared/data/dicom-vendors``: Siemens mosaic, Philips enhanced and ASL,
+Canon/Toshiba, XA60, slice timing; and the bundled sample's studies), the DICOM is first copied decompressed into
 a temporary folder, then, alternately, ``--repeat`` times each:
 
 - dcm2niix alone: ``dcm2niix -b y -z y`` on the session folder (the baseline);
@@ -12,7 +13,7 @@ a temporary folder, then, alternately, ``--repeat`` times each:
   IntendedFor).
 
 Prints the best time of each, their ratio (goal <= 1.5), and the share of image series the
-stage converted. The last line sums every session.
+stage converted (what names them is pacs2bids.classify). The last line sums every session.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ SESSIONS = [
     ("ge-epi", "dcm_qa_nih/In/20180918GE"),
     ("philips-dti", "dcm_qa_philips_dwi"),
 ]
+VENDORS = [("mosaic", "dcm_qa_mosaic"), ("philips-enh", "dcm_qa_philips_enh"), ("philips-asl", "dcm_qa_philips_asl"),
+           ("toshiba", "dcm_qa_toshiba"), ("xa60", "dcm_qa_xa60"), ("stc", "dcm_qa_stc")]
 SAMPLE = ["dcm_qa_ge", "dcm_qa_nih", "dcm_qa_philips", "dcm_qa_fmap"]
 
 
@@ -56,10 +59,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--corpus", default=str(REPO.parent / "shared" / "data" / "dicom"))
+    ap.add_argument("--vendors", default=str(REPO.parent / "shared" / "data" / "dicom-vendors"))
     args = ap.parse_args()
-    corpus = Path(args.corpus)
+    corpus, vendors = Path(args.corpus), Path(args.vendors)
     sample = Path(str(resources.files("pacs2bids") / "data" / "sample"))
     todo = [(name, corpus / rel) for name, rel in SESSIONS if (corpus / rel).is_dir()]
+    todo += [(name, vendors / rel) for name, rel in VENDORS if (vendors / rel).is_dir()]
     todo += [(f"sample-{f.removeprefix('dcm_qa_')}", sample / f) for f in SAMPLE]
     if len(todo) == len(SAMPLE):
         print(f"(corpus not found at {corpus}: sample only)")

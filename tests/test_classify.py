@@ -562,6 +562,7 @@ def test_sidecars_without_images_never_give_another_name(request, name, tmp_path
             assert "volume" in ref.reason  # pairing needs the volume count
         else:
             assert d.suffix is None and "dcm2niix -b y" in d.reason, (ref.suffix, d.reason)
+            assert d.output.sidecar.get("Manufacturer") == "Toshiba"  # the only DWI with no diffusion fact at all
 
 
 def test_epi_direction_without_an_image_comes_from_the_orientation(tmp_path):

@@ -414,3 +414,56 @@ def test_acq_time(time_, date, expected):
     from pacs2bids.convert import _acq_time
 
     assert _acq_time({"AcquisitionTime": time_} if time_ else {}, date) == expected
+
+
+def test_asl_without_its_context_is_left_out(sample_dir, tmp_path):
+    """An image named asl with no label/control order would fail the validator for the whole
+    dataset: it is left out with that reason; with the order given, aslcontext.tsv is written."""
+    from dataclasses import dataclass
+
+    from pacs2bids import classify
+    from pacs2bids.convert import judge_session, dcm2niix_session, _move_kept
+
+    run = dcm2niix_session([sample_dir / "dcm_qa_philips"], tmp_path / "p")
+    (out,) = run.outputs
+    plain = classify.Decision(out, "perf", "asl", {}, "said asl")
+    (v,) = judge_session(run, [plain], "01", None)
+    assert v.status == "skipped" and "aslcontext.tsv" in v.reason
+
+    @dataclass(frozen=True)
+    class WithContext(classify.Decision):
+        aslcontext: tuple = ("control", "label", "control")
+
+    given = WithContext(out, "perf", "asl", {}, "said asl")
+    (v,) = judge_session(run, [given], "01", None)
+    assert v.status == "converted" and v.kept == [given]
+    files = _move_kept(given, given.relpath("01", None), tmp_path / "bids")
+    ctx = tmp_path / "bids" / "sub-01" / "perf" / "sub-01_aslcontext.tsv"
+    assert "sub-01/perf/sub-01_aslcontext.tsv" in files
+    assert ctx.read_text() == "volume_type\ncontrol\nlabel\ncontrol\n"
+
+
+@pytest.mark.parametrize("heuristic", ["auto", "project"])
+def test_reconversion_leaves_no_stale_images(sample_dir, tmp_path, heuristic):
+    """A session converted again (the staging starts from the published dataset) replaces what
+    its earlier conversion wrote, even under other names; other sessions and sourcedata stay."""
+    if heuristic == "project":
+        heuristic = str(tmp_path / "project.py")
+        Path(heuristic).write_text(PROJECT_HEURISTIC)
+    root = tmp_path / "bids"
+    convert_session(sample_dir / "dcm_qa_ge", root, subject="01", session="a", heuristic=heuristic, work_dir=tmp_path / "w")
+    convert_session(sample_dir / "dcm_qa_nih", root, subject="01", session="b", heuristic="auto", work_dir=tmp_path / "w")
+    stale = root / "sub-01/ses-a/func/sub-01_ses-a_task-old_bold.nii.gz"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    scans = root / "sub-01/ses-a/sub-01_ses-a_scans.tsv"
+    scans.write_text(scans.read_text() + "func/sub-01_ses-a_task-old_bold.nii.gz\tn/a\n")
+    keep = root / "sourcedata/sub-01/ses-a/001-x/a.dcm"
+    keep.parent.mkdir(parents=True)
+    keep.write_bytes(b"dicom")
+    before_b = sorted(p.relative_to(root) for p in (root / "sub-01/ses-b").rglob("*"))
+    result = convert_session(sample_dir / "dcm_qa_ge", root, subject="01", session="a", heuristic=heuristic,
+                             work_dir=tmp_path / "w")
+    assert not stale.exists() and "task-old" not in scans.read_text()
+    assert all((root / o).exists() for s in result.series for o in s.outputs) and result.series[0].outputs
+    assert keep.exists() and sorted(p.relative_to(root) for p in (root / "sub-01/ses-b").rglob("*")) == before_b

@@ -49,15 +49,18 @@ def test_a_failed_study_leaves_when_one_of_its_series_gets_through(tmp_path):
 
 # -- end to end, with a heuristic that refuses one subject --------------------------------------
 REFUSING_HEURISTIC = '''
-"""auto, except that it refuses series described "...refused": a conversion that keeps failing."""
-from pacs2bids.heuristics.auto import *  # noqa: F401,F403
-from pacs2bids.heuristics import auto as _auto
+"""A project's heudiconv heuristic that refuses series described "...refused": a conversion that keeps failing."""
+
+
+def create_key(template, outtype=("nii.gz",), annotation_classes=None):
+    return template, outtype, annotation_classes
 
 
 def infotodict(seqinfo):
     if any("refused" in s.series_description for s in seqinfo):
         raise RuntimeError("this heuristic refuses this series")
-    return _auto.infotodict(seqinfo)
+    epi = create_key("{bids_subject_session_dir}/fmap/{bids_subject_session_prefix}_dir-AP_epi")
+    return {epi: [s.series_id for s in seqinfo]}
 '''
 
 

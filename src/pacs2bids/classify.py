@@ -22,8 +22,8 @@ ASL: ``it`` ASL, ArterialSpinLabelingType, an      perf/asl; aslcontext "deltam"
 ASL sequence name, dcm2niix's perf guess, or       ``it`` says PERFUSION without M/MAGNITUDE
 ``it`` PERFUSION (not DSC)
 ``it`` M0, or one volume of an ASL sequence/grid   perf/m0scan
-bval file, ``it`` DIFFUSION or DiffusionScheme     dwi/dwi; one volume before a matching dwi: sbref;
-                                                   <= 3 volumes of b <= 50 with a reversed twin: fmap/epi
+bval file, ``it`` DIFFUSION, DiffusionScheme,      dwi/dwi; one volume before a matching dwi: sbref;
+NumberOfDiffusionDirectionGE, DwiSE/ep_b names     <= 3 volumes of b <= 50 with a reversed twin: fmap/epi
 EPI, spin echo, no diffusion, <= 3 volumes         fmap/epi, dir-XX (needs a polarity)
 EPI, gradient echo, no diffusion                   func/bold task-unknown; one volume before a
                                                    matching bold: sbref; <= 3 volumes with a
@@ -474,7 +474,8 @@ def _first_pass(d: _Draft) -> None:
             d.missing = ("aslcontext.tsv",)
         d.missing = d.missing + tuple(k for k in ASL_REQUIRED if k not in s)
         return
-    if o.bvals is not None or "DIFFUSION" in f.it or s.get("DiffusionScheme") or _diffusion_sequence(f):
+    if (o.bvals is not None or "DIFFUSION" in f.it or s.get("DiffusionScheme") or _diffusion_sequence(f)
+            or s.get("NumberOfDiffusionDirectionGE")):
         d.kind = "dwi"
         bmax = max(o.bvals) if o.bvals else None
         d.name("dwi", "dwi", f"diffusion weighted ({f.volumes or '?'} volume(s), max b={_fmt(bmax)})")

@@ -360,10 +360,31 @@ def _session_rel(subject: str, session: str | None) -> Path:
     return Path(f"sub-{subject}") / (f"ses-{session}" if session else "")
 
 
+_DATATYPES = ("anat", "func", "dwi", "fmap", "perf", "pet", "beh", "mrs", "micr", "nirs", "eeg", "meg", "ieeg", "motion")
+
+
+def clear_session(bids_root: Path, subject: str, session: str | None) -> list[str]:
+    """Remove what an earlier conversion of this session left in ``bids_root`` (its datatype
+    folders and scans.tsv; never sourcedata/ nor another session): a session is converted whole,
+    so an image named differently this time leaves no stale copy. Returns the files removed."""
+    sess = bids_root / _session_rel(subject, session)
+    removed = []
+    for d in _DATATYPES:
+        if (sess / d).is_dir():
+            removed += [f.relative_to(bids_root).as_posix() for f in (sess / d).rglob("*") if f.is_file()]
+            shutil.rmtree(sess / d)
+    scans = sess / (f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_scans.tsv")
+    if scans.exists():
+        scans.unlink()
+        removed.append(scans.relative_to(bids_root).as_posix())
+    return removed
+
+
 def _move_session(src_root: Path, dest_root: Path, subject: str, session: str | None) -> None:
     """Move the files of one session (``sub-X/[ses-Y/]``) from ``src_root`` into ``dest_root``,
     replacing files of the same name."""
     src = src_root / _session_rel(subject, session)
+    clear_session(dest_root, subject, session)
     if not src.is_dir():
         return
     for f in sorted(p for p in src.rglob("*") if p.is_file()):
@@ -734,6 +755,12 @@ _SPLIT = ("dcm2niix split this series into {n} images (geometry, echo or transfe
 _CLASH = ("the classifier gave two images of this session the same BIDS name; left out. Give the series a rule in a "
           "project heuristic")
 NO_IMAGE = "dcm2niix wrote no image for this series"
+_ASL_NO_CONTEXT = ("ASL without its label/control order: BIDS requires an aslcontext.tsv the classifier did not give "
+                   "(the validator would refuse the whole dataset); give the order in a project heuristic")
+
+
+def _asl_without_context(d) -> bool:
+    return d.suffix == "asl" and not getattr(d, "aslcontext", None)
 
 
 @dataclass
@@ -769,7 +796,7 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
     verdicts: list[Verdict] = []
     for k, s in enumerate(run.series):
         ds = by_series.get(s.uid, [])
-        kept = [d for d in ds if d.relpath(subject, session)]
+        kept = [d for d in ds if d.relpath(subject, session) and not _asl_without_context(d)]
         if k in run.merged:
             verdicts.append(Verdict(s, "", stacked_with=run.series[run.merged[k]]))
         elif s.uid in split:
@@ -777,12 +804,13 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
         elif s.uid in clash:
             verdicts.append(Verdict(s, "failed", reason=_CLASH))
         elif kept:
-            left = sorted({d.reason for d in ds if not d.relpath(subject, session)})
+            left = sorted({_ASL_NO_CONTEXT if _asl_without_context(d) else d.reason
+                           for d in ds if d not in kept})
             verdicts.append(Verdict(s, "converted", kept,
                                     ("other images of this series left out: " + "; ".join(left)) if left else ""))
         elif ds:
-            verdicts.append(Verdict(s, "skipped", reason="; ".join(sorted({d.reason for d in ds}))
-                                    or "left out by the classifier"))
+            why = sorted({_ASL_NO_CONTEXT if _asl_without_context(d) else d.reason for d in ds})
+            verdicts.append(Verdict(s, "skipped", reason="; ".join(why) or "left out by the classifier"))
         else:
             verdicts.append(Verdict(s, "failed", reason=NO_IMAGE))
     host = {v.series.uid: v for v in verdicts if v.stacked_with is None}
@@ -844,6 +872,9 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
             raise ConversionError(f"dcm2niix failed (exit {run.returncode}) on {label} and wrote no image; "
                                   f"its log is kept in {failed_log()}")
         verdicts = judge_session(run, classify_session(run.outputs) if run.outputs else [], subject, session)
+        stale = clear_session(bids_root, subject, session)
+        if stale:
+            log.info("%s: %d file(s) of an earlier conversion of this session replaced", label, len(stale))
         scans: dict[str, str] = {}
         written: dict[str, list[str]] = {}
         for v in verdicts:
