@@ -42,6 +42,9 @@ def _pseudonymiser(tmp_path: Path) -> Pseudonymiser:
 def test_rule_sorts_strings():
     assert all(is_common(v) for v in ("DEFAULT", "HEAD", "ROUTINE", "TECH", "Research MRI", "2339", "175689", "DEFAUT"))
     assert not any(is_common(v) for v in ("IPP77881234", "Dupontel", "Hélène", "19630715", "SN4471932", "HEHMRI7"))
+    # an ID written from common parts and a short number is distinctive as a whole
+    assert not any(is_common(v) for v in ("GATE-PID-551177", "IPP-2024-0042", "head_32_551177"))
+    assert all(is_common(v) for v in ("Head_32", "HEAD 32"))
     rules = build_rules(["DEFAULT^MARIE"])
     assert rules.common == {"default", "marie"}  # each part alone is a common word ...
     assert {"MARIE DEFAULT", "DEFAULT, MARIE", "DEFAULT^MARIE", "Marie_Default".upper()} <= {s.upper() for s in rules.distinctive}
@@ -130,7 +133,7 @@ def test_short_numbers_only_in_identity_fields(t1_file, tmp_path):
 @pytest.mark.parametrize("where", ["header", "nested", "private-pn", "private-ob", "free-text", "file-meta"])
 @pytest.mark.parametrize("value", ["Bellefontaine^Joséphine", "IPP77881234", "19630715", "ACC98127364",
                                    "Hopital Edouard Herriot", "12 rue des Lilas 69003 Lyon", "HEHMRI7", "SN4471932",
-                                   "DEFAULT^MARIE"])
+                                   "DEFAULT^MARIE", "GATE-PID-551177"])
 def test_planted_identity_is_caught_everywhere(t1_file, tmp_path, where, value):
     """Every kind of identity, planted raw (not pseudonymised) in a real file, is found by the scanner
     given that value alone (what the key store holds)."""

@@ -22,7 +22,9 @@ is then one of:
   list, English or French, accents ignored: "DEFAULT", "HEAD", "ROUTINE", "TECH", "Research
   MRI", and the first names that are words too: "Marie", "Jean", "Martin"), a number of fewer
   than 7 digits ("2339", "17240": years, sizes, counts and times look the same), or shorter
-  than 4 characters once its common words are set aside. Such a string matches by chance in
+  than 4 characters once its common words are set aside — unless it holds a token of 8 characters
+  or more, without spaces, mixing letters and digits ("GATE-PID-551177", "IPP-2024-0042": an ID
+  written from common parts is distinctive as a whole). Such a string matches by chance in
   the product's own words ("pacs2bids default"), in kept descriptions ("HEAD ROUTINE") and coil
   names ("Head_32"): it is found only where an identity is held, as the whole value or a whole
   name component of a DICOM identity element (the attributes above and every PN element, at any
@@ -80,6 +82,9 @@ _MAX_TEXT_BYTES = 256 * 1024 * 1024
 _WORD_LIST_DIR = Path("/usr/share/dict")
 #: A number with fewer digits than this is common: years, sizes, counts and times look alike.
 DISTINCTIVE_DIGITS = 7
+#: A token (no space) of at least this many characters that mixes letters and digits is distinctive
+#: whatever its parts: hospital IDs and accession numbers are often written that way.
+COMPOUND_LENGTH = 8
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -128,9 +133,13 @@ def is_common(text: str) -> bool:
     """True when every word of ``text`` is a common word or a number of fewer than
     :data:`DISTINCTIVE_DIGITS` digits, or when what is left once they are set aside is shorter
     than 4 characters (see the module docstring)."""
+    folded = _fold(text)
+    if any(len(t) >= COMPOUND_LENGTH and any(c.isdigit() for c in t) and any(c.isalpha() for c in t)
+           for t in folded.split()):
+        return False  # a code such as "GATE-PID-551177": common parts, but distinctive as a whole
     words = common_words()
     rest = []
-    for w in _WORD.findall(_fold(text)):
+    for w in _WORD.findall(folded):
         if w.isdigit():
             if len(w) >= DISTINCTIVE_DIGITS:
                 return False
