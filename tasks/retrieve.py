@@ -20,7 +20,16 @@ from . import TASK_DEFAULTS
 
 LEASE_SECONDS = 60.0  # a slot held by a process that died is freed after this long (Prefect's minimum)
 WAIT_LOG_SECONDS = 30.0  # a connection waiting for a slot says so this often
-log = logging.getLogger("pacs2bids.pacs_limit")
+
+
+def _log():
+    """Prefect's run logger (the UI, the console), else a ``prefect.*`` logger: never the
+    ``pacs2bids`` logger, whose lines go into the dataset's run log, where words like "limit"
+    or "slot" could equal a patient's name and stop the run at the leak scan."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger("prefect.pacs2bids.slots")
 
 
 def _ephemeral() -> bool:
@@ -66,7 +75,7 @@ def reclaim_dead_runs_slots(name: str) -> int | None:
             held = client.read_global_concurrency_limit_by_name(name).active_slots
             if held:
                 client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-                log.warning("PACS limit %s: %d slot(s) kept by runs that were killed were given back", name, held)
+                _log().warning("PACS limit %s: %d slot(s) kept by runs that were killed were given back", name, held)
             freed = held
     fcntl.flock(fd, fcntl.LOCK_SH)  # held until this process ends
     return freed
@@ -128,7 +137,7 @@ class PrefectGate:
             held = f"{limit.active_slots} of {limit.limit} slots held"
         except Exception as exc:  # a side output: never worth failing the wait for
             held = f"slots unknown ({type(exc).__name__})"
-        log.warning("waiting %.0f s for a slot of the PACS limit %s: %s by other connections or runs (a killed "
+        _log().warning("waiting %.0f s for a slot of the PACS limit %s: %s by other connections or runs (a killed "
                     "run's slots come back when their %.0f s lease expires)", waited, self.name, held,
                     self.lease_seconds)
 
