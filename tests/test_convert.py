@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -297,8 +300,10 @@ def test_auto_child_gets_no_secret(monkeypatch):
 
     monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", "do-not-pass-me-0123456789")
     monkeypatch.setenv("MY_SPEC_SECRET", "nor-me-0123456789")
+    monkeypatch.setenv("PROJECTKEY", "innocent-name-0123456789")  # a secret_env with a harmless name
     env = child_env()
-    assert set(env) <= {"PATH", "LANG", "HOME", "TMPDIR", "NIPYPE_NO_ET", "NO_ET"}
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)  # pip's dcm2niix first
+    assert "innocent-name-0123456789" not in env.values()
     assert "do-not-pass-me-0123456789" not in env.values() and "nor-me-0123456789" not in env.values()
 
 
@@ -467,3 +472,26 @@ def test_reconversion_leaves_no_stale_images(sample_dir, tmp_path, heuristic):
     assert not stale.exists() and "task-old" not in scans.read_text()
     assert all((root / o).exists() for s in result.series for o in s.outputs) and result.series[0].outputs
     assert keep.exists() and sorted(p.relative_to(root) for p in (root / "sub-01/ses-b").rglob("*")) == before_b
+
+
+@pytest.mark.corpus
+def test_image_missing_required_fields_is_left_out_and_dataset_valid(vendors_dir, tmp_path):
+    """Philips pCASL deltaM (dcm_qa_philips_asl 201): classified asl, but its sidecar lacks what BIDS
+    requires of an asl image (ArterialSpinLabelingType, PostLabelingDelay...). Published as is, the
+    validator would refuse the whole dataset; it is left out with the fields named, the rest of the
+    session is converted, and the dataset validates."""
+    import shutil
+
+    src = tmp_path / "dicom"
+    shutil.copytree(vendors_dir / "dcm_qa_philips_asl" / "In" / "Classic" / "201_pCASL", src / "201")
+    shutil.copytree(vendors_dir / "dcm_qa_mosaic" / "In" / "ep2d_Int_4", src / "004")  # a bold beside it
+    root = tmp_path / "bids"
+    result = convert_session(src, root, subject="01", session=None, heuristic="auto", work_dir=tmp_path / "w")
+    by_number = {s.series_number: s for s in result.series}
+    asl = by_number[201]
+    assert asl.status == "skipped" and not asl.outputs, asl
+    assert "ArterialSpinLabelingType" in asl.reason and "validator" in asl.reason
+    assert not list(root.rglob("*_asl.*")) and not list(root.rglob("*_aslcontext.tsv"))
+    assert by_number[4].status == "converted"
+    finalise_dataset(root, name="asl guard", participants=["01"], generated_by={"Name": "pacs2bids"})
+    assert validate_dataset(root).errors == []

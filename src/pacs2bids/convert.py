@@ -394,12 +394,13 @@ def _move_session(src_root: Path, dest_root: Path, subject: str, session: str | 
 
 
 def child_env() -> dict[str, str]:
-    """The environment a converter needs, and nothing else: never the project secret, nor any
-    variable a spec names as holding it (they are simply not copied)."""
-    env = {"PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", os.defpath),
-           "LANG": os.environ.get("LANG", "C.UTF-8"), "HOME": os.environ.get("HOME", "/nonexistent"),
-           "TMPDIR": os.environ.get("TMPDIR", "/tmp"), "NIPYPE_NO_ET": "1", "NO_ET": "1"}
-    return env
+    """The environment a converter needs (:func:`pacs2bids.childenv.child_env`, the allow-list
+    every child gets: never the project secret), with this interpreter's folder first on PATH
+    (pip's dcm2niix wheel) and nipype's network check off."""
+    from pacs2bids.childenv import child_env as allowed
+
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", os.defpath)
+    return allowed(PATH=path, NIPYPE_NO_ET="1", NO_ET="1")
 
 
 def dcm2niix_exe() -> str:
@@ -759,8 +760,18 @@ _ASL_NO_CONTEXT = ("ASL without its label/control order: BIDS requires an aslcon
                    "(the validator would refuse the whole dataset); give the order in a project heuristic")
 
 
-def _asl_without_context(d) -> bool:
-    return d.suffix == "asl" and not getattr(d, "aslcontext", None)
+def _unmet(d) -> str | None:
+    """Why a named image cannot be published as named, or None: BIDS requires sidecar fields (or an
+    aslcontext.tsv) that the images do not hold and that conversion does not fill in
+    (``Decision.missing``). The validator would refuse the whole dataset for one such file."""
+    if d.suffix == "asl" and not getattr(d, "aslcontext", None):
+        return _ASL_NO_CONTEXT
+    absent = [k for k in getattr(d, "missing", ()) if k != "aslcontext.tsv" and k not in d.output.sidecar]
+    if absent:
+        return (f"BIDS requires {', '.join(absent)} for a {d.suffix} image and the images do not hold "
+                f"{'it' if len(absent) == 1 else 'them'} (the validator would refuse the whole dataset); "
+                "left out: give the value in a project heuristic")
+    return None
 
 
 @dataclass
@@ -796,7 +807,7 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
     verdicts: list[Verdict] = []
     for k, s in enumerate(run.series):
         ds = by_series.get(s.uid, [])
-        kept = [d for d in ds if d.relpath(subject, session) and not _asl_without_context(d)]
+        kept = [d for d in ds if d.relpath(subject, session) and not _unmet(d)]
         if k in run.merged:
             verdicts.append(Verdict(s, "", stacked_with=run.series[run.merged[k]]))
         elif s.uid in split:
@@ -804,12 +815,11 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
         elif s.uid in clash:
             verdicts.append(Verdict(s, "failed", reason=_CLASH))
         elif kept:
-            left = sorted({_ASL_NO_CONTEXT if _asl_without_context(d) else d.reason
-                           for d in ds if d not in kept})
+            left = sorted({_unmet(d) or d.reason for d in ds if d not in kept})
             verdicts.append(Verdict(s, "converted", kept,
                                     ("other images of this series left out: " + "; ".join(left)) if left else ""))
         elif ds:
-            why = sorted({_ASL_NO_CONTEXT if _asl_without_context(d) else d.reason for d in ds})
+            why = sorted({(_unmet(d) if d.relpath(subject, session) else None) or d.reason for d in ds})
             verdicts.append(Verdict(s, "skipped", reason="; ".join(why) or "left out by the classifier"))
         else:
             verdicts.append(Verdict(s, "failed", reason=NO_IMAGE))
