@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from pacs2bids.deid import scan_for_leaks
 from pacs2bids.dicomfiles import iter_dicom_files
 
-from test_extract_e2e import SECRET, run_extraction
+from test_extract_e2e import run_extraction
 
 _CASES = {
     # study description: what is planted in that study's copy of the series
