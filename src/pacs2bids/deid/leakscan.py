@@ -74,7 +74,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .patterns import MIN_LENGTH, _cased_forms, _compile, variants
+from .patterns import MIN_LENGTH, _compile, compile_strings, variants
 
 log = logging.getLogger(__name__)
 
@@ -193,18 +193,6 @@ def _name_forms(value: str) -> set[str]:
     return out
 
 
-def _words_pattern(strings: Iterable[str]) -> re.Pattern[bytes] | None:
-    words: set[bytes] = set()
-    for s in strings:
-        for form in _cased_forms(s):
-            for enc in ("utf-8", "latin-1"):
-                try:
-                    words.add(form.encode(enc))
-                except UnicodeEncodeError:
-                    pass
-    return _compile(frozenset(words))
-
-
 def build_rules(identifiers: Iterable[str]) -> Rules:
     """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring)."""
     from .pseudonymise import IDENTIFYING_KEYWORDS
@@ -224,8 +212,8 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
     return Rules(
         distinctive=frozenset(distinctive),
         common=frozenset(_fold(s) for s in common),
-        pattern=_words_pattern(distinctive),
-        common_pattern=_words_pattern(common),
+        pattern=compile_strings(distinctive),
+        common_pattern=compile_strings(common),
         _keywords=frozenset(IDENTIFYING_KEYWORDS),
     )
 

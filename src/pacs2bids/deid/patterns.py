@@ -97,15 +97,20 @@ def looks_like_uid(value: str) -> bool:
 def compile_identifiers(values: Iterable[str]) -> re.Pattern[bytes] | None:
     """A bytes pattern matching any variant of any value (UTF-8 and Latin-1 spellings);
     None when nothing is long enough to search."""
+    return compile_strings(s for v in values for s in variants(v))
+
+
+def compile_strings(strings: Iterable[str]) -> re.Pattern[bytes] | None:
+    """A bytes pattern matching each string as written, in its cased and unaccented forms,
+    in UTF-8 and Latin-1; None when nothing is long enough to search."""
     words: set[bytes] = set()
-    for v in values:
-        for s in variants(v):
-            for form in _cased_forms(s):
-                for enc in ("utf-8", "latin-1"):
-                    try:
-                        words.add(form.encode(enc))
-                    except UnicodeEncodeError:
-                        pass
+    for s in strings:
+        for form in _cased_forms(s):
+            for enc in ("utf-8", "latin-1"):
+                try:
+                    words.add(form.encode(enc))
+                except UnicodeEncodeError:
+                    pass
     return _compile(frozenset(words))
 
 
