@@ -74,7 +74,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .patterns import MIN_LENGTH, _compile, compile_strings, variants
+from .patterns import MIN_LENGTH, compile_strings, variants
 
 log = logging.getLogger(__name__)
 
