@@ -96,6 +96,14 @@ TIMING = ("EchoTime", "RepetitionTime", "InversionTime", "SliceTiming", "PhaseEn
 # README "RepetitionTime": for the Philips 3D pCASL source series dcm2niix estimates RepetitionTime
 # itself (51 s, 15.8073 s; the headers say 4250 and 4234 ms). Not a header fact: not compared.
 TR_ESTIMATED = {"P6", "A5"}
+# README "Known XA60/XA61 header errors": ParallelReductionFactorOutOfPlane says 1 for multiband data
+# and the first volume reports single-band slice timing; the Ref MultibandAccelerationFactor and
+# SliceTiming are dcm2niix's corrected values. The sidecars must carry those corrected values (not
+# the header's), as the Ref does: the factor of each series' name (sms/mb), checked on its own too.
+XA_MULTIBAND = {"X2": 5, "X3": 2, "X4": 2, "X5": 5, "X6": 2}
+# README: the dcm_qa_philips_asl Refs come from dcm2niix v1.0.20210819 (402's ImageType and
+# PhaseEncodingAxis differ). None of the keys compared here is among the differences, and every
+# philips_asl series is left out (LEFT_OUT_FOR_MISSING_FIELDS), so no Ref of that folder is compared.
 
 
 def _norm(text: str) -> str:
@@ -191,6 +199,8 @@ def check_series(summary: dict, out: Path, vendors_dir: Path, subject: dict[str,
             ref = json.loads((vendors_dir / folder / "Ref" / ref_name).read_text())
             mine_path = next(out / o for o in line["outputs"] if o.endswith(f"_{suffix}.json"))
             mine = json.loads(mine_path.read_text())
+            if sid in XA_MULTIBAND:
+                assert mine.get("MultibandAccelerationFactor") == XA_MULTIBAND[sid], (sid, mine)
             for key in TIMING:
                 if key == "RepetitionTime" and sid in TR_ESTIMATED:
                     continue
@@ -199,8 +209,38 @@ def check_series(summary: dict, out: Path, vendors_dir: Path, subject: dict[str,
                         (sid, ref_name, key, mine.get(key), ref.get(key))
     assert not mismatches, mismatches
 
+    # P9: each Philips Raw Data object sits in its image series (same SeriesInstanceUID) and is left
+    # out; the series' line says so
+    for sid in ("P1", "P2", "P4", "P6", "P8"):
+        folder, number, word, _refs = SERIES[sid]
+        (line,) = _lines(summary, subject[folder], number, word)
+        assert "1 non-image object(s) of this series left out: raw data" in line["reason"], (sid, line)
+
     # derived, presentation state: not converted, each with its reason
     for sid, (folder, number, word, words) in NOT_CONVERTED.items():
         lines = _lines(summary, subject[folder], number, word)
         assert len(lines) == 1 and lines[0]["status"] != "converted" and not lines[0]["outputs"], (sid, lines)
         assert lines[0]["reason"] and all(w.lower() in lines[0]["reason"].lower() for w in words), (sid, lines)
+
+
+def test_raw_data_object_in_an_image_series_is_listed(prefect_harness, orthanc_factory, vendors_dir, tmp_path,
+                                                      monkeypatch):
+    """A Philips Raw Data object shares its image series' SeriesInstanceUID (dcm_qa_philips_enh
+    1301: 170 classic T1w images and one Raw Data object). The images are converted; the raw data
+    is left out, and the summary's line for the series says so (it used to say nothing)."""
+    src = tmp_path / "src" / "philips"
+    src.mkdir(parents=True)
+    enh = vendors_dir / "dcm_qa_philips_enh" / "In"
+    for f in [*sorted((enh / "cl").glob("1301_*.dcm.gz")), enh / "enh" / "1301_WIP_ADNI_Sag3D_MPRAGE_Raw.dcm.gz"]:
+        (src / f.name).symlink_to(f)
+    planted = plant_corpus(tmp_path / "src", tmp_path / "planted")
+    assert len(planted["by_series"]) == 1 and len(next(iter(planted["by_series"].values()))) == 171
+    pacs = orthanc_factory()
+    pacs.upload(f for files in planted["by_series"].values() for f in files)
+    out = tmp_path / "out"
+    summary = run_extraction(write_spec(tmp_path, f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n", planted, out),
+                             monkeypatch)
+    assert summary["published"], summary
+    (line,) = summary["series"]
+    assert line["status"] == "converted" and [o for o in line["outputs"] if o.endswith("_T1w.nii.gz")], line
+    assert line["reason"] == "1 non-image object(s) of this series left out: raw data (C4) x1", line
