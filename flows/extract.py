@@ -280,6 +280,11 @@ def _extract(
             c = by_uid.get(res.pseudo_series_uid)
             status = c.status if c else "skipped"
             reason = c.reason if c else "not seen by the converter"
+            if res.dropped:  # objects of an image series left out (Philips raw data, say): listed, not silent
+                kinds = sorted({why for _, why in res.dropped})
+                note = (f"{len(res.dropped)} non-image object(s) of this series left out: "
+                        + ", ".join(f"{why} x{sum(1 for _, w in res.dropped if w == why)}" for why in kinds))
+                reason = f"{reason}; {note}" if reason else note
             summary.series.append(
                 SeriesLine(study.subject, study.session, res.series_number, res.series_description, status, reason,
                            list(c.outputs) if c else [], res.pseudo_series_uid)
