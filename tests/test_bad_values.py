@@ -69,7 +69,9 @@ def test_bad_values_are_matched_converted_or_listed(prefect_harness, orthanc_fac
         f"pacs:\n{block}"
         "selection:\n  inclusions: inclusions.csv\n  modalities: [MR]\n"
         "  study_date: {from: 2014-01-01, to: 2014-12-31}\n"
-        "pseudonymization: {secret_env: PACS2BIDS_PROJECT_SECRET}\n"
+        # StudyDescription is kept (and cleaned) here: the checks below find each study by it
+        "pseudonymization: {secret_env: PACS2BIDS_PROJECT_SECRET,\n"
+        "                   keep_text: [SeriesDescription, ProtocolName, StudyDescription]}\n"
         "heuristic: auto\n"
         f"output: {out}\n"
         "retries: {attempts: 1, backoff_seconds: 0.2}\n"

@@ -196,8 +196,9 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     decisions = out.parent / f".{out.name}.pacs2bids-work" / "quarantine" / DECISIONS
     # a wrong secret cannot release (issue 10, item 7): refused, nothing written
     monkeypatch.setenv("P2B_Q_SECRET", WRONG)
-    assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.nobody"]) == 1
-    assert "cannot open the key store" in capsys.readouterr().err and not decisions.exists()
+    # (the spec is refused as it loads: the published dataset's marker names another key)
+    assert main(["quarantine", "release", str(spec), item_id, "--reviewer", "dr.nobody"]) == 2
+    assert "published with another key" in capsys.readouterr().err and not decisions.exists()
     monkeypatch.setenv("P2B_Q_SECRET", SECRET)
     # a release written by hand is not published; the run says why
     item = json.loads((decisions.parent / f"{item_id}.json").read_text())
