@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -172,9 +171,7 @@ CORPUS_SESSIONS = [
 def test_corpus_conversion(corpus_dir, tmp_path, folder, ses, suffixes):
     src = copy_decompressed(corpus_dir / folder, tmp_path / "dicom")
     root = tmp_path / "bids"
-    t0 = time.monotonic()
     result = convert_session(src, root, subject="c1", session=ses, heuristic="auto", work_dir=tmp_path / "w")
-    elapsed = time.monotonic() - t0
     got = {Path(o).name.split(".")[0].rsplit("_", 1)[-1] for s in result.series for o in s.outputs}
     assert suffixes <= got, (got, [(s.series_description, s.status, s.reason) for s in result.series])
     by_uid = files_by_series(src)
@@ -193,7 +190,6 @@ def test_corpus_conversion(corpus_dir, tmp_path, folder, ses, suffixes):
     finalise_dataset(root, name="corpus", participants=["c1"], generated_by={})
     report = validate_dataset(root)
     assert report.ok, report.summary()
-    print(f"{ses}: {elapsed:.1f}s")
 
 
 @pytest.mark.corpus
@@ -347,23 +343,13 @@ def test_auto_sessions_in_parallel_share_nothing(sample_dir, tmp_path):
 
 
 @pytest.mark.corpus
-def test_xa30_stacked_series_fmap_and_speed(corpus_dir, tmp_path):
+def test_xa30_stacked_series_and_fmap(corpus_dir, tmp_path):
     """XA30: 20 one-volume series stacked by dcm2niix into one bold run (every series reported
-    with it), the GRE field map named, IntendedFor on the phase difference, within 1.5x of dcm2niix."""
-    import subprocess
-
-    from _bidscheck import DCM2NIIX_EXE
-
+    with it), the GRE field map named, IntendedFor on the phase difference. (Its speed beside dcm2niix alone is measured by
+    benchmarks/bench_convert.py, not by a timed test.)"""
     src = copy_decompressed(corpus_dir / "dcm_qa_xa30i", tmp_path / "dicom")
-    direct_out = tmp_path / "direct"
-    direct_out.mkdir()
-    t0 = time.monotonic()
-    subprocess.run([DCM2NIIX_EXE, "-b", "y", "-z", "y", "-o", str(direct_out), str(src)], capture_output=True, check=True)
-    direct = time.monotonic() - t0
     root = tmp_path / "bids"
-    t0 = time.monotonic()
     result = convert_session(src, root, subject="x", session="1", heuristic="auto", work_dir=tmp_path / "w")
-    ours = time.monotonic() - t0
     bold = [s for s in result.series if 7001 <= (s.series_number or 0) <= 7020]
     assert len(bold) == 20 and all(s.status == "converted" for s in bold)
     assert len({tuple(s.outputs) for s in bold}) == 1
@@ -375,7 +361,6 @@ def test_xa30_stacked_series_fmap_and_speed(corpus_dir, tmp_path):
     assert "bids::" + run.relative_to(root).as_posix() in pd["IntendedFor"]
     for uri in pd["IntendedFor"]:
         assert (root / uri.removeprefix("bids::")).is_file()
-    assert ours <= max(1.5 * direct, direct + 1.0), (ours, direct)  # +1 s: a loaded 2-core machine
 
 
 @pytest.mark.parametrize("layout", ["unique", "stems-collide", "shared-names"])
