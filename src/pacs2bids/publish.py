@@ -82,7 +82,10 @@ def current_version(output: Path) -> Path | None:
 def project_fingerprint(project: str, secret: bytes) -> str:
     """A keyed fingerprint of the project: tells one project's dataset from another's (and the
     same project name under another key) without revealing the key."""
-    return hmac.new(secret, b"pacs2bids dataset marker\0" + project.encode(), hashlib.sha256).hexdigest()[:32]
+    from pacs2bids.deid.keyed import derive_key  # every use of the secret has its own HKDF label
+
+    key = derive_key(secret, project, "dataset-marker")
+    return hmac.new(key, project.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def write_marker(root: Path, project: str, secret: bytes) -> Path:
