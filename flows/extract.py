@@ -259,7 +259,8 @@ def _extract(
                 continue
             deids.append((rs, res))
         if deids:
-            conv = convert_session.submit(src, staging, study.subject, study.session, spec.heuristic, scratch / lbl)
+            conv = convert_session.submit(src, staging, study.subject, study.session, spec.heuristic, scratch / lbl,
+                                          spec.sidecar_fields)
             conversions.append((study, deids, conv))
 
     for study, deids, conv in conversions:
@@ -304,7 +305,9 @@ def _extract(
                     flow_run_id=flow_run_id,
                     started=summary.started,
                     finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    extra={"deidentification": res.record.get("method", {}) if isinstance(res.record, dict) else {}},
+                    extra={"deidentification": res.record.get("method", {}) if isinstance(res.record, dict) else {},
+                           # fields the project gave where the images hold none (spec sidecar_fields)
+                           **({"sidecar_fields_given": spec.sidecar_fields} if spec.sidecar_fields else {})},
                 )
                 outputs.append(prov.relative_to(staging).as_posix())
             for o in outputs or [None]:
@@ -404,7 +407,8 @@ def _check_and_publish(spec, staging, summary, records, instances, run_id, flow_
     summary.published = True
     summary.finish()
     summary.write(staging / META / "runs" / f"run-{run_id}.json")
-    record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__, heuristic_sha256(spec.heuristic),
+    record_lineage(staging, records, run_id, spec.project, flow_run_id, __version__,
+                   heuristic_sha256(spec.heuristic, spec.sidecar_fields),
                    instances)
     # the last gate: after the lineage tables and the run summary are written, so they are scanned too
     write_marker(staging, spec.project, spec.secret_bytes)  # whose dataset this is (keyed, not the key)
@@ -425,7 +429,7 @@ def _skip_already_published(spec: ProjectSpec, studies: list[StudyRef], summary:
         return studies
     from pacs2bids.lineage import read_lineage
 
-    current = heuristic_sha256(spec.heuristic)
+    current = heuristic_sha256(spec.heuristic, spec.sidecar_fields)
     done = {
         r["pseudo_series_uid"]: r["instances_received"]
         for r in read_lineage(spec.output).to_pylist()

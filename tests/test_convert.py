@@ -480,3 +480,50 @@ def test_image_missing_required_fields_is_left_out_and_dataset_valid(vendors_dir
     assert by_number[4].status == "converted"
     finalise_dataset(root, name="asl guard", participants=["01"], generated_by={"Name": "pacs2bids"})
     assert validate_dataset(root).errors == []
+
+
+ASL_PROTOCOL = {"ArterialSpinLabelingType": "PCASL", "PostLabelingDelay": 1.8, "LabelingDuration": 1.8,
+                "BackgroundSuppression": False, "M0Type": "Absent", "TotalAcquiredPairs": 1,
+                "RepetitionTimePreparation": 4.55}
+
+
+@pytest.mark.corpus
+def test_sidecar_fields_given_by_the_project_make_asl_publishable(vendors_dir, tmp_path):
+    """The same Philips 2D pCASL deltaM: with the protocol's ASL fields given (spec sidecar_fields) but not
+    SliceTiming (BIDS requires it of 2D ASL; dcm2niix does not write it here), it is still left out,
+    naming SliceTiming; with it too, it is converted, its sidecar carries them, what the images say is
+    never replaced, and the dataset validates."""
+    import shutil
+
+    import pydicom
+
+    from pacs2bids.config import ProjectSpec
+
+    src = tmp_path / "dicom"
+    shutil.copytree(vendors_dir / "dcm_qa_philips_asl" / "In" / "Classic" / "201_pCASL", src / "201")
+    positions = {tuple(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient) for f in (src / "201").iterdir()}
+    given = {"asl": {**ASL_PROTOCOL, "EchoTime": 99.0}}  # EchoTime is in the images: not replaced
+
+    def convert(name: str):
+        (asl,) = convert_session(src, tmp_path / name, subject="01", session=None, heuristic="auto",
+                                 work_dir=tmp_path / "w", sidecar_fields=given).series
+        return asl
+
+    asl = convert("without-timing")
+    assert asl.status == "skipped" and "SliceTiming" in asl.reason and "ArterialSpinLabelingType" not in asl.reason
+    given["asl"]["SliceTiming"] = [round(i * 0.05, 3) for i in range(len(positions))]
+    asl = convert("bids")
+    root = tmp_path / "bids"
+    assert asl.status == "converted", asl
+    side = json.loads((root / "sub-01" / "perf" / "sub-01_asl.json").read_text())
+    assert {k: side[k] for k in ASL_PROTOCOL} == ASL_PROTOCOL and side["SliceTiming"] == given["asl"]["SliceTiming"]
+    assert side["EchoTime"] != 99.0
+    assert (root / "sub-01" / "perf" / "sub-01_aslcontext.tsv").is_file()
+    finalise_dataset(root, name="asl given", participants=["01"], generated_by={"Name": "pacs2bids"})
+    report = validate_dataset(root)
+    assert report.errors == [], report.summary()
+    # the spec refuses what cannot be a field name
+    with pytest.raises(ValueError, match="not a BIDS sidecar field"):
+        ProjectSpec.model_validate({"project": "p", "pacs": {"dicomweb": {"url": "http://127.0.0.1:1/dicom-web"}},
+                                    "selection": {"inclusions": "x.csv"}, "output": str(tmp_path / "o"),
+                                    "sidecar_fields": {"asl": {"post labeling delay": 1}}})

@@ -473,6 +473,8 @@ def _first_pass(d: _Draft) -> None:
             d.name("perf", "asl", f"ASL label/control series ({nvol or '?'} volumes)")
             d.missing = ("aslcontext.tsv",)
         d.missing = d.missing + tuple(k for k in ASL_REQUIRED if k not in s)
+        if str(s.get("MRAcquisitionType", "")).upper() == "2D" and "SliceTiming" not in s:
+            d.missing += ("SliceTiming",)  # BIDS requires it of 2D ASL (the validator's error otherwise)
         return
     if (o.bvals is not None or "DIFFUSION" in f.it or s.get("DiffusionScheme") or _diffusion_sequence(f)
             or s.get("NumberOfDiffusionDirectionGE")):

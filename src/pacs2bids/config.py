@@ -267,11 +267,29 @@ class ProjectSpec(_Model):
     )
     retries: RetrySettings = Field(default_factory=RetrySettings)
     dataset_name: str | None = Field(None, description="Name in dataset_description.json (default: project).")
+    sidecar_fields: dict[str, dict[str, str | int | float | bool | list[str | int | float]]] = Field(
+        default_factory=dict,
+        description="Per BIDS suffix, sidecar fields the project knows from its protocol and the images do not "
+                    "hold (e.g. asl: {ArterialSpinLabelingType: PCASL, PostLabelingDelay: 1.8}). They fill only "
+                    "fields missing from dcm2niix's sidecar, never replace what the images say (heuristic auto).",
+    )
 
     # resolved at load, not from YAML
     spec_path: Path | None = Field(None, exclude=True)
     secret: SecretStr | None = Field(None, exclude=True, repr=False)
     inclusions: tuple[Inclusion, ...] = Field((), exclude=True, repr=False)
+
+    @field_validator("sidecar_fields")
+    @classmethod
+    def _sidecar_fields(cls, v: dict) -> dict:
+        for suffix, fields in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9]+", suffix):
+                raise ValueError(f"sidecar_fields: {suffix!r} is not a BIDS suffix (letters and digits, e.g. asl, pet)")
+            bad = [k for k in fields if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", k)]
+            if bad:
+                raise ValueError(f"sidecar_fields.{suffix}: {', '.join(map(repr, bad))} not a BIDS sidecar field name "
+                                 "(CamelCase, e.g. PostLabelingDelay)")
+        return v
 
     @field_validator("project")
     @classmethod

@@ -25,6 +25,7 @@ import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -418,7 +419,8 @@ def is_auto(heuristic: str | None) -> bool:
 
 
 def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None,
-                    heuristic: str, work_dir: Path, log_dir: Path | None = None) -> ConversionResult:
+                    heuristic: str, work_dir: Path, log_dir: Path | None = None,
+                    sidecar_fields: Mapping[str, Mapping[str, Any]] | None = None) -> ConversionResult:
     """Convert the series under ``dicom_dir`` (one study) into ``bids_root``.
 
     Takes the pseudonymised DICOM folder of one study, the BIDS root being built, the subject
@@ -426,7 +428,9 @@ def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: 
     several studies), a heuristic (``auto``: dcm2niix once on the session, each output named by
     :func:`pacs2bids.classify.classify_session`; any other name or path: a heudiconv heuristic
     run through heudiconv), and a private working folder. Logs of failed conversions are kept in
-    ``log_dir`` (default ``bids_root/.pacs2bids/logs``) and named in the reasons. Returns one
+    ``log_dir`` (default ``bids_root/.pacs2bids/logs``) and named in the reasons. With ``auto``,
+    ``sidecar_fields`` (per BIDS suffix, the spec's ``sidecar_fields``) fills sidecar fields the
+    images do not hold, never those they do. Returns one
     :class:`ConvertedSeries` per series found (non-image objects and series left out are
     ``skipped`` with their reason). Raises :class:`ConversionError` when the converter fails as
     a whole, FileNotFoundError for an unknown heuristic.
@@ -434,7 +438,7 @@ def convert_session(dicom_dir: Path, bids_root: Path, *, subject: str, session: 
     log_dir = Path(log_dir) if log_dir is not None else Path(bids_root) / ".pacs2bids" / "logs"
     if is_auto(heuristic):
         return _convert_dcm2niix(dicom_dir, bids_root, subject=subject, session=session, work_dir=work_dir,
-                                 log_dir=log_dir)
+                                 log_dir=log_dir, fills=sidecar_fields or {})
     return _convert_heudiconv(dicom_dir, bids_root, subject=subject, session=session, heuristic=heuristic,
                               work_dir=work_dir, log_dir=log_dir)
 
@@ -760,17 +764,20 @@ _ASL_NO_CONTEXT = ("ASL without its label/control order: BIDS requires an aslcon
                    "(the validator would refuse the whole dataset); give the order in a project heuristic")
 
 
-def _unmet(d) -> str | None:
+def _unmet_fields(d, given: Mapping[str, Any]) -> str | None:
     """Why a named image cannot be published as named, or None: BIDS requires sidecar fields (or an
-    aslcontext.tsv) that the images do not hold and that conversion does not fill in
-    (``Decision.missing``). The validator would refuse the whole dataset for one such file."""
+    aslcontext.tsv) that the images do not hold (``Decision.missing``) and that neither conversion
+    nor the project (``given``: the spec's ``sidecar_fields`` for this suffix) fills in. The
+    validator would refuse the whole dataset for one such file."""
     if d.suffix == "asl" and not getattr(d, "aslcontext", None):
         return _ASL_NO_CONTEXT
-    absent = [k for k in getattr(d, "missing", ()) if k != "aslcontext.tsv" and k not in d.output.sidecar]
+    absent = [k for k in getattr(d, "missing", ()) if k != "aslcontext.tsv" and k not in d.output.sidecar
+              and k not in given]
     if absent:
         return (f"BIDS requires {', '.join(absent)} for a {d.suffix} image and the images do not hold "
                 f"{'it' if len(absent) == 1 else 'them'} (the validator would refuse the whole dataset); "
-                "left out: give the value in a project heuristic")
+                f"left out: give {'it' if len(absent) == 1 else 'them'} in the spec's sidecar_fields.{d.suffix}, "
+                "if the protocol fixes them")
     return None
 
 
@@ -788,8 +795,15 @@ class Verdict:
     stacked_with: SessionSeries | None = None
 
 
-def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str | None) -> list[Verdict]:
-    """One :class:`Verdict` per image series of ``run`` (same order), from the classifier's decisions."""
+def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str | None,
+                  fills: Mapping[str, Mapping[str, Any]] | None = None) -> list[Verdict]:
+    """One :class:`Verdict` per image series of ``run`` (same order), from the classifier's decisions;
+    ``fills`` (per suffix) are the sidecar fields the project gives (:func:`_move_kept` writes them)."""
+    fills = fills or {}
+
+    def _unmet(d) -> str | None:
+        return _unmet_fields(d, fills.get(d.suffix or "", {}))
+
     by_series: dict[str, list] = {}
     for d in decisions:
         by_series.setdefault(d.output.series_uid, []).append(d)
@@ -831,8 +845,9 @@ def judge_session(run: Dcm2niixRun, decisions: list, subject: str, session: str 
     return verdicts
 
 
-def _move_kept(d, rel: str, bids_root: Path) -> list[str]:
-    """Move one named image's files to ``rel`` + their extensions; TaskName and aslcontext.tsv as BIDS asks."""
+def _move_kept(d, rel: str, bids_root: Path, given: Mapping[str, Any] | None = None) -> list[str]:
+    """Move one named image's files to ``rel`` + their extensions; TaskName and aslcontext.tsv as BIDS
+    asks, and the fields the project gives (``given``) where the sidecar lacks them."""
     files = []
     for ext in _IMAGE_EXTS:
         src = d.output.stem.with_name(d.output.stem.name + ext)
@@ -843,10 +858,13 @@ def _move_kept(d, rel: str, bids_root: Path) -> list[str]:
             files.append(rel + ext)
     task = d.entities.get("task")
     side = bids_root / (rel + ".json")
-    if task and side.exists():  # BIDS requires TaskName beside every task-<label> image
+    if side.exists() and (task or given):
         meta = json.loads(side.read_text())
-        if not meta.get("TaskName"):
-            meta["TaskName"] = task
+        added = {k: v for k, v in (given or {}).items() if k not in meta}  # never over what the images say
+        if task and not meta.get("TaskName"):  # BIDS requires TaskName beside every task-<label> image
+            added["TaskName"] = task
+        if added:
+            meta.update(added)
             side.write_text(json.dumps(meta, indent=2) + "\n")
     context = getattr(d, "aslcontext", None)
     if context and rel.endswith("_asl"):
@@ -857,7 +875,7 @@ def _move_kept(d, rel: str, bids_root: Path) -> list[str]:
 
 
 def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session: str | None, work_dir: Path,
-                      log_dir: Path) -> ConversionResult:
+                      log_dir: Path, fills: Mapping[str, Mapping[str, Any]]) -> ConversionResult:
     from pacs2bids.classify import classify_session
 
     dicom_dir, bids_root, work_dir = Path(dicom_dir).resolve(), Path(bids_root).resolve(), Path(work_dir).resolve()
@@ -881,7 +899,7 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
         if not run.outputs and run.returncode != 0:
             raise ConversionError(f"dcm2niix failed (exit {run.returncode}) on {label} and wrote no image; "
                                   f"its log is kept in {failed_log()}")
-        verdicts = judge_session(run, classify_session(run.outputs) if run.outputs else [], subject, session)
+        verdicts = judge_session(run, classify_session(run.outputs) if run.outputs else [], subject, session, fills)
         stale = clear_session(bids_root, subject, session)
         if stale:
             log.info("%s: %d file(s) of an earlier conversion of this session replaced", label, len(stale))
@@ -889,7 +907,7 @@ def _convert_dcm2niix(dicom_dir: Path, bids_root: Path, *, subject: str, session
         written: dict[str, list[str]] = {}
         for v in verdicts:
             for d in v.kept:
-                files = _move_kept(d, d.relpath(subject, session), bids_root)
+                files = _move_kept(d, d.relpath(subject, session), bids_root, fills.get(d.suffix, {}))
                 image = next((f for f in files if f.endswith((".nii.gz", ".nii"))), None)
                 if image:
                     rel = Path(image).relative_to(_session_rel(subject, session)).as_posix()

@@ -23,14 +23,19 @@ def heuristic_file(name_or_path: str) -> Path:
     return candidate
 
 
-def heuristic_sha256(name_or_path: str) -> str:
+def heuristic_sha256(name_or_path: str, sidecar_fields: dict | None = None) -> str:
     """sha256 of what names the outputs: the heuristic file, or for ``auto`` (no heudiconv
-    heuristic) the sources of pacs2bids.classify and pacs2bids.convert."""
+    heuristic) the sources of pacs2bids.classify and pacs2bids.convert and the spec's
+    ``sidecar_fields`` (given fields can make a left-out image publishable)."""
     if name_or_path in ("auto", "", None):
+        import json
+
         from pacs2bids import classify, convert
 
         digest = hashlib.sha256()
         for module in (classify, convert):
             digest.update(Path(module.__file__).read_bytes())
+        if sidecar_fields:
+            digest.update(json.dumps(sidecar_fields, sort_keys=True).encode())
         return digest.hexdigest()
     return hashlib.sha256(heuristic_file(name_or_path).read_bytes()).hexdigest()

@@ -64,8 +64,10 @@ class Plan:
         return out
 
 
-def plan_session(series_folders: list[Path], subject: str, session: str | None, scratch: Path) -> PlannedSession:
-    """Plan one session from its retrieved series folders (one folder per series)."""
+def plan_session(series_folders: list[Path], subject: str, session: str | None, scratch: Path,
+                 sidecar_fields: dict | None = None) -> PlannedSession:
+    """Plan one session from its retrieved series folders (one folder per series); ``sidecar_fields``
+    as the spec gives them to the conversion."""
     from pacs2bids.classify import classify_session
 
     planned = PlannedSession(subject, session)
@@ -75,7 +77,7 @@ def plan_session(series_folders: list[Path], subject: str, session: str | None, 
     try:
         run = dcm2niix_session(series_folders, private / "run", sidecar_only=True)
         decisions = classify_session(run.outputs) if run.outputs else []
-        verdicts = judge_session(run, decisions, subject, session)
+        verdicts = judge_session(run, decisions, subject, session, sidecar_fields)
         kept = {v.series.uid: [d.relpath(subject, session) for d in v.kept] for v in verdicts}
         for v in verdicts:
             if v.stacked_with is not None:
@@ -110,7 +112,7 @@ def plan_project(spec: ProjectSpec) -> Plan:
                                                     failure=f"retrieval failed: {type(exc).__name__}"))
                 continue
             folders = [rs.folder for rs in retrieved if rs.status == "complete"]
-            planned = plan_session(folders, study.subject, study.session, scratch)
+            planned = plan_session(folders, study.subject, study.session, scratch, spec.sidecar_fields)
             planned.series += [PlannedSeries(rs.series.series_number, [], f"not retrieved: {rs.status}")
                                for rs in retrieved if rs.status != "complete"]
             plan.sessions.append(planned)
