@@ -15,8 +15,7 @@ from pathlib import Path
 
 from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+from .launch import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_spec
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -28,56 +27,6 @@ def _setup_logging(verbose: bool) -> None:
     from .logsafety import quiet_third_party_loggers
 
     quiet_third_party_loggers()  # no original identifier on stderr (dicomweb-client logs UIDs at INFO)
-
-
-def _prefect_defaults() -> None:
-    """Settings for Prefect's ephemeral mode on a small machine with no outside network:
-    a first start migrates a new database and can take longer than Prefect's default wait."""
-    os.environ.setdefault("NIPYPE_NO_ET", "1")
-    os.environ.setdefault("NO_ET", "1")
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
-    """Validate the spec, run the flow, print the summary; returns the exit code."""
-    _prefect_defaults()
-    try:
-        load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
-    except SpecError as exc:
-        print(f"pacs2bids: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    from pacs2bids.flows.extract import RunFailed, extract_project
-    from .run import RunSummary
-
-    try:
-        summary = extract_project(str(spec_path))
-    except RunFailed as exc:
-        summary = exc.summary
-    except Pacs2BidsError as exc:
-        print(f"pacs2bids: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:  # never a bare traceback without a summary: say what failed, how to see more
-        logging.getLogger("pacs2bids").debug("run failed", exc_info=True)
-        first = (str(exc).splitlines() or [""])[0][:300]
-        print(f"pacs2bids: the run failed, nothing published: {type(exc).__name__}: {first} "
-              "(run with -v for the traceback)", file=sys.stderr)
-        return EXIT_FAILED
-    print()
-    print(json.dumps(summary, indent=2) if as_json else _format(summary))
-    return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)
-
-
-def _format(summary: dict) -> str:
-    from .run import RunSummary, SeriesLine
-
-    s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
-    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released", "awaiting_review", "dead_letter", "validator_warnings", "errors", "published"):
-        setattr(s, k, summary[k])
-    s.subjects = set(summary["subjects"])
-    s.series = [SeriesLine(**line) for line in summary["series"]]
-    return s.format()
 
 
 def _cmd_run(args) -> int:
@@ -167,10 +116,10 @@ def _cmd_reidentify(args) -> int:
     return EXIT_OK
 
 
-def _cmd_audit(args) -> int:
+def _print_audit_log(spec) -> bool:
+    """Print the re-identification audit log and verify its chain; whether it is intact."""
     from .deid import KeyStore
 
-    spec = load_spec(args.spec)
     store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
     legacy = store.legacy_audit_log() if (spec.resolved_key_store / "audit.fernet").exists() else []
     for r in legacy:
@@ -183,26 +132,35 @@ def _cmd_audit(args) -> int:
         mark = "ok" if e.signed else ("unsigned" if not e.problem else "BROKEN")
         print(f"{e.number:4d}  {r.get('when')}  {who}  {r.get('what')}  sub-{r.get('subject')}  reason: {reason}  "
               f"[{mark}]")
-    code = EXIT_OK
     if v.broken is not None:
         print(f"pacs2bids audit: the audit log {spec.resolved_key_store / 'audit.jsonl'} is BROKEN at entry "
               f"{v.broken.number}, which {v.broken.problem}", file=sys.stderr)
-        code = EXIT_FAILED
-    else:
-        print(f"audit log intact: {len(v.entries)} entr{'y' if len(v.entries) == 1 else 'ies'}, head {v.head} "
-              "(note the head elsewhere: entries cut off at the end are found only by comparing it)")
-    # the quarantine's decisions are the other signed log of the project: checked with it
+        return False
+    print(f"audit log intact: {len(v.entries)} entr{'y' if len(v.entries) == 1 else 'ies'}, head {v.head} "
+          "(note the head elsewhere: entries cut off at the end are found only by comparing it)")
+    return True
+
+
+def _verify_quarantine_log(spec) -> bool:
+    """Verify the quarantine's decisions, the other signed log of the project; whether they are intact."""
     from .quarantine import Quarantine
 
     q = Quarantine.for_spec(spec)
     qv = q.verification()
     if qv.broken is not None:
         print(f"pacs2bids audit: {q.problems()[0]}", file=sys.stderr)
-        code = EXIT_FAILED
-    elif qv.entries:
+        return False
+    if qv.entries:
         print(f"quarantine decisions intact: {len(qv.entries)} entr{'y' if len(qv.entries) == 1 else 'ies'}, "
               f"head {qv.head}")
-    return code
+    return True
+
+
+def _cmd_audit(args) -> int:
+    spec = load_spec(args.spec)
+    audit_intact = _print_audit_log(spec)
+    quarantine_intact = _verify_quarantine_log(spec)  # checked even when the audit log is broken
+    return EXIT_OK if audit_intact and quarantine_intact else EXIT_FAILED
 
 
 def _cmd_quarantine(args) -> int:
@@ -244,11 +202,7 @@ def _cmd_dead_letter(args) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pacs2bids", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_extraction_commands(sub) -> None:
     p = sub.add_parser("run", help="extract a project: query, retrieve, pseudonymise, convert, validate, publish")
     p.add_argument("spec", help="project spec (YAML)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -278,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sample", type=int, default=3, help="studies to sample (default 3)")
     p.set_defaults(func=_cmd_deid)
 
+
+def _add_review_commands(sub) -> None:
     p = sub.add_parser("reidentify", help="authorised lookup of a subject's original identity (audited)")
     p.add_argument("spec")
     p.add_argument("subject")
@@ -302,7 +258,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("spec")
     p.set_defaults(func=_cmd_dead_letter)
 
-    args = parser.parse_args(argv)
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacs2bids", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_extraction_commands(sub)
+    _add_review_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         return args.func(args)

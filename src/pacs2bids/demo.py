@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 
 from .dicomfiles import iter_dicom_files
+from .launch import run_spec
 from .orthanc import Orthanc, free_port
 
 DEMO_SECRET_ENV = "PACS2BIDS_DEMO_SECRET"
@@ -64,8 +65,6 @@ def write_demo_spec(
 
 def run_demo(output: Path, *, transport: str = "dimse", retrieve: str = "c-get") -> int:
     """Run the demo; returns the process exit code."""
-    from .cli import run_spec  # local: the CLI imports this module
-
     output = Path(os.path.abspath(output))  # not resolve(): output is a symlink to its published version
     os.environ.setdefault(DEMO_SECRET_ENV, DEMO_SECRET)
     sample = sample_dir()

@@ -36,11 +36,6 @@ class RetrievalIncomplete(Pacs2BidsError):
     only the missing instances are fetched again."""
 
 
-class InvalidDicom(Pacs2BidsError):
-    """A file is not readable DICOM. It is quarantined with its reason; check the source
-    in the PACS or remove it from the inclusion."""
-
-
 class PseudonymisationError(Pacs2BidsError):
     """A file could not be pseudonymised safely. It is quarantined and never published;
     review it, then release or drop it."""

@@ -8,7 +8,7 @@ the original UIDs and patient identifiers out of logs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -41,24 +41,3 @@ class StudyRef:
 
     def __repr__(self) -> str:
         return f"StudyRef(row {self.inclusion_row}, sub-{self.subject}, {len(self.series)} series)"
-
-
-@dataclass
-class SeriesOutcome:
-    """What happened to one series, pseudonymised identifiers only: goes in the summary."""
-
-    subject: str
-    session: str | None
-    series_number: int | None
-    series_description: str = ""
-    pseudo_series_uid: str = ""
-    pseudo_study_uid: str = ""
-    announced: int | None = None
-    received: int = 0
-    quarantined: int = 0
-    status: str = "pending"  # retrieved | incomplete | failed | pseudonymised | converted | skipped
-    reason: str = ""
-    outputs: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)

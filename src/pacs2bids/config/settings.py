@@ -1,35 +1,26 @@
-"""The project spec: typed, validated on load, resolved once at the flow's entry.
+"""The spec's settings models: typed, validated, with unknown keys refused.
 
-A spec is a YAML file. Relative paths in it are relative to the spec file. Unknown keys are
-refused, naming the key. The project secret is read from the environment variable the spec
-names and is never written anywhere: it is held as a :class:`pydantic.SecretStr`, whose
-``repr`` hides it, and :meth:`ProjectSpec.public_dict` (what provenance records) leaves it out.
+The secret is held as a :class:`pydantic.SecretStr`, whose ``repr`` hides it; it and the
+inclusion rows are excluded from dumps (they are filled by :func:`pacs2bids.config.load_spec`).
 """
 
 from __future__ import annotations
 
-import csv
-import os
 import re
 from datetime import date, time
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from .errors import SpecError
-
-_LABEL = re.compile(r"^[A-Za-z0-9]+$")
-MIN_SECRET_CHARS = 16  # non-space characters in the project key
+from ..errors import SpecError
 
 
 class _Model(BaseModel):
@@ -235,8 +226,7 @@ class PseudonymizationSettings(_Model):
     @field_validator("keep_text")
     @classmethod
     def _free_text_descriptors(cls, v: list[str]) -> list[str]:
-        from .deid.profile import Profile  # late: the profile reads package data
-        from .errors import SpecError
+        from ..deid.profile import Profile  # late: the profile reads package data
 
         try:
             Profile(options=[], keep_text=v)
@@ -316,239 +306,3 @@ class ProjectSpec(_Model):
         if self.secret is None:
             raise SpecError(f"project {self.project}: no secret loaded; set {self.pseudonymization.secret_env}")
         return self.secret.get_secret_value().encode()
-
-    def public_dict(self) -> dict:
-        """The resolved configuration without secrets or identifiers, for provenance."""
-        d = self.model_dump(mode="json", by_alias=True, exclude={"spec_path", "secret", "inclusions"})
-        d["work_dir"] = str(self.resolved_work_dir)
-        d["inclusion_count"] = len(self.inclusions)
-        return d
-
-
-def _format_validation_error(spec_path: Path, exc: ValidationError) -> str:
-    lines = [f"spec {spec_path} is invalid:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key (check its spelling and indentation)")
-        elif err["type"] == "missing":
-            lines.append(f"  - {key}: required key is missing")
-        else:
-            lines.append(f"  - {key}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def _resolve(base: Path, p: Path | str | None) -> Path | None:
-    if p is None:
-        return None
-    p = Path(os.path.expanduser(str(p)))
-    return p if p.is_absolute() else (base / p).resolve()
-
-
-def read_inclusions(path: Path, *, merged_records: bool = False) -> tuple[Inclusion, ...]:
-    """Read the inclusion CSV (columns: patient_id or accession_number, subject[, session]).
-
-    Subject and session labels must be BIDS labels (letters and digits); a leading ``sub-``
-    or ``ses-`` is accepted and removed. Rows that would split one person or merge two are
-    refused: one patient ID (or accession number) under two subjects always, several patient IDs
-    under one subject unless ``merged_records`` (``selection.merged_records``) says they are
-    one person's records. Raises :class:`SpecError` naming the rows (never the identifiers).
-    """
-    try:
-        handle = path.open(newline="", encoding="utf-8-sig")
-    except OSError as exc:
-        raise SpecError(f"selection.inclusions: cannot read {path}: {exc.strerror}") from None
-    with handle:
-        sample = handle.read(4096)
-        handle.seek(0)
-        try:
-            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-        except csv.Error:
-            dialect = csv.excel
-        reader = csv.DictReader(handle, dialect=dialect)
-        fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-        if "subject" not in fields or not ({"patient_id", "accession_number"} & set(fields)):
-            raise SpecError(
-                f"selection.inclusions: {path} needs a 'subject' column and a 'patient_id' or "
-                f"'accession_number' column; found {fields}"
-            )
-        rows: list[Inclusion] = []
-        seen: dict[tuple, int] = {}
-        for n, raw in enumerate(reader, start=2):
-            row = {(k or "").strip().lower(): (v or "").strip() for k, v in raw.items()}
-            if not any(row.values()):
-                continue
-            subject = row.get("subject", "").removeprefix("sub-")
-            session = row.get("session", "").removeprefix("ses-") or None
-            pid = row.get("patient_id") or None
-            acc = row.get("accession_number") or None
-            if not _LABEL.match(subject):
-                raise SpecError(f"selection.inclusions: {path} row {n}: subject must be letters and digits only")
-            if session is not None and not _LABEL.match(session):
-                raise SpecError(f"selection.inclusions: {path} row {n}: session must be letters and digits only")
-            if not pid and not acc:
-                raise SpecError(f"selection.inclusions: {path} row {n}: give a patient_id or an accession_number")
-            key = (pid, acc, session)
-            if key in seen:
-                raise SpecError(f"selection.inclusions: {path} row {n} repeats row {seen[key]}")
-            seen[key] = n
-            rows.append(Inclusion(row=n, subject=subject, session=session, patient_id=pid, accession_number=acc))
-    if not rows:
-        raise SpecError(f"selection.inclusions: {path} has no rows")
-    _refuse_split_or_merged(path, rows, merged_records)
-    return tuple(rows)
-
-
-def _refuse_split_or_merged(path: Path, rows: list[Inclusion], merged_records: bool) -> None:
-    """One identifier under two subjects publishes one person twice; two patient IDs under one
-    subject publishes two people as one, unless they are one person's merged records."""
-    def rows_text(found: list[Inclusion]) -> str:
-        return ", ".join(f"{r.row} (sub-{r.subject})" for r in found)
-
-    for attr, what in (("patient_id", "patient ID"), ("accession_number", "accession number")):
-        by_value: dict[str, list[Inclusion]] = {}
-        for r in rows:
-            if getattr(r, attr):
-                by_value.setdefault(getattr(r, attr), []).append(r)
-        for found in by_value.values():
-            if len({r.subject for r in found}) > 1:
-                raise SpecError(
-                    f"selection.inclusions: {path} rows {rows_text(found)} give one {what} to "
-                    f"{len({r.subject for r in found})} subjects: one person would be published as several. "
-                    "Keep one subject per person (sessions tell the visits apart)"
-                )
-    if merged_records:
-        return
-    by_subject: dict[str, list[Inclusion]] = {}
-    for r in rows:
-        if r.patient_id:
-            by_subject.setdefault(r.subject, []).append(r)
-    for subject, found in by_subject.items():
-        if len({r.patient_id for r in found}) > 1:
-            raise SpecError(
-                f"selection.inclusions: {path} rows {rows_text(found)} give {len({r.patient_id for r in found})} "
-                f"different patient IDs to sub-{subject}: two people would be published as one. Fix the rows, "
-                "or, if they are one person's merged hospital records, set selection.merged_records: true"
-            )
-
-
-# folders no dataset may replace or live in (equal to, or, for the first group, anywhere under)
-_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
-                 "/sys", "/usr")
-_SYSTEM_FOLDERS = ("/", "/home", "/media", "/mnt", "/opt", "/root", "/srv", "/tmp", "/var", "/var/tmp", "/var/lib")
-
-
-def _within(p: Path, folder: Path) -> bool:
-    return p == folder or folder in p.parents
-
-
-def _check_locations(spec_path: Path, spec: "ProjectSpec") -> None:
-    """Refuse an ``output`` that is a system or home folder, and any ``work_dir`` or ``key_store``
-    inside ``output`` (or ``output`` inside them): publishing replaces ``output`` whole, so a key
-    store there would be deleted (or published), and a work folder there copied into itself.
-    Paths are compared as written and with symlinks followed."""
-    out = Path(os.path.abspath(spec.output))
-    out_real = Path(os.path.realpath(out))
-    home = Path(os.path.realpath(os.path.expanduser("~")))
-    for p in {out, out_real}:
-        if (str(p) in _SYSTEM_FOLDERS or any(_within(p, Path(t)) for t in _SYSTEM_TREES)
-                or _within(home, p)):
-            raise SpecError(
-                f"spec {spec_path}: output: {spec.output} is a system folder or the home folder (or holds it), which "
-                "publishing would replace; give a folder of its own, e.g. ~/datasets/" + spec.project
-            )
-    versions = out.parent / f".{out.name}.versions"  # where the published versions live (pacs2bids.publish)
-    outputs = {out, out_real, Path(os.path.realpath(versions))}
-    for key, value in (("work_dir", spec.resolved_work_dir), ("pseudonymization.key_store", spec.resolved_key_store)):
-        lexical, real = Path(os.path.abspath(value)), Path(os.path.realpath(value))
-        if any(_within(v, o) for v in (lexical, real) for o in outputs):
-            raise SpecError(
-                f"spec {spec_path}: {key}: {value} is inside output {spec.output}; publishing replaces output "
-                f"whole, so it would be lost or published. Move {key} outside output (by default it sits beside it)"
-            )
-        if any(_within(o, v) for v in (lexical, real) for o in (out, out_real)):
-            raise SpecError(
-                f"spec {spec_path}: output: {spec.output} is inside {key} {value}; give output a folder outside "
-                f"{key}"
-            )
-
-
-def load_spec(path: str | Path, *, environ: dict[str, str] | None = None, require_secret: bool = True) -> ProjectSpec:
-    """Load, validate and resolve a project spec.
-
-    Relative paths are made absolute against the spec's folder; the inclusion list is read;
-    the secret is taken from the environment. Raises :class:`SpecError` naming the key.
-    """
-    spec_path = Path(path).resolve()
-    environ = os.environ if environ is None else environ
-    try:
-        raw = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpecError(f"cannot read spec {spec_path}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"spec {spec_path} is not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SpecError(f"spec {spec_path} must be a mapping of keys (project, pacs, selection, ...)")
-    try:
-        spec = ProjectSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(_format_validation_error(spec_path, exc)) from None
-
-    base = spec_path.parent
-    selection = spec.selection.model_copy(update={"inclusions": _resolve(base, spec.selection.inclusions)})
-    pseudo = spec.pseudonymization.model_copy(
-        update={"key_store": _resolve(base, spec.pseudonymization.key_store)}
-    )
-    if spec.heuristic and ("/" in spec.heuristic or spec.heuristic.endswith(".py")):
-        heuristic = str(_resolve(base, spec.heuristic))
-        if not Path(heuristic).is_file():
-            raise SpecError(f"spec {spec_path}: heuristic: no file at {heuristic}")
-    else:
-        heuristic = spec.heuristic
-        from .heuristic_path import heuristic_file  # local: avoids import cycles
-
-        try:
-            heuristic_file(heuristic)
-        except FileNotFoundError as exc:
-            raise SpecError(f"spec {spec_path}: heuristic: {exc}") from None
-    out = Path(os.path.expanduser(str(spec.output)))
-    # not through output's own symlink, which names its published version (pacs2bids.publish)
-    out = _resolve(base, out.parent) / out.name if out.name not in ("", ".", "..") else _resolve(base, out)
-    if out.exists() and not out.is_dir():
-        raise SpecError(f"spec {spec_path}: output: {out} exists and is not a folder")
-    work_dir = _resolve(base, spec.work_dir)
-    located = spec.model_copy(update={"output": out, "work_dir": work_dir, "pseudonymization": pseudo})
-    _check_locations(spec_path, located)
-    secret = None
-    if require_secret:
-        value = environ.get(spec.pseudonymization.secret_env)
-        if not value:
-            raise SpecError(
-                f"spec {spec_path}: pseudonymization.secret_env: environment variable "
-                f"{spec.pseudonymization.secret_env} is not set; export the project's key there"
-            )
-        if len("".join(value.split())) < MIN_SECRET_CHARS:
-            raise SpecError(
-                f"spec {spec_path}: pseudonymization.secret_env: the key in "
-                f"{spec.pseudonymization.secret_env} is shorter than {MIN_SECRET_CHARS} non-space characters; "
-                "use a random key, e.g. the output of `openssl rand -hex 32`"
-            )
-        secret = SecretStr(value)
-    from .publish import output_owner_problem  # local: publish imports nothing of the spec
-
-    problem = output_owner_problem(out, spec.project, secret.get_secret_value().encode() if secret else None)
-    if problem:
-        raise SpecError(f"spec {spec_path}: output: {problem}")
-    inclusions = read_inclusions(selection.inclusions, merged_records=selection.merged_records)
-    return spec.model_copy(
-        update={
-            "selection": selection,
-            "pseudonymization": pseudo,
-            "heuristic": heuristic,
-            "output": out,
-            "work_dir": work_dir,
-            "spec_path": spec_path,
-            "secret": secret,
-            "inclusions": inclusions,
-        }
-    )

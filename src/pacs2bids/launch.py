@@ -1,0 +1,69 @@
+"""Running a spec from a command: the exit codes, and the run with its printed summary.
+
+Shared by :mod:`pacs2bids.cli` and :mod:`pacs2bids.demo`, which import it and not each other.
+
+Exit codes: 0 completed; 1 failed, nothing published; 2 bad spec or usage; 3 completed with
+failures (published, some series or studies listed as failed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .config import load_spec
+from .errors import Pacs2BidsError, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _prefect_defaults() -> None:
+    """Settings for Prefect's ephemeral mode on a small machine with no outside network:
+    a first start migrates a new database and can take longer than Prefect's default wait."""
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    os.environ.setdefault("NO_ET", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
+    """Validate the spec, run the flow, print the summary; returns the exit code."""
+    _prefect_defaults()
+    try:
+        load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
+    except SpecError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from pacs2bids.flows.extract import RunFailed, extract_project
+
+    try:
+        summary = extract_project(str(spec_path))
+    except RunFailed as exc:
+        summary = exc.summary
+    except Pacs2BidsError as exc:
+        print(f"pacs2bids: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # never a bare traceback without a summary: say what failed, how to see more
+        logging.getLogger("pacs2bids").debug("run failed", exc_info=True)
+        first = (str(exc).splitlines() or [""])[0][:300]
+        print(f"pacs2bids: the run failed, nothing published: {type(exc).__name__}: {first} "
+              "(run with -v for the traceback)", file=sys.stderr)
+        return EXIT_FAILED
+    print()
+    print(json.dumps(summary, indent=2) if as_json else _format(summary))
+    return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)
+
+
+def _format(summary: dict) -> str:
+    from .run import RunSummary, SeriesLine
+
+    s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
+    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released", "awaiting_review", "dead_letter", "validator_warnings", "errors", "published"):
+        setattr(s, k, summary[k])
+    s.subjects = set(summary["subjects"])
+    s.series = [SeriesLine(**line) for line in summary["series"]]
+    return s.format()
