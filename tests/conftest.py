@@ -60,6 +60,24 @@ def deid_data_dir() -> Path:
     return _corpus(SHARED_DEID)
 
 
+def write_spec(folder: Path, inclusions: str, **keys) -> Path:
+    """Write ``inclusions.csv`` (the text given) and ``spec.yaml`` into ``folder``; returns the spec's path.
+    Tests import it (``from conftest import write_spec``), as they import other tests' helpers.
+
+    Each keyword is one top-level key of the spec, its value written as is (YAML flow style, e.g.
+    ``retries="{attempts: 0}"``); ``pacs`` may also be a running :class:`Orthanc`, for a DIMSE
+    C-GET peer on it. ``selection`` defaults to the inclusion list alone.
+    """
+    (folder / "inclusions.csv").write_text(inclusions)
+    pacs = keys.get("pacs")
+    if isinstance(pacs, Orthanc):
+        keys["pacs"] = f"{{dimse: {{ae_title: {pacs.aet}, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}}}"
+    keys.setdefault("selection", "{inclusions: inclusions.csv}")
+    path = folder / "spec.yaml"
+    path.write_text("".join(f"{key}: {value}\n" for key, value in keys.items()))
+    return path
+
+
 @pytest.fixture
 def orthanc_factory(tmp_path_factory):
     """Start Orthanc servers on free loopback ports; all are stopped at the end of the test."""

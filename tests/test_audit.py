@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
+from conftest import write_spec
 from pacs2bids.auditchain import GENESIS, line_digest
 from pacs2bids.cli import main
 from pacs2bids.deid import KeyStore
@@ -27,11 +28,9 @@ ME = pwd.getpwuid(os.getuid()).pw_name
 @pytest.fixture
 def spec(tmp_path, monkeypatch) -> Path:
     """A project whose key store knows subject 01 (recorded as a pseudonymisation run would)."""
-    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nIPP-AUDIT-1,01\n")
-    path = tmp_path / "spec.yaml"
-    path.write_text("project: aproj\npacs: {dimse: {ae_title: A, host: 127.0.0.1, port: 1}}\n"
-                    "selection: {inclusions: inclusions.csv}\npseudonymization: {secret_env: P2B_AUDIT_SECRET}\n"
-                    f"output: {tmp_path / 'out'}\n")
+    path = write_spec(tmp_path, "patient_id,subject\nIPP-AUDIT-1,01\n", project="aproj",
+                      pacs="{dimse: {ae_title: A, host: 127.0.0.1, port: 1}}",
+                      pseudonymization="{secret_env: P2B_AUDIT_SECRET}", output=tmp_path / "out")
     monkeypatch.setenv("P2B_AUDIT_SECRET", SECRET)
     store(tmp_path).record_series("01", patient_ids=["IPP-AUDIT-1"], patient_names=["MARTIN^Audit"], studies={},
                                   identifiers=["IPP-AUDIT-1", "MARTIN^Audit"])

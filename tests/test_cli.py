@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_spec
 from pacs2bids.dicomfiles import iter_dicom_files
 
 SECRET = "cli-secret-0123456789abcdef"
@@ -21,22 +22,13 @@ def cli(*args, env_extra=None, timeout=600):
 
 
 def spec_for(tmp: Path, pacs, patient_id: str) -> Path:
-    (tmp / "inclusions.csv").write_text(f"patient_id,subject\n{patient_id},01\n")
-    spec = tmp / "spec.yaml"
-    spec.write_text(
-        "project: cli-test\n"
-        f"pacs:\n  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
-        "selection: {inclusions: inclusions.csv}\n"
-        f"output: {tmp / 'out'}\n"
-    )
-    return spec
+    return write_spec(tmp, f"patient_id,subject\n{patient_id},01\n", project="cli-test", pacs=pacs, output=tmp / "out")
 
 
 def test_bad_spec_is_refused_before_anything_runs(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nX1,01\n")
-    spec.write_text("project: p\npacs: {dimse: {ae_title: A, host: 127.0.0.1, port: 1}}\n"
-                    "selection: {inclusions: inclusions.csv, colour: blue}\noutput: out\n")
+    spec = write_spec(tmp_path, "patient_id,subject\nX1,01\n", project="p",
+                      pacs="{dimse: {ae_title: A, host: 127.0.0.1, port: 1}}",
+                      selection="{inclusions: inclusions.csv, colour: blue}", output="out")
     r = cli("run", str(spec))
     assert r.returncode == 2 and "selection.colour: unknown key" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -64,12 +56,9 @@ def test_deid_dry_run_and_check(tmp_path, orthanc_factory, sample_dir):
 
 def test_check_and_run_with_a_host_that_does_not_resolve(tmp_path):
     """A clear error and an exit code, never a raw socket.gaierror traceback."""
-    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nX1,01\n")
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("project: cli-test\n"
-                    "pacs: {dimse: {ae_title: ORTHANC, host: no-such-host.invalid, port: 104, timeout: 3}}\n"
-                    f"selection: {{inclusions: inclusions.csv}}\noutput: {tmp_path / 'out'}\n"
-                    "retries: {attempts: 0}\n")
+    spec = write_spec(tmp_path, "patient_id,subject\nX1,01\n", project="cli-test",
+                      pacs="{dimse: {ae_title: ORTHANC, host: no-such-host.invalid, port: 104, timeout: 3}}",
+                      output=tmp_path / "out", retries="{attempts: 0}")
     r = cli("check", str(spec))
     assert r.returncode == 1 and "[FAIL] c-echo" in r.stdout and "does not resolve" in r.stdout, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "check: 1 failed (c-echo)" in r.stderr, r.stderr

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from conftest import write_spec
 from pacs2bids.cli import main
 from pacs2bids.deadletter import DeadLetters
 from pacs2bids.lineage import LineageRecord
@@ -84,23 +85,17 @@ def test_series_that_keep_failing_are_listed_until_they_succeed(prefect_harness,
             ds.save_as(up / f"{pid}-{f.name}")
     pacs = orthanc_factory()
     assert pacs.upload(sorted(up.iterdir())) == 2 * len(files)
-    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nDL-PAT-1,01\nDL-PAT-2,02\n")
     (tmp_path / "refusing.py").write_text(REFUSING_HEURISTIC)
     out = tmp_path / "out" / "ds"
-    spec = tmp_path / "spec.yaml"
 
-    def write_spec(heuristic: str) -> None:
-        spec.write_text(
-            "project: dlproj\n"
-            f"pacs:\n  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
-            "selection: {inclusions: inclusions.csv, modalities: [MR]}\n"
-            "pseudonymization: {secret_env: P2B_DL_SECRET}\n"
-            f"heuristic: {heuristic}\noutput: {out}\n"
-            "retries: {attempts: 0, backoff_seconds: 0.1}\n"
-        )
+    def with_heuristic(heuristic: str) -> Path:
+        return write_spec(tmp_path, "patient_id,subject\nDL-PAT-1,01\nDL-PAT-2,02\n", project="dlproj", pacs=pacs,
+                          selection="{inclusions: inclusions.csv, modalities: [MR]}",
+                          pseudonymization="{secret_env: P2B_DL_SECRET}", heuristic=heuristic, output=out,
+                          retries="{attempts: 0, backoff_seconds: 0.1}")
 
     monkeypatch.setenv("P2B_DL_SECRET", SECRET)
-    write_spec("refusing.py")
+    spec = with_heuristic("refusing.py")
     first = extract_project(str(spec))
     assert first["published"] and first["state"] == "completed with failures"
     assert (out / "sub-01").is_dir() and not (out / "sub-02").exists()
@@ -116,7 +111,7 @@ def test_series_that_keep_failing_are_listed_until_they_succeed(prefect_harness,
     listed = capsys.readouterr().out
     assert "sub-02" in listed and "2 run(s)" in listed and "DL-PAT-2" not in listed
 
-    write_spec("auto")
+    with_heuristic("auto")
     third = extract_project(str(spec))
     assert third["state"] == "completed" and third["dead_letter"] == [] and (out / "sub-02").is_dir()
     assert DeadLetters(out.parent / f".{out.name}.pacs2bids-work" / "dead-letter.json").entries() == []

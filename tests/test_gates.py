@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+from conftest import write_spec
 
 SECRET = "gates-test-secret-0123456789"
 NAME, PID = "PORTEGATE^Alberte", "GATE-PID-551177"
@@ -48,18 +49,11 @@ def published(prefect_harness, orthanc_factory, sample_dir, tmp_path, monkeypatc
         upload.append(tmp_path / "up" / f"t1-{i}.dcm")
     pacs = orthanc_factory()
     assert pacs.upload(upload) == len(upload)
-    (tmp_path / "inclusions.csv").write_text(f"patient_id,subject\n{PID},05\n")
     out = tmp_path / "out" / "ds"
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        "project: gates\n"
-        f"pacs:\n  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
-        "selection: {inclusions: inclusions.csv, modalities: [MR]}\n"
-        "pseudonymization: {secret_env: P2B_GATES_SECRET}\n"
-        "heuristic: auto\n"
-        f"output: {out}\n"
-        "retries: {attempts: 1, backoff_seconds: 0.2}\n"
-    )
+    spec = write_spec(tmp_path, f"patient_id,subject\n{PID},05\n", project="gates", pacs=pacs,
+                      selection="{inclusions: inclusions.csv, modalities: [MR]}",
+                      pseudonymization="{secret_env: P2B_GATES_SECRET}", heuristic="auto", output=out,
+                      retries="{attempts: 1, backoff_seconds: 0.2}")
     monkeypatch.setenv("P2B_GATES_SECRET", SECRET)
     first = extract_project(str(spec))
     assert first["published"] and first["state"] == "completed", first

@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from conftest import write_spec
 from pacs2bids.cli import main
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import KeyStore, Pseudonymiser
@@ -170,18 +171,11 @@ def test_release_then_rerun_publishes_it(prefect_harness, orthanc_factory, sampl
     upload.append(plant_screen(t1[0], tmp_path / "up" / "screen.dcm", series_uid, study_uid))
     pacs = orthanc_factory()
     assert pacs.upload(upload) == len(upload)
-    (tmp_path / "inclusions.csv").write_text(f"patient_id,subject\n{PID},07\n")
     out = tmp_path / "out" / "ds"
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        "project: qproj\n"
-        f"pacs:\n  dimse: {{ae_title: ORTHANC, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
-        "selection: {inclusions: inclusions.csv, modalities: [MR]}\n"
-        f"pseudonymization: {{secret_env: P2B_Q_SECRET, options: [{', '.join(NO_PIXEL_CLEANING)}]}}\n"
-        "heuristic: auto\n"
-        f"output: {out}\n"
-        "retries: {attempts: 1, backoff_seconds: 0.2}\n"
-    )
+    spec = write_spec(tmp_path, f"patient_id,subject\n{PID},07\n", project="qproj", pacs=pacs,
+                      selection="{inclusions: inclusions.csv, modalities: [MR]}",
+                      pseudonymization=f"{{secret_env: P2B_Q_SECRET, options: [{', '.join(NO_PIXEL_CLEANING)}]}}",
+                      heuristic="auto", output=out, retries="{attempts: 1, backoff_seconds: 0.2}")
     monkeypatch.setenv("P2B_Q_SECRET", SECRET)
 
     first = extract_project(str(spec))
