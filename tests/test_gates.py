@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
+
 from conftest import write_spec
 
 SECRET = "gates-test-secret-0123456789"
