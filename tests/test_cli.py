@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import write_spec
 from pacs2bids.dicomfiles import iter_dicom_files
 

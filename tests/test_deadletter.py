@@ -3,7 +3,6 @@ run, until a run gets it through; the rest of the project is published meanwhile
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pydicom
