@@ -67,6 +67,7 @@ def test_sizes_script_flags_an_unexplained_long_function_and_accepts_an_explaine
     (tmp_path / "bad.py").write_text("def long_one():\n" + body)
     (tmp_path / "good.py").write_text("# long: one table, read top to bottom\ndef long_one():\n" + body)
     (tmp_path / "big.py").write_text('"""Doc."""\n# long: generated table\n' + "x = 1\n" * 450)
+    (tmp_path / "huge.py").write_text('"""Doc."""\n' + "x = 1\n" * 450)
 
     def run(name: str) -> subprocess.CompletedProcess:
         folder = tmp_path / name.removesuffix(".py")
@@ -79,3 +80,5 @@ def test_sizes_script_flags_an_unexplained_long_function_and_accepts_an_explaine
     assert bad.returncode == 1 and "function long_one has 71 lines" in bad.stdout
     assert run("good.py").returncode == 0
     assert run("big.py").returncode == 0
+    huge = run("huge.py")
+    assert huge.returncode == 1 and "module has 451 lines (> 400)" in huge.stdout
