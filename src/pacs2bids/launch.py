@@ -62,7 +62,8 @@ def _format(summary: dict) -> str:
     from .run import RunSummary, SeriesLine
 
     s = RunSummary(project=summary["project"], run_id=summary["run_id"], output=summary["output"])
-    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released", "awaiting_review", "dead_letter", "validator_warnings", "errors", "published"):
+    for k in ("state", "studies", "already_published", "unmatched", "study_failures", "quarantined", "released",
+              "awaiting_review", "dead_letter", "validator_warnings", "errors", "published"):
         setattr(s, k, summary[k])
     s.subjects = set(summary["subjects"])
     s.series = [SeriesLine(**line) for line in summary["series"]]
