@@ -6,7 +6,7 @@ from pacs2bids.config import ProjectSpec
 from . import TASK_DEFAULTS
 
 
-@task(name="query_studies", **TASK_DEFAULTS)
-def query_studies(spec: ProjectSpec) -> query.QueryResult:
+@task(name="find_studies", **TASK_DEFAULTS)
+def find_studies(spec: ProjectSpec) -> query.QueryResult:
     """C-FIND or QIDO-RS: the studies and series the inclusion list and filters select."""
     return query.find_studies(spec)

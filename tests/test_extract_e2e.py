@@ -347,6 +347,12 @@ def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, t
     assert [f.name for f in (work / "raw").iterdir()] == [".incoming"]  # no emptied study folders either
     assert (out / "sourcedata").is_dir() and list((out / "sourcedata").rglob("*.dcm"))
     assert f"pacs2bids run {summary['run_id']}" in prefect_artifacts_text()  # the UI's copy of the summary
+    # per-stage timings for the benchmarks, in the summary the work folder keeps
+    stages = ["query", "retrieve", "pseudonymise", "convert", "released", "finalise", "validate", "lineage",
+              "leak_scan", "publish"]
+    kept = json.loads((work / "runs" / f"run-{summary['run_id']}.json").read_text())
+    assert sorted(kept["stage_seconds"]) == sorted(stages) and all(v >= 0 for v in kept["stage_seconds"].values())
+    assert kept["stage_seconds"]["convert"] > 0 and not (out / ".pacs2bids" / "instance-parts").exists()
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -208,3 +209,48 @@ def test_instance_lineage_pairs_written_files_with_keyed_received_checksums(tmp_
     text = format_instances(found_root, written[0], one)
     assert "2.25.100" in text and "c-get" in text and one[0]["received_sha256_hmac"] in text
     assert write_instances(root, [], run_id="r2", project="proj") is None
+
+
+def test_summary_times_stages_and_adds_study_seconds(tmp_path):
+    """stage_seconds (issue 12's benchmark reads it): timed stages and the studies' sums, in run-*.json."""
+    s = RunSummary(project="p", run_id="r", output=str(tmp_path / "out"))
+    with s.timed("query"):
+        pass
+    s.add_seconds({"retrieve": 1.25, "convert": 2.0})
+    s.add_seconds({"retrieve": 0.75})
+    with pytest.raises(RuntimeError):
+        with s.timed("publish"):  # a failed stage still counts its time
+            raise RuntimeError("boom")
+    written = json.loads(s.write(tmp_path / "run-r.json").read_text())
+    assert written["stage_seconds"]["retrieve"] == 2.0 and written["stage_seconds"]["convert"] == 2.0
+    assert set(written["stage_seconds"]) == {"query", "retrieve", "convert", "publish"}
+    assert 0 <= written["stage_seconds"]["query"] < 1
+
+
+def test_one_recorder_call_writes_the_summary_line_and_the_lineage_rows():
+    """Each event is one call: the summary entry and its lineage row(s) come out together."""
+    from types import SimpleNamespace
+
+    from pacs2bids.deid.keyed import Keyed
+    from pacs2bids.model import SeriesRef
+    from pacs2bids.recorder import Outcomes, Recorder
+
+    keyed = Keyed(b"k" * 32, "p")
+    study = StudyRef(inclusion_row=1, subject="01", session=None, study_instance_uid="1.2.3",
+                     series=[SeriesRef("1.2.3", "1.2.3.4", series_number=5, announced_instances=3)])
+    rs = SimpleNamespace(series=study.series[0], received=2, status="incomplete", reason="1 missing")
+    rec = Recorder(keyed, Outcomes())
+    rec.not_retrieved_whole(study, rs)
+    res = SimpleNamespace(pseudo_study_uid="2.25.1", pseudo_series_uid="2.25.2", series_number=5,
+                          series_description="t1")
+    rs_ok = SimpleNamespace(series=study.series[0], received=3, status="complete", reason="")
+    rec.converted(study, rs_ok, res, "converted", "", ["sub-01/anat/sub-01_T1w.nii.gz"], "prov.json")
+    rec.study_failed(study, "PacsError: refused")
+    o = rec.outcomes
+    assert [(line.status, line.reason) for line in o.series] == [("incomplete", "1 missing"), ("converted", "")]
+    assert o.series[1].outputs == ["sub-01/anat/sub-01_T1w.nii.gz"]  # provenance: lineage only
+    assert [r.path for r in o.records[1:3]] == ["sub-01/anat/sub-01_T1w.nii.gz", "prov.json"]
+    assert o.records[0].pseudo_series_uid == keyed.uid("1.2.3.4") and o.records[0].retrieve_status == "incomplete"
+    assert o.records[1].reason is None and o.records[1].pseudonymise_status == "pseudonymised"
+    assert o.study_failures == [{"label": "sub-01", "reason": "PacsError: refused"}]
+    assert o.records[3].pseudo_study_uid == keyed.uid("1.2.3") and o.records[3].retrieve_status == "failed"

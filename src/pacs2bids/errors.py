@@ -57,3 +57,16 @@ class ValidationFailed(Pacs2BidsError):
 class PublishError(Pacs2BidsError):
     """The dataset could not be moved into ``output``. The previous dataset, if any, is
     left as it was; check permissions and free space at the destination."""
+
+
+class RunFailed(Pacs2BidsError):
+    """The run stopped before publishing; ``summary`` says why. ``output`` is unchanged."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+class NothingToPublish(Pacs2BidsError):
+    """No image was converted. Check the inclusion list and filters, and the reasons the summary
+    gives for each series left out."""

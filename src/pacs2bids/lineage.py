@@ -19,6 +19,7 @@ same transport delivers, not the PACS's own copy byte for byte.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -246,6 +247,41 @@ def write_instances(
         return None
     tmp.replace(out)
     return out
+
+
+PARTS_DIR = Path(".pacs2bids") / "instance-parts"  # in staging only: merged, then removed, before publishing
+_PART_SCHEMA = pa.schema([INSTANCE_SCHEMA.field(n) for n in InstanceRecord.__slots__])
+
+
+def write_instance_part(staging: Path, name: str, records: list[InstanceRecord]) -> str | None:
+    """Write one unit of work's instance records (a study's, say) as a part file in ``staging``;
+    returns its path relative to ``staging``, or None if no record. :func:`write_instances`
+    takes them back with :func:`read_instance_parts`."""
+    if not records:
+        return None
+    out = staging / PARTS_DIR / f"{name}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{n: getattr(r, n) for n in InstanceRecord.__slots__} for r in records]
+    pq.write_table(pa.Table.from_pylist(rows, schema=_PART_SCHEMA), out)
+    return out.relative_to(staging).as_posix()
+
+
+def read_instance_parts(staging: Path, parts: Iterable[str]) -> Iterable[InstanceRecord]:
+    """The records of the part files ``parts`` (relative to ``staging``), in order, a batch at a time."""
+    for part in parts:
+        for batch in pq.ParquetFile(staging / part).iter_batches(batch_size=_BATCH):
+            for row in batch.to_pylist():
+                yield InstanceRecord(**row)
+
+
+def record_lineage(dataset_root: Path, records: Iterable[LineageRecord], instance_parts: Iterable[str], *,
+                   run_id: str, project: str, **run) -> Path:
+    """Append this run's lineage tables to the dataset: one row per output file (``run``: the
+    keywords of :func:`write_run`), and one per instance, merged from the ``instance_parts``
+    the units of work wrote (:func:`write_instance_part`), which are then removed."""
+    write_instances(dataset_root, read_instance_parts(dataset_root, instance_parts), run_id=run_id, project=project)
+    shutil.rmtree(dataset_root / PARTS_DIR, ignore_errors=True)
+    return write_run(dataset_root, records, run_id=run_id, project=project, **run)
 
 
 def read_instances(dataset_root: Path) -> pa.Table:

@@ -39,8 +39,10 @@ import logging
 import os
 import shutil
 import signal
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from .errors import PublishError
 
@@ -352,3 +354,22 @@ def remove_leftovers(work: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
     if removed:
         log.info("removed %d staging or scratch folder(s) left by earlier runs", len(removed))
     return removed
+
+
+@contextmanager
+def work_area(ctx) -> Iterator[None]:
+    """The run's folders (:class:`pacs2bids.run.RunContext`): the private work folder (0700), its
+    ``raw``, ``quarantine`` and this run's ``scratch``, and the staging dataset seeded from the
+    published one; :class:`RunLock` held throughout. On leaving, scratch and staging go (staging
+    is gone already when published; a failed run's must not linger)."""
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    ctx.work.chmod(0o700)
+    with RunLock(ctx.work):  # stale staging/scratch of killed runs go when no run is alive
+        try:
+            for d in (ctx.raw_root, ctx.quarantine, ctx.scratch):
+                d.mkdir(parents=True, exist_ok=True)
+            seed_staging(ctx.spec.output, ctx.staging)
+            yield
+        finally:
+            shutil.rmtree(ctx.scratch, ignore_errors=True)
+            shutil.rmtree(ctx.staging, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Run bookkeeping that needs no engine: sessions, folder names, the run summary.
+"""Run bookkeeping that needs no engine: the run's context, sessions, folder names, the run summary.
 
 The summary holds pseudonymised identifiers only (subject codes, series numbers, cleaned
 descriptions, pseudonymised UIDs) and inclusion row numbers, never patient IDs.
@@ -7,12 +7,65 @@ descriptions, pseudonymised UIDs) and inclusion row numbers, never patient IDs.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from .model import StudyRef
+
+if TYPE_CHECKING:
+    from .config import ProjectSpec
+
+META = Path(".pacs2bids")  # the dataset's own folder: logs, runs, lineage, provenance, deid records
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage of one run shares: the spec, the run's ids, its folders and tool versions.
+
+    The folders are under the project's private work folder: ``raw`` (the retrieved files, one
+    keyed folder per study), ``quarantine``, this run's ``scratch`` and ``staging`` (the dataset
+    being built, published at the end)."""
+
+    spec: "ProjectSpec"
+    run_id: str
+    flow_run_id: str | None
+    staging: Path
+    versions: dict[str, str] = field(default_factory=dict)
+    started: str = field(default_factory=_now)
+
+    @staticmethod
+    def new_run_id(flow_run_id: str | None) -> str:
+        return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{(flow_run_id or uuid.uuid4().hex)[:8]}"
+
+    @property
+    def work(self) -> Path:
+        return self.spec.resolved_work_dir
+
+    @property
+    def raw_root(self) -> Path:
+        return self.work / "raw"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.work / "quarantine"
+
+    @property
+    def scratch(self) -> Path:
+        return self.work / f"scratch-{self.run_id}"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.work / "runs" / f"run-{self.run_id}.json"
 
 
 def assign_sessions(studies: list[StudyRef]) -> list[StudyRef]:
@@ -64,7 +117,7 @@ class RunSummary:
     project: str
     run_id: str
     output: str
-    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    started: str = field(default_factory=_now)
     finished: str = ""
     state: str = "running"  # completed | completed with failures | failed
     subjects: set[str] = field(default_factory=set)
@@ -83,16 +136,31 @@ class RunSummary:
     validator_warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     published: bool = False
+    # seconds per stage (retrieve, pseudonymise, convert: summed over studies), for the benchmarks
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time spent inside to ``stage_seconds[stage]``."""
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.add_seconds({stage: time.monotonic() - started})
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        for stage, s in seconds.items():
+            self.stage_seconds[stage] = round(self.stage_seconds.get(stage, 0.0) + s, 3)
 
     def count(self, status: str) -> int:
         return sum(1 for s in self.series if s.status == status)
 
     @property
     def retrieved(self) -> int:
-        return sum(1 for s in self.series if s.status in ("converted", "skipped", "failed_conversion"))
+        return sum(1 for s in self.series if s.status in ("converted", "skipped"))
 
     def finish(self) -> None:
-        self.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.finished = _now()
         if self.errors:
             self.state = "failed"
         elif self.study_failures or any(s.status in ("incomplete", "failed") for s in self.series) or self.quarantined:

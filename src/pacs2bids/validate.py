@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,25 @@ class ValidationReport:
         for e in self.errors[:limit]:
             lines.append(f"  {e['code']}: {e.get('location') or '-'} {e.get('message', '')[:200]}")
         return "\n".join(lines)
+
+    def warning_counts(self) -> list[str]:
+        """One line per warning code, with how many places it was raised at (for the run summary)."""
+        counts = Counter(w.get("code") or w.get("key") or "?" for w in self.warnings)
+        return [f"{code} ({n} place{'s' if n > 1 else ''})" for code, n in counts.most_common()]
+
+    def check(self) -> None:
+        """Raise :class:`ValidationFailed` naming the first errors (the run's refusal to publish)."""
+        if self.errors:
+            raise ValidationFailed(f"bids-validator found {len(self.errors)} error(s): "
+                                   + "; ".join(issue_text(e) for e in self.errors[:10]))
+
+
+def issue_text(issue: dict) -> str:
+    """One validator issue on one line: code, place and the start of its message."""
+    code = issue.get("code") or issue.get("key") or "?"
+    where = issue.get("location") or issue.get("file") or ""
+    msg = " ".join(str(issue.get("message") or issue.get("reason") or "").split())
+    return f"{code} {where} {msg[:160]}".strip()
 
 
 def _find_validator() -> str:

@@ -1,0 +1,221 @@
+"""One study from the PACS to the staging dataset: the unit of distributed work (no engine).
+
+:func:`extract_study` retrieves a study into its own raw folder, pseudonymises its series in
+parallel into the staging ``sourcedata/``, converts the session into the staging dataset, and
+writes the de-identification records, the provenance of each converted series and the study's
+per-instance lineage part (merged by :func:`pacs2bids.lineage.merge_instance_parts`). It
+returns a small :class:`StudyResult` of plain values; one study's failure never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import convert, retrieve
+from .config import ProjectSpec
+from .deid import Pseudonymiser
+from .deid.keyed import Keyed
+from .dicomfiles import iter_dicom_files
+from .lineage import instance_records, write_instance_part
+from .model import StudyRef
+from .provenance import write_series_provenance
+from .recorder import Outcomes, Recorder, reason
+from .run import META, RunContext, label, session_dir
+from .windows import wait_until_open
+
+log = logging.getLogger(__name__)
+DEID_WORKERS = 4  # series pseudonymised at once within a study
+
+
+@dataclass
+class StudyResult:
+    """What one study did, pseudonymised: small and serialisable (plain values only).
+
+    ``retrieval`` holds the outcomes up to pseudonymisation, ``conversion`` those of the
+    converter: the run lists every study's first before any study's second."""
+
+    label: str
+    retrieval: Outcomes = field(default_factory=Outcomes)
+    conversion: Outcomes = field(default_factory=Outcomes)
+    raw_done: list[str] = field(default_factory=list)  # raw series folders to delete once published (E6)
+    instances_part: str | None = None  # the study's per-instance lineage part, relative to staging
+    seconds: dict[str, float] = field(default_factory=dict)  # retrieve, pseudonymise, convert
+
+
+def pseudonymiser(spec: ProjectSpec) -> Pseudonymiser:
+    """The project's pseudonymiser (key, settings and key store from the spec)."""
+    return Pseudonymiser(
+        project=spec.project, secret=spec.secret_bytes, settings=spec.pseudonymization, key_store=spec.resolved_key_store
+    )
+
+
+def write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _retrieve(spec: ProjectSpec, study: StudyRef, raw_root: Path, progress, log) -> list:
+    """Window wait, rate limit and fallback transport around the retrieval of one study."""
+    # TODO(issue 11, pacs branch): retrieve.retrieve_study does all this itself once it lands; then this is
+    # `retrieve.retrieve_study(spec, study, raw_root, progress=progress)`.
+    limiter = None
+    if spec.pacs.instances_per_minute:
+        # a study receives on one connection at a time, and at most max_associations are open
+        # to the PACS across every run: each gets its share, so the PACS never sends more than
+        # instances_per_minute in all
+        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_associations)
+    wait_until_open(spec.pacs.windows, log=log.info)
+    return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)
+
+
+def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progress=None, log=log) -> StudyResult:
+    """Retrieve, pseudonymise and convert one study into ``ctx.staging``; see the module docstring.
+
+    ``progress(series, received, announced)`` is called as instances arrive; ``log`` takes the
+    study's progress lines (pseudonymised labels and reasons only)."""
+    keyed = Keyed(spec.secret_bytes, spec.project)
+    result = StudyResult(label(study.subject, study.session))
+    early = Recorder(keyed, result.retrieval)
+    started = time.monotonic()
+    try:
+        retrieved = _retrieve(spec, study, ctx.raw_root, progress, log)
+    except Exception as exc:  # one study's failure never stops the others
+        early.study_failed(study, reason(exc))
+        log.error("%s: retrieval failed: %s", result.label, reason(exc))
+        return result
+    finally:
+        result.seconds["retrieve"] = time.monotonic() - started
+    log.info("%s: %d series retrieved", result.label, len(retrieved))
+    started = time.monotonic()
+    deids = _pseudonymise(spec, study, ctx, retrieved, early, result)
+    result.seconds["pseudonymise"] = time.monotonic() - started
+    started = time.monotonic()
+    if deids:
+        _convert(spec, study, ctx, deids, Recorder(keyed, result.conversion), result, log)
+    result.seconds["convert"] = time.monotonic() - started
+    return result
+
+
+def _pseudonymise(spec: ProjectSpec, study: StudyRef, ctx: RunContext, retrieved: list, rec: Recorder,
+                  result: StudyResult) -> list[tuple]:
+    """Pseudonymise the study's complete series in parallel into the staging ``sourcedata/``;
+    returns ``(retrieved, pseudonymised)`` of the series that still hold files to convert."""
+    src = session_dir(ctx.staging / "sourcedata", study.subject, study.session)
+    complete = []
+    for rs in retrieved:
+        for name, why in rs.quarantined:
+            rec.quarantined(study, name, why)
+        if rs.status != "complete":
+            rec.not_retrieved_whole(study, rs)
+        else:
+            complete.append(rs)
+
+    def one(rs):
+        number = rs.series.series_number if rs.series.series_number is not None else 0
+        return pseudonymiser(spec).pseudonymise_series(  # one each, as one task each had
+            iter_dicom_files(rs.folder), src / f"{number:03d}-{rs.folder.name[:12]}", subject=study.subject,
+            session=study.session, quarantine_dir=ctx.quarantine)
+
+    keyed = rec.keyed
+    instances, deids = [], []
+    with ThreadPoolExecutor(max_workers=DEID_WORKERS, thread_name_prefix="pacs2bids-deid") as pool:
+        futures = [(rs, pool.submit(one, rs)) for rs in complete]
+        for rs, fut in futures:
+            try:
+                res = fut.result()
+            except Exception as exc:
+                rec.pseudonymisation_failed(study, rs, reason(exc))
+                continue
+            for name, why in res.quarantined:
+                rec.quarantined(study, name, why)
+            # each sourcedata file paired with the received file it came from (its ledger entry)
+            instances += instance_records(
+                ctx.staging, res.written, res.sources, retrieve.read_ledger(rs.folder), subject=study.subject,
+                session=study.session, pseudo_study_uid=res.pseudo_study_uid,
+                pseudo_series_uid=res.pseudo_series_uid, received_digest=keyed.received_digest,
+            )
+            write_json(ctx.staging / META / "deid" / result.label
+                       / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json", res.record)
+            if not res.written:
+                rec.nothing_left(study, rs, res, "; ".join(r for _, r in res.dropped[:1])
+                                 or "nothing left after pseudonymisation")
+                result.raw_done.append(str(rs.folder))
+                continue
+            deids.append((rs, res))
+    result.instances_part = write_instance_part(ctx.staging, result.label, instances)
+    return deids
+
+
+def _dropped_note(res) -> str:
+    """Objects of an image series left out (Philips raw data, say): listed, not silent."""
+    kinds = sorted({why for _, why in res.dropped})
+    return (f"{len(res.dropped)} non-image object(s) of this series left out: "
+            + ", ".join(f"{why} x{sum(1 for _, w in res.dropped if w == why)}" for why in kinds))
+
+
+def _convert(spec: ProjectSpec, study: StudyRef, ctx: RunContext, deids: list[tuple], rec: Recorder,
+             result: StudyResult, log) -> None:
+    """Convert the session, then record each series' outcome and write its provenance."""
+    try:
+        converted = convert.convert_session(
+            session_dir(ctx.staging / "sourcedata", study.subject, study.session), ctx.staging,
+            subject=study.subject, session=study.session, heuristic=spec.heuristic,
+            work_dir=ctx.scratch / result.label, sidecar_fields=spec.sidecar_fields,
+        )
+    except Exception as exc:
+        for rs, res in deids:
+            rec.conversion_failed(study, rs, res, reason(exc))
+        log.error("%s: conversion failed: %s", result.label, reason(exc))
+        return
+    by_uid = {c.series_uid: c for c in converted.series}
+    for rs, res in deids:
+        c = by_uid.get(res.pseudo_series_uid)
+        status = c.status if c else "skipped"
+        why = c.reason if c else "not seen by the converter"
+        if res.dropped:
+            why = f"{why}; {_dropped_note(res)}" if why else _dropped_note(res)
+        if status != "failed":
+            result.raw_done.append(str(rs.folder))
+        outputs = list(c.outputs) if c else []
+        prov = _provenance(spec, ctx, result.label, res, outputs) if status == "converted" else None
+        rec.converted(study, rs, res, status, why, outputs, prov)
+    log.info("%s: converted", result.label)
+
+
+def _provenance(spec: ProjectSpec, ctx: RunContext, lbl: str, res, outputs: list[str]) -> str:
+    """Write the provenance JSON of a converted series; returns its path relative to staging."""
+    prov = write_series_provenance(
+        ctx.staging / META / "provenance" / lbl / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json",
+        pseudo_study_uid=res.pseudo_study_uid,
+        pseudo_series_uid=res.pseudo_series_uid,
+        instance_count=len(res.written),
+        outputs=[ctx.staging / o for o in outputs],
+        bids_root=ctx.staging,
+        heuristic=spec.heuristic,
+        flow_run_id=ctx.flow_run_id,
+        started=ctx.started,
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra={"deidentification": res.record.get("method", {}) if isinstance(res.record, dict) else {},
+               # fields the project gave where the images hold none (spec sidecar_fields)
+               **({"sidecar_fields_given": spec.sidecar_fields} if spec.sidecar_fields else {})},
+    )
+    return prov.relative_to(ctx.staging).as_posix()
+
+
+def remove_raw(folders: list[str]) -> None:
+    """Delete the raw series folders whose research copy is published (E6), then each study
+    folder left empty (only once every series of the study is gone)."""
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+    for study_folder in {Path(f).parent for f in folders}:
+        try:
+            study_folder.rmdir()
+        except OSError:
+            pass

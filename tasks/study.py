@@ -1,0 +1,22 @@
+from prefect import task
+from prefect.logging import get_run_logger
+
+from pacs2bids import study as _study
+from pacs2bids.config import ProjectSpec
+from pacs2bids.model import StudyRef
+from pacs2bids.run import RunContext
+
+from . import TASK_DEFAULTS
+
+
+@task(name="extract_study", task_run_name="extract_study-sub-{study.subject}", **TASK_DEFAULTS)
+def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study.StudyResult:
+    """One study retrieved, pseudonymised and converted into the run's staging dataset
+    (:func:`pacs2bids.study.extract_study`); its progress goes to the Prefect run log."""
+    logger = get_run_logger()
+
+    def progress(series, done: int, total: int | None) -> None:
+        number = series.series_number if series.series_number is not None else "?"
+        logger.info("sub-%s series %s: %d/%s instances received", study.subject, number, done, total or "?")
+
+    return _study.extract_study(spec, study, ctx, progress=progress, log=logger)
