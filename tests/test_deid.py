@@ -19,7 +19,7 @@ from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import KeyStore, LeakHit, Pseudonymiser, SeriesDeidResult, scan_for_leaks
 from pacs2bids.deid.keyed import Keyed, parse_dt, shift_da, shift_dt
 from pacs2bids.deid.profile import DEFAULT_OPTIONS, Profile
-from pacs2bids.deid.pseudonymise import _IDENT_TAGS
+from pacs2bids.deid.identifiers import _IDENT_TAGS
 from pacs2bids.errors import PseudonymisationError, SpecError
 
 SECRET = b"unit-test-secret-0123456789"

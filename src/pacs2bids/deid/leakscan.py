@@ -3,7 +3,7 @@
 Which values are searched, and where (the rule; README "Decisions" says the same)
 -------------------------------------------------------------------------------------
 The values come from the key store: those of the identity attributes of every file seen
-(:data:`pacs2bids.deid.pseudonymise.IDENTIFYING_KEYWORDS`: patient name parts, IDs, other IDs,
+(:data:`pacs2bids.deid.identifiers.IDENTIFYING_KEYWORDS`: patient name parts, IDs, other IDs,
 birth date, address, telephone, accession number, institution name/address/department,
 physicians, operators, station, device serial, procedure IDs; every PN element; original UIDs).
 Protocol and procedure words, body parts and codes (ProtocolName, BodyPartExamined,
@@ -195,7 +195,7 @@ def _name_forms(value: str) -> set[str]:
 
 def build_rules(identifiers: Iterable[str]) -> Rules:
     """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring)."""
-    from .pseudonymise import IDENTIFYING_KEYWORDS
+    from .identifiers import IDENTIFYING_KEYWORDS
 
     distinctive: set[str] = set()
     common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
