@@ -18,7 +18,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID_dictionary
 
-from .csa import scrub_bytes
+from .csa import Scrub, scrub_bytes
 from .keyed import Keyed
 from .profile import Profile
 
@@ -88,8 +88,13 @@ class FileContext:
         if done is None:
             if len(self.scrubbed) >= _SCRUB_CACHE_SIZE:
                 self.scrubbed.clear()
-            done = self.scrubbed[key] = scrub_bytes(value, self.keyed.uid_like, self.pattern, self.dates_shift, self.days)
+            done = self.scrubbed[key] = scrub_bytes(value, self.scrubbing())
         return done
+
+    def scrubbing(self) -> Scrub:
+        """The byte scrub of this file's kept binary values: keyed UID tokens, its identifying
+        values and its dates."""
+        return Scrub(self.keyed.uid_like, self.pattern, self.dates_shift, self.days)
 
     @property
     def dates_shift(self) -> re.Pattern[bytes] | None:

@@ -7,7 +7,6 @@ walk (:mod:`pacs2bids.deid.walk`), from its action code and its VR.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydicom.dataelem import DataElement
@@ -16,11 +15,10 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from .context import FileContext, is_standard_uid
-from .csa import _UID_TOKEN, scrub_bytes, scrub_ge_protocol
+from .csa import UID_TEXT, Scrub, scrub_bytes, scrub_ge_protocol
 from .keyed import birth_date_to_year, shift_da, shift_dt
 from .patterns import clean_text, is_date_value, mask_personal_data
 
-_UID_TEXT = re.compile(_UID_TOKEN.pattern.decode("ascii"))  # a whole UID in a private value (5+ components)
 
 
 def replace(elem: DataElement, ctx: FileContext, name: str, why: str, value: Any) -> None:
@@ -108,11 +106,11 @@ def text(elem: DataElement, ctx: FileContext, name: str, why: str, *, private: b
             new.append(v)
             continue
         c, n = clean_text(v, ctx.pattern)
-        if private and _UID_TEXT.fullmatch(c.strip("\x00 ")) and not is_standard_uid(c.strip("\x00 ")):
+        if private and UID_TEXT.fullmatch(c.strip("\x00 ")) and not is_standard_uid(c.strip("\x00 ")):
             c, n = ctx.keyed.uid(c.strip("\x00 ")), n + 1
         elif private or ctx.dates_shift is not None:
             raw = c.encode("utf-8", "surrogateescape")
-            raw2, k = scrub_bytes(raw, ctx.keyed.uid_like if private else _same, None, ctx.dates_shift, ctx.days)
+            raw2, k = scrub_bytes(raw, Scrub(ctx.keyed.uid_like if private else _same, None, ctx.dates_shift, ctx.days))
             if raw2 != raw:
                 c, n = raw2.decode("utf-8", "surrogateescape"), n + k
         c, k = mask_personal_data(c)
@@ -148,7 +146,7 @@ def binary(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
 def ge_protocol(ds: Dataset, elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
     """The GE protocol data block, scrubbed inside its gzip stream, or removed."""
     try:
-        elem.value, _n = scrub_ge_protocol(bytes(elem.value or b""), ctx.keyed.uid_like, ctx.pattern, ctx.dates_shift, ctx.days)
+        elem.value, _n = scrub_ge_protocol(bytes(elem.value or b""), ctx.scrubbing())
         ctx.note(name, "scrubbed", why)
     except (ValueError, OSError, EOFError):
         del ds[elem.tag]
@@ -168,7 +166,7 @@ def private_date(ds: Dataset, elem: DataElement, ctx: FileContext, name: str, wh
             raw = bytes(raw).decode("ascii").strip(" \x00")
         except UnicodeDecodeError:
             return False
-        if _UID_TEXT.fullmatch(raw) and not is_standard_uid(raw):  # a UID kept as UN: keyed as a public one
+        if UID_TEXT.fullmatch(raw) and not is_standard_uid(raw):  # a UID kept as UN: keyed as a public one
             new_uid = ctx.keyed.uid(raw).encode("ascii")
             before, elem.value = elem.value, new_uid + (b"\x00" if len(new_uid) % 2 else b"")
             ctx.note(name, "new-uid", why + " (private value holding a UID)", before, elem.value)
