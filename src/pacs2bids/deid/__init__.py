@@ -8,8 +8,10 @@
 - :mod:`.keyed`: UIDs, date offsets and key-store key derived from the project secret;
 - :mod:`.csa`: the Siemens CSA header decision (kept, scrubbed in place);
 - :mod:`.pixels`: burned-in text (OCR with tesseract, masking, quarantine);
-- :class:`KeyStore`: the encrypted matching key and its audit log;
-- :func:`scan_for_leaks`: the last check before publishing.
+- :class:`KeyStore`: the encrypted matching key (:mod:`.keystore`), re-identification and its
+  audit log (:mod:`.reidentify`);
+- :func:`scan_for_leaks`: the last check before publishing (:mod:`.leakscan`; which strings it
+  searches: :mod:`.leakrules`).
 """
 
 from .keystore import KeyStore
