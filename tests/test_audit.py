@@ -17,7 +17,7 @@ from pacs2bids.auditchain import GENESIS, line_digest
 from pacs2bids.cli import main
 from pacs2bids.deid import KeyStore
 from pacs2bids.deid.keyed import fernet_key
-from pacs2bids.deid.keystore import AuditRefused
+from pacs2bids.deid.reidentify import AuditRefused
 from pacs2bids.errors import PseudonymisationError
 
 SECRET, WRONG = "audit-test-secret-0123456789", "someone-elses-secret-0123456789"

@@ -19,7 +19,7 @@ from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import KeyStore, LeakHit, Pseudonymiser, SeriesDeidResult, scan_for_leaks
 from pacs2bids.deid.keyed import Keyed, parse_dt, shift_da, shift_dt
 from pacs2bids.deid.profile import DEFAULT_OPTIONS, Profile
-from pacs2bids.deid.pseudonymise import _IDENT_TAGS
+from pacs2bids.deid.identifiers import _IDENT_TAGS
 from pacs2bids.errors import PseudonymisationError, SpecError
 
 SECRET = b"unit-test-secret-0123456789"
@@ -104,6 +104,29 @@ def test_core_replaces_identity_uids_dates(t1_files, tmp_path):
     for ident in p.identifiers():
         if len(ident) >= 4:
             assert ident not in text
+
+
+def test_per_file_step_runs_the_same_from_pickled_inputs(t1_files, tmp_path):
+    """The per-file step (issue 12 runs it in worker processes): its inputs pickle, the project's
+    keys included, and give the same file as the series loop writes."""
+    import pickle
+    from collections import Counter
+
+    from pacs2bids.deid.context import FileContext
+    from pacs2bids.deid.identifiers import collect
+    from pacs2bids.deid.patterns import compile_identifiers, date_tokens, looks_like_uid
+    from pacs2bids.deid.series import deid_dataset
+
+    p = make(tmp_path)
+    (written,) = run(p, t1_files[:1], tmp_path).written
+    ds = pydicom.dcmread(t1_files[0])
+    dates: set[str] = set()
+    ids = frozenset(v for v in collect(ds, p.profile, dates) if not looks_like_uid(v))
+    ctx = FileContext(p.keyed, p.profile, "001", compile_identifiers(ids), Counter(), None, dates=date_tokens(dates))
+    ds, ctx = pickle.loads(pickle.dumps((ds, ctx)))
+    assert deid_dataset(ds, ctx, pixels_reviewed=False) == (None, [])
+    assert ds.SOPInstanceUID == pydicom.dcmread(written).SOPInstanceUID == p.keyed.uid(pydicom.dcmread(t1_files[0]).SOPInstanceUID)
+    assert ds.StudyDate == pydicom.dcmread(written).StudyDate and ctx.notes
 
 
 def test_series_description_keeps_science_loses_identity(t1_files, tmp_path):

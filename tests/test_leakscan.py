@@ -16,7 +16,7 @@ from pydicom.sequence import Sequence
 
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import Pseudonymiser, scan_for_leaks
-from pacs2bids.deid.leakscan import build_rules, common_words, is_common
+from pacs2bids.deid.leakrules import build_rules, common_words, is_common
 
 SECRET = b"unit-test-secret-0123456789"
 

@@ -98,7 +98,7 @@ def _cmd_deid(args) -> int:
 
 def _cmd_reidentify(args) -> int:
     from .deid import KeyStore
-    from .deid.keystore import AuditRefused
+    from .deid.reidentify import AuditRefused
 
     spec = load_spec(args.spec)
     store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)

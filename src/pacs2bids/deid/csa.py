@@ -28,58 +28,60 @@ The same byte scrub is applied to every other kept private value of VR OB, OW or
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable
 
 from .patterns import shift_date_token
 
 _UID_TOKEN = re.compile(rb"(?<![0-9.])[0-9]{1,10}(?:\.[0-9]{1,40}){4,}(?![0-9])")
+UID_TEXT = re.compile(_UID_TOKEN.pattern.decode("ascii"))  # a whole UID in a text value (5+ components)
 
 
-def scrub_bytes(
-    value: bytes,
-    uid_like: Callable[[str, int], str],
-    identifiers: re.Pattern[bytes] | None,
-    dates: re.Pattern[bytes] | None = None,
-    days: int = 0,
-) -> tuple[bytes, int]:
+@dataclass(frozen=True)
+class Scrub:
+    """What a length-preserving scrub replaces, and with what: UID-like tokens by ``uid_like``
+    (original, length) -> token, the ``identifiers`` found by their pattern by ``X``, and the
+    file's own dates (``dates``, from :func:`pacs2bids.deid.patterns.date_tokens`) shifted by
+    ``days``. A pattern left None replaces nothing."""
+
+    uid_like: Callable[[str, int], str]
+    identifiers: re.Pattern[bytes] | None = None
+    dates: re.Pattern[bytes] | None = None
+    days: int = 0
+
+
+def scrub_bytes(value: bytes, scrub: Scrub) -> tuple[bytes, int]:
     """Return ``value`` with UID-like tokens, identifying strings and the file's own dates
-    (``dates``, from :func:`pacs2bids.deid.patterns.date_tokens`, shifted by ``days``) replaced
-    in place (same length), and the number of replacements made."""
+    replaced in place (same length), as ``scrub`` says, and the number of replacements made."""
     count = 0
 
     def _uid(m: re.Match[bytes]) -> bytes:
         nonlocal count
         count += 1
         token = m.group(0)
-        return uid_like(token.decode("ascii"), len(token)).encode("ascii")
+        return scrub.uid_like(token.decode("ascii"), len(token)).encode("ascii")
 
     out = _UID_TOKEN.sub(_uid, value)
-    if identifiers is not None:
+    if scrub.identifiers is not None:
 
         def _mask(m: re.Match[bytes]) -> bytes:
             nonlocal count
             count += 1
             return b"X" * len(m.group(0))
 
-        out = identifiers.sub(_mask, out)
-    if dates is not None:
+        out = scrub.identifiers.sub(_mask, out)
+    if scrub.dates is not None:
 
         def _shift(m: re.Match[bytes]) -> bytes:
             nonlocal count
             count += 1
-            return shift_date_token(m.group(0), days)
+            return shift_date_token(m.group(0), scrub.days)
 
-        out = dates.sub(_shift, out)
+        out = scrub.dates.sub(_shift, out)
     return out, count
 
 
-def scrub_ge_protocol(
-    value: bytes,
-    uid_like: Callable[[str, int], str],
-    identifiers: re.Pattern[bytes] | None,
-    dates: re.Pattern[bytes] | None = None,
-    days: int = 0,
-) -> tuple[bytes, int]:
+def scrub_ge_protocol(value: bytes, scrub: Scrub) -> tuple[bytes, int]:
     """GE ``(0025,"GEMS_SERS_01",1B)`` Protocol Data Block: a 4-byte little-endian length and
     a gzip stream of the protocol text, which dcm2niix reads (slice order, phase encoding).
     The text is scrubbed like a CSA header, and re-compressed without the gzip header's
@@ -92,7 +94,7 @@ def scrub_ge_protocol(
     if start < 0 or start > 16:
         raise ValueError("not a gzip protocol data block")
     text = gzip.decompress(value[start:])
-    text, n = scrub_bytes(text, uid_like, identifiers, dates, days)
+    text, n = scrub_bytes(text, scrub)
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
         gz.write(text)

@@ -68,6 +68,14 @@ class Keyed:
         self._received_key = derive_key(secret, project, "received-sha256")
         self.uid = lru_cache(maxsize=200_000)(self._uid)
 
+    def __getstate__(self) -> dict:
+        """Pickled (for a worker process) without its UID cache, rebuilt on unpickling."""
+        return {k: v for k, v in self.__dict__.items() if k != "uid"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.uid = lru_cache(maxsize=200_000)(self._uid)
+
     def _uid(self, original: str) -> str:
         digest = hmac.new(self._uid_key, original.strip().encode(), hashlib.sha256).digest()
         return ("2.25." + str(int.from_bytes(digest, "big")))[:64]

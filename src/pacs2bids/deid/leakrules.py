@@ -1,0 +1,186 @@
+"""The rule of the leak scan (:mod:`pacs2bids.deid.leakscan`): which identifying strings are searched.
+
+Which values are searched, and where (the rule; README "Decisions" says the same)
+-------------------------------------------------------------------------------------
+The values come from the key store: those of the identity attributes of every file seen
+(:data:`pacs2bids.deid.identifiers.IDENTIFYING_KEYWORDS`: patient name parts, IDs, other IDs,
+birth date, address, telephone, accession number, institution name/address/department,
+physicians, operators, station, device serial, procedure IDs; every PN element; original UIDs).
+Protocol and procedure words, body parts and codes (ProtocolName, BodyPartExamined,
+RequestedProcedureDescription, code sequences...) are not identities: they are never collected.
+
+Each value is split into the strings searched for (:func:`pacs2bids.deid.patterns.variants`:
+a person name gives its parts and its written forms "FIRST LAST", "LAST, FIRST"...). Each string
+is then one of:
+
+- *distinctive*: searched in every byte of every file, in any case and with or without accents,
+  as a whole word (no letter or digit either side). That is a person's name written with another
+  part of it ("Marie Default", "DEFAULT^MARIE", "Default_Marie"), and any other string with at
+  least one word that is neither a common word nor a short number ("IPP77881234", "Dupontel",
+  "Hopital Edouard Herriot", an address, a birth date "19630715", an original UID);
+- *common*: a string whose every word is a common word (a lower-case entry of a system word
+  list, English or French, accents ignored: "DEFAULT", "HEAD", "ROUTINE", "TECH", "Research
+  MRI", and the first names that are words too: "Marie", "Jean", "Martin"), a number of fewer
+  than 7 digits ("2339", "17240": years, sizes, counts and times look the same), or shorter
+  than 4 characters once its common words are set aside — unless it holds a token of 8 characters
+  or more, without spaces, mixing letters and digits ("GATE-PID-551177", "IPP-2024-0042": an ID
+  written from common parts is distinctive as a whole). Such a string matches by chance in
+  the product's own words ("pacs2bids default"), in kept descriptions ("HEAD ROUTINE") and coil
+  names ("Head_32"): it is found only where an identity is held, as the whole value or a whole
+  name component of a DICOM identity element (the attributes above and every PN element, at any
+  depth, private blocks included) or of a JSON field or Parquet column named after one
+  (dcm2niix sidecars: ``"InstitutionalDepartmentName": "DEFAULT"``). In free text, a common
+  first name is caught next to its other part (a distinctive string).
+
+A UID found only in an element that names a class (``*SOPClassUID``, ``*TransferSyntaxUID``) is no
+hit: the pseudonymiser keeps those as they are, a private class (Siemens' CSA non-image storage
+1.3.12.2.1107.5.9.1) included, and it names a kind of object, not a patient.
+
+Word lists: every file of ``/usr/share/dict`` (Debian ``wamerican``, ``wfrench``; installed by
+scripts/bootstrap.sh). Only lower-case entries count: "marie" (French verb) makes "Marie"
+common, while "Hélène", listed nowhere in lower case, stays distinctive. With no word list the
+scanner warns and searches every string everywhere (stricter, never looser). Values shorter
+than 4 characters, placeholders ("DICOM", "phantom"...) and January 1st dates are skipped
+(:mod:`pacs2bids.deid.patterns`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+from .identifiers import IDENTIFYING_KEYWORDS
+from .patterns import MIN_LENGTH, compile_strings, variants
+
+log = logging.getLogger(__name__)
+
+_WORD_LIST_DIR = Path("/usr/share/dict")
+#: A number with fewer digits than this is common: years, sizes, counts and times look alike.
+DISTINCTIVE_DIGITS = 7
+#: A token (no space) of at least this many characters that mixes letters and digits is distinctive
+#: whatever its parts: hospital IDs and accession numbers are often written that way.
+COMPOUND_LENGTH = 8
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _fold(text: str) -> str:
+    """Lower case, accents and extra spaces removed: how common strings are compared."""
+    plain = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    return " ".join(plain.lower().split())
+
+
+@lru_cache(maxsize=1)
+def common_words() -> frozenset[str]:
+    """Lower-case entries of every word list in ``/usr/share/dict``, accents removed."""
+    words: set[str] = set()
+    try:
+        lists = sorted(p for p in _WORD_LIST_DIR.iterdir() if p.is_file() and not p.name.startswith("README"))
+    except OSError:
+        lists = []
+    for p in lists:
+        try:
+            text = p.read_text("utf-8", errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            w = line.strip()
+            if w and w == w.lower() and "'" not in w:
+                words.add(_fold(w))
+    if not words:
+        log.warning(
+            "no word list in %s (Debian packages wamerican and wfrench): the leak scanner searches every "
+            "identifying string everywhere, common words included", _WORD_LIST_DIR,
+        )
+    return frozenset(words)
+
+
+def is_common(text: str) -> bool:
+    """True when every word of ``text`` is a common word or a number of fewer than
+    :data:`DISTINCTIVE_DIGITS` digits, or when what is left once they are set aside is shorter
+    than 4 characters (see the module docstring)."""
+    folded = _fold(text)
+    if any(len(t) >= COMPOUND_LENGTH and any(c.isdigit() for c in t) and any(c.isalpha() for c in t)
+           for t in folded.split()):
+        return False  # a code such as "GATE-PID-551177": common parts, but distinctive as a whole
+    words = common_words()
+    rest = []
+    for w in _WORD.findall(folded):
+        if w.isdigit():
+            if len(w) >= DISTINCTIVE_DIGITS:
+                return False
+            continue
+        if w not in words:
+            rest.append(w)
+    digits = sum(c.isdigit() for c in text)
+    if not rest:
+        return digits < DISTINCTIVE_DIGITS
+    return len("".join(rest)) < MIN_LENGTH and digits < DISTINCTIVE_DIGITS
+
+
+@dataclass
+class Rules:
+    """The identifying strings of a scan, sorted by the rule above."""
+
+    distinctive: frozenset[str] = frozenset()
+    common: frozenset[str] = frozenset()  # folded (:func:`_fold`)
+    pattern: re.Pattern[bytes] | None = None  # the distinctive strings, every spelling
+    common_pattern: re.Pattern[bytes] | None = None  # to skip files that cannot hold a common string
+    _keywords: frozenset[str] = field(default_factory=frozenset)
+
+    def holds_common(self, value: object) -> bool:
+        """True when ``value`` (an identity field's value: text, PN or a list) is, or has as a
+        whole name component, a common identifying string."""
+        if not self.common or value is None:
+            return False
+        if isinstance(value, (list, tuple)):
+            return any(self.holds_common(v) for v in value)
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        text = str(value)
+        parts = {text} | set(re.split(r"[\\^=]", text))
+        return any(_fold(p) in self.common for p in parts if p.strip())
+
+    def is_identity_field(self, name: str) -> bool:
+        return name in self._keywords
+
+
+def _name_forms(value: str) -> set[str]:
+    """The forms of a person name with two parts written next to each other (beyond those of
+    :func:`variants`): joined by an underscore or a hyphen, as in file names."""
+    out: set[str] = set()
+    if "^" not in value:
+        return out
+    for group in value.split("="):
+        parts = [p.strip() for p in group.split("^") if p.strip()]
+        if len(parts) >= 2:
+            last, first = parts[0], parts[1]
+            out.update({f"{first}_{last}", f"{last}_{first}", f"{first}-{last}", f"{last}-{first}"})
+    return out
+
+
+def build_rules(identifiers: Iterable[str]) -> Rules:
+    """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring)."""
+    distinctive: set[str] = set()
+    common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
+    for value in {str(v) for v in identifiers}:
+        found = variants(value)
+        pairs = {s for s in found if "^" in s or " " in s or "," in s} if "^" in value else set()
+        for s in found | _name_forms(value):
+            if not s or len(s) < MIN_LENGTH:
+                continue
+            if s in pairs or s in _name_forms(value) or not is_common(s):
+                distinctive.add(s)
+            else:
+                common.add(s)
+    return Rules(
+        distinctive=frozenset(distinctive),
+        common=frozenset(_fold(s) for s in common),
+        pattern=compile_strings(distinctive),
+        common_pattern=compile_strings(common),
+        _keywords=frozenset(IDENTIFYING_KEYWORDS),
+    )

@@ -1,0 +1,200 @@
+"""What happens to one element's value: dates shifted, UIDs keyed, text cleaned, binary scrubbed.
+
+Each function changes one decoded element in place and notes what it did on the file's
+:class:`~pacs2bids.deid.context.FileContext`. Which of them an element gets is decided by the
+walk (:mod:`pacs2bids.deid.walk`), from its action code and its VR.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from .context import FileContext, is_standard_uid
+from .csa import UID_TEXT, Scrub, scrub_bytes, scrub_ge_protocol
+from .keyed import birth_date_to_year, shift_da, shift_dt
+from .patterns import clean_text, is_date_value, mask_personal_data
+
+
+
+def replace(elem: DataElement, ctx: FileContext, name: str, why: str, value: Any) -> None:
+    """Action D on a value without its own rule: a dummy value of its VR."""
+    before = elem.value
+    elem.value = value
+    ctx.note(name, "replaced", why, before, elem.value)
+
+
+def empty(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
+    before = elem.value
+    elem.value = ""
+    ctx.note(name, "emptied", why, before, "")
+
+
+def birth_date(ds: Dataset, elem: DataElement, ctx: FileContext) -> None:
+    """Patient's Birth Date (P4): shifted with the subject's dates, then cut to 1 January."""
+    value = str(elem.value or "")
+    if ctx.profile.shift_dates and value:
+        new = birth_date_to_year(value, ctx.days)
+        elem.value = new or ""
+        ctx.note("PatientBirthDate", "shifted-to-year", "P4: shifted, then 1 January", value, new)
+    else:
+        elem.value = ""
+        ctx.note("PatientBirthDate", "emptied", "basicProfile Z", value, "")
+
+
+def dates(elem: DataElement, ctx: FileContext, name: str, why: str, fallback: str) -> None:
+    """A DA or DT value shifted by the subject's offset; ``fallback`` without a dates option."""
+    if not ctx.profile.shift_dates:
+        before = elem.value
+        elem.value = fallback
+        ctx.note(name, "replaced" if fallback else "emptied", why, before, fallback)
+        return
+    fn = shift_da if elem.VR == "DA" else shift_dt
+    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    new, bad = [], 0
+    for v in values:
+        v = str(v or "").strip()
+        if not v:
+            new.append("")
+            continue
+        s = fn(v, ctx.days)
+        if s is None:
+            bad += 1
+            s = ""
+        new.append(s)
+    before = elem.value
+    elem.value = new if len(new) > 1 else (new[0] if new else "")
+    ctx.dates_shifted = True
+    ctx.note(name, "shifted", why + (" (unparsable values emptied)" if bad else ""), before, elem.value)
+
+
+def uids(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
+    """Every UID that is not of the standard gets its keyed UID."""
+    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    new = []
+    changed = False
+    for v in values:
+        v = str(v or "").strip("\x00 ")
+        if not v or is_standard_uid(v) or (elem.keyword or "").endswith(("SOPClassUID", "TransferSyntaxUID")):
+            new.append(v)
+        else:
+            new.append(ctx.keyed.uid(v))
+            changed = True
+    if changed:
+        before = elem.value
+        elem.value = [UID(x) for x in new] if len(new) > 1 else UID(new[0])
+        ctx.note(name, "new-uid", why, before, elem.value)
+    else:
+        ctx.note(name, "kept", why + " (UID of the standard)")
+
+
+def text(elem: DataElement, ctx: FileContext, name: str, why: str, *, private: bool = False) -> None:
+    """Clean one kept text value: the header's identifying values removed
+    (:func:`clean_text`), the file's own dates shifted in place, phone numbers, e-mail
+    addresses and NIRs masked (:func:`mask_personal_data`); in a private value, a whole
+    UID gets its keyed UID (as a public one would) and a UID inside text a keyed token of
+    the same length."""
+    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    total = 0
+    new = []
+    for v in values:
+        if not isinstance(v, str):
+            new.append(v)
+            continue
+        c, n = clean_text(v, ctx.pattern)
+        if private and UID_TEXT.fullmatch(c.strip("\x00 ")) and not is_standard_uid(c.strip("\x00 ")):
+            c, n = ctx.keyed.uid(c.strip("\x00 ")), n + 1
+        elif private or ctx.dates_shift is not None:
+            raw = c.encode("utf-8", "surrogateescape")
+            raw2, k = scrub_bytes(raw, Scrub(ctx.keyed.uid_like if private else _same, None, ctx.dates_shift, ctx.days))
+            if raw2 != raw:
+                c, n = raw2.decode("utf-8", "surrogateescape"), n + k
+        c, k = mask_personal_data(c)
+        total += n + k
+        new.append(c)
+    if total:
+        before = elem.value
+        elem.value = new if len(new) > 1 else new[0]
+        ctx.note(name, "cleaned", why + " (identifying values, dates or contact data removed)", before, elem.value)
+    else:
+        ctx.note(name, "kept", why + " (checked)")
+
+
+def _same(token: str, _length: int) -> str:
+    """UID tokens in public text are left to the leak scan (public UIDs are replaced by element)."""
+    return token
+
+
+def binary(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
+    """A kept binary value: UIDs and identifying strings overwritten, same length."""
+    value = elem.value
+    if not isinstance(value, (bytes, bytearray)):
+        ctx.note(name, "kept", why)
+        return
+    new, n = ctx.scrub(bytes(value))
+    if n:
+        elem.value = new
+        ctx.note(name, "scrubbed", why + " (UIDs and identifying strings overwritten, same length)")
+    else:
+        ctx.note(name, "kept", why + " (checked)")
+
+
+def ge_protocol(ds: Dataset, elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
+    """The GE protocol data block, scrubbed inside its gzip stream, or removed."""
+    try:
+        elem.value, _n = scrub_ge_protocol(bytes(elem.value or b""), ctx.scrubbing())
+        ctx.note(name, "scrubbed", why)
+    except (ValueError, OSError, EOFError):
+        del ds[elem.tag]
+        ctx.note(name, "removed", why + " (not a readable protocol block)")
+
+
+def private_date(ds: Dataset, elem: DataElement, ctx: FileContext, name: str, why: str) -> bool:
+    """A kept private element whose whole value is a date or date-time, whatever its VR
+    (the Siemens CSA header "versions" (0029,1009)/(0029,1019) hold the acquisition date on
+    some exports): shifted like a public date when a converter or the spec needs the
+    element, removed otherwise (PS3.15 E.3.10 keeps safe private values, and a date kept
+    verbatim gives the subject's date offset away). A binary (UN) value holding a whole UID
+    gets its keyed UID, as a public one would. Returns False for other values."""
+    raw = elem.value
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("ascii").strip(" \x00")
+        except UnicodeDecodeError:
+            return False
+        if UID_TEXT.fullmatch(raw) and not is_standard_uid(raw):  # a UID kept as UN: keyed as a public one
+            new_uid = ctx.keyed.uid(raw).encode("ascii")
+            before, elem.value = elem.value, new_uid + (b"\x00" if len(new_uid) % 2 else b"")
+            ctx.note(name, "new-uid", why + " (private value holding a UID)", before, elem.value)
+            return True
+        values = raw.split("\\")
+    else:
+        values = [str(v) for v in (raw if isinstance(raw, MultiValue) else [raw])]
+    values = [v.strip(" \x00") for v in values]
+    if not any(values) or not all(is_date_value(v) for v in values if v):
+        return False
+    if ctx.profile.keep_dates:
+        ctx.note(name, "kept", why + " (date, rtnLongFullDatesOpt)")
+        return True
+    if not why.startswith(("needed by", "settings.keep_private")) or not ctx.profile.shift_dates:
+        del ds[elem.tag]
+        ctx.note(name, "removed", why + " (holds a date, not needed: PS3.15 E.3.10)", elem.value)
+        return True
+    _shift_private_dates(elem, ctx, name, why, values)
+    return True
+
+
+def _shift_private_dates(elem: DataElement, ctx: FileContext, name: str, why: str, values: list[str]) -> None:
+    new = [(shift_da(v, ctx.days) if len(v) == 8 else shift_dt(v, ctx.days)) or "" if v else "" for v in values]
+    before = elem.value
+    if isinstance(before, (bytes, bytearray)):
+        out = "\\".join(new).encode("ascii")
+        elem.value = out + (b" " if len(out) % 2 else b"")
+    else:
+        elem.value = new if len(new) > 1 else new[0]
+    ctx.dates_shifted = True
+    ctx.note(name, "shifted", why + " (private value holding a date)", before, elem.value)
