@@ -160,6 +160,10 @@ def test_burned_in_text_is_masked(corpus_dir, deid_data_dir, tmp_path):
         if res.record["pixels"]:
             assert out.BurnedInAnnotation == "NO" and "IconImageSequence" not in out
             assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+            # cleaned pixels keep the keyed pseudonym of the original instance: a rerun names the same
+            # file, and references to the instance still resolve (pydicom would draw a random UID)
+            assert out.SOPInstanceUID == p.keyed.uid(ds.SOPInstanceUID)
+            assert out.file_meta.MediaStorageSOPInstanceUID == out.SOPInstanceUID
         after = _ocr_words(out, tmp_path)
         hit_before = {w for w in before if any(t in w for t in identifying)}
         found += len(hit_before)

@@ -227,7 +227,10 @@ def clean_if_at_risk(ds: Dataset, *, enabled: bool) -> PixelOutcome:
         pi = "RGB"  # pydicom decodes YBR to RGB
     data = frames if multi else frames[0]
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.set_pixel_data(data, photometric_interpretation=pi, bits_stored=int(ds.get("BitsStored", data.itemsize * 8)))
+    # generate_instance_uid=False: the walk gives the keyed pseudonym of the original instance; a random one
+    # would change at every run and break references to the instance
+    ds.set_pixel_data(data, photometric_interpretation=pi, bits_stored=int(ds.get("BitsStored", data.itemsize * 8)),
+                      generate_instance_uid=False)
     if was_lossy:
         ds.LossyImageCompression = "01"
     out.cleaned = True
