@@ -29,7 +29,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pacs2bids.classify import classify_session, read_output
+from pacs2bids.convert.classify import classify_session, read_output
 
 REPO = Path(__file__).resolve().parents[1]
 

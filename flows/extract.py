@@ -39,7 +39,7 @@ from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.lineage import InstanceRecord, LineageRecord, instance_records
 from pacs2bids.logsafety import quiet_third_party_loggers
 from pacs2bids.model import StudyRef
-from pacs2bids.provenance import write_series_provenance
+from pacs2bids.bids.provenance import write_series_provenance
 from pacs2bids.publish import RunLock, seed_staging, staging_dir, write_marker
 from pacs2bids.quarantine import Quarantine, QuarantineError
 from pacs2bids.retrieve import read_ledger

@@ -22,7 +22,7 @@ import pydicom
 import pytest
 from pydicom.errors import InvalidDicomError
 
-from pacs2bids.classify import (
+from pacs2bids.convert.classify import (
     ASL_REQUIRED, ENTITY_ORDER, Dcm2niixOutput, Decision, classify_session, phase_encoding_label, read_output,
 )
 
@@ -610,7 +610,7 @@ def test_only_the_last_single_volume_before_a_run_is_its_sbref(tmp_path):
 @pytest.mark.corpus
 def test_orientation_fallback_agrees_with_the_affine_on_real_data(vendors, corpus):
     """The direction read from ImageOrientationPatientDICOM (for -b o) equals the one read from the NIfTI affine."""
-    from pacs2bids.classify import _axes_from_orientation
+    from pacs2bids.convert.facts import _axes_from_orientation
 
     checked = 0
     for c in vendors + corpus:

@@ -9,7 +9,6 @@ the latter, keeping each session's ``*_scans.tsv``. BIDS 1.10: dataset_descripti
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import shutil
 from datetime import date
 from pathlib import Path
 
+from pacs2bids.bids.scans import update_scans
 from pacs2bids.versions import tool_versions
 
 log = logging.getLogger(__name__)
@@ -155,15 +155,5 @@ def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], gen
     _write(changes, first)
     _write(root / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
     for scans in root.glob("sub-*/**/*_scans.tsv"):
-        _check_scans(root, scans)
+        update_scans(scans, keep_order=True)  # rows of renamed or removed images go
 
-
-def _check_scans(root: Path, scans: Path) -> None:
-    """Drop rows of a scans.tsv whose file no longer exists (renamed or removed series)."""
-    with open(scans, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t"))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and (scans.parent / r[0]).exists()]
-    if len(kept) != len(rows):
-        _write(scans, "\n".join("\t".join(r) for r in kept) + "\n")
