@@ -138,7 +138,59 @@ def _is_tof(o: Dcm2niixOutput, f: _Facts) -> bool:
             and 15 <= f.tr <= 50 and 2 <= f.te <= 8 and 15 <= f.flip <= 35)
 
 
+def _asl(d: _Draft) -> None:
+    """An ASL series: M0, scanner-computed deltaM, or label/control (its order unknown)."""
+    f, s = d.f, d.o.sidecar
+    if "M0" in f.it:
+        d.kind = "m0"
+        d.name("perf", "m0scan", "ASL M0 calibration (ImageType M0)")
+        return
+    d.kind = "asl"
+    nvol = f.volumes
+    if "PERFUSION" in f.it and not ({"M", "MAGNITUDE"} & set(f.it)):
+        d.name("perf", "asl", f"scanner-computed ASL difference (ImageType PERFUSION), {nvol or '?'} "
+                              f"volume(s) of deltaM")
+        if nvol:
+            d.extra = {"aslcontext.tsv": "volume_type\n" + "deltam\n" * nvol}
+        else:
+            d.missing = ("aslcontext.tsv",)  # its volume count needs the image (dcm2niix -b y)
+    else:
+        d.name("perf", "asl", f"ASL label/control series ({nvol or '?'} volumes)")
+        d.missing = ("aslcontext.tsv",)
+    d.missing = d.missing + tuple(k for k in ASL_REQUIRED if k not in s)
+    if str(s.get("MRAcquisitionType", "")).upper() == "2D" and "SliceTiming" not in s:
+        d.missing += ("SliceTiming",)  # BIDS requires it of 2D ASL (the validator's error otherwise)
+
+
+def _epi(d: _Draft) -> None:
+    """An EPI without diffusion facts: BOLD (magnitude or phase part), or a short spin-echo field-map reference."""
+    f = d.f
+    if f.part is not None:
+        if f.spin_echo:
+            d.leave(f"{f.part} image of a spin-echo EPI ({f.signature()}): name it in a project heuristic")
+            return
+        d.kind = "bold"
+        d.name("func", "bold", f"{f.part} image of a gradient-echo EPI time series ({f.volumes or '?'} volume(s))",
+               task="unknown", part=f.part)
+        return
+    if f.spin_echo and f.volumes is None:
+        d.leave(f"spin-echo EPI without diffusion facts and without its image ({f.signature()}): "
+                f"convert it with dcm2niix -b y to tell a field-map reference from a diffusion series")
+        return
+    if f.spin_echo and f.volumes <= 3:
+        d.kind = "epi"
+        d.name("fmap", "epi", f"spin-echo EPI without diffusion weighting, {f.volumes} volume(s): "
+                              f"field-map reference")
+        return
+    d.kind = "bold"
+    echo = "spin-echo" if f.spin_echo else "gradient-echo"
+    d.name("func", "bold", f"{echo} EPI time series without diffusion weighting ({f.volumes or '?'} volume(s), "
+                           f"TE={_fmt(f.te)})",
+           task="unknown")
+
+
 def _first_pass(d: _Draft) -> None:
+    """The per-image rules of the table in :mod:`.classify`, in its order (first match wins)."""
     o, f = d.o, d.f
     if f.modality not in ("MR", "PT"):
         d.leave(f"no BIDS datatype for modality {f.modality}: kept as pseudonymised DICOM in sourcedata/")
@@ -165,25 +217,7 @@ def _first_pass(d: _Draft) -> None:
                 f"name it in a project heuristic")
         return
     if _is_asl(o, f):
-        if "M0" in f.it:
-            d.kind = "m0"
-            d.name("perf", "m0scan", "ASL M0 calibration (ImageType M0)")
-            return
-        d.kind = "asl"
-        nvol = f.volumes
-        if "PERFUSION" in f.it and not ({"M", "MAGNITUDE"} & set(f.it)):
-            d.name("perf", "asl", f"scanner-computed ASL difference (ImageType PERFUSION), {nvol or '?'} "
-                                  f"volume(s) of deltaM")
-            if nvol:
-                d.extra = {"aslcontext.tsv": "volume_type\n" + "deltam\n" * nvol}
-            else:
-                d.missing = ("aslcontext.tsv",)  # its volume count needs the image (dcm2niix -b y)
-        else:
-            d.name("perf", "asl", f"ASL label/control series ({nvol or '?'} volumes)")
-            d.missing = ("aslcontext.tsv",)
-        d.missing = d.missing + tuple(k for k in ASL_REQUIRED if k not in s)
-        if str(s.get("MRAcquisitionType", "")).upper() == "2D" and "SliceTiming" not in s:
-            d.missing += ("SliceTiming",)  # BIDS requires it of 2D ASL (the validator's error otherwise)
+        _asl(d)
         return
     if (o.bvals is not None or "DIFFUSION" in f.it or s.get("DiffusionScheme") or _diffusion_sequence(f)
             or s.get("NumberOfDiffusionDirectionGE")):
@@ -192,28 +226,7 @@ def _first_pass(d: _Draft) -> None:
         d.name("dwi", "dwi", f"diffusion weighted ({f.volumes or '?'} volume(s), max b={_fmt(bmax)})")
         return
     if f.epi:
-        if f.part is not None:
-            if f.spin_echo:
-                d.leave(f"{f.part} image of a spin-echo EPI ({f.signature()}): name it in a project heuristic")
-                return
-            d.kind = "bold"
-            d.name("func", "bold", f"{f.part} image of a gradient-echo EPI time series ({f.volumes or '?'} volume(s))",
-                   task="unknown", part=f.part)
-            return
-        if f.spin_echo and f.volumes is None:
-            d.leave(f"spin-echo EPI without diffusion facts and without its image ({f.signature()}): "
-                    f"convert it with dcm2niix -b y to tell a field-map reference from a diffusion series")
-            return
-        if f.spin_echo and f.volumes <= 3:
-            d.kind = "epi"
-            d.name("fmap", "epi", f"spin-echo EPI without diffusion weighting, {f.volumes} volume(s): "
-                                  f"field-map reference")
-            return
-        d.kind = "bold"
-        echo = "spin-echo" if f.spin_echo else "gradient-echo"
-        d.name("func", "bold", f"{echo} EPI time series without diffusion weighting ({f.volumes or '?'} volume(s), "
-                               f"TE={_fmt(f.te)})",
-               task="unknown")
+        _epi(d)
         return
     # non-EPI MR: angiography first, then gradient-echo sets are decided per session
     if _is_tof(o, f) and f.part is None:
