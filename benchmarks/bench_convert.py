@@ -13,7 +13,7 @@ a temporary folder, then, alternately, ``--repeat`` times each:
   IntendedFor).
 
 Prints the best time of each, their ratio (goal <= 1.5), and the share of image series the
-stage converted (what names them is pacs2bids.classify). The last line sums every session.
+stage converted (what names them is pacs2bids.convert.classify). The last line sums every session.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A project whose spec says ``heuristic: auto`` (or nothing) has each session converted by
 :func:`pacs2bids.convert.convert_session` with dcm2niix, once per session, and every image dcm2niix
-writes named by :func:`pacs2bids.classify.classify_session` from dcm2niix's own sidecar (a
+writes named by :func:`pacs2bids.convert.classify.classify_session` from dcm2niix's own sidecar (a
 vendor-independent account of each series: Siemens, GE, Philips classic and enhanced, Canon,
 United Imaging...). The previous heudiconv heuristic re-read vendor headers, missed what the
 sidecar already knew, and cost about 12 times dcm2niix alone; it is in the history of this file.

@@ -9,24 +9,18 @@ names it. Then the pure rules, on small hand-built sidecars (edge cases the corp
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
-import shutil
-import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
-from pydicom.errors import InvalidDicomError
 
-from pacs2bids.classify import (
+from pacs2bids.convert.classify import (
     ASL_REQUIRED, ENTITY_ORDER, Dcm2niixOutput, Decision, classify_session, phase_encoding_label, read_output,
 )
-
-DCM2NIIX = shutil.which("dcm2niix")
+from pacs2bids.convert.corpus import classify_corpus
 
 
 # --------------------------------------------------------------------------- converting a corpus once
@@ -39,55 +33,11 @@ class Converted:
     decision: Decision
 
 
-def _read_header(p: Path):
-    try:
-        if p.name.endswith(".gz"):
-            with gzip.open(p) as f:
-                return pydicom.dcmread(f, stop_before_pixels=True)
-        return pydicom.dcmread(p, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError):
-        return None
-
-
 def convert_and_classify(root: Path, work: Path, images: bool = True) -> list[Converted]:
     """Group files by session (StudyInstanceUID; the Philips enhanced export apart) and SeriesInstanceUID,
     run dcm2niix once per series folder, classify each session's outputs together."""
-    assert DCM2NIIX, "dcm2niix is not on PATH: install the pinned wheel (pip install dcm2niix)"
-    series: dict[tuple[str, str], list[Path]] = defaultdict(list)
-    where: dict[tuple[str, str], tuple[str, int | None]] = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if not p.is_file() or "Ref" in rel.parts:
-            continue
-        ds = _read_header(p)
-        if ds is None or "SeriesInstanceUID" not in ds:
-            continue
-        export = "enh" if "enh" in rel.parts else ""
-        key = (f"{ds.StudyInstanceUID}{export}", str(ds.SeriesInstanceUID))
-        series[key].append(p)
-        sn = ds.get("SeriesNumber")
-        where.setdefault(key, (str(rel.parent), int(sn) if sn not in (None, "") else None))
-    sessions: dict[str, list[tuple[tuple[str, str], Dcm2niixOutput]]] = defaultdict(list)
-    for n, (key, files) in enumerate(sorted(series.items())):
-        src, out = work / "in" / f"{n:03d}", work / "out" / f"{n:03d}"
-        src.mkdir(parents=True)
-        out.mkdir(parents=True)
-        for p in files:
-            if p.name.endswith(".gz"):
-                with gzip.open(p) as f, open(src / p.name[:-3], "wb") as g:
-                    shutil.copyfileobj(f, g)
-            else:
-                (src / p.name).symlink_to(p)
-        run = subprocess.run([DCM2NIIX, "-b", "y" if images else "o", "-z", "n", "-f", "s%s", "-o", str(out), str(src)],
-                             capture_output=True, text=True)
-        assert run.returncode in (0, 2), f"dcm2niix failed on {where[key][0]}: {run.stderr[-500:]}"  # 2: no images
-        for js in sorted(out.glob("*.json")):
-            sessions[key[0]].append((key, read_output(js.with_suffix(""), key[1], where[key][1])))
-    result = []
-    for session, items in sessions.items():
-        for (key, _), d in zip(items, classify_session([o for _, o in items])):
-            result.append(Converted(session, where[key][0], where[key][1], d))
-    return result
+    run = classify_corpus(root, work, images=images)
+    return [Converted(o.session, o.folder, o.series_number, o.decision) for o in run.outputs]
 
 
 @pytest.fixture(scope="session")
@@ -610,7 +560,7 @@ def test_only_the_last_single_volume_before_a_run_is_its_sbref(tmp_path):
 @pytest.mark.corpus
 def test_orientation_fallback_agrees_with_the_affine_on_real_data(vendors, corpus):
     """The direction read from ImageOrientationPatientDICOM (for -b o) equals the one read from the NIfTI affine."""
-    from pacs2bids.classify import _axes_from_orientation
+    from pacs2bids.convert.facts import _axes_from_orientation
 
     checked = 0
     for c in vendors + corpus:

@@ -218,7 +218,7 @@ def test_series_split_by_dcm2niix_is_failed_and_removed(corpus_dir, tmp_path):
 
 
 def test_split_check_accepts_numbered_field_map_echoes(tmp_path):
-    from pacs2bids.convert import _split_outputs
+    from pacs2bids.convert.heudiconv import _split_outputs
 
     fmap = tmp_path / "sub-01" / "fmap"
     fmap.mkdir(parents=True)
@@ -255,7 +255,7 @@ def test_series_provenance(sample_bids, tmp_path):
     from datetime import datetime, timezone
 
     from pacs2bids.checksum import sha256_file
-    from pacs2bids.provenance import write_series_provenance
+    from pacs2bids.bids.provenance import write_series_provenance
     from pacs2bids.versions import tool_versions
 
     root, results = sample_bids
@@ -401,7 +401,7 @@ def test_auto_maps_each_output_to_its_series(sample_dir, tmp_path, layout):
     (None, "20230113", "n/a"),
 ])
 def test_acq_time(time_, date, expected):
-    from pacs2bids.convert import _acq_time
+    from pacs2bids.bids.scans import acq_time as _acq_time
 
     assert _acq_time({"AcquisitionTime": time_} if time_ else {}, date) == expected
 
@@ -411,8 +411,9 @@ def test_asl_without_its_context_is_left_out(sample_dir, tmp_path):
     dataset: it is left out with that reason; with the order given, aslcontext.tsv is written."""
     from dataclasses import dataclass
 
-    from pacs2bids import classify
-    from pacs2bids.convert import judge_session, dcm2niix_session, _move_kept
+    from pacs2bids.convert import classify
+    from pacs2bids.convert import judge_session, dcm2niix_session
+    from pacs2bids.convert.auto import _move_kept
 
     run = dcm2niix_session([sample_dir / "dcm_qa_philips"], tmp_path / "p")
     (out,) = run.outputs

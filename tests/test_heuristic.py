@@ -1,4 +1,4 @@
-"""``heuristic: auto``: a shipped name whose naming is pacs2bids.classify (no heudiconv), recorded by
+"""``heuristic: auto``: a shipped name whose naming is pacs2bids.convert.classify (no heudiconv), recorded by
 the classifier's own checksum; a project's heudiconv heuristic is a file path."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from pacs2bids import classify, convert
+from pacs2bids import convert
+from pacs2bids.bids import layout, names
+from pacs2bids.convert import auto, classify, dcm2niix, facts, rules
 from pacs2bids.errors import ConversionError
 from pacs2bids.heuristic_path import heuristic_file, heuristic_sha256
 
@@ -23,13 +25,14 @@ def test_auto_is_still_a_shipped_name():
 
 
 def test_auto_sha_follows_the_classifier_not_the_pointer():
-    expected = hashlib.sha256(Path(classify.__file__).read_bytes() + Path(convert.__file__).read_bytes()).hexdigest()
+    expected = hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                        for m in (facts, rules, classify, dcm2niix, auto, names, layout))).hexdigest()
     assert heuristic_sha256("auto") == expected
     assert heuristic_sha256("auto") != hashlib.sha256(heuristic_file("auto").read_bytes()).hexdigest()
 
 
 def test_provenance_records_the_same_sha(tmp_path):
-    from pacs2bids.provenance import write_series_provenance
+    from pacs2bids.bids.provenance import write_series_provenance
 
     (tmp_path / "a.nii.gz").write_bytes(b"x")
     now = datetime.now(timezone.utc)

@@ -23,18 +23,24 @@ def heuristic_file(name_or_path: str) -> Path:
     return candidate
 
 
+#: The modules whose source decides the names of ``auto`` (classifier, its facts and rules, the
+#: session judgement and the dcm2niix run it reads, and the BIDS naming and placement).
+AUTO_NAMING_MODULES = ("pacs2bids.convert.facts", "pacs2bids.convert.rules", "pacs2bids.convert.classify",
+                       "pacs2bids.convert.dcm2niix", "pacs2bids.convert.auto", "pacs2bids.bids.names",
+                       "pacs2bids.bids.layout")
+
+
 def heuristic_sha256(name_or_path: str, sidecar_fields: dict | None = None) -> str:
     """sha256 of what names the outputs: the heuristic file, or for ``auto`` (no heudiconv
-    heuristic) the sources of pacs2bids.classify and pacs2bids.convert and the spec's
-    ``sidecar_fields`` (given fields can make a left-out image publishable)."""
+    heuristic) the sources of :data:`AUTO_NAMING_MODULES` and the spec's ``sidecar_fields``
+    (given fields can make a left-out image publishable)."""
     if name_or_path in ("auto", "", None):
+        import importlib
         import json
 
-        from pacs2bids import classify, convert
-
         digest = hashlib.sha256()
-        for module in (classify, convert):
-            digest.update(Path(module.__file__).read_bytes())
+        for name in AUTO_NAMING_MODULES:
+            digest.update(Path(importlib.import_module(name).__file__).read_bytes())
         if sidecar_fields:
             digest.update(json.dumps(sidecar_fields, sort_keys=True).encode())
         return digest.hexdigest()

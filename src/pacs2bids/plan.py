@@ -3,7 +3,7 @@
 Queries the PACS, retrieves the matched studies into the project's private work folder (kept:
 the next run resumes from it, as retrieval does), runs ``dcm2niix -b o`` (sidecars only, no
 image) on each session in a private scratch folder that is removed afterwards, names the
-outputs with :func:`pacs2bids.classify.classify_session`, and reports per subject, session and
+outputs with :func:`pacs2bids.convert.classify.classify_session`, and reports per subject, session and
 series: the series number, then the BIDS path or the reason it is left out. Writes nothing to
 ``output``. Original identifiers (UIDs, patient IDs and names, series descriptions) are never
 printed; subjects and sessions are the project's labels.
@@ -68,7 +68,7 @@ def plan_session(series_folders: list[Path], subject: str, session: str | None, 
                  sidecar_fields: dict | None = None) -> PlannedSession:
     """Plan one session from its retrieved series folders (one folder per series); ``sidecar_fields``
     as the spec gives them to the conversion."""
-    from pacs2bids.classify import classify_session
+    from pacs2bids.convert.classify import classify_session
 
     planned = PlannedSession(subject, session)
     if not series_folders:

@@ -25,7 +25,7 @@ from .deid.keyed import Keyed
 from .dicomfiles import iter_dicom_files
 from .lineage import instance_records, write_instance_part
 from .model import StudyRef
-from .provenance import write_series_provenance
+from .bids import write_series_provenance
 from .recorder import Outcomes, Recorder, reason
 from .run import META, RunContext, label, session_dir
 from .windows import wait_until_open

@@ -9,7 +9,6 @@ the latter, keeping each session's ``*_scans.tsv``. BIDS 1.10: dataset_descripti
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import shutil
 from datetime import date
 from pathlib import Path
 
+from pacs2bids.bids.scans import update_scans
 from pacs2bids.versions import tool_versions
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,22 @@ def fill_phasediff_echo_times(root: Path) -> list[str]:
     return changed
 
 
+def _readme(name: str, version: str, versions: dict) -> str:
+    return (
+        f"# {name}\n\n"
+        "Pseudonymised MRI data extracted from a clinical PACS for one research project by pacs2bids "
+        f"{version}.\n\n"
+        "- Identifiers were replaced following DICOM PS3.15 Annex E with project-keyed pseudonyms; the "
+        "matching key is kept outside this dataset.\n"
+        f"- Images were converted with dcm2niix {versions.get('dcm2niix')} and named from its sidecars (through "
+        f"heudiconv {versions.get('heudiconv')} when the project gives a heudiconv heuristic); series that could "
+        "not be classified were left out.\n"
+        "- `sourcedata/` holds the pseudonymised DICOM copy; `.pacs2bids/` holds provenance and lineage "
+        "records (ignored by the BIDS validator).\n"
+        "- Functional runs are named `task-unknown` when the task could not be read from the images.\n"
+    )
+
+
 def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], generated_by: dict) -> None:
     """Write the top-level BIDS files of ``bids_root`` and remove heudiconv's leftovers.
 
@@ -136,34 +152,11 @@ def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], gen
     _write(root / "participants.tsv", "\n".join(rows) + "\n")
     _write(root / "participants.json", json.dumps(_PARTICIPANTS_JSON, indent=2) + "\n")
 
-    readme = (
-        f"# {name}\n\n"
-        "Pseudonymised MRI data extracted from a clinical PACS for one research project by pacs2bids "
-        f"{ours['Version']}.\n\n"
-        "- Identifiers were replaced following DICOM PS3.15 Annex E with project-keyed pseudonyms; the "
-        "matching key is kept outside this dataset.\n"
-        f"- Images were converted with dcm2niix {versions.get('dcm2niix')} and named from its sidecars (through "
-        f"heudiconv {versions.get('heudiconv')} when the project gives a heudiconv heuristic); series that could "
-        "not be classified were left out.\n"
-        "- `sourcedata/` holds the pseudonymised DICOM copy; `.pacs2bids/` holds provenance and lineage "
-        "records (ignored by the BIDS validator).\n"
-        "- Functional runs are named `task-unknown` when the task could not be read from the images.\n"
-    )
-    _write(root / "README", readme)
+    _write(root / "README", _readme(name, ours["Version"], versions))
     changes = root / "CHANGES"
     first = f"1.0.0 {date.today().isoformat()}\n  - Extracted and converted by pacs2bids {ours['Version']}.\n"
     _write(changes, first)
     _write(root / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
     for scans in root.glob("sub-*/**/*_scans.tsv"):
-        _check_scans(root, scans)
+        update_scans(scans, keep_order=True)  # rows of renamed or removed images go
 
-
-def _check_scans(root: Path, scans: Path) -> None:
-    """Drop rows of a scans.tsv whose file no longer exists (renamed or removed series)."""
-    with open(scans, newline="") as fh:
-        rows = list(csv.reader(fh, delimiter="\t"))
-    if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and (scans.parent / r[0]).exists()]
-    if len(kept) != len(rows):
-        _write(scans, "\n".join("\t".join(r) for r in kept) + "\n")

@@ -13,8 +13,8 @@ from datetime import datetime
 from pathlib import Path
 
 from pacs2bids.heuristic_path import heuristic_file, heuristic_sha256
-from pacs2bids.versions import tool_versions
 from pacs2bids.checksum import sha256_file
+from pacs2bids.versions import tool_versions
 
 SCHEMA = "pacs2bids.series-provenance/1"
 
