@@ -33,7 +33,7 @@ from pacs2bids import __version__
 from pacs2bids.config import ProjectSpec, load_spec
 from pacs2bids.deadletter import DeadLetters
 from pacs2bids.deid.keyed import Keyed
-from pacs2bids.dimse import close_pools
+from pacs2bids.pacs import close_pools
 from pacs2bids.errors import LeakDetected, Pacs2BidsError, PacsError, ValidationFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.lineage import InstanceRecord, LineageRecord, instance_records
@@ -52,7 +52,8 @@ from pacs2bids.tasks.lineage import record_lineage
 from pacs2bids.tasks.pseudonymise import pseudonymise_released, pseudonymise_series
 from pacs2bids.tasks.publish import publish_dataset
 from pacs2bids.tasks.query import query_studies
-from pacs2bids.tasks.retrieve import retrieve_study, use_pacs_limit
+from pacs2bids.tasks.pacs_limit import use_pacs_limit
+from pacs2bids.tasks.retrieve import retrieve_study
 from pacs2bids.tasks.validate import validate_dataset
 
 META = Path(".pacs2bids")

@@ -1,208 +1,27 @@
-import contextvars
-import logging
-import os
-import re
-import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 from prefect import task
-from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 
-from pacs2bids import limits, retrieve
+from pacs2bids import retrieve
 from pacs2bids.config import ProjectSpec
 from pacs2bids.model import StudyRef
-from pacs2bids.windows import wait_until_open
 
 from . import TASK_DEFAULTS
 
-LEASE_SECONDS = 60.0  # a slot held by a process that died is freed after this long (Prefect's minimum)
-WAIT_LOG_SECONDS = 30.0  # a connection waiting for a slot says so this often
 
-
-def _log():
-    """Prefect's run logger (the UI, the console), else a ``prefect.*`` logger: never the
-    ``pacs2bids`` logger, whose lines go into the dataset's run log, where words like "limit"
-    or "slot" could equal a patient's name and stop the run at the leak scan."""
-    try:
-        return get_run_logger()
-    except Exception:
-        return logging.getLogger("prefect.pacs2bids.slots")
-
-
-def _ephemeral() -> bool:
-    """True when no Prefect server is configured: each run starts its own in-process API on the
-    local database, which neither keeps leases across processes nor revokes expired ones."""
-    from prefect.settings import get_current_settings
-
-    return not get_current_settings().api.url
-
-
-_EPHEMERAL_LOCKS: dict[str, int] = {}
-
-
-def reclaim_dead_runs_slots(name: str) -> int | None:
-    """Ephemeral mode only: give back the slots of ``name`` that runs killed earlier kept.
-
-    Every run on the local Prefect database holds a shared ``flock`` on a file in PREFECT_HOME
-    for its life (the kernel drops it when the process dies). A run that can take it
-    exclusively is alone, so every slot still counted was taken by a run that is gone: the count
-    is reset to 0. Returns the number of slots given back, or None when another run is alive
-    (its slots are real) or a server is configured (its leases expire by themselves)."""
-    import fcntl
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-    from prefect.settings import get_current_settings
-
-    if not _ephemeral():
-        return None
-    home = Path(get_current_settings().home)
-    home.mkdir(parents=True, exist_ok=True)
-    fd = _EPHEMERAL_LOCKS.get(name)
-    if fd is None:
-        fd = os.open(home / f"pacs2bids-{re.sub(r'[^A-Za-z0-9.@_-]+', '_', name)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        _EPHEMERAL_LOCKS[name] = fd
-    freed = None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pass
-    else:
-        with get_client(sync_client=True) as client:
-            held = client.read_global_concurrency_limit_by_name(name).active_slots
-            if held:
-                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-                _log().warning("PACS limit %s: %d slot(s) kept by runs that were killed were given back", name, held)
-            freed = held
-    fcntl.flock(fd, fcntl.LOCK_SH)  # held until this process ends
-    return freed
-
-
-def pacs_limit_name(spec: ProjectSpec) -> str:
-    """The Prefect global concurrency limit shared by every run and worker using this PACS."""
-    if spec.pacs.chosen == "dimse":
-        d = spec.pacs.dimse
-        return f"pacs2bids-pacs-{d.ae_title}@{d.host}:{d.port}"
-    # limit names may not hold / % & < >
-    return "pacs2bids-pacs-" + re.sub(r"[/%&<>]+", "_", spec.pacs.dicomweb.url.split("://", 1)[1])
-
-
-def ensure_pacs_limit(spec: ProjectSpec) -> str:
-    """Create (or update) the PACS's global concurrency limit to ``pacs.max_associations``;
-    returns its name. Runs that configure different values for one PACS: the last one started wins."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    name = pacs_limit_name(spec)
-    limit = spec.pacs.max_associations
-    with get_client(sync_client=True) as client:
-        for _ in range(2):  # another run may create it between our read and our create
-            try:
-                current = client.read_global_concurrency_limit_by_name(name)
-            except ObjectNotFound:
-                try:
-                    client.create_global_concurrency_limit(
-                        GlobalConcurrencyLimitCreate(name=name, limit=limit, active=True))
-                    return name
-                except ObjectAlreadyExists:
-                    continue
-            if current.limit != limit or not current.active:
-                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit, active=True))
-            return name
-    return name
-
-
-class PrefectGate:
-    """A :data:`pacs2bids.limits.Gate` backed by a Prefect global concurrency limit.
-
-    Each slot is held by a small thread inside Prefect's ``concurrency`` context (which renews
-    the slot's lease), so that a slot taken by one thread can be given back by another: an
-    association is opened by the thread that needs it and may be released by the pool's reaper.
-    """
-
-    def __init__(self, name: str, lease_seconds: float = LEASE_SECONDS, wait_log_seconds: float = WAIT_LOG_SECONDS):
-        self.name, self.lease_seconds, self.wait_log_seconds = name, lease_seconds, wait_log_seconds
-
-    def _say_waiting(self, waited: float) -> None:
-        """One line saying what this connection waits for: which limit, how many slots are held."""
-        from prefect.client.orchestration import get_client
-
-        try:
-            with get_client(sync_client=True) as client:
-                limit = client.read_global_concurrency_limit_by_name(self.name)
-            held = f"{limit.active_slots} of {limit.limit} slots held"
-        except Exception as exc:  # a side output: never worth failing the wait for
-            held = f"slots unknown ({type(exc).__name__})"
-        _log().warning("waiting %.0f s for a slot of the PACS limit %s: %s by other connections or runs (a killed "
-                    "run's slots come back when their %.0f s lease expires)", waited, self.name, held,
-                    self.lease_seconds)
-
-    def __call__(self) -> Callable[[], None]:
-        taken, done = threading.Event(), threading.Event()
-        failure: list[BaseException] = []
-
-        def hold() -> None:
-            try:
-                with concurrency(self.name, occupy=1, timeout_seconds=None, strict=True,
-                                 lease_duration=self.lease_seconds, raise_on_lease_renewal_failure=False):
-                    taken.set()
-                    done.wait()
-            except BaseException as exc:  # handed to the caller below
-                failure.append(exc)
-            finally:
-                taken.set()
-
-        # an empty context, not a copy of the caller's: Prefect records a lease on the task run
-        # that acquires it and releases it when that task ends, but a pooled association (and
-        # its slot) outlives the task that opened it
-        holder = threading.Thread(target=contextvars.Context().run, args=(hold,), daemon=True,
-                                  name="pacs2bids-pacs-slot")
-        holder.start()
-        started = time.monotonic()
-        while not taken.wait(self.wait_log_seconds):
-            self._say_waiting(time.monotonic() - started)
-        if failure:
-            raise failure[0]
-
-        def release() -> None:
-            done.set()
-            holder.join(timeout=60)
-
-        return release
-
-
-def use_pacs_limit(spec: ProjectSpec) -> str:
-    """Create or update the PACS's global concurrency limit, and make every connection this
-    process opens to the PACS hold one of its slots. Returns the limit's name."""
-    name = ensure_pacs_limit(spec)
-    reclaim_dead_runs_slots(name)
-    limits.set_gate(spec.pacs, PrefectGate(name))
-    return name
-
-
-@task(name="retrieve_study", task_run_name="retrieve_study-sub-{study.subject}", **TASK_DEFAULTS)
-def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[retrieve.RetrievedSeries]:
-    """C-GET, C-MOVE or WADO-RS of one study into the private raw folder; counts checked per series.
-
-    Waits for the PACS's retrieval window. Every association (or DICOMweb request) it opens holds
-    a slot of the PACS's global concurrency limit (:func:`use_pacs_limit`, installed by the flow);
-    series the chosen transport cannot retrieve whole go to the project's fallback transport, if any.
-    """
+def _progress(study: StudyRef):
+    """Per-series progress lines for Prefect's UI (subject code and series number only)."""
     logger = get_run_logger()
 
     def progress(series, done: int, total: int | None) -> None:
         number = series.series_number if series.series_number is not None else "?"
         logger.info("sub-%s series %s: %d/%s instances received", study.subject, number, done, total or "?")
 
-    limiter = None
-    if spec.pacs.instances_per_minute:
-        # a study receives on one connection at a time, and at most max_associations are open
-        # to the PACS across every run: each gets its share, so the PACS never sends more than
-        # instances_per_minute in all
-        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_associations)
-    wait_until_open(spec.pacs.windows, log=logger.info)
-    return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)
+    return progress
+
+
+@task(name="retrieve_study", task_run_name="retrieve_study-sub-{study.subject}", **TASK_DEFAULTS)
+def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[retrieve.RetrievedSeries]:
+    """:func:`pacs2bids.retrieve.retrieve_study`: window, pacing, chosen then fallback transport."""
+    return retrieve.retrieve_study(spec, study, raw_root, progress=_progress(study))
