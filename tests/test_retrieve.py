@@ -359,7 +359,8 @@ def test_fallback_transport_retrieves_what_the_chosen_one_cannot(tmp_path, loade
     spec = make_spec(tmp_path, pacs_yaml + "  fallback: dicomweb\n", [("patient_id", "phantom", "A")])
     study = find_studies(spec).studies[0]
     with pytest.raises(PacsError):
-        retrieve_study(spec, study, tmp_path / "raw0")  # the chosen transport alone fails
+        alone = spec.model_copy(update={"pacs": spec.pacs.model_copy(update={"fallback": None})})
+        retrieve_study(alone, study, tmp_path / "raw0")  # the chosen transport alone fails
     got = retrieve_study_with_fallback(spec, study, tmp_path / "raw")
     assert [rs.status for rs in got] == ["complete"] * len(study.series)
     for rs in got:
