@@ -682,3 +682,58 @@ def test_every_connection_holds_a_slot_of_the_pacs_gate(tmp_path, loaded, transp
         assert gate.held == 0
     finally:
         limits.set_gate(spec.pacs, None)
+
+
+def test_dicomweb_requests_are_not_retried_below_the_stage(tmp_path):
+    """A fake DICOMweb server on loopback that answers 503 to everything (a real Orthanc cannot
+    be made busy on demand): with no stage retry, one search is one request. dicomweb-client
+    would otherwise send it up to 5 times on its own (pacs2bids.pacs.retry)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pacs2bids.config import DicomwebSettings
+    from pacs2bids.pacs.dicomweb import WebPacs
+
+    seen: list[str] = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = WebPacs(DicomwebSettings(url=f"http://127.0.0.1:{server.server_address[1]}/dicom-web", timeout=10))
+        with pytest.raises(PacsError, match="HTTP 503") as err:
+            web.search("studies", {"PatientID": "X"}, ["StudyInstanceUID"])
+        assert err.value.transient
+        assert len(seen) == 1
+    finally:
+        server.shutdown()
+
+
+def test_raw_names_use_the_derived_raw_name_key_not_the_secret(tmp_path, loaded):
+    """Raw folder and file names are HMACs under the HKDF-derived raw-name key (keyed.py), never
+    under the project secret itself."""
+    from dataclasses import replace
+
+    from pacs2bids.deid.keyed import raw_name_key
+    from pacs2bids.sink import keyed_name
+
+    spec = make_spec(tmp_path, dimse_yaml(loaded), [("patient_id", "phantom", "A")])
+    study = find_studies(spec).studies[0]
+    study = replace(study, series=study.series[:1])
+    (rs,) = retrieve_study(spec, study, tmp_path / "raw")
+    key = raw_name_key(SECRET.encode(), "TEST")
+    assert rs.folder == tmp_path / "raw" / keyed_name(key, study.study_instance_uid) / keyed_name(
+        key, study.series[0].series_instance_uid)
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in iter_dicom_files(rs.folder)}
+    assert sorted(p.stem for p in rs.folder.glob("*.dcm")) == sorted(keyed_name(key, u) for u in sops)
+    plain = keyed_name(SECRET.encode(), study.study_instance_uid)
+    assert not (tmp_path / "raw" / plain).exists()
