@@ -737,3 +737,51 @@ def test_raw_names_use_the_derived_raw_name_key_not_the_secret(tmp_path, loaded)
     assert sorted(p.stem for p in rs.folder.glob("*.dcm")) == sorted(keyed_name(key, u) for u in sops)
     plain = keyed_name(SECRET.encode(), study.study_instance_uid)
     assert not (tmp_path / "raw" / plain).exists()
+
+
+def test_retrieve_study_waits_for_the_window_and_paces_per_the_spec(tmp_path, loaded, monkeypatch):
+    """retrieve_study does the whole job the Prefect task did: it waits for the PACS's retrieval
+    window before any transfer and paces instances at instances_per_minute / max_associations."""
+    from dataclasses import replace
+
+    from pacs2bids import retrieve, sink
+
+    spec = make_spec(tmp_path, dimse_yaml(loaded) + "  max_associations: 2\n  instances_per_minute: 6000\n"
+                     "  windows: [{start: '00:00', end: '23:59'}]\n", [("patient_id", "phantom", "A")])
+    study = find_studies(spec).studies[0]
+    study = replace(study, series=study.series[:1])
+    events: list = []
+    monkeypatch.setattr(retrieve, "wait_until_open", lambda windows, **kw: events.append(("window", list(windows))))
+
+    class Recording(sink.RateLimiter):
+        def __init__(self, per_minute):
+            events.append(("per_minute", per_minute))
+            super().__init__(per_minute)
+
+        def wait(self):
+            events.append(("instance",))
+            super().wait()
+
+    monkeypatch.setattr(retrieve, "RateLimiter", Recording)
+    (rs,) = retrieve_study(spec, study, tmp_path / "raw")
+    assert rs.status == "complete"
+    assert events[0] == ("per_minute", 3000.0)
+    assert events[1] == ("window", spec.pacs.windows)
+    assert events.count(("instance",)) == rs.received
+
+
+def test_statuses_read_pynetdicom_tables_with_our_judgement_of_transience():
+    """Meanings come from pynetdicom's per-service tables (a code the service's table lacks is
+    read in the other Q/R tables); our judgement says which failures a retry may fix."""
+    from pacs2bids.pacs.status import classify
+
+    busy = classify(0xA700, "move")  # not in pynetdicom's C-MOVE table; in C-FIND's
+    assert (busy.category, busy.meaning, busy.transient) == ("failure", "refused: out of resources", True)
+    assert classify(0xA702, "move").meaning == "refused: out of resources, unable to perform sub-operations"
+    assert classify(0xC123, "get").transient and classify(0xC123).meaning == "unable to process"
+    unknown = classify(0xA801, "move")
+    assert unknown.meaning == "refused: move destination unknown" and not unknown.transient
+    assert not classify(0x0124, "find").transient and classify(0x0124).meaning == "refused: not authorised"
+    assert classify(0xFE00, "find").category == "cancel" and "result limit" in classify(0xFE00).meaning
+    assert classify(0xB000, "get").ok and classify(0xFF00, "find").category == "pending"
+    assert classify(None).transient
