@@ -5,8 +5,8 @@ failure kind                                the one layer that retries  how
 ==========================================  ==========================  ======================================
 (a) a pooled association found dead before  the pool                    reopened once, on a fresh association
     any answer (the PACS closed an idle       (:mod:`.services`,          (a reconnection, not a retry of the
-    one)                                      ``_with_retry_on_lost_     operation); a silent peer (no answer
-                                              association``)             within the timeout) is not reopened
+    one)                                      ``_reopen_if_dead``)        operation); a silent peer (no answer
+                                                                          within the timeout) is not reopened
 (b) transient PACS failures: busy or out    the stage (query, and the   :func:`with_retries`:
     of resources (0xA7xx, 0xCxxx, HTTP 408,   retrieval's series loop,    ``spec.retries.attempts`` more times,
     429, 5xx), refused or dropped             which resumes from the      back-off ``backoff_seconds`` doubling
@@ -19,9 +19,9 @@ failure kind                                the one layer that retries  how
 
 Nothing below retries on its own: requests' adapters are mounted with ``max_retries`` 0 (its
 default, ``Retry(0, read=False)``), and dicomweb-client's own HTTP retries (by default 5
-attempts on 408, 429, 503, 504) are switched off in :class:`~.dicomweb.WebPacs`. The Prefect
-tasks that wrap the stages have no retries either. A :class:`~pacs2bids.errors.PacsError`
-says which kind it is by ``transient``.
+attempts on 408, 429, 503, 504) are switched off in :class:`~.dicomweb.WebPacs`. Nothing above
+either: the Prefect tasks over query and retrieval take no task retries (they would multiply
+these). A :class:`~pacs2bids.errors.PacsError` says which kind it is by ``transient``.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ class RetrieveResult:
     status: StatusInfo | None = None
 
 
-def _with_retry_on_lost_association(pool: AssociationPool, op: Callable, **kw):
+def _reopen_if_dead(pool: AssociationPool, op: Callable, **kw):
     """Run ``op(assoc)`` once; if a pooled association turned out dead (no answer at all),
     try once more on a fresh one."""
     for attempt in (1, 2):
@@ -76,7 +76,7 @@ def echo(settings: DimseSettings) -> StatusInfo:
             raise _LostAssociation()
         return classify(status.Status, "echo")
 
-    info = _with_retry_on_lost_association(pool, op)
+    info = _reopen_if_dead(pool, op)
     raise_for_status(info, settings, "C-ECHO")
     return info
 
@@ -107,7 +107,7 @@ def find(settings: DimseSettings, identifier: Dataset) -> FindResult:
             raise_for_status(final, settings, f"C-FIND at {identifier.QueryRetrieveLevel} level")
         return result
 
-    return _with_retry_on_lost_association(pool, op)
+    return _reopen_if_dead(pool, op)
 
 
 def _retrieve(assoc, gen, settings: DimseSettings, operation: str, peer_reached_us: bool = False) -> RetrieveResult:
@@ -154,7 +154,7 @@ def get(settings: DimseSettings, identifier: Dataset, receiver: Receiver, classe
     ``receiver``. A failure with partial results is returned (the caller counts what is
     missing); a failure with nothing done raises :class:`PacsError`."""
     pool = pool_for(settings)
-    return _with_retry_on_lost_association(
+    return _reopen_if_dead(
         pool,
         lambda assoc: _retrieve(assoc, assoc.send_c_get(identifier, GET), settings, "C-GET"),
         classes=classes,
@@ -168,7 +168,7 @@ def move(settings: DimseSettings, identifier: Dataset, destination: str,
     0xA801 (destination unknown), or a processing failure before any sub-operation while
     the PACS has never connected to ``server``, raises at once with the fix, never retried."""
     pool = pool_for(settings)
-    return _with_retry_on_lost_association(
+    return _reopen_if_dead(
         pool,
         lambda assoc: _retrieve(
             assoc, assoc.send_c_move(identifier, destination, MOVE), settings, "C-MOVE",
