@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pacs2bids import dimse
+from pacs2bids.pacs import close_pools
 from pacs2bids.config import load_spec
 from pacs2bids.dicomfiles import iter_dicom_bytes
 from pacs2bids.orthanc import Orthanc, free_port
@@ -71,7 +71,7 @@ def run_ours(o: Orthanc, method: str, pids: list[str], work: Path, move_port: in
     if set(statuses) != {"complete"}:
         print(f"warning: pacs2bids {method}: series {statuses}", file=sys.stderr)
     elapsed = time.perf_counter() - t0
-    dimse.close_pools()
+    close_pools()
     n, size = tree_size(work / "raw")
     return elapsed, n, size
 

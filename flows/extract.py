@@ -25,7 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pacs2bids import __version__
 from pacs2bids.config import load_spec
 from pacs2bids.deadletter import DeadLetters
-from pacs2bids.dimse import close_pools
+from pacs2bids.pacs import close_pools
 from pacs2bids.errors import LeakDetected, NothingToPublish, Pacs2BidsError, RunFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.logsafety import quiet_third_party_loggers
@@ -43,8 +43,7 @@ from pacs2bids.tasks.lineage import record_lineage
 from pacs2bids.tasks.publish import publish_local
 from pacs2bids.tasks.query import find_studies
 from pacs2bids.tasks.released import include_released
-# TODO(issue 11): from pacs2bids.tasks.pacs_limit once the pacs branch lands
-from pacs2bids.tasks.retrieve import use_pacs_limit
+from pacs2bids.tasks.pacs_limit import use_pacs_limit
 from pacs2bids.tasks.study import extract_study
 from pacs2bids.tasks.validate import validate_dataset
 

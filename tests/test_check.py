@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from pacs2bids import dimse
+from pacs2bids.pacs import close_pools
 from pacs2bids.check import preflight
 from pacs2bids.orthanc import free_port
 
@@ -20,7 +20,7 @@ def pacs(orthanc_factory):
     o.upload(planted_studies(1))
     o.move_port = port
     yield o
-    dimse.close_pools()
+    close_pools()
 
 
 def by_name(results):
@@ -141,11 +141,11 @@ def test_c_move_known_but_unreachable_told_apart_from_unknown_ae(tmp_path):
         r = by_name(preflight(make_spec(tmp_path, pacs_yaml, [("patient_id", "x", "A")])))["c-move"]
         assert r.status == "failed" and r.detail.startswith("destination known but unreachable"), r.detail
         assert "0xA801 for an AE title it cannot know, 0xC514 for PACS2BIDS" in r.detail and "firewall" in r.fix
-        dimse.close_pools()
+        close_pools()
         r = by_name(preflight(make_spec(tmp_path, pacs_yaml + "    move_destination: NOBODY\n",
                                         [("patient_id", "x", "A")])))["c-move"]
         assert r.status == "failed" and r.detail.startswith("unknown AE:"), r.detail
         assert "Declare AE title NOBODY" in r.fix
     finally:
-        dimse.close_pools()
+        close_pools()
         fake.stop()

@@ -47,7 +47,7 @@ def corpus_pacs(corpus_dir, tmp_path_factory):
 @pytest.mark.corpus
 @pytest.mark.parametrize("transport", ["dicomweb", "c-get"])
 def test_corpus_publishes_without_false_blocks(prefect_harness, corpus_pacs, tmp_path, monkeypatch, transport):
-    from pacs2bids import dimse
+    from pacs2bids.pacs import close_pools
 
     pacs, patient_ids = corpus_pacs
     assert len(patient_ids) >= 8
@@ -69,7 +69,7 @@ def test_corpus_publishes_without_false_blocks(prefect_harness, corpus_pacs, tmp
     try:
         summary = run_extraction(spec, monkeypatch)
     finally:
-        dimse.close_pools()
+        close_pools()
     assert summary["published"], [e for e in summary.get("errors", [])] or summary["state"]
     assert not [e for e in summary["errors"] if "identifying value" in e]
     # the corpus's own identities: common words and short numbers among them (what used to block) ...

@@ -228,7 +228,7 @@ def received_sha256s(pacs, spec: Path | None, tmp: Path) -> dict[str, str]:
 
     import requests
 
-    from pacs2bids import dimse
+    from pacs2bids.pacs import close_pools
     from pacs2bids.config import load_spec
     from pacs2bids.query import find_studies
     from pacs2bids.retrieve import retrieve_study
@@ -246,7 +246,7 @@ def received_sha256s(pacs, spec: Path | None, tmp: Path) -> dict[str, str]:
         for study in find_studies(loaded).studies:
             retrieve_study(loaded, study, raw)
     finally:
-        dimse.close_pools()
+        close_pools()
     for f in raw.rglob("*.dcm"):
         out[str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out

@@ -1,4 +1,4 @@
-"""The WADO-RS multipart reader (:func:`pacs2bids.dicomweb._multipart_parts`), on bodies built
+"""The WADO-RS multipart reader (:func:`pacs2bids.pacs.dicomweb._multipart_parts`), on bodies built
 here byte by byte: every position a chunk boundary can fall at, truncated answers, and the
 Content-Type forms servers send (PS3.18 8.7.3.5, RFC 2046 5.1)."""
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pacs2bids.dicomweb import _boundary, _multipart_parts
+from pacs2bids.pacs.dicomweb import _boundary, _multipart_parts
 from pacs2bids.errors import PacsError
 
 B = "3fe2a-Boundary"

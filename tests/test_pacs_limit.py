@@ -225,7 +225,7 @@ logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(messag
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.exceptions import ObjectAlreadyExists
-from pacs2bids.tasks.retrieve import PrefectGate, reclaim_dead_runs_slots
+from pacs2bids.tasks.pacs_limit import PrefectGate, reclaim_dead_runs_slots
 name, action = sys.argv[1], sys.argv[2]
 with get_client(sync_client=True) as client:
     try:
@@ -283,7 +283,7 @@ def wait_line(proc: subprocess.Popen, prefix: str, timeout: float = 240) -> str:
 
 @pytest.mark.slow
 def test_killed_run_slots_expire_and_the_waiter_says_what_it_waits_for(prefect_server, tmp_path):
-    from pacs2bids.tasks.retrieve import LEASE_SECONDS
+    from pacs2bids.tasks.pacs_limit import LEASE_SECONDS
 
     name = "pacs2bids-pacs-KILLED@127.0.0.1:1"
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home")}
@@ -317,7 +317,7 @@ def test_ephemeral_mode_gives_back_the_slots_of_killed_runs_only(tmp_path):
     try:
         assert wait_line(holder, "reclaimed") == "reclaimed 0"
         wait_line(holder, "held after")
-        alive = subprocess.run([sys.executable, "-c", "import sys; from pacs2bids.tasks.retrieve import "
+        alive = subprocess.run([sys.executable, "-c", "import sys; from pacs2bids.tasks.pacs_limit import "
                                 "reclaim_dead_runs_slots as r; print(r(sys.argv[1]))", name],
                                env=env, capture_output=True, text=True, timeout=240)
         assert alive.stdout.strip().splitlines()[-1] == "None", alive.stderr[-2000:]  # a live run's slots stay

@@ -11,13 +11,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs2bids import dimse, limits
+from pacs2bids.pacs import close_pools
+from pacs2bids.pacs import gate as limits
+from pacs2bids.pacs.contexts import ECHO
+from pacs2bids.pacs.pool import pool_for
+from pacs2bids.pacs.scp import storage_server
 from pacs2bids.config import load_spec
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.errors import PacsError
 from pacs2bids.orthanc import Orthanc, free_port
 from pacs2bids.query import find_studies
-from pacs2bids.retrieve import LEDGER, RateLimiter, SeriesSink, retrieve_study
+from pacs2bids.retrieve import retrieve_study
+from pacs2bids.sink import LEDGER, RateLimiter, SeriesSink
 
 SECRET = "x" * 32
 
@@ -56,7 +61,7 @@ def web_yaml(o) -> str:
 def _fresh_pools(orthanc_factory):
     # depends on orthanc_factory so pooled associations close before Orthanc stops
     yield
-    dimse.close_pools()
+    close_pools()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +79,7 @@ def loaded(tmp_path_factory, sample_files):
     assert o.upload(sample_files) == len(sample_files)
     o.move_port = port
     yield o
-    dimse.close_pools()
+    close_pools()
     o.stop()
 
 
@@ -205,7 +210,7 @@ def test_orthanc_killed_mid_transfer_then_restarted(tmp_path, orthanc_factory, s
     spec = make_spec(tmp_path, dimse_yaml(o, timeout=5), [("patient_id", "PACSMAN1", "P")])
     raw = tmp_path / "raw"
     q = find_studies(spec)
-    pool = dimse.pool_for(spec.pacs.dimse)
+    pool = pool_for(spec.pacs.dimse)
     at_kill: list[int] = []
     opened_at_kill: list[int] = []
 
@@ -239,7 +244,7 @@ def test_move_destination_unknown_fails_at_once(tmp_path, loaded):
     spec = make_spec(tmp_path, dimse_yaml(o, "c-move", move_destination="NOBODY", storage_port=free_port()),
                      [("patient_id", "phantom", "A")])
     study = find_studies(spec).studies[0]
-    pool = dimse.pool_for(spec.pacs.dimse)
+    pool = pool_for(spec.pacs.dimse)
     before = pool.stats.requests
     with pytest.raises(PacsError, match=r"NOBODY.*0xA801.*DicomModalities") as err:
         retrieve_study(spec, study, tmp_path / "raw")
@@ -266,8 +271,8 @@ def test_one_association_at_most_under_two_concurrent_retrievals(tmp_path, loade
     spec = make_spec(tmp_path, dimse_yaml(o, max_associations=1),
                      [("patient_id", "DEV", "A"), ("patient_id", "phantom", "B"), ("patient_id", "dicom", "C")])
     studies = find_studies(spec).studies
-    dimse.close_pools()
-    pool = dimse.pool_for(spec.pacs.dimse)
+    close_pools()
+    pool = pool_for(spec.pacs.dimse)
     results = retrieve_concurrently(spec, studies, tmp_path / "raw")
     assert all(r.status == "complete" for r in results) and len(results) == 4 + 1 + 1
     assert pool.stats.max_open == 1
@@ -347,15 +352,16 @@ def test_quarantined_payload_makes_series_incomplete(tmp_path, orthanc_factory, 
 def test_fallback_transport_retrieves_what_the_chosen_one_cannot(tmp_path, loaded):
     """C-MOVE to a destination the PACS does not know fails at once; with `fallback: dicomweb`
     the study still arrives whole, over WADO-RS, into the same keyed folders."""
-    from pacs2bids.retrieve import retrieve_study_with_fallback
+    from pacs2bids.retrieve import retrieve_study
 
     o = loaded
     pacs_yaml = dimse_yaml(o, "c-move", move_destination="NOBODY", storage_port=free_port()) + web_yaml(o)
     spec = make_spec(tmp_path, pacs_yaml + "  fallback: dicomweb\n", [("patient_id", "phantom", "A")])
     study = find_studies(spec).studies[0]
     with pytest.raises(PacsError):
-        retrieve_study(spec, study, tmp_path / "raw0")  # the chosen transport alone fails
-    got = retrieve_study_with_fallback(spec, study, tmp_path / "raw")
+        alone = spec.model_copy(update={"pacs": spec.pacs.model_copy(update={"fallback": None})})
+        retrieve_study(alone, study, tmp_path / "raw0")  # the chosen transport alone fails
+    got = retrieve_study(spec, study, tmp_path / "raw")
     assert [rs.status for rs in got] == ["complete"] * len(study.series)
     for rs in got:
         sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in iter_dicom_files(rs.folder)}
@@ -386,7 +392,7 @@ def test_sigkill_during_retrieval_then_rerun_fetches_only_what_is_missing(tmp_pa
         "import sys, time\n"
         "from pacs2bids.config import load_spec\n"
         "from pacs2bids.query import find_studies\n"
-        "from pacs2bids.retrieve import retrieve_study, RateLimiter\n"
+        "from pacs2bids.retrieve import retrieve_study\nfrom pacs2bids.sink import RateLimiter\n"
         f"spec = load_spec({str(tmp_path / 'spec.yaml')!r}, environ={{'PACS2BIDS_PROJECT_SECRET': {SECRET!r}}})\n"
         "for study in find_studies(spec).studies:\n"
         f"    retrieve_study(spec, study, __import__('pathlib').Path({str(raw)!r}), limiter=RateLimiter(240))\n"
@@ -478,7 +484,7 @@ def test_near_line_study_that_never_answers_times_out_and_is_reported(tmp_path):
         assert "timeout" in rs.reason.lower() or "did not answer" in rs.reason.lower(), rs.reason
         assert pacs.get_requests == 2  # the first try and one retry, then it is reported, not retried forever
     finally:
-        dimse.close_pools()
+        close_pools()
         pacs.stop()
 
 
@@ -494,7 +500,7 @@ def test_storage_scp_refuses_associations_beyond_its_bound(tmp_path, loaded):
                      [("patient_id", "DEV", "A")])
     study = find_studies(spec).studies[0]
     client = AE(ae_title="INTRUDER")
-    client.add_requested_context(dimse.ECHO)
+    client.add_requested_context(ECHO)
     rejections: list[tuple] = []
 
     def on_acse(event):
@@ -506,7 +512,7 @@ def test_storage_scp_refuses_associations_beyond_its_bound(tmp_path, loaded):
         return client.associate("127.0.0.1", o.move_port, ae_title="PACS2BIDS",
                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
 
-    with dimse.storage_server(spec.pacs.dimse) as server:
+    with storage_server(spec.pacs.dimse) as server:
         assert server.maximum_associations == 2
         held = [associate(), associate()]
         assert all(a.is_established for a in held)
@@ -657,7 +663,7 @@ def test_every_connection_holds_a_slot_of_the_pacs_gate(tmp_path, loaded, transp
     pacs = web_yaml(o) if transport == "wado-rs" else dimse_yaml(o, max_associations=3)
     spec = make_spec(tmp_path, pacs, [("patient_id", "DEV", "A"), ("patient_id", "phantom", "B"),
                                       ("patient_id", "dicom", "C")])
-    dimse.close_pools()
+    close_pools()
     gate = CountingGate(2)
     limits.set_gate(spec.pacs, gate)
     try:
@@ -668,7 +674,7 @@ def test_every_connection_holds_a_slot_of_the_pacs_gate(tmp_path, loaded, transp
         assert all(r.status == "complete" for r in results) and len(results) == 6
         assert gate.max_held == 2
         if transport == "c-get":
-            pool = dimse.pool_for(spec.pacs.dimse)
+            pool = pool_for(spec.pacs.dimse)
             assert pool.stats.max_open <= 3 and pool.stats.opened == gate.taken
         deadline = time.monotonic() + 3 * 5.0  # the reaper releases idle associations after 5 s
         while gate.held and time.monotonic() < deadline:
@@ -676,3 +682,106 @@ def test_every_connection_holds_a_slot_of_the_pacs_gate(tmp_path, loaded, transp
         assert gate.held == 0
     finally:
         limits.set_gate(spec.pacs, None)
+
+
+def test_dicomweb_requests_are_not_retried_below_the_stage(tmp_path):
+    """A fake DICOMweb server on loopback that answers 503 to everything (a real Orthanc cannot
+    be made busy on demand): with no stage retry, one search is one request. dicomweb-client
+    would otherwise send it up to 5 times on its own (pacs2bids.pacs.retry)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from pacs2bids.config import DicomwebSettings
+    from pacs2bids.pacs.dicomweb import WebPacs
+
+    seen: list[str] = []
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        web = WebPacs(DicomwebSettings(url=f"http://127.0.0.1:{server.server_address[1]}/dicom-web", timeout=10))
+        with pytest.raises(PacsError, match="HTTP 503") as err:
+            web.search("studies", {"PatientID": "X"}, ["StudyInstanceUID"])
+        assert err.value.transient
+        assert len(seen) == 1
+    finally:
+        server.shutdown()
+
+
+def test_raw_names_use_the_derived_raw_name_key_not_the_secret(tmp_path, loaded):
+    """Raw folder and file names are HMACs under the HKDF-derived raw-name key (keyed.py), never
+    under the project secret itself."""
+    from dataclasses import replace
+
+    from pacs2bids.deid.keyed import raw_name_key
+    from pacs2bids.sink import keyed_name
+
+    spec = make_spec(tmp_path, dimse_yaml(loaded), [("patient_id", "phantom", "A")])
+    study = find_studies(spec).studies[0]
+    study = replace(study, series=study.series[:1])
+    (rs,) = retrieve_study(spec, study, tmp_path / "raw")
+    key = raw_name_key(SECRET.encode(), "TEST")
+    assert rs.folder == tmp_path / "raw" / keyed_name(key, study.study_instance_uid) / keyed_name(
+        key, study.series[0].series_instance_uid)
+    sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in iter_dicom_files(rs.folder)}
+    assert sorted(p.stem for p in rs.folder.glob("*.dcm")) == sorted(keyed_name(key, u) for u in sops)
+    plain = keyed_name(SECRET.encode(), study.study_instance_uid)
+    assert not (tmp_path / "raw" / plain).exists()
+
+
+def test_retrieve_study_waits_for_the_window_and_paces_per_the_spec(tmp_path, loaded, monkeypatch):
+    """retrieve_study does the whole job the Prefect task did: it waits for the PACS's retrieval
+    window before any transfer and paces instances at instances_per_minute / max_associations."""
+    from dataclasses import replace
+
+    from pacs2bids import retrieve, sink
+
+    spec = make_spec(tmp_path, dimse_yaml(loaded) + "  max_associations: 2\n  instances_per_minute: 6000\n"
+                     "  windows: [{start: '00:00', end: '23:59'}]\n", [("patient_id", "phantom", "A")])
+    study = find_studies(spec).studies[0]
+    study = replace(study, series=study.series[:1])
+    events: list = []
+    monkeypatch.setattr(retrieve, "wait_until_open", lambda windows, **kw: events.append(("window", list(windows))))
+
+    class Recording(sink.RateLimiter):
+        def __init__(self, per_minute):
+            events.append(("per_minute", per_minute))
+            super().__init__(per_minute)
+
+        def wait(self):
+            events.append(("instance",))
+            super().wait()
+
+    monkeypatch.setattr(retrieve, "RateLimiter", Recording)
+    (rs,) = retrieve_study(spec, study, tmp_path / "raw")
+    assert rs.status == "complete"
+    assert events[0] == ("per_minute", 3000.0)
+    assert events[1] == ("window", spec.pacs.windows)
+    assert events.count(("instance",)) == rs.received
+
+
+def test_statuses_read_pynetdicom_tables_with_our_judgement_of_transience():
+    """Meanings come from pynetdicom's per-service tables (a code the service's table lacks is
+    read in the other Q/R tables); our judgement says which failures a retry may fix."""
+    from pacs2bids.pacs.status import classify
+
+    busy = classify(0xA700, "move")  # not in pynetdicom's C-MOVE table; in C-FIND's
+    assert (busy.category, busy.meaning, busy.transient) == ("failure", "refused: out of resources", True)
+    assert classify(0xA702, "move").meaning == "refused: out of resources, unable to perform sub-operations"
+    assert classify(0xC123, "get").transient and classify(0xC123).meaning == "unable to process"
+    unknown = classify(0xA801, "move")
+    assert unknown.meaning == "refused: move destination unknown" and not unknown.transient
+    assert not classify(0x0124, "find").transient and classify(0x0124).meaning == "refused: not authorised"
+    assert classify(0xFE00, "find").category == "cancel" and "result limit" in classify(0xFE00).meaning
+    assert classify(0xB000, "get").ok and classify(0xFF00, "find").category == "pending"
+    assert classify(None).transient

@@ -44,6 +44,19 @@ def test_each_module_imports_first_in_a_fresh_interpreter(module):
     assert proc.returncode == 0, f"import {module} failed on its own:\n{proc.stderr[-3000:]}"
 
 
+def test_every_package_is_installed():
+    """pyproject lists packages by name: a new sub-package missing there works from the checkout (editable
+    install) and is absent from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join((package, *init.parent.relative_to(folder).parts))
+        for package, folder in PACKAGES.items() for init in folder.rglob("__init__.py") if "data" not in init.parts
+    }
+    assert found - listed == set(), "add them to [tool.setuptools] packages in pyproject.toml"
+
+
 def test_demo_does_not_import_the_cli():
     """Not even late (inside a function): the cli imports the demo, and the run they share lives in
     pacs2bids.launch, so the two no longer import each other."""

@@ -54,13 +54,13 @@ class CheckResult:
 
 
 def _dimse_checks(spec: ProjectSpec) -> list[CheckResult]:
-    from . import dimse
+    from .pacs import services
 
     s = spec.pacs.dimse
     peer = f"{s.ae_title}@{s.host}:{s.port} (calling AE {s.calling_ae_title})"
     out: list[CheckResult] = []
     try:
-        dimse.echo(s)
+        services.echo(s)
         out.append(CheckResult("c-echo", OK, f"PACS {peer} answers C-ECHO"))
     except PacsError as exc:
         out.append(CheckResult("c-echo", FAILED, str(exc), "Check the PACS's host, port and AE title in pacs.dimse, "
@@ -72,7 +72,7 @@ def _dimse_checks(spec: ProjectSpec) -> list[CheckResult]:
         ds.QueryRetrieveLevel = "STUDY"
         ds.StudyInstanceUID = ""
         ds.StudyDate = ""
-        r = dimse.find(s, ds)
+        r = services.find(s, ds)
         out.append(CheckResult("c-find", OK, f"C-FIND answered with {len(r.matches)} studies"
                                + (" (cut short at the PACS's result limit: queries will be split)" if r.truncated else "")))
         probe = next((str(m.StudyInstanceUID) for m in r.matches if m.get("StudyInstanceUID")), None)
@@ -86,8 +86,10 @@ def _dimse_checks(spec: ProjectSpec) -> list[CheckResult]:
 
 def _move_check(spec: ProjectSpec, study_uid: str | None) -> CheckResult:
     """A real C-MOVE of one instance into a throw-away folder."""
-    from . import dimse
-    from .retrieve import SeriesSink
+    from .pacs import services
+    from .pacs.scp import storage_server
+    from .pacs.status import MoveDestinationUnknown
+    from .sink import SeriesSink
 
     s = spec.pacs.dimse
     dest = s.move_destination or s.calling_ae_title
@@ -99,21 +101,21 @@ def _move_check(spec: ProjectSpec, study_uid: str | None) -> CheckResult:
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = ""
         ds.SOPInstanceUID = ""
-        found = dimse.find(s, ds).matches
+        found = services.find(s, ds).matches
         if not found:
             return CheckResult("c-move", NOT_TESTED, "no instance to test C-MOVE with")
         inst = found[0]
         with tempfile.TemporaryDirectory(prefix="pacs2bids-check-") as tmp:
             sink = SeriesSink(spec.secret_bytes if spec.secret else b"check", study_uid, str(inst.SeriesInstanceUID),
                               Path(tmp), Path(tmp) / "q")
-            with dimse.storage_server(s) as server:
+            with storage_server(s) as server:
                 server.expect_series(str(inst.SeriesInstanceUID), sink)
                 q = Dataset()
                 q.QueryRetrieveLevel = "IMAGE"
                 q.StudyInstanceUID = study_uid
                 q.SeriesInstanceUID = str(inst.SeriesInstanceUID)
                 q.SOPInstanceUID = str(inst.SOPInstanceUID)
-                r = dimse.move(s, q, dest, server)
+                r = services.move(s, q, dest, server)
         if sink.stored:
             return CheckResult("c-move", OK, f"the PACS sent one instance to our storage AE {dest} on "
                                f"{s.storage_host}:{s.storage_port}")
@@ -121,7 +123,7 @@ def _move_check(spec: ProjectSpec, study_uid: str | None) -> CheckResult:
                            f"nothing arrived at {dest} on {s.storage_host}:{s.storage_port}",
                            f"Check that the PACS can open a connection to {s.storage_host}:{s.storage_port} "
                            f"(firewall) and that its entry for {dest} has that host and port.")
-    except dimse.MoveDestinationUnknown as exc:
+    except MoveDestinationUnknown as exc:
         return _unknown_or_unreachable(spec, q, exc)
     except PacsError as exc:
         return CheckResult("c-move", FAILED, str(exc), f"Declare AE title {dest}, host {s.storage_host}, port "
@@ -138,7 +140,7 @@ def _unknown_or_unreachable(spec: ProjectSpec, query: Dataset, first: PacsError)
     import secrets
     import time
 
-    from . import dimse
+    from .pacs import services
 
     s = spec.pacs.dimse
     dest = s.move_destination or s.calling_ae_title
@@ -150,7 +152,7 @@ def _unknown_or_unreachable(spec: ProjectSpec, query: Dataset, first: PacsError)
     stranger = "P2B" + secrets.token_hex(4).upper()  # 11 characters: an AE title no PACS knows
     started = time.monotonic()
     try:
-        dimse.move(s, query, stranger)
+        services.move(s, query, stranger)
         other: int | None = None  # the PACS accepted a move to an AE it cannot know: says nothing
     except PacsError as exc:
         other = exc.status
@@ -178,7 +180,7 @@ def _unknown_or_unreachable(spec: ProjectSpec, query: Dataset, first: PacsError)
 
 
 def _web_checks(spec: ProjectSpec) -> list[CheckResult]:
-    from .dicomweb import WebPacs
+    from .pacs.dicomweb import WebPacs
 
     w = spec.pacs.dicomweb
     fix = "Check pacs.dicomweb.url (the DICOMweb root), that the server is running, and the credentials' variables."

@@ -73,7 +73,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_plan(args) -> int:
-    from .dimse import close_pools
+    from .pacs import close_pools
     from .plan import plan_project
 
     spec = load_spec(args.spec)

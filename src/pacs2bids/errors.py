@@ -2,7 +2,7 @@
 
 Each exception's docstring says what to do about it. The data path raises; only side
 outputs (reports, metrics) may log and continue. DIMSE outcomes are data, translated in
-:mod:`pacs2bids.dimse`; an exception is raised only when a stage cannot go on.
+:mod:`pacs2bids.pacs.status`; an exception is raised only when a stage cannot go on.
 """
 
 from __future__ import annotations
@@ -29,11 +29,6 @@ class PacsError(Pacs2BidsError):
         super().__init__(message)
         self.transient = transient
         self.status = status
-
-
-class RetrievalIncomplete(Pacs2BidsError):
-    """A series arrived with fewer instances than the PACS announced. Re-run the project:
-    only the missing instances are fetched again."""
 
 
 class PseudonymisationError(Pacs2BidsError):

@@ -25,9 +25,10 @@ from datetime import date, timedelta
 
 from pydicom.dataset import Dataset
 
-from .config import DimseSettings, Inclusion, ProjectSpec
-from .errors import PacsError
+from .config import Inclusion, ProjectSpec
 from .model import SeriesRef, StudyRef
+from .pacs.retry import with_retries
+from .pacs.transport import Transport, open_transport, parse_da
 
 log = logging.getLogger(__name__)
 
@@ -55,22 +56,6 @@ class QueryResult:
     unapplied: list[UnappliedFilter] = field(default_factory=list)
 
 
-def parse_da(value) -> date | None:
-    """A DICOM DA value (``YYYYMMDD``, PS3.5 6.2) as a date; None when it is not a valid date
-    (``***``, empty, ``99999999``, a year alone)."""
-    text = str(value or "").strip()
-    if not re.fullmatch(r"\d{8}", text):
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-    except ValueError:
-        return None
-
-
-def _da(d: date) -> str:
-    return d.strftime("%Y%m%d")
-
-
 def _int(v) -> int | None:
     try:
         return int(v) if v not in (None, "") else None
@@ -78,223 +63,134 @@ def _int(v) -> int | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------
-# DIMSE
-# ---------------------------------------------------------------------------------------
-def _dimse_studies(settings: DimseSettings, key: str, value: str, lo: date, hi: date, *, _depth: int = 0) -> list[Dataset]:
-    from . import dimse
+@dataclass(frozen=True)
+class _Filters:
+    """The spec's selection, compiled once."""
 
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    setattr(ds, key, value)
-    ds.StudyDate = f"{_da(lo)}-{_da(hi)}"
-    ds.StudyInstanceUID = ""
-    ds.StudyDescription = ""
-    ds.ModalitiesInStudy = ""
-    result = dimse.find(settings, ds)
-    if not result.truncated:
-        return result.matches
-    if lo >= hi:
-        raise PacsError(
-            f"C-FIND: PACS {settings.ae_title}@{settings.host}:{settings.port} cut its answer short for one "
-            f"inclusion on a single day; raise its result limit (Orthanc: LimitFindResults)",
-            transient=False,
+    lo: date
+    hi: date
+    dated: bool
+    modalities: list[str]
+    study_re: re.Pattern | None
+    series_re: re.Pattern | None
+    exclude_re: re.Pattern | None
+
+    @classmethod
+    def of(cls, spec: ProjectSpec) -> "_Filters":
+        sel = spec.selection
+        study_re, series_re, exclude_re = (
+            re.compile(p) if p else None
+            for p in (sel.study_description, sel.series_description, sel.exclude_series_description))
+        return cls(
+            lo=sel.study_date.start if sel.study_date and sel.study_date.start else _EARLIEST,
+            hi=sel.study_date.end if sel.study_date and sel.study_date.end else date.today() + timedelta(days=1),
+            dated=bool(sel.study_date and (sel.study_date.start or sel.study_date.end)),
+            modalities=[m.upper() for m in sel.modalities],
+            study_re=study_re, series_re=series_re, exclude_re=exclude_re,
         )
-    mid = lo + (hi - lo) // 2
-    log.debug("C-FIND answer cut short: splitting the date window (depth %d)", _depth)
-    return _dimse_studies(settings, key, value, lo, mid, _depth=_depth + 1) + _dimse_studies(
-        settings, key, value, mid + timedelta(days=1), hi, _depth=_depth + 1
-    )
+
+    def keeps_series(self, modality: str, description: str) -> bool:
+        return not ((self.modalities and modality not in self.modalities)
+                    or (self.series_re and not self.series_re.search(description))
+                    or (self.exclude_re and self.exclude_re.search(description)))
 
 
-def _dimse_series(settings: DimseSettings, study_uid: str, modalities: list[str]) -> list[Dataset]:
-    from . import dimse
-
-    def ask(modality: str) -> dimse.FindResult:
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "SERIES"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = ""
-        ds.Modality = modality
-        ds.SeriesNumber = ""
-        ds.SeriesDescription = ""
-        ds.NumberOfSeriesRelatedInstances = ""
-        return dimse.find(settings, ds)
-
-    result = ask("")
-    if not result.truncated:
-        return result.matches
-    out: list[Dataset] = []
-    for m in modalities:  # a smaller question per modality kept
-        r = ask(m)
-        if r.truncated:
-            raise PacsError(
-                f"C-FIND: PACS {settings.ae_title}@{settings.host}:{settings.port} cut the series list of a study "
-                f"short; raise its result limit (Orthanc: LimitFindResults)",
-            )
-        out += r.matches
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# DICOMweb
-# ---------------------------------------------------------------------------------------
-_STUDY_FIELDS = ["StudyInstanceUID", "StudyDate", "StudyDescription", "ModalitiesInStudy"]
-_SERIES_FIELDS = ["SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription", "NumberOfSeriesRelatedInstances"]
-
-
-def _web_studies(web, key: str, value: str, lo: date, hi: date) -> list[Dataset]:
-    """QIDO-RS studies in [lo, hi], checked against silent truncation.
-
-    Some servers cut QIDO answers short without saying so (Orthanc's DICOMweb plugin under
-    ``LimitFindResults``), and offsets do not help then. When an answer holds studies on
-    several dates, the window is split at its median date: if the two halves together hold
-    more studies than the whole, the whole was cut short and each half is resolved the same
-    way. Costs two extra searches per inclusion with several study dates.
-    """
-    found = web.search("studies", {key: value, "StudyDate": f"{_da(lo)}-{_da(hi)}"}, _STUDY_FIELDS)
-    dates = sorted({d for d in (parse_da(st.get("StudyDate")) for st in found) if d is not None})
-    if len(found) < 2 or lo >= hi:
-        return found
-    if len(dates) >= 2:
-        mid = dates[(len(dates) - 1) // 2]
-        mid = min(max(mid, lo), hi - timedelta(days=1))
-    else:
-        mid = lo + (hi - lo) // 2
-    left = web.search("studies", {key: value, "StudyDate": f"{_da(lo)}-{_da(mid)}"}, _STUDY_FIELDS)
-    right = web.search("studies", {key: value, "StudyDate": f"{_da(mid + timedelta(days=1))}-{_da(hi)}"},
-                       _STUDY_FIELDS)
-    if len(left) + len(right) <= len(found):
-        return found
-    log.debug("QIDO-RS answer was cut short: splitting the date window")
-    return _web_studies(web, key, value, lo, mid) + _web_studies(web, key, value, mid + timedelta(days=1), hi)
-
-
-def _studies_outside(spec: ProjectSpec, web, key: str, value: str, lo: date, hi: date) -> list[Dataset]:
-    """The studies of one inclusion that a search in [lo, hi] cannot return: those whose
-    StudyDate is not a valid date, or a valid one outside the window. One search without a date
-    (universal matching, PS3.4 C.2.2.2.3)."""
-    if web is not None:
-        found = web.search("studies", {key: value}, _STUDY_FIELDS)
-    else:
-        from . import dimse
-
-        ds = Dataset()
-        ds.QueryRetrieveLevel = "STUDY"
-        setattr(ds, key, value)
-        ds.StudyDate = ""
-        ds.StudyInstanceUID = ""
-        ds.StudyDescription = ""
-        ds.ModalitiesInStudy = ""
-        result = dimse.find(spec.pacs.dimse, ds)
-        if result.truncated:
-            log.warning("C-FIND without a date was cut short: studies with an unreadable date may be missed; "
-                        "raise the PACS's result limit (Orthanc: LimitFindResults)")
-        found = result.matches
-    return [st for st in found if (d := parse_da(st.get("StudyDate"))) is None or not lo <= d <= hi]
-
-
-# ---------------------------------------------------------------------------------------
 def find_studies(spec: ProjectSpec) -> QueryResult:
     """Match every inclusion row against the PACS and apply the spec's filters.
 
     Takes the resolved spec (``spec.inclusions``, ``spec.selection``, ``spec.pacs``).
     Returns a :class:`QueryResult`: one :class:`StudyRef` per matched study (series kept
     after filtering, with announced instance counts), and the rows that matched no study
-    with at least one kept series. Raises :class:`PacsError` if the PACS cannot be queried.
+    with at least one kept series. Each C-FIND or QIDO-RS search is retried on a transient
+    failure (:mod:`pacs2bids.pacs.retry`). Raises :class:`PacsError` if the PACS cannot be queried.
     """
-    sel = spec.selection
-    lo = (sel.study_date.start if sel.study_date and sel.study_date.start else _EARLIEST)
-    hi = (sel.study_date.end if sel.study_date and sel.study_date.end else date.today() + timedelta(days=1))
-    study_re = re.compile(sel.study_description) if sel.study_description else None
-    series_re = re.compile(sel.series_description) if sel.series_description else None
-    exclude_re = re.compile(sel.exclude_series_description) if sel.exclude_series_description else None
-    modalities = [m.upper() for m in sel.modalities]
-    dated = bool(sel.study_date and (sel.study_date.start or sel.study_date.end))
-
-    web = None
-    if spec.pacs.chosen == "dicomweb":
-        from .dicomweb import WebPacs
-
-        web = WebPacs(spec.pacs.dicomweb)
-
+    filters = _Filters.of(spec)
     result = QueryResult()
     seen: set[str] = set()
-    for inc in spec.inclusions:
-        key, value = ("PatientID", inc.patient_id) if inc.patient_id else ("AccessionNumber", inc.accession_number)
-        if web is not None:
-            studies = _web_studies(web, key, value, lo, hi)
-        else:
-            studies = _dimse_studies(spec.pacs.dimse, key, value, lo, hi)
-        studies = list(studies) + _studies_outside(spec, web, key, value, lo, hi)
-        kept_any = False
-        uids_here: set[str] = set()
-        for st in studies:
-            uid = str(st.get("StudyInstanceUID", ""))
-            if not uid or uid in uids_here:
-                continue
-            uids_here.add(uid)
-            # the PACS filtered already; check again, for PACS that ignore some keys
-            if str(st.get(key, value) or value) != value:
-                continue
-            sdate = str(st.get("StudyDate", "") or "")
-            day = parse_da(sdate)
-            if dated and day is not None and not (lo <= day <= hi):
-                continue  # outside the spec's date range (without one, no date excludes a study)
-            desc = str(st.get("StudyDescription", "") or "")
-            if study_re and not study_re.search(desc):
-                continue
-            unapplied = None
-            if day is None and dated:
-                what = "empty" if not sdate.strip() else "not a valid date"
-                unapplied = UnappliedFilter(inc.row, inc.subject, "study_date",
-                                            f"StudyDate {what}: the study is included, its date range unchecked")
-            if web is not None:
-                series = web.search("series", {}, _SERIES_FIELDS, study_uid=uid)
-            else:
-                series = _dimse_series(spec.pacs.dimse, uid, modalities)
-            ref = StudyRef(
-                inclusion_row=inc.row, subject=inc.subject, session=inc.session, study_instance_uid=uid,
-                study_date=sdate, study_description=desc,
-            )
-            done: set[str] = set()
-            for se in series:
-                se_uid = str(se.get("SeriesInstanceUID", ""))
-                if not se_uid or se_uid in done:
-                    continue
-                done.add(se_uid)
-                modality = str(se.get("Modality", "") or "").upper()
-                sdesc = str(se.get("SeriesDescription", "") or "")
-                if (
-                    (modalities and modality not in modalities)
-                    or (series_re and not series_re.search(sdesc))
-                    or (exclude_re and exclude_re.search(sdesc))
-                ):
-                    ref.excluded_series += 1
-                    continue
-                ref.series.append(
-                    SeriesRef(
-                        study_instance_uid=uid, series_instance_uid=se_uid, modality=modality,
-                        series_number=_int(se.get("SeriesNumber")), series_description=sdesc,
-                        announced_instances=_int(se.get("NumberOfSeriesRelatedInstances")),
-                    )
-                )
-            ref.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description))
-            if not ref.series:
-                continue
-            if uid in seen:
-                log.warning("inclusion row %d: a study already matched by another row is taken again", inc.row)
-            seen.add(uid)
-            kept_any = True
-            result.studies.append(ref)
-            if unapplied is not None:
-                log.warning("inclusion row %d: a study's date is unreadable, so the date filter was not applied "
-                            "to it: included", inc.row)
-                result.unapplied.append(unapplied)
-        if not kept_any:
-            result.unmatched.append(inc)
+    with open_transport(spec) as transport:
+        for inc in spec.inclusions:
+            if not _match_inclusion(spec, transport, inc, filters, result, seen):
+                result.unmatched.append(inc)
     log.info(
         "query: %d inclusion rows, %d studies matched, %d rows unmatched",
         len(spec.inclusions), len(result.studies), len(result.unmatched),
     )
     return result
+
+
+def _studies_of(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters) -> tuple[str, str, list[Dataset]]:
+    """The studies of one inclusion in the date window, and those a search in the window cannot
+    return: a StudyDate that is not a valid date, or a valid one outside the window (one search
+    without a date, universal matching, PS3.4 C.2.2.2.3). Returns (key, value, studies)."""
+    key, value = ("PatientID", inc.patient_id) if inc.patient_id else ("AccessionNumber", inc.accession_number)
+    what = f"study search for inclusion row {inc.row}"
+    studies = with_retries(spec.retries, lambda: transport.find_studies(key, value, f.lo, f.hi), what, log)
+    undated = with_retries(spec.retries, lambda: transport.find_studies(key, value, None, None), what, log)
+    studies = list(studies) + [st for st in undated
+                               if (d := parse_da(st.get("StudyDate"))) is None or not f.lo <= d <= f.hi]
+    return key, value, studies
+
+
+def _match_inclusion(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters, result: QueryResult,
+                     seen: set[str]) -> bool:
+    """Add the studies of one inclusion row to ``result``; False when none has a kept series."""
+    key, value, studies = _studies_of(spec, transport, inc, f)
+    kept_any = False
+    uids_here: set[str] = set()
+    for st in studies:
+        uid = str(st.get("StudyInstanceUID", ""))
+        if not uid or uid in uids_here:
+            continue
+        uids_here.add(uid)
+        # the PACS filtered already; check again, for PACS that ignore some keys
+        if str(st.get(key, value) or value) != value:
+            continue
+        sdate = str(st.get("StudyDate", "") or "")
+        day = parse_da(sdate)
+        if f.dated and day is not None and not (f.lo <= day <= f.hi):
+            continue  # outside the spec's date range (without one, no date excludes a study)
+        desc = str(st.get("StudyDescription", "") or "")
+        if f.study_re and not f.study_re.search(desc):
+            continue
+        ref = StudyRef(inclusion_row=inc.row, subject=inc.subject, session=inc.session, study_instance_uid=uid,
+                       study_date=sdate, study_description=desc)
+        series = with_retries(spec.retries, lambda: transport.find_series(uid, f.modalities),
+                              f"series search for inclusion row {inc.row}", log)
+        _keep_series(ref, series, f)
+        if not ref.series:
+            continue
+        if uid in seen:
+            log.warning("inclusion row %d: a study already matched by another row is taken again", inc.row)
+        seen.add(uid)
+        kept_any = True
+        result.studies.append(ref)
+        if day is None and f.dated:
+            what = "empty" if not sdate.strip() else "not a valid date"
+            log.warning("inclusion row %d: a study's date is unreadable, so the date filter was not applied "
+                        "to it: included", inc.row)
+            result.unapplied.append(UnappliedFilter(inc.row, inc.subject, "study_date",
+                                                    f"StudyDate {what}: the study is included, its date range unchecked"))
+    return kept_any
+
+
+def _keep_series(ref: StudyRef, series: list[Dataset], f: _Filters) -> None:
+    """Append to ``ref`` the series the filters keep (once each, by SeriesNumber), count the others."""
+    done: set[str] = set()
+    for se in series:
+        se_uid = str(se.get("SeriesInstanceUID", ""))
+        if not se_uid or se_uid in done:
+            continue
+        done.add(se_uid)
+        modality = str(se.get("Modality", "") or "").upper()
+        sdesc = str(se.get("SeriesDescription", "") or "")
+        if not f.keeps_series(modality, sdesc):
+            ref.excluded_series += 1
+            continue
+        ref.series.append(
+            SeriesRef(
+                study_instance_uid=ref.study_instance_uid, series_instance_uid=se_uid, modality=modality,
+                series_number=_int(se.get("SeriesNumber")), series_description=sdesc,
+                announced_instances=_int(se.get("NumberOfSeriesRelatedInstances")),
+            )
+        )
+    ref.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description))

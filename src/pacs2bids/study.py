@@ -28,7 +28,6 @@ from .model import StudyRef
 from .bids import write_series_provenance
 from .recorder import Outcomes, Recorder, reason
 from .run import META, RunContext, label, session_dir
-from .windows import wait_until_open
 
 log = logging.getLogger(__name__)
 DEID_WORKERS = 4  # series pseudonymised at once within a study
@@ -61,20 +60,6 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
-def _retrieve(spec: ProjectSpec, study: StudyRef, raw_root: Path, progress, log) -> list:
-    """Window wait, rate limit and fallback transport around the retrieval of one study."""
-    # TODO(issue 11, pacs branch): retrieve.retrieve_study does all this itself once it lands; then this is
-    # `retrieve.retrieve_study(spec, study, raw_root, progress=progress)`.
-    limiter = None
-    if spec.pacs.instances_per_minute:
-        # a study receives on one connection at a time, and at most max_associations are open
-        # to the PACS across every run: each gets its share, so the PACS never sends more than
-        # instances_per_minute in all
-        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_associations)
-    wait_until_open(spec.pacs.windows, log=log.info)
-    return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)
-
-
 def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progress=None, log=log) -> StudyResult:
     """Retrieve, pseudonymise and convert one study into ``ctx.staging``; see the module docstring.
 
@@ -85,7 +70,7 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     early = Recorder(keyed, result.retrieval)
     started = time.monotonic()
     try:
-        retrieved = _retrieve(spec, study, ctx.raw_root, progress, log)
+        retrieved = retrieve.retrieve_study(spec, study, ctx.raw_root, progress=progress)
     except Exception as exc:  # one study's failure never stops the others
         early.study_failed(study, reason(exc))
         log.error("%s: retrieval failed: %s", result.label, reason(exc))

@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from pacs2bids.convert.auto import NO_IMAGE, Verdict, convert_auto, judge_session
 from pacs2bids.convert.dcm2niix import Dcm2niixRun, SessionSeries, child_env, dcm2niix_exe, dcm2niix_session
 from pacs2bids.convert.heudiconv import convert_heudiconv
-from pacs2bids.convert.series import ConversionResult, ConvertedSeries, is_image_sop_class
+from pacs2bids.convert.series import ConversionResult, ConvertedSeries
+from pacs2bids.sopclasses import is_image_sop_class
 
 __all__ = [
     "NO_IMAGE", "ConversionResult", "ConvertedSeries", "Dcm2niixRun", "SessionSeries", "Verdict", "child_env",

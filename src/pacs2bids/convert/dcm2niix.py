@@ -15,7 +15,8 @@ from pathlib import Path
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 
-from pacs2bids.convert.series import ConvertedSeries, is_image_sop_class
+from pacs2bids.convert.series import ConvertedSeries
+from pacs2bids.sopclasses import is_image_sop_class
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.errors import ConversionError
 

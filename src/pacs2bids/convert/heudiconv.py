@@ -36,7 +36,8 @@ from pydicom.errors import InvalidDicomError
 from pacs2bids.bids import move_session, parse_name
 from pacs2bids.bids.layout import IMAGE_EXTS, remove_outputs, rename_outputs
 from pacs2bids.convert.dcm2niix import child_env
-from pacs2bids.convert.series import ConversionResult, ConvertedSeries, is_image_sop_class, keep_log
+from pacs2bids.convert.series import ConversionResult, ConvertedSeries, keep_log
+from pacs2bids.sopclasses import is_image_sop_class
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.errors import ConversionError
 from pacs2bids.heuristic_path import heuristic_file

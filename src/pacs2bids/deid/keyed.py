@@ -17,6 +17,8 @@ tells nothing about the others, and none of them is the secret itself.
   clinical file would let anyone holding that file (the PACS, another extraction) link it to
   its pseudonym (P13). Only the project key holder can recompute the keyed digest from a
   candidate file and so verify which clinical file a research file came from.
+- Raw folder and file names (the private retrieval area): ``HMAC-SHA256(k_raw, UID)``, hex,
+  under their own key (:func:`raw_name_key`), never under the secret itself.
 """
 
 from __future__ import annotations
@@ -49,6 +51,12 @@ AUDIT_MAC_PURPOSE = "audit-mac"
 def audit_mac_key(secret: bytes, project: str) -> bytes:
     """The key of the HMAC-chained logs, derived apart from every other key of the project."""
     return derive_key(secret, project, AUDIT_MAC_PURPOSE)
+
+
+def raw_name_key(secret: bytes, project: str) -> bytes:
+    """The key of the private raw folder's names (``<h(study)>/<h(series)>/<h(sop)>.dcm``,
+    :func:`pacs2bids.sink.keyed_name`): HKDF purpose ``raw-name``, apart from every other key."""
+    return derive_key(secret, project, "raw-name")
 
 
 def fernet_key(secret: bytes, project: str) -> bytes:

@@ -5,7 +5,7 @@ result cap never hides matches. WADO-RS (PS3.18 10.4) asks for
 ``multipart/related; type="application/dicom"`` and writes each part to a temporary file as
 it streams, byte for byte as the server sent it: no instance is held whole in memory.
 Credentials come from the environment variables the spec names. When a gate is installed for
-the PACS (:mod:`pacs2bids.limits`), every request holds one of its slots while in flight, and
+the PACS (:mod:`pacs2bids.pacs.gate`), every request holds one of its slots while in flight, and
 asks the server to close its connection with it: no idle keep-alive connection outlives its slot.
 """
 
@@ -23,9 +23,9 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.dataset import Dataset
 
-from . import limits
-from .config import DicomwebSettings
-from .errors import PacsError
+from ..config import DicomwebSettings
+from ..errors import PacsError
+from . import gate
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,9 @@ class WebPacs:
         self.settings = settings
         self.session = session or make_session(settings)
         self.client = DICOMwebClient(settings.url, session=self.session, timeout=settings.timeout)
+        # the stage retries transient failures (pacs2bids.pacs.retry); dicomweb-client would
+        # otherwise retry 408/429/503/504 itself, up to 5 times, inside each of ours
+        self.client.set_http_retry_params(retry=False)
         # Learnt result cap: a short page followed by a non-empty one means the server cuts
         # every answer at this size, and offsets are not to be trusted (Orthanc with
         # LimitFindResults). The caller then splits its question.
@@ -114,11 +117,11 @@ class WebPacs:
     @contextmanager
     def _slot(self) -> Iterator[None]:
         """Hold a slot of the PACS's gate, if any, for one request; its connection closes with it."""
-        if limits.gate_for(self.settings) is None:
+        if gate.gate_for(self.settings) is None:
             yield
             return
         self.session.headers["Connection"] = "close"
-        with limits.holding(self.settings):
+        with gate.holding(self.settings):
             try:
                 yield
             finally:

@@ -1,3 +1,7 @@
+"""The per-PACS bound on connections across runs and workers: a Prefect global concurrency limit
+(named by :func:`pacs_limit_name`), held by every association or DICOMweb request this process
+opens to the PACS once the flow calls :func:`use_pacs_limit` (through :mod:`pacs2bids.pacs.gate`)."""
+
 import contextvars
 import logging
 import os
@@ -7,16 +11,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from prefect import task
 from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 
-from pacs2bids import limits, retrieve
 from pacs2bids.config import ProjectSpec
-from pacs2bids.model import StudyRef
-from pacs2bids.windows import wait_until_open
-
-from . import TASK_DEFAULTS
+from pacs2bids.pacs import gate
 
 LEASE_SECONDS = 60.0  # a slot held by a process that died is freed after this long (Prefect's minimum)
 WAIT_LOG_SECONDS = 30.0  # a connection waiting for a slot says so this often
@@ -117,7 +116,7 @@ def ensure_pacs_limit(spec: ProjectSpec) -> str:
 
 
 class PrefectGate:
-    """A :data:`pacs2bids.limits.Gate` backed by a Prefect global concurrency limit.
+    """A :data:`pacs2bids.pacs.gate.Gate` backed by a Prefect global concurrency limit.
 
     Each slot is held by a small thread inside Prefect's ``concurrency`` context (which renews
     the slot's lease), so that a slot taken by one thread can be given back by another: an
@@ -180,29 +179,5 @@ def use_pacs_limit(spec: ProjectSpec) -> str:
     process opens to the PACS hold one of its slots. Returns the limit's name."""
     name = ensure_pacs_limit(spec)
     reclaim_dead_runs_slots(name)
-    limits.set_gate(spec.pacs, PrefectGate(name))
+    gate.set_gate(spec.pacs, PrefectGate(name))
     return name
-
-
-@task(name="retrieve_study", task_run_name="retrieve_study-sub-{study.subject}", **TASK_DEFAULTS)
-def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path) -> list[retrieve.RetrievedSeries]:
-    """C-GET, C-MOVE or WADO-RS of one study into the private raw folder; counts checked per series.
-
-    Waits for the PACS's retrieval window. Every association (or DICOMweb request) it opens holds
-    a slot of the PACS's global concurrency limit (:func:`use_pacs_limit`, installed by the flow);
-    series the chosen transport cannot retrieve whole go to the project's fallback transport, if any.
-    """
-    logger = get_run_logger()
-
-    def progress(series, done: int, total: int | None) -> None:
-        number = series.series_number if series.series_number is not None else "?"
-        logger.info("sub-%s series %s: %d/%s instances received", study.subject, number, done, total or "?")
-
-    limiter = None
-    if spec.pacs.instances_per_minute:
-        # a study receives on one connection at a time, and at most max_associations are open
-        # to the PACS across every run: each gets its share, so the PACS never sends more than
-        # instances_per_minute in all
-        limiter = retrieve.RateLimiter(spec.pacs.instances_per_minute / spec.pacs.max_associations)
-    wait_until_open(spec.pacs.windows, log=logger.info)
-    return retrieve.retrieve_study_with_fallback(spec, study, raw_root, progress=progress, limiter=limiter)

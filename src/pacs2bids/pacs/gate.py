@@ -5,10 +5,10 @@ request we have in flight holds one slot of the PACS's *gate* from before the co
 opened until after it is closed. A gate is a plain callable: ``gate()`` blocks until one more
 connection may be opened and returns ``release``, to be called once that connection is
 closed. The stage logic knows nothing else: the flow installs a gate backed by a Prefect
-global concurrency limit (:mod:`pacs2bids.tasks.retrieve`), so the bound holds across every
+global concurrency limit (:mod:`pacs2bids.tasks.pacs_limit`), so the bound holds across every
 run and worker sharing that Prefect server. Without a gate (``pacs2bids check``, ``deid
 --dry-run``, the library used directly) only the per-process bound of
-:class:`pacs2bids.dimse.AssociationPool` applies.
+:class:`pacs2bids.pacs.pool.AssociationPool` applies.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from .config import DicomwebSettings, DimseSettings, PacsSettings
+from ..config import DicomwebSettings, DimseSettings, PacsSettings
 
 Release = Callable[[], None]
 Gate = Callable[[], Release]

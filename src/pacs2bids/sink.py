@@ -1,0 +1,204 @@
+"""The receiving end of a retrieval: one :class:`SeriesSink` per series folder, and its ledger.
+
+Every file is written under a temporary name and renamed into place, so what is on disk is
+always whole; its name is a keyed hash of its SOPInstanceUID (:func:`keyed_name`), never the
+UID. Each series folder keeps ``.ledger.json`` (file name -> sha256, size, transport): the
+checksum of each file as received, before anything reads it, so the lineage can record (keyed)
+which received file each published instance came from (:func:`read_ledger`). Payloads that are
+not readable DICOM, or carry UIDs of another instance or series, go to the quarantine folder
+with a ``.reason.txt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from .checksum import sha256_file
+
+log = logging.getLogger(__name__)
+
+LEDGER = ".ledger.json"
+
+
+class RateLimiter:
+    """At most ``per_minute`` instances accepted per minute, shared by whoever holds it.
+    Delaying our C-STORE answers slows the PACS's sending: back-pressure, not polling (E5)."""
+
+    def __init__(self, per_minute: float):
+        self.interval = 60.0 / per_minute
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            delay = self._next - now
+            self._next = max(now, self._next) + self.interval
+        if delay > 0:
+            time.sleep(delay)
+
+
+def keyed_name(key: bytes, uid: str, length: int = 32) -> str:
+    """HMAC-SHA256 of ``uid`` under ``key`` (the raw-name key, :func:`pacs2bids.deid.keyed.raw_name_key`),
+    hex, first ``length`` characters."""
+    return hmac.new(key, uid.encode(), hashlib.sha256).hexdigest()[:length]
+
+
+def _move_into_place(src: Path, dest: Path) -> None:
+    """Rename ``src`` to ``dest`` atomically (copying first to a temporary name beside ``dest``
+    when they are on different file systems)."""
+    try:
+        os.replace(src, dest)
+    except OSError:
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        src.unlink(missing_ok=True)
+
+
+def _check_whole(ds: Dataset, path: Path) -> None:
+    """Raise ValueError if the file ends before its last element does (a cut transfer):
+    values larger than the defer size were not read, only their offsets and lengths."""
+    size = path.stat().st_size
+    tag = ds.keys().__reversed__().__next__() if len(ds) else None
+    if tag is None:
+        raise ValueError("empty data set")
+    raw = ds.get_item(tag)
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if tell is None or length is None:  # read whole: check native pixel data against its size
+        if tag == 0x7FE00010 and not ds.file_meta.TransferSyntaxUID.is_compressed:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            bits = int(ds.get("BitsAllocated", 8) or 8)
+            want = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * frames * bits // 8
+            if len(ds.PixelData) < want:
+                raise ValueError("pixel data is shorter than its rows and columns say (truncated)")
+        return
+    if length == 0xFFFFFFFF:  # encapsulated pixel data ends with a Sequence Delimitation Item
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 8))
+            if f.read(8) not in (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"):
+                raise ValueError("encapsulated pixel data is not closed (truncated)")
+    elif tell + length > size:
+        raise ValueError("the last element extends past the end of the file (truncated)")
+
+
+class SeriesSink:
+    """Receives the instances of one series: checks each, writes it in place, records it.
+
+    Called from pynetdicom's threads (C-GET, C-MOVE) or the WADO-RS reader. Thread-safe.
+    """
+
+    def __init__(self, key: bytes, study_uid: str, series_uid: str, folder: Path, quarantine: Path,
+                 limiter: RateLimiter | None = None, on_stored: Callable[[], None] | None = None,
+                 transport: str | None = None):
+        self.key, self.study_uid, self.series_uid = key, study_uid, series_uid
+        self.transport = transport  # c-get, c-move or wado-rs: recorded per file in the ledger
+        self.folder, self.quarantine_dir = folder, quarantine
+        self.limiter, self.on_stored = limiter, on_stored
+        self.lock = threading.Lock()
+        self.ledger: dict[str, dict] = {}
+        self.quarantined: list[tuple[str, str]] = []
+        self.stored = 0  # files written in this run
+        self.duplicates = 0  # arrived again although already on disk: not rewritten
+
+    # -- ledger -----------------------------------------------------------------------
+    def load(self, announced_names: set[str] | None) -> set[str]:
+        """Reconcile the folder with its ledger; returns the names of the good files on disk."""
+        self.ledger = read_ledger(self.folder)
+        present: set[str] = set()
+        for p in self.folder.iterdir():
+            if p.name.endswith(".part"):
+                p.unlink(missing_ok=True)  # left by a killed run
+                continue
+            if p.suffix != ".dcm":
+                continue
+            name = p.stem
+            size = p.stat().st_size
+            entry = self.ledger.get(name)
+            if entry is None:  # renamed into place, then the run died before the ledger was saved
+                entry = self.ledger[name] = {"sha256": sha256_file(p), "size": size, "transport": None}
+            if entry["size"] != size:
+                log.warning("a raw file differs from its ledger entry; fetching it again")
+                p.unlink()
+                self.ledger.pop(name, None)
+                continue
+            present.add(name)
+        for name in list(self.ledger):
+            if name not in present:
+                self.ledger.pop(name)
+        return present
+
+    def save(self) -> None:
+        with self.lock:
+            data = json.dumps({"version": 1, "instances": self.ledger}, indent=0, sort_keys=True)
+        tmp = self.folder / f"{LEDGER}.{uuid.uuid4().hex[:8]}.part"
+        tmp.write_text(data)
+        os.replace(tmp, self.folder / LEDGER)
+
+    # -- receiving --------------------------------------------------------------------
+    def _quarantine(self, path: Path, name: str, reason: str) -> None:
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        qname = f"{name}-{uuid.uuid4().hex[:8]}.dcm"
+        _move_into_place(path, self.quarantine_dir / qname)
+        (self.quarantine_dir / f"{qname}.reason.txt").write_text(reason + "\n")
+        with self.lock:
+            self.quarantined.append((qname, reason))
+        log.warning("a received payload was quarantined: %s", reason)
+
+    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None) -> int:
+        """Take the temporary file ``path`` (moved away; deleted otherwise by its creator).
+        Returns the C-STORE status to answer: 0x0000 stored, 0xC000 refused (PS3.4 B.2.3)."""
+        if self.limiter is not None:
+            self.limiter.wait()
+        name = keyed_name(self.key, sop_instance_uid) if sop_instance_uid else f"unnamed-{uuid.uuid4().hex[:12]}"
+        try:
+            ds = pydicom.dcmread(path, defer_size=1024)
+            payload_sop = str(ds.SOPInstanceUID)
+            study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
+            _check_whole(ds, path)
+        except Exception as exc:  # anything pydicom cannot read is quarantined, never stored
+            self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})")
+            return 0xC000
+        if sop_instance_uid and payload_sop != sop_instance_uid:
+            self._quarantine(path, name, "payload SOPInstanceUID differs from the one announced for it")
+            return 0xC000
+        if study != self.study_uid or series != self.series_uid:
+            self._quarantine(path, name, "payload belongs to another study or series than the one requested")
+            return 0xC000
+        name = keyed_name(self.key, payload_sop)
+        dest = self.folder / f"{name}.dcm"
+        with self.lock:
+            if dest.exists():
+                self.duplicates += 1
+                return 0x0000
+        digest, size = sha256_file(path), path.stat().st_size
+        _move_into_place(path, dest)
+        with self.lock:
+            self.ledger[name] = {"sha256": digest, "size": size, "transport": self.transport}
+            self.stored += 1
+        if self.on_stored is not None:
+            self.on_stored()
+        return 0x0000
+
+
+def read_ledger(folder: Path) -> dict[str, dict]:
+    """The retrieval ledger of one raw series folder: raw file name (without ``.dcm``) ->
+    ``{"sha256", "size", "transport"}`` (transport None for a file recovered after a killed
+    run). Empty when there is none."""
+    try:
+        return json.loads((Path(folder) / LEDGER).read_text()).get("instances", {})
+    except (OSError, ValueError):
+        return {}

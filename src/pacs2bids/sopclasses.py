@@ -1,0 +1,65 @@
+"""The SOP classes pacs2bids knows, in one place (PS3.4 Annex B.5).
+
+- :data:`IMAGE_CLASSES`: storage classes offered on every C-GET association with every
+  transfer syntax, compressed ones included, so their instances arrive as stored;
+- :data:`OTHER_CLASSES`: storage classes offered uncompressed (spectroscopy, SR, PR, KO...);
+- :data:`DEFAULT_STORAGE_CLASSES`: both, as UID strings (what our storage SCP accepts);
+- :func:`is_image_sop_class`: whether dcm2niix turns an instance's pixel data into NIfTI.
+"""
+
+from __future__ import annotations
+
+from pynetdicom import sop_class as sc
+
+IMAGE_CLASSES = [
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.UltrasoundImageStorage,
+    sc.UltrasoundMultiFrameImageStorage,
+    sc.SecondaryCaptureImageStorage,
+]
+OTHER_CLASSES = [
+    sc.MRSpectroscopyStorage,
+    sc.EnhancedMRColorImageStorage,
+    sc.LegacyConvertedEnhancedMRImageStorage,
+    sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.PositronEmissionTomographyImageStorage,
+    sc.EnhancedPETImageStorage,
+    sc.XRayAngiographicImageStorage,
+    sc.ComputedRadiographyImageStorage,
+    sc.DigitalXRayImageStorageForPresentation,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.MultiFrameSingleBitSecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sc.RawDataStorage,
+    sc.BasicTextSRStorage,
+    sc.EnhancedSRStorage,
+    sc.ComprehensiveSRStorage,
+    sc.KeyObjectSelectionDocumentStorage,
+    sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.EncapsulatedPDFStorage,
+    sc.SegmentationStorage,
+    sc.NuclearMedicineImageStorage,
+]
+DEFAULT_STORAGE_CLASSES = frozenset(str(u) for u in IMAGE_CLASSES + OTHER_CLASSES)
+
+# Families whose pixel data dcm2niix converts (a prefix covers the enhanced and legacy variants)
+IMAGE_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.4",  # MR family
+    "1.2.840.10008.5.1.4.1.1.2",  # CT family
+    "1.2.840.10008.5.1.4.1.1.128",  # PET
+    "1.2.840.10008.5.1.4.1.1.130",  # Enhanced PET
+    "1.2.840.10008.5.1.4.1.1.20",  # NM
+)
+_NON_IMAGE_EXACT = {str(sc.MRSpectroscopyStorage)}  # 1.2.840.10008.5.1.4.1.1.4.2, in the MR family
+
+
+def is_image_sop_class(uid: str) -> bool:
+    """True for the storage SOP classes whose pixel data dcm2niix turns into NIfTI (PS3.4 B.5)."""
+    uid = str(uid)
+    if uid in _NON_IMAGE_EXACT:
+        return False
+    return any(uid == p or uid.startswith(p + ".") for p in IMAGE_SOP_PREFIXES)
