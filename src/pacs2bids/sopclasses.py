@@ -4,7 +4,9 @@
   transfer syntax, compressed ones included, so their instances arrive as stored;
 - :data:`OTHER_CLASSES`: storage classes offered uncompressed (spectroscopy, SR, PR, KO...);
 - :data:`DEFAULT_STORAGE_CLASSES`: both, as UID strings (what our storage SCP accepts);
-- :func:`is_image_sop_class`: whether dcm2niix turns an instance's pixel data into NIfTI.
+- :func:`is_image_sop_class`: whether dcm2niix turns an instance's pixel data into NIfTI;
+- :data:`NOT_PUBLISHED`: classes whose instances pseudonymisation leaves out, with the reason;
+- :data:`SECONDARY_CAPTURE_PREFIX`: screenshots, whose pixels are checked for burned-in text.
 """
 
 from __future__ import annotations
@@ -63,3 +65,17 @@ def is_image_sop_class(uid: str) -> bool:
     if uid in _NON_IMAGE_EXACT:
         return False
     return any(uid == p or uid.startswith(p + ".") for p in IMAGE_SOP_PREFIXES)
+
+
+# Objects never published (their text or payload cannot be pseudonymised safely, or they are no image):
+# SOP class UID prefix -> the reason a series' record gives (P12, C4 in REQUIREMENTS.md)
+NOT_PUBLISHED = (
+    ("1.2.840.10008.5.1.4.1.1.88.", "structured report or key object selection (P12)"),
+    ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
+    ("1.2.840.10008.5.1.4.1.1.66", "raw data (C4)"),
+    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document (P12)"),
+    ("1.2.840.10008.1.3.10", "media storage directory (DICOMDIR)"),
+)
+
+# Secondary Capture (1.2.840.10008.5.1.4.1.1.7 and its multi-frame variants): screenshots, burned-in text likely
+SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"

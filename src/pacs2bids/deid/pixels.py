@@ -44,12 +44,12 @@ from pydicom.pixels import pack_bits
 from pydicom.uid import ExplicitVRLittleEndian
 
 from ..childenv import child_env
+from ..sopclasses import SECONDARY_CAPTURE_PREFIX
 
 MAX_OCR_FRAMES = 32
 MASK_CONFIDENCE = 0.0  # any box with a letter or digit is masked
 REMAIN_CONFIDENCE = 60.0
 _RISKY_MODALITIES = {"US", "SC", "OT", "XC", "ES"}
-_SC_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 
 
 class PixelError(Exception):
@@ -85,7 +85,7 @@ def risk_reason(ds: Dataset) -> str | None:
     modality = str(ds.get("Modality", "")).upper()
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     burned = str(ds.get("BurnedInAnnotation", "")).upper()
-    if sop.startswith(_SC_PREFIX):
+    if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return "Secondary Capture SOP class"
     if modality in _RISKY_MODALITIES:
         return f"modality {modality}"

@@ -35,17 +35,9 @@ from .patterns import compile_identifiers, date_tokens, looks_like_uid
 from .profile import Profile
 from .record import SeriesDeidResult, build_record, dry_run
 from .walk import apply
+from ..sopclasses import NOT_PUBLISHED
 
 log = logging.getLogger(__name__)
-
-_DROP = (
-    ("1.2.840.10008.5.1.4.1.1.88.", "structured report or key object selection (P12)"),
-    ("1.2.840.10008.5.1.4.1.1.11.", "presentation state"),
-    ("1.2.840.10008.5.1.4.1.1.66", "raw data (C4)"),
-    ("1.2.840.10008.5.1.4.1.1.104.", "encapsulated document (P12)"),
-    ("1.2.840.10008.1.3.10", "media storage directory (DICOMDIR)"),
-)
-
 
 def deid_dataset(ds: Dataset, ctx: FileContext, *, pixels_reviewed: bool) -> tuple[str | None, list[dict]]:
     """Pseudonymise one read file in place: its pixels at risk, its overlays, its elements.
@@ -142,7 +134,7 @@ class Pseudonymiser:
             return None
         if not sop:
             return "no SOP Class UID (not a composite instance)"
-        for prefix, reason in _DROP:
+        for prefix, reason in NOT_PUBLISHED:
             if sop.startswith(prefix):
                 return reason
         if not sop.startswith("1.2.840.10008."):
