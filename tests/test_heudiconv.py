@@ -11,20 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from pacs2bids.convert import convert_session
-
-HEURISTIC = """
-def create_key(template, outtype=("nii.gz",), annotation_classes=None):
-    return template, outtype, annotation_classes
-
-
-def infotodict(seqinfo):
-    dwi = create_key("{bids_subject_session_dir}/dwi/{bids_subject_session_prefix}_acq-project_dwi")
-    info = {dwi: []}
-    for s in seqinfo:
-        if "DWI" in s.series_description:
-            info[dwi].append(s.series_id)
-    return info
-"""
+from test_convert import PROJECT_HEURISTIC as HEURISTIC  # a project's own heudiconv heuristic
 
 
 def _pseudonymised_copy(src, dest) -> set[str]:
