@@ -1,10 +1,10 @@
 """End to end against its floors: one Orthanc, the floors, the anchors and ``pacs2bids run``, in one run.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'      # dicognito, pinned
-    .venv/bin/python benchmarks/bench_e2e.py [--corpus shared|sample] [--copies 1,10] [--quick] [--json FILE]
+    .venv/bin/python benchmarks/bench_e2e.py [--corpus shared|sample] [--copies 1,10] [--studies N] [--quick] [--json FILE]
 
 Starts Orthanc on loopback (DICOMweb on), loads the corpus (``--copies N``: N copies, each with new
-Study/Series/SOP Instance UIDs and patient IDs), then times
+Study/Series/SOP Instance UIDs and patient IDs; ``--studies N``: its first N studies only), then times
 - the floors: raw WADO-RS of every study (bytes dropped); one pynetdicom association C-GETting every
   study (files written); a bare pydicom read + write of every file; dcm2niix ``-z y`` of every series
   folder; every byte read once (beside the leak scan);
@@ -51,10 +51,10 @@ def end_to_end_floor(floors: dict, transport: str) -> float:
     return floors["c_get"]
 
 
-def measure(root: Path, copies: int, quick: bool, tmp: Path) -> dict:
+def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path) -> dict:
     """Everything, for one corpus size, on one fresh Orthanc."""
     with Orthanc(workdir=tmp / "orthanc") as o:
-        corpus = steps.load_corpus(o, root, copies)
+        corpus = steps.load_corpus(o, root, copies, studies)
         print(f"corpus: {root} x{copies}: {corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
               f"{len(corpus.study_patient)} studies, {len(corpus.patients)} patients", flush=True)
         floors, anchors = {}, {}
@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", choices=sorted(CORPORA), default=None,
                     help="shared (../shared/data/dicom; the default when present) or sample (the bundled one)")
     ap.add_argument("--copies", default="1", help="corpus copies, e.g. 1 or 1,10 (each size on a fresh Orthanc)")
+    ap.add_argument("--studies", type=int, default=0, help="keep only the corpus's first N studies (0: all)")
     ap.add_argument("--quick", action="store_true", help="skip the slow anchors (getscu, dicognito, heudiconv)")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args(argv)
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     figures = []
     for n in copies:
         with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-            figures.append(measure(root, n, args.quick, Path(tmp)))
+            figures.append(measure(root, n, args.studies, args.quick, Path(tmp)))
         print(table(figures[-1]), flush=True)
     if len(figures) > 1:
         print("\nscaling (time per study and peak RSS of the run):\n" + scaling(figures))
     if args.json:
-        args.json.write_text(json.dumps({"corpus": name, "quick": args.quick, "sizes": figures}, indent=2))
+        args.json.write_text(json.dumps({"corpus": name, "quick": args.quick, "studies": args.studies, "sizes": figures}, indent=2))
     return 0
 
 

@@ -57,11 +57,19 @@ def _copy(data: bytes, k: int) -> pydicom.Dataset | None:
     return ds
 
 
-def load_corpus(o: Orthanc, root: Path, copies: int) -> Corpus:
-    """Upload ``copies`` copies of every DICOM file under ``root`` (``*.gz`` opened) to Orthanc."""
+def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0) -> Corpus:
+    """Upload ``copies`` copies of every DICOM file under ``root`` (``*.gz`` opened) to Orthanc;
+    with ``studies``, of the files of the first ``studies`` studies met only."""
     corpus = Corpus()
     blobs: list[bytes] = []
-    sources = [data for _path, data in iter_dicom_bytes(root)]
+    sources, kept = [], set()
+    for _path, data in iter_dicom_bytes(root):
+        uid = str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                  .get("StudyInstanceUID", ""))
+        if studies and uid not in kept and len(kept) >= studies:
+            continue
+        kept.add(uid)
+        sources.append(data)
     for k in range(copies):
         for data in sources:
             ds = _copy(data, k)
@@ -237,7 +245,7 @@ def heudiconv_anchor(src: Path, out: Path) -> tuple[float, int]:
     subjects = sorted(p.name for p in src.iterdir() if p.is_dir())
     exe = shutil.which("heudiconv", path=str(VENV_BIN)) or "heudiconv"
     cmd = [exe, "-d", f"{src}/{{subject}}/*/*.dcm", "-s", *subjects, "-f", "convertall", "-c", "dcm2niix",
-           "-o", str(out), "--overwrite"]
+           "-o", str(out), "-b", "--overwrite"]
     env = {**os.environ, "NIPYPE_NO_ET": "1", "NO_ET": "1"}
     t, done = _timed(lambda: subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                                             timeout=3600))
