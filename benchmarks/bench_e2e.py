@@ -117,8 +117,7 @@ def table(fig: dict) -> str:
             lines.append(_row(f"  stage {stage}", stages.get(stage), floors.get(floor), floor or ""))
     lines.append("-" * 90)
     for transport in TRANSPORTS:
-        run, goal = fig["runs"][transport], fig["goals"][transport]
-        lines.append(f"peak RSS, pacs2bids run {transport}: {run['peak_rss_mb']:.0f} MB")
+        lines.append(f"peak RSS, pacs2bids run {transport}: {fig['runs'][transport]['peak_rss_mb']:.0f} MB")
     for transport, what in (("dicomweb", "the sum of the floors"), ("c-get", "the transfer floor")):
         goal = fig["goals"][transport]
         lines.append(f"GOAL end to end over {transport} <= {goal['goal']}x {what}: {goal['ratio']:.2f}x "
