@@ -24,7 +24,7 @@ def test_bench_e2e_quick_on_the_sample(tmp_path):
     figures = tmp_path / "figures.json"
     env = {**os.environ, "NIPYPE_NO_ET": "1", "PREFECT_HOME": str(tmp_path / "prefect")}
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--corpus", "sample", "--studies", "1", "--quick",
+        [sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--corpus", "sample", "--studies", "2", "--quick",
          "--json", str(figures)],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
     )
@@ -42,7 +42,7 @@ def test_bench_e2e_quick_on_the_sample(tmp_path):
     data = json.loads(figures.read_text())
     assert data["corpus"] == "sample" and data["quick"] is True
     (size,) = data["sizes"]
-    assert size["copies"] == 1 and size["studies"] == 1 and size["instances"] > 0 and size["megabytes"] > 0
+    assert size["copies"] == 1 and size["studies"] == 2 and size["instances"] > 0 and size["megabytes"] > 0
     assert set(size["floors"]) == set(FLOORS) and all(v > 0 for v in size["floors"].values())
     assert size["anchors"] == {}
     for transport in ("dicomweb", "c-get"):
