@@ -322,5 +322,8 @@ def pacs2bids_run(spec: Path) -> dict:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         summary = _summary(out.read())
+    if proc.returncode not in (0, 3):  # the run's own log (pacs2bids keeps identifiers out of it)
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        print(f"bench_e2e: pacs2bids run {spec} exited {proc.returncode}:\n" + "\n".join(tail), file=sys.stderr)
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": proc.returncode,
             "state": summary.get("state"), "stage_seconds": summary.get("stage_seconds"), "log": str(log)}
