@@ -123,11 +123,12 @@ def cget_floor(o: Orthanc, corpus: Corpus, out: Path) -> tuple[float, int]:
     from pynetdicom import AE, build_context, build_role, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
 
-    from pacs2bids import dimse  # sets STORE_RECV_CHUNKED_DATASET: received data goes to a file
+    from pacs2bids.pacs.contexts import accept_ignored_scp_roles, storage_contexts  # the package sets
+    from pacs2bids.pacs.scp import register_storage_class  # STORE_RECV_CHUNKED_DATASET: data goes to a file
 
     for uid in corpus.sop_classes:
-        dimse._register_storage_class(uid)
-    contexts = [build_context(GET), *dimse.storage_contexts(frozenset(corpus.sop_classes))]
+        register_storage_class(uid)
+    contexts = [build_context(GET), *storage_contexts(frozenset(corpus.sop_classes))]
     roles = [build_role(str(c.abstract_syntax), scp_role=True) for c in contexts[1:]]
     labels = {pid: f"P{i:03d}" for i, pid in enumerate(corpus.patients)}
     target: dict[str, Path] = {}
@@ -145,7 +146,7 @@ def cget_floor(o: Orthanc, corpus: Corpus, out: Path) -> tuple[float, int]:
                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
         if not assoc.is_established:
             raise RuntimeError(f"C-GET floor: Orthanc on port {o.dicom_port} refused the association")
-        dimse._accept_ignored_scp_roles(assoc)
+        accept_ignored_scp_roles(assoc)
         try:
             for n, (uid, pid) in enumerate(corpus.study_patient.items()):
                 target["dir"] = out / labels[pid] / f"{n:04d}"

@@ -50,7 +50,7 @@ def store_handler(get_receiver: Callable[[object], Receiver | None]):
 _REGISTER_LOCK = threading.Lock()
 
 
-def _register_storage_class(uid: str) -> None:
+def register_storage_class(uid: str) -> None:
     """Make pynetdicom's acceptor treat ``uid`` (a private or newer SOP class) as a Storage SOP
     class: it dispatches each request by SOP class, and aborts the association for one it does
     not know. Registered only for classes a query announced, not for everything
@@ -127,7 +127,7 @@ class StorageServer:
             known = {str(cx.abstract_syntax) for cx in self._server.contexts}
             fresh = sorted(set(classes) - known)
             for uid in fresh:
-                _register_storage_class(uid)
+                register_storage_class(uid)
             if fresh:
                 self._server.contexts = [*self._server.contexts,
                                          *(build_context(uid, UNCOMPRESSED + COMPRESSED) for uid in fresh)]
