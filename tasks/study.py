@@ -27,5 +27,5 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study
     result = _study.extract_study(spec, study, ctx, progress=progress, log=logger)
     if tracker is not None:
         tracker.add_bytes(result.received_bytes)
-        tracker.study_done(result.label, [s.series_instance_uid for s in study.series])
+        tracker.study_done([s.series_instance_uid for s in study.series])
     return result

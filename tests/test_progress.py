@@ -47,14 +47,14 @@ def test_totals_fractions_rate_and_eta():
     assert snap.mb_per_second == 1.5 and snap.eta is None
 
     clock.now += 30  # 40 s since the totals, one study of two done: 40 s left
-    t.study_done("sub-01", ["a", "b", "c"])
+    t.study_done(["a", "b", "c"])
     snap = t.snapshot()
-    assert snap.studies_done == 1 and snap.series_done == 3 and snap.last == "sub-01"
+    assert snap.studies_done == 1 and snap.series_done == 3
     assert snap.fraction == 0.5 and snap.eta == 40.0
     assert snap.text() == "studies 1/2 · series 3/4 · instances 30/60 · 0.4 MB/s · 40s left"
 
     t.received("d", 30, 30)
-    t.study_done("sub-02", ["d"])
+    t.study_done(["d"])
     t.finish()
     snap = t.snapshot()
     assert snap.fraction == 1.0 and snap.eta == 0.0 and snap.text().endswith("· done")
@@ -93,7 +93,7 @@ def test_concurrent_events_are_all_counted():
         for n in range(1, 101):
             t.received(f"s{i}", n, 100)
             t.add_bytes(10)
-        t.study_done(f"sub-{i}")
+        t.study_done()
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for th in threads:
@@ -147,7 +147,7 @@ def test_a_terminal_gets_a_bar_other_streams_lines():
     with show_progress(out):
         t = progress.open_run("run-tty")
         t.begin(studies())
-        t.study_done("sub-01")
+        t.study_done()
         t.finish()
     progress.close_run("run-tty")
     assert "studies 1/2" in out.getvalue() and "pacs2bids: progress:" not in out.getvalue()

@@ -14,7 +14,7 @@ tasks to run in other processes, :func:`tracker` would return None there and the
 report nothing: the events would then travel as Prefect events (``emit_event``) that the
 flow's process turns into the same calls on its tracker.
 
-The text holds counts, rates and pseudonymised labels only (``sub-XX``), never identifiers.
+The text holds counts and rates only, never identifiers; series are keyed in memory only.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ class Snapshot:
     bytes_received: int
     elapsed: float  # seconds since the totals were known
     finished: bool = False
-    last: str = ""  # the last study finished (its pseudonymised label)
 
     @property
     def fraction(self) -> float:
@@ -89,8 +88,9 @@ class RunProgress:
     """One run's progress; every method may be called from any thread.
 
     Events: :meth:`begin` (totals from the query's StudyRefs), :meth:`received` (a series'
-    instances so far, the retrieval's ``progress`` callback), :meth:`add_bytes`,
-    :meth:`series_done`, :meth:`study_done`, :meth:`finish`."""
+    instances so far, the retrieval's ``progress`` callback; a series is done once received
+    whole), :meth:`add_bytes`, :meth:`study_done` (the study and all its series done, whatever
+    their outcome), :meth:`finish`."""
 
     def __init__(self, run_id: str = "", clock: Callable[[], float] = time.monotonic):
         self.run_id, self._clock = run_id, clock
@@ -101,7 +101,6 @@ class RunProgress:
         self._series_done: set = set()
         self._started: float | None = None
         self._finished = False
-        self._last = ""
         self._observers: list[Callable[[Snapshot], None]] = []
 
     def subscribe(self, observer: Callable[[Snapshot], None]) -> None:
@@ -132,17 +131,11 @@ class RunProgress:
             self._bytes += n
         self._notify()
 
-    def series_done(self, series_key) -> None:
-        with self._lock:
-            self._series_done.add(series_key)
-        self._notify()
-
-    def study_done(self, label: str = "", series_keys: Iterable = ()) -> None:
+    def study_done(self, series_keys: Iterable = ()) -> None:
         """A study finished (whatever its outcome): it and its series count as done."""
         with self._lock:
             self._studies_done += 1
             self._series_done.update(series_keys)
-            self._last = label
         self._notify()
 
     def finish(self) -> None:
@@ -155,7 +148,7 @@ class RunProgress:
             elapsed = self._clock() - self._started if self._started is not None else 0.0
             return Snapshot(self._studies, min(self._studies_done, self._studies), self._series,
                             min(len(self._series_done), self._series), self._instances,
-                            sum(self._received.values()), self._bytes, elapsed, self._finished, self._last)
+                            sum(self._received.values()), self._bytes, elapsed, self._finished)
 
     def _notify(self) -> None:
         with self._lock:
