@@ -44,6 +44,7 @@ from pacs2bids.tasks.publish import publish_local
 from pacs2bids.tasks.query import find_studies
 from pacs2bids.tasks.released import include_released
 from pacs2bids.tasks.pacs_limit import use_pacs_limit
+from pacs2bids.tasks.progress import track_progress
 from pacs2bids.tasks.study import extract_study
 from pacs2bids.tasks.validate import validate_dataset
 
@@ -116,8 +117,9 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, l
     summary.subjects |= {s.subject for s in todo.studies}
     logger.info("%d studies of %d subjects selected", len(todo.studies), len(summary.subjects))
 
-    futures = [extract_study.submit(spec, study, ctx) for study in todo.studies]
-    results = [f.result() for f in futures]
+    with track_progress(spec.project, ctx.run_id, todo.studies, logger):  # the UI's and the terminal's progress
+        futures = [extract_study.submit(spec, study, ctx) for study in todo.studies]
+        results = [f.result() for f in futures]
     for r in results:  # every study's retrieval outcomes, then every study's conversion outcomes
         outcomes.extend(r.retrieval)
         summary.add_seconds(r.seconds)

@@ -1,6 +1,7 @@
 from prefect import task
 from prefect.logging import get_run_logger
 
+from pacs2bids import progress as _progress
 from pacs2bids import study as _study
 from pacs2bids.config import ProjectSpec
 from pacs2bids.model import StudyRef
@@ -12,11 +13,19 @@ from . import TASK_DEFAULTS
 @task(name="extract_study", task_run_name="extract_study-sub-{study.subject}", **TASK_DEFAULTS)
 def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study.StudyResult:
     """One study retrieved, pseudonymised and converted into the run's staging dataset
-    (:func:`pacs2bids.study.extract_study`); its progress goes to the Prefect run log."""
+    (:func:`pacs2bids.study.extract_study`); its progress goes to the Prefect run log and to the
+    run's tracker (:mod:`pacs2bids.progress`), when this process holds one."""
     logger = get_run_logger()
+    tracker = _progress.tracker(ctx.run_id)
 
     def progress(series, done: int, total: int | None) -> None:
         number = series.series_number if series.series_number is not None else "?"
         logger.info("sub-%s series %s: %d/%s instances received", study.subject, number, done, total or "?")
+        if tracker is not None:
+            tracker.received(series.series_instance_uid, done, total)
 
-    return _study.extract_study(spec, study, ctx, progress=progress, log=logger)
+    result = _study.extract_study(spec, study, ctx, progress=progress, log=logger)
+    if tracker is not None:
+        tracker.add_bytes(result.received_bytes)
+        tracker.study_done([s.series_instance_uid for s in study.series])
+    return result

@@ -66,3 +66,15 @@ def test_check_and_run_with_a_host_that_does_not_resolve(tmp_path):
     assert not (tmp_path / "out").exists()
     assert not list((tmp_path / ".out.pacs2bids-work").glob("staging-*")), "a failed run's staging was left"
     assert not list((tmp_path / ".out.pacs2bids-work").glob("scratch-*")), "a failed run's scratch was left"
+
+
+def test_run_without_a_terminal_prints_progress_lines(tmp_path, orthanc_factory, sample_dir):
+    """stderr is a pipe here: progress goes there as lines (no bar), counts and labels only."""
+    pacs = orthanc_factory(dicomweb=False)
+    pacs.upload(iter_dicom_files(sample_dir / "dcm_qa_philips"))
+    r = cli("run", str(spec_for(tmp_path, pacs, "phantom")), env_extra={"PREFECT_HOME": str(tmp_path / "prefect")})
+    assert r.returncode in (0, 3), r.stdout + r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("pacs2bids: progress: ")]
+    assert lines and lines[0].startswith("pacs2bids: progress: studies 0/1 · series 0/"), r.stderr[-3000:]
+    assert lines[-1].startswith("pacs2bids: progress: studies 1/1 · ") and lines[-1].endswith("· done"), lines
+    assert "\r" not in r.stderr and "phantom" not in "\n".join(lines)

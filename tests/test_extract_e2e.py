@@ -212,6 +212,20 @@ def prefect_artifacts_text() -> str:
     return asyncio.run(read())
 
 
+def run_progress_artifacts(run_id: str) -> list:
+    """The progress artifacts of one run, under the project's key (the e2e spec's project)."""
+    from prefect.client.orchestration import get_client
+
+    from pacs2bids.tasks.progress import progress_key
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts()
+
+    return [a for a in asyncio.run(read()) if a.key == progress_key("e2e-test")
+            and (a.description or "").startswith(f"pacs2bids run {run_id}:")]
+
+
 def run_extraction(spec: Path, monkeypatch):
     from pacs2bids.flows.extract import extract_project
 
@@ -347,6 +361,11 @@ def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, t
     assert [f.name for f in (work / "raw").iterdir()] == [".incoming"]  # no emptied study folders either
     assert (out / "sourcedata").is_dir() and list((out / "sourcedata").rglob("*.dcm"))
     assert f"pacs2bids run {summary['run_id']}" in prefect_artifacts_text()  # the UI's copy of the summary
+    # the UI's progress: one artifact, at 100 once every study is done, counts only in its text
+    (bar,) = run_progress_artifacts(summary["run_id"])
+    n = summary["studies"]
+    assert bar.type == "progress" and bar.data == 100, (bar.type, bar.data)
+    assert f"studies {n}/{n}" in bar.description and bar.description.endswith("· done"), bar.description
     # per-stage timings for the benchmarks, in the summary the work folder keeps
     stages = ["query", "retrieve", "pseudonymise", "convert", "released", "finalise", "validate", "lineage",
               "leak_scan", "publish"]

@@ -40,8 +40,11 @@ def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
         return EXIT_USAGE
     from pacs2bids.flows.extract import RunFailed, extract_project
 
+    from .progressview import show_progress
+
     try:
-        summary = extract_project(str(spec_path))
+        with show_progress(sys.stderr):  # a bar on a terminal, progress lines otherwise
+            summary = extract_project(str(spec_path))
     except RunFailed as exc:
         summary = exc.summary
     except Pacs2BidsError as exc:

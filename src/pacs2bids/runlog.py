@@ -45,12 +45,17 @@ def close_run_log(staging: Path) -> None:
             handler.close()
 
 
+def artifact_key(project: str) -> str:
+    """The project's key for its Prefect artifacts (lowercase letters, digits and dashes)."""
+    return "pacs2bids-" + (re.sub(r"[^a-z0-9-]+", "-", project.lower()).strip("-") or "project")
+
+
 def summary_artifact(project: str, summary: RunSummary, logger=log) -> None:
     """The run summary as a Prefect artifact, for the UI (pseudonymised like the summary;
     the leak tests read it back)."""
     from prefect.artifacts import create_markdown_artifact
 
-    key = "pacs2bids-" + (re.sub(r"[^a-z0-9-]+", "-", project.lower()).strip("-") or "project")
+    key = artifact_key(project)
     try:
         create_markdown_artifact(markdown="```\n" + summary.format() + "\n```", key=key,
                                  description=f"pacs2bids run {summary.run_id}: {summary.state}")

@@ -46,6 +46,7 @@ class StudyResult:
     raw_done: list[str] = field(default_factory=list)  # raw series folders to delete once published (E6)
     instances_part: str | None = None  # the study's per-instance lineage part, relative to staging
     seconds: dict[str, float] = field(default_factory=dict)  # retrieve, pseudonymise, convert
+    received_bytes: int = 0  # the sizes of the study's raw files, from their ledgers (the run's MB/s)
 
 
 def pseudonymiser(spec: ProjectSpec) -> Pseudonymiser:
@@ -78,6 +79,8 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     finally:
         result.seconds["retrieve"] = time.monotonic() - started
     log.info("%s: %d series retrieved", result.label, len(retrieved))
+    result.received_bytes = sum(e.get("size") or 0
+                                for rs in retrieved for e in retrieve.read_ledger(rs.folder).values())
     started = time.monotonic()
     deids = _pseudonymise(spec, study, ctx, retrieved, early, result)
     result.seconds["pseudonymise"] = time.monotonic() - started
