@@ -162,7 +162,7 @@ def test_instance_lineage_pairs_written_files_with_keyed_received_checksums(tmp_
 
     import pyarrow.parquet as pq
 
-    from pacs2bids import lineage
+    from pacs2bids.lineage import tables as lineage_tables
     from pacs2bids.deid.keyed import Keyed, derive_key
     from pacs2bids.lineage import format_instances, instance_records, instances_of, read_instances, write_instances
 
@@ -182,7 +182,7 @@ def test_instance_lineage_pairs_written_files_with_keyed_received_checksums(tmp_
             ledger[f"raw{i}"] = {"sha256": raw_sha, "size": 10, "transport": "c-get"}
     recs = instance_records(root, written, sources, ledger, subject="01", session=None, pseudo_study_uid="2.25.1",
                             pseudo_series_uid="2.25.2", received_digest=keyed.received_digest)
-    monkeypatch.setattr(lineage, "_BATCH", 3)
+    monkeypatch.setattr(lineage_tables, "_BATCH", 3)
     out = write_instances(root, iter(recs), run_id="r1", project="proj")
     assert out.name == "instances-r1.parquet" and pq.ParquetFile(out).metadata.num_row_groups == 3
     rows = {r["path"]: r for r in read_instances(root).to_pylist()}
