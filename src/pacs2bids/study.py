@@ -163,6 +163,7 @@ def _convert(spec: ProjectSpec, study: StudyRef, ctx: RunContext, deids: list[tu
         log.error("%s: conversion failed: %s", result.label, reason(exc))
         return
     by_uid = {c.series_uid: c for c in converted.series}
+    done = 0
     for rs, res in deids:
         c = by_uid.get(res.pseudo_series_uid)
         status = c.status if c else "skipped"
@@ -174,7 +175,8 @@ def _convert(spec: ProjectSpec, study: StudyRef, ctx: RunContext, deids: list[tu
         outputs = list(c.outputs) if c else []
         prov = _provenance(spec, ctx, result.label, res, outputs) if status == "converted" else None
         rec.converted(study, rs, res, status, why, outputs, prov)
-    log.info("%s: converted", result.label)
+        done += status == "converted"
+    log.info("%s: %d of %d series converted", result.label, done, len(deids))
 
 
 def _provenance(spec: ProjectSpec, ctx: RunContext, lbl: str, res, outputs: list[str]) -> str:

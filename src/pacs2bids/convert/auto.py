@@ -153,7 +153,7 @@ def convert_auto(dicom_dir: Path, bids_root: Path, *, subject: str, session: str
         if not run.series:
             log.warning("no image objects to convert in %s", label)
             return ConversionResult(results)
-        log.info("converted %d series of %s with dcm2niix", len(run.series), label)
+        log.info("dcm2niix read %d series of %s", len(run.series), label)
         kept_log = ""
 
         def failed_log() -> str:
