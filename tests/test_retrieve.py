@@ -341,10 +341,13 @@ def test_quarantined_payload_makes_series_incomplete(tmp_path, orthanc_factory, 
     uuid = o.get(f"/instances/{iid}/attachments/dicom/info")["Uuid"]
     stored = next((o.workdir / "db").rglob(uuid))
     stored.write_bytes(next(iter_dicom_files(sample_dir / "dcm_qa_philips")).read_bytes())
-    results = retrieve_study(spec, study, tmp_path / "work" / "raw")
+    early: list = []  # series handed over as soon as complete, before the study is done
+    results = retrieve_study(spec, study, tmp_path / "work" / "raw", on_complete=early.append)
     by = {r.series.series_instance_uid: r for r in results}
     bad = by[victim.series_instance_uid]
     assert bad.status == "incomplete" and bad.missing == 1 and bad.quarantined, bad.reason
+    assert [r.series.series_instance_uid for r in early] == [
+        r.series.series_instance_uid for r in results if r.status == "complete"]
     assert (tmp_path / "work" / "quarantine" / bad.quarantined[0][0]).is_file()
     assert all(r.status == "complete" for u, r in by.items() if u != victim.series_instance_uid)
 
@@ -361,8 +364,10 @@ def test_fallback_transport_retrieves_what_the_chosen_one_cannot(tmp_path, loade
     with pytest.raises(PacsError):
         alone = spec.model_copy(update={"pacs": spec.pacs.model_copy(update={"fallback": None})})
         retrieve_study(alone, study, tmp_path / "raw0")  # the chosen transport alone fails
-    got = retrieve_study(spec, study, tmp_path / "raw")
+    early: list = []
+    got = retrieve_study(spec, study, tmp_path / "raw", on_complete=early.append)
     assert [rs.status for rs in got] == ["complete"] * len(study.series)
+    assert sorted(rs.series.series_instance_uid for rs in early) == sorted(s.series_instance_uid for s in study.series)
     for rs in got:
         sops = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in iter_dicom_files(rs.folder)}
         assert len(sops) == rs.series.announced_instances == rs.received

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 INCOMING = ".incoming"
 
 Progress = Callable[[SeriesRef, int, "int | None"], None]
+OnComplete = Callable[["RetrievedSeries"], None]
 
 
 @dataclass
@@ -149,7 +150,7 @@ def _retrieve_series(spec: ProjectSpec, run: _SeriesRun) -> RetrievedSeries:
 
 
 def _retrieve_with(spec: ProjectSpec, kind: str | None, study: StudyRef, raw_root: Path, progress: Progress | None,
-                   limiter: RateLimiter | None) -> list[RetrievedSeries]:
+                   limiter: RateLimiter | None, on_complete: OnComplete | None = None) -> list[RetrievedSeries]:
     """Every series of ``study`` with one transport (``kind``: dimse, dicomweb; None: the chosen one)."""
     key = raw_name_key(spec.secret_bytes, spec.project)
     quarantine = raw_root.parent / "quarantine"
@@ -171,11 +172,13 @@ def _retrieve_with(spec: ProjectSpec, kind: str | None, study: StudyRef, raw_roo
             log.info("series #%s: %s, %d received, %d missing, %d quarantined",
                      series.series_number, rs.status, rs.received, rs.missing, len(rs.quarantined))
             out.append(rs)
+            if on_complete is not None and rs.status == "complete":
+                on_complete(rs)  # final: the fallback only takes what is not complete
     return out
 
 
 def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progress: Progress | None = None,
-                   limiter: RateLimiter | None = None) -> list[RetrievedSeries]:
+                   limiter: RateLimiter | None = None, on_complete: OnComplete | None = None) -> list[RetrievedSeries]:
     """Retrieve every series of ``study`` into ``raw_root``: the whole retrieval of one study.
 
     Waits for the PACS's retrieval window (``pacs.windows``); paces instances at
@@ -187,6 +190,8 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     write to the same keyed folders, so the fallback fetches only the missing instances.
 
     ``progress(series, stored_so_far, announced)`` is called after each attempt on a series.
+    ``on_complete(retrieved)`` is called, in the retrieving thread, as soon as a series is complete
+    on disk (its outcome is final), so that the caller can work on it while the next one arrives.
     Returns one :class:`RetrievedSeries` per series, in the study's order. Series already
     complete on disk cost one instance-list query and no transfer. Raises :class:`PacsError`
     when the PACS refuses for a reason a retry cannot fix (unreachable after retries is
@@ -198,7 +203,7 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     wait_until_open(spec.pacs.windows, log=log.info)
     chosen, fallback = spec.pacs.chosen, spec.pacs.fallback
     try:
-        first = _retrieve_with(spec, None, study, raw_root, progress, limiter)
+        first = _retrieve_with(spec, None, study, raw_root, progress, limiter, on_complete)
     except PacsError as exc:
         if fallback is None:
             raise
@@ -209,7 +214,7 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     if fallback is None or not todo:
         return first
     log.info("%d series not retrieved whole by %s: trying %s", len(todo), chosen, fallback)
-    second = _retrieve_with(spec, fallback, replace(study, series=todo), raw_root, progress, limiter)
+    second = _retrieve_with(spec, fallback, replace(study, series=todo), raw_root, progress, limiter, on_complete)
     by_uid = {**{rs.series.series_instance_uid: rs for rs in first}, **done,
               **{rs.series.series_instance_uid: rs for rs in second}}
     for rs in second:
