@@ -236,6 +236,10 @@ class PseudonymizationSettings(_Model):
     key_store: Path | None = Field(
         None, description="Where the encrypted matching key lives (default: beside work_dir, never under output)."
     )
+    workers: int | None = Field(
+        None, ge=1, description="Worker processes that pseudonymise files at once (default: PACS2BIDS_DEID_WORKERS, "
+        "else the machine's cores; 1 pseudonymises in the run's own process).",
+    )
 
 
 class RetrySettings(_Model):

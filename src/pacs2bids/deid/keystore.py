@@ -254,6 +254,13 @@ class KeyStore(ReidentificationAudit):
         with self._locked(exclusive=False):
             return frozenset(self._load().values)
 
+    def study_dates(self, subject: str) -> set[str]:
+        """The dates (``YYYYMMDD``) of the studies recorded for ``subject``: shifted wherever a
+        later series quotes them in its text."""
+        with self._locked(exclusive=False):
+            studies = self._load().doc["subjects"].get(subject, {}).get("studies", {})
+            return {str(s.get("study_date") or "") for s in studies.values()} - {""}
+
     def subjects(self) -> list[str]:
         with self._locked(exclusive=False):
             return sorted(self._load().doc["subjects"])

@@ -1,0 +1,135 @@
+"""Worker processes for pseudonymisation, so that every core works (issue 12).
+
+Threads share one interpreter lock: the per-file work of :mod:`pacs2bids.deid.series` in threads
+uses one core. :func:`map_ordered` runs a function over batches of work in a process pool shared
+by the whole process (created lazily, once per size, and shut down at exit) and yields the results
+in the order of the batches, so that the caller folds them as if it had run them one after the
+other. The pool's processes start in a ``forkserver`` context, never by ``fork``: Prefect and
+pynetdicom threads live in the parent, and a forked child would inherit their locks mid-flight.
+
+At most ``window`` batches of one caller are in flight (submitted and not yet folded): memory
+does not grow with the number of batches. With one worker, the function runs in the calling
+thread, in order: the same code path without processes.
+
+Log records a worker emits (warnings of the per-file work) are sent back with the batch's result
+and handled by the parent's logger of the same name, so that they reach the run's log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import threading
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterable, Iterator
+
+ENV = "PACS2BIDS_DEID_WORKERS"
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+_LOCK = threading.Lock()
+_RECORDS: list[dict] = []  # in a worker process: the log records of the batch it runs
+
+
+def worker_count(setting: int | None = None) -> int:
+    """How many processes pseudonymise at once: ``setting`` (the spec's
+    ``pseudonymization.workers``), else ``PACS2BIDS_DEID_WORKERS``, else the machine's cores.
+    Raises :class:`ValueError` naming the variable when it is not a whole number >= 1."""
+    if setting is not None:
+        return max(1, int(setting))
+    raw = os.environ.get(ENV, "").strip()
+    if not raw:
+        return max(1, os.cpu_count() or 1)
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"{ENV}={raw!r} is not a whole number >= 1: set it to the number of worker processes "
+                         "(1 pseudonymises in the run's own process)")
+    return n
+
+
+class _Capture(logging.Handler):
+    """In a worker: keeps the records of the running batch, to be sent back with its result."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _RECORDS.append({"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                         "msg": record.getMessage(), "pathname": record.pathname, "lineno": record.lineno,
+                         "funcName": record.funcName, "module": record.module, "created": record.created})
+
+
+def _init_worker() -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_Capture()]
+    root.setLevel(logging.WARNING)
+
+
+def executor(n: int) -> ProcessPoolExecutor:
+    """The process pool of ``n`` workers shared by this process (created on first use)."""
+    with _LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["pacs2bids.deid.series"])
+            pool = _POOLS[n] = ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker)
+    return pool
+
+
+@atexit.register
+def shutdown() -> None:
+    """Stop the shared pools (their workers exit)."""
+    with _LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _call(fn: Callable, args: tuple) -> tuple[object, list[dict]]:
+    """Run in a worker: ``fn(*args)`` and the log records it emitted."""
+    del _RECORDS[:]
+    try:
+        return fn(*args), list(_RECORDS)
+    finally:
+        del _RECORDS[:]
+
+
+def _relog(records: list[dict]) -> None:
+    """Hand a worker's records to the parent's loggers of the same names."""
+    for rec in records:
+        logger = logging.getLogger(rec["name"])
+        if logger.isEnabledFor(rec["levelno"]):
+            logger.handle(logging.makeLogRecord({**rec, "args": None, "exc_info": None,
+                                                 "processName": "pacs2bids-deid-worker"}))
+
+
+def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: int | None = None) -> Iterator:
+    """``fn(*batch)`` for each batch, yielded in the batches' order.
+
+    ``workers > 1``: in the shared process pool, at most ``window`` (default ``2 * workers``)
+    batches in flight; ``fn`` and its arguments must pickle. ``workers == 1``: in this thread.
+    A failure of ``fn`` is raised when its result is reached; the batches not yet run are cancelled.
+    """
+    if workers <= 1:
+        for batch in batches:
+            yield fn(*batch)
+        return
+    pool, todo, pending = executor(workers), iter(batches), deque()
+    window = window or 2 * workers
+    try:
+        for batch in todo:
+            pending.append(pool.submit(_call, fn, batch))
+            if len(pending) >= window:
+                break
+        while pending:
+            result, records = pending.popleft().result()
+            _relog(records)
+            for batch in todo:  # one in, one out
+                pending.append(pool.submit(_call, fn, batch))
+                break
+            yield result
+    finally:
+        for fut in pending:
+            fut.cancel()
