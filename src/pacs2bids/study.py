@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,9 +71,11 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     result = StudyResult(label(study.subject, study.session))
     early = Recorder(keyed, result.retrieval)
     started = time.monotonic()
-    try:
-        retrieved = retrieve.retrieve_study(spec, study, ctx.raw_root, progress=progress)
+    deid = _StudyDeid(spec, study, ctx)
+    try:  # each series is pseudonymised as soon as it is complete, while the next one arrives
+        retrieved = retrieve.retrieve_study(spec, study, ctx.raw_root, progress=progress, on_complete=deid.submit)
     except Exception as exc:  # one study's failure never stops the others
+        deid.abandon()
         early.study_failed(study, reason(exc))
         log.error("%s: retrieval failed: %s", result.label, reason(exc))
         return result
@@ -81,8 +84,8 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     log.info("%s: %d series retrieved", result.label, len(retrieved))
     result.received_bytes = sum(e.get("size") or 0
                                 for rs in retrieved for e in retrieve.read_ledger(rs.folder).values())
-    started = time.monotonic()
-    deids = _pseudonymise(spec, study, ctx, retrieved, early, result)
+    started = time.monotonic()  # what pseudonymisation takes beyond the retrieval it overlapped
+    deids = _pseudonymise(study, ctx, retrieved, deid, early, result)
     result.seconds["pseudonymise"] = time.monotonic() - started
     started = time.monotonic()
     if deids:
@@ -91,11 +94,61 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     return result
 
 
-def _pseudonymise(spec: ProjectSpec, study: StudyRef, ctx: RunContext, retrieved: list, rec: Recorder,
+class _StudyDeid:
+    """The pseudonymisation of one study's series, each started as soon as it is complete
+    (:func:`pacs2bids.retrieve.retrieve_study`'s ``on_complete``, in the retrieving thread) or
+    once retrieval is over. Up to :data:`DEID_WORKERS` series at once, each sending its files in
+    batches to the run's worker processes (:mod:`pacs2bids.deid.pool`). Every series starts
+    from what was known before the study (:meth:`Pseudonymiser.known`, with the study's date from
+    the query), whichever finished first: the outputs do not depend on the timing."""
+
+    def __init__(self, spec: ProjectSpec, study: StudyRef, ctx: RunContext):
+        self.spec, self.study, self.ctx = spec, study, ctx
+        self.src = session_dir(ctx.staging / "sourcedata", study.subject, study.session)
+        self._known = None
+        self.started: dict[str, tuple] = {}  # raw series folder -> (retrieved series, future)
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(max_workers=DEID_WORKERS, thread_name_prefix="pacs2bids-deid")
+
+    def out_dir(self, rs) -> Path:
+        number = rs.series.series_number if rs.series.series_number is not None else 0
+        return self.src / f"{number:03d}-{rs.folder.name[:12]}"
+
+    def _one(self, rs):
+        p = pseudonymiser(self.spec)  # one each, as one task each had
+        with self.lock:  # taken by the first series to start, before any of the study has finished
+            if self._known is None:
+                self._known = p.known(self.study.subject, [self.study.study_date or ""])
+        return p.pseudonymise_series(iter_dicom_files(rs.folder), self.out_dir(rs), subject=self.study.subject,
+                                     session=self.study.session, quarantine_dir=self.ctx.quarantine, known=self._known)
+
+    def submit(self, rs) -> None:
+        """Start pseudonymising a complete series (once)."""
+        with self.lock:
+            if str(rs.folder) not in self.started:
+                self.started[str(rs.folder)] = (rs, self.pool.submit(self._one, rs))
+
+    def result(self, rs):
+        """The series' :class:`~pacs2bids.deid.record.SeriesDeidResult` (started now if it was not)."""
+        self.submit(rs)
+        return self.started[str(rs.folder)][1].result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Retrieval failed: wait for the series started, and take their files out of staging
+        (the study is reported failed and publishes nothing)."""
+        self.close()
+        for rs, _ in self.started.values():
+            shutil.rmtree(self.out_dir(rs), ignore_errors=True)
+
+
+def _pseudonymise(study: StudyRef, ctx: RunContext, retrieved: list, deid: _StudyDeid, rec: Recorder,
                   result: StudyResult) -> list[tuple]:
-    """Pseudonymise the study's complete series in parallel into the staging ``sourcedata/``;
-    returns ``(retrieved, pseudonymised)`` of the series that still hold files to convert."""
-    src = session_dir(ctx.staging / "sourcedata", study.subject, study.session)
+    """Fold the pseudonymisation of the study's complete series, in the study's order, into the
+    records and lineage; returns ``(retrieved, pseudonymised)`` of the series that still hold
+    files to convert."""
     complete = []
     for rs in retrieved:
         for name, why in rs.quarantined:
@@ -104,20 +157,13 @@ def _pseudonymise(spec: ProjectSpec, study: StudyRef, ctx: RunContext, retrieved
             rec.not_retrieved_whole(study, rs)
         else:
             complete.append(rs)
-
-    def one(rs):
-        number = rs.series.series_number if rs.series.series_number is not None else 0
-        return pseudonymiser(spec).pseudonymise_series(  # one each, as one task each had
-            iter_dicom_files(rs.folder), src / f"{number:03d}-{rs.folder.name[:12]}", subject=study.subject,
-            session=study.session, quarantine_dir=ctx.quarantine)
-
+            deid.submit(rs)
     keyed = rec.keyed
     instances, deids = [], []
-    with ThreadPoolExecutor(max_workers=DEID_WORKERS, thread_name_prefix="pacs2bids-deid") as pool:
-        futures = [(rs, pool.submit(one, rs)) for rs in complete]
-        for rs, fut in futures:
+    try:
+        for rs in complete:
             try:
-                res = fut.result()
+                res = deid.result(rs)
             except Exception as exc:
                 rec.pseudonymisation_failed(study, rs, reason(exc))
                 continue
@@ -137,6 +183,8 @@ def _pseudonymise(spec: ProjectSpec, study: StudyRef, ctx: RunContext, retrieved
                 result.raw_done.append(str(rs.folder))
                 continue
             deids.append((rs, res))
+    finally:
+        deid.close()
     result.instances_part = write_instance_part(ctx.staging, result.label, instances)
     return deids
 

@@ -182,8 +182,8 @@ def _one_file(work: _FileWork, out: BatchResult, notes: Counter, index: int, pat
     if reason:
         out.files.append((index, "dropped", qname, reason, "", None))
         return
-    ctx = _file_context(work, out, notes, ds)
-    try:
+    try:  # a value that cannot be decoded (a corrupt sequence, say) fails this file only
+        ctx = _file_context(work, out, notes, ds)
         _remember_originals(work, out, ds)
         reason, pixel_log = deid_dataset(ds, ctx, pixels_reviewed=job.pixels_reviewed)
     except Exception as exc:  # any failure of the walk: never publish a half-done file

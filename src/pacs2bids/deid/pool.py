@@ -57,7 +57,8 @@ class _Capture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         _RECORDS.append({"name": record.name, "levelno": record.levelno, "levelname": record.levelname,
                          "msg": record.getMessage(), "pathname": record.pathname, "lineno": record.lineno,
-                         "funcName": record.funcName, "module": record.module, "created": record.created})
+                         "funcName": record.funcName, "module": record.module, "created": record.created,
+                         "process": record.process, "processName": record.processName})
 
 
 def _init_worker() -> None:
@@ -101,8 +102,7 @@ def _relog(records: list[dict]) -> None:
     for rec in records:
         logger = logging.getLogger(rec["name"])
         if logger.isEnabledFor(rec["levelno"]):
-            logger.handle(logging.makeLogRecord({**rec, "args": None, "exc_info": None,
-                                                 "processName": "pacs2bids-deid-worker"}))
+            logger.handle(logging.makeLogRecord({**rec, "args": None, "exc_info": None}))
 
 
 def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: int | None = None) -> Iterator:

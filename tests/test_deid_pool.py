@@ -1,0 +1,147 @@
+"""Pseudonymisation in worker processes (issue 12): batches of a series' files in a process pool
+give the same bytes, names, records, quarantine and key store as one process, on a real series
+with planted identifiers; a worker's warnings reach the run's log."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+
+from pacs2bids.config import PseudonymizationSettings
+from pacs2bids.deid import Pseudonymiser, scan_for_leaks
+from pacs2bids.deid import series as deid_series
+from pacs2bids.deid.keyed import shift_da
+from pacs2bids.deid.pool import ENV, worker_count
+
+SECRET = b"pool-test-secret-0123456789"
+NAME = "Vandermeulen^Hortense"
+PLANTED = [NAME, "PID77812034", "Ferrand^Basile", "RP99120457", "Clinique Saint-Aubert"]
+EARLIER_VISIT = "20180302"  # known before the series (the query's study date, say), in no file's elements
+
+
+def _plant(ds: Dataset, i: int) -> None:
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = NAME, "PID77812034", "19710203"
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = "20190412"
+    ds.InstitutionName = "Clinique Saint-Aubert"
+    item = Dataset()
+    item.RequestedProcedureID = "RP99120457"
+    item.RequestingPhysician = "Ferrand^Basile"
+    inner = Dataset()
+    inner.PatientName = NAME  # a name two sequences deep
+    item.ReferencedPatientSequence = Sequence([inner])
+    ds.RequestAttributesSequence = Sequence([item])
+    blk = ds.private_block(0x0019, "GEMS_ACQU_01", create=True)
+    blk.add_new(0x9C, "LO", f"Vandermeulen Hortense {i}")  # a private tag, not on a keep list
+    ds.ProtocolName = f"slice {i} of VANDERMEULEN, exam 2019-04-12, prior 02/03/2018"
+    if i == 5:  # acquired past midnight: a date of this file only...
+        ds.AcquisitionDate = ds.ContentDate = "20190413"
+    if i == 7:  # ... that another file quotes (shifted or not, the same whatever the batches)
+        ds.ProtocolName = "slice 7, acquired 2019-04-13"
+    if i in (2, 9):  # the same SOP Instance UID in two batches
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.4242"
+    if i in (3, 4):  # and twice in one batch
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.4343"
+
+
+def _corrupt_sequence(path: Path) -> None:
+    """Replace the value of the file's Request Attributes Sequence (explicit VR, defined length)
+    by 4 bytes that are no item: pydicom reads past it, and fails only when its value is read."""
+    data = path.read_bytes()
+    at = data.index(b"\x40\x00\x75\x02SQ\x00\x00")
+    length = int.from_bytes(data[at + 8:at + 12], "little")
+    path.write_bytes(data[:at + 8] + (4).to_bytes(4, "little") + b"\x01\x02\x03\x04" + data[at + 12 + length:])
+
+
+@pytest.fixture
+def series(sample_dir, tmp_path) -> Path:
+    """A real GE series (13 files) with identifiers planted in every file, one truncated file and
+    one whose sequence cannot be decoded."""
+    src = sample_dir / "dcm_qa_ge" / "In" / "01_Ax_DWI_TENSOR_R2"
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    files = sorted(p for p in src.iterdir() if p.is_file())[:13]
+    assert len(files) == 13
+    for i, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        _plant(ds, i)
+        ds.save_as(folder / f"{i:03d}.dcm")
+    _corrupt_sequence(folder / "011.dcm")
+    (folder / "012.dcm").write_bytes(b"\x00" * 128 + b"DICM" + b"\xff" * 10)  # cut after its magic
+    return folder
+
+
+def _run(series: Path, base: Path, workers: int):
+    p = Pseudonymiser("pool", SECRET, PseudonymizationSettings(workers=workers), base / "keys")
+    known = p.known("01", ["20190412", EARLIER_VISIT])
+    res = p.pseudonymise_series(sorted(series.iterdir()), base / "out" / "001-series", subject="01", session="a",
+                                quarantine_dir=base / "quarantine", known=known)
+    return p, res
+
+
+def test_worker_count(monkeypatch):
+    monkeypatch.setenv(ENV, "3")
+    assert worker_count() == 3 and worker_count(1) == 1  # the spec's setting wins
+    monkeypatch.delenv(ENV)
+    assert worker_count() == (os.cpu_count() or 1)
+    monkeypatch.setenv(ENV, "two")
+    with pytest.raises(ValueError, match=ENV):
+        worker_count()
+    with pytest.raises(ValueError, match="workers"):
+        PseudonymizationSettings(workers=0)
+
+
+def test_two_workers_give_the_same_outputs_as_one(series, tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.WARNING, logger="pacs2bids.deid.series")
+    monkeypatch.setattr(deid_series, "batch_size", lambda files, workers: 100 if workers == 1 else 3)
+    p1, one = _run(series, tmp_path / "w1", 1)  # one batch, in this process
+    from_parent = [r for r in caplog.records if "could not be pseudonymised" in r.getMessage()]
+    caplog.clear()
+    p2, two = _run(series, tmp_path / "w2", 2)  # five batches, in two processes
+    # the same files, byte for byte, under the same names, in the same order
+    assert len(one.written) == 11
+    assert [p.name for p in one.written] == [p.name for p in two.written]
+    for a, b in zip(one.written, two.written):
+        assert a.read_bytes() == b.read_bytes(), a.name
+    assert sorted(p.name for p in (tmp_path / "w2" / "out" / "001-series").iterdir()) == sorted(
+        p.name for p in two.written)  # no temporary name left
+    # duplicate SOP Instance UIDs named in file order, across batches and within one
+    names = [p.name for p in two.written]
+    dup = [n for n in names if n.endswith("-1.dcm")]
+    assert len(dup) == 2 and all(n.replace("-1.dcm", ".dcm") in names for n in dup)
+    assert names.index(dup[0].replace("-1.dcm", ".dcm")) < names.index(dup[0])
+    assert one.sources == two.sources and one.dropped == two.dropped
+    assert one.record == two.record and one.quarantined == two.quarantined
+    assert (one.pseudo_study_uid, one.pseudo_series_uid, one.series_number, one.series_description, one.modality) == (
+        two.pseudo_study_uid, two.pseudo_series_uid, two.series_number, two.series_description, two.modality)
+    # the key store learned the same
+    assert p1.identifiers() == p2.identifiers() and set(PLANTED) <= p2.identifiers()
+    assert p1.key_store.subjects() == p2.key_store.subjects() == ["01"]
+    assert p1.key_store.study_dates("01") == p2.key_store.study_dates("01") == {"20190412"}
+    # nothing identifying left; the dates quoted in text shifted, the one known before the series too
+    assert scan_for_leaks(tmp_path / "w2" / "out", PLANTED) == []
+    text = pydicom.dcmread(two.written[0]).ProtocolName
+    days = p2.keyed.day_offset("01")
+    shifted = shift_da("20190412", days)
+    earlier = shift_da(EARLIER_VISIT, days)
+    assert text == (f"slice 0 of , exam {shifted[:4]}-{shifted[4:6]}-{shifted[6:]}, "
+                    f"prior {earlier[6:]}/{earlier[4:6]}/{earlier[:4]}"), text
+    # the unreadable file and the one that failed reached the quarantine from a worker, with their reasons
+    whys = sorted(why for _, why in two.quarantined)
+    assert whys[0] == "pseudonymisation failed (OSError)" and whys[1].startswith("unreadable DICOM ("), whys
+    q = tmp_path / "w2" / "quarantine"
+    for qid, why in two.quarantined:
+        assert why in (q / f"{qid}.json").read_text()
+    (truncated,) = [qid for qid, why in two.quarantined if why.startswith("unreadable")]
+    assert (q / f"{truncated}.dcm").read_bytes() == (series / "012.dcm").read_bytes()
+    # the worker's warning reached this process's logger, as the in-process one did
+    from_worker = [r for r in caplog.records if "could not be pseudonymised" in r.getMessage()]
+    assert [r.getMessage() for r in from_worker] == [r.getMessage() for r in from_parent] == [
+        "file 12 of the series could not be pseudonymised: OSError"]
+    assert from_worker[0].process != os.getpid() and from_parent[0].process == os.getpid()
+    assert from_worker[0].name == "pacs2bids.deid.series" and from_worker[0].levelno == logging.WARNING
