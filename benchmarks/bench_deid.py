@@ -1,17 +1,21 @@
 """Throughput of pacs2bids.deid against a bare pydicom read+write of the same files.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'     # dicognito, pinned
-    .venv/bin/python benchmarks/bench_deid.py [folder-of-dicom] [--limit N] [--rounds R]
+    .venv/bin/python benchmarks/bench_deid.py [folder-of-dicom] [--limit N] [--rounds R] [--workers N]
 
 Defaults to the Siemens, GE and Philips series of the shared corpus (../shared/data/dicom);
 prints files/s and MB/s for each and the ratio. If ``dicognito`` is importable, it is timed
 too (same files, its default settings). The tools run in turn, ``R`` rounds, and each keeps
 its best round: a machine shared with other work slows whichever tool runs at that moment.
+``pacs2bids.deid`` runs in this process (``workers=1``); ``--workers N`` (N > 1) adds a row: the
+same files as one series, in batches to N worker processes (:mod:`pacs2bids.deid.pool`, started
+before the timing), with the ratio to the bare read + write on one core and the scaling.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import sys
 import tempfile
@@ -23,6 +27,7 @@ import pydicom
 
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import Pseudonymiser
+from pacs2bids.deid.pool import executor
 from pacs2bids.dicomfiles import iter_dicom_bytes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,8 +55,9 @@ def bare(files: list[Path], out: Path) -> None:
         pydicom.dcmread(f).save_as(out / f"{i}.dcm")
 
 
-def ours(files: list[Path], out: Path, work: Path) -> None:
-    p = Pseudonymiser("bench", b"benchmark-secret-0123456789", PseudonymizationSettings(), work / "keys")  # a new key store
+def ours(files: list[Path], out: Path, work: Path, workers: int = 1) -> None:
+    settings = PseudonymizationSettings(workers=workers)
+    p = Pseudonymiser("bench", b"benchmark-secret-0123456789", settings, work / "keys")  # a new key store
     p.pseudonymise_series(files, out, subject="01", session=None, quarantine_dir=work / "q")
 
 
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("root", nargs="?", type=Path, default=DEFAULT)
     ap.add_argument("--limit", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=0, help="add a row for N worker processes (N > 1)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-deid-") as tmp:
         work = Path(tmp)
@@ -90,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             "pydicom read+write": lambda r: timed(bare, files, work / f"bare{r}"),
             "pacs2bids.deid": lambda r: timed(ours, files, work / f"ours{r}", work / f"r{r}"),
         }
-        try:
-            import dicognito  # noqa: F401
-
+        if args.workers > 1:
+            executor(args.workers).submit(int).result()  # the pool's processes started, outside the timing
+            tools[f"deid --workers {args.workers}"] = lambda r: timed(
+                ours, files, work / f"pool{r}", work / f"p{r}", args.workers)
+        if importlib.util.find_spec("dicognito") is not None:
             tools["dicognito"] = lambda r: timed(dicognito_run, files, work / f"dicognito{r}")
-        except ImportError:
+        else:
             print("dicognito not installed: skipped")
         best = {name: float("inf") for name in tools}
         for r in range(args.rounds):
@@ -105,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(files)} files, {mb:.1f} MB, best of {args.rounds} rounds")
         for name, secs in rows:
             print(f"{name:22s} {len(files) / secs:8.1f} files/s {mb / secs:8.1f} MB/s  x{secs / base:5.2f} of bare pydicom")
+        if args.workers > 1:
+            one, many = best["pacs2bids.deid"], best[f"deid --workers {args.workers}"]
+            print(f"{args.workers} workers: x{one / many:4.2f} the speed of one (x{many * args.workers / base:4.2f} "
+                  f"of bare pydicom per core)")
     return 0
 
 
