@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pydicom
@@ -145,3 +146,51 @@ def test_two_workers_give_the_same_outputs_as_one(series, tmp_path, monkeypatch,
         "file 12 of the series could not be pseudonymised: OSError"]
     assert from_worker[0].process != os.getpid() and from_parent[0].process == os.getpid()
     assert from_worker[0].name == "pacs2bids.deid.series" and from_worker[0].levelno == logging.WARNING
+
+
+def test_a_study_pseudonymises_each_series_while_the_next_is_retrieved(orthanc_factory, sample_dir, tmp_path,
+                                                                      monkeypatch):
+    """Real Orthanc, real C-GET: each time retrieval hands a complete series over, the retrieving
+    thread waits until that series is pseudonymised in staging; it could not if pseudonymisation
+    started only after the study's retrieval."""
+    from pacs2bids import retrieve
+    from pacs2bids.config import load_spec
+    from pacs2bids.pacs import close_pools
+    from pacs2bids.publish import staging_dir
+    from pacs2bids.query import find_studies
+    from pacs2bids.run import RunContext, session_dir
+    from pacs2bids.study import extract_study
+
+    pacs = orthanc_factory()
+    assert pacs.upload(sorted((sample_dir / "dcm_qa_nih").rglob("*.dcm"))) == 8
+    (tmp_path / "inclusions.csv").write_text("patient_id,subject\nDEV,01\n")
+    (tmp_path / "spec.yaml").write_text(
+        "project: overlap\n"
+        f"pacs:\n  dimse: {{ae_title: {pacs.aet}, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n"
+        "selection: {inclusions: inclusions.csv}\noutput: out\n")
+    spec = load_spec(tmp_path / "spec.yaml", environ={"PACS2BIDS_PROJECT_SECRET": "o" * 32})
+    (study,) = find_studies(spec).studies
+    assert len(study.series) == 4
+    ctx = RunContext(spec, "overlap-run", None, staging_dir(spec.output, spec.resolved_work_dir, "overlap-run"))
+    src = session_dir(ctx.staging / "sourcedata", study.subject, study.session)
+    real, seen = retrieve.retrieve_study, []
+
+    def waiting(spec, study, raw_root, *, on_complete=None, **kw):
+        def handed(rs):
+            on_complete(rs)
+            out = src / f"{rs.series.series_number:03d}-{rs.folder.name[:12]}"
+            deadline = time.monotonic() + 30
+            while len(list(out.glob("*.dcm"))) < rs.received and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen.append(len(list(out.glob("*.dcm"))))
+        return real(spec, study, raw_root, on_complete=handed, **kw)
+
+    monkeypatch.setattr(retrieve, "retrieve_study", waiting)
+    try:
+        result = extract_study(spec, study, ctx)
+    finally:
+        close_pools()
+    assert seen == [2, 2, 2, 2]  # each series pseudonymised before the next one was retrieved
+    assert len(result.raw_done) == 4 and result.instances_part
+    assert len(list((ctx.staging / ".pacs2bids" / "deid" / result.label).glob("series-*.json"))) == 4
+    assert len(result.conversion.series) == 4 and not result.retrieval.study_failures
