@@ -194,3 +194,13 @@ def test_a_study_pseudonymises_each_series_while_the_next_is_retrieved(orthanc_f
     assert len(result.raw_done) == 4 and result.instances_part
     assert len(list((ctx.staging / ".pacs2bids" / "deid" / result.label).glob("series-*.json"))) == 4
     assert len(result.conversion.series) == 4 and not result.retrieval.study_failures
+
+
+def test_a_dead_worker_fails_its_batch_and_the_next_call_gets_a_new_pool():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from pacs2bids.deid.pool import map_ordered
+
+    with pytest.raises(BrokenProcessPool):
+        list(map_ordered(os._exit, [(3,), (3,)], 2))  # the worker process exits mid-batch
+    assert list(map_ordered(pow, [(2, 3), (3, 2)], 2)) == [8, 9]

@@ -24,6 +24,7 @@ import os
 import threading
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
 ENV = "PACS2BIDS_DEID_WORKERS"
@@ -111,6 +112,8 @@ def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: in
     ``workers > 1``: in the shared process pool, at most ``window`` (default ``2 * workers``)
     batches in flight; ``fn`` and its arguments must pickle. ``workers == 1``: in this thread.
     A failure of ``fn`` is raised when its result is reached; the batches not yet run are cancelled.
+    A worker that dies breaks the pool (:class:`BrokenProcessPool` is raised): it is replaced at the
+    next call, so one lost series does not fail the rest of the run.
     """
     if workers <= 1:
         for batch in batches:
@@ -124,7 +127,13 @@ def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: in
             if len(pending) >= window:
                 break
         while pending:
-            result, records = pending.popleft().result()
+            try:
+                result, records = pending.popleft().result()
+            except BrokenProcessPool:  # a worker died (killed, out of memory): the next series gets a new pool
+                with _LOCK:
+                    if _POOLS.get(workers) is pool:
+                        del _POOLS[workers]
+                raise
             _relog(records)
             for batch in todo:  # one in, one out
                 pending.append(pool.submit(_call, fn, batch))
