@@ -87,8 +87,8 @@ class Known:
     """What is known before a series: identifying values searched for in its text, the subject's
     dates shifted wherever its text quotes them (each file adds its own)."""
 
-    values: frozenset[str]
-    dates: frozenset[str]
+    values: frozenset[str] = field(repr=False)  # original values: never in a log or a traceback
+    dates: frozenset[str] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class SeriesJob:
 
     token: str
     project: str
-    secret: bytes
+    secret: bytes = field(repr=False)
     settings: PseudonymizationSettings
     subject: str
     session: str | None
@@ -107,7 +107,7 @@ class SeriesJob:
     pixels_reviewed: bool = False
 
 
-@dataclass
+@dataclass(repr=False)  # holds original values: its repr shows none
 class BatchResult:
     """What the files of one batch gave. ``files`` holds per file, in order, ``(index, kind,
     qname, detail, sop, info)``: kind ``written`` (detail: its temporary name, sop: its new SOP
@@ -124,6 +124,9 @@ class BatchResult:
     patient_names: set[str] = field(default_factory=set)
     studies: dict[str, dict] = field(default_factory=dict)  # the first file of each study wins
     first: tuple | None = None  # original study and series UIDs, series number of the first readable file
+
+    def __repr__(self) -> str:
+        return f"BatchResult({len(self.files)} files)"
 
 
 class _FileWork:

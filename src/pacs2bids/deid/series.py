@@ -126,7 +126,8 @@ class Pseudonymiser:
         """Pseudonymise the files of one series into ``out_dir``.
 
         Files go in batches to ``workers`` processes (default: ``settings.workers``, see
-        :func:`pacs2bids.deid.pool.worker_count`); each is read and written one at a time (memory
+        :func:`pacs2bids.deid.pool.worker_count`; a series of one batch stays in this process);
+        each is read and written one at a time (memory
         does not grow with the series). Unreadable files and files whose pixels cannot be
         cleaned with confidence are copied to ``quarantine_dir`` under a keyed name with a
         ``.reason.txt``; dropped SOP classes are listed. A file's text is cleaned of its own
