@@ -204,3 +204,28 @@ def test_a_dead_worker_fails_its_batch_and_the_next_call_gets_a_new_pool():
     with pytest.raises(BrokenProcessPool):
         list(map_ordered(os._exit, [(3,), (3,)], 2))  # the worker process exits mid-batch
     assert list(map_ordered(pow, [(2, 3), (3, 2)], 2)) == [8, 9]
+
+
+def test_a_later_series_quoting_an_earlier_study_date_is_shifted_across_pseudonymisers(sample_dir, tmp_path):
+    """The flow makes one Pseudonymiser per series: a study date the key store recorded for the
+    subject (an earlier visit) is known before the next series, and shifted where its text quotes it."""
+    files = sorted((sample_dir / "dcm_qa_nih").rglob("*.dcm"))[:2]
+    first, second = pydicom.dcmread(files[0]), pydicom.dcmread(files[1])
+    for elem in second.iterall():  # the second visit's own dates are all another day
+        if elem.VR == "DA" and elem.value:
+            elem.value = "20190301"
+        elif elem.VR == "DT" and elem.value:
+            elem.value = "20190301" + str(elem.value)[8:]
+    first_date = first.StudyDate
+    assert first_date != "20190301"
+    second.SeriesDescription = f"T1 suivi, comparer au {first_date}"
+    for name, ds in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        ds.save_as(tmp_path / name / "1.dcm")
+    outs = []
+    for name in ("a", "b"):
+        p = Pseudonymiser("dates", SECRET, PseudonymizationSettings(workers=1), tmp_path / "keys")  # one per series
+        res = p.pseudonymise_series([tmp_path / name / "1.dcm"], tmp_path / f"o{name}", subject="01", session=name,
+                                    quarantine_dir=tmp_path / "q")
+        outs.append(pydicom.dcmread(res.written[0]))
+    assert outs[1].SeriesDescription == f"T1 suivi, comparer au {outs[0].StudyDate}" != second.SeriesDescription
