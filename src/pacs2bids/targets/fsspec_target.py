@@ -168,6 +168,11 @@ class FsspecTarget:
         """Put every file of the manifest in ``vdir``; returns the files to re-read at verification.
         The marker goes first: a half-sent version is recognised as this project's."""
         files = manifest["files"]
+        for rel in sorted(set(there) - set(files) - {MANIFEST_PATH}):  # partial files (.part) of a cut upload
+            try:
+                store.fs.rm_file(f"{vdir}/{rel}")
+            except FileNotFoundError:
+                pass
         order = sorted(files, key=lambda rel: (rel != MARKER, rel))
         reread: set[str] = set()
         prev_dir = store.path(f"{VERSIONS}/{previous.get('version')}") if previous.get("version") else None
@@ -187,9 +192,6 @@ class FsspecTarget:
             report.sent_files += 1
             report.sent_bytes += entry["size"]
             reread.add(rel)
-        extra = set(there) - set(files) - {MANIFEST_PATH}
-        for rel in sorted(extra):  # left by an attempt at another build of this version: not ours now
-            store.fs.rm_file(f"{vdir}/{rel}")
         return reread
 
     def _remote_sha256(self, store: Store, path: str) -> str:
