@@ -29,7 +29,7 @@ from pacs2bids.pacs import close_pools
 from pacs2bids.errors import LeakDetected, NothingToPublish, Pacs2BidsError, RunFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.logsafety import quiet_third_party_loggers
-from pacs2bids.publish import staging_dir, work_area, write_marker
+from pacs2bids.publish import current_version, staging_dir, work_area, write_marker
 from pacs2bids.recorder import Outcomes, Recorder
 from pacs2bids.register import skip_already_published
 from pacs2bids.released import awaiting_review, mark_published
@@ -46,6 +46,7 @@ from pacs2bids.tasks.released import include_released
 from pacs2bids.tasks.pacs_limit import use_pacs_limit
 from pacs2bids.tasks.progress import track_progress
 from pacs2bids.tasks.study import extract_study
+from pacs2bids.tasks.targets import publish_target
 from pacs2bids.tasks.validate import validate_dataset
 
 __all__ = ["extract_project", "RunFailed", "NothingToPublish"]
@@ -82,7 +83,12 @@ def extract_project(spec_path: str) -> dict:
                 dead = dead_letters.fold(outcomes.records, run_id=run_id)
                 summary.dead_letter = [asdict(e) for e in dead]
                 parts = [r.instances_part for r in [*results, released] if r.instances_part]
-                _check_and_publish(ctx, summary, Recorder(outcomes=outcomes), parts)
+                if summary.studies == 0 and not released.included and current_version(spec.output) is not None:
+                    summary.unchanged = True  # nothing new: no revalidation, no new version (issue 13)
+                    summary.finish()
+                    logger.info("nothing new since the last run: the published dataset is left as it is")
+                else:
+                    _check_and_publish(ctx, summary, Recorder(outcomes=outcomes), parts)
             except Pacs2BidsError as exc:
                 summary.errors.append(str(exc))
                 summary.finish()
@@ -91,6 +97,7 @@ def extract_project(spec_path: str) -> dict:
                 raise RunFailed(str(exc), summary.to_dict()) from None
     finally:
         close_pools()  # idle associations would hold the PACS's slots until the reaper's turn
+    _publish_targets(spec, summary)  # the local version, now current, to each secondary target
     remove_raw([f for r in results for f in r.raw_done])  # the clinical copy goes once its research copy is published
     mark_published(spec, ctx.quarantine, released.included, run_id)
     dead_letters.save(dead)
@@ -163,6 +170,19 @@ def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder,
         raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
     with summary.timed("publish"):
         publish_local(staging, spec.output, ctx.run_id)
+
+
+def _publish_targets(spec, summary: RunSummary) -> None:
+    """One ``publish_target`` per secondary target, at once; a failed one makes the run "completed with
+    failures" (the local dataset is published, and the next run resumes the target)."""
+    version = current_version(spec.output)
+    if not spec.targets or version is None:
+        return
+    with summary.timed("targets"):
+        futures = [publish_target.submit(spec, i, version) for i in range(len(spec.targets))]
+        summary.targets = [f.result() for f in futures]
+    if any(t["state"] == "failed" for t in summary.targets) and summary.state == "completed":
+        summary.state = "completed with failures"
 
 
 def _write_summary(ctx: RunContext, summary: RunSummary, logger) -> None:
