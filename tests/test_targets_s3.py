@@ -221,3 +221,19 @@ def test_a_second_run_publishing_to_the_same_target_waits_or_refuses(s3, prefix,
     finally:
         lock.release()
     assert not s3.filesystem().exists(f"{prefix}/.pacs2bids-lock.json")
+
+
+def test_credentials_from_a_prefect_secret_block(s3, prefix, tmp_path, prefect_harness):
+    """``credentials_block`` names a Prefect Secret block holding the keys; no environment variable is used."""
+    from prefect.blocks.system import Secret
+
+    from pacs2bids.tasks.targets import _block_secrets
+
+    name = f"s3-{uuid.uuid4().hex[:8]}"
+    Secret(value={"access_key_id": s3.access_key, "secret_access_key": s3.secret_key}).save(name)
+    settings = StorageTargetSettings(kind="s3", url=f"s3://{prefix}", endpoint_url=s3.endpoint,
+                                     credentials_block=name)
+    v1 = make_version(tmp_path, "20260101T000000Z-aaaa")
+    target = FsspecTarget(settings, project=PROJECT, fingerprint=None, environ={}, block=_block_secrets(name)[name])
+    assert publish(target, v1).verified
+    assert read_current(s3.filesystem(), prefix)[1] == local_files(v1)
