@@ -116,7 +116,8 @@ def test_store_killed_mid_publish_then_restarted_resumes_without_loss_or_duplica
         prefix = f"{BUCKET}/killed"
         v1 = make_version(tmp_path, "20260101T000000Z-aaaa", subjects=2)
         publish(_target(server, prefix), v1)
-        v2 = make_version(tmp_path, "20260102T000000Z-bbbb", subjects=60, size=30000, base=v1)
+        v2 = make_version(tmp_path, "20260102T000000Z-bbbb", subjects=150, size=100_000, files_per_subject=2,
+                          base=v1)
         failure: list[BaseException] = []
 
         def run():
@@ -145,13 +146,13 @@ def test_store_killed_mid_publish_then_restarted_resumes_without_loss_or_duplica
         fs = server.filesystem()
         manifest, files = read_current(fs, prefix)  # the reader still finds the previous version, whole
         assert manifest["version"] == v1.name and files == local_files(v1)
-        partial = len(fs.find(vdir))
-        assert 0 < partial < len(local_files(v2))
+        partial = len(fs.find(vdir))  # sent before the kill (uploads are concurrent: maybe all, never verified)
+        assert 0 < partial <= len(local_files(v2))
 
         report = publish(_target(server, prefix), v2)  # the run repeated
         assert report.skipped_files >= partial - 2 and report.sent_files + report.copied_files + \
             report.skipped_files == len(local_files(v2))
-        assert report.sent_files < len(local_files(v2)) - len(local_files(v1))
+        assert report.sent_files <= len(local_files(v2)) - partial + 2
         manifest, files = read_current(fs, prefix)
         assert files == local_files(v2)
         listed = {k.removeprefix(vdir + "/") for k in fs.find(vdir)}
