@@ -29,10 +29,10 @@ from pacs2bids.pacs import close_pools
 from pacs2bids.errors import LeakDetected, NothingToPublish, Pacs2BidsError, RunFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.logsafety import quiet_third_party_loggers
-from pacs2bids.publish import current_version, staging_dir, work_area, write_marker
+from pacs2bids.publish import current_version, seed_staging, staging_dir, work_area, write_marker
 from pacs2bids.recorder import Outcomes, Recorder
 from pacs2bids.register import skip_already_published
-from pacs2bids.released import awaiting_review, mark_published
+from pacs2bids.released import awaiting_review, mark_published, project_quarantine
 from pacs2bids.run import META, RunContext, RunSummary, assign_sessions
 from pacs2bids.runlog import close_run_log, run_log, summary_artifact
 from pacs2bids.study import StudyResult, remove_raw
@@ -73,9 +73,9 @@ def extract_project(spec_path: str) -> dict:
                         study_failures=summary.study_failures, released=summary.released)
     dead_letters = DeadLetters(ctx.work / "dead-letter.json")
     try:
-        with work_area(ctx), run_log(ctx.staging / META / "logs" / f"run-{run_id}.log"):
+        with work_area(ctx, seed=False), run_log(ctx.staging / META / "logs" / f"run-{run_id}.log"):
             try:
-                results = _extract_studies(ctx, summary, outcomes, logger)
+                results, seeded = _extract_studies(ctx, summary, outcomes, logger)
                 with summary.timed("released"):
                     released = include_released(spec, ctx)
                 outcomes.extend(released.outcomes)
@@ -83,7 +83,7 @@ def extract_project(spec_path: str) -> dict:
                 dead = dead_letters.fold(outcomes.records, run_id=run_id)
                 summary.dead_letter = [asdict(e) for e in dead]
                 parts = [r.instances_part for r in [*results, released] if r.instances_part]
-                if summary.studies == 0 and not released.included and current_version(spec.output) is not None:
+                if not seeded and current_version(spec.output) is not None:
                     summary.unchanged = True  # nothing new: no revalidation, no new version (issue 13)
                     summary.finish()
                     logger.info("nothing new since the last run: the published dataset is left as it is")
@@ -106,8 +106,11 @@ def extract_project(spec_path: str) -> dict:
     return summary.to_dict()
 
 
-def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, logger) -> list[StudyResult]:
-    """Query, skip what the dataset holds already, then one ``extract_study`` per study."""
+def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
+                     logger) -> tuple[list[StudyResult], bool]:
+    """Query, skip what the dataset holds already, then one ``extract_study`` per study. Staging is
+    seeded from the published dataset only when there is something new (studies, released files):
+    returns the results and whether it was."""
     spec = ctx.spec
     with summary.timed("query"):
         found = find_studies(spec)
@@ -123,6 +126,9 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, l
     summary.studies = len(todo.studies)
     summary.subjects |= {s.subject for s in todo.studies}
     logger.info("%d studies of %d subjects selected", len(todo.studies), len(summary.subjects))
+    seeded = bool(todo.studies or project_quarantine(spec, ctx.quarantine).released())
+    if seeded:  # something new: the run starts from the published dataset (a no-op run copies nothing)
+        seed_staging(spec.output, ctx.staging, merge=True)
 
     with track_progress(spec.project, ctx.run_id, todo.studies, logger):  # the UI's and the terminal's progress
         futures = [extract_study.submit(spec, study, ctx) for study in todo.studies]
@@ -132,7 +138,7 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, l
         summary.add_seconds(r.seconds)
     for r in results:
         outcomes.extend(r.conversion)
-    return results
+    return results, seeded
 
 
 def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder, instance_parts: list[str]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,12 @@ def test_run_publishes_to_s3_output_and_a_folder_then_a_no_op_rerun_sends_nothin
         assert files == local_files(version) and manifest["version"] == version.name
         assert json.loads((mirror / "CURRENT.json").read_text())["version"] == version.name
 
+        import shutil
+
+        copies, copytree = [], shutil.copytree
+        monkeypatch.setattr(shutil, "copytree", lambda src, *a, **k: copies.append(src) or copytree(src, *a, **k))
         second = extract_project(str(spec))  # nothing new
+        assert version not in map(Path, copies), "a run with nothing new copied the dataset into staging"
         assert second["unchanged"] and not second["published"] and second["state"] == "completed"
         assert current_version(loaded.output) == version  # no new local version
         assert [(t["state"], t["sent_bytes"], t["copied_files"]) for t in second["targets"]] == [
