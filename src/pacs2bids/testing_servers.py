@@ -125,20 +125,18 @@ class SeaweedS3:
 
     def _wait_ready(self, timeout: float) -> None:
         """Until a bucket can be created and listed (the volume server registers after the port opens)."""
-        import s3fs
-
         deadline, last = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             try:
                 fs = self.filesystem()
-                fs.mkdir("pacs2bids-ready", exist_ok=True) if not fs.exists("pacs2bids-ready") else None
+                if not fs.exists("pacs2bids-ready"):
+                    fs.mkdir("pacs2bids-ready")
                 fs.pipe_file("pacs2bids-ready/probe", b"ok")
                 fs.rm_file("pacs2bids-ready/probe")
                 return
             except Exception as exc:  # noqa: BLE001 - still starting
                 last = exc
                 time.sleep(0.5)
-        del s3fs
         raise RuntimeError(f"SeaweedFS S3 not ready within {timeout:.0f} s: {type(last).__name__}: {last}")
 
     def filesystem(self, key: str | None = None, secret: str | None = None):
