@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from ..errors import SpecError
+from .targets import TargetSettings, move_url_output
 
 
 class _Model(BaseModel):
@@ -251,7 +252,11 @@ class ProjectSpec(_Model):
     selection: SelectionSettings
     pseudonymization: PseudonymizationSettings = Field(default_factory=PseudonymizationSettings)
     heuristic: str = Field("auto", description="A heuristic shipped in heuristics/, or a path to one.")
-    output: Path = Field(description="Local folder where the finished BIDS dataset appears.")
+    output: Path = Field(description="Local folder where the finished BIDS dataset appears, or a URL (s3://, sftp://): "
+                         "then the dataset is published locally in a hidden folder and copied there (docs/STORAGE.md).")
+    targets: list[TargetSettings] = Field(
+        default_factory=list, description="More places each published version is copied to (docs/STORAGE.md).")
+    output_url: str | None = Field(None, description="Set from a URL output (the first target); not to be written.")
     work_dir: Path | None = Field(
         None, description="Scratch space for retrieval and conversion (default: beside output, hidden)."
     )
@@ -268,6 +273,11 @@ class ProjectSpec(_Model):
     spec_path: Path | None = Field(None, exclude=True)
     secret: SecretStr | None = Field(None, exclude=True, repr=False)
     inclusions: tuple[Inclusion, ...] = Field((), exclude=True, repr=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_output(cls, data):
+        return move_url_output(data) if isinstance(data, dict) else data
 
     @field_validator("sidecar_fields")
     @classmethod

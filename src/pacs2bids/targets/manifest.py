@@ -1,0 +1,101 @@
+"""A published version's manifest: every file's relative path, size and SHA-256.
+
+Built once from the local published version (each file read once, in blocks), saved inside it as
+``.pacs2bids/manifest.json`` (not listed in itself) and published with it, so that a researcher
+can check a copy::
+
+    jq -r '.files | to_entries[] | "\\(.value.sha256)  \\(.key)"' .pacs2bids/manifest.json | sha256sum -c
+
+A manifest already saved for the same version is read back, not recomputed (a re-run with
+nothing new reads no dataset byte); one copied from an earlier version (the next run's staging
+starts from the published dataset) names another version and is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+FORMAT = "pacs2bids-manifest/1"
+MANIFEST_PATH = ".pacs2bids/manifest.json"
+_TMP_PATH = ".pacs2bids/.manifest.json.tmp"
+BLOCK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(version: Path) -> dict:
+    """The manifest of the version folder ``version`` (regular files only, sorted paths)."""
+    files: dict[str, dict] = {}
+    for dirpath, dirnames, filenames in os.walk(version):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(version).as_posix()
+            if rel in (MANIFEST_PATH, _TMP_PATH) or path.is_symlink() or not path.is_file():
+                continue
+            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    files = dict(sorted(files.items()))
+    return {"format": FORMAT, "version": version.name, "files": files,
+            "total_bytes": sum(f["size"] for f in files.values())}
+
+
+def encode(manifest: dict) -> bytes:
+    """The manifest's bytes as published (stable: sorted keys), whose SHA-256 CURRENT names."""
+    return (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+
+
+def manifest_sha256(manifest: dict) -> str:
+    return hashlib.sha256(encode(manifest)).hexdigest()
+
+
+def read_manifest(data: bytes) -> dict:
+    """A manifest from its bytes; raises ValueError when it is not one."""
+    manifest = json.loads(data)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise ValueError("not a pacs2bids manifest")
+    return manifest
+
+
+def ensure_manifest(version: Path) -> dict:
+    """The manifest of ``version``: read from ``.pacs2bids/manifest.json`` when it was saved for
+    this version, else built and saved there (written to a temporary name, then renamed)."""
+    path = version / MANIFEST_PATH
+    if path.is_file():
+        try:
+            saved = read_manifest(path.read_bytes())
+        except (OSError, ValueError):
+            saved = None
+        if saved is not None and saved.get("version") == version.name:
+            return saved
+    manifest = build_manifest(version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = version / _TMP_PATH
+    tmp.write_bytes(encode(manifest))
+    os.replace(tmp, path)
+    return manifest
+
+
+def check_copy(root: Path, manifest: dict) -> list[str]:
+    """What differs between the folder ``root`` and ``manifest``: files missing, of another size or
+    checksum, or not listed (relative paths; empty when the copy is whole and exact)."""
+    problems = []
+    for rel, entry in manifest["files"].items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"missing: {rel}")
+        elif p.stat().st_size != entry["size"] or file_sha256(p) != entry["sha256"]:
+            problems.append(f"differs: {rel}")
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file() and rel != MANIFEST_PATH and rel not in manifest["files"]:
+            problems.append(f"not in the manifest: {rel}")
+    return sorted(problems)
