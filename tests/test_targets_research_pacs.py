@@ -21,14 +21,10 @@ from pydicom.dataset import Dataset
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import Pseudonymiser
 from pacs2bids.dicomfiles import iter_dicom_files
-from pacs2bids.errors import PacsError
 from pacs2bids.orthanc import free_port
-from pacs2bids.targets.research_pacs import (
-    DicomwebTarget,
-    DimseTarget,
-    ResearchPacsTarget,
-    dicom_paths,
-)
+from pacs2bids.config.targets import DicomwebTargetSettings, DimseTargetSettings, TargetSettings
+from pacs2bids.targets import open_targets
+from pacs2bids.targets.research_pacs import ResearchPacsError, ResearchPacsTarget, dicom_paths
 from pacs2bids.targets.research_pacs_send import Push, WebPeer
 
 SECRET = b"research-pacs-test-secret-0123456789"
@@ -75,10 +71,10 @@ def _held(orthanc) -> dict[str, str]:
 
 def _target(kind: str, orthanc, **kw) -> ResearchPacsTarget:
     if kind == "dicomweb":
-        spec = DicomwebTarget(kind="dicomweb", name="rp", url=orthanc.dicomweb_url, batch_instances=5, **kw)
+        spec = DicomwebTargetSettings(kind="dicomweb", name="rp", url=orthanc.dicomweb_url, batch_instances=5, **kw)
     else:
-        spec = DimseTarget(kind="dimse", name="rp", host="127.0.0.1", port=orthanc.dicom_port,
-                           ae_title=orthanc.aet, **kw)
+        spec = DimseTargetSettings(kind="dimse", name="rp", host="127.0.0.1", port=orthanc.dicom_port,
+                                   ae_title=orthanc.aet, **kw)
     return ResearchPacsTarget(spec)
 
 
@@ -127,7 +123,7 @@ def test_killed_mid_push_then_completed_without_duplicates(kind, version, orthan
             pacs.kill()
 
     target.on_sent = kill_at_ten
-    with pytest.raises(PacsError, match="research PACS 'rp'.*run again") as err:
+    with pytest.raises(ResearchPacsError, match="research PACS rp: .*run again") as err:
         target.publish(root, manifest)
     assert err.value.transient
     first = max(counts)
@@ -153,9 +149,11 @@ def test_instances_the_pacs_refuses_are_listed_and_the_rest_goes_on(kind, versio
     patient = pacs.get("/patients")[0]
     requests.put(f"{pacs.url}/patients/{patient}/protected", data="1", timeout=30).raise_for_status()
     target = _target(kind, pacs)
-    with caplog.at_level(logging.INFO):
-        report = target.publish(root, manifest)
+    with caplog.at_level(logging.INFO), pytest.raises(ResearchPacsError, match="does not hold 27 of the 35") as err:
+        target.publish(root, manifest)
+    report = err.value.report
     refused = _paths(version, "02")
+    assert refused[0] in str(err.value) and report.state == "failed"
     assert report.skipped_files == 1 and report.sent_files == 34
     assert not report.verified
     assert sorted(report.failed) == refused
@@ -181,7 +179,9 @@ def test_success_answered_for_an_instance_the_pacs_dropped_is_not_verified(versi
     lua.write_text('function ReceivedInstanceFilter(dicom, origin, info)\n'
                    f'  return dicom.SOPInstanceUID ~= "{_sop(root / dropped)}"\nend\n')
     pacs = orthanc_factory(extra={"LuaScripts": [str(lua)]})
-    report = _target("dimse", pacs).publish(root, manifest)
+    with pytest.raises(ResearchPacsError, match="does not hold 1 of the 35") as err:
+        _target("dimse", pacs).publish(root, manifest)
+    report = err.value.report
     assert report.sent_files == 35 and not report.verified
     assert report.failed == {dropped: "answered as stored, but the PACS does not hold it after the push"}
 
@@ -189,9 +189,9 @@ def test_success_answered_for_an_instance_the_pacs_dropped_is_not_verified(versi
 def test_wrong_called_ae_title_is_a_clear_error(version, orthanc_factory):
     root, manifest = version
     pacs = orthanc_factory(extra={"DicomCheckCalledAet": True})
-    target = ResearchPacsTarget(DimseTarget(kind="dimse", name="rp", host="127.0.0.1", port=pacs.dicom_port,
-                                            ae_title="NOTTHEPACS"))
-    with pytest.raises(PacsError, match=r"research PACS 'rp'.*rejected.*'NOTTHEPACS'") as err:
+    target = ResearchPacsTarget(DimseTargetSettings(kind="dimse", host="127.0.0.1", port=pacs.dicom_port,
+                                                    ae_title="NOTTHEPACS"))
+    with pytest.raises(ResearchPacsError, match=r"research PACS dimse:NOTTHEPACS@.*rejected.*'NOTTHEPACS'") as err:
         target.publish(root, manifest)
     assert not err.value.transient
     assert pacs.statistics()["CountInstances"] == 0
@@ -204,7 +204,7 @@ def test_wrong_password_is_a_clear_error_and_never_shown(version, orthanc_factor
     monkeypatch.setenv("RP_USER", "pusher")
     monkeypatch.setenv("RP_PASSWORD", "wrong-battery-3")
     target = _target("dicomweb", pacs, username_env="RP_USER", password_env="RP_PASSWORD")
-    with caplog.at_level(logging.DEBUG), pytest.raises(PacsError, match=r"research PACS 'rp'.*HTTP 401.*RP_PASSWORD") as err:
+    with caplog.at_level(logging.DEBUG), pytest.raises(ResearchPacsError, match=r"research PACS rp: .*HTTP 401.*RP_PASSWORD") as err:
         target.publish(root, manifest)
     assert not err.value.transient
     assert "wrong-battery-3" not in str(err.value) + caplog.text
@@ -217,9 +217,9 @@ def test_wrong_password_is_a_clear_error_and_never_shown(version, orthanc_factor
 def test_missing_credentials_variable_is_named(version, monkeypatch):
     root, manifest = version
     monkeypatch.delenv("RP_NOT_SET", raising=False)
-    target = ResearchPacsTarget(DicomwebTarget(kind="dicomweb", name="rp", url="http://127.0.0.1:9/dicom-web",
-                                               username_env="RP_NOT_SET", password_env="RP_NOT_SET"))
-    with pytest.raises(PacsError, match="RP_NOT_SET not set"):
+    target = ResearchPacsTarget(DicomwebTargetSettings(kind="dicomweb", url="http://127.0.0.1:9/dicom-web",
+                                                       username_env="RP_NOT_SET", password_env="RP_NOT_SET"))
+    with pytest.raises(ResearchPacsError, match="RP_NOT_SET not set"):
         target.publish(root, manifest)
 
 
@@ -228,28 +228,51 @@ def test_unreachable_pacs_is_a_clear_transient_error(kind, version):
     root, manifest = version
     port = free_port()  # nothing listens there
     if kind == "dicomweb":
-        spec = DicomwebTarget(kind="dicomweb", name="rp", url=f"http://127.0.0.1:{port}/dicom-web", timeout=5)
+        spec = DicomwebTargetSettings(kind="dicomweb", name="rp", url=f"http://127.0.0.1:{port}/dicom-web", timeout=5)
     else:
-        spec = DimseTarget(kind="dimse", name="rp", host="127.0.0.1", port=port, ae_title="RESEARCH", timeout=5)
-    with pytest.raises(PacsError, match=r"research PACS 'rp'.*(server is running|PACS is running)") as err:
+        spec = DimseTargetSettings(kind="dimse", name="rp", host="127.0.0.1", port=port, ae_title="RESEARCH", timeout=5)
+    with pytest.raises(ResearchPacsError, match=r"research PACS rp: .*(server is running|PACS is running)") as err:
         ResearchPacsTarget(spec).publish(root, manifest)
     assert err.value.transient
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"kind": "dicomweb", "url": "ftp://x/dicom-web"}, "must start with http"),
-    ({"kind": "dicomweb"}, "url"),
-    ({"kind": "dimse", "host": "h", "port": 104, "ae_title": "A" * 17}, "1 to 16 characters"),
-    ({"kind": "dimse", "host": "h", "port": 0, "ae_title": "PACS"}, "port"),
-    ({"kind": "dimse", "host": "h", "port": 104, "ae_title": "PACS", "password": "x"}, "password"),
-    ({"kind": "dicomweb", "url": "http://h/dicom-web", "batch_instances": 0}, "batch_instances"),
+    ("{kind: dicomweb, url: 'ftp://x/dicom-web'}", "targets.0.dicomweb.url: .*must start with http"),
+    ("{kind: dicomweb, url: 'https://pusher:hunter22@x/dicom-web'}", "targets.0.dicomweb.url: .*password_env"),
+    ("{kind: dicomweb}", "targets.0.dicomweb.url: required key is missing"),
+    ("{kind: dicomweb, url: 'http://h/dw', password_env: 'hunter22!'}", "password_env: .*NAME of an environment"),
+    ("{kind: dimse, host: h, port: 104, ae_title: AAAAAAAAAAAAAAAAA}", "targets.0.dimse.ae_title: .*1 to 16"),
+    ("{kind: dimse, host: h, port: 0, ae_title: PACS}", "targets.0.dimse.port"),
+    ("{kind: dimse, host: h, port: 104, ae_title: PACS, password: x}", "targets.0.dimse.password: unknown key"),
+    ("{kind: dicomweb, url: 'http://h/dw', batch_instances: 0}", "targets.0.dicomweb.batch_instances"),
 ])
-def test_spec_entries_are_validated_on_load(entry, message):
-    adapter = pydantic.TypeAdapter(DicomwebTarget | DimseTarget)
-    with pytest.raises(pydantic.ValidationError, match=message):
-        (DicomwebTarget if entry["kind"] == "dicomweb" else DimseTarget).model_validate(entry)
-    with pytest.raises(pydantic.ValidationError):
-        adapter.validate_python(entry)
+def test_spec_entries_are_validated_on_load(entry, message, tmp_path):
+    from conftest import write_spec
+
+    from pacs2bids.config import load_spec
+    from pacs2bids.errors import SpecError
+
+    spec = write_spec(tmp_path, "patient_id,subject\nP1,01\n", project="rp",
+                      pacs="{dimse: {ae_title: ORTHANC, host: 127.0.0.1, port: 4242}}", output="out",
+                      targets=f"[{entry}]")
+    with pytest.raises(SpecError, match=message) as err:
+        load_spec(spec, require_secret=False)
+    assert "hunter22" not in str(err.value)
+
+
+def test_spec_targets_open_as_research_pacs(tmp_path):
+    adapter = pydantic.TypeAdapter(list[TargetSettings])
+    entries = adapter.validate_python([{"kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web/"},
+                                       {"kind": "dimse", "host": "pacs.example.org", "port": 104, "ae_title": "RES",
+                                        "name": "research"}])
+
+    class Spec:
+        project, targets, secret = "rp", entries, None
+
+    built = open_targets(Spec, environ={})
+    assert [type(t) for t in built] == [ResearchPacsTarget, ResearchPacsTarget]
+    assert [t.name for t in built] == ["dicomweb:127.0.0.1:8042", "research"]
+    assert built[0].settings.url == "http://127.0.0.1:8042/dicom-web"
 
 
 def test_only_the_sourcedata_dicom_is_pushed(version):

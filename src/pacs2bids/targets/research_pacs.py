@@ -33,89 +33,33 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Callable, Iterable, Literal, Union
+from typing import Callable, Iterable, Mapping
 
 import pydicom
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..config import DicomwebSettings, DimseSettings
+from ..config.targets import DicomwebTargetSettings, DimseTargetSettings
 from ..errors import PacsError
+from . import TargetError, TargetReport
 from .research_pacs_send import DimsePeer, Push, WebPeer
 
 log = logging.getLogger(__name__)
 
 SOURCEDATA = "sourcedata/"
 _TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+_LISTED = 20  # failed instances named in a message or the log; the report holds them all
 
 
-# -- the spec -------------------------------------------------------------------------------
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class ResearchPacsError(TargetError):
+    """The research PACS could not be reached, refused us, was lost mid-push, or does not hold
+    every instance after it. The message names the target and the fix; ``transient`` says
+    whether running again may be enough; ``report`` (when some instances were refused) lists
+    each by its path in the version, with the PACS's answer. What the PACS holds stays, and the
+    next run sends only what it lacks."""
 
-
-class DicomwebTarget(_Model):
-    """A research PACS reached by DICOMweb: QIDO-RS to see what it holds, STOW-RS to send."""
-
-    kind: Literal["dicomweb"]
-    name: str = Field("research-pacs", description="How logs and reports name this target.")
-    url: str = Field(description="The DICOMweb root, e.g. https://pacs.example.org/dicom-web.")
-    username_env: str | None = Field(None, description="Environment variable holding the user name.")
-    password_env: str | None = Field(None, description="Environment variable holding the password.")
-    timeout: float = Field(120.0, gt=0, description="Seconds to wait for an HTTP answer.")
-    batch_instances: int = Field(50, ge=1, le=1000, description="Instances per STOW-RS request, at most.")
-    batch_megabytes: int = Field(64, ge=1, le=4096, description="Megabytes per STOW-RS request, at most "
-                                 "(an instance larger than this goes alone).")
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
-
-    def settings(self) -> DicomwebSettings:
-        return DicomwebSettings(url=self.url, username_env=self.username_env, password_env=self.password_env,
-                                timeout=self.timeout)
-
-
-class DimseTarget(_Model):
-    """A research PACS reached by DIMSE: C-FIND to see what it holds, C-STORE to send."""
-
-    kind: Literal["dimse"]
-    name: str = Field("research-pacs", description="How logs and reports name this target.")
-    host: str = Field(description="The PACS's host name or address.")
-    port: int = Field(ge=1, le=65535, description="The PACS's DICOM port.")
-    ae_title: str = Field(description="The PACS's AE title (called AE).")
-    calling_ae_title: str = Field("PACS2BIDS", description="Our AE title, as the PACS knows it.")
-    timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE or network answer.")
-
-    @field_validator("ae_title", "calling_ae_title")
-    @classmethod
-    def _ae_title(cls, v: str) -> str:
-        if not 1 <= len(v.strip()) <= 16:
-            raise ValueError("an AE title has 1 to 16 characters")
-        return v
-
-    def settings(self) -> DimseSettings:
-        return DimseSettings(ae_title=self.ae_title, host=self.host, port=self.port,
-                             calling_ae_title=self.calling_ae_title, timeout=self.timeout, max_associations=1)
-
-
-ResearchPacsSpec = Annotated[Union[DicomwebTarget, DimseTarget], Field(discriminator="kind")]
-
-
-# -- what a push did ------------------------------------------------------------------------
-@dataclass
-class TargetReport:
-    """What a publish to one target did (the shape every target reports)."""
-
-    target: str
-    version: str
-    sent_files: int = 0
-    sent_bytes: int = 0
-    skipped_files: int = 0
-    verified: bool = False
-    seconds: float = 0.0
+    def __init__(self, message: str, *, transient: bool = False, report: "ResearchPacsReport | None" = None):
+        super().__init__(message)
+        self.transient = transient
+        self.report = report
 
 
 @dataclass
@@ -172,50 +116,61 @@ def read_instances(version: Path, paths: Iterable[str]) -> tuple[list[Instance],
 class ResearchPacsTarget:
     """A research PACS as a publish target (see the module docstring).
 
-    ``on_sent(n)`` (optional) is called after each instance the PACS answered, with the count
-    so far in this publish: for progress, and for tests that stop the PACS mid-push."""
+    ``block``: the credentials a Prefect Secret block holds (``username``, ``password``), used
+    instead of the environment variables the spec names. ``on_sent(n)`` (optional) is called
+    after each instance the PACS answered, with the count so far in this publish: for progress,
+    and for tests that stop the PACS mid-push."""
 
-    def __init__(self, spec: DicomwebTarget | DimseTarget, environ: dict | None = None):
-        self.spec = spec
-        self.name = spec.name
+    def __init__(self, settings: DicomwebTargetSettings | DimseTargetSettings, *,
+                 environ: Mapping[str, str] | None = None, block: Mapping[str, str] | None = None):
+        self.settings = settings
+        self.name = settings.label
         self.environ = os.environ if environ is None else environ
+        self.block = block
         self.on_sent: Callable[[int], None] | None = None
 
     def _peer(self):
-        return WebPeer(self.spec, self.environ) if self.spec.kind == "dicomweb" else DimsePeer(self.spec)
+        if isinstance(self.settings, DicomwebTargetSettings):
+            return WebPeer(self.settings, self.environ, self.block)
+        return DimsePeer(self.settings)
 
-    def publish(self, version: Path, manifest: dict | None, *, log: logging.Logger = log) -> ResearchPacsReport:
-        """Send what the PACS lacks of ``version``'s pseudonymised DICOM; returns the report.
-        Raises :class:`PacsError` naming the target when the PACS cannot be reached, refuses us
-        (AE title, HTTP 401/403) or is lost mid-push."""
+    def publish(self, version: Path, manifest: dict | None, *, log: logging.Logger | logging.LoggerAdapter = log
+                ) -> ResearchPacsReport:
+        """Send what the PACS lacks of ``version``'s pseudonymised DICOM; returns the report
+        (``state`` "unchanged" when nothing was missing). Raises :class:`ResearchPacsError`
+        naming the target when the PACS cannot be reached, refuses us (AE title, HTTP 401/403),
+        is lost mid-push, or lacks instances after the push (``report`` then lists them)."""
         started = time.monotonic()
         version = Path(version)
         report = ResearchPacsReport(self.name, version.name)
         instances, report.failed = read_instances(version, dicom_paths(version, manifest))
+        push = Push(on_sent=self.on_sent)
         peer_ = None
         try:
             peer_ = self._peer()
             held = self._held(peer_, instances)
             todo = [i for i in instances if i.sop not in held]
             report.skipped_files = len(instances) - len(todo)
-            log.info("research PACS %r: %d instance(s) in version %s, %d already held; sending %d by %s",
+            log.info("research PACS %s: %d instance(s) in version %s, %d already held; sending %d by %s",
                      self.name, len(instances), version.name, report.skipped_files, len(todo), peer_.method)
-            push = Push(on_sent=self.on_sent)
             if todo:
                 peer_.send(version, todo, push)
                 held = self._held(peer_, instances)
         except PacsError as exc:
-            raise PacsError(f"research PACS {self.name!r}: {exc}", transient=exc.transient, status=exc.status) from None
+            raise ResearchPacsError(f"research PACS {self.name}: {exc}", transient=exc.transient) from None
         finally:
             if peer_ is not None:
                 peer_.close()
         self._account(report, push, [i for i in instances if i.sop not in held])
         report.seconds = time.monotonic() - started
         _log_outcome(log, report, len(instances))
+        if report.failed:
+            raise ResearchPacsError(_refused(report, len(instances)), report=report)
         return report
 
     @staticmethod
     def _held(peer_, instances: list[Instance]) -> set[str]:
+        """SOP Instance UIDs the PACS holds, asked study by study (the series of each)."""
         studies: dict[str, set[str]] = {}
         for inst in instances:
             studies.setdefault(inst.study, set()).add(inst.series)
@@ -235,21 +190,27 @@ class ResearchPacsTarget:
             report.failed[inst.path] = push.failed.get(
                 inst.path, "answered as stored, but the PACS does not hold it after the push")
         report.verified = not report.failed
+        report.state = "failed" if report.failed else "published" if push.sent else "unchanged"
+        report.error = f"{len(report.failed)} instance(s) not held" if report.failed else ""
 
 
-def _log_outcome(log: logging.Logger, report: ResearchPacsReport, total: int) -> None:
-    log.info("research PACS %r: sent %d instance(s) (%.1f MB) in %.1f s; %d of %d held%s",
+def _refused(report: ResearchPacsReport, total: int) -> str:
+    shown = "; ".join(f"{path}: {why}" for path, why in list(report.failed.items())[:_LISTED])
+    more = f"; and {len(report.failed) - _LISTED} more" if len(report.failed) > _LISTED else ""
+    return (f"research PACS {report.target} does not hold {len(report.failed)} of the {total} instance(s) of "
+            f"version {report.version} after the push (the others are there): {shown}{more}. Check the PACS's "
+            "logs and space; the next run sends only what it lacks")
+
+
+def _log_outcome(log, report: ResearchPacsReport, total: int) -> None:
+    log.info("research PACS %s: sent %d instance(s) (%.1f MB) in %.1f s; %d of %d held%s",
              report.target, report.sent_files, report.sent_bytes / 1e6, report.seconds,
              total - len(report.failed), total, "" if report.verified else "; NOT verified")
     if report.warnings:
-        log.warning("research PACS %r stored %d instance(s) with a warning, e.g. %s: %s", report.target,
+        log.warning("research PACS %s stored %d instance(s) with a warning, e.g. %s: %s", report.target,
                     len(report.warnings), *next(iter(report.warnings.items())))
-    for path, why in list(report.failed.items())[:20]:
-        log.error("research PACS %r does not hold %s: %s", report.target, path, why)
-    if len(report.failed) > 20:
-        log.error("research PACS %r: ... and %d more instance(s) not held", report.target, len(report.failed) - 20)
-
-
-def open_research_pacs(spec: DicomwebTarget | DimseTarget, environ: dict | None = None) -> ResearchPacsTarget:
-    """The target for a ``dicomweb`` or ``dimse`` entry of the spec's ``targets``."""
-    return ResearchPacsTarget(spec, environ)
+    for path, why in list(report.failed.items())[:_LISTED]:
+        log.error("research PACS %s does not hold %s: %s", report.target, path, why)
+    if len(report.failed) > _LISTED:
+        log.error("research PACS %s: ... and %d more instance(s) not held", report.target,
+                  len(report.failed) - _LISTED)

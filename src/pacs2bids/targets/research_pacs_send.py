@@ -19,6 +19,7 @@ from pynetdicom import AE, build_context, evt
 from pynetdicom import status as pstatus
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from ..config import DicomwebSettings, DimseSettings
 from ..errors import PacsError
 from ..pacs import services
 from ..pacs.dicomweb import WebPacs, make_session
@@ -59,8 +60,10 @@ class Push:
 class DimsePeer:
     method = "C-STORE"
 
-    def __init__(self, spec):
-        self.settings = spec.settings()
+    def __init__(self, target):
+        self.settings = DimseSettings(ae_title=target.ae_title, host=target.host, port=target.port,
+                                      calling_ae_title=target.calling_ae_title, timeout=target.timeout,
+                                      max_associations=1)
 
     def held(self, study: str, series: Iterable[str]) -> set[str]:
         """SOP Instance UIDs the PACS holds in these series (C-FIND, IMAGE level, PS3.4 C.4.1)."""
@@ -145,10 +148,19 @@ class DimsePeer:
 class WebPeer:
     method = "STOW-RS"
 
-    def __init__(self, spec, environ: dict | None = None):
-        self.spec = spec
-        settings = spec.settings()
-        self.web = WebPacs(settings, make_session(settings, environ))
+    def __init__(self, target, environ, block=None):
+        self.target = target
+        settings = DicomwebSettings(url=target.url, username_env=target.username_env,
+                                    password_env=target.password_env, timeout=target.timeout)
+        if block is not None:  # a Prefect Secret block's credentials instead of the environment
+            if not {"username", "password"} <= set(block):
+                raise PacsError(f"DICOMweb {target.url}: the Prefect block {target.credentials_block} holds no "
+                                "username and password; store them there as JSON {username, password}")
+            session = requests.Session()
+            session.auth = (block["username"], block["password"])
+        else:
+            session = make_session(settings, environ)
+        self.web = WebPacs(settings, session)
 
     def held(self, study: str, series: Iterable[str]) -> set[str]:
         """SOP Instance UIDs the PACS holds in this study (QIDO-RS, PS3.18 10.6)."""
@@ -159,7 +171,7 @@ class WebPeer:
         self.web.session.close()
 
     def send(self, version: Path, todo: list, push: Push) -> None:
-        for batch in _batches(todo, self.spec.batch_instances, self.spec.batch_megabytes << 20):
+        for batch in _batches(todo, self.target.batch_instances, self.target.batch_megabytes << 20):
             datasets = [pydicom.dcmread(version / i.path) for i in batch]
             answer = self._post(datasets, done=len(push.sent))
             self._judge(batch, answer, push)
