@@ -204,7 +204,7 @@ def test_wrong_password_is_a_clear_error_and_never_shown(version, orthanc_factor
     monkeypatch.setenv("RP_USER", "pusher")
     monkeypatch.setenv("RP_PASSWORD", "wrong-battery-3")
     target = _target("dicomweb", pacs, username_env="RP_USER", password_env="RP_PASSWORD")
-    with caplog.at_level(logging.DEBUG), pytest.raises(ResearchPacsError, match=r"research PACS rp: .*HTTP 401.*RP_PASSWORD") as err:
+    with caplog.at_level(logging.DEBUG), pytest.raises(ResearchPacsError, match=r"research PACS rp: .*HTTP 401.*RP_USER / RP_PASSWORD") as err:
         target.publish(root, manifest)
     assert not err.value.transient
     assert "wrong-battery-3" not in str(err.value) + caplog.text
@@ -212,6 +212,19 @@ def test_wrong_password_is_a_clear_error_and_never_shown(version, orthanc_factor
     report = _target("dicomweb", pacs, username_env="RP_USER", password_env="RP_PASSWORD").publish(root, manifest)
     assert report.verified and report.sent_files == 35
     assert "right-horse-7" not in caplog.text + repr(report)
+    # the same credentials from a Prefect Secret block (as open_targets hands them over), not the environment
+    monkeypatch.setenv("RP_PASSWORD", "wrong-battery-3")
+    spec = DicomwebTargetSettings(kind="dicomweb", name="rp", url=pacs.dicomweb_url, credentials_block="rp-pacs")
+    [target] = open_targets(type("Spec", (), {"targets": [spec], "project": "rp", "secret": None}),
+                            secrets={"rp-pacs": {"username": "pusher", "password": "right-horse-7"}})
+    assert target.publish(root, manifest).state == "unchanged"
+    [target] = open_targets(type("Spec", (), {"targets": [spec], "project": "rp", "secret": None}),
+                            secrets={"rp-pacs": {"username": "pusher", "password": "wrong-battery-3"}})
+    with pytest.raises(ResearchPacsError, match="HTTP 401.*the Prefect block rp-pacs") as err:
+        target.publish(root, manifest)
+    assert "wrong-battery-3" not in str(err.value) + caplog.text
+    with pytest.raises(ResearchPacsError, match="HTTP 401.*none given"):  # the spec names no credentials
+        _target("dicomweb", pacs).publish(root, manifest)
 
 
 def test_missing_credentials_variable_is_named(version, monkeypatch):

@@ -145,6 +145,19 @@ class DimsePeer:
 
 
 # -- DICOMweb -------------------------------------------------------------------------------
+class _TargetWebPacs(WebPacs):
+    """:class:`WebPacs` whose 401/403 message names where this target's credentials come from."""
+
+    credentials = ""
+
+    def _error(self, what: str, exc: Exception) -> PacsError:
+        err = super()._error(what, exc)
+        if err.status in (401, 403):
+            return PacsError(f"DICOMweb {self.settings.url}: {what} refused (HTTP {err.status}); check the user "
+                             f"name and password in {self.credentials} and the account's rights", status=err.status)
+        return err
+
+
 class WebPeer:
     method = "STOW-RS"
 
@@ -158,9 +171,14 @@ class WebPeer:
                                 "username and password; store them there as JSON {username, password}")
             session = requests.Session()
             session.auth = (block["username"], block["password"])
+            where = f"the Prefect block {target.credentials_block}"
         else:
             session = make_session(settings, environ)
-        self.web = WebPacs(settings, session)
+            names = [n for n in (target.username_env, target.password_env) if n]
+            where = (f"the environment variable(s) {' / '.join(names)}" if names else
+                     "the spec: none given (set username_env and password_env, or credentials_block)")
+        self.web = _TargetWebPacs(settings, session)
+        self.web.credentials = where
 
     def held(self, study: str, series: Iterable[str]) -> set[str]:
         """SOP Instance UIDs the PACS holds in this study (QIDO-RS, PS3.18 10.6)."""
