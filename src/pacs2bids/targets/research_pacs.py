@@ -155,7 +155,9 @@ class ResearchPacsTarget:
                      self.name, len(instances), version.name, report.skipped_files, len(todo), peer_.method)
             if todo:
                 peer_.send(version, todo, push)
-                held = self._held(peer_, instances)
+                touched = {i.study for i in todo}  # verified instance by instance; the others were just seen
+                again = [i for i in instances if i.study in touched]
+                held = (held - {i.sop for i in again}) | self._held(peer_, again, exact=True)
         except PacsError as exc:
             raise ResearchPacsError(f"research PACS {self.name}: {exc}", transient=exc.transient) from None
         finally:
@@ -169,14 +171,23 @@ class ResearchPacsTarget:
         return report
 
     @staticmethod
-    def _held(peer_, instances: list[Instance]) -> set[str]:
-        """SOP Instance UIDs the PACS holds, asked study by study (the series of each)."""
-        studies: dict[str, set[str]] = {}
+    def _held(peer_, instances: list[Instance], exact: bool = False) -> set[str]:
+        """SOP Instance UIDs of ``instances`` the PACS holds. Per study, the PACS first says how
+        many instances it holds per series; a series it holds with as many instances as the
+        version is taken as held whole (its keyed UIDs are ours alone), unless ``exact``; the
+        others are asked instance by instance, and a series it lacks is not asked at all."""
+        studies: dict[str, dict[str, set[str]]] = {}
         for inst in instances:
-            studies.setdefault(inst.study, set()).add(inst.series)
+            studies.setdefault(inst.study, {}).setdefault(inst.series, set()).add(inst.sop)
         held: set[str] = set()
         for study, series in sorted(studies.items()):
-            held |= peer_.held(study, sorted(series))
+            counts = peer_.counts(study)
+            for uid, sops in sorted(series.items()):
+                n = counts.get(uid, 0)
+                if n == len(sops) and not exact:
+                    held |= sops
+                elif n != 0:
+                    held |= peer_.held(study, uid) & sops
         return held
 
     @staticmethod

@@ -65,16 +65,21 @@ class DimsePeer:
                                       calling_ae_title=target.calling_ae_title, timeout=target.timeout,
                                       max_associations=1)
 
-    def held(self, study: str, series: Iterable[str]) -> set[str]:
-        """SOP Instance UIDs the PACS holds in these series (C-FIND, IMAGE level, PS3.4 C.4.1)."""
-        out: set[str] = set()
-        for uid in series:
-            ident = Dataset()
-            ident.QueryRetrieveLevel = "IMAGE"
-            ident.StudyInstanceUID, ident.SeriesInstanceUID, ident.SOPInstanceUID = study, uid, ""
-            result = services.find(self.settings, ident)
-            out.update(str(m.SOPInstanceUID) for m in result.matches if m.get("SOPInstanceUID"))
-        return out
+    def counts(self, study: str) -> dict[str, int | None]:
+        """Series UID -> instances the PACS holds in it (C-FIND, SERIES level, PS3.4 C.4.1;
+        None when it does not say: NumberOfSeriesRelatedInstances is optional, C.6.1.1.4)."""
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "SERIES"
+        ident.StudyInstanceUID, ident.SeriesInstanceUID, ident.NumberOfSeriesRelatedInstances = study, "", ""
+        return _counts(services.find(self.settings, ident).matches)
+
+    def held(self, study: str, series: str) -> set[str]:
+        """SOP Instance UIDs the PACS holds in one series (C-FIND, IMAGE level, PS3.4 C.4.1)."""
+        ident = Dataset()
+        ident.QueryRetrieveLevel = "IMAGE"
+        ident.StudyInstanceUID, ident.SeriesInstanceUID, ident.SOPInstanceUID = study, series, ""
+        result = services.find(self.settings, ident)
+        return {str(m.SOPInstanceUID) for m in result.matches if m.get("SOPInstanceUID")}
 
     def close(self) -> None:
         pool_for(self.settings).close()
@@ -180,9 +185,13 @@ class WebPeer:
         self.web = _TargetWebPacs(settings, session)
         self.web.credentials = where
 
-    def held(self, study: str, series: Iterable[str]) -> set[str]:
-        """SOP Instance UIDs the PACS holds in this study (QIDO-RS, PS3.18 10.6)."""
-        found = self.web.search("instances", {}, ["00080018"], study_uid=study)
+    def counts(self, study: str) -> dict[str, int | None]:
+        """Series UID -> instances the PACS holds in it (QIDO-RS of the study's series, PS3.18 10.6)."""
+        return _counts(self.web.search("series", {}, ["0020000E", "00201209"], study_uid=study))
+
+    def held(self, study: str, series: str) -> set[str]:
+        """SOP Instance UIDs the PACS holds in one series (QIDO-RS at instance level, PS3.18 10.6)."""
+        found = self.web.search("instances", {}, ["00080018"], study_uid=study, series_uid=series)
         return {str(d.SOPInstanceUID) for d in found if d.get("SOPInstanceUID")}
 
     def close(self) -> None:
@@ -226,6 +235,15 @@ class WebPeer:
             else:
                 push.answered(inst, failure="not acknowledged: the STOW-RS answer lists it neither as stored "
                                             "nor as failed")
+
+
+def _counts(matches: Iterable[Dataset]) -> dict[str, int | None]:
+    out: dict[str, int | None] = {}
+    for m in matches:
+        if m.get("SeriesInstanceUID"):
+            n = m.get("NumberOfSeriesRelatedInstances")
+            out[str(m.SeriesInstanceUID)] = int(n) if n not in (None, "") else None
+    return out
 
 
 def _after(exc: PacsError, done: int) -> PacsError:
