@@ -25,7 +25,7 @@ from pacs2bids.orthanc import free_port
 from pacs2bids.config.targets import DicomwebTargetSettings, DimseTargetSettings, TargetSettings
 from pacs2bids.targets import open_targets
 from pacs2bids.targets.research_pacs import ResearchPacsError, ResearchPacsTarget, dicom_paths
-from pacs2bids.targets.research_pacs_send import Push, WebPeer
+from pacs2bids.targets.research_pacs_send import DimsePeer, Push, WebPeer
 
 SECRET = b"research-pacs-test-secret-0123456789"
 # (subject, sample folder): sub-01 is one study of four series, sub-02 one of one series
@@ -82,7 +82,7 @@ KINDS = ["dicomweb", "dimse"]
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_push_is_whole_then_incremental(kind, version, orthanc_factory):
+def test_push_is_whole_then_incremental(kind, version, orthanc_factory, monkeypatch):
     root, manifest = version
     paths = _paths(version)
     assert len(paths) == 35
@@ -91,14 +91,22 @@ def test_push_is_whole_then_incremental(kind, version, orthanc_factory):
     first = target.publish(root, manifest)
     assert (first.sent_files, first.skipped_files, first.verified, first.failed) == (35, 0, True, {})
     assert first.sent_bytes == sum(manifest[p]["size"] for p in paths)
+    assert (first.state, first.copied_files) == ("published", 0)
     assert set(_held(pacs)) == {_sop(root / p) for p in paths}
 
+    # instance-level questions only for series the PACS holds with another count than the version
+    peer_class = WebPeer if kind == "dicomweb" else DimsePeer
+    asked = []
+    real_held = peer_class.held
+    monkeypatch.setattr(peer_class, "held", lambda self, study, series: asked.append(series) or real_held(
+        self, study, series))
     again = target.publish(root, manifest)
     assert (again.sent_files, again.sent_bytes, again.skipped_files, again.verified) == (0, 0, 35, True)
+    assert again.state == "unchanged" and asked == []
 
     # the research PACS loses three instances, of both subjects: exactly those are sent again
     held = _held(pacs)
-    lost = [paths[0], paths[9], paths[-1]]
+    lost = [paths[0], paths[2], paths[-1]]
     for p in lost:
         requests.delete(f"{pacs.url}/instances/{held[_sop(root / p)]}", timeout=30).raise_for_status()
     sent = []
@@ -107,6 +115,7 @@ def test_push_is_whole_then_incremental(kind, version, orthanc_factory):
     assert (third.sent_files, third.skipped_files, third.verified) == (3, 32, True)
     assert third.sent_bytes == sum(manifest[p]["size"] for p in lost)
     assert sent == [1, 2, 3]
+    assert len(set(asked)) == 3  # the three series that lost one, before and after the push
     assert set(_held(pacs)) == {_sop(root / p) for p in paths}
 
 

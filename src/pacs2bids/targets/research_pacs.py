@@ -155,9 +155,9 @@ class ResearchPacsTarget:
                      self.name, len(instances), version.name, report.skipped_files, len(todo), peer_.method)
             if todo:
                 peer_.send(version, todo, push)
-                touched = {i.study for i in todo}  # verified instance by instance; the others were just seen
+                touched = {i.study for i in todo}  # asked again; the others were just seen whole
                 again = [i for i in instances if i.study in touched]
-                held = (held - {i.sop for i in again}) | self._held(peer_, again, exact=True)
+                held = (held - {i.sop for i in again}) | self._held(peer_, again)
         except PacsError as exc:
             raise ResearchPacsError(f"research PACS {self.name}: {exc}", transient=exc.transient) from None
         finally:
@@ -171,11 +171,11 @@ class ResearchPacsTarget:
         return report
 
     @staticmethod
-    def _held(peer_, instances: list[Instance], exact: bool = False) -> set[str]:
+    def _held(peer_, instances: list[Instance]) -> set[str]:
         """SOP Instance UIDs of ``instances`` the PACS holds. Per study, the PACS first says how
         many instances it holds per series; a series it holds with as many instances as the
-        version is taken as held whole (its keyed UIDs are ours alone), unless ``exact``; the
-        others are asked instance by instance, and a series it lacks is not asked at all."""
+        version is taken as held whole (its keyed UIDs are this project's alone); the others are
+        asked instance by instance, and a series it lacks is not asked at all."""
         studies: dict[str, dict[str, set[str]]] = {}
         for inst in instances:
             studies.setdefault(inst.study, {}).setdefault(inst.series, set()).add(inst.sop)
@@ -184,7 +184,7 @@ class ResearchPacsTarget:
             counts = peer_.counts(study)
             for uid, sops in sorted(series.items()):
                 n = counts.get(uid, 0)
-                if n == len(sops) and not exact:
+                if n == len(sops):
                     held |= sops
                 elif n != 0:
                     held |= peer_.held(study, uid) & sops
