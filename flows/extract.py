@@ -29,10 +29,10 @@ from pacs2bids.pacs import close_pools
 from pacs2bids.errors import LeakDetected, NothingToPublish, Pacs2BidsError, RunFailed
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.logsafety import quiet_third_party_loggers
-from pacs2bids.publish import staging_dir, work_area, write_marker
+from pacs2bids.publish import current_version, seed_staging, staging_dir, work_area, write_marker
 from pacs2bids.recorder import Outcomes, Recorder
 from pacs2bids.register import skip_already_published
-from pacs2bids.released import awaiting_review, mark_published
+from pacs2bids.released import awaiting_review, mark_published, project_quarantine
 from pacs2bids.run import META, RunContext, RunSummary, assign_sessions
 from pacs2bids.runlog import close_run_log, run_log, summary_artifact
 from pacs2bids.study import StudyResult, remove_raw
@@ -46,6 +46,7 @@ from pacs2bids.tasks.released import include_released
 from pacs2bids.tasks.pacs_limit import use_pacs_limit
 from pacs2bids.tasks.progress import track_progress
 from pacs2bids.tasks.study import extract_study
+from pacs2bids.tasks.targets import publish_target
 from pacs2bids.tasks.validate import validate_dataset
 
 __all__ = ["extract_project", "RunFailed", "NothingToPublish"]
@@ -72,9 +73,9 @@ def extract_project(spec_path: str) -> dict:
                         study_failures=summary.study_failures, released=summary.released)
     dead_letters = DeadLetters(ctx.work / "dead-letter.json")
     try:
-        with work_area(ctx), run_log(ctx.staging / META / "logs" / f"run-{run_id}.log"):
+        with work_area(ctx, seed=False), run_log(ctx.staging / META / "logs" / f"run-{run_id}.log"):
             try:
-                results = _extract_studies(ctx, summary, outcomes, logger)
+                results, seeded = _extract_studies(ctx, summary, outcomes, logger)
                 with summary.timed("released"):
                     released = include_released(spec, ctx)
                 outcomes.extend(released.outcomes)
@@ -82,7 +83,12 @@ def extract_project(spec_path: str) -> dict:
                 dead = dead_letters.fold(outcomes.records, run_id=run_id)
                 summary.dead_letter = [asdict(e) for e in dead]
                 parts = [r.instances_part for r in [*results, released] if r.instances_part]
-                _check_and_publish(ctx, summary, Recorder(outcomes=outcomes), parts)
+                if not seeded and current_version(spec.output) is not None:
+                    summary.unchanged = True  # nothing new: no revalidation, no new version (issue 13)
+                    summary.finish()
+                    logger.info("nothing new since the last run: the published dataset is left as it is")
+                else:
+                    _check_and_publish(ctx, summary, Recorder(outcomes=outcomes), parts)
             except Pacs2BidsError as exc:
                 summary.errors.append(str(exc))
                 summary.finish()
@@ -91,6 +97,7 @@ def extract_project(spec_path: str) -> dict:
                 raise RunFailed(str(exc), summary.to_dict()) from None
     finally:
         close_pools()  # idle associations would hold the PACS's slots until the reaper's turn
+    _publish_targets(spec, summary)  # the local version, now current, to each secondary target
     remove_raw([f for r in results for f in r.raw_done])  # the clinical copy goes once its research copy is published
     mark_published(spec, ctx.quarantine, released.included, run_id)
     dead_letters.save(dead)
@@ -99,8 +106,11 @@ def extract_project(spec_path: str) -> dict:
     return summary.to_dict()
 
 
-def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, logger) -> list[StudyResult]:
-    """Query, skip what the dataset holds already, then one ``extract_study`` per study."""
+def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
+                     logger) -> tuple[list[StudyResult], bool]:
+    """Query, skip what the dataset holds already, then one ``extract_study`` per study. Staging is
+    seeded from the published dataset only when there is something new (studies, released files):
+    returns the results and whether it was."""
     spec = ctx.spec
     with summary.timed("query"):
         found = find_studies(spec)
@@ -116,6 +126,9 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, l
     summary.studies = len(todo.studies)
     summary.subjects |= {s.subject for s in todo.studies}
     logger.info("%d studies of %d subjects selected", len(todo.studies), len(summary.subjects))
+    seeded = bool(todo.studies or project_quarantine(spec, ctx.quarantine).released())
+    if seeded:  # something new: the run starts from the published dataset (a no-op run copies nothing)
+        seed_staging(spec.output, ctx.staging, merge=True)
 
     with track_progress(spec.project, ctx.run_id, todo.studies, logger):  # the UI's and the terminal's progress
         futures = [extract_study.submit(spec, study, ctx) for study in todo.studies]
@@ -125,7 +138,7 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes, l
         summary.add_seconds(r.seconds)
     for r in results:
         outcomes.extend(r.conversion)
-    return results
+    return results, seeded
 
 
 def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder, instance_parts: list[str]) -> None:
@@ -163,6 +176,19 @@ def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder,
         raise LeakDetected(f"{len(hits)} identifying value(s) found before publishing: {where}")
     with summary.timed("publish"):
         publish_local(staging, spec.output, ctx.run_id)
+
+
+def _publish_targets(spec, summary: RunSummary) -> None:
+    """One ``publish_target`` per secondary target, at once; a failed one makes the run "completed with
+    failures" (the local dataset is published, and the next run resumes the target)."""
+    version = current_version(spec.output)
+    if not spec.targets or version is None:
+        return
+    with summary.timed("targets"):
+        futures = [publish_target.submit(spec, i, version) for i in range(len(spec.targets))]
+        summary.targets = [f.result() for f in futures]
+    if any(t["state"] == "failed" for t in summary.targets) and summary.state == "completed":
+        summary.state = "completed with failures"
 
 
 def _write_summary(ctx: RunContext, summary: RunSummary, logger) -> None:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install what pacs2bids needs on a Debian machine, idempotently:
 #   Debian: orthanc + orthanc-dicomweb (bundled PACS), dcmtk (comparisons), tesseract-ocr (burned-in text),
-#           wamerican + wfrench (the leak scanner's common words, /usr/share/dict)
+#           wamerican + wfrench (the leak scanner's common words, /usr/share/dict),
+#           openssh-server (sshd: the SFTP server the storage tests start themselves, on loopback)
 #   PyPI:   the project in .venv, pinned by constraints.txt (prefect 3.8 needs fastapi < 0.151)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,7 @@ command -v getscu >/dev/null || need+=(dcmtk)
 command -v tesseract >/dev/null || need+=(tesseract-ocr)
 [ -f /usr/share/dict/american-english ] || need+=(wamerican)
 [ -f /usr/share/dict/french ] || need+=(wfrench)
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
 python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"

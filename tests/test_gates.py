@@ -2,8 +2,8 @@
 to stop a real run: the leak scan, and the BIDS validator.
 
 A first run publishes a small dataset from a real Orthanc (two real MR images carrying a planted
-identity). The second run goes through the gates again (its studies are already published, so
-the staging dataset is the published one, finalised anew), with a fault planted in staging by
+identity). The second run goes through the gates again (new sidecar fields make it re-convert the
+published session: a run with nothing new publishes nothing), with a fault planted in staging by
 wrapping ``finalise_dataset``, the step just before the gates, in-process: an identity the
 pseudonymiser never saw (so could not remove) but the scan knows from the key store, or a file
 the validator must refuse. The gate is what is under test: each test fails if its gate's call
@@ -82,6 +82,9 @@ def plant_before_gates(monkeypatch, plant) -> list[Path]:
 def run_must_fail(spec: Path) -> dict:
     from pacs2bids.flows.extract import RunFailed, extract_project
 
+    # something new for the run (a re-run with nothing new publishes nothing, so passes no gate): new
+    # sidecar fields re-convert the published session
+    spec.write_text(spec.read_text() + "sidecar_fields: {T1w: {PulseSequenceDetails: gates}}\n")
     with pytest.raises(RunFailed) as failed:
         extract_project(str(spec))
     summary = failed.value.summary

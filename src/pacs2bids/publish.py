@@ -164,22 +164,25 @@ def recover(output: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def seed_staging(output: Path, staging: Path) -> None:
+def seed_staging(output: Path, staging: Path, *, merge: bool = False) -> None:
     """Start the staging folder from the published dataset, if any, so that a run adds to it.
 
     Reads through ``output``'s symlink (after :func:`recover`), so a re-run always starts from
     the last published version. A full copy, not hard links: conversion tools overwrite files
     in place, and a link would let them change the published dataset before the swap.
+
+    With ``merge``, what staging holds already (the run's log, opened before the query told
+    whether the run has anything to publish) is kept and the dataset copied around it.
     """
     recover(output)
-    if staging.exists():
+    if staging.exists() and not merge:
         shutil.rmtree(staging)
     current = current_version(output)
     if current is not None and any(current.iterdir()):
-        shutil.copytree(current, staging, symlinks=True)
+        shutil.copytree(current, staging, symlinks=True, dirs_exist_ok=merge)
         (staging / MANIFEST).unlink(missing_ok=True)  # describes the version copied, not the next one
     else:
-        staging.mkdir(parents=True)
+        staging.mkdir(parents=True, exist_ok=merge)
 
 
 # -- publishing -----------------------------------------------------------------------------
@@ -357,7 +360,7 @@ def remove_leftovers(work: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
 
 
 @contextmanager
-def work_area(ctx) -> Iterator[None]:
+def work_area(ctx, *, seed: bool = True) -> Iterator[None]:
     """The run's folders (:class:`pacs2bids.run.RunContext`): the private work folder (0700), its
     ``raw``, ``quarantine`` and this run's ``scratch``, and the staging dataset seeded from the
     published one; :class:`RunLock` held throughout. On leaving, scratch and staging go (staging
@@ -368,7 +371,11 @@ def work_area(ctx) -> Iterator[None]:
         try:
             for d in (ctx.raw_root, ctx.quarantine, ctx.scratch):
                 d.mkdir(parents=True, exist_ok=True)
-            seed_staging(ctx.spec.output, ctx.staging)
+            if seed:  # else the flow seeds once it knows the run has something new (seed_staging(merge=True))
+                seed_staging(ctx.spec.output, ctx.staging)
+            else:
+                recover(ctx.spec.output)
+                ctx.staging.mkdir(parents=True, exist_ok=True)
             yield
         finally:
             shutil.rmtree(ctx.scratch, ignore_errors=True)

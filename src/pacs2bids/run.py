@@ -136,6 +136,8 @@ class RunSummary:
     validator_warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     published: bool = False
+    unchanged: bool = False  # nothing new since the last run: the published dataset was left as it is
+    targets: list[dict] = field(default_factory=list)  # one TargetReport per secondary target (pacs2bids.targets)
     # seconds per stage (retrieve, pseudonymise, convert: summed over studies), for the benchmarks
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -207,6 +209,8 @@ class RunSummary:
         ]
         if self.published:
             lines.append(f"  dataset: {self.output}")
+        elif self.unchanged:
+            lines.append(f"  dataset: {self.output} (nothing new since the last run: left as published)")
         else:
             lines.append(f"  dataset: not published ({self.output} unchanged)")
         for u in self.unmatched:
@@ -234,6 +238,10 @@ class RunSummary:
         if self.validator_warnings:
             lines.append(f"  validator warnings ({len(self.validator_warnings)}):")
             lines += [f"    - {w}" for w in self.validator_warnings[:20]]
+        for t in self.targets:
+            lines.append(f"  target {t['target']}: {t['state']}, {t['sent_files']} file(s) sent ({t['sent_bytes']} "
+                         f"bytes), {t['copied_files']} copied on the server, {t['skipped_files']} already there"
+                         + (f": {t['error']}" if t.get("error") else ""))
         for e in self.errors:
             lines.append(f"  error: {e}")
         return "\n".join(lines)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 
 FORMAT = "pacs2bids-manifest/1"
 MANIFEST_PATH = ".pacs2bids/manifest.json"
-_TMP_PATH = ".pacs2bids/.manifest.json.tmp"
+_TMP_PREFIX = ".pacs2bids/.manifest.json.tmp-"  # + a unique suffix: targets build it at once in threads
 BLOCK = 1 << 20
 
 
@@ -40,7 +41,7 @@ def build_manifest(version: Path) -> dict:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(version).as_posix()
-            if rel in (MANIFEST_PATH, _TMP_PATH) or path.is_symlink() or not path.is_file():
+            if rel == MANIFEST_PATH or rel.startswith(_TMP_PREFIX) or path.is_symlink() or not path.is_file():
                 continue
             files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     files = dict(sorted(files.items()))
@@ -78,7 +79,7 @@ def ensure_manifest(version: Path) -> dict:
             return saved
     manifest = build_manifest(version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = version / _TMP_PATH
+    tmp = version / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
     tmp.write_bytes(encode(manifest))
     os.replace(tmp, path)
     return manifest
