@@ -330,3 +330,46 @@ def test_stow_answer_is_read_per_instance():
     assert push.warnings == {batch[1].path: "coercion of data elements (0xB000)"}
     assert push.failed == {batch[2].path: "refused: out of resources (0xA700)",
                            batch[4].path: "not acknowledged: the STOW-RS answer lists it neither as stored nor as failed"}
+
+
+@pytest.mark.slow
+def test_run_pushes_its_sourcedata_to_a_research_pacs(tmp_path, orthanc_factory, sample_dir, prefect_harness,
+                                                       monkeypatch):
+    """End to end: the flow's publish_target sends the version's pseudonymised DICOM by C-STORE; a
+    research PACS that refuses some instances makes the run "completed with failures", its report
+    listing them; once it has room, the next run completes it."""
+    from conftest import write_spec
+
+    from pacs2bids.config import load_spec
+    from pacs2bids.flows.extract import extract_project
+    from pacs2bids.publish import current_version
+
+    clinical = orthanc_factory(dicomweb=False)
+    clinical.upload(iter_dicom_files(sample_dir / "dcm_qa_philips"))
+    # the research PACS holds one patient at most, and keeps the one it has (protected): it refuses ours
+    research = orthanc_factory(aet="RESEARCH", extra={"MaximumPatientCount": 1})
+    research.upload(list(iter_dicom_files(sample_dir / "dcm_qa_nih"))[:1])
+    foreign = research.get("/patients")[0]
+    requests.put(f"{research.url}/patients/{foreign}/protected", data="1", timeout=30).raise_for_status()
+    spec = write_spec(tmp_path, "patient_id,subject\nphantom,01\n", project="rpflow", pacs=clinical, output="out",
+                      targets=f"[{{kind: dimse, name: research, host: 127.0.0.1, port: {research.dicom_port}, "
+                              "ae_title: RESEARCH}]")
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", "research-flow-secret-0123456789")
+    first = extract_project(str(spec))
+    assert first["published"] and first["state"] == "completed with failures", first["errors"]
+    [report] = first["targets"]
+    assert report["state"] == "failed" and report["failed"] and not report["verified"]
+    version = current_version(load_spec(spec).output)
+    paths = dicom_paths(version, None)
+    assert set(report["failed"]) == set(paths) and report["sent_files"] == len(paths)
+    assert all("out of resources (0xA700)" in why for why in report["failed"].values())
+
+    research.stop(keep_storage=True)
+    research.extra = {}
+    research.start()
+    second = extract_project(str(spec))  # nothing new to extract: the target is completed all the same
+    [report] = second["targets"]
+    assert (report["state"], report["verified"], report["failed"]) == ("published", True, {}), report
+    assert report["sent_files"] == len(first["targets"][0]["failed"])
+    held = set(_held(research))
+    assert {_sop(version / p) for p in paths} <= held and len(held) == len(paths) + 1  # ours and the foreign one

@@ -157,6 +157,11 @@ class DimseTargetSettings(_Model):
     def label(self) -> str:
         return self.name or f"dimse:{self.ae_title}@{self.host}:{self.port}"
 
+    @property
+    def credentials_block(self) -> None:
+        """DIMSE takes no credentials (for code that asks every target for its block)."""
+        return None
+
 
 ResearchPacsSettings = DicomwebTargetSettings | DimseTargetSettings
 TargetSettings = Annotated[Union[StorageTargetSettings, DicomwebTargetSettings, DimseTargetSettings],

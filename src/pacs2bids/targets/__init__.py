@@ -79,7 +79,7 @@ def open_targets(spec, *, secrets: Mapping[str, Mapping[str, str]] | None = None
         elif isinstance(settings, (DicomwebTargetSettings, DimseTargetSettings)):
             from .research_pacs import ResearchPacsTarget
 
-            block = (secrets or {}).get(getattr(settings, "credentials_block", None) or "", None)
+            block = (secrets or {}).get(settings.credentials_block or "", None)
             built.append(ResearchPacsTarget(settings, environ=environ, block=block))
         else:  # pragma: no cover - a kind added to the union without its builder here
             raise TargetError(f"target kind {settings.kind!r} has no publisher in pacs2bids.targets.open_targets")

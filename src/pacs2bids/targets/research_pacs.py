@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 SOURCEDATA = "sourcedata/"
 _TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
-_LISTED = 20  # failed instances named in a message or the log; the report holds them all
+_LISTED = 20  # failed instances named in the log; the report holds them all
+_NAMED = 5  # ... and in the error (the run summary quotes it)
 
 
 class ResearchPacsError(TargetError):
@@ -206,11 +207,12 @@ class ResearchPacsTarget:
 
 
 def _refused(report: ResearchPacsReport, total: int) -> str:
-    shown = "; ".join(f"{path}: {why}" for path, why in list(report.failed.items())[:_LISTED])
-    more = f"; and {len(report.failed) - _LISTED} more" if len(report.failed) > _LISTED else ""
+    shown = "; ".join(f"{path}: {why}" for path, why in list(report.failed.items())[:_NAMED])
+    more = f"; and {len(report.failed) - _NAMED} more (the report lists them all)" if len(report.failed) > _NAMED else ""
+    rest = " (the others are there)" if len(report.failed) < total else ""
     return (f"research PACS {report.target} does not hold {len(report.failed)} of the {total} instance(s) of "
-            f"version {report.version} after the push (the others are there): {shown}{more}. Check the PACS's "
-            "logs and space; the next run sends only what it lacks")
+            f"version {report.version} after the push{rest}: {shown}{more}. Check the PACS's logs and space; "
+            "the next run sends only what it lacks")
 
 
 def _log_outcome(log, report: ResearchPacsReport, total: int) -> None:
