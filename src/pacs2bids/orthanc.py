@@ -60,6 +60,7 @@ class Orthanc:
     dicom_port: int = 0
     http_port: int = 0
     dicomweb: bool = True
+    auth: tuple[str, str] | None = None  # HTTP basic credentials, when ``extra`` enables AuthenticationEnabled
     _proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _owns_workdir: bool = field(default=False, init=False, repr=False)
 
@@ -137,7 +138,7 @@ class Orthanc:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"Orthanc exited at start; see {self.workdir / 'orthanc.log'}:\n{self.log_tail()}")
             try:
-                if requests.get(f"{self.url}/system", timeout=2).ok and self._dicom_listening():
+                if requests.get(f"{self.url}/system", timeout=2, auth=self.auth).ok and self._dicom_listening():
                     return self
             except requests.RequestException:
                 pass
@@ -196,6 +197,7 @@ class Orthanc:
         """Store DICOM files (paths or bytes) through REST; returns how many were accepted."""
         n = 0
         with requests.Session() as s:
+            s.auth = self.auth
             for f in files:
                 data = f if isinstance(f, (bytes, bytearray)) else Path(f).read_bytes()
                 r = s.post(f"{self.url}/instances", data=data, timeout=60)
@@ -206,7 +208,7 @@ class Orthanc:
         return n
 
     def get(self, path: str):
-        r = requests.get(f"{self.url}{path}", timeout=60)
+        r = requests.get(f"{self.url}{path}", timeout=60, auth=self.auth)
         r.raise_for_status()
         return r.json()
 
@@ -215,4 +217,4 @@ class Orthanc:
 
     def clear(self) -> None:
         for p in self.get("/patients"):
-            requests.delete(f"{self.url}/patients/{p}", timeout=60).raise_for_status()
+            requests.delete(f"{self.url}/patients/{p}", timeout=60, auth=self.auth).raise_for_status()

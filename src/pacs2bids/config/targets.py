@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -93,9 +93,79 @@ class StorageTargetSettings(_Model):
         return f"{self.kind}:{where}{parts.path}".rstrip("/")
 
 
-# The research-PACS targets (targets/research_pacs.py) make this a union discriminated by ``kind``:
-# TargetSettings = Annotated[Union[StorageTargetSettings, ResearchPacsSettings], Field(discriminator="kind")]
-TargetSettings = StorageTargetSettings
+def _ae_title(v: str) -> str:
+    if not 1 <= len(v.strip()) <= 16:
+        raise ValueError("an AE title has 1 to 16 characters")
+    return v
+
+
+class DicomwebTargetSettings(_Model):
+    """A research PACS reached by DICOMweb (pacs2bids.targets.research_pacs): QIDO-RS to see what
+    it holds, STOW-RS to send the pseudonymised DICOM."""
+
+    kind: Literal["dicomweb"] = Field(description="dicomweb: a research PACS by QIDO-RS and STOW-RS.")
+    url: str = Field(description="The DICOMweb root, e.g. https://pacs.example.org/dicom-web.")
+    name: str | None = Field(None, description="Name in logs and the run summary (default: kind and host).")
+    username_env: str | None = Field(None, description="Environment variable holding the user name.")
+    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    credentials_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding {username, password} as JSON, instead of "
+        "environment variables.")
+    timeout: float = Field(120.0, gt=0, description="Seconds to wait for an HTTP answer.")
+    batch_instances: int = Field(50, ge=1, le=1000, description="Instances per STOW-RS request, at most.")
+    batch_megabytes: int = Field(64, ge=1, le=4096, description="Megabytes per STOW-RS request, at most (an "
+                                 "instance larger than this goes alone).")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must start with http:// or https:// and name a host")
+        if parts.password:
+            raise ValueError("the url holds a password: put it in an environment variable named by password_env")
+        return v.rstrip("/")
+
+    @field_validator("username_env", "password_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.fullmatch(v):
+            raise ValueError("give the NAME of an environment variable (letters, digits, _), never the secret itself")
+        return v
+
+    @property
+    def label(self) -> str:
+        parts = urlsplit(self.url)
+        return self.name or f"dicomweb:{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+class DimseTargetSettings(_Model):
+    """A research PACS reached by DIMSE (pacs2bids.targets.research_pacs): C-FIND to see what it
+    holds, C-STORE to send the pseudonymised DICOM. No credentials: the PACS knows our AE title."""
+
+    kind: Literal["dimse"] = Field(description="dimse: a research PACS by C-FIND and C-STORE.")
+    host: str = Field(description="The PACS's host name or address.")
+    port: int = Field(ge=1, le=65535, description="The PACS's DICOM port.")
+    ae_title: str = Field(description="The PACS's AE title (called AE).")
+    calling_ae_title: str = Field("PACS2BIDS", description="Our AE title, as the PACS knows it.")
+    name: str | None = Field(None, description="Name in logs and the run summary (default: AE title, host, port).")
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE or network answer.")
+
+    _titles = field_validator("ae_title", "calling_ae_title")(_ae_title)
+
+    @property
+    def label(self) -> str:
+        return self.name or f"dimse:{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def credentials_block(self) -> None:
+        """DIMSE takes no credentials (for code that asks every target for its block)."""
+        return None
+
+
+ResearchPacsSettings = DicomwebTargetSettings | DimseTargetSettings
+TargetSettings = Annotated[Union[StorageTargetSettings, DicomwebTargetSettings, DimseTargetSettings],
+                           Field(discriminator="kind")]
 
 
 def move_url_output(data: dict) -> dict:

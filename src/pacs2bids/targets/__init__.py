@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Mapping, Protocol, runtime_checkable
 
-from ..config.targets import StorageTargetSettings, TargetSettings
+from ..config.targets import DicomwebTargetSettings, DimseTargetSettings, StorageTargetSettings, TargetSettings
 from ..errors import Pacs2BidsError
 
 
@@ -67,15 +67,20 @@ def open_targets(spec, *, secrets: Mapping[str, Mapping[str, str]] | None = None
     spec); ``environ`` defaults to the process environment."""
     import os
 
-    from .fsspec_target import FsspecTarget
-
     environ = os.environ if environ is None else environ
     built: list[Target] = []
     for settings in spec.targets:
         if isinstance(settings, StorageTargetSettings):
+            from .fsspec_target import FsspecTarget
+
             block = (secrets or {}).get(settings.credentials_block or "", None)
             built.append(FsspecTarget(settings, project=spec.project, fingerprint=_fingerprint(spec),
                                       environ=environ, block=block))
+        elif isinstance(settings, (DicomwebTargetSettings, DimseTargetSettings)):
+            from .research_pacs import ResearchPacsTarget
+
+            block = (secrets or {}).get(settings.credentials_block or "", None)
+            built.append(ResearchPacsTarget(settings, environ=environ, block=block))
         else:  # pragma: no cover - a kind added to the union without its builder here
             raise TargetError(f"target kind {settings.kind!r} has no publisher in pacs2bids.targets.open_targets")
     return built

@@ -27,4 +27,8 @@ def publish_to_target(spec, index: int, version: Path, *, log=log,
         return target.publish(version, manifest, log=log)
     except TargetError as exc:
         log.error("%s", exc)
+        report = getattr(exc, "report", None)  # what the target did before it failed, when it says
+        if isinstance(report, TargetReport):
+            report.state, report.error = "failed", str(exc)
+            return report
         return TargetReport(target=settings.label, version=version.name, state="failed", error=str(exc))
