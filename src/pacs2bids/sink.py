@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import threading
 import time
 import uuid
@@ -25,12 +26,18 @@ from typing import Callable
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 
 from .checksum import sha256_file
 
 log = logging.getLogger(__name__)
 
 LEDGER = ".ledger.json"
+
+# What the check of a payload reads from its head (PS3.5 7.1): the UIDs it is filed under, and
+# the Image Pixel module (group 0028) that says how long native Pixel Data must be.
+_HEAD_TAGS = [0x00080018, 0x0020000D, 0x0020000E, 0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100]
+_PIXEL_DATA = struct.pack("<HH", 0x7FE0, 0x0010)
 
 
 class RateLimiter:
@@ -67,6 +74,58 @@ def _move_into_place(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
         src.unlink(missing_ok=True)
+
+
+def _past_head(tag, vr, length) -> bool:
+    return tag > 0x0028FFFF
+
+
+def _read_head(path: Path) -> tuple[Dataset, int, int]:
+    """The head of a Part 10 file (meta, then groups 0008 to 0028, only the tags of
+    ``_HEAD_TAGS``), where it stopped, and the file's size."""
+    with open(path, "rb") as f:
+        head = read_partial(f, stop_when=_past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
+        return head, f.tell(), os.fstat(f.fileno()).st_size
+
+
+def _native_pixels_close(head: Dataset, path: Path, stopped_at: int, size: int) -> bool:
+    """True when the file ends exactly with native (uncompressed, little endian) Pixel Data of
+    the length its Rows, Columns, SamplesPerPixel, NumberOfFrames and BitsAllocated say: the
+    element's header is read where that length puts it, the rest is not read. False when it
+    cannot tell (compressed, no pixels, something after them): the whole check decides then."""
+    syntax = head.file_meta.get("TransferSyntaxUID")
+    if syntax is None or syntax.is_compressed or not syntax.is_little_endian or syntax.is_deflated:
+        return False
+    try:
+        bits = (int(head.Rows) * int(head.Columns) * int(head.get("SamplesPerPixel", 1) or 1)
+                * int(head.get("NumberOfFrames", 1) or 1) * int(head.BitsAllocated))
+    except (AttributeError, TypeError, ValueError):
+        return False
+    length = (bits + 7) // 8
+    length += length & 1  # values have an even length (PS3.5 7.1.1)
+    header = 8 if syntax.is_implicit_VR else 12
+    start = size - length - header
+    if length == 0 or start < stopped_at:
+        return False
+    with open(path, "rb") as f:
+        f.seek(start)
+        got = f.read(header)
+    if syntax.is_implicit_VR:
+        return got == _PIXEL_DATA + struct.pack("<I", length)
+    return got[:4] == _PIXEL_DATA and got[4:6] in (b"OB", b"OW") and got[6:] == b"\0\0" + struct.pack("<I", length)
+
+
+def _check_payload(path: Path) -> tuple[str, str, str]:
+    """(SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID) of a received file, once it is
+    known whole; raises (ValueError, pydicom's errors) when it is not readable or cut short.
+
+    Cheap for the common case, an image with native pixel data: its head and the header of its
+    Pixel Data, found from the end. Anything else is read whole (values over 1 KiB skipped)."""
+    head, stopped_at, size = _read_head(path)
+    uids = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID))
+    if not _native_pixels_close(head, path, stopped_at, size):
+        _check_whole(pydicom.dcmread(path, defer_size=1024), path)
+    return uids
 
 
 def _check_whole(ds: Dataset, path: Path) -> None:
@@ -158,17 +217,17 @@ class SeriesSink:
             self.quarantined.append((qname, reason))
         log.warning("a received payload was quarantined: %s", reason)
 
-    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None) -> int:
+    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
+                 sha256: str | None = None, size: int | None = None) -> int:
         """Take the temporary file ``path`` (moved away; deleted otherwise by its creator).
-        Returns the C-STORE status to answer: 0x0000 stored, 0xC000 refused (PS3.4 B.2.3)."""
+        ``sha256`` and ``size``: the file's, when its writer took them as it wrote it (else the
+        file is read for them). Returns the C-STORE status to answer: 0x0000 stored, 0xC000
+        refused (PS3.4 B.2.3)."""
         if self.limiter is not None:
             self.limiter.wait()
         name = keyed_name(self.key, sop_instance_uid) if sop_instance_uid else f"unnamed-{uuid.uuid4().hex[:12]}"
         try:
-            ds = pydicom.dcmread(path, defer_size=1024)
-            payload_sop = str(ds.SOPInstanceUID)
-            study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-            _check_whole(ds, path)
+            payload_sop, study, series = _check_payload(path)
         except Exception as exc:  # anything pydicom cannot read is quarantined, never stored
             self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})")
             return 0xC000
@@ -184,10 +243,11 @@ class SeriesSink:
             if dest.exists():
                 self.duplicates += 1
                 return 0x0000
-        digest, size = sha256_file(path), path.stat().st_size
+        if sha256 is None or size is None:
+            sha256, size = sha256_file(path), path.stat().st_size
         _move_into_place(path, dest)
         with self.lock:
-            self.ledger[name] = {"sha256": digest, "size": size, "transport": self.transport}
+            self.ledger[name] = {"sha256": sha256, "size": size, "transport": self.transport}
             self.stored += 1
         if self.on_stored is not None:
             self.on_stored()
