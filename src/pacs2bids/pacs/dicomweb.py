@@ -218,39 +218,40 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
     yielded are whole, what was cut is not kept."""
     boundary = _boundary(response.headers.get("Content-Type", ""))
     delim = b"\r\n--" + boundary
-    buf = b""
+    buf, at = b"", 0  # unread bytes: buf[at:] (an index, not slices: a chunk holds many small parts)
     state = "preamble"
     out: _PartWriter | None = None
     for data in response.iter_content(chunk):
-        buf += data
+        buf, at = (buf[at:] + data if at < len(buf) else data), 0
+        view = memoryview(buf)
         while True:
             if state == "preamble":
-                i = buf.find(b"--" + boundary)
+                i = buf.find(b"--" + boundary, at)
                 if i < 0:
-                    buf = buf[-len(delim):]
+                    at = max(at, len(buf) - len(delim))
                     break
-                buf = buf[i + len(boundary) + 2:]
+                at = i + len(boundary) + 2
                 state = "headers"
             elif state == "headers":
-                if len(buf) >= 2 and buf[:2] == b"--":
+                if len(buf) - at >= 2 and buf[at:at + 2] == b"--":
                     return
-                i = buf.find(b"\r\n\r\n")
+                i = buf.find(b"\r\n\r\n", at)
                 if i < 0:
                     break
-                buf = buf[i + 4:]
+                at = i + 4
                 out = _PartWriter(incoming)
                 state = "body"
             else:
-                i = buf.find(delim)
+                i = buf.find(delim, at)
                 if i < 0:
-                    keep = len(delim)
-                    if len(buf) > keep:
-                        out.write(buf[:-keep])
-                        buf = buf[-keep:]
+                    end = len(buf) - len(delim)  # the delimiter may begin in these last bytes
+                    if end > at:
+                        out.write(view[at:end])
+                        at = end
                     break
-                out.write(buf[:i])
+                out.write(view[at:i])
                 part, out = out.close(), None
-                buf = buf[i + len(delim):]
+                at = i + len(delim)
                 state = "headers"
                 yield part
     if out is not None:
