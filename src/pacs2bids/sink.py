@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
+import mmap
 import os
 import shutil
 import struct
@@ -22,7 +24,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -34,10 +36,77 @@ log = logging.getLogger(__name__)
 
 LEDGER = ".ledger.json"
 
-# What the check of a payload reads from its head (PS3.5 7.1): the UIDs it is filed under, and
-# the Image Pixel module (group 0028) that says how long native Pixel Data must be.
-_HEAD_TAGS = [0x00080018, 0x0020000D, 0x0020000E, 0x00280002, 0x00280008, 0x00280010, 0x00280011, 0x00280100]
+# What the check of a payload reads from its head (PS3.5 7.1): the UIDs it is filed under. They
+# come before group 0021, where some vendors keep private sequences of a hundred KiB (Siemens XA).
+_HEAD_TAGS = [0x00080018, 0x0020000D, 0x0020000E]
+_HEAD_BYTES = 1 << 16
 _PIXEL_DATA = struct.pack("<HH", 0x7FE0, 0x0010)
+_SEQUENCE_END = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+
+
+def _read_head(path: Path) -> tuple[Dataset, int, int]:
+    """The head of a Part 10 file (its meta, then the data set up to SeriesInstanceUID, only the
+    tags of ``_HEAD_TAGS``), where the head ends, and the file's size. Parsed from the first
+    ``_HEAD_BYTES`` in memory (pydicom reads a buffer several times faster than a file); from
+    the file when the head is longer."""
+    stopped: list[bool] = []
+
+    def past_head(tag, vr, length) -> bool:  # called for top-level elements only
+        if int(tag) > 0x0020000E:
+            stopped.append(True)
+        return bool(stopped)
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        src: BinaryIO = io.BytesIO(f.read(_HEAD_BYTES))
+        try:
+            head = read_partial(src, stop_when=past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
+        except Exception:  # cut by the buffer's end, or not DICOM: the file decides
+            if size <= _HEAD_BYTES:
+                raise
+        if not stopped and size > _HEAD_BYTES:
+            f.seek(0)
+            src = f
+            head = read_partial(f, stop_when=past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
+        return head, src.tell() if stopped else size, size
+
+
+def _pixels_close(head: Dataset, path: Path, stopped_at: int, size: int) -> bool:
+    """True when the file ends with its Pixel Data, whole: the element's header, searched for
+    backwards from the end (in memory, C speed, nothing parsed), says a length that ends exactly
+    at the end of the file (native), or says undefined length and the file ends with a Sequence
+    Delimitation Item (encapsulated, PS3.5 A.4). False when it cannot tell (no pixels, little
+    endian not used, something after them, the pattern met inside the pixels): the whole check
+    decides then."""
+    syntax = head.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_little_endian or syntax.is_deflated or size - stopped_at < 16:
+        return False
+    # explicit VR: OW or OB, two reserved bytes, a 4-byte length; implicit VR: the length at once
+    patterns = [_PIXEL_DATA] if syntax.is_implicit_VR else [_PIXEL_DATA + b"OW\0\0", _PIXEL_DATA + b"OB\0\0"]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for pattern in patterns:
+            at = data.rfind(pattern, stopped_at)
+            if at < 0 or at + len(pattern) + 4 > size:
+                continue
+            (length,) = struct.unpack_from("<I", data, at + len(pattern))
+            if length == 0xFFFFFFFF:
+                return syntax.is_encapsulated and data[size - 8:] in _SEQUENCE_END
+            if at + len(pattern) + 4 + length == size:
+                return True
+    return False
+
+
+def _check_payload(path: Path) -> tuple[str, str, str]:
+    """(SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID) of a received file, once it is
+    known whole; raises (ValueError, pydicom's errors) when it is not readable or cut short.
+
+    Cheap for the common case, an image whose Pixel Data ends the file: its head, and the header
+    of its Pixel Data found from the end. Anything else is read whole (values over 1 KiB skipped)."""
+    head, stopped_at, size = _read_head(path)
+    uids = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID))
+    if not _pixels_close(head, path, stopped_at, size):
+        _check_whole(pydicom.dcmread(path, defer_size=1024), path)
+    return uids
 
 
 class RateLimiter:
@@ -74,58 +143,6 @@ def _move_into_place(src: Path, dest: Path) -> None:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
         src.unlink(missing_ok=True)
-
-
-def _past_head(tag, vr, length) -> bool:
-    return tag > 0x0028FFFF
-
-
-def _read_head(path: Path) -> tuple[Dataset, int, int]:
-    """The head of a Part 10 file (meta, then groups 0008 to 0028, only the tags of
-    ``_HEAD_TAGS``), where it stopped, and the file's size."""
-    with open(path, "rb") as f:
-        head = read_partial(f, stop_when=_past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
-        return head, f.tell(), os.fstat(f.fileno()).st_size
-
-
-def _native_pixels_close(head: Dataset, path: Path, stopped_at: int, size: int) -> bool:
-    """True when the file ends exactly with native (uncompressed, little endian) Pixel Data of
-    the length its Rows, Columns, SamplesPerPixel, NumberOfFrames and BitsAllocated say: the
-    element's header is read where that length puts it, the rest is not read. False when it
-    cannot tell (compressed, no pixels, something after them): the whole check decides then."""
-    syntax = head.file_meta.get("TransferSyntaxUID")
-    if syntax is None or syntax.is_compressed or not syntax.is_little_endian or syntax.is_deflated:
-        return False
-    try:
-        bits = (int(head.Rows) * int(head.Columns) * int(head.get("SamplesPerPixel", 1) or 1)
-                * int(head.get("NumberOfFrames", 1) or 1) * int(head.BitsAllocated))
-    except (AttributeError, TypeError, ValueError):
-        return False
-    length = (bits + 7) // 8
-    length += length & 1  # values have an even length (PS3.5 7.1.1)
-    header = 8 if syntax.is_implicit_VR else 12
-    start = size - length - header
-    if length == 0 or start < stopped_at:
-        return False
-    with open(path, "rb") as f:
-        f.seek(start)
-        got = f.read(header)
-    if syntax.is_implicit_VR:
-        return got == _PIXEL_DATA + struct.pack("<I", length)
-    return got[:4] == _PIXEL_DATA and got[4:6] in (b"OB", b"OW") and got[6:] == b"\0\0" + struct.pack("<I", length)
-
-
-def _check_payload(path: Path) -> tuple[str, str, str]:
-    """(SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID) of a received file, once it is
-    known whole; raises (ValueError, pydicom's errors) when it is not readable or cut short.
-
-    Cheap for the common case, an image with native pixel data: its head and the header of its
-    Pixel Data, found from the end. Anything else is read whole (values over 1 KiB skipped)."""
-    head, stopped_at, size = _read_head(path)
-    uids = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID))
-    if not _native_pixels_close(head, path, stopped_at, size):
-        _check_whole(pydicom.dcmread(path, defer_size=1024), path)
-    return uids
 
 
 def _check_whole(ds: Dataset, path: Path) -> None:
