@@ -1,13 +1,12 @@
 """The receiving end (:class:`pacs2bids.sink.SeriesSink`) at the speed of the transfer: each payload is
 checked from its head and the header of its Pixel Data (found from the end), the checksum its writer
-took is kept, WADO-RS parts are filed in a thread of their own, and a series not yet on disk is
-fetched whole before any instance listing. Every safety check of the sink still holds."""
+took is kept, and a series not yet on disk is fetched whole before any instance listing. Every
+safety check of the sink still holds."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 
 import pydicom
@@ -17,8 +16,6 @@ from pydicom.uid import RLELossless
 from pacs2bids import sink as sinkmod
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.pacs import close_pools
-from pacs2bids.pacs.dicomweb import Part
-from pacs2bids.pacs.transport import _Handoff
 from pacs2bids.sink import LEDGER, SeriesSink
 
 from test_retrieve import dimse_yaml, make_spec, web_yaml
@@ -89,51 +86,6 @@ def test_the_writers_checksum_is_kept_and_the_file_not_read_for_it(tmp_path, nat
     sink.save()
     ledger = json.loads((sink.folder / LEDGER).read_text())["instances"]
     assert [(e["sha256"], e["size"]) for e in ledger.values()] == [(digest, len(data))]
-
-
-class _Recorder:
-    def __init__(self, fail_on: int | None = None):
-        self.seen: list[str] = []
-        self.threads: set[str] = set()
-        self.fail_on = fail_on
-
-    def __call__(self, path, sop_class_uid=None, sop_instance_uid=None, *, sha256=None, size=None):
-        self.threads.add(threading.current_thread().name)
-        self.seen.append(path.read_text())
-        if len(self.seen) == self.fail_on:
-            raise RuntimeError("sink failed")
-        return 0
-
-
-def _parts(tmp_path: Path, n: int) -> list[Part]:
-    out = []
-    for i in range(n):
-        p = tmp_path / f"{i}.part"
-        p.write_text(str(i))
-        out.append(Part(p, "", 1))
-    return out
-
-
-def test_parts_are_filed_in_order_in_another_thread_and_all_before_a_cut_is_raised(tmp_path):
-    rec = _Recorder()
-    parts = _parts(tmp_path, 40)
-    with pytest.raises(ValueError, match="cut"):
-        with _Handoff(rec, depth=4) as take:
-            for part in parts:
-                take(part)
-            raise ValueError("answer cut")  # the reader fails after 40 whole parts
-    assert rec.seen == [str(i) for i in range(40)]
-    assert rec.threads == {"pacs2bids-wado-sink"}
-    assert not any(p.path.exists() for p in parts)  # what the sink left is deleted
-
-
-def test_a_sink_error_reaches_the_fetching_thread(tmp_path):
-    rec = _Recorder(fail_on=3)
-    with pytest.raises(RuntimeError, match="sink failed"):
-        with _Handoff(rec) as take:
-            for part in _parts(tmp_path, 5):
-                take(part)
-    assert len(rec.seen) == 5  # the others are still filed
 
 
 @pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
