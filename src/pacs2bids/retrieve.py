@@ -4,9 +4,9 @@ Layout: ``raw_root/<h(study)>/<h(series)>/<h(sop)>.dcm`` where ``h`` is a keyed 
 (:func:`pacs2bids.sink.keyed_name`, HMAC-SHA256 under the project's HKDF-derived raw-name key,
 hex, truncated): no original UID in a path. A re-run, or a run resumed after SIGKILL, compares
 the PACS's instance list (instance-level C-FIND or QIDO-RS, by SOPInstanceUID) with the disk
-and fetches only what is missing (a series with nothing on disk yet is first fetched whole, and
-listed only when fewer instances than its series query announced arrived) (:class:`pacs2bids.sink.SeriesSink` keeps each folder whole
-and its ledger, :func:`read_ledger`).
+and fetches only what is missing (:class:`pacs2bids.sink.SeriesSink` keeps each folder whole
+and its ledger, :func:`read_ledger`). A series with nothing on disk yet is first fetched whole,
+and listed only when fewer instances than its series query announced arrived.
 
 :func:`retrieve_study` does the whole job for one study: it waits for the PACS's retrieval
 window, paces instances (``pacs.instances_per_minute``), retrieves with the chosen transport
@@ -226,8 +226,8 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     on disk (its outcome is final), so that the caller can work on it while the next one arrives.
     Returns one :class:`RetrievedSeries` per series, in the study's order. Series already
     complete on disk cost one instance-list query and no transfer; a series not yet on disk is
-    first asked for whole, and listed only if fewer instances than announced arrived. Raises :class:`PacsError`
-    when the PACS refuses for a reason a retry cannot fix (unreachable after retries is
+    first asked for whole, and listed only if fewer instances than announced arrived. Raises
+    :class:`PacsError` when the PACS refuses for a reason a retry cannot fix (unreachable after retries is
     reported per series as ``failed``, not raised).
     """
     raw_root = Path(raw_root)
