@@ -104,7 +104,8 @@ def test_a_fresh_series_is_not_listed_and_a_resumed_one_is(tmp_path, orthanc_fac
     listed: list[str] = []
     for cls in (transports.DimseTransport, transports.WebTransport):
         real = cls.list_instances
-        monkeypatch.setattr(cls, "list_instances", lambda self, st, se, real=real: listed.append(se) or real(self, st, se))
+        monkeypatch.setattr(cls, "list_instances",
+                            lambda self, st, se, real=real: listed.append(se) or real(self, st, se))
     raw = tmp_path / "raw"
     try:
         first = retrieve_study(spec, study, raw)
