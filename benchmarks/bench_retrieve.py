@@ -1,10 +1,18 @@
-"""Retrieval throughput: pacs2bids's C-GET, C-MOVE and WADO-RS against dcmtk getscu/movescu.
+"""Retrieval throughput: pacs2bids's C-GET, C-MOVE and WADO-RS against dcmtk getscu/movescu, or its floors.
 
 Starts a local Orthanc on loopback, loads ../shared/data/dicom when present (else the bundled
 sample), then retrieves every study with each method in the same run and prints MB/s,
-instances/s and the ratio to dcmtk (getscu for C-GET and WADO-RS, movescu for C-MOVE).
+instances/s and the ratio to dcmtk (getscu for C-GET and WADO-RS, movescu for C-MOVE). Our time
+is the retrieval's (``retrieve_study`` of every study), the query before it is not counted.
 
     python benchmarks/bench_retrieve.py [--sample] [--only c-get,wado-rs,...]
+    python benchmarks/bench_retrieve.py --floors [--sample]
+
+``--floors`` sets our retrieval beside its floors (issue 12), in one process, on the corpus and
+then on the sample (``--sample``: the sample alone): raw WADO-RS of every study (bytes read and
+dropped) beside ``retrieve_study`` over DICOMweb, and one pynetdicom association C-GETting every
+study (files written) beside ``retrieve_study`` over C-GET with ``max_associations: 1``. Ratio:
+the floor's time over ours (1.0: as fast as the floor); goals 0.8 (DICOMweb) and 0.9 (C-GET).
 """
 
 from __future__ import annotations
@@ -24,7 +32,12 @@ from pacs2bids.orthanc import Orthanc, free_port
 from pacs2bids.query import find_studies
 from pacs2bids.retrieve import retrieve_study
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import e2e_steps as steps  # noqa: E402  (the benchmarks' own helper module, beside this file)
+
 REPO = Path(__file__).resolve().parents[1]
+GOALS = {"wado-rs": 0.8, "c-get": 0.9}  # issue 12: our throughput over the floor's
 CORPUS = REPO.parent / "shared" / "data" / "dicom"
 SAMPLE = REPO / "src" / "pacs2bids" / "data" / "sample"
 
@@ -63,9 +76,10 @@ def run_ours(o: Orthanc, method: str, pids: list[str], work: Path, move_port: in
     (work / "spec.yaml").write_text(f"project: BENCH\npacs:\n{pacs}selection:\n  inclusions: inc.csv\n"
                                     "  modalities: []\noutput: out\n")
     spec = load_spec(work / "spec.yaml", environ={"PACS2BIDS_PROJECT_SECRET": "b" * 32})
+    studies = find_studies(spec).studies
     t0 = time.perf_counter()
     statuses: dict[str, int] = {}
-    for study in find_studies(spec).studies:
+    for study in studies:
         for r in retrieve_study(spec, study, work / "raw"):
             statuses[r.status] = statuses.get(r.status, 0) + 1
     if set(statuses) != {"complete"}:
@@ -96,11 +110,43 @@ def run_dcmtk(o: Orthanc, tool: str, studies: list[str], work: Path) -> tuple[fl
     return elapsed, len(files), sum(p.stat().st_size for p in files)
 
 
+def floors(root: Path, tmp: Path) -> list[tuple[str, float, float]]:
+    """Our retrieval beside its floors on one Orthanc holding ``root``; prints and returns
+    (transport, floor seconds, our seconds)."""
+    with Orthanc(workdir=tmp / "orthanc") as o:
+        corpus = steps.load_corpus(o, root, 1)
+        print(f"data: {root} ({corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
+              f"{len(corpus.study_patient)} studies) on Orthanc {o.get('/system')['Version']}", flush=True)
+        got = []
+        for method in ("wado-rs", "c-get"):
+            if method == "wado-rs":
+                floor_s, _ = steps.wado_floor(o, corpus)
+            else:
+                floor_s, _ = steps.cget_floor(o, corpus, tmp / "c-get-floor")
+            ours_s, n, size = run_ours(o, method, corpus.patients, tmp / method, free_port())
+            if n != corpus.instances:
+                print(f"warning: pacs2bids {method} wrote {n} of {corpus.instances} instances", file=sys.stderr)
+            got.append((method, floor_s, ours_s))
+        print(f"{'transport':<10} {'floor s':>8} {'ours s':>8} {'ours MB/s':>9} {'x floor':>8}  goal")
+        for method, floor_s, ours_s in got:
+            ratio = floor_s / ours_s
+            print(f"{method:<10} {floor_s:8.2f} {ours_s:8.2f} {corpus.size / 1e6 / ours_s:9.1f} {ratio:8.2f}  "
+                  f">= {GOALS[method]} {'PASS' if ratio >= GOALS[method] else 'MISS'}", flush=True)
+        return got
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", action="store_true", help="use the bundled sample even if the corpus is there")
     ap.add_argument("--only", default="c-get,c-move,wado-rs", help="methods of ours to run")
+    ap.add_argument("--floors", action="store_true", help="our retrieval beside raw WADO-RS and one-association C-GET")
     args = ap.parse_args(argv)
+    if args.floors:
+        roots = [SAMPLE] if args.sample or not CORPUS.is_dir() else [CORPUS, SAMPLE]
+        for root in roots:
+            with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp:
+                floors(root, Path(tmp))
+        return 0
     root = SAMPLE if args.sample or not CORPUS.is_dir() else CORPUS
     if not shutil.which("getscu"):
         print("dcmtk is not installed (apt-get install dcmtk)", file=sys.stderr)

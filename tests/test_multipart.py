@@ -4,6 +4,7 @@ Content-Type forms servers send (PS3.18 8.7.3.5, RFC 2046 5.1)."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,11 @@ class Answer:
 
 def read(answer: Answer, folder: Path) -> list[bytes]:
     folder.mkdir(exist_ok=True)
-    return [p.read_bytes() for p in _multipart_parts(answer, folder)]
+    parts = list(_multipart_parts(answer, folder))
+    for p in parts:  # the checksum and size taken while writing are those of the file
+        data = p.path.read_bytes()
+        assert (p.sha256, p.size) == (hashlib.sha256(data).hexdigest(), len(data))
+    return [p.path.read_bytes() for p in parts]
 
 
 def test_every_split_position_of_a_two_part_body(tmp_path):
@@ -55,7 +60,7 @@ def test_parts_are_whole_files_and_nothing_partial_is_left(tmp_path):
     data = body(P1, P2)
     folder = tmp_path / "in"
     folder.mkdir()
-    paths = list(_multipart_parts(Answer([data]), folder))
+    paths = [p.path for p in _multipart_parts(Answer([data]), folder)]
     assert [p.read_bytes() for p in paths] == [P1, P2] and sorted(folder.iterdir()) == sorted(paths)
 
 
@@ -77,7 +82,7 @@ def test_an_answer_without_its_closing_boundary_is_an_error(tmp_path, cut, whole
     got = []
     with pytest.raises(PacsError, match="ended") as err:
         for p in _multipart_parts(Answer([data]), folder):
-            got.append(p.read_bytes())
+            got.append(p.path.read_bytes())
     assert err.value.transient  # a retry may get it whole
     assert got == whole_parts  # what was whole before the cut
     assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(got)  # the cut instance is not left behind

@@ -277,7 +277,7 @@ def test_one_association_at_most_under_two_concurrent_retrievals(tmp_path, loade
     assert all(r.status == "complete" for r in results) and len(results) == 4 + 1 + 1
     assert pool.stats.max_open == 1
     assert pool.stats.opened == 1  # reused, not one per request
-    assert pool.stats.requests >= 12
+    assert pool.stats.requests >= 6  # one C-GET per series at least (fresh series are not listed first)
 
 
 def test_rate_limiter_paces_instances(tmp_path, loaded):

@@ -5,7 +5,8 @@ Layout: ``raw_root/<h(study)>/<h(series)>/<h(sop)>.dcm`` where ``h`` is a keyed 
 hex, truncated): no original UID in a path. A re-run, or a run resumed after SIGKILL, compares
 the PACS's instance list (instance-level C-FIND or QIDO-RS, by SOPInstanceUID) with the disk
 and fetches only what is missing (:class:`pacs2bids.sink.SeriesSink` keeps each folder whole
-and its ledger, :func:`read_ledger`).
+and its ledger, :func:`read_ledger`). A series with nothing on disk yet is first fetched whole,
+and listed only when fewer instances than its series query announced arrived.
 
 :func:`retrieve_study` does the whole job for one study: it waits for the PACS's retrieval
 window, paces instances (``pacs.instances_per_minute``), retrieves with the chosen transport
@@ -75,6 +76,7 @@ class _SeriesRun:
     announced: dict[str, str] | None = None
     last_error: str = ""
     whole_failed: bool = False
+    unlisted_tried: bool = False
 
     def todo(self) -> list[str] | None:
         """What is still missing, from the disk alone: SOPInstanceUIDs, or None meaning
@@ -85,10 +87,40 @@ class _SeriesRun:
         expected = self.series.announced_instances
         return [] if expected is not None and len(present) >= expected else None
 
+    def fetch_unlisted(self) -> bool:
+        """A series met for the first time, its folder empty: fetched whole before any
+        instance-level listing (one round trip, and the PACS's listing work, saved per series).
+        True when as many good files as the series query announced are on disk; otherwise the
+        caller lists the instances and asks for what is missing, as for any resume: also when
+        the PACS answered this request with a failure status (over C-GET, a series of a private
+        SOP class fails until the listing names its class); a request that got no answer at all
+        is raised (retried). Only where the transport allows it (``fetches_unlisted``: not C-MOVE,
+        which needs a listed instance to tell an unknown destination from another failure)."""
+        series, sink = self.series, self.sink
+        if (self.unlisted_tried or not getattr(self.transport, "fetches_unlisted", False)
+                or not series.announced_instances or sink.load(None)):
+            return False
+        self.unlisted_tried = True
+        try:
+            self.transport.fetch(series.study_instance_uid, series.series_instance_uid, None, sink, frozenset())
+        except PacsError as exc:
+            if exc.status is None:
+                raise
+            return False
+        finally:
+            sink.save()
+        if self.todo() != []:
+            return False
+        if self.progress is not None:
+            self.progress(series, sink.stored, series.announced_instances)
+        return True
+
     def attempt(self) -> None:
         """One attempt; raises :class:`_StillMissing` when it did not bring everything."""
         series, sink = self.series, self.sink
         try:
+            if self.announced is None and self.fetch_unlisted():
+                return
             if self.announced is None:
                 self.announced = self.transport.list_instances(series.study_instance_uid, series.series_instance_uid)
             missing = self.todo()
@@ -193,8 +225,9 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     ``on_complete(retrieved)`` is called, in the retrieving thread, as soon as a series is complete
     on disk (its outcome is final), so that the caller can work on it while the next one arrives.
     Returns one :class:`RetrievedSeries` per series, in the study's order. Series already
-    complete on disk cost one instance-list query and no transfer. Raises :class:`PacsError`
-    when the PACS refuses for a reason a retry cannot fix (unreachable after retries is
+    complete on disk cost one instance-list query and no transfer; a series not yet on disk is
+    first asked for whole, and listed only if fewer instances than announced arrived. Raises
+    :class:`PacsError` when the PACS refuses for a reason a retry cannot fix (unreachable after retries is
     reported per series as ``failed``, not raised).
     """
     raw_root = Path(raw_root)

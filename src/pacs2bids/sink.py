@@ -13,24 +13,100 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
+import mmap
 import os
 import shutil
+import struct
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 
 from .checksum import sha256_file
 
 log = logging.getLogger(__name__)
 
 LEDGER = ".ledger.json"
+
+# What the check of a payload reads from its head (PS3.5 7.1): the UIDs it is filed under. They
+# come before group 0021, where some vendors keep private sequences of a hundred KiB (Siemens XA).
+_HEAD_TAGS = [0x00080018, 0x0020000D, 0x0020000E]
+_HEAD_BYTES = 1 << 16
+_PIXEL_DATA = struct.pack("<HH", 0x7FE0, 0x0010)
+_SEQUENCE_END = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+
+
+def _read_head(path: Path) -> tuple[Dataset, int, int]:
+    """The head of a Part 10 file (its meta, then the data set up to SeriesInstanceUID, only the
+    tags of ``_HEAD_TAGS``), where the head ends, and the file's size. Parsed from the first
+    ``_HEAD_BYTES`` in memory (pydicom reads a buffer several times faster than a file); from
+    the file when the head is longer."""
+    stopped: list[bool] = []
+
+    def past_head(tag, vr, length) -> bool:  # called for top-level elements only
+        if int(tag) > 0x0020000E:
+            stopped.append(True)
+        return bool(stopped)
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        src: BinaryIO = io.BytesIO(f.read(_HEAD_BYTES))
+        try:
+            head = read_partial(src, stop_when=past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
+        except Exception:  # cut by the buffer's end, or not DICOM: the file decides
+            if size <= _HEAD_BYTES:
+                raise
+        if not stopped and size > _HEAD_BYTES:
+            f.seek(0)
+            src = f
+            head = read_partial(f, stop_when=past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
+        return head, src.tell() if stopped else size, size
+
+
+def _pixels_close(head: Dataset, path: Path, stopped_at: int, size: int) -> bool:
+    """True when the file ends with its Pixel Data, whole: the element's header, searched for
+    backwards from the end (in memory, C speed, nothing parsed), says a length that ends exactly
+    at the end of the file (native), or says undefined length and the file ends with a Sequence
+    Delimitation Item (encapsulated, PS3.5 A.4). False when it cannot tell (no pixels, little
+    endian not used, something after them, the pattern met inside the pixels): the whole check
+    decides then."""
+    syntax = head.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_little_endian or syntax.is_deflated or size - stopped_at < 16:
+        return False
+    # explicit VR: OW or OB, two reserved bytes, a 4-byte length; implicit VR: the length at once
+    patterns = [_PIXEL_DATA] if syntax.is_implicit_VR else [_PIXEL_DATA + b"OW\0\0", _PIXEL_DATA + b"OB\0\0"]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        for pattern in patterns:
+            at = data.rfind(pattern, stopped_at)
+            if at < 0 or at + len(pattern) + 4 > size:
+                continue
+            (length,) = struct.unpack_from("<I", data, at + len(pattern))
+            if length == 0xFFFFFFFF:
+                return syntax.is_encapsulated and data[size - 8:] in _SEQUENCE_END
+            if at + len(pattern) + 4 + length == size:
+                return True
+    return False
+
+
+def _check_payload(path: Path) -> tuple[str, str, str]:
+    """(SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID) of a received file, once it is
+    known whole; raises (ValueError, pydicom's errors) when it is not readable or cut short.
+
+    Cheap for the common case, an image whose Pixel Data ends the file: its head, and the header
+    of its Pixel Data found from the end. Anything else is read whole (values over 1 KiB skipped)."""
+    head, stopped_at, size = _read_head(path)
+    uids = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID))
+    if not _pixels_close(head, path, stopped_at, size):
+        _check_whole(pydicom.dcmread(path, defer_size=1024), path)
+    return uids
 
 
 class RateLimiter:
@@ -158,17 +234,17 @@ class SeriesSink:
             self.quarantined.append((qname, reason))
         log.warning("a received payload was quarantined: %s", reason)
 
-    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None) -> int:
+    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
+                 sha256: str | None = None, size: int | None = None) -> int:
         """Take the temporary file ``path`` (moved away; deleted otherwise by its creator).
-        Returns the C-STORE status to answer: 0x0000 stored, 0xC000 refused (PS3.4 B.2.3)."""
+        ``sha256`` and ``size``: the file's, when its writer took them as it wrote it (else the
+        file is read for them). Returns the C-STORE status to answer: 0x0000 stored, 0xC000
+        refused (PS3.4 B.2.3)."""
         if self.limiter is not None:
             self.limiter.wait()
         name = keyed_name(self.key, sop_instance_uid) if sop_instance_uid else f"unnamed-{uuid.uuid4().hex[:12]}"
         try:
-            ds = pydicom.dcmread(path, defer_size=1024)
-            payload_sop = str(ds.SOPInstanceUID)
-            study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
-            _check_whole(ds, path)
+            payload_sop, study, series = _check_payload(path)
         except Exception as exc:  # anything pydicom cannot read is quarantined, never stored
             self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})")
             return 0xC000
@@ -184,10 +260,11 @@ class SeriesSink:
             if dest.exists():
                 self.duplicates += 1
                 return 0x0000
-        digest, size = sha256_file(path), path.stat().st_size
+        if sha256 is None or size is None:
+            sha256, size = sha256_file(path), path.stat().st_size
         _move_into_place(path, dest)
         with self.lock:
-            self.ledger[name] = {"sha256": digest, "size": size, "transport": self.transport}
+            self.ledger[name] = {"sha256": sha256, "size": size, "transport": self.transport}
             self.stored += 1
         if self.on_stored is not None:
             self.on_stored()

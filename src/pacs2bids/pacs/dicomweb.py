@@ -3,7 +3,8 @@
 QIDO-RS (PS3.18 10.6) pages with ``limit``/``offset`` until an empty page, so a server-side
 result cap never hides matches. WADO-RS (PS3.18 10.4) asks for
 ``multipart/related; type="application/dicom"`` and writes each part to a temporary file as
-it streams, byte for byte as the server sent it: no instance is held whole in memory.
+it streams, byte for byte as the server sent it: no instance is held whole in memory; each part's
+SHA-256 and size are taken as it is written (:class:`Part`), so nobody reads it again for them.
 Credentials come from the environment variables the spec names. When a gate is installed for
 the PACS (:mod:`pacs2bids.pacs.gate`), every request holds one of its slots while in flight, and
 asks the server to close its connection with it: no idle keep-alive connection outlives its slot.
@@ -12,10 +13,12 @@ asks the server to close its connection with it: no idle keep-alive connection o
 from __future__ import annotations
 
 import email.message
+import hashlib
 import logging
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,6 +35,16 @@ log = logging.getLogger(__name__)
 PAGE = 500
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
+
+
+@dataclass(frozen=True)
+class Part:
+    """One instance of a WADO-RS answer, whole in a temporary file: its SHA-256 (hex) and size
+    were taken from the bytes as they were written."""
+
+    path: Path
+    sha256: str
+    size: int
 
 
 def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
@@ -130,9 +143,9 @@ class WebPacs:
 
     # -- WADO-RS ----------------------------------------------------------------------
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str | None, incoming: Path,
-                 on_part: Callable[[Path], None]) -> int:
+                 on_part: Callable[[Part], None]) -> int:
         """Stream a series (or one instance) into temporary files in ``incoming``, calling
-        ``on_part(path)`` for each as soon as it is complete. Returns the number of parts."""
+        ``on_part(part)`` for each as soon as it is complete. Returns the number of parts."""
         url = f"{self.settings.url}/studies/{study_uid}/series/{series_uid}"
         if sop_uid:
             url += f"/instances/{sop_uid}"
@@ -142,7 +155,7 @@ class WebPacs:
         except (requests.RequestException, OSError) as exc:
             raise self._error("WADO-RS retrieval", exc) from None
 
-    def _retrieve(self, url: str, incoming: Path, on_part: Callable[[Path], None]) -> int:
+    def _retrieve(self, url: str, incoming: Path, on_part: Callable[[Part], None]) -> int:
         r = self.session.get(url, headers={"Accept": _ACCEPT}, stream=True, timeout=self.settings.timeout)
         if r.status_code in (400, 406):  # server does not take transfer-syntax=*
             r.close()
@@ -178,55 +191,71 @@ def _boundary(content_type: str) -> bytes:
     return boundary.encode()
 
 
-def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Path]:
-    """Split a multipart/related body (RFC 2046 5.1) into files while it streams.
+class _PartWriter:
+    """A part's temporary file, hashed and counted as it is written."""
+
+    def __init__(self, incoming: Path):
+        fd, name = tempfile.mkstemp(suffix=".part", dir=incoming)
+        self.file, self.path = os.fdopen(fd, "wb"), Path(name)
+        self.hash, self.size = hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def close(self) -> Part:
+        self.file.close()
+        return Part(self.path, self.hash.hexdigest(), self.size)
+
+
+def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:
+    """Split a multipart/related body (RFC 2046 5.1) into files while it streams; each
+    :class:`Part` carries the SHA-256 and size of its file, taken as it was written.
 
     Raises :class:`PacsError` (transient: a retry may get it whole) when the body ends before
     its close delimiter ``--boundary--``, in an instance or between two: parts already
     yielded are whole, what was cut is not kept."""
     boundary = _boundary(response.headers.get("Content-Type", ""))
     delim = b"\r\n--" + boundary
-    buf = b""
+    buf, at = b"", 0  # unread bytes: buf[at:] (an index, not slices: a chunk holds many small parts)
     state = "preamble"
-    out = None
-    path = None
+    out: _PartWriter | None = None
     for data in response.iter_content(chunk):
-        buf += data
+        buf, at = (buf[at:] + data if at < len(buf) else data), 0
+        view = memoryview(buf)
         while True:
             if state == "preamble":
-                i = buf.find(b"--" + boundary)
+                i = buf.find(b"--" + boundary, at)
                 if i < 0:
-                    buf = buf[-len(delim):]
+                    at = max(at, len(buf) - len(delim))
                     break
-                buf = buf[i + len(boundary) + 2:]
+                at = i + len(boundary) + 2
                 state = "headers"
             elif state == "headers":
-                if len(buf) >= 2 and buf[:2] == b"--":
+                if len(buf) - at >= 2 and buf[at:at + 2] == b"--":
                     return
-                i = buf.find(b"\r\n\r\n")
+                i = buf.find(b"\r\n\r\n", at)
                 if i < 0:
                     break
-                buf = buf[i + 4:]
-                fd, name = tempfile.mkstemp(suffix=".part", dir=incoming)
-                out, path = os.fdopen(fd, "wb"), Path(name)
+                at = i + 4
+                out = _PartWriter(incoming)
                 state = "body"
             else:
-                i = buf.find(delim)
+                i = buf.find(delim, at)
                 if i < 0:
-                    keep = len(delim)
-                    if len(buf) > keep:
-                        out.write(buf[:-keep])
-                        buf = buf[-keep:]
+                    end = len(buf) - len(delim)  # the delimiter may begin in these last bytes
+                    if end > at:
+                        out.write(view[at:end])
+                        at = end
                     break
-                out.write(buf[:i])
-                out.close()
-                out = None
-                buf = buf[i + len(delim):]
+                out.write(view[at:i])
+                part, out = out.close(), None
+                at = i + len(delim)
                 state = "headers"
-                yield path
+                yield part
     if out is not None:
-        out.close()
-        path.unlink(missing_ok=True)
+        out.close().path.unlink(missing_ok=True)
         raise PacsError("WADO-RS answer ended in the middle of an instance, before its closing boundary: the "
                         "connection was cut; a retry fetches what is missing", transient=True)
     if state == "preamble":

@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 
 class Receiver(Protocol):
     """Takes one received instance: ``path`` is a temporary Part 10 file the receiver must move
-    away (or leave, to have it deleted); returns the DIMSE status to answer (0x0000 stored)."""
+    away (or leave, to have it deleted); ``sha256`` and ``size``, when given, are the file's, taken
+    by its writer; returns the DIMSE status to answer (0x0000 stored)."""
 
-    def __call__(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> int: ...
+    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
+                 sha256: str | None = None, size: int | None = None) -> int: ...
 
 
 def store_handler(get_receiver: Callable[[object], Receiver | None]):

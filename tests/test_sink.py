@@ -1,0 +1,128 @@
+"""The receiving end (:class:`pacs2bids.sink.SeriesSink`) at the speed of the transfer: each payload is
+checked from its head and the header of its Pixel Data (found from the end), the checksum its writer
+took is kept, and a series not yet on disk is fetched whole before any instance listing. Every
+safety check of the sink still holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import RLELossless
+
+from pacs2bids import sink as sinkmod
+from pacs2bids.dicomfiles import iter_dicom_files
+from pacs2bids.pacs import close_pools
+from pacs2bids.sink import LEDGER, SeriesSink
+
+from test_retrieve import dimse_yaml, make_spec, web_yaml
+
+
+def _sink(tmp_path: Path, ds, series: str = "se") -> SeriesSink:
+    folder = tmp_path / "raw" / "s" / series
+    folder.mkdir(parents=True)
+    return SeriesSink(b"k" * 32, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), folder, tmp_path / "quarantine")
+
+
+def _copy(tmp_path: Path, data: bytes, name: str) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def native(sample_dir) -> Path:
+    return sorted(iter_dicom_files(sample_dir / "dcm_qa_philips"))[0]
+
+
+def test_a_whole_native_image_is_checked_without_reading_it_whole(tmp_path, native, monkeypatch):
+    """Its head and the header of its Pixel Data are enough: the whole-file read is not called."""
+    ds = pydicom.dcmread(native)
+    sink = _sink(tmp_path, ds)
+    monkeypatch.setattr(sinkmod.pydicom, "dcmread", lambda *a, **k: pytest.fail("the whole file was read"))
+    assert sink(_copy(tmp_path, native.read_bytes(), "a.part"), None, str(ds.SOPInstanceUID)) == 0
+    assert sink.stored == 1 and not sink.quarantined
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5000, "half"])
+def test_a_cut_native_image_is_still_quarantined(tmp_path, native, cut):
+    data = native.read_bytes()
+    ds = pydicom.dcmread(native)
+    keep = len(data) // 2 if cut == "half" else len(data) - cut
+    sink = _sink(tmp_path, ds)
+    assert sink(_copy(tmp_path, data[:keep], "cut.part"), None, str(ds.SOPInstanceUID)) == 0xC000
+    assert sink.stored == 0 and len(sink.quarantined) == 1
+    assert "truncated" in sink.quarantined[0][1] or "not readable" in sink.quarantined[0][1]
+
+
+def test_what_the_tail_cannot_vouch_for_is_read_whole(tmp_path, native):
+    """Something after the Pixel Data (trailing padding), or encapsulated pixels: the whole check
+    decides, and a cut encapsulated image is quarantined as before."""
+    ds = pydicom.dcmread(native)
+    padded = _copy(tmp_path, native.read_bytes() + b"\xfc\xff\xfc\xff" + b"OB\x00\x00" + (4).to_bytes(4, "little")
+                   + b"\x00" * 4, "padded.part")
+    rle = pydicom.dcmread(native)
+    rle.compress(RLELossless)
+    rle.save_as(tmp_path / "rle.dcm")
+    data = (tmp_path / "rle.dcm").read_bytes()
+    sink = _sink(tmp_path, ds)
+    assert sink(padded, None, str(ds.SOPInstanceUID)) == 0
+    assert sink(_copy(tmp_path, data[:-20], "rle-cut.part"), None, str(rle.SOPInstanceUID)) == 0xC000
+    assert len(sink.quarantined) == 1 and sink.stored == 1  # the padded one stored, the cut one not
+    whole = _sink(tmp_path, ds, "other")
+    assert whole(_copy(tmp_path, data, "rle.part"), None, str(rle.SOPInstanceUID)) == 0 and whole.stored == 1
+
+
+def test_the_writers_checksum_is_kept_and_the_file_not_read_for_it(tmp_path, native, monkeypatch):
+    ds = pydicom.dcmread(native)
+    data = native.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    sink = _sink(tmp_path, ds)
+    monkeypatch.setattr(sinkmod, "sha256_file", lambda p: pytest.fail("the file was read for its checksum"))
+    assert sink(_copy(tmp_path, data, "a.part"), sha256=digest, size=len(data)) == 0
+    sink.save()
+    ledger = json.loads((sink.folder / LEDGER).read_text())["instances"]
+    assert [(e["sha256"], e["size"]) for e in ledger.values()] == [(digest, len(data))]
+
+
+@pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
+def test_a_fresh_series_is_not_listed_and_a_resumed_one_is(tmp_path, orthanc_factory, sample_dir, transport,
+                                                            monkeypatch):
+    """One request per fresh series (the fetch); the instance listing only where something is on disk
+    already. Either way the ledger holds the SHA-256 of every file on disk."""
+    from pacs2bids.pacs import transport as transports
+    from pacs2bids.query import find_studies
+    from pacs2bids.retrieve import retrieve_study
+
+    o = orthanc_factory()
+    o.upload(list(iter_dicom_files(sample_dir / "dcm_qa_nih")))
+    spec = make_spec(tmp_path, dimse_yaml(o) if transport == "c-get" else web_yaml(o), [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    listed: list[str] = []
+    for cls in (transports.DimseTransport, transports.WebTransport):
+        real = cls.list_instances
+        monkeypatch.setattr(cls, "list_instances",
+                            lambda self, st, se, real=real: listed.append(se) or real(self, st, se))
+    raw = tmp_path / "raw"
+    try:
+        first = retrieve_study(spec, study, raw)
+        assert [r.status for r in first] == ["complete"] * len(study.series) and listed == []
+        victim = next(iter(sorted(first[0].folder.glob("*.dcm"))))
+        victim.unlink()
+        again = retrieve_study(spec, study, raw)
+    finally:
+        close_pools()
+    assert [r.status for r in again] == ["complete"] * len(study.series)
+    assert sorted(listed) == sorted(s.series_instance_uid for s in study.series)  # on disk: listed, as before
+    assert victim.is_file()
+    for r in again:
+        ledger = json.loads((r.folder / LEDGER).read_text())["instances"]
+        files = {p.stem: p for p in r.folder.glob("*.dcm")}
+        assert set(ledger) == set(files)
+        for name, entry in ledger.items():
+            data = files[name].read_bytes()
+            assert (entry["sha256"], entry["size"], entry["transport"]) == (
+                hashlib.sha256(data).hexdigest(), len(data), transport)
