@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pydantic
@@ -373,3 +374,49 @@ def test_run_pushes_its_sourcedata_to_a_research_pacs(tmp_path, orthanc_factory,
     assert report["sent_files"] == len(first["targets"][0]["failed"])
     held = set(_held(research))
     assert {_sop(version / p) for p in paths} <= held and len(held) == len(paths) + 1  # ours and the foreign one
+
+
+def test_a_version_with_lineage_is_checked_without_reading_headers(version, orthanc_factory, tmp_path, monkeypatch):
+    """The UIDs of files the version's per-instance lineage describes (same SHA-256 as the
+    manifest) come from the lineage: a re-run with nothing new reads no DICOM header, and a file
+    the lineage does not vouch for (another checksum) is read."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pydicom
+
+    from pacs2bids.lineage.tables import INSTANCE_SCHEMA, LINEAGE_DIR
+    from pacs2bids.targets import research_pacs
+
+    src, manifest = version
+    root = tmp_path / "run-1"
+    shutil.copytree(src, root)
+    paths = _paths(version)
+    rows = []
+    for i, p in enumerate(paths):
+        ds = pydicom.dcmread(root / p, stop_before_pixels=True)
+        rows.append({"run_id": "run-1", "project": "rpacs", "recorded_at": datetime.now(timezone.utc),
+                     "subject": "01", "path": p, "pseudo_study_uid": str(ds.StudyInstanceUID),
+                     "pseudo_series_uid": str(ds.SeriesInstanceUID),
+                     "pseudo_sop_instance_uid": str(ds.SOPInstanceUID),
+                     "sha256": "0" * 64 if i == 0 else manifest[p]["sha256"]})  # the first: not vouched for
+    (root / LINEAGE_DIR).mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA), root / LINEAGE_DIR / "instances-run-1.parquet")
+
+    expected = {_sop(root / p) for p in paths}
+    reads = []  # pydicom's own dcmread, counted (the module's reads of headers)
+    real = research_pacs.pydicom.dcmread
+    monkeypatch.setattr(research_pacs.pydicom, "dcmread", lambda path, *a, **kw: reads.append(Path(path)) or real(
+        path, *a, **kw))
+    pacs = orthanc_factory()
+    target = _target("dimse", pacs)
+    first = target.publish(root, manifest)
+    assert (first.sent_files, first.verified, first.failed) == (35, True, {})
+    assert set(_held(pacs)) == expected
+    # the file the lineage does not vouch for, read up front; the classes of the 34 others, to send them
+    assert reads[0] == root / paths[0] and sorted(reads[1:]) == sorted(root / p for p in paths[1:])
+    reads.clear()
+    again = target.publish(root, manifest)
+    assert (again.sent_files, again.state, again.verified) == (0, "unchanged", True)
+    assert reads == [root / paths[0]]

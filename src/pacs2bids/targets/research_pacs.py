@@ -35,11 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydicom
 
 from ..config.targets import DicomwebTargetSettings, DimseTargetSettings
 from ..errors import PacsError
 from . import TargetError, TargetReport
+from ..lineage.tables import LINEAGE_DIR
 from .research_pacs_send import DimsePeer, Push, WebPeer
 
 log = logging.getLogger(__name__)
@@ -99,6 +102,55 @@ def dicom_paths(version: Path, manifest: dict | None) -> list[str]:
     return sorted(n for n in names if n.startswith(SOURCEDATA) and n.lower().endswith(".dcm"))
 
 
+def lineage_uids(version: Path, manifest: dict | None) -> dict[str, tuple[str, str, str]]:
+    """Relative path -> (study, series, SOP Instance UID) of the version's DICOM files that its
+    per-instance lineage tables (``.pacs2bids/lineage/instances-*.parquet``) describe with the
+    SHA-256 the manifest gives: those need no header read. Empty without a manifest or tables."""
+    files = (manifest or {}).get("files", manifest) if manifest else None
+    if not files:
+        return {}
+    out: dict[str, tuple[str, str, str]] = {}
+    columns = ["path", "sha256", "pseudo_study_uid", "pseudo_series_uid", "pseudo_sop_instance_uid"]
+    for table in sorted((version / LINEAGE_DIR).glob("instances-*.parquet")):
+        try:
+            rows = pq.read_table(table, columns=columns).to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowException):
+            continue  # unreadable or older table: its files are read instead
+        for row in rows:
+            entry = files.get(row["path"])
+            digest = entry.get("sha256") if isinstance(entry, dict) else None
+            uids = (row["pseudo_study_uid"], row["pseudo_series_uid"], row["pseudo_sop_instance_uid"])
+            if digest and digest == row["sha256"] and all(uids):
+                out[row["path"]] = uids
+    return out
+
+
+def known_instances(version: Path, manifest: dict | None) -> tuple[list[Instance], dict[str, str]]:
+    """The version's DICOM instances: UIDs from its lineage where it vouches for the file, from
+    the header otherwise. SOP class and transfer syntax are read only for what is sent
+    (:func:`with_classes`)."""
+    known = lineage_uids(version, manifest)
+    paths = dicom_paths(version, manifest)
+    files = (manifest or {}).get("files", manifest) if manifest else {}
+    out = [Instance(p, *known[p], "", "", _size(files.get(p))) for p in paths if p in known]
+    read, bad = read_instances(version, [p for p in paths if p not in known])
+    return sorted(out + read, key=lambda i: i.path), bad
+
+
+def _size(entry) -> int:
+    return int(entry.get("size") or 0) if isinstance(entry, dict) else int(entry or 0)
+
+
+def with_classes(version: Path, todo: list[Instance]) -> tuple[list[Instance], dict[str, str]]:
+    """``todo`` with SOP class and transfer syntax, read from the headers of those lacking them."""
+    lacking = [i.path for i in todo if not i.sop_class]
+    if not lacking:
+        return todo, {}
+    read, bad = read_instances(version, lacking)
+    by_path = {i.path: i for i in read}
+    return [by_path.get(i.path, i) if not i.sop_class else i for i in todo if i.path not in bad], bad
+
+
 def read_instances(version: Path, paths: Iterable[str]) -> tuple[list[Instance], dict[str, str]]:
     """Each file's UIDs (header only); returns the instances and the unreadable files with why."""
     out, bad = [], {}
@@ -144,7 +196,7 @@ class ResearchPacsTarget:
         started = time.monotonic()
         version = Path(version)
         report = ResearchPacsReport(self.name, version.name)
-        instances, report.failed = read_instances(version, dicom_paths(version, manifest))
+        instances, report.failed = known_instances(version, manifest)
         push = Push(on_sent=self.on_sent)
         peer_ = None
         try:
@@ -155,6 +207,8 @@ class ResearchPacsTarget:
             log.info("research PACS %s: %d instance(s) in version %s, %d already held; sending %d by %s",
                      self.name, len(instances), version.name, report.skipped_files, len(todo), peer_.method)
             if todo:
+                todo, unreadable = with_classes(version, todo)
+                report.failed.update(unreadable)
                 peer_.send(version, todo, push)
                 touched = {i.study for i in todo}  # asked again; the others were just seen whole
                 again = [i for i in instances if i.study in touched]
