@@ -147,3 +147,28 @@ def test_a_batch_answered_in_part_falls_back_to_one_search_per_study(tmp_path, p
     studies = len({st.study_instance_uid for st in got.studies})
     assert counted.methods["find_series"] == studies - 1  # the first study came whole from the batch
 
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_the_query_holds_one_slot_of_the_pacs_gate(tmp_path, pacs, monkeypatch, kind):
+    """Every search of the query goes through one slot of the PACS's gate (the flow backs it with a
+    Prefect global concurrency limit, whose every slot costs a round trip to Prefect's API), and
+    gives it back at the end: over DICOMweb one slot per search was taken before."""
+    from pacs2bids.pacs import gate
+
+    spec = make_spec(tmp_path, dimse_yaml(pacs) if kind == "dimse" else web_yaml(pacs), ROWS)
+    taken, given_back = [], []
+
+    def counting_gate():
+        taken.append(1)
+        return lambda: given_back.append(1)
+
+    gate.set_gate(spec.pacs, counting_gate)
+    try:
+        counted = _Counted(monkeypatch)
+        q = query.find_studies(spec)
+        close_pools()
+    finally:
+        gate.set_gate(spec.pacs, None)
+    assert q.studies and counted.requests > len(ROWS)
+    assert len(taken) == 1 and len(given_back) == 1, (len(taken), counted.requests)

@@ -121,12 +121,13 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
     PACS may have cut that answer short (QIDO-RS always: it cuts without a word); then the series
     of every matched study, :data:`SERIES_BATCH` studies per search (List of UID matching), each
     study's count checked against its NumberOfStudyRelatedSeries, and one search per study for
-    those the batch did not answer whole.
+    those the batch did not answer whole. The searches share one connection, and one slot of
+    the PACS's gate (:meth:`Transport.one_connection`).
     """
     filters = _Filters.of(spec)
     result = QueryResult()
     seen: set[str] = set()
-    with open_transport(spec) as transport:
+    with open_transport(spec) as transport, transport.one_connection():
         matched = [(inc, _candidates(spec, transport, inc, filters)) for inc in spec.inclusions]
         series = _series_by_study(spec, transport, [c for _, found in matched for c in found], filters)
         for inc, found in matched:
