@@ -79,7 +79,8 @@ def common_words() -> frozenset[str]:
     """Lower-case entries of every word list in ``/usr/share/dict``, accents removed."""
     words: set[str] = set()
     try:
-        lists = sorted(p for p in _WORD_LIST_DIR.iterdir() if p.is_file() and not p.name.startswith("README"))
+        lists = sorted({p.resolve() for p in _WORD_LIST_DIR.iterdir()  # "words" links to one of the others
+                        if p.is_file() and not p.name.startswith("README")})
     except OSError:
         lists = []
     for p in lists:
@@ -90,7 +91,8 @@ def common_words() -> frozenset[str]:
         for line in text.splitlines():
             w = line.strip()
             if w and w == w.lower() and "'" not in w:
-                words.add(_fold(w))
+                # ASCII and lower case already: folding only joins its spaces (NFKD is a no-op)
+                words.add(" ".join(w.split()) if w.isascii() else _fold(w))
     if not words:
         log.warning(
             "no word list in %s (Debian packages wamerican and wfrench): the leak scanner searches every "
