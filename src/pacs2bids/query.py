@@ -8,8 +8,9 @@ with limit/offset. Identifiers never reach the logs: rows are named by their row
 
 Bad values never lose a patient. A PACS keeps what the scanner wrote: United Imaging writes
 StudyDate ``***``, others leave it empty or out of range, and a date-range search never matches
-those studies. So each inclusion is also asked once without a date, and a study whose StudyDate
-is not a valid date is taken from that answer. When the spec filters by date, that filter
+those studies. So each inclusion is asked once without a date, and a study whose StudyDate
+is not a valid date is taken from that answer (when that answer is whole, it also gives the
+studies in the date range: no second search). When the spec filters by date, that filter
 cannot be applied to such a study: it is included (the data engineer asked for the patient, and
 its dates are emptied by pseudonymisation) and listed in :attr:`QueryResult.unapplied`, which
 the run summary prints. Missing SeriesNumber, and any description (path-like, non-ASCII), are
