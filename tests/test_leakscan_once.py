@@ -130,3 +130,13 @@ def test_one_kind_of_string_alone(identifiers):
         expected = (rules.pattern is not None and rules.pattern.search(data) is not None,
                     rules.common_pattern is not None and rules.common_pattern.search(data) is not None)
         assert rules.finder.kinds(data) == expected, data
+
+
+def test_rules_made_by_hand_still_search():
+    """Rules built without :func:`build_rules` get a finder of their strings, never an empty one."""
+    from pacs2bids.deid.leakrules import Rules
+
+    built = build_rules(["IPP77881234", "HEAD"])
+    rules = Rules(distinctive=built.distinctive, common=built.common, pattern=built.pattern,
+                  common_pattern=built.common_pattern)
+    assert rules.finder.kinds(b"x IPP77881234 head y") == (True, True)

@@ -198,7 +198,11 @@ class Rules:
     pattern: re.Pattern[bytes] | None = None  # the distinctive strings, every spelling
     common_pattern: re.Pattern[bytes] | None = None  # to skip files that cannot hold a common string
     _keywords: frozenset[str] = field(default_factory=frozenset)
-    finder: Finder = field(default_factory=lambda: Finder(None, None, None))  # whole files: both kinds, one pass
+    finder: Finder | None = None  # whole files: both kinds, one pass (built from the strings when not given)
+
+    def __post_init__(self) -> None:
+        if self.finder is None:  # never an empty finder: a scan must not pass for want of one
+            self.finder = Finder.of(self.distinctive, self.common)
 
     def holds_common(self, value: object) -> bool:
         """True when ``value`` (an identity field's value: text, PN or a list) is, or has as a
