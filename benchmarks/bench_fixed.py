@@ -13,7 +13,9 @@ Starts Orthanc on loopback (DICOMweb on), loads the corpus (``benchmarks/e2e_ste
   every file read once (``e2e_steps.read_floor``). Before issue 12, the scan searched every file with two
   case-folding patterns: that alone is timed too;
 - lineage: ``record_lineage`` of one instance row per pseudonymised file (one part per series, merged; every file
-  hashed). Floor: the SHA-256 of every file, once.
+  hashed). Floor: the SHA-256 of every file, once;
+- Prefect: an empty flow in its own process (import, ephemeral server start-up, one flow run), on a new
+  PREFECT_HOME and again: the fixed cost every ``pacs2bids run`` pays before its first stage.
 """
 
 from __future__ import annotations
@@ -187,7 +189,29 @@ def measure_scan_and_lineage(root: Path, studies: int, tmp: Path) -> dict:
     return out
 
 
-def report(q: dict, s: dict) -> str:
+_EMPTY_FLOW = """
+import time
+t = time.perf_counter()
+from prefect import flow
+flow(lambda: None, name="empty")()
+print(time.perf_counter() - t)
+"""
+
+
+def measure_prefect(tmp: Path) -> dict:
+    """An empty flow in its own process, as ``pacs2bids run`` starts one: Prefect's import, its ephemeral
+    server's start-up and one flow run. First on a new PREFECT_HOME (database created), then again."""
+    import subprocess
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-empty")}
+    out = {}
+    for name in ("first", "again"):
+        done = subprocess.run([sys.executable, "-c", _EMPTY_FLOW], env=env, capture_output=True, text=True, timeout=600)
+        out[name] = float(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    return out
+
+
+def report(q: dict, s: dict, pf: dict | None = None) -> str:
     lines = ["| step | seconds | requests | x its floor |", "| --- | ---: | ---: | ---: |",
              f"| floor: one study C-FIND per row, no gate | {q['floor']:.2f} | | |"]
     for transport in ("dimse", "dicomweb"):
@@ -202,6 +226,9 @@ def report(q: dict, s: dict) -> str:
               f"{s['two_folding_passes'] / s['read_once']:.1f} |",
               f"| floor: SHA-256 of every DICOM file once | {s['sha256_once']:.2f} | | |",
               f"| lineage tables | {s['lineage']:.2f} | | {s['lineage'] / s['sha256_once']:.1f} |"]
+    for name, what in (("first", "new database"), ("again", "its database made")):
+        if pf and pf.get(name) is not None:
+            lines.append(f"| Prefect: an empty flow in its own process ({what}) | {pf[name]:.2f} | | |")
     return "\n".join(lines)
 
 
@@ -225,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(corpus.study_patient)} studies, {len(patients)} patients", flush=True)
             q = measure_query(o, patients, tmp)
         s = measure_scan_and_lineage(root, args.studies, tmp)
-    print(report(q, s))
+        pf = measure_prefect(tmp)
+    print(report(q, s, pf))
     if args.json:
-        args.json.write_text(json.dumps({"corpus": args.corpus, "query": q, "scan": s}, indent=2))
+        args.json.write_text(json.dumps({"corpus": args.corpus, "query": q, "scan": s, "prefect": pf}, indent=2))
     return 0
 
 
