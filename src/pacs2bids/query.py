@@ -8,8 +8,9 @@ with limit/offset. Identifiers never reach the logs: rows are named by their row
 
 Bad values never lose a patient. A PACS keeps what the scanner wrote: United Imaging writes
 StudyDate ``***``, others leave it empty or out of range, and a date-range search never matches
-those studies. So each inclusion is also asked once without a date, and a study whose StudyDate
-is not a valid date is taken from that answer. When the spec filters by date, that filter
+those studies. So each inclusion is asked once without a date, and a study whose StudyDate
+is not a valid date is taken from that answer (when that answer is whole, it also gives the
+studies in the date range: no second search). When the spec filters by date, that filter
 cannot be applied to such a study: it is included (the data engineer asked for the patient, and
 its dates are emptied by pseudonymisation) and listed in :attr:`QueryResult.unapplied`, which
 the run summary prints. Missing SeriesNumber, and any description (path-like, non-ASCII), are
@@ -95,6 +96,19 @@ class _Filters:
                     or (self.exclude_re and self.exclude_re.search(description)))
 
 
+#: Studies per series search by a list of Study Instance UIDs (a QIDO-RS URL of 50 UIDs stays under 4 kB).
+SERIES_BATCH = 50
+
+
+@dataclass
+class _Candidate:
+    """A study an inclusion row matched, before its series are known."""
+
+    ref: StudyRef
+    day: date | None
+    series_count: int | None  # NumberOfStudyRelatedSeries, as the PACS answered it
+
+
 def find_studies(spec: ProjectSpec) -> QueryResult:
     """Match every inclusion row against the PACS and apply the spec's filters.
 
@@ -103,13 +117,22 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
     after filtering, with announced instance counts), and the rows that matched no study
     with at least one kept series. Each C-FIND or QIDO-RS search is retried on a transient
     failure (:mod:`pacs2bids.pacs.retry`). Raises :class:`PacsError` if the PACS cannot be queried.
+
+    Round trips: per row, one study search without a date, and the search by date only when the
+    PACS may have cut that answer short (QIDO-RS always: it cuts without a word); then the series
+    of every matched study, :data:`SERIES_BATCH` studies per search (List of UID matching), each
+    study's count checked against its NumberOfStudyRelatedSeries, and one search per study for
+    those the batch did not answer whole. The searches share one connection, and one slot of
+    the PACS's gate (:meth:`Transport.one_connection`).
     """
     filters = _Filters.of(spec)
     result = QueryResult()
     seen: set[str] = set()
-    with open_transport(spec) as transport:
-        for inc in spec.inclusions:
-            if not _match_inclusion(spec, transport, inc, filters, result, seen):
+    with open_transport(spec) as transport, transport.one_connection():
+        matched = [(inc, _candidates(spec, transport, inc, filters)) for inc in spec.inclusions]
+        series = _series_by_study(spec, transport, [c for _, found in matched for c in found], filters)
+        for inc, found in matched:
+            if not _keep_inclusion(inc, found, series, filters, result, seen):
                 result.unmatched.append(inc)
     log.info(
         "query: %d inclusion rows, %d studies matched, %d rows unmatched",
@@ -119,23 +142,28 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
 
 
 def _studies_of(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters) -> tuple[str, str, list[Dataset]]:
-    """The studies of one inclusion in the date window, and those a search in the window cannot
-    return: a StudyDate that is not a valid date, or a valid one outside the window (one search
-    without a date, universal matching, PS3.4 C.2.2.2.3). Returns (key, value, studies)."""
+    """The studies of one inclusion in the date window, then those a search in the window cannot
+    return: a StudyDate that is not a valid date, or a valid one outside the window. One search
+    without a date (universal matching, PS3.4 C.2.2.2.3); when the PACS may have cut it short,
+    also the search in the window, which splits until whole. Returns (key, value, studies)."""
     key, value = ("PatientID", inc.patient_id) if inc.patient_id else ("AccessionNumber", inc.accession_number)
     what = f"study search for inclusion row {inc.row}"
-    studies = with_retries(spec.retries, lambda: transport.find_studies(key, value, f.lo, f.hi), what, log)
-    undated = with_retries(spec.retries, lambda: transport.find_studies(key, value, None, None), what, log)
-    studies = list(studies) + [st for st in undated
-                               if (d := parse_da(st.get("StudyDate"))) is None or not f.lo <= d <= f.hi]
-    return key, value, studies
+    every, whole = with_retries(spec.retries, lambda: transport.find_every_study(key, value), what, log)
+
+    def inside(st: Dataset) -> bool:
+        return (d := parse_da(st.get("StudyDate"))) is not None and f.lo <= d <= f.hi
+
+    if whole:  # what the search in the window would answer, in the same order
+        studies = [st for st in every if inside(st)]
+    else:
+        studies = list(with_retries(spec.retries, lambda: transport.find_studies(key, value, f.lo, f.hi), what, log))
+    return key, value, studies + [st for st in every if not inside(st)]
 
 
-def _match_inclusion(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters, result: QueryResult,
-                     seen: set[str]) -> bool:
-    """Add the studies of one inclusion row to ``result``; False when none has a kept series."""
+def _candidates(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters) -> list[_Candidate]:
+    """The studies of one inclusion row that pass the study-level filters (once each)."""
     key, value, studies = _studies_of(spec, transport, inc, f)
-    kept_any = False
+    out: list[_Candidate] = []
     uids_here: set[str] = set()
     for st in studies:
         uid = str(st.get("StudyInstanceUID", ""))
@@ -154,9 +182,43 @@ def _match_inclusion(spec: ProjectSpec, transport: Transport, inc: Inclusion, f:
             continue
         ref = StudyRef(inclusion_row=inc.row, subject=inc.subject, session=inc.session, study_instance_uid=uid,
                        study_date=sdate, study_description=desc)
-        series = with_retries(spec.retries, lambda: transport.find_series(uid, f.modalities),
-                              f"series search for inclusion row {inc.row}", log)
-        _keep_series(ref, series, f)
+        out.append(_Candidate(ref, day, _int(st.get("NumberOfStudyRelatedSeries"))))
+    return out
+
+
+def _series_by_study(spec: ProjectSpec, transport: Transport, candidates: list[_Candidate],
+                     f: _Filters) -> dict[str, list[Dataset]]:
+    """Every series of each candidate study, by Study Instance UID: by batches of studies, and
+    one search per study for those a batch did not answer whole (count unknown or different)."""
+    expected = {c.ref.study_instance_uid: c.series_count for c in candidates}
+    uids = list(expected)
+    found: dict[str, list[Dataset]] = {}
+    for i in range(0, len(uids) if len(uids) > 1 else 0, SERIES_BATCH):
+        batch = uids[i:i + SERIES_BATCH]
+        answer = with_retries(spec.retries, lambda: transport.find_series_of(batch),
+                              f"series search of {len(batch)} studies", log)
+        by_study: dict[str, list[Dataset]] = {}
+        for se in answer or ():
+            by_study.setdefault(str(se.get("StudyInstanceUID", "") or ""), []).append(se)
+        for uid in batch:
+            got = by_study.get(uid, [])
+            if got and len({str(se.get("SeriesInstanceUID", "")) for se in got}) == expected[uid]:
+                found[uid] = got
+    for c in candidates:
+        uid = c.ref.study_instance_uid
+        if uid not in found:
+            found[uid] = with_retries(spec.retries, lambda: transport.find_series(uid, f.modalities),
+                                      f"series search for inclusion row {c.ref.inclusion_row}", log)
+    return found
+
+
+def _keep_inclusion(inc: Inclusion, candidates: list[_Candidate], series: dict[str, list[Dataset]], f: _Filters,
+                    result: QueryResult, seen: set[str]) -> bool:
+    """Add the studies of one inclusion row to ``result``; False when none has a kept series."""
+    kept_any = False
+    for c in candidates:
+        ref, uid, day = c.ref, c.ref.study_instance_uid, c.day
+        _keep_series(ref, series[uid], f)
         if not ref.series:
             continue
         if uid in seen:
@@ -165,7 +227,7 @@ def _match_inclusion(spec: ProjectSpec, transport: Transport, inc: Inclusion, f:
         kept_any = True
         result.studies.append(ref)
         if day is None and f.dated:
-            what = "empty" if not sdate.strip() else "not a valid date"
+            what = "empty" if not ref.study_date.strip() else "not a valid date"
             log.warning("inclusion row %d: a study's date is unreadable, so the date filter was not applied "
                         "to it: included", inc.row)
             result.unapplied.append(UnappliedFilter(inc.row, inc.subject, "study_date",

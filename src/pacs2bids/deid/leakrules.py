@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .identifiers import IDENTIFYING_KEYWORDS
-from .patterns import MIN_LENGTH, compile_strings, variants
+from .patterns import MIN_LENGTH, _cased_forms, _trie_regex, compile_strings, variants
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def common_words() -> frozenset[str]:
     """Lower-case entries of every word list in ``/usr/share/dict``, accents removed."""
     words: set[str] = set()
     try:
-        lists = sorted(p for p in _WORD_LIST_DIR.iterdir() if p.is_file() and not p.name.startswith("README"))
+        lists = sorted({p.resolve() for p in _WORD_LIST_DIR.iterdir()  # "words" links to one of the others
+                        if p.is_file() and not p.name.startswith("README")})
     except OSError:
         lists = []
     for p in lists:
@@ -90,7 +91,8 @@ def common_words() -> frozenset[str]:
         for line in text.splitlines():
             w = line.strip()
             if w and w == w.lower() and "'" not in w:
-                words.add(_fold(w))
+                # ASCII and lower case already: folding only joins its spaces (NFKD is a no-op)
+                words.add(" ".join(w.split()) if w.isascii() else _fold(w))
     if not words:
         log.warning(
             "no word list in %s (Debian packages wamerican and wfrench): the leak scanner searches every "
@@ -122,6 +124,71 @@ def is_common(text: str) -> bool:
     return len("".join(rest)) < MIN_LENGTH and digits < DISTINCTIVE_DIGITS
 
 
+_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def _lowered(strings: Iterable[str]) -> frozenset[bytes]:
+    """The spellings :func:`compile_strings` searches for (cased forms, UTF-8 and Latin-1),
+    lowered as ``bytes.lower`` lowers: ASCII letters only, as ``re.IGNORECASE`` folds bytes."""
+    words: set[bytes] = set()
+    for s in strings:
+        for form in _cased_forms(s):
+            for enc in ("utf-8", "latin-1"):
+                try:
+                    words.add(form.encode(enc).lower())
+                except UnicodeEncodeError:
+                    pass
+    return frozenset(w for w in words if w)
+
+
+def _anchored(words: frozenset[bytes]) -> re.Pattern[bytes] | None:
+    """A case-sensitive pattern of ``words`` (already lowered), with no letter or digit after.
+    No IGNORECASE and nothing before the words: the engine then skips ahead to the bytes a word
+    can start with, several times faster than the case-folding pattern over binary data."""
+    return re.compile(rb"(?:" + _trie_regex(sorted(words)) + rb")(?![a-z0-9])") if words else None
+
+
+@dataclass(frozen=True)
+class Finder:
+    """One pass over a file's bytes for both kinds of string (:meth:`kinds`).
+
+    Same matches as :attr:`Rules.pattern` and :attr:`Rules.common_pattern` (a whole word, ASCII
+    letters in any case: ``re.IGNORECASE`` on bytes folds ASCII only, as ``bytes.lower`` does),
+    searched once in the lowered bytes with one pattern of every string; the boundary before a
+    match is checked here, so the pattern keeps a literal start the engine can skip to."""
+
+    both: re.Pattern[bytes] | None
+    distinctive: re.Pattern[bytes] | None
+    common: re.Pattern[bytes] | None
+
+    @classmethod
+    def of(cls, distinctive: Iterable[str], common: Iterable[str]) -> "Finder":
+        d, c = _lowered(distinctive), _lowered(common)
+        return cls(_anchored(d | c), _anchored(d), _anchored(c))
+
+    def kinds(self, data: bytes, *, want_common: bool = True) -> tuple[bool, bool]:
+        """(a distinctive string is in ``data``, a common one is), reading ``data`` once."""
+        if self.both is None:
+            return False, False
+        low = data.lower()
+        found_d = found_c = False
+        pos = 0
+        while m := self.both.search(low, pos):
+            at = m.start()
+            pos = at + 1
+            if at and low[at - 1] in _ALNUM:
+                continue  # inside a longer word: not a match (the patterns' look-behind)
+            found_d = found_d or bool(self.distinctive and self.distinctive.match(low, at))
+            found_c = found_c or bool(want_common and self.common and self.common.match(low, at))
+            if found_d and (found_c or not want_common or self.common is None):
+                break
+        return found_d, found_c
+
+    def distinctive_in(self, data: bytes) -> bool:
+        """True when a distinctive string is in ``data`` (as ``Rules.pattern.search``)."""
+        return self.kinds(data, want_common=False)[0] if self.distinctive is not None else False
+
+
 @dataclass
 class Rules:
     """The identifying strings of a scan, sorted by the rule above."""
@@ -131,6 +198,11 @@ class Rules:
     pattern: re.Pattern[bytes] | None = None  # the distinctive strings, every spelling
     common_pattern: re.Pattern[bytes] | None = None  # to skip files that cannot hold a common string
     _keywords: frozenset[str] = field(default_factory=frozenset)
+    finder: Finder | None = None  # whole files: both kinds, one pass (built from the strings when not given)
+
+    def __post_init__(self) -> None:
+        if self.finder is None:  # never an empty finder: a scan must not pass for want of one
+            self.finder = Finder.of(self.distinctive, self.common)
 
     def holds_common(self, value: object) -> bool:
         """True when ``value`` (an identity field's value: text, PN or a list) is, or has as a
@@ -183,4 +255,5 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
         pattern=compile_strings(distinctive),
         common_pattern=compile_strings(common),
         _keywords=frozenset(IDENTIFYING_KEYWORDS),
+        finder=Finder.of(distinctive, common),
     )

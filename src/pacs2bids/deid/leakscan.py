@@ -24,6 +24,7 @@ A hit names the path and the field, never the value.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 import re
@@ -53,8 +54,6 @@ _CLASS_UID_KEYWORDS = ("SOPClassUID", "TransferSyntaxUID")
 
 def _dicom_fields(data: bytes, rules: Rules, distinctive: bool) -> tuple[list[str], list[bytes]]:
     """The elements of a DICOM file holding a hit, and the class UIDs that matched (no hits)."""
-    import io
-
     import pydicom
     from pydicom.datadict import keyword_for_tag
 
@@ -168,9 +167,10 @@ def _vox_offset(data: bytes) -> float:
     return struct.unpack(">q", data[168:176])[0]
 
 
-def _parquet_fields(path: Path, rules: Rules) -> list[str]:
-    """Columns (``schema``, ``statistics``) of a Parquet file holding a match, all decoded;
-    raises OSError when the file cannot be decoded (a scan that cannot read must not pass)."""
+def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
+    """Columns (``schema``, ``statistics``) of a Parquet file (a path, or a file object named
+    ``name``) holding a match, all decoded; raises OSError when the file cannot be decoded (a
+    scan that cannot read must not pass)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -181,7 +181,7 @@ def _parquet_fields(path: Path, rules: Rules) -> list[str]:
         return pattern is not None and bool(pattern.search(text.encode("utf-8", "surrogateescape")))
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(source)
         meta = pf.schema_arrow.to_string(show_schema_metadata=True)
         meta += "\n" + "\n".join(
             (k + b"=" + v).decode("utf-8", "replace") for k, v in (pf.metadata.metadata or {}).items()
@@ -207,36 +207,36 @@ def _parquet_fields(path: Path, rules: Rules) -> list[str]:
                 ):
                     fields.append(name)
     except (pa.ArrowException, ValueError, OSError) as exc:
-        raise OSError(f"cannot read Parquet file {path.name}: {str(exc).strip()}") from None
+        where = name or getattr(source, "name", source)
+        raise OSError(f"cannot read Parquet file {Path(str(where)).name}: {str(exc).strip()}") from None
     return fields
 
 
 def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]:
-    pattern = rules.pattern
+    pattern, finder = rules.pattern, rules.finder
     lowered = name.lower()
     if lowered.endswith(".gz"):
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError):
-            return [LeakHit(rel, "raw bytes", "raw")] if pattern is not None and pattern.search(data) else []
+            return [LeakHit(rel, "raw bytes", "raw")] if finder.distinctive_in(data) else []
         lowered = lowered[:-3]
     if lowered.endswith(".nii"):
         return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, pattern)]
+    distinctive, common = finder.kinds(data)  # one pass over the bytes, both kinds of string
     if len(data) >= 132 and data[128:132] == b"DICM":
-        distinctive = pattern is not None and pattern.search(data) is not None
-        common = rules.common_pattern is not None and rules.common_pattern.search(data) is not None
         if not distinctive and not common:
             return []
         fields, classes = _dicom_fields(data, rules, distinctive)
         if not fields and distinctive:
             for uid in classes:  # matched only as a class UID? then nothing else may match
                 data = data.replace(uid, b"")
-            if pattern.search(data):
+            if finder.distinctive_in(data):
                 fields = ["raw bytes"]
         return [LeakHit(rel, f, "dicom") for f in fields]
-    if pattern is not None and pattern.search(data):
+    if distinctive:
         return [LeakHit(rel, "content", "text")]
-    if lowered.endswith(".json") and rules.common_pattern is not None and rules.common_pattern.search(data):
+    if lowered.endswith(".json") and common:
         return [LeakHit(rel, f, "text") for f in _json_fields(data, rules)]
     return []
 
@@ -245,6 +245,8 @@ def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakH
     """Search every file and name under ``root`` for ``identifiers`` (or rules built from them
     by :func:`build_rules`), following the rule of the module docstring.
 
+    Each file is opened once and its bytes read once (a NIfTI's header alone), in one pass of
+    one pattern for both kinds of string (:class:`pacs2bids.deid.leakrules.Finder`).
     Returns the hits (empty: nothing found). Values shorter than 4 characters are ignored.
     Raises :class:`OSError` when a file cannot be read (a scan that cannot read must not pass).
     """
@@ -269,43 +271,79 @@ def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakH
             rel = str(p.relative_to(root))
             if named(f):
                 hits.append(LeakHit(rel, "file name", "name"))
-            if p.is_symlink() or not p.is_file():
-                continue
-            if _is_parquet(p):
-                hits.extend(LeakHit(rel, c if c in ("schema", "statistics") else f"column {c}", "parquet")
-                            for c in _parquet_fields(p, rules))
-                continue
-            if p.stat().st_size > _MAX_TEXT_BYTES and not f.lower().endswith((".nii", ".nii.gz")):
-                hits.extend(_scan_large(rel, p, pattern))
-                continue
-            hits.extend(_scan_bytes(rel, f, p.read_bytes(), rules))
+            if not p.is_symlink() and p.is_file():
+                hits.extend(_scan_file(rel, p, rules))
     return hits
 
 
-def _is_parquet(p: Path) -> bool:
-    """By content (magic ``PAR1`` at both ends), not by name."""
+def _scan_file(rel: str, p: Path, rules: Rules) -> list[LeakHit]:
+    """The hits of one file, opened once."""
+    name = p.name.lower()
+    with open(p, "rb") as fh:
+        if name.endswith((".nii", ".nii.gz")):
+            data = _nifti_head(fh, name.endswith(".gz"))
+            if data is not None:
+                return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, rules.pattern)]
+            fh.seek(0)  # not a NIfTI after all, or not gzip: as any other file
+        size = os.fstat(fh.fileno()).st_size
+        if size > _MAX_TEXT_BYTES:
+            if _is_parquet(fh, size):
+                return _parquet_hits(rel, fh, rules)
+            return _scan_large(rel, fh, rules)
+        data = fh.read()
+    if len(data) >= 12 and data[:4] == b"PAR1" and data[-4:] == b"PAR1":  # by content, not by name
+        return _parquet_hits(rel, io.BytesIO(data), rules, name=p.name)
+    return _scan_bytes(rel, p.name, data, rules)
+
+
+def _parquet_hits(rel: str, source, rules: Rules, name: str | None = None) -> list[LeakHit]:
+    return [LeakHit(rel, c if c in ("schema", "statistics") else f"column {c}", "parquet")
+            for c in _parquet_fields(source, rules, name)]
+
+
+def _nifti_head(fh, gz: bool) -> bytes | None:
+    """A NIfTI's header and extensions (what the scan reads of it: the voxels are not text), from
+    the file ``fh`` open at its start; None when it is not a NIfTI header (or not gzip data)."""
     try:
-        size = p.stat().st_size
-        if size < 12:
-            return False
-        with open(p, "rb") as fh:
-            head = fh.read(4)
-            fh.seek(size - 4)
-            return head == b"PAR1" and fh.read(4) == b"PAR1"
-    except OSError:
+        src = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
+        head = src.read(544)
+        sizes = (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")) if len(head) >= 4 else (0, 0)
+        if not ((540 in sizes and len(head) >= 540) or (348 in sizes and len(head) >= 348)):
+            return None
+        try:
+            end = int(_vox_offset(head))
+        except (ValueError, OverflowError):
+            return head
+        parts = [head]
+        left = end - len(head)
+        while left > 0 and (chunk := src.read(min(left, 1 << 20))):
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+    except (OSError, EOFError):  # not gzip data, or cut short: read as raw bytes, as before
+        return None
+
+
+def _is_parquet(fh, size: int) -> bool:
+    """By content (magic ``PAR1`` at both ends), not by name; ``fh`` is left at its start."""
+    if size < 12:
         return False
+    head = fh.read(4)
+    fh.seek(size - 4)
+    tail = fh.read(4)
+    fh.seek(0)
+    return head == b"PAR1" and tail == b"PAR1"
 
 
-def _scan_large(rel: str, p: Path, pattern: re.Pattern[bytes] | None) -> list[LeakHit]:
-    if pattern is None:
+def _scan_large(rel: str, fh, rules: Rules) -> list[LeakHit]:
+    if rules.finder.distinctive is None:
         return []
     overlap = 1024
     prev = b""
-    with open(p, "rb") as fh:
-        while True:
-            chunk = fh.read(16 * 1024 * 1024)
-            if not chunk:
-                return []
-            if pattern.search(prev + chunk):
-                return [LeakHit(rel, "raw bytes", "raw")]
-            prev = chunk[-overlap:]
+    while True:
+        chunk = fh.read(16 * 1024 * 1024)
+        if not chunk:
+            return []
+        if rules.finder.distinctive_in(prev + chunk):
+            return [LeakHit(rel, "raw bytes", "raw")]
+        prev = chunk[-overlap:]

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,7 @@ class WebPacs:
         # every answer at this size, and offsets are not to be trusted (Orthanc with
         # LimitFindResults). The caller then splits its question.
         self.cap: int | None = None
+        self._one_slot_thread: int | None = None  # the thread inside :meth:`one_slot`
 
     # -- errors -----------------------------------------------------------------------
     def _error(self, what: str, exc: Exception) -> PacsError:
@@ -129,8 +131,9 @@ class WebPacs:
 
     @contextmanager
     def _slot(self) -> Iterator[None]:
-        """Hold a slot of the PACS's gate, if any, for one request; its connection closes with it."""
-        if gate.gate_for(self.settings) is None:
+        """Hold a slot of the PACS's gate, if any, for one request; its connection closes with it.
+        Inside :meth:`one_slot` on the same thread, the slot held there serves."""
+        if gate.gate_for(self.settings) is None or self._one_slot_thread == threading.get_ident():
             yield
             return
         self.session.headers["Connection"] = "close"
@@ -140,6 +143,23 @@ class WebPacs:
             finally:
                 for adapter in self.session.adapters.values():
                     adapter.close()  # whatever the server did with the header
+
+    @contextmanager
+    def one_slot(self) -> Iterator[None]:
+        """Hold one slot of the PACS's gate (if any) for a sequence of requests made one after
+        the other by this thread (the query's searches), on one kept-alive connection, closed
+        on leaving. Taking a slot costs a round trip to Prefect's API, more than a search."""
+        if gate.gate_for(self.settings) is None or self._one_slot_thread is not None:
+            yield
+            return
+        with gate.holding(self.settings):
+            self._one_slot_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._one_slot_thread = None
+                for adapter in self.session.adapters.values():
+                    adapter.close()
 
     # -- WADO-RS ----------------------------------------------------------------------
     def retrieve(self, study_uid: str, series_uid: str, sop_uid: str | None, incoming: Path,
