@@ -790,3 +790,23 @@ def test_statuses_read_pynetdicom_tables_with_our_judgement_of_transience():
     assert classify(0xFE00, "find").category == "cancel" and "result limit" in classify(0xFE00).meaning
     assert classify(0xB000, "get").ok and classify(0xFF00, "find").category == "pending"
     assert classify(None).transient
+
+
+def test_a_study_is_retrieved_over_dicomweb_in_one_slot_of_the_pacs_gate(tmp_path, loaded):
+    """Every WADO-RS request of a study goes through one slot of the PACS's gate (the flow backs it
+    with a Prefect global concurrency limit: each slot is a round trip to Prefect's API), as a
+    study holds one association over DIMSE; before, each series' request took its own."""
+    from pacs2bids.pacs import gate
+    from pacs2bids.retrieve import retrieve_study
+
+    spec = make_spec(tmp_path, web_yaml(loaded), [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    assert len(study.series) > 1
+    taken, given_back = [], []
+    gate.set_gate(spec.pacs, lambda: taken.append(1) or (lambda: given_back.append(1)))
+    try:
+        got = retrieve_study(spec, study, tmp_path / "raw")
+    finally:
+        gate.set_gate(spec.pacs, None)
+    assert [rs.status for rs in got] == ["complete"] * len(study.series)
+    assert len(taken) == len(given_back) == 1

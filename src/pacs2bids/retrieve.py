@@ -188,7 +188,8 @@ def _retrieve_with(spec: ProjectSpec, kind: str | None, study: StudyRef, raw_roo
     quarantine = raw_root.parent / "quarantine"
     (raw_root / INCOMING).mkdir(parents=True, exist_ok=True)
     out: list[RetrievedSeries] = []
-    with open_transport(spec, kind, incoming=raw_root / INCOMING) as transport:
+    # a study is retrieved over one connection (one slot of the PACS's gate), as over DIMSE
+    with open_transport(spec, kind, incoming=raw_root / INCOMING) as transport, transport.one_connection():
         for series in study.series:
             folder = raw_root / keyed_name(key, study.study_instance_uid) / keyed_name(key, series.series_instance_uid)
             folder.mkdir(parents=True, exist_ok=True)
