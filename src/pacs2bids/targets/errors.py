@@ -47,6 +47,9 @@ def describe(exc: BaseException, settings: StorageTargetSettings) -> str:
         return f"cannot reach the store ({type(exc).__name__}: {text}); check its address and that it is up"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"no space left on the store ({text}); free space there or raise the quota"
+    if "size mismatch in put" in text:  # paramiko: the SFTP server kept fewer bytes than were sent
+        return (f"the server stored a file short ({text}): no space left on it, or a quota reached; free space "
+                "there or raise the quota")
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return f"the bucket does not exist ({text}); create it, or fix the url"
     if isinstance(exc, FileNotFoundError):
