@@ -210,6 +210,7 @@ class Profile:
         self.rows: dict[int, Row] = dict(rows)
         self.masked: list[tuple[int, int, Row]] = list(masked)
         self._resolved: dict[int, tuple[str, str] | None] = {}
+        self._private_memo: dict[tuple[int, str, int], str | None] = {}  # private_reason, per element seen
         self.keep_text = self._keep_text_tags(DEFAULT_KEEP_TEXT if keep_text is None else keep_text)
 
     def _keep_text_tags(self, keywords) -> frozenset[int]:
@@ -305,6 +306,12 @@ class Profile:
 
     def private_reason(self, group: int, creator: str, elem: int) -> str | None:
         """Why a private element is kept (``None``: it is removed). PS3.15 E.3.10."""
+        seen = (group, creator, elem)
+        if seen not in self._private_memo:  # the same few thousand elements in every file
+            self._private_memo[seen] = self._private_reason(group, creator, elem)
+        return self._private_memo[seen]
+
+    def _private_reason(self, group: int, creator: str, elem: int) -> str | None:
         key = (group, creator.strip().upper(), elem)
         if key in self.user_private:
             return "settings.keep_private"
