@@ -129,9 +129,9 @@ def decoded(ds: Dataset, elem: DataElement | RawDataElement) -> DataElement:
 def element(ds: Dataset, tag) -> DataElement | RawDataElement:
     """The element at ``tag``, left raw when its VR is known without decoding it (explicit VR
     other than UN, which pydicom may replace by the dictionary's VR on decoding)."""
-    elem = ds.get_item(tag)
-    if elem.is_raw and elem.VR in (None, "UN"):
-        return ds[tag]
+    elem = ds._dict.get(tag)  # Dataset.get_item without its Tag conversion (a hot path)
+    if elem is None or (elem.is_raw and (elem.value is None or elem.VR in (None, "UN"))):
+        return ds[tag]  # absent, deferred or VR to be decided: pydicom's own way
     return elem
 
 
