@@ -64,7 +64,7 @@ def collect(ds: Dataset, profile: Profile, dates: set[str] | None = None) -> set
                 for item in d[tag].value or ():
                     visit(item)
                 continue
-            private = tag.is_private
+            private = bool(tag >> 16 & 1)  # tag.is_private, without the property call
             if dates is not None and vr in ("DA", "DT"):
                 value = d[tag].value
                 for v in value if isinstance(value, MultiValue) else [value]:

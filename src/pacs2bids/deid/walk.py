@@ -226,7 +226,7 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
     kept_blocks: set[tuple[int, int]] = set()
     creators: dict[tuple[int, int], str] = {}
     for t in tags:
-        if t.is_private and 0x0010 <= t.element <= 0x00FF:
+        if t >> 16 & 1 and 0x0010 <= t & 0xFFFF <= 0x00FF:  # private creators (plain int tests)
             value = ds[t].value
             creators[(t.group, t.element)] = value if isinstance(value, str) else ""
     outer_searchable = ctx.bytes_searchable
