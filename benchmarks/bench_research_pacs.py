@@ -12,7 +12,8 @@ loopback:
   ``store_instances``; pynetdicom ``send_c_store`` on one association), nothing asked first;
 - first: the first publish of the version by :class:`ResearchPacsTarget` (asks what the PACS
   holds, sends, asks again to verify);
-- no-op: the same version again (goal: <= 10 s, 0 bytes);
+- no-op: the same version again (goal: <= 10 s, 0 bytes); the version holds its per-instance
+  lineage table, as a run's does (``--no-lineage``: without it, every header is read);
 - +N: a version with ``--more`` studies added (cost should follow the N studies, not the rest).
 
 Prints one line per step: seconds, instances and MB sent, and the ratio first / plain.
@@ -28,8 +29,12 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from datetime import datetime, timezone
+
 import pydicom
 from pydicom.uid import generate_uid
+
+from pacs2bids.checksum import sha256_file
 
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.config.targets import DicomwebTargetSettings, DimseTargetSettings
@@ -70,8 +75,27 @@ def add_studies(version: Path, files: list[Path], first: int, count: int) -> Non
 
 
 def manifest(version: Path) -> dict:
-    return {"files": {p.relative_to(version).as_posix(): {"size": p.stat().st_size}
+    return {"files": {p.relative_to(version).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
                       for p in sorted(version.rglob("*")) if p.is_file()}}
+
+
+def write_lineage(version: Path) -> None:
+    """The per-instance lineage table a pacs2bids run leaves in its version (pseudonymised UIDs,
+    path, SHA-256), as the flow writes it when it pseudonymises (not timed here)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pacs2bids.lineage.tables import INSTANCE_SCHEMA, LINEAGE_DIR
+
+    rows = []
+    for f in sorted((version / "sourcedata").rglob("*.dcm")):
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        rows.append({"run_id": "bench", "project": "bench", "recorded_at": datetime.now(timezone.utc),
+                     "subject": "01", "path": f.relative_to(version).as_posix(), "sha256": sha256_file(f),
+                     "pseudo_study_uid": str(ds.StudyInstanceUID), "pseudo_series_uid": str(ds.SeriesInstanceUID),
+                     "pseudo_sop_instance_uid": str(ds.SOPInstanceUID)})
+    (version / LINEAGE_DIR).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=INSTANCE_SCHEMA), version / LINEAGE_DIR / "instances-bench.parquet")
 
 
 def plain(method: str, pacs: Orthanc, version: Path, files: list[str]) -> tuple[float, int]:
@@ -98,7 +122,7 @@ def plain(method: str, pacs: Orthanc, version: Path, files: list[str]) -> tuple[
     return time.monotonic() - started, sum((version / f).stat().st_size for f in files)
 
 
-def run(method: str, version: Path, studies: int, more: int, files: list[Path]) -> None:
+def run(method: str, version: Path, studies: int, more: int, files: list[Path], with_lineage: bool = True) -> None:
     paths = dicom_paths(version, manifest(version))
     with Orthanc() as a:
         seconds, size = plain(method, a, version, paths)
@@ -110,15 +134,18 @@ def run(method: str, version: Path, studies: int, more: int, files: list[Path]) 
             spec = DimseTargetSettings(kind="dimse", name="bench", host="127.0.0.1", port=pacs.dicom_port,
                                        ae_title=pacs.aet)
         target = ResearchPacsTarget(spec)
-        first = target.publish(version, manifest(version))
+        listed = manifest(version)
+        first = target.publish(version, listed)
         print(f"{method:8} first    {first.seconds:7.2f} s  {first.sent_files:5d} instances  "
               f"{first.sent_bytes / 1e6:7.1f} MB  ({first.seconds / seconds:.2f} x plain)")
-        noop = target.publish(version, manifest(version))
+        noop = target.publish(version, listed)
         print(f"{method:8} no-op    {noop.seconds:7.2f} s  {noop.sent_files:5d} instances  "
               f"{noop.sent_bytes / 1e6:7.1f} MB  ({noop.skipped_files} already held)")
         grown = version.parent / f"{version.name}-plus"
         shutil.copytree(version, grown)
         add_studies(grown, files, studies + 1, more)
+        if with_lineage:
+            write_lineage(grown)
         plus = target.publish(grown, manifest(grown))
         print(f"{method:8} +{more:<6d}  {plus.seconds:7.2f} s  {plus.sent_files:5d} instances  "
               f"{plus.sent_bytes / 1e6:7.1f} MB  ({plus.skipped_files} already held)")
@@ -130,15 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=50)
     ap.add_argument("--more", type=int, default=5)
     ap.add_argument("--method", choices=["dicomweb", "dimse", "both"], default="both")
+    ap.add_argument("--no-lineage", action="store_true",
+                    help="a version without its per-instance lineage table (every header is read)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-rpacs-") as tmp:
         work = Path(tmp)
         files = template(work)
         version = work / "versions" / "run-1"
         add_studies(version, files, 1, args.studies)
+        if not args.no_lineage:
+            write_lineage(version)
         print(f"{args.studies} studies of {len(files)} instances; methods: {args.method}")
         for method in (["dicomweb", "dimse"] if args.method == "both" else [args.method]):
-            run(method, version, args.studies, args.more, files)
+            run(method, version, args.studies, args.more, files, not args.no_lineage)
     return 0
 
 
