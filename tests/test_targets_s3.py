@@ -238,3 +238,19 @@ def test_credentials_from_a_prefect_secret_block(s3, prefix, tmp_path, prefect_h
     target = FsspecTarget(settings, project=PROJECT, fingerprint=None, environ={}, block=_block_secrets(name)[name])
     assert publish(target, v1).verified
     assert read_current(s3.filesystem(), prefix)[1] == local_files(v1)
+
+
+def test_no_credential_reaches_the_logs_even_at_debug_level(s3, prefix, tmp_path, caplog):
+    """botocore logs each request's Authorization header (the access key id) at DEBUG: once
+    pacs2bids has set its loggers up, the storage libraries log WARNING and above only, whatever
+    the root level (the CLI and the flow call quiet_third_party_loggers)."""
+    from pacs2bids.logsafety import quiet_third_party_loggers
+
+    for name, logger in list(logging.root.manager.loggerDict.items()):  # as if no one had disabled them
+        if isinstance(logger, logging.Logger) and name.split(".")[0] in ("botocore", "aiobotocore", "s3fs"):
+            logger.disabled = False
+    caplog.set_level(logging.DEBUG)
+    quiet_third_party_loggers()
+    version = make_version(tmp_path / "local", "20260101T000000Z-aaaa", subjects=1)
+    assert publish(_target(s3, prefix), version).verified
+    assert s3.access_key not in caplog.text and s3.secret_key not in caplog.text

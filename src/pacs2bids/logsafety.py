@@ -40,6 +40,14 @@ THIRD_PARTY_LOGGERS = (
     "nibabel",
     "PIL",
     "pytesseract",
+    # secondary storage: botocore logs each request's headers (the access key id) at DEBUG
+    "botocore",
+    "aiobotocore",
+    "boto3",
+    "s3transfer",
+    "s3fs",
+    "fsspec",
+    "paramiko",
 )
 LEVEL = logging.WARNING
 
