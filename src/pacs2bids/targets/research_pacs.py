@@ -90,11 +90,16 @@ class Instance:
     size: int
 
 
+def _files(manifest: dict | None) -> dict:
+    """The ``relative path -> entry`` map of a manifest given whole or as its ``files`` map ({} for none)."""
+    return (manifest.get("files", manifest) or {}) if manifest else {}
+
+
 def dicom_paths(version: Path, manifest: dict | None) -> list[str]:
     """The version's pseudonymised DICOM files (``sourcedata/**/*.dcm``), relative, sorted: from
     ``manifest`` (relative path -> size or ``{size, sha256}``, or a dict with such a ``files``
     map), else from the folder."""
-    files = (manifest or {}).get("files", manifest) if manifest else None
+    files = _files(manifest)
     if files:
         names = list(files)
     else:
@@ -106,7 +111,7 @@ def lineage_uids(version: Path, manifest: dict | None) -> dict[str, tuple[str, s
     """Relative path -> (study, series, SOP Instance UID) of the version's DICOM files that its
     per-instance lineage tables (``.pacs2bids/lineage/instances-*.parquet``) describe with the
     SHA-256 the manifest gives: those need no header read. Empty without a manifest or tables."""
-    files = (manifest or {}).get("files", manifest) if manifest else None
+    files = _files(manifest)
     if not files:
         return {}
     out: dict[str, tuple[str, str, str]] = {}
@@ -131,7 +136,7 @@ def known_instances(version: Path, manifest: dict | None) -> tuple[list[Instance
     (:func:`with_classes`)."""
     known = lineage_uids(version, manifest)
     paths = dicom_paths(version, manifest)
-    files = (manifest or {}).get("files", manifest) if manifest else {}
+    files = _files(manifest)
     out = [Instance(p, *known[p], "", "", _size(files.get(p))) for p in paths if p in known]
     read, bad = read_instances(version, [p for p in paths if p not in known])
     return sorted(out + read, key=lambda i: i.path), bad
