@@ -41,6 +41,7 @@ from pacs2bids.tasks.bids import finalise_dataset
 from pacs2bids.tasks.deid import scan_for_leaks
 from pacs2bids.tasks.lineage import record_lineage
 from pacs2bids.tasks.publish import publish_local
+from pacs2bids.tasks.qc import run_qc
 from pacs2bids.tasks.query import find_studies
 from pacs2bids.tasks.released import include_released
 from pacs2bids.tasks.pacs_limit import use_pacs_limit
@@ -153,6 +154,10 @@ def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder,
     with summary.timed("finalise"):
         finalise_dataset(staging, spec.dataset_name or spec.project, participants,
                          {"Name": "pacs2bids", "Version": __version__})
+    if spec.qc.enabled:  # dataset-level: every session, before the validator and the leak scan see it
+        with summary.timed("qc"):
+            qc = run_qc(staging, spec.qc, {"Name": "pacs2bids", "Version": __version__})
+        summary.stage_seconds["qc_per_session"] = qc["seconds_per_session"]
     with summary.timed("validate"):
         report = validate_dataset(staging)
     summary.validator_warnings = report.warning_counts()

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from ..errors import SpecError
+from .qc import QcSettings
 from .targets import TargetSettings, move_url_output
 
 
@@ -272,6 +273,8 @@ class ProjectSpec(_Model):
                     "hold (e.g. asl: {ArterialSpinLabelingType: PCASL, PostLabelingDelay: 1.8}). They fill only "
                     "fields missing from dcm2niix's sidecar, never replace what the images say (heuristic auto).",
     )
+
+    qc: QcSettings = Field(default_factory=QcSettings, description="Protocol conformity QC (config/qc.py).")
 
     # resolved at load, not from YAML
     spec_path: Path | None = Field(None, exclude=True)

@@ -1,0 +1,1 @@
+"""Derivative datasets written beside the raw BIDS dataset (issue 15)."""

@@ -1,0 +1,265 @@
+"""Protocol conformity QC (issue 15, REMI): every session of a BIDS dataset against the declared protocol.
+
+Dataset-level step, run once every study is converted and the dataset finalised: each session
+(``sub-X[/ses-Y]``) is read from what researchers receive (BIDS JSON sidecars, NIfTI headers and
+voxels; never DICOM) and checked against ``spec.qc.protocol`` (:mod:`pacs2bids.config.qc`):
+
+- an image is one NIfTI file; it belongs to the most specific protocol series whose suffix and
+  entities it has (its other entities, e.g. ``run``, are not looked at);
+- *missing*: fewer images than the series' ``count``; *duplicated*: more; *extra*: images of no series;
+- *deviations*: parameters out of tolerance (or absent) on the images of a series.
+
+Status per session: ``fail`` (missing series or deviations), ``warn`` (only duplicated or extra),
+``pass``, or ``no protocol`` when the project declares none (indices and snapshots are still written).
+
+Writes ``derivatives/pacs2bids-qc/``: ``dataset_description.json`` (derivative, GeneratedBy,
+SourceDatasets), one ``sub-X[/ses-Y]/sub-X[_ses-Y]_qc.json`` per session, PNG snapshots in
+``sub-X[/ses-Y]/figures/`` and one ``index.html`` (:mod:`pacs2bids.derivatives.qc_report`). The
+validator does not know QC files: a ``.bidsignore`` names them, and the dataset has 0 errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pacs2bids.config.qc import NIFTI_PARAMETERS, SIDECAR_PARAMETERS, Expected, ExpectedSeries, Protocol, QcSettings
+from pacs2bids.derivatives import qc_indices
+from pacs2bids.derivatives.qc_report import write_report
+from pacs2bids.errors import ValidationFailed
+from pacs2bids.validate import issue_text, validate_dataset
+
+QC_DIR = Path("derivatives") / "pacs2bids-qc"
+BIDSIGNORE = ["*.html", "**/figures", "*_qc.json"]  # the validator's matcher wants **/ for any depth
+_EPS = 1e-9
+
+
+@dataclass
+class ImageQC:
+    """One NIfTI image of a session: its name, the parameters read, its indices, its snapshot."""
+
+    path: str  # relative to the dataset root
+    suffix: str
+    entities: dict[str, str]
+    parameters: dict[str, object]
+    indices: dict = field(default_factory=dict)
+    snapshot: str | None = None  # relative to the QC folder
+    series: str | None = None  # the protocol series it belongs to
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name.split(".")[0]
+
+
+@dataclass
+class SessionQC:
+    subject: str
+    session: str | None
+    status: str = "no protocol"
+    images: list[ImageQC] = field(default_factory=list)
+    missing: list[dict] = field(default_factory=list)
+    duplicated: list[dict] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    deviations: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+    @property
+    def folder(self) -> Path:
+        return Path(f"sub-{self.subject}") / (f"ses-{self.session}" if self.session else "")
+
+    @property
+    def json(self) -> str:
+        """Its JSON, relative to the QC folder."""
+        return (self.folder / f"{self.label}_qc.json").as_posix()
+
+    def to_dict(self) -> dict:
+        return {"Subject": self.subject, "Session": self.session, "Status": self.status,
+                "Missing": self.missing, "Duplicated": self.duplicated, "Extra": self.extra,
+                "Deviations": self.deviations, "QcSeconds": round(self.seconds, 3),
+                "Images": [{"Path": i.path, "ProtocolSeries": i.series, "Parameters": i.parameters,
+                            "Indices": i.indices, "Snapshot": i.snapshot} for i in self.images]}
+
+
+@dataclass
+class QcResult:
+    folder: Path
+    sessions: list[SessionQC]
+    seconds: float
+
+    @property
+    def seconds_per_session(self) -> float:
+        return self.seconds / len(self.sessions) if self.sessions else 0.0
+
+    def summary(self) -> dict:
+        """Plain values for the run summary: sessions per status, QC seconds per session."""
+        statuses: dict[str, int] = {}
+        for s in self.sessions:
+            statuses[s.status] = statuses.get(s.status, 0) + 1
+        return {"statuses": statuses, "sessions": len(self.sessions),
+                "seconds_per_session": round(self.seconds_per_session, 3)}
+
+
+def parse_name(filename: str) -> tuple[dict[str, str], str]:
+    """Entities (without ``sub`` and ``ses``) and suffix of a BIDS file name."""
+    parts = filename.split(".")[0].split("_")
+    entities = dict(p.split("-", 1) for p in parts[:-1] if "-" in p)
+    entities.pop("sub", None)
+    entities.pop("ses", None)
+    return entities, parts[-1]
+
+
+def matches(expected: ExpectedSeries, entities: dict[str, str], suffix: str) -> bool:
+    return suffix == expected.suffix and all(entities.get(k) == v for k, v in expected.entities.items())
+
+
+def check_value(expected: Expected, actual) -> str | None:
+    """Why ``actual`` is out of ``expected`` (``None``: within). Numbers: ``|actual - value|`` at most
+    ``max(tolerance, relative * |value|)`` (the edge is within), per axis for lists."""
+    if actual is None:
+        return "absent"
+    if expected.regex is not None:
+        return None if re.fullmatch(expected.regex, str(actual)) else f"does not match /{expected.regex}/"
+    want = expected.value
+    if isinstance(want, str):
+        return None if str(actual) == want else f"expected {want!r}"
+    wants = want if isinstance(want, list) else [want]
+    gots = actual if isinstance(actual, (list, tuple)) else [actual]
+    if len(wants) != len(gots):
+        return f"expected {len(wants)} value(s), found {len(gots)}"
+    for w, g in zip(wants, gots):
+        try:
+            g = float(g)
+        except (TypeError, ValueError):
+            return f"not a number, expected {want}"
+        allowed = max(expected.tolerance, expected.relative * abs(w))
+        if not math.isfinite(g) or abs(g - w) > allowed + _EPS * max(1.0, abs(w)):
+            return f"expected {want}" + (f" ± {allowed:g}" if allowed else "")
+    return None
+
+
+def read_image(root: Path, nifti: Path, extra: set[str], settings: QcSettings, out: Path) -> ImageQC:
+    """The parameters (sidecar and header), indices and snapshot of one image."""
+    stem = nifti.name.split(".")[0]
+    sidecar_path = nifti.with_name(stem + ".json")
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+    vol, zooms, shape = qc_indices.load(nifti)
+    params: dict[str, object] = {k: sidecar.get(k) for k in (*SIDECAR_PARAMETERS, *sorted(extra))
+                                 if k not in NIFTI_PARAMETERS}
+    params.update(VoxelSize=list(zooms), Matrix=list(shape))
+    entities, suffix = parse_name(nifti.name)
+    rel = nifti.relative_to(root)
+    image = ImageQC(str(rel), suffix, entities, params, qc_indices.indices(vol, sidecar).to_dict())
+    if settings.snapshots:
+        png = Path(rel.parts[0]) / Path(*rel.parts[1:-2]) / "figures" / f"{stem}_qc.png"
+        qc_indices.snapshot(vol, zooms, out / png)
+        image.snapshot = png.as_posix()
+    return image
+
+
+def check_session(protocol: Protocol | None, qc: SessionQC) -> SessionQC:
+    """Fill ``qc``'s missing, duplicated, extra, deviations and status from its images."""
+    if protocol is None:
+        qc.status = "no protocol"
+        return qc
+    by_series: dict[str, list[ImageQC]] = {s.match: [] for s in protocol.series}
+    specific = sorted(protocol.series, key=lambda s: -len(s.entities))
+    for image in qc.images:
+        found = next((s for s in specific if matches(s, image.entities, image.suffix)), None)
+        if found is None:
+            qc.extra.append(image.name)
+            continue
+        image.series = found.match
+        by_series[found.match].append(image)
+    for s in protocol.series:
+        images = by_series[s.match]
+        if len(images) < s.count:
+            qc.missing.append({"Series": s.match, "Expected": s.count, "Found": len(images)})
+        elif len(images) > s.count:
+            qc.duplicated.append({"Series": s.match, "Expected": s.count, "Found": len(images),
+                                  "Images": [i.name for i in images]})
+        wanted = {**protocol.parameters, **s.parameters}
+        for image in images:
+            for name, expected in wanted.items():
+                why = check_value(expected, image.parameters.get(name))
+                if why:
+                    qc.deviations.append({"Image": image.name, "Series": s.match, "Parameter": name,
+                                          "Value": image.parameters.get(name), "Reason": why})
+    qc.status = "fail" if qc.missing or qc.deviations else "warn" if qc.duplicated or qc.extra else "pass"
+    return qc
+
+
+def session_folders(root: Path) -> list[tuple[str, str | None, Path]]:
+    """(subject, session, folder) of every session of the dataset, sorted."""
+    out = []
+    for sub in sorted(p for p in root.glob("sub-*") if p.is_dir()):
+        sessions = sorted(p for p in sub.glob("ses-*") if p.is_dir())
+        subject = sub.name.removeprefix("sub-")
+        out += [(subject, s.name.removeprefix("ses-"), s) for s in sessions] or [(subject, None, sub)]
+    return out
+
+
+def _protocol_parameters(protocol: Protocol | None) -> set[str]:
+    if protocol is None:
+        return set()
+    return set(protocol.parameters) | {k for s in protocol.series for k in s.parameters}
+
+
+def qc_session(root: Path, subject: str, session: str | None, folder: Path, settings: QcSettings,
+               out: Path) -> SessionQC:
+    """QC of one session: read every image, check, write its JSON. Times itself."""
+    start = time.perf_counter()
+    qc = SessionQC(subject, session)
+    extra = _protocol_parameters(settings.protocol)
+    for nifti in sorted(folder.glob("*/*.nii*")):
+        if nifti.name.endswith((".nii", ".nii.gz")):
+            qc.images.append(read_image(root, nifti, extra, settings, out))
+    check_session(settings.protocol, qc)
+    qc.seconds = time.perf_counter() - start
+    path = out / qc.json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(qc.to_dict(), indent=2, default=str) + "\n")
+    return qc
+
+
+def write_description(out: Path, generated_by: dict) -> None:
+    desc = {"Name": "pacs2bids protocol conformity QC", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+            "GeneratedBy": [{**generated_by, "Description": "protocol conformity QC and image indices"}],
+            "SourceDatasets": [{"URL": "../../"}]}
+    (out / "dataset_description.json").write_text(json.dumps(desc, indent=2) + "\n")
+    (out / ".bidsignore").write_text("\n".join(BIDSIGNORE) + "\n")
+    (out / "README").write_text(
+        "Protocol conformity QC written by pacs2bids: one JSON per session (missing, duplicated and extra\n"
+        "series, parameters out of tolerance, image indices), PNG snapshots, and index.html, the report to\n"
+        "open in a browser. Parameters are read from the BIDS sidecars and NIfTI headers of the dataset.\n")
+
+
+def check_qc_dataset(folder: Path) -> None:
+    """The real BIDS validator on the QC derivative (the raw dataset's validation does not look into
+    ``derivatives/``); raises :class:`ValidationFailed` naming the QC folder and the first errors."""
+    report = validate_dataset(folder)
+    if report.errors:
+        raise ValidationFailed(f"the QC derivative {QC_DIR} is not valid BIDS: "
+                               + "; ".join(issue_text(e) for e in report.errors[:10]))
+
+
+def run_qc(root: Path, settings: QcSettings, generated_by: dict) -> QcResult:
+    """QC of every session of the BIDS dataset at ``root``, written (afresh) to ``root/derivatives/pacs2bids-qc``."""
+    start = time.perf_counter()
+    root = Path(root)
+    out = root / QC_DIR
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    sessions = [qc_session(root, sub, ses, folder, settings, out) for sub, ses, folder in session_folders(root)]
+    write_description(out, generated_by)
+    write_report(out, sessions, settings.protocol is not None)
+    return QcResult(out, sessions, time.perf_counter() - start)
