@@ -77,6 +77,11 @@ class SessionQC:
         return Path(f"sub-{self.subject}") / (f"ses-{self.session}" if self.session else "")
 
     @property
+    def deviated(self) -> set[tuple[str, str]]:
+        """(image name, parameter) of every deviation."""
+        return {(d["Image"], d["Parameter"]) for d in self.deviations}
+
+    @property
     def json(self) -> str:
         """Its JSON, relative to the QC folder."""
         return (self.folder / f"{self.label}_qc.json").as_posix()

@@ -25,6 +25,7 @@ from PIL import Image
 from scipy import ndimage
 
 MARGIN = 3  # voxels between the head and what counts as background
+MIN_SIDE = 8  # a snapshot view needs at least this many voxels along each of its axes
 _AXES = {"i": 0, "j": 1, "k": 2}
 
 
@@ -127,12 +128,14 @@ def snapshot(vol: np.ndarray, zooms: tuple[float, ...], out: Path, height: int =
     cx, cy, cz = (s // 2 for s in vol.shape)
     zx, zy, zz = (float(z) or 1.0 for z in (list(zooms) + [1.0, 1.0, 1.0])[:3])
     views = [(vol[cx, :, :], zy, zz), (vol[:, cy, :], zx, zz), (vol[:, :, cz], zx, zy)]
+    # a thin stack (a few slices) has no useful sagittal or coronal view: its axial one is kept
+    views = [v for v in views if min(v[0].shape) >= MIN_SIDE] or [max(views, key=lambda v: v[0].size)]
     tiles = []
     for plane, w_mm, h_mm in views:
         pic = Image.fromarray(_to_uint8(plane, lo, hi))  # rot90: first axis across, second up
         width_mm, height_mm = plane.shape[0] * w_mm, plane.shape[1] * h_mm
         width = max(1, round(height * width_mm / height_mm)) if height_mm else height
-        tiles.append(pic.resize((min(width, 4 * height), height), Image.Resampling.BILINEAR))
+        tiles.append(pic.resize((min(width, 4 * height), height), Image.Resampling.BILINEAR))  # aspect kept up to 4:1
     sheet = Image.new("L", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), height), 0)
     x = 0
     for t in tiles:

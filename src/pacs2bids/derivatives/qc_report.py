@@ -24,6 +24,7 @@ th,td{border:1px solid #bbb;padding:.25em .6em;text-align:left;vertical-align:to
 th{background:#eee}
 .pass{background:#cfeccf}.warn{background:#fbe7b5}.fail{background:#f6c2c2}.none{background:#dde5f2}
 section{border-top:2px solid #888;margin-top:1.5em}
+.image{display:flex;gap:1em;align-items:flex-start;flex-wrap:wrap}
 img{display:block;max-width:100%;background:#000}
 """
 
@@ -60,12 +61,14 @@ Parameters come from the BIDS sidecars (seconds, degrees) and NIfTI headers (mm,
 <td>{{ d.Reason }}</td></tr>{% endfor %}</table>{% endif %}
 {% for i in s.images %}
 <h3 id="{{ i.name }}">{{ i.name }}{% if i.series %} ({{ i.series }}){% endif %}</h3>
-<table><tr>{% for k in i.parameters %}<th>{{ k }}</th>{% endfor %}<th>SNR</th><th>Ghosting</th></tr>
-<tr>{% for v in i.parameters.values() %}<td>{{ show(v) }}</td>{% endfor %}
-<td>{{ show(i.indices.snr) }}</td><td>{{ show(i.indices.ghosting) }}{% if i.indices.phase_axis %}
-({{ i.indices.phase_axis }}){% endif %}</td></tr></table>
+<div class="image"><table class="parameters"><tr><th>Parameter</th><th>Value</th></tr>
+{% for k, v in i.parameters.items() %}<tr{% if (i.name, k) in s.deviated %} class="fail"{% endif %}><td>{{ k }}</td>
+<td>{{ show(v) }}</td></tr>{% endfor %}
+<tr><td>SNR</td><td>{{ show(i.indices.snr) }}</td></tr>
+<tr><td>Ghosting{% if i.indices.phase_axis %} (axis {{ i.indices.phase_axis }}){% endif %}</td>
+<td>{{ show(i.indices.ghosting) }}</td></tr></table>
 {% if i.indices.note %}<p>{{ i.indices.note }}</p>{% endif %}
-{% if i.snapshot %}<img src="{{ i.snapshot }}" alt="middle slices of {{ i.name }}">{% endif %}
+{% if i.snapshot %}<img src="{{ i.snapshot }}" alt="middle slices of {{ i.name }}">{% endif %}</div>
 {% endfor %}
 </section>
 {% endfor %}
