@@ -15,7 +15,10 @@ from PIL import Image
 
 from pacs2bids.derivatives.qc import QC_DIR, run_qc
 from pacs2bids.derivatives.qc_report import render
-from test_qc import GENERATED_BY, converted, dataset, settings  # noqa: F401 (fixtures)
+import test_qc
+from test_qc import GENERATED_BY, settings
+
+converted, dataset = test_qc.converted, test_qc.dataset  # the converted sample's fixtures, shared
 
 # run in the page once everything is loaded; the result is read back from the dumped DOM
 _PROBE = """<script>
