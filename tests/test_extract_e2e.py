@@ -368,10 +368,13 @@ def test_sample_end_to_end_c_get(prefect_harness, orthanc_factory, sample_dir, t
     assert f"studies {n}/{n}" in bar.description and bar.description.endswith("· done"), bar.description
     # per-stage timings for the benchmarks, in the summary the work folder keeps
     stages = ["query", "retrieve", "pseudonymise", "convert", "released", "finalise", "validate", "lineage",
-              "leak_scan", "publish"]
+              "leak_scan", "publish", "qc", "qc_per_session"]
     kept = json.loads((work / "runs" / f"run-{summary['run_id']}.json").read_text())
     assert sorted(kept["stage_seconds"]) == sorted(stages) and all(v >= 0 for v in kept["stage_seconds"].values())
     assert kept["stage_seconds"]["convert"] > 0 and not (out / ".pacs2bids" / "instance-parts").exists()
+    # the protocol QC of every session is published with the dataset (no protocol declared: indices only)
+    qc = json.loads(next((out / "derivatives" / "pacs2bids-qc").rglob("sub-*_qc.json")).read_text())
+    assert qc["Status"] == "no protocol" and qc["Images"] and (out / "derivatives/pacs2bids-qc/index.html").is_file()
 
 
 @pytest.mark.slow
