@@ -196,3 +196,21 @@ def test_indices_follow_the_image(dataset):
     masked = np.where(qc_indices.head_mask(vol), vol, 0).astype(np.float32)
     flat = qc_indices.indices(masked, meta)
     assert flat.snr is None and "zero-filled" in flat.note
+
+
+def test_spec_declares_the_protocol(tmp_path):
+    """The protocol is read from spec.yaml under qc:, and a wrong one is refused naming the key."""
+    from test_config import BASE, ENV, write_spec
+
+    from pacs2bids.config import load_spec
+    from pacs2bids.errors import SpecError
+
+    qc = ("qc:\n  protocol:\n    parameters: {MagneticFieldStrength: {value: 3, tolerance: 0.1}}\n"
+          "    series:\n      - {match: acq-mprage_T1w, count: 1, parameters: {RepetitionTime: {value: 2.3, "
+          "relative: 0.01}, Matrix: {value: [256, 256, 176]}}}\n")
+    spec = load_spec(write_spec(tmp_path, BASE + qc), environ=ENV)
+    (t1,) = spec.qc.protocol.series
+    assert t1.entities == {"acq": "mprage"} and t1.parameters["Matrix"].value == [256, 256, 176]
+    assert spec.qc.enabled and load_spec(write_spec(tmp_path, BASE), environ=ENV).qc.protocol is None
+    with pytest.raises(SpecError, match="qc"):
+        load_spec(write_spec(tmp_path, BASE + qc.replace("acq-mprage_T1w", "mprage T1w")), environ=ENV)
