@@ -214,3 +214,13 @@ def test_spec_declares_the_protocol(tmp_path):
     assert spec.qc.enabled and load_spec(write_spec(tmp_path, BASE), environ=ENV).qc.protocol is None
     with pytest.raises(SpecError, match="qc"):
         load_spec(write_spec(tmp_path, BASE + qc.replace("acq-mprage_T1w", "mprage T1w")), environ=ENV)
+
+
+def test_first_volume_of_a_4d_series(dataset):
+    """A 4D BOLD is judged on its first volume, read alone, with the header's scaling applied."""
+    img = nib.load(str(next(dataset.glob("sub-01/ses-philips/func/*_bold.nii.gz"))))
+    assert len(img.shape) == 4 and img.shape[3] > 1
+    vol = qc_indices.first_volume(img)
+    assert vol.shape == img.shape[:3] and vol.dtype == np.float32
+    np.testing.assert_allclose(vol, img.get_fdata()[..., 0], rtol=1e-6, atol=0.05)
+    assert not np.allclose(vol, img.get_fdata()[..., 1], atol=0.05)  # the first, not any

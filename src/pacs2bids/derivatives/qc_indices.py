@@ -43,10 +43,10 @@ class ImageIndices:
 
 
 def first_volume(img: nib.Nifti1Image) -> np.ndarray:
-    """The image's first 3D volume as float32 (a 2D image gets a third axis of one)."""
-    data = np.asanyarray(img.dataobj)
-    while data.ndim > 3:
-        data = data[..., 0]
+    """The image's first 3D volume as float32 (a 2D image gets a third axis of one). Only that volume is
+    read into memory (nibabel's array proxy slices the file), not a whole 4D series."""
+    extra = len(img.shape) - 3
+    data = np.asanyarray(img.dataobj[(slice(None),) * 3 + (0,) * extra] if extra > 0 else img.dataobj)
     if data.ndim == 2:
         data = data[..., np.newaxis]
     return np.nan_to_num(data.astype(np.float32, copy=False))
