@@ -224,3 +224,17 @@ def test_first_volume_of_a_4d_series(dataset):
     assert vol.shape == img.shape[:3] and vol.dtype == np.float32
     np.testing.assert_allclose(vol, img.get_fdata()[..., 0], rtol=1e-6, atol=0.05)
     assert not np.allclose(vol, img.get_fdata()[..., 1], atol=0.05)  # the first, not any
+
+
+def test_unreadable_image_fails_its_session_only(dataset):
+    """A truncated NIfTI is reported (not a crash of the run); the session's other images are still checked."""
+    broken = dataset / "sub-01/ses-nih/fmap/sub-01_ses-nih_dir-LR_epi.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:200])
+    for protocol in (None, {"series": [{"match": "epi", "count": 4}]}):
+        result = by_label(run_qc(dataset, settings(protocol), GENERATED_BY))
+        nih = result["sub-01_ses-nih"]
+        assert nih.status == "fail" and nih.unreadable == [
+            {"Image": "sub-01_ses-nih_dir-LR_epi", "Reason": nih.unreadable[0]["Reason"]}]
+        assert nih.unreadable[0]["Reason"].startswith("could not be read (")
+        assert sum(1 for i in nih.images if i.indices.get("snr")) == 3 and not nih.missing
+        assert result["sub-01_ses-philips"].status != "fail" or protocol  # others untouched

@@ -9,8 +9,10 @@ voxels; never DICOM) and checked against ``spec.qc.protocol`` (:mod:`pacs2bids.c
 - *missing*: fewer images than the series' ``count``; *duplicated*: more; *extra*: images of no series;
 - *deviations*: parameters out of tolerance (or absent) on the images of a series.
 
-Status per session: ``fail`` (missing series or deviations), ``warn`` (only duplicated or extra),
-``pass``, or ``no protocol`` when the project declares none (indices and snapshots are still written).
+Status per session: ``fail`` (missing series, deviations, or an image that cannot be read), ``warn``
+(only duplicated or extra), ``pass``, or ``no protocol`` when the project declares none (indices and
+snapshots are still written; an unreadable image still fails the session). The status informs; it
+never stops the run (the validator and the leak scan are the gates).
 
 Writes ``derivatives/pacs2bids-qc/``: ``dataset_description.json`` (derivative, GeneratedBy,
 SourceDatasets), one ``sub-X[/ses-Y]/sub-X[_ses-Y]_qc.json`` per session, PNG snapshots in
@@ -27,6 +29,8 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from nibabel.filebasedimages import ImageFileError
 
 from pacs2bids.config.qc import NIFTI_PARAMETERS, SIDECAR_PARAMETERS, Expected, ExpectedSeries, Protocol, QcSettings
 from pacs2bids.derivatives import qc_indices
@@ -50,6 +54,7 @@ class ImageQC:
     indices: dict = field(default_factory=dict)
     snapshot: str | None = None  # relative to the QC folder
     series: str | None = None  # the protocol series it belongs to
+    error: str | None = None  # why it could not be read (then it has no parameters)
 
     @property
     def name(self) -> str:
@@ -66,6 +71,7 @@ class SessionQC:
     duplicated: list[dict] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     deviations: list[dict] = field(default_factory=list)
+    unreadable: list[dict] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -89,7 +95,7 @@ class SessionQC:
     def to_dict(self) -> dict:
         return {"Subject": self.subject, "Session": self.session, "Status": self.status,
                 "Missing": self.missing, "Duplicated": self.duplicated, "Extra": self.extra,
-                "Deviations": self.deviations, "QcSeconds": round(self.seconds, 3),
+                "Deviations": self.deviations, "Unreadable": self.unreadable, "QcSeconds": round(self.seconds, 3),
                 "Images": [{"Path": i.path, "ProtocolSeries": i.series, "Parameters": i.parameters,
                             "Indices": i.indices, "Snapshot": i.snapshot} for i in self.images]}
 
@@ -173,7 +179,7 @@ def read_image(root: Path, nifti: Path, extra: set[str], settings: QcSettings, o
 def check_session(protocol: Protocol | None, qc: SessionQC) -> SessionQC:
     """Fill ``qc``'s missing, duplicated, extra, deviations and status from its images."""
     if protocol is None:
-        qc.status = "no protocol"
+        qc.status = "fail" if qc.unreadable else "no protocol"
         return qc
     by_series: dict[str, list[ImageQC]] = {s.match: [] for s in protocol.series}
     specific = sorted(protocol.series, key=lambda s: -len(s.entities))
@@ -192,13 +198,13 @@ def check_session(protocol: Protocol | None, qc: SessionQC) -> SessionQC:
             qc.duplicated.append({"Series": s.match, "Expected": s.count, "Found": len(images),
                                   "Images": [i.name for i in images]})
         wanted = {**protocol.parameters, **s.parameters}
-        for image in images:
+        for image in (i for i in images if i.error is None):  # an unreadable one is reported as such
             for name, expected in wanted.items():
                 why = check_value(expected, image.parameters.get(name))
                 if why:
                     qc.deviations.append({"Image": image.name, "Series": s.match, "Parameter": name,
                                           "Value": image.parameters.get(name), "Reason": why})
-    qc.status = "fail" if qc.missing or qc.deviations else "warn" if qc.duplicated or qc.extra else "pass"
+    qc.status = "fail" if qc.missing or qc.deviations or qc.unreadable else "warn" if qc.duplicated or qc.extra else "pass"
     return qc
 
 
@@ -225,8 +231,15 @@ def qc_session(root: Path, subject: str, session: str | None, folder: Path, sett
     qc = SessionQC(subject, session)
     extra = _protocol_parameters(settings.protocol)
     for nifti in sorted(folder.glob("*/*.nii*")):
-        if nifti.name.endswith((".nii", ".nii.gz")):
+        if not nifti.name.endswith((".nii", ".nii.gz")):
+            continue
+        try:
             qc.images.append(read_image(root, nifti, extra, settings, out))
+        except (OSError, ValueError, EOFError, ImageFileError) as exc:  # JSONDecodeError is a ValueError
+            entities, suffix = parse_name(nifti.name)
+            why = f"could not be read ({type(exc).__name__})"
+            qc.images.append(ImageQC(str(nifti.relative_to(root)), suffix, entities, {}, error=why))
+            qc.unreadable.append({"Image": qc.images[-1].name, "Reason": why})
     check_session(settings.protocol, qc)
     qc.seconds = time.perf_counter() - start
     path = out / qc.json

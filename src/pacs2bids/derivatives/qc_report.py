@@ -55,6 +55,8 @@ Parameters come from the BIDS sidecars (seconds, degrees) and NIfTI headers (mm,
 <li>{{ m.Series }}: {{ m.Found }} found, {{ m.Expected }} expected ({{ m.Images|join(", ") }})</li>{% endfor %}</ul>{% endif %}
 {% if s.extra %}<h3>Extra series (not in the protocol)</h3><ul>{% for e in s.extra %}<li>{{ e }}</li>{% endfor %}</ul>
 {% endif %}
+{% if s.unreadable %}<h3>Images that could not be read</h3><ul>{% for u in s.unreadable %}
+<li>{{ u.Image }}: {{ u.Reason }}</li>{% endfor %}</ul>{% endif %}
 {% if s.deviations %}<h3>Parameters out of tolerance</h3>
 <table class="deviations"><tr><th>Image</th><th>Parameter</th><th>Value</th><th>Why</th></tr>
 {% for d in s.deviations %}<tr class="fail"><td>{{ d.Image }}</td><td>{{ d.Parameter }}</td><td>{{ d.Value }}</td>
