@@ -170,7 +170,7 @@ def test_without_protocol_indices_and_report(dataset):
     snrs = [i.indices["snr"] for s in result.sessions for i in s.images]
     assert all(v is not None and v > 1 for v in snrs), snrs
     assert "No protocol is declared" in (dataset / QC_DIR / "index.html").read_text()
-    assert result.summary() == {"statuses": {"no protocol": 3}, "sessions": 3,
+    assert result.summary() == {"statuses": {"no protocol": 3}, "sessions": 3, "reused": 0,
                                 "seconds_per_session": round(result.seconds / 3, 3)}
     # a second run replaces the first: no stale session files
     (dataset / QC_DIR / "sub-01" / "ses-old").mkdir()
@@ -238,3 +238,35 @@ def test_unreadable_image_fails_its_session_only(dataset):
         assert nih.unreadable[0]["Reason"].startswith("could not be read (")
         assert sum(1 for i in nih.images if i.indices.get("snr")) == 3 and not nih.missing
         assert result["sub-01_ses-philips"].status != "fail" or protocol  # others untouched
+
+
+def test_unchanged_sessions_keep_their_qc(dataset):
+    """A re-run (staging is a copy of the published dataset, times kept) re-reads only what changed."""
+    protocol = {"series": [{"match": "epi", "count": 4}]}
+    first = run_qc(dataset, settings(protocol, snapshots=True), GENERATED_BY)
+    assert not any(s.reused for s in first.sessions)
+    texts = {s.label: (dataset / QC_DIR / s.json).read_text() for s in first.sessions}
+    copy = Path(shutil.copytree(dataset, dataset.parent / "seeded"))  # as seed_staging copies it
+    again = by_label(run_qc(copy, settings(protocol, snapshots=True), GENERATED_BY))
+    assert all(s.reused for s in again.values())
+    assert {k: (copy / QC_DIR / s.json).read_text() for k, s in again.items()} == texts
+    assert [s.to_dict() for s in again.values()] == [json.loads(t) for t in texts.values()]
+    # a new conversion in one session: that one is read again, and only it
+    bold = next(copy.glob("sub-01/ses-philips/func/*_bold.json"))
+    meta = json.loads(bold.read_text())
+    bold.write_text(json.dumps({**meta, "RepetitionTime": 3.0}))
+    third = by_label(run_qc(copy, settings(protocol, snapshots=True), GENERATED_BY))
+    assert [k for k, s in third.items() if not s.reused] == ["sub-01_ses-philips"]
+    assert third["sub-01_ses-philips"].images[0].parameters["RepetitionTime"] == 3.0
+    # another protocol: every session again; a lost snapshot: its session again
+    changed = {"series": [{"match": "epi", "count": 3}]}
+    assert not any(s.reused for s in run_qc(copy, settings(changed, snapshots=True), GENERATED_BY).sessions)
+    next((copy / QC_DIR).glob("sub-01/ses-nih/figures/*.png")).unlink()
+    fourth = by_label(run_qc(copy, settings(changed, snapshots=True), GENERATED_BY))
+    assert [k for k, s in fourth.items() if not s.reused] == ["sub-01_ses-nih"]
+    assert len(list((copy / QC_DIR).glob("sub-01/ses-nih/figures/*.png"))) == 4
+    # a session the dataset no longer holds: its QC goes too
+    shutil.rmtree(copy / "sub-01" / "ses-gefmap")
+    run_qc(copy, settings(changed, snapshots=True), GENERATED_BY)
+    assert not (copy / QC_DIR / "sub-01" / "ses-gefmap").exists()
+    assert validate_dataset(copy / QC_DIR).ok

@@ -15,13 +15,15 @@ snapshots are still written; an unreadable image still fails the session). The s
 never stops the run (the validator and the leak scan are the gates).
 
 Writes ``derivatives/pacs2bids-qc/``: ``dataset_description.json`` (derivative, GeneratedBy,
-SourceDatasets), one ``sub-X[/ses-Y]/sub-X[_ses-Y]_qc.json`` per session, PNG snapshots in
+SourceDatasets), one ``sub-X[/ses-Y]/sub-X[_ses-Y]_qc.json`` per session (kept from the run before
+when the session has not changed: :func:`fingerprint`), PNG snapshots in
 ``sub-X[/ses-Y]/figures/`` and one ``index.html`` (:mod:`pacs2bids.derivatives.qc_report`). The
 validator does not know QC files: a ``.bidsignore`` names them, and the dataset has 0 errors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -73,6 +75,8 @@ class SessionQC:
     deviations: list[dict] = field(default_factory=list)
     unreadable: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    fingerprint: str = ""
+    reused: bool = False  # its QC of an earlier run was still true, and kept
 
     @property
     def label(self) -> str:
@@ -96,8 +100,20 @@ class SessionQC:
         return {"Subject": self.subject, "Session": self.session, "Status": self.status,
                 "Missing": self.missing, "Duplicated": self.duplicated, "Extra": self.extra,
                 "Deviations": self.deviations, "Unreadable": self.unreadable, "QcSeconds": round(self.seconds, 3),
+                "Fingerprint": self.fingerprint,
                 "Images": [{"Path": i.path, "ProtocolSeries": i.series, "Parameters": i.parameters,
-                            "Indices": i.indices, "Snapshot": i.snapshot} for i in self.images]}
+                            "Indices": i.indices, "Snapshot": i.snapshot, "Error": i.error} for i in self.images]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SessionQC":
+        """A session's QC as its JSON holds it (:meth:`to_dict`)."""
+        images = []
+        for i in d["Images"]:
+            entities, suffix = parse_name(Path(i["Path"]).name)
+            images.append(ImageQC(i["Path"], suffix, entities, i["Parameters"], i["Indices"], i["Snapshot"],
+                                  i["ProtocolSeries"], i["Error"]))
+        return cls(d["Subject"], d["Session"], d["Status"], images, d["Missing"], d["Duplicated"], d["Extra"],
+                   d["Deviations"], d["Unreadable"], d["QcSeconds"], d["Fingerprint"], reused=True)
 
 
 @dataclass
@@ -115,7 +131,7 @@ class QcResult:
         statuses: dict[str, int] = {}
         for s in self.sessions:
             statuses[s.status] = statuses.get(s.status, 0) + 1
-        return {"statuses": statuses, "sessions": len(self.sessions),
+        return {"statuses": statuses, "sessions": len(self.sessions), "reused": sum(s.reused for s in self.sessions),
                 "seconds_per_session": round(self.seconds_per_session, 3)}
 
 
@@ -224,11 +240,39 @@ def _protocol_parameters(protocol: Protocol | None) -> set[str]:
     return set(protocol.parameters) | {k for s in protocol.series for k in s.parameters}
 
 
+def fingerprint(root: Path, folder: Path, settings: QcSettings, generated_by: dict) -> str:
+    """What a session's QC depends on: its files (path, size, modification time: a run's seed copy keeps
+    them, a new conversion or sidecar edit changes them), the QC settings and the tool's version."""
+    h = hashlib.sha256(settings.model_dump_json().encode() + json.dumps(generated_by, sort_keys=True).encode())
+    for p in sorted(folder.glob("*/*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _earlier(out: Path, qc: SessionQC) -> SessionQC | None:
+    """The session's QC of an earlier run when it is still true (same fingerprint, snapshots there)."""
+    try:
+        kept = SessionQC.from_dict(json.loads((out / qc.json).read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if kept.fingerprint != qc.fingerprint or any(i.snapshot and not (out / i.snapshot).is_file()
+                                                 for i in kept.images):
+        return None
+    return kept
+
+
 def qc_session(root: Path, subject: str, session: str | None, folder: Path, settings: QcSettings,
-               out: Path) -> SessionQC:
-    """QC of one session: read every image, check, write its JSON. Times itself."""
+               out: Path, generated_by: dict) -> SessionQC:
+    """QC of one session: read every image, check, write its JSON; or the earlier run's QC, when nothing it
+    depends on has changed (:func:`fingerprint`). Times itself."""
     start = time.perf_counter()
-    qc = SessionQC(subject, session)
+    qc = SessionQC(subject, session, fingerprint=fingerprint(root, folder, settings, generated_by))
+    kept = _earlier(out, qc)
+    if kept is not None:
+        return kept
+    shutil.rmtree(out / qc.folder / "figures", ignore_errors=True)
     extra = _protocol_parameters(settings.protocol)
     for nifti in sorted(folder.glob("*/*.nii*")):
         if not nifti.name.endswith((".nii", ".nii.gz")):
@@ -246,6 +290,17 @@ def qc_session(root: Path, subject: str, session: str | None, folder: Path, sett
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(qc.to_dict(), indent=2, default=str) + "\n")
     return qc
+
+
+def _remove_stale(out: Path, found: list[tuple[str, str | None, Path]]) -> None:
+    """QC folders of subjects or sessions the dataset no longer holds."""
+    subjects = {f"sub-{sub}": {f"ses-{ses}" for s2, ses, _ in found if s2 == sub and ses} for sub, _, _ in found}
+    for sub in (p for p in out.glob("sub-*") if p.is_dir()):
+        if sub.name not in subjects:
+            shutil.rmtree(sub)
+            continue
+        for ses in (p for p in sub.glob("ses-*") if p.is_dir() and p.name not in subjects[sub.name]):
+            shutil.rmtree(ses)
 
 
 def write_description(out: Path, generated_by: dict) -> None:
@@ -270,14 +325,15 @@ def check_qc_dataset(folder: Path) -> None:
 
 
 def run_qc(root: Path, settings: QcSettings, generated_by: dict) -> QcResult:
-    """QC of every session of the BIDS dataset at ``root``, written (afresh) to ``root/derivatives/pacs2bids-qc``."""
+    """QC of every session of the BIDS dataset at ``root``, into ``root/derivatives/pacs2bids-qc``: a
+    session whose files and settings are those of its earlier QC keeps it; the report is rewritten."""
     start = time.perf_counter()
     root = Path(root)
     out = root / QC_DIR
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    sessions = [qc_session(root, sub, ses, folder, settings, out) for sub, ses, folder in session_folders(root)]
+    out.mkdir(parents=True, exist_ok=True)
+    found = session_folders(root)
+    _remove_stale(out, found)
+    sessions = [qc_session(root, sub, ses, folder, settings, out, generated_by) for sub, ses, folder in found]
     write_description(out, generated_by)
     write_report(out, sessions, settings.protocol is not None)
     return QcResult(out, sessions, time.perf_counter() - start)
