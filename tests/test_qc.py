@@ -167,8 +167,8 @@ def test_outputs_and_validity(dataset):
 def test_without_protocol_indices_and_report(dataset):
     result = run_qc(dataset, settings(None), GENERATED_BY)
     assert {s.status for s in result.sessions} == {"no protocol"} and len(result.sessions) == 3
-    snrs = [i.indices["snr"] for s in result.sessions for i in s.images]
-    assert all(v is not None and v > 1 for v in snrs), snrs
+    snrs = [i.indices["snr"] for s in result.sessions for i in s.images if i.suffix != "fieldmap"]
+    assert len(snrs) == 6 and all(v is not None and v > 1 for v in snrs), snrs
     assert "No protocol is declared" in (dataset / QC_DIR / "index.html").read_text()
     assert result.summary() == {"statuses": {"no protocol": 3}, "sessions": 3, "reused": 0,
                                 "seconds_per_session": round(result.seconds / 3, 3)}
@@ -270,3 +270,10 @@ def test_unchanged_sessions_keep_their_qc(dataset):
     run_qc(copy, settings(changed, snapshots=True), GENERATED_BY)
     assert not (copy / QC_DIR / "sub-01" / "ses-gefmap").exists()
     assert validate_dataset(copy / QC_DIR).ok
+
+
+def test_no_snr_on_a_fieldmap_in_hz(dataset):
+    gefmap = by_label(run_qc(dataset, settings(None), GENERATED_BY))["sub-01_ses-gefmap"]
+    indices = {i.suffix: i.indices for i in gefmap.images}
+    assert indices["fieldmap"]["snr"] is None and "not a magnitude image" in indices["fieldmap"]["note"]
+    assert indices["magnitude"]["snr"] > 1

@@ -43,6 +43,7 @@ from pacs2bids.validate import issue_text, validate_dataset
 QC_DIR = Path("derivatives") / "pacs2bids-qc"
 BIDSIGNORE = ["*.html", "**/figures", "*_qc.json"]  # the validator's matcher wants **/ for any depth
 _EPS = 1e-9
+NOT_MAGNITUDE = {"fieldmap", "phasediff", "phase1", "phase2", "phase"}  # Hz, radians: no SNR to speak of
 
 
 @dataclass
@@ -184,7 +185,11 @@ def read_image(root: Path, nifti: Path, extra: set[str], settings: QcSettings, o
     params.update(VoxelSize=list(zooms), Matrix=list(shape))
     entities, suffix = parse_name(nifti.name)
     rel = nifti.relative_to(root)
-    image = ImageQC(str(rel), suffix, entities, params, qc_indices.indices(vol, sidecar).to_dict())
+    if suffix in NOT_MAGNITUDE or entities.get("part") in ("phase", "imag", "real"):
+        indices = qc_indices.ImageIndices(None, None, None, 0, 0, "not a magnitude image: no SNR or ghosting")
+    else:
+        indices = qc_indices.indices(vol, sidecar)
+    image = ImageQC(str(rel), suffix, entities, params, indices.to_dict())
     if settings.snapshots:
         png = Path(rel.parts[0]) / Path(*rel.parts[1:-2]) / "figures" / f"{stem}_qc.png"
         qc_indices.snapshot(vol, zooms, out / png)
