@@ -277,3 +277,12 @@ def test_no_snr_on_a_fieldmap_in_hz(dataset):
     indices = {i.suffix: i.indices for i in gefmap.images}
     assert indices["fieldmap"]["snr"] is None and "not a magnitude image" in indices["fieldmap"]["note"]
     assert indices["magnitude"]["snr"] > 1
+
+
+def test_colour_image_is_reported_not_a_crash(dataset):
+    """An RGB NIfTI (a screen capture kept as an image, say) has no grey levels to measure: reported."""
+    rgb = np.zeros((8, 8, 8), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), dataset / "sub-01/ses-nih/fmap/sub-01_ses-nih_acq-rgb_epi.nii.gz")
+    nih = by_label(run_qc(dataset, settings(None), GENERATED_BY))["sub-01_ses-nih"]
+    (bad,) = nih.unreadable
+    assert bad["Image"] == "sub-01_ses-nih_acq-rgb_epi" and "TypeError" in bad["Reason"] and nih.status == "fail"

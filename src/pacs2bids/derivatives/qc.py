@@ -284,9 +284,9 @@ def qc_session(root: Path, subject: str, session: str | None, folder: Path, sett
             continue
         try:
             qc.images.append(read_image(root, nifti, extra, settings, out))
-        except (OSError, ValueError, EOFError, ImageFileError) as exc:  # JSONDecodeError is a ValueError
+        except (OSError, ValueError, TypeError, EOFError, ImageFileError) as exc:  # JSONDecodeError: ValueError
             entities, suffix = parse_name(nifti.name)
-            why = f"could not be read ({type(exc).__name__})"
+            why = f"could not be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
             qc.images.append(ImageQC(str(nifti.relative_to(root)), suffix, entities, {}, error=why))
             qc.unreadable.append({"Image": qc.images[-1].name, "Reason": why})
     check_session(settings.protocol, qc)
