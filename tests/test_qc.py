@@ -286,3 +286,15 @@ def test_colour_image_is_reported_not_a_crash(dataset):
     nih = by_label(run_qc(dataset, settings(None), GENERATED_BY))["sub-01_ses-nih"]
     (bad,) = nih.unreadable
     assert bad["Image"] == "sub-01_ses-nih_acq-rgb_epi" and "TypeError" in bad["Reason"] and nih.status == "fail"
+
+
+def test_large_volume_is_sampled_not_skipped(dataset):
+    """A volume with axes over MAX_SIDE voxels is measured on an even sample: the same SNR as the full
+    grid (here: the EPI repeated twice along i and j, so the sample is the original)."""
+    vol, _, _ = qc_indices.load(dataset / f"{NIH_AP}.nii.gz")
+    meta = sidecar(dataset, NIH_AP)
+    big = np.repeat(np.repeat(vol, 2, axis=0), 2, axis=1)  # 144 x 144 x 5: sampled every 2nd voxel
+    assert max(big.shape) > qc_indices.MAX_SIDE
+    small, sampled = qc_indices.indices(vol, meta), qc_indices.indices(big, meta)
+    assert sampled.foreground_voxels <= (qc_indices.MAX_SIDE ** 2) * vol.shape[2]
+    assert sampled == small

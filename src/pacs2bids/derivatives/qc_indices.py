@@ -2,7 +2,8 @@
 
 Read with nibabel from the dataset researchers receive, never from DICOM. A 4D image is judged on
 its first volume. The head (foreground) is the largest connected region above Otsu's threshold,
-its holes filled; the background is what lies more than ``MARGIN`` voxels away from it.
+its holes filled; the background is what lies more than ``MARGIN`` voxels away from it. Axes longer
+than ``MAX_SIDE`` are sampled evenly first (voxel counts are those of the sampled grid).
 
 - ``snr``: mean of the foreground over the standard deviation of the background (the single-image
   method of the NEMA/ACR tests, without the Rayleigh correction). ``None`` when the background is
@@ -25,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 MARGIN = 3  # voxels between the head and what counts as background
+MAX_SIDE = 128  # indices are measured on at most this many voxels along an axis (sampled evenly)
 MIN_SIDE = 8  # a snapshot view needs at least this many voxels along each of its axes
 _AXES = {"i": 0, "j": 1, "k": 2}
 
@@ -89,7 +91,9 @@ def phase_axis(sidecar: dict) -> str:
 
 
 def indices(vol: np.ndarray, sidecar: dict) -> ImageIndices:
-    """SNR and ghosting of one volume (module docstring)."""
+    """SNR and ghosting of one volume (module docstring). An axis longer than ``MAX_SIDE`` voxels is
+    sampled every few voxels first: means and deviations hold, and a 3D T1w costs a tenth."""
+    vol = vol[tuple(slice(None, None, -(-n // MAX_SIDE)) for n in vol.shape)]
     fg = head_mask(vol)
     if not fg.any():
         return ImageIndices(None, None, None, 0, 0, "no foreground: the image is constant")
