@@ -90,10 +90,15 @@ def phase_axis(sidecar: dict) -> str:
     return {"ROW": "i", "COL": "j"}.get(str(inplane), "j")
 
 
+def sampled(vol: np.ndarray) -> np.ndarray:
+    """``vol`` with each axis longer than ``MAX_SIDE`` taken every few voxels (a view, not a copy)."""
+    return vol[tuple(slice(None, None, -(-n // MAX_SIDE)) for n in vol.shape)]
+
+
 def indices(vol: np.ndarray, sidecar: dict) -> ImageIndices:
     """SNR and ghosting of one volume (module docstring). An axis longer than ``MAX_SIDE`` voxels is
     sampled every few voxels first: means and deviations hold, and a 3D T1w costs a tenth."""
-    vol = vol[tuple(slice(None, None, -(-n // MAX_SIDE)) for n in vol.shape)]
+    vol = sampled(vol)
     fg = head_mask(vol)
     if not fg.any():
         return ImageIndices(None, None, None, 0, 0, "no foreground: the image is constant")
@@ -128,7 +133,7 @@ def _to_uint8(plane: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def snapshot(vol: np.ndarray, zooms: tuple[float, ...], out: Path, height: int = 200) -> Path:
     """Write the three middle slices (sagittal, coronal, axial) side by side as a grey PNG, each
     resized to ``height`` pixels tall with the voxel size's aspect ratio. Returns ``out``."""
-    lo, hi = (float(v) for v in np.percentile(vol, [1, 99.5]))
+    lo, hi = (float(v) for v in np.percentile(sampled(vol), [1, 99.5]))  # grey levels: a sample is enough
     cx, cy, cz = (s // 2 for s in vol.shape)
     zx, zy, zz = (float(z) or 1.0 for z in (list(zooms) + [1.0, 1.0, 1.0])[:3])
     views = [(vol[cx, :, :], zy, zz), (vol[:, cy, :], zx, zz), (vol[:, :, cz], zx, zy)]
