@@ -225,7 +225,8 @@ def check_session(protocol: Protocol | None, qc: SessionQC) -> SessionQC:
                 if why:
                     qc.deviations.append({"Image": image.name, "Series": s.match, "Parameter": name,
                                           "Value": image.parameters.get(name), "Reason": why})
-    qc.status = "fail" if qc.missing or qc.deviations or qc.unreadable else "warn" if qc.duplicated or qc.extra else "pass"
+    failed, warned = qc.missing or qc.deviations or qc.unreadable, qc.duplicated or qc.extra
+    qc.status = "fail" if failed else "warn" if warned else "pass"
     return qc
 
 

@@ -52,7 +52,8 @@ Parameters come from the BIDS sidecars (seconds, degrees) and NIfTI headers (mm,
 {% if s.missing %}<h3>Missing series</h3><ul>{% for m in s.missing %}
 <li>{{ m.Series }}: {{ m.Found }} found, {{ m.Expected }} expected</li>{% endfor %}</ul>{% endif %}
 {% if s.duplicated %}<h3>Duplicated series</h3><ul>{% for m in s.duplicated %}
-<li>{{ m.Series }}: {{ m.Found }} found, {{ m.Expected }} expected ({{ m.Images|join(", ") }})</li>{% endfor %}</ul>{% endif %}
+<li>{{ m.Series }}: {{ m.Found }} found, {{ m.Expected }} expected ({{ m.Images|join(", ") }})</li>
+{% endfor %}</ul>{% endif %}
 {% if s.extra %}<h3>Extra series (not in the protocol)</h3><ul>{% for e in s.extra %}<li>{{ e }}</li>{% endfor %}</ul>
 {% endif %}
 {% if s.unreadable %}<h3>Images that could not be read</h3><ul>{% for u in s.unreadable %}
