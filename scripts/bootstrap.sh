@@ -2,7 +2,8 @@
 # Install what pacs2bids needs on a Debian machine, idempotently:
 #   Debian: orthanc + orthanc-dicomweb (bundled PACS), dcmtk (comparisons), tesseract-ocr (burned-in text),
 #           wamerican + wfrench (the leak scanner's common words, /usr/share/dict),
-#           openssh-server (sshd: the SFTP server the storage tests start themselves, on loopback)
+#           openssh-server (sshd: the SFTP server the storage tests start themselves, on loopback),
+#           postgresql (the Prefect server's production database; tests/test_prefect_server.py starts one)
 #   PyPI:   the project in .venv, pinned by constraints.txt (prefect 3.8 needs fastapi < 0.151)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,7 @@ command -v tesseract >/dev/null || need+=(tesseract-ocr)
 [ -f /usr/share/dict/american-english ] || need+=(wamerican)
 [ -f /usr/share/dict/french ] || need+=(wfrench)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"
