@@ -62,6 +62,13 @@ class Postgres:
         return ["runuser", "-u", "nobody", "--", *cmd] if os.getuid() == 0 else cmd
 
     def start(self, timeout: float = 60.0) -> "Postgres":
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.stop()  # never leave a cluster running behind a failed start
+            raise
+
+    def _start(self, timeout: float) -> "Postgres":
         bindir = postgres_bin_dir()
         self.workdir = Path(tempfile.mkdtemp(prefix="pacs2bids-postgres-"))  # /tmp: reachable by nobody
         data, pwfile = self.workdir / "data", self.workdir / "pw"
@@ -93,7 +100,6 @@ class Postgres:
             if done.returncode == 0:
                 return self
             if time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError(f"PostgreSQL: createdb {self.database} failed: {done.stderr.strip()}")
             time.sleep(0.5)
 
