@@ -251,3 +251,10 @@ def test_every_deployment_of_the_file_deploys_with_its_schedules(live, site):
         assert sorted(got["schedules"]) == sorted(want), entry["name"]
         assert set(entry["tags"]) <= got["tags"] and got["pool"] == POOL
         assert got["concurrency_limit"] == entry.get("concurrency_limit"), entry["name"]
+
+
+def test_the_helpers_are_importable_from_testing_servers_too():
+    from pacs2bids import testing_prefect
+    from pacs2bids.testing_servers import Postgres as P, PrefectServer as S, PrefectWorker as W
+
+    assert (P, S, W) == (Postgres, PrefectServer, testing_prefect.PrefectWorker)
