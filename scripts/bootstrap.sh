@@ -3,7 +3,8 @@
 #   Debian: orthanc + orthanc-dicomweb (bundled PACS), dcmtk (comparisons), tesseract-ocr (burned-in text),
 #           wamerican + wfrench (the leak scanner's common words, /usr/share/dict),
 #           openssh-server (sshd: the SFTP server the storage tests start themselves, on loopback),
-#           chromium (the QC report's tests open it in a headless browser)
+#           chromium (the QC report's tests open it in a headless browser),
+#           postgresql (the Prefect server's production database; tests/test_prefect_server.py starts one)
 #   PyPI:   the project in .venv, pinned by constraints.txt (prefect 3.8 needs fastapi < 0.151)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,7 @@ command -v tesseract >/dev/null || need+=(tesseract-ocr)
 [ -f /usr/share/dict/french ] || need+=(wfrench)
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v chromium >/dev/null || need+=(chromium)
+[ -x /usr/lib/postgresql/15/bin/postgres ] || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
 python3 -c "import venv, ensurepip" 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${need[*]}"

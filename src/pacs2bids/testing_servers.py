@@ -232,3 +232,13 @@ class Sshd:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def __getattr__(name: str):
+    """:class:`PrefectServer`, :class:`PrefectWorker` and :class:`Postgres` live in
+    :mod:`pacs2bids.testing_prefect` (module size); importable from here too."""
+    if name in ("PrefectServer", "PrefectWorker", "Postgres"):
+        from . import testing_prefect
+
+        return getattr(testing_prefect, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -74,6 +74,9 @@ class DicomwebSettings(_Model):
     username_env: str | None = Field(None, description="Environment variable holding the user name.")
     password_env: str | None = Field(None, description="Environment variable holding the password.")
     timeout: float = Field(120.0, gt=0, description="Seconds to wait for an HTTP answer.")
+    ca_bundle: Path | None = Field(
+        None, description="Absolute path of the PEM file of the CA (or self-signed certificate) an https PACS is "
+        "checked against, when it is not in the system's store. TLS is always verified; nothing turns that off.")
 
     @field_validator("url")
     @classmethod
@@ -81,6 +84,13 @@ class DicomwebSettings(_Model):
         if not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return v.rstrip("/")
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca_bundle(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError("must be an absolute path (the PEM file of the PACS's CA)")
+        return v
 
 
 class TimeWindow(_Model):

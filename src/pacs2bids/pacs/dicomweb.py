@@ -58,7 +58,25 @@ def make_session(settings: DicomwebSettings, environ: dict | None = None) -> req
         if missing:
             raise PacsError(f"DICOMweb {settings.url}: environment variable(s) {', '.join(missing)} not set; export them")
         session.auth = (environ.get(settings.username_env or "", ""), environ.get(settings.password_env or "", ""))
+    if settings.ca_bundle is not None:
+        if not settings.ca_bundle.is_file():
+            raise PacsError(f"DICOMweb {settings.url}: ca_bundle {settings.ca_bundle} is not a file; give the PEM "
+                            "file of the CA that signed the PACS's certificate")
+        session.mount("https://", _CABundle(str(settings.ca_bundle)))
     return session
+
+
+class _CABundle(requests.adapters.HTTPAdapter):
+    """Checks every https answer against one CA bundle. ``session.verify`` alone is not enough:
+    requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment override it."""
+
+    def __init__(self, ca_bundle: str):
+        self.ca_bundle = ca_bundle
+        super().__init__()
+
+    def send(self, request, **kwargs):
+        kwargs["verify"] = self.ca_bundle
+        return super().send(request, **kwargs)
 
 
 class WebPacs:
