@@ -21,7 +21,7 @@ from pacs2bids.versions import tool_versions
 
 log = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
-BIDSIGNORE = [".pacs2bids/", "prov/", "**/*.log"]  # prov/: BEP028 records, not in the BIDS 1.11 schema
+BIDSIGNORE = [".pacs2bids/", "prov", "**/*.log"]  # prov: BEP028 records, unknown to the BIDS 1.11 schema ("prov/" fails)
 _PARTICIPANTS_JSON = {
     "participant_id": {"Description": "Pseudonymised subject label (the project's subject code)."},
 }
