@@ -103,9 +103,9 @@ def test_publishes_a_new_version_with_its_producer(project, tmp_path):
                            capture_output=True, text=True, timeout=600, env=_env())
     assert shown.returncode == 0, shown.stderr
     after = current_version(out)
-    assert after != before and (before / "sub-01").exists()  # the previous version is kept
+    assert after != before and (before / subjects[0]).exists()  # the previous version is kept
     mask = out / "derivatives" / "segmentation" / subjects[0] / "anat" / f"{subjects[0]}_desc-brain_mask.nii.gz"
-    assert mask.is_file() and (out / "sub-01").is_dir()  # the dataset, plus the results
+    assert mask.is_file() and (out / subjects[0]).is_dir()  # the dataset, plus the results
     assert validate_dataset(out).ok
     manifest = json.loads((out / ".pacs2bids" / "published.json").read_text())
     assert manifest["previous"] == before.name
