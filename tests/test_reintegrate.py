@@ -24,8 +24,11 @@ from pacs2bids.publish import current_version
 from pacs2bids.reintegrate import Producer, ReintegrationRefused, reintegrate
 from pacs2bids.validate import validate_dataset
 
+import test_provenance
 from test_extract_e2e import SECRET
-from test_provenance import brain_mask, extracted  # noqa: F401  (the module fixture)
+from test_provenance import brain_mask
+
+extracted = test_provenance.extracted  # the module fixture: the project dataset, extracted by the real flow
 
 PRODUCER = Producer("Team Segmentation", "fastsurfer", "2.4.2", "FastSurferCNN whole-brain segmentation")
 
