@@ -67,6 +67,12 @@ def test_refuses_a_missing_producer(project, tmp_path):
     spec, _, _, subjects = project
     folder = results(tmp_path / "r", subjects[:1])
     _refused(spec, folder, Producer("Team Segmentation", "fastsurfer", "", ""), match="--tool-version, --method")
+    before = current_version(spec.output)
+    shown = subprocess.run([sys.executable, "-m", "pacs2bids.cli", "reintegrate", str(spec.output.parent.parent /
+                            "spec.yaml"), str(folder), "--producer", "Team Segmentation", "--tool", "fastsurfer"],
+                           capture_output=True, text=True, timeout=120, env=_env())
+    assert shown.returncode == 1 and "--tool-version, --method" in shown.stderr, shown.stderr
+    assert current_version(spec.output) == before
 
 
 def test_refuses_an_identifying_value_in_a_sidecar_or_a_file_name(project, tmp_path):

@@ -230,13 +230,13 @@ def _convert(spec: ProjectSpec, study: StudyRef, ctx: RunContext, deids: list[tu
         if status != "failed":
             result.raw_done.append(str(rs.folder))
         outputs = list(c.outputs) if c else []
-        prov = _provenance(spec, ctx, result, res, outputs) if status == "converted" else None
+        prov = _provenance(spec, ctx, result, rs, res, outputs) if status == "converted" else None
         rec.converted(study, rs, res, status, why, outputs, prov)
         done += status == "converted"
     log.info("%s: %d of %d series converted", result.label, done, len(deids))
 
 
-def _provenance(spec: ProjectSpec, ctx: RunContext, result: StudyResult, res, outputs: list[str]) -> str:
+def _provenance(spec: ProjectSpec, ctx: RunContext, result: StudyResult, rs, res, outputs: list[str]) -> str:
     """Write the PROV record of a converted series; returns its path relative to staging."""
     t, now = result.times, _now()
     prov = write_series_provenance(
@@ -252,7 +252,9 @@ def _provenance(spec: ProjectSpec, ctx: RunContext, result: StudyResult, res, ou
         run_id=ctx.run_id,
         started=ctx.started,
         finished=now,
-        stages={"retrieve": {"started": t.get("retrieve_started"), "ended": t.get("retrieve_ended")},
+        stages={"retrieve": {"started": t.get("retrieve_started"), "ended": t.get("retrieve_ended"),
+                             "parameters": {"instances_received": rs.received, "transports": sorted(
+                                 {str(e.get("transport")) for e in retrieve.read_ledger(rs.folder).values()})}},
                 # series are pseudonymised as they arrive: the stage spans the retrieval and after it
                 "pseudonymise": {"started": t.get("retrieve_started"), "ended": t.get("pseudonymise_ended"),
                                  "parameters": {"method": res.record.get("method", {})

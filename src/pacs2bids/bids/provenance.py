@@ -66,7 +66,8 @@ def write_series_provenance(path: Path, *, pseudo_study_uid: str, pseudo_series_
     converter = "dcm2niix" if heur.stem == "auto" else "heudiconv"
     t0, t1, params = _stage(stages, "convert", started, finished)
     convert = rec.activity("convert", tool=rec.software(converter, versions.get(converter)),
-                           associated=[*agents, rec.software("dcm2niix", versions.get("dcm2niix"))],
+                           associated=[*agents, *([rec.software("dcm2niix", versions.get("dcm2niix"))]
+                                                  if converter != "dcm2niix" else [])],
                            used=[series], informed_by=[deid], started=t0, ended=t1,
                            parameters={"heuristic": heur.stem, "heuristic_sha256": heuristic_sha256(heuristic),
                                        **params, **(extra or {})})
