@@ -158,3 +158,28 @@ def test_lineage_command_shows_the_prov_story(extracted):
     for stage in ("activity convert", "activity pseudonymise", "activity retrieve"):
         assert stage in text, text
     assert "operator-e2e" in text and "instance(s)" in text
+
+
+def test_a_later_stage_is_one_call_and_lineage_follows_it_back(tmp_path, monkeypatch):
+    """What deface or QC will call: its record links to the series record through the input file."""
+    from pacs2bids.provdoc import record_stage
+
+    (tmp_path / ".pacs2bids" / "lineage").mkdir(parents=True)  # a pacs2bids dataset
+    instances, outputs = _series_files(tmp_path)
+    write_series_provenance(tmp_path / "prov" / "sub-01" / "prov-series1.jsonld", pseudo_study_uid="2.25.1",
+                            pseudo_series_uid="2.25.2", instance_count=3, instances=instances, outputs=outputs,
+                            bids_root=tmp_path, heuristic="auto", flow_run_id=None, started="t0", finished="t1",
+                            extra={})
+    defaced = brain_mask(tmp_path / "derivatives" / "pacs2bids-deface" / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    path = record_stage(tmp_path, "deface", tool="pydeface", version="2.0.2", inputs=[outputs[0]], outputs=[defaced],
+                        started="t2", ended="t3", parameters={"template": "mni"}, run_id="r9")
+    assert path.name == "prov-deface-r9.jsonld"
+    shown = subprocess.run([sys.executable, "-m", "pacs2bids.cli", "lineage", str(defaced)],
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    assert "activity deface by pydeface 2.0.2" in text and '{"template": "mni"}' in text
+    # through the raw image, back to its conversion, pseudonymisation and retrieval (the series record)
+    assert "used bids::sub-01/anat/sub-01_T1w.nii.gz" in text
+    for stage in ("activity convert", "activity pseudonymise", "activity retrieve"):
+        assert stage in text, text

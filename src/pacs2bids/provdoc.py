@@ -111,7 +111,7 @@ class ProvRecord:
                                       "GeneratedBy": generated_by, "DerivedFrom": list(derived_from),
                                       "AttributedTo": attributed_to, **extra})
 
-    def file_entity(self, root: Path, path: Path | str, *, generated_by: str | None,
+    def file_entity(self, root: Path, path: Path | str, *, generated_by: str | None = None,
                     derived_from: Iterable[str] = (), attributed_to: str | None = None) -> str:
         """A file of the dataset, by its path relative to ``root`` and its SHA-256."""
         p = Path(path)
@@ -161,3 +161,25 @@ def index(records: Iterable[dict]) -> dict[str, dict]:
                 if isinstance(node, dict) and "Id" in node:
                     nodes[node["Id"]] = {**node, "_kind": kind}
     return nodes
+
+
+def record_stage(root: Path, label: str, *, tool: str, version: str | None, inputs: Iterable[str | Path],
+                 outputs: Iterable[str | Path], started=None, ended=None, parameters: dict | None = None,
+                 flow_run_id: str | None = None, run_id: str | None = None) -> Path:
+    """One call for a later stage (deface, QC, ...): a record ``prov/prov-<label>-<run>.jsonld`` in which
+    the activity ``label`` (``tool`` ``version``, with pacs2bids, the operator and the flow run) used
+    ``inputs`` and generated ``outputs`` (dataset files, relative to ``root`` or absolute; each with its
+    SHA-256, derived from the inputs). Inputs are named as the series records name them (``bids::<path>``),
+    so ``pacs2bids lineage`` follows an output back through them. Returns the record's path."""
+    from .versions import tool_versions
+
+    root = Path(root)
+    rec = ProvRecord()
+    agents = standard_agents(rec, tool_versions(), flow_run_id, run_id)
+    used = [rec.file_entity(root, p) for p in inputs]
+    act = rec.activity(label, tool=rec.software(tool, version), associated=agents, used=used, started=started,
+                       ended=ended, parameters=parameters)
+    for p in outputs:
+        rec.file_entity(root, p, generated_by=act, derived_from=used, attributed_to=agents[0])
+    name = f"prov-{_slug(label)}-{_slug(run_id or act.rsplit('-', 1)[-1])}.jsonld"
+    return rec.write(root / PROV_DIR / name)

@@ -190,12 +190,20 @@ def prov_story(path: Path) -> tuple[Path, str | None]:
     root = find_dataset_root(path)
     rel = path.resolve().relative_to(root).as_posix()
     records = read_records(root)
+    generated = {}  # an entity's own record: the one saying what generated it (a later stage only uses it)
+    for _, doc in records:
+        for i, n in index([doc]).items():
+            if n["_kind"] != "Entities" or (i in generated and not n.get("GeneratedBy")):
+                continue
+            generated[i] = n
     for file, doc in reversed(records):  # the newest record naming it wins
         nodes = index([doc])
         hit = next((i for i, n in nodes.items() if n["_kind"] == "Entities" and n.get("AtLocation") == rel), None)
         if hit is None:
             continue
         lines = [f"PROV record {file.relative_to(root).as_posix()} (W3C PROV, BIDS provenance terms):"]
-        lines += _entity_lines(nodes, hit, 1, set())
+        merged = {**index(d for _, d in records), **nodes}
+        merged.update({i: n for i, n in generated.items() if n.get("GeneratedBy") and i != hit})
+        lines += _entity_lines(merged, hit, 1, set())
         return root, "\n".join(lines)
     return root, None
