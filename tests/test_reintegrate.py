@@ -97,6 +97,8 @@ def test_refuses_an_invalid_dataset(project, tmp_path):
     desc = json.loads((raw / "dataset_description.json").read_text())
     (raw / "dataset_description.json").write_text(json.dumps({**desc, "DatasetType": "raw"}))
     _refused(spec, raw, match="DatasetType must be")
+    with pytest.raises(ReintegrationRefused, match="pacs2bids' own"):  # a researcher never replaces the defaced images
+        reintegrate(spec, folder, PRODUCER, name="pacs2bids-deface")
 
 
 def test_publishes_a_new_version_with_its_producer(project, tmp_path):

@@ -99,6 +99,8 @@ def check_folder(spec, folder: Path, producer: Producer, name: str | None = None
     if not _NAME.match(name):
         raise ReintegrationRefused(f"derivative name {name!r} is not a folder name (letters, digits, '.', '_', "
                                    "'-'): give --name")
+    if name.lower().startswith("pacs2bids"):
+        raise ReintegrationRefused(f"derivatives/{name} is pacs2bids' own (deface, QC): give another --name")
     if links := [p for p in folder.rglob("*") if p.is_symlink()]:
         raise ReintegrationRefused(f"{links[0]} is a symlink: copy the file itself into the dataset")
     published = current_version(spec.output)
