@@ -23,6 +23,7 @@ from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pacs2bids import __version__
+from pacs2bids.bids.provenance import write_run_provenance
 from pacs2bids.config import load_spec
 from pacs2bids.deadletter import DeadLetters
 from pacs2bids.pacs import close_pools
@@ -154,6 +155,8 @@ def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder,
     with summary.timed("finalise"):
         finalise_dataset(staging, spec.dataset_name or spec.project, participants,
                          {"Name": "pacs2bids", "Version": __version__})
+        write_run_provenance(staging, run_id=ctx.run_id, flow_run_id=ctx.flow_run_id, started=ctx.started,
+                             parameters={"project": spec.project, "heuristic": str(spec.heuristic)})
     if spec.qc.enabled:  # dataset-level: every session, before the validator and the leak scan see it
         with summary.timed("qc"):
             qc = run_qc(staging, spec.qc, {"Name": "pacs2bids", "Version": __version__})

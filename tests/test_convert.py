@@ -264,12 +264,16 @@ def test_series_provenance(sample_bids, tmp_path):
     path = write_series_provenance(tmp_path / "prov" / "series.json", pseudo_study_uid="2.25.1", pseudo_series_uid="2.25.2",
                                    instance_count=14, outputs=[Path(o) for o in s.outputs], bids_root=root,
                                    heuristic="auto", flow_run_id="run-1", started=now, finished=now, extra={"k": 1})
-    rec = json.loads(path.read_text())
-    assert {o["path"] for o in rec["outputs"]} == set(s.outputs)
-    for o in rec["outputs"]:
-        assert o["sha256"] == sha256_file(root / o["path"])
-    assert rec["versions"] == tool_versions() and rec["versions"]["dcm2niix"].startswith("v1.0.")
-    assert len(rec["heuristic"]["sha256"]) == 64 and rec["instance_count"] == 14
+    rec = json.loads(path.read_text())["Records"]  # W3C PROV (tests/test_provenance.py)
+    files = [e for e in rec["Entities"] if e["Id"].startswith("bids::")]
+    assert {e["AtLocation"] for e in files} == set(s.outputs)
+    for e in files:
+        assert e["Digest"]["sha256"] == sha256_file(root / e["AtLocation"])
+    dcm2niix = next(sw for sw in rec["Software"] if sw["Label"] == "dcm2niix")
+    assert dcm2niix["Version"] == tool_versions()["dcm2niix"] and dcm2niix["Version"].startswith("v1.0.")
+    convert = next(a for a in rec["Activities"] if a["Label"] == "convert")
+    assert len(convert["Parameters"]["heuristic_sha256"]) == 64 and convert["Parameters"]["k"] == 1
+    assert next(e for e in rec["Entities"] if e["Id"] == "urn:dicom:uid:2.25.2")["InstanceCount"] == 14
 
 
 # -- heuristic auto: dcm2niix once per session ----------------------------------------------------

@@ -317,11 +317,11 @@ def check_published(out: Path, planted: dict, tmp: Path, summary: dict, pacs=Non
         # Basic profile, Retain Longitudinal with Modified Dates, Clean Descriptors, Retain Safe Private
         assert {"113100", "113107", "113105", "113111"} <= codes, (sidecar.name, codes)
         assert "pacs2bids" in json.dumps(meta.get("DeidentificationMethod")), sidecar.name
-    provenance = list((out / ".pacs2bids" / "provenance").rglob("*.json"))
-    assert provenance, "no provenance JSON"
+    provenance = list((out / "prov").rglob("prov-series*.jsonld"))  # W3C PROV records (tests/test_provenance.py)
+    assert provenance, "no PROV record"
     prov = json.loads(provenance[0].read_text())
     text = json.dumps(prov)
-    assert "dcm2niix" in text and "heudiconv" in text and "sha256" in text
+    assert "dcm2niix" in text and "pseudonymise" in text and "sha256" in text
 
 
 # -- the tests ----------------------------------------------------------------------------------

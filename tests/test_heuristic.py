@@ -40,7 +40,8 @@ def test_provenance_records_the_same_sha(tmp_path):
                                              instance_count=1, outputs=[tmp_path / "a.nii.gz"], bids_root=tmp_path,
                                              heuristic="auto", flow_run_id=None, started=now, finished=now,
                                              extra={}).read_text())
-    assert rec["heuristic"]["sha256"] == heuristic_sha256("auto")
+    convert = next(a for a in rec["Records"]["Activities"] if a["Label"] == "convert")  # W3C PROV record
+    assert convert["Parameters"]["heuristic_sha256"] == heuristic_sha256("auto")
 
 
 def test_the_pointer_refuses_to_be_run_by_heudiconv(sample_dir, tmp_path):

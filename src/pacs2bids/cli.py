@@ -39,7 +39,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_lineage(args) -> int:
-    from .lineage import format_chain, format_instances, instance_counts, instances_of, lineage_of
+    from .lineage import format_chain, format_instances, instance_counts, instances_of, lineage_of, prov_story
 
     path = Path(args.path)
     try:
@@ -51,8 +51,25 @@ def _cmd_lineage(args) -> int:
     if instances and not rows:  # a pseudonymised DICOM file or folder under sourcedata/
         print(format_instances(root, path, instances))
         return EXIT_OK
-    print(format_chain(root, path, rows, instance_counts(root) if rows else None))
-    return EXIT_OK if rows else EXIT_FAILED
+    _, story = prov_story(path)
+    if rows or not story:
+        print(format_chain(root, path, rows, instance_counts(root) if rows else None))
+    if story:
+        print(story)
+    return EXIT_OK if rows or story else EXIT_FAILED
+
+
+def _cmd_reintegrate(args) -> int:
+    from .reintegrate import Producer, reintegrate
+
+    spec = load_spec(Path(args.spec))
+    producer = Producer.from_file(Path(args.producer_file)) if args.producer_file else Producer(
+        args.producer or "", args.tool or "", args.tool_version or "", args.method or "")
+    done = reintegrate(spec, Path(args.folder), producer, name=args.name)
+    print(f"derivatives/{done.name}: {done.files} file(s) of {len(done.subjects)} subject(s) published "
+          f"in version {done.version.name}")
+    failed = [t for t in done.targets if getattr(t, "state", "") == "failed"]
+    return 3 if failed else EXIT_OK
 
 
 def _cmd_check(args) -> int:
@@ -216,6 +233,17 @@ def _add_extraction_commands(sub) -> None:
     p = sub.add_parser("lineage", help="where a dataset file came from")
     p.add_argument("path")
     p.set_defaults(func=_cmd_lineage)
+
+    p = sub.add_parser("reintegrate", help="bring a researcher's BIDS derivative dataset back into the project dataset")
+    p.add_argument("spec")
+    p.add_argument("folder", help="the derivative dataset (dataset_description.json with DatasetType derivative)")
+    p.add_argument("--producer", help="the person or team who made it")
+    p.add_argument("--tool", help="the tool that made it")
+    p.add_argument("--tool-version", help="that tool's version")
+    p.add_argument("--method", help="how the results were made, in a sentence")
+    p.add_argument("--producer-file", help="a JSON file with name, tool, tool_version, method (instead)")
+    p.add_argument("--name", help="folder name under derivatives/ (default: the dataset's Name)")
+    p.set_defaults(func=_cmd_reintegrate)
 
     p = sub.add_parser("check", help="preflight: C-ECHO, test query, C-MOVE destination, DICOMweb, disk space")
     p.add_argument("spec")

@@ -27,6 +27,7 @@ from .dicomfiles import iter_dicom_files
 from .lineage import instance_records, write_instance_part
 from .model import StudyRef
 from .bids import write_series_provenance
+from .provdoc import PROV_DIR
 from .recorder import Outcomes, Recorder, reason
 from .run import META, RunContext, label, session_dir
 
@@ -48,6 +49,11 @@ class StudyResult:
     instances_part: str | None = None  # the study's per-instance lineage part, relative to staging
     seconds: dict[str, float] = field(default_factory=dict)  # retrieve, pseudonymise, convert
     received_bytes: int = 0  # the sizes of the study's raw files, from their ledgers (the run's MB/s)
+    times: dict[str, str] = field(default_factory=dict)  # UTC start/end of each stage, for the PROV record
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def pseudonymiser(spec: ProjectSpec) -> Pseudonymiser:
@@ -71,6 +77,7 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     result = StudyResult(label(study.subject, study.session))
     early = Recorder(keyed, result.retrieval)
     started = time.monotonic()
+    result.times["retrieve_started"] = _now()
     deid = _StudyDeid(spec, study, ctx)
     try:  # each series is pseudonymised as soon as it is complete, while the next one arrives
         retrieved = retrieve.retrieve_study(spec, study, ctx.raw_root, progress=progress, on_complete=deid.submit)
@@ -81,12 +88,14 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
         return result
     finally:
         result.seconds["retrieve"] = time.monotonic() - started
+        result.times["retrieve_ended"] = _now()
     log.info("%s: %d series retrieved", result.label, len(retrieved))
     result.received_bytes = sum(e.get("size") or 0
                                 for rs in retrieved for e in retrieve.read_ledger(rs.folder).values())
     started = time.monotonic()  # what pseudonymisation takes beyond the retrieval it overlapped
     deids = _pseudonymise(study, ctx, retrieved, deid, early, result)
     result.seconds["pseudonymise"] = time.monotonic() - started
+    result.times["pseudonymise_ended"] = result.times["convert_started"] = _now()
     started = time.monotonic()
     if deids:
         _convert(spec, study, ctx, deids, Recorder(keyed, result.conversion), result, log)
@@ -221,28 +230,38 @@ def _convert(spec: ProjectSpec, study: StudyRef, ctx: RunContext, deids: list[tu
         if status != "failed":
             result.raw_done.append(str(rs.folder))
         outputs = list(c.outputs) if c else []
-        prov = _provenance(spec, ctx, result.label, res, outputs) if status == "converted" else None
+        prov = _provenance(spec, ctx, result, rs, res, outputs) if status == "converted" else None
         rec.converted(study, rs, res, status, why, outputs, prov)
         done += status == "converted"
     log.info("%s: %d of %d series converted", result.label, done, len(deids))
 
 
-def _provenance(spec: ProjectSpec, ctx: RunContext, lbl: str, res, outputs: list[str]) -> str:
-    """Write the provenance JSON of a converted series; returns its path relative to staging."""
+def _provenance(spec: ProjectSpec, ctx: RunContext, result: StudyResult, rs, res, outputs: list[str]) -> str:
+    """Write the PROV record of a converted series; returns its path relative to staging."""
+    t, now = result.times, _now()
     prov = write_series_provenance(
-        ctx.staging / META / "provenance" / lbl / f"series-{res.series_number}-{res.pseudo_series_uid[-12:]}.json",
+        ctx.staging / PROV_DIR / result.label / f"prov-series{res.series_number}x{res.pseudo_series_uid[-12:]}.jsonld",
         pseudo_study_uid=res.pseudo_study_uid,
         pseudo_series_uid=res.pseudo_series_uid,
         instance_count=len(res.written),
+        instances=list(res.written),
         outputs=[ctx.staging / o for o in outputs],
         bids_root=ctx.staging,
         heuristic=spec.heuristic,
         flow_run_id=ctx.flow_run_id,
+        run_id=ctx.run_id,
         started=ctx.started,
-        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        extra={"deidentification": res.record.get("method", {}) if isinstance(res.record, dict) else {},
-               # fields the project gave where the images hold none (spec sidecar_fields)
-               **({"sidecar_fields_given": spec.sidecar_fields} if spec.sidecar_fields else {})},
+        finished=now,
+        stages={"retrieve": {"started": t.get("retrieve_started"), "ended": t.get("retrieve_ended"),
+                             "parameters": {"instances_received": rs.received, "transports": sorted(
+                                 {str(e.get("transport")) for e in retrieve.read_ledger(rs.folder).values()})}},
+                # series are pseudonymised as they arrive: the stage spans the retrieval and after it
+                "pseudonymise": {"started": t.get("retrieve_started"), "ended": t.get("pseudonymise_ended"),
+                                 "parameters": {"method": res.record.get("method", {})
+                                                if isinstance(res.record, dict) else {}}},
+                "convert": {"started": t.get("convert_started"), "ended": now}},
+        # fields the project gave where the images hold none (spec sidecar_fields)
+        extra={"sidecar_fields_given": spec.sidecar_fields} if spec.sidecar_fields else {},
     )
     return prov.relative_to(ctx.staging).as_posix()
 

@@ -21,7 +21,7 @@ from pacs2bids.versions import tool_versions
 
 log = logging.getLogger(__name__)
 BIDS_VERSION = "1.10.0"
-BIDSIGNORE = [".pacs2bids/", "**/*.log"]
+BIDSIGNORE = [".pacs2bids/", "prov", "**/*.log"]  # prov: BEP028 records, unknown to the BIDS 1.11 schema ("prov/" fails)
 _PARTICIPANTS_JSON = {
     "participant_id": {"Description": "Pseudonymised subject label (the project's subject code)."},
 }
@@ -160,3 +160,29 @@ def finalise_dataset(bids_root: Path, *, name: str, participants: list[str], gen
     for scans in root.glob("sub-*/**/*_scans.tsv"):
         update_scans(scans, keep_order=True)  # rows of renamed or removed images go
 
+
+
+def derivative_description(name: str, *, generated_by: list[dict], source_datasets: list[dict] | None = None,
+                           **extra) -> dict:
+    """The ``dataset_description.json`` of a derivative dataset (BIDS 1.10: ``DatasetType: derivative``,
+    ``GeneratedBy`` required, ``SourceDatasets``). For a derivative kept under the project dataset's
+    ``derivatives/<name>/``, ``source_datasets`` defaults to that dataset (``../../``, linked as ``raw``)."""
+    if not generated_by or not all(isinstance(g, dict) and g.get("Name") for g in generated_by):
+        raise ValueError(f"derivative dataset {name!r}: GeneratedBy needs at least one entry with a Name")
+    description = {"Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+                   "GeneratedBy": generated_by}
+    if source_datasets is None:
+        description["DatasetLinks"] = {"raw": "../../"}
+        source_datasets = [{"URL": "bids:raw:"}]
+    description["SourceDatasets"] = source_datasets
+    description.update(extra)
+    return description
+
+
+def write_derivative_description(root: Path, name: str, **kwargs) -> Path:
+    """Write :func:`derivative_description` into ``root`` (created); returns the file."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "dataset_description.json"
+    _write(path, json.dumps(derivative_description(name, **kwargs), indent=2) + "\n")
+    return path

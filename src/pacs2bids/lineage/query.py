@@ -142,3 +142,68 @@ def format_chain(root: Path, path: Path, rows: list[dict], instances: dict[str, 
         if r["reason"]:
             lines.append(f"    note   {r['reason']}")
     return "\n".join(lines)
+
+
+def _label(nodes: dict, ident: str) -> str:
+    n = nodes.get(ident) or {}
+    version = f" {n['Version']}" if n.get("Version") else ""
+    return f"{n.get('Label', ident)}{version}"
+
+
+def _activity_lines(nodes: dict, ident: str, depth: int, seen: set) -> list[str]:
+    pad, a = "  " * depth, nodes.get(ident) or {}
+    if ident in seen or not a:
+        return [f"{pad}activity {ident}"] if not a else []
+    seen.add(ident)
+    agents = ", ".join(_label(nodes, x) for x in a.get("AssociatedWith") or [])
+    lines = [f"{pad}activity {a.get('Label')} by {agents or '-'}",
+             f"{pad}  from {a.get('StartedAtTime') or '-'} to {a.get('EndedAtTime') or '-'}"]
+    if a.get("Parameters"):
+        import json
+
+        lines.append(f"{pad}  parameters {json.dumps(a['Parameters'], sort_keys=True)[:300]}")
+    for used in a.get("Used") or []:
+        lines += _entity_lines(nodes, used, depth + 1, seen, "used")
+    for prior in a.get("InformedBy") or []:
+        lines += _activity_lines(nodes, prior, depth + 1, seen)
+    return lines
+
+
+def _entity_lines(nodes: dict, ident: str, depth: int, seen: set, how: str = "entity") -> list[str]:
+    pad, e = "  " * depth, nodes.get(ident) or {}
+    digest = " ".join(f"{k}={v}" for k, v in (e.get("Digest") or {}).items())
+    count = f", {e['InstanceCount']} instance(s)" if e.get("InstanceCount") is not None else ""
+    lines = [f"{pad}{how} {ident} ({e.get('Label', '?')}{count}) at {e.get('AtLocation') or '-'} {digest}".rstrip()]
+    if e.get("AttributedTo"):
+        lines.append(f"{pad}  attributed to {_label(nodes, e['AttributedTo'])}")
+    if e.get("GeneratedBy"):
+        lines += _activity_lines(nodes, e["GeneratedBy"], depth + 1, seen)
+    return lines
+
+
+def prov_story(path: Path) -> tuple[Path, str | None]:
+    """What the dataset's PROV records (``prov/``, :mod:`pacs2bids.provdoc`) say about ``path`` (a file,
+    or a sourcedata series folder): the entity, the activity that generated it, what that used, back to
+    the retrieval, with agents, tools, times and parameters. None when no record names it."""
+    from pacs2bids.provdoc import index, read_records
+
+    root = find_dataset_root(path)
+    rel = path.resolve().relative_to(root).as_posix()
+    records = read_records(root)
+    generated = {}  # an entity's own record: the one saying what generated it (a later stage only uses it)
+    for _, doc in records:
+        for i, n in index([doc]).items():
+            if n["_kind"] != "Entities" or (i in generated and not n.get("GeneratedBy")):
+                continue
+            generated[i] = n
+    for file, doc in reversed(records):  # the newest record naming it wins
+        nodes = index([doc])
+        hit = next((i for i, n in nodes.items() if n["_kind"] == "Entities" and n.get("AtLocation") == rel), None)
+        if hit is None:
+            continue
+        lines = [f"PROV record {file.relative_to(root).as_posix()} (W3C PROV, BIDS provenance terms):"]
+        merged = {**index(d for _, d in records), **nodes}
+        merged.update({i: n for i, n in generated.items() if n.get("GeneratedBy") and i != hit})
+        lines += _entity_lines(merged, hit, 1, set())
+        return root, "\n".join(lines)
+    return root, None
