@@ -22,7 +22,7 @@ from prefect import flow, runtime
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pacs2bids import __version__
+from pacs2bids import __version__, audit
 from pacs2bids.config import load_spec
 from pacs2bids.deadletter import DeadLetters
 from pacs2bids.pacs import close_pools
@@ -193,4 +193,5 @@ def _publish_targets(spec, summary: RunSummary) -> None:
 
 def _write_summary(ctx: RunContext, summary: RunSummary, logger) -> None:
     summary.write(ctx.summary_path)
+    audit.record_run(ctx.spec, summary)  # who ran it, what was published where (issue 14)
     summary_artifact(ctx.spec.project, summary, logger)
