@@ -45,7 +45,7 @@ from pacs2bids.tasks.query import find_studies
 from pacs2bids.tasks.released import include_released
 from pacs2bids.tasks.pacs_limit import use_pacs_limit
 from pacs2bids.tasks.progress import track_progress
-from pacs2bids.tasks.study import extract_study
+from pacs2bids.tasks.runner import study_runner, submit_study
 from pacs2bids.tasks.targets import publish_target
 from pacs2bids.tasks.validate import validate_dataset
 
@@ -130,8 +130,8 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
     if seeded:  # something new: the run starts from the published dataset (a no-op run copies nothing)
         seed_staging(spec.output, ctx.staging, merge=True)
 
-    with track_progress(spec.project, ctx.run_id, todo.studies, logger):  # the UI's and the terminal's progress
-        futures = [extract_study.submit(spec, study, ctx) for study in todo.studies]
+    with track_progress(spec.project, ctx.run_id, todo.studies, logger), study_runner(spec, todo.studies) as runner:
+        futures = [submit_study(runner, spec, study, ctx) for study in todo.studies]  # threads or Dask (issue 14)
         results = [f.result() for f in futures]
     for r in results:  # every study's retrieval outcomes, then every study's conversion outcomes
         outcomes.extend(r.retrieval)
