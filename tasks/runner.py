@@ -56,16 +56,24 @@ def extract_study_on_worker(spec: ProjectSpec, study: StudyRef, ctx: RunContext)
 def _dask_runner(settings):
     from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url:
+    api = get_current_settings().api
+    if not api.url:
         raise SpecError("task_runner: dask needs a Prefect server that every worker reaches (the per-PACS limit is "
                         "kept there): set PREFECT_API_URL, or use kind: threads")
     from prefect_dask import DaskTaskRunner
 
     if settings.dask_address:
         return DaskTaskRunner(address=settings.dask_address)
+    # the worker processes get this process's Prefect API in their environment (a Prefect setting held in a
+    # context, as tests and profiles do, does not reach a new process); its key stays out of every log
+    env = {"PREFECT_API_URL": str(api.url)}
+    if api.key is not None:
+        env["PREFECT_API_KEY"] = api.key.get_secret_value()
+    if api.auth_string is not None:
+        env["PREFECT_API_AUTH_STRING"] = api.auth_string.get_secret_value()
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None, "env": env})
 
 
 @contextmanager
