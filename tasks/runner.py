@@ -87,12 +87,16 @@ def study_runner(spec: ProjectSpec, studies: list | tuple = (1,)) -> Iterator[tu
         settings = spec.task_runner.from_environment()
     except ValueError as exc:
         raise SpecError(str(exc)) from None
-    if settings.kind == "dask":
-        runner, what = _dask_runner(settings), extract_study_on_worker
-    else:
-        runner, what = ThreadPoolTaskRunner(max_workers=settings.max_workers), extract_study
-    with runner:
-        yield runner, what
+    if settings.kind == "threads":
+        with ThreadPoolTaskRunner(max_workers=settings.max_workers) as runner:
+            yield runner, extract_study
+        return
+    import dask
+
+    # a study pseudonymises in child processes (pacs2bids.deid.pool): Dask's workers must not be daemonic
+    # (set here for a LocalCluster; an existing cluster's nannies need DASK_DISTRIBUTED__WORKER__DAEMON=False)
+    with dask.config.set({"distributed.worker.daemon": False}), _dask_runner(settings) as runner:
+        yield runner, extract_study_on_worker
 
 
 def submit_study(runner_and_task, spec: ProjectSpec, study: StudyRef, ctx: RunContext):

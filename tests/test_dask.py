@@ -100,7 +100,7 @@ def test_a_local_dask_cluster_of_two_processes_extracts_the_sample_like_the_thre
         state = extract_project(str(path), return_state=True)
         summary = state.result()
         flow_runs[kind] = state.state_details.flow_run_id
-        assert summary["published"] and summary["state"] == "completed", summary["errors"]
+        assert summary["published"] and summary["state"] == "completed", (summary["errors"], summary["series"])
         outputs[kind] = load_spec(path).output
         pids[kind] = summary
     report = validate_dataset(outputs["dask"])
