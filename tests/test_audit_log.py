@@ -4,6 +4,7 @@ deleting or reordering a line is found by ``pacs2bids audit``; it lives apart fr
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -45,6 +46,18 @@ def test_entries_are_chained_signed_and_say_who_when_what(spec_path, monkeypatch
     out = capsys.readouterr().out
     assert "operations audit log intact: 3 entries" in out and "dr-research-ops" in out
     assert out.index("run-0") < out.index("run-1") < out.index("run-2")
+    from pacs2bids.deid import KeyStore  # a re-identification between two publishes: in its place on the timeline
+
+    store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
+    time.sleep(1.1)  # the re-identification log writes whole seconds
+    with pytest.raises(KeyError):
+        store.reidentify("99", reason="checking the timeline merges all three logs")
+    time.sleep(1.1)
+    audit.record(spec, "publish", run_id="run-3", version="v3", files=3)
+    assert main(["audit", str(spec_path), "--timeline"]) == 0
+    out = capsys.readouterr().out
+    timeline = out[out.index("timeline of auditproj"):]
+    assert timeline.index("run-2") < timeline.index("reidentify (unknown subject)") < timeline.index("run-3")
 
 
 @pytest.mark.parametrize("tamper, broken, why", [

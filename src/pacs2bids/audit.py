@@ -200,8 +200,13 @@ def timeline(spec) -> tuple[list[tuple[str, auditchain.Entry]], list[LogCheck]]:
     return merged, checks
 
 
-def _when(entry: auditchain.Entry) -> str:
-    return str((entry.record or {}).get("when") or "")
+def _when(entry: auditchain.Entry) -> datetime:
+    """An entry's time, for ordering (the other logs write whole seconds; unreadable: first)."""
+    try:
+        when = datetime.fromisoformat(str((entry.record or {}).get("when")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
 
 
 def describe(source: str, entry: auditchain.Entry) -> str:
@@ -218,12 +223,17 @@ def describe(source: str, entry: auditchain.Entry) -> str:
     return f"{source:<11} {entry.number:4d}  {r.get('when', '?')}  {who}  {what}  {details}  [{state}]"
 
 
-def print_report(spec, out, err) -> bool:
-    """Print the three logs of ``spec`` merged in time order, then the operations log's verdict
-    (the other two have theirs printed by the CLI); whether the operations log is intact."""
-    merged, checks = timeline(spec)
-    print(f"timeline of {spec.project} (operations, quarantine decisions, re-identification; oldest first):", file=out)
-    for source, entry in merged:
+def print_report(spec, out, err, *, merged: bool = False) -> bool:
+    """Print the operations log of ``spec`` (with ``merged``: its three logs merged in time order),
+    then the operations log's verdict (the CLI prints the other two's); whether it is intact."""
+    if merged:
+        entries, checks = timeline(spec)
+        print(f"timeline of {spec.project} (operations, quarantine decisions, re-identification; oldest first):",
+              file=out)
+    else:
+        checks = [LogCheck("operations", log_path(spec), verify(spec))]
+        entries = [("operations", e) for e in checks[0].verification.entries]
+    for source, entry in entries:
         print("  " + describe(source, entry), file=out)
     ops = checks[0]
     v = ops.verification

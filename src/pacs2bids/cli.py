@@ -163,7 +163,7 @@ def _cmd_audit(args) -> int:
     spec = load_spec(args.spec)
     audit_intact = _print_audit_log(spec)
     quarantine_intact = _verify_quarantine_log(spec)  # checked even when the audit log is broken
-    operations_intact = audit.print_report(spec, sys.stdout, sys.stderr)
+    operations_intact = audit.print_report(spec, sys.stdout, sys.stderr, merged=args.timeline)
     return EXIT_OK if audit_intact and quarantine_intact and operations_intact else EXIT_FAILED
 
 
@@ -264,6 +264,7 @@ def _add_review_commands(sub) -> None:
     p = sub.add_parser("audit", help="print the audit logs (operations, re-identification, quarantine decisions) "
                                      "in time order and verify their chains (exit 1 if one is broken)")
     p.add_argument("spec", nargs="?", help="project spec; without it, every log in $PACS2BIDS_AUDIT_DIR (chain only)")
+    p.add_argument("--timeline", action="store_true", help="also every entry of the three logs merged in time order")
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("quarantine", help="list quarantined files; release or reject one after review")
