@@ -22,7 +22,7 @@ from prefect import flow, runtime
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pacs2bids import __version__
+from pacs2bids import __version__, audit
 from pacs2bids.bids.provenance import write_run_provenance
 from pacs2bids.config import load_spec
 from pacs2bids.deadletter import DeadLetters
@@ -47,7 +47,7 @@ from pacs2bids.tasks.query import find_studies
 from pacs2bids.tasks.released import include_released
 from pacs2bids.tasks.pacs_limit import use_pacs_limit
 from pacs2bids.tasks.progress import track_progress
-from pacs2bids.tasks.study import extract_study
+from pacs2bids.tasks.runner import study_runner, submit_study
 from pacs2bids.tasks.targets import publish_target
 from pacs2bids.tasks.validate import validate_dataset
 
@@ -132,8 +132,8 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
     if seeded:  # something new: the run starts from the published dataset (a no-op run copies nothing)
         seed_staging(spec.output, ctx.staging, merge=True)
 
-    with track_progress(spec.project, ctx.run_id, todo.studies, logger):  # the UI's and the terminal's progress
-        futures = [extract_study.submit(spec, study, ctx) for study in todo.studies]
+    with track_progress(spec.project, ctx.run_id, todo.studies, logger), study_runner(spec, todo.studies) as runner:
+        futures = [submit_study(runner, spec, study, ctx) for study in todo.studies]  # threads or Dask (issue 14)
         results = [f.result() for f in futures]
     for r in results:  # every study's retrieval outcomes, then every study's conversion outcomes
         outcomes.extend(r.retrieval)
@@ -201,4 +201,5 @@ def _publish_targets(spec, summary: RunSummary) -> None:
 
 def _write_summary(ctx: RunContext, summary: RunSummary, logger) -> None:
     summary.write(ctx.summary_path)
+    audit.record_run(ctx.spec, summary)  # who ran it, what was published where (issue 14)
     summary_artifact(ctx.spec.project, summary, logger)

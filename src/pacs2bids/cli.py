@@ -173,10 +173,32 @@ def _verify_quarantine_log(spec) -> bool:
 
 
 def _cmd_audit(args) -> int:
+    from . import audit
+
+    if args.spec is None:  # every project's operations log in $PACS2BIDS_AUDIT_DIR, hash chain only
+        return EXIT_OK if audit.print_site_report(sys.stdout, sys.stderr) else EXIT_FAILED
     spec = load_spec(args.spec)
     audit_intact = _print_audit_log(spec)
     quarantine_intact = _verify_quarantine_log(spec)  # checked even when the audit log is broken
-    return EXIT_OK if audit_intact and quarantine_intact else EXIT_FAILED
+    operations_intact = audit.print_report(spec, sys.stdout, sys.stderr, merged=args.timeline)
+    return EXIT_OK if audit_intact and quarantine_intact and operations_intact else EXIT_FAILED
+
+
+def _cmd_purge(args) -> int:
+    from .purge import format_plan, plan_purge
+
+    spec = load_spec(args.spec)
+    if args.dry_run:  # no Prefect needed to list
+        print(format_plan(plan_purge(spec), dry_run=True))
+        return EXIT_OK
+    from pacs2bids.flows.purge import purge_project
+
+    from .launch import _prefect_defaults
+
+    _prefect_defaults()
+    result = purge_project(str(Path(args.spec)))
+    print(result["text"])
+    return EXIT_OK if not result["errors"] else EXIT_FAILED
 
 
 def _cmd_quarantine(args) -> int:
@@ -267,9 +289,10 @@ def _add_review_commands(sub) -> None:
     p.add_argument("--reason", required=True, help="why (recorded in the audit log; at least 10 characters)")
     p.set_defaults(func=_cmd_reidentify)
 
-    p = sub.add_parser("audit", help="print the re-identification audit log; verify it and the quarantine decisions "
-                                     "(exit 1 if either is broken)")
-    p.add_argument("spec")
+    p = sub.add_parser("audit", help="print the audit logs (operations, re-identification, quarantine decisions) "
+                                     "in time order and verify their chains (exit 1 if one is broken)")
+    p.add_argument("spec", nargs="?", help="project spec; without it, every log in $PACS2BIDS_AUDIT_DIR (chain only)")
+    p.add_argument("--timeline", action="store_true", help="also every entry of the three logs merged in time order")
     p.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("quarantine", help="list quarantined files; release or reject one after review")
@@ -280,6 +303,12 @@ def _add_review_commands(sub) -> None:
     p.add_argument("--note", default="", help="why (recorded with the decision)")
     p.add_argument("--replace", help="release: a cleaned copy of the same image to publish instead")
     p.set_defaults(func=_cmd_quarantine)
+
+    p = sub.add_parser("purge", help="delete expired versions (retention in the spec) everywhere; after the "
+                                     "project's end also the work area, quarantine and matching key (audited)")
+    p.add_argument("spec")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+    p.set_defaults(func=_cmd_purge)
 
     p = sub.add_parser("dead-letter", help="series and studies that keep failing, with their last error")
     p.add_argument("spec")

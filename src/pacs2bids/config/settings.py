@@ -22,6 +22,7 @@ from pydantic import (
 
 from ..errors import SpecError
 from .qc import QcSettings
+from .operations import RetentionSettings, TaskRunnerSettings
 from .targets import TargetSettings, move_url_output
 
 
@@ -276,6 +277,9 @@ class ProjectSpec(_Model):
         None, description="Scratch space for retrieval and conversion (default: beside output, hidden)."
     )
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    retention: RetentionSettings | None = Field(None, description="How long versions are kept (config/operations.py).")
+    task_runner: TaskRunnerSettings = Field(default_factory=TaskRunnerSettings,
+                                            description="Where each study's work runs (config/operations.py).")
     dataset_name: str | None = Field(None, description="Name in dataset_description.json (default: project).")
     sidecar_fields: dict[str, dict[str, str | int | float | bool | list[str | int | float]]] = Field(
         default_factory=dict,

@@ -60,6 +60,23 @@ class Target(Protocol):
         ...
 
 
+@runtime_checkable
+class Purgeable(Protocol):
+    """A target whose versions can be listed and deleted (retention, :mod:`pacs2bids.purge`):
+    :class:`~.fsspec_target.FsspecTarget`. A research PACS is not: its studies are deleted with
+    the PACS's own tools (Orthanc: ``DELETE /studies/{id}``), see docs/STORAGE.md."""
+
+    name: str
+
+    def versions(self) -> list[dict]:
+        """``[{"version", "published": ISO UTC or None, "current": bool}]``."""
+        ...
+
+    def delete_version(self, version: str, *, log: logging.Logger | logging.LoggerAdapter) -> None:
+        """Delete ``version`` (the current one too, when asked: its pointer first)."""
+        ...
+
+
 def open_targets(spec, *, secrets: Mapping[str, Mapping[str, str]] | None = None,
                  environ: Mapping[str, str] | None = None) -> list[Target]:
     """The spec's targets, in order (a URL ``output`` first). ``secrets`` maps a Prefect block name
@@ -93,4 +110,4 @@ def _fingerprint(spec) -> str | None:
     return project_fingerprint(spec.project, spec.secret_bytes) if spec.secret is not None else None
 
 
-__all__ = ["Target", "TargetError", "TargetReport", "TargetSettings", "StorageTargetSettings", "open_targets"]
+__all__ = ["Purgeable", "Target", "TargetError", "TargetReport", "TargetSettings", "StorageTargetSettings", "open_targets"]

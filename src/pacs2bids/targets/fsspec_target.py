@@ -38,6 +38,7 @@ from .stores import Store, open_store
 CURRENT = "CURRENT.json"
 VERSIONS = "versions"
 MARKER = ".pacs2bids/dataset.json"
+PUBLISHED = ".pacs2bids/published.json"  # the local manifest, published with the version (its "published" time)
 
 
 class FsspecTarget:
@@ -69,6 +70,54 @@ class FsspecTarget:
                 store.close()
             report.seconds = round(time.monotonic() - started, 3)
         return report
+
+    # -- retention (pacs2bids.purge) ----------------------------------------------------
+    def versions(self) -> list[dict]:
+        """The versions the target holds: ``{"version", "published" (ISO UTC or None), "current"}``."""
+        store = open_store(self.settings, self._environ, self._block)
+        try:
+            current = (self._current(store) or {}).get("version")
+            try:
+                folders = store.fs.ls(store.path(VERSIONS), detail=False)
+            except FileNotFoundError:
+                folders = []
+            out = []
+            for folder in sorted(folders):
+                name = folder.rstrip("/").rsplit("/", 1)[-1]
+                try:
+                    published = json.loads(store.fs.cat_file(f"{folder.rstrip('/')}/{PUBLISHED}")).get("published")
+                except (FileNotFoundError, ValueError, AttributeError):
+                    published = None
+                out.append({"version": name, "published": published, "current": name == current})
+            return out
+        except Exception as exc:  # noqa: BLE001 - named for the operator
+            raise TargetError(f"target {self.name}: cannot list its versions: "
+                              f"{blank_secrets(describe(exc, self.settings), self._environ, self.settings)}") from None
+        finally:
+            store.close()
+
+    def delete_version(self, version: str, *, log) -> None:
+        """Delete one version (fsspec ``rm``), under the target's lock. Deleting the current
+        version deletes ``CURRENT.json`` first: readers then find no dataset, never half of one."""
+        store = open_store(self.settings, self._environ, self._block)
+        try:
+            with TargetLock(store, run=f"purge-{version}", wait_seconds=self.settings.lock_wait_seconds):
+                current = self._current(store)
+                self._check_owner(store, current)
+                if (current or {}).get("version") == version:
+                    store.fs.rm_file(store.path(CURRENT))
+                try:
+                    store.fs.rm(store.path(f"{VERSIONS}/{version}"), recursive=True)
+                except FileNotFoundError:
+                    pass
+            log.info("target %s: version %s deleted", self.name, version)
+        except TargetError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - named for the operator
+            raise TargetError(f"target {self.name}: cannot delete version {version}: "
+                              f"{blank_secrets(describe(exc, self.settings), self._environ, self.settings)}") from None
+        finally:
+            store.close()
 
     # -- the steps --------------------------------------------------------------------
     def _publish(self, store: Store, version: Path, manifest: dict, report: TargetReport, log) -> None:
