@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from ..errors import SpecError
+from .derivatives import DerivativesSettings
 from .targets import TargetSettings, move_url_output
 
 
@@ -265,6 +266,8 @@ class ProjectSpec(_Model):
         None, description="Scratch space for retrieval and conversion (default: beside output, hidden)."
     )
     retries: RetrySettings = Field(default_factory=RetrySettings)
+    derivatives: DerivativesSettings = Field(
+        default_factory=DerivativesSettings, description="Derivatives written under derivatives/ (defacing: issue 15).")
     dataset_name: str | None = Field(None, description="Name in dataset_description.json (default: project).")
     sidecar_fields: dict[str, dict[str, str | int | float | bool | list[str | int | float]]] = Field(
         default_factory=dict,
