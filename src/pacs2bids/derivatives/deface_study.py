@@ -57,7 +57,7 @@ def write_description(root: Path, version: str) -> None:
         "DatasetLinks": {"raw": "../../"},
     }
     _write(root / "dataset_description.json", json.dumps(description, indent=2) + "\n")
-    _write(root / ".bidsignore", "figures/\n")
+    _write(root / ".bidsignore", "figures\n")  # the validator ignores a folder named without its slash
 
 
 def chosen(staging: Path, outputs: list[str], settings) -> list[str]:
@@ -136,6 +136,7 @@ def _one(ctx: RunContext, root: Path, rel: str, replace_raw: bool) -> dict:
     sidecar = {
         "Description": "Defaced copy of the raw image: face voxels set to 0 (pydeface's face mask).",
         "Sources": [f"bids:raw:{rel}"],
+        "SkullStripped": False,
         "DefaceMethod": f"{METHOD} {pydeface_version()} template and face mask",
         "RegistrationTool": done.tool,
         "RegistrationToolVersion": done.tool_version,
