@@ -72,7 +72,8 @@ def extract_project(spec_path: str) -> dict:
     ctx = RunContext(spec, run_id, flow_run_id, staging_dir(spec.output, spec.resolved_work_dir, run_id), versions)
     summary = RunSummary(project=spec.project, run_id=run_id, output=str(spec.output), started=ctx.started)
     outcomes = Outcomes(series=summary.series, quarantined=summary.quarantined,
-                        study_failures=summary.study_failures, released=summary.released)
+                        study_failures=summary.study_failures, released=summary.released,
+                        derivatives=summary.derivatives)
     dead_letters = DeadLetters(ctx.work / "dead-letter.json")
     try:
         with work_area(ctx, seed=False), run_log(ctx.staging / META / "logs" / f"run-{run_id}.log"):

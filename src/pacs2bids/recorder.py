@@ -27,6 +27,7 @@ class Outcomes:
     quarantined: list[dict] = field(default_factory=list)  # {"file": "<label>/<name>", "reason"}
     study_failures: list[dict] = field(default_factory=list)  # {"label", "reason"}
     released: list[dict] = field(default_factory=list)  # {"file", "status"}
+    derivatives: list[dict] = field(default_factory=list)  # {"derivative", "label", "source", "file", "status", ...}
 
     def extend(self, other: "Outcomes") -> None:
         self.series += other.series
@@ -34,6 +35,7 @@ class Outcomes:
         self.quarantined += other.quarantined
         self.study_failures += other.study_failures
         self.released += other.released
+        self.derivatives += other.derivatives
 
 
 def reason(exc: BaseException) -> str:
@@ -107,6 +109,10 @@ class Recorder:
                    pseudo_series_uid=res.pseudo_series_uid)
         for o in [*outputs, *([provenance] if provenance else [])] or [None]:
             self._record(study, rs, res, convert_status=status, reason=why or None, path=o)
+
+    def derived(self, entries: list[dict]) -> None:
+        """Derivatives of a study's images (defaced, or failed with the reason): summary only."""
+        self.outcomes.derivatives += entries
 
     def release_status(self, file: str, status: str) -> None:
         """A released quarantine item: included, or why not (summary only)."""

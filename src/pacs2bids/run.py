@@ -131,6 +131,7 @@ class RunSummary:
     study_failures: list[dict] = field(default_factory=list)
     quarantined: list[dict] = field(default_factory=list)
     released: list[dict] = field(default_factory=list)  # quarantined earlier, released by a reviewer, published now
+    derivatives: list[dict] = field(default_factory=list)  # per image: defaced, or failed with the reason (issue 15)
     awaiting_review: int = 0  # quarantined items (this run's or earlier) no one has decided on yet
     dead_letter: list[dict] = field(default_factory=list)  # what keeps failing, run after run (deadletter.py)
     validator_warnings: list[str] = field(default_factory=list)
@@ -169,6 +170,8 @@ class RunSummary:
             self.state = "completed with failures"
         elif any(r["status"] != "included in this run" for r in self.released):  # a release refused or failed
             self.state = "completed with failures"
+        elif any(d["status"] == "failed" for d in self.derivatives):  # an image that could not be defaced
+            self.state = "completed with failures"
         else:
             self.state = "completed"
 
@@ -190,6 +193,8 @@ class RunSummary:
             "files_released": len(self.released),
             "files_awaiting_review": self.awaiting_review,
             "dead_letter": len(self.dead_letter),
+            "images_defaced": sum(1 for d in self.derivatives if d["status"] == "defaced"),
+            "images_not_defaced": sum(1 for d in self.derivatives if d["status"] == "failed"),
         }
         return d
 
@@ -230,6 +235,9 @@ class RunSummary:
             lines.append(f"  quarantined: {q['file']} ({q['reason']})")
         for r in self.released:
             lines.append(f"  released from quarantine: {r['file']} ({r['status']})")
+        for d in self.derivatives:
+            if d["status"] == "failed":
+                lines.append(f"  {d['derivative']}: {d['source']} failed, not published as defaced ({d['reason']})")
         if self.dead_letter:
             lines.append(f"  dead-letter list: {len(self.dead_letter)} item(s) keep failing "
                          "(pacs2bids dead-letter SPEC shows them with their last error)")

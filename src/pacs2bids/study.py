@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import convert, retrieve
+from . import __version__, convert, retrieve
 from .config import ProjectSpec
 from .deid import Pseudonymiser
 from .deid.keyed import Keyed
+from .derivatives.deface_study import deface_study
 from .dicomfiles import iter_dicom_files
 from .lineage import instance_records, write_instance_part
 from .model import StudyRef
@@ -100,6 +101,8 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     if deids:
         _convert(spec, study, ctx, deids, Recorder(keyed, result.conversion), result, log)
     result.seconds["convert"] = time.monotonic() - started
+    if deids and spec.derivatives.deface is not None:  # after conversion, within the study (issue 15)
+        _deface(ctx, result, log)
     return result
 
 
@@ -264,6 +267,18 @@ def _provenance(spec: ProjectSpec, ctx: RunContext, result: StudyResult, rs, res
         extra={"sidecar_fields_given": spec.sidecar_fields} if spec.sidecar_fields else {},
     )
     return prov.relative_to(ctx.staging).as_posix()
+
+
+def _deface(ctx: RunContext, result: StudyResult, log) -> None:
+    """Deface the study's chosen images into derivatives/pacs2bids-deface (failures recorded, never raised)."""
+    started = time.monotonic()
+    outputs = [o for s in result.conversion.series if s.status == "converted" for o in s.outputs]
+    entries = deface_study(ctx, result.label, outputs, __version__)
+    Recorder(outcomes=result.conversion).derived(entries)
+    result.seconds["deface"] = time.monotonic() - started
+    if entries:
+        log.info("%s: %d of %d image(s) defaced", result.label, sum(e["status"] == "defaced" for e in entries),
+                 len(entries))
 
 
 def remove_raw(folders: list[str]) -> None:

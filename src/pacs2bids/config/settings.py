@@ -23,6 +23,7 @@ from pydantic import (
 from ..errors import SpecError
 from .qc import QcSettings
 from .operations import RetentionSettings, TaskRunnerSettings
+from .derivatives import DerivativesSettings
 from .targets import TargetSettings, move_url_output
 
 
@@ -280,6 +281,8 @@ class ProjectSpec(_Model):
     retention: RetentionSettings | None = Field(None, description="How long versions are kept (config/operations.py).")
     task_runner: TaskRunnerSettings = Field(default_factory=TaskRunnerSettings,
                                             description="Where each study's work runs (config/operations.py).")
+    derivatives: DerivativesSettings = Field(
+        default_factory=DerivativesSettings, description="Derivatives written under derivatives/ (defacing: issue 15).")
     dataset_name: str | None = Field(None, description="Name in dataset_description.json (default: project).")
     sidecar_fields: dict[str, dict[str, str | int | float | bool | list[str | int | float]]] = Field(
         default_factory=dict,
