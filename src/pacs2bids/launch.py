@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from uuid import UUID
 
 from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
@@ -71,3 +72,53 @@ def _format(summary: dict) -> str:
     s.subjects = set(summary["subjects"])
     s.series = [SeriesLine(**line) for line in summary["series"]]
     return s.format()
+
+
+# -- flow runs named and tagged after the project (issue 14): found by project in the Prefect UI ------------------
+
+def _project_of(spec_path: str) -> str:
+    """The spec's ``project`` key, read without resolving the spec (no secret, no inclusion list)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(spec_path).read_text(encoding="utf-8"))
+        project = data.get("project") if isinstance(data, dict) else None
+    except (OSError, yaml.YAMLError):
+        project = None
+    return str(project) if project else Path(spec_path).stem
+
+
+def flow_run_name() -> str:
+    """``<project>/<run id>``, the name of an extraction's or a replication's flow run (``flow_run_name=``);
+    the flow takes its run id back from it (:func:`run_id_of_flow_run`)."""
+    from prefect.runtime import flow_run
+
+    from .run import RunContext
+
+    spec_path = flow_run.parameters.get("spec_path", "")
+    return f"{_project_of(spec_path)}/{RunContext.new_run_id(str(flow_run.id) if flow_run.id else None)}"
+
+
+def run_id_of_flow_run(flow_run_id: str | None) -> str:
+    """The run id the flow run's name holds (:func:`flow_run_name`), else a new one."""
+    from prefect.runtime import flow_run
+
+    from .run import RunContext
+
+    name = (flow_run.name or "") if flow_run_id else ""
+    run_id = name.rpartition("/")[2]
+    if "/" in name and flow_run_id and run_id.endswith("-" + flow_run_id[:8]):
+        return run_id
+    return RunContext.new_run_id(flow_run_id)
+
+
+def tag_flow_run(project: str) -> None:
+    """Add the project to the running flow run's tags (a deployment's run, or one from the command)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    tags = sorted({*(flow_run.tags or []), project})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(UUID(str(flow_run.id)), tags=tags)
