@@ -31,8 +31,9 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
-    """Validate the spec, run the flow, print the summary; returns the exit code."""
+def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False, late_days: int | None = None) -> int:
+    """Validate the spec, run the flow (``replicate``: ``replicate_project``, else ``extract_project``),
+    print the summary; returns the exit code."""
     _prefect_defaults()
     try:
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
@@ -45,7 +46,12 @@ def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
 
     try:
         with show_progress(sys.stderr):  # a bar on a terminal, progress lines otherwise
-            summary = extract_project(str(spec_path))
+            if replicate:
+                from pacs2bids.flows.replicate import replicate_project
+
+                summary = replicate_project(str(spec_path), late_days)
+            else:
+                summary = extract_project(str(spec_path))
     except RunFailed as exc:
         summary = exc.summary
     except Pacs2BidsError as exc:
