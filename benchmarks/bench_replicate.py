@@ -32,8 +32,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pydicom  # noqa: E402
-
 from e2e_steps import _copy  # noqa: E402 (the corpus copy helper: new UIDs and patient per copy)
 from pacs2bids.orthanc import Orthanc  # noqa: E402
 

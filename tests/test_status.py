@@ -63,7 +63,8 @@ def test_status_lists_versions_pending_failing_and_awaiting_review(prefect_harne
     (st,) = json.loads(text)
     assert st["project"] == "statproj" and st["pacs"] == f"DIMSE {pacs.aet}@127.0.0.1:{pacs.dicom_port}"
     (v,) = st["versions"]
-    assert v["current"] and v["run_id"] == summary["run_id"] and (v["subjects"], v["series"]) == (1, 1)
+    # sub-01's series, and the screen save's series (its one file held in quarantine); not sub-02's failed one
+    assert v["current"] and v["run_id"] == summary["run_id"] and (v["subjects"], v["series"]) == (1, 2)
     assert v["files"] > 0 and v["published"]
     assert st["last_run"]["run_id"] == summary["run_id"] and st["last_run"]["state"] == "completed with failures"
     assert st["last_replication"]["run_id"] == summary["run_id"]

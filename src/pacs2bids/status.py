@@ -22,6 +22,8 @@ from .publish import MANIFEST, _versions, current_version
 from .released import awaiting_review
 from .replicate import read_state
 
+_DONE = ("converted", "skipped", "released")  # a series the version holds (deadletter.DONE)
+
 
 @dataclass
 class VersionInfo:
@@ -61,11 +63,12 @@ def pacs_label(spec: ProjectSpec) -> str:
 
 
 def _published_series(version: Path) -> dict[str, set[str]]:
-    """Subject -> pseudonymised series UIDs the version publishes."""
+    """Subject -> pseudonymised series UIDs the version publishes (converted, skipped by the heuristic, or
+    released from quarantine)."""
     out: dict[str, set[str]] = {}
     if (version / LINEAGE_DIR).is_dir():
         for r in read_lineage(version).to_pylist():
-            if r["publish_status"] == "published" and r["pseudo_series_uid"]:
+            if r["publish_status"] == "published" and r["pseudo_series_uid"] and r["convert_status"] in _DONE:
                 out.setdefault(r["subject"], set()).add(r["pseudo_series_uid"])
     return out
 
