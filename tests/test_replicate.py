@@ -21,6 +21,9 @@ from pacs2bids.publish import current_version
 from pacs2bids.query import find_studies
 from pacs2bids.replicate import query_since, state_path
 
+from test_query import pacs, transport  # noqa: F401 (fixtures: a real Orthanc with planted studies, per transport)
+from test_retrieve import make_spec
+
 SECRET = "replication-test-secret-0123456789"
 NIH = Path("dcm_qa_nih") / "In" / "20180918Si"
 
@@ -38,6 +41,20 @@ def plant(sample_dir: Path, out: Path, pid: str, study: str, day: date, series: 
         ds.StudyDate, ds.SeriesNumber = day.strftime("%Y%m%d"), number
         ds.save_as(out / f"{ds.SOPInstanceUID}.dcm")
     return se_uid
+
+
+def test_a_bounded_row_is_asked_from_its_day_on_and_then_for_all_its_studies(transport, tmp_path):
+    """PLANTED1 has studies on the 15th of January to May 2021 (test_query.planted_studies)."""
+    spec = make_spec(tmp_path, transport, [("patient_id", "PLANTED1", "C"), ("patient_id", "NOBODY", "D")])
+    every = find_studies(spec)
+    assert len(every.studies) == 5 and [i.subject for i in every.unmatched] == ["D"]
+    # nothing from June on: the row is done, and not listed as unmatched; the other row is asked as before
+    quiet = find_studies(spec, {2: date(2021, 6, 1)})
+    assert quiet.studies == [] and [i.subject for i in quiet.unmatched] == ["D"]
+    # a study in the window (May): the row is asked for all its studies, so sessions number as in a full run
+    recent = find_studies(spec, {2: date(2021, 5, 1)})
+    assert sorted(s.study_instance_uid for s in recent.studies) == sorted(s.study_instance_uid for s in every.studies)
+    close_pools()
 
 
 def flow_run_named(name: str):
