@@ -21,8 +21,10 @@ from pacs2bids.publish import current_version
 from pacs2bids.query import find_studies
 from pacs2bids.replicate import query_since, state_path
 
-from test_query import pacs, transport  # noqa: F401 (fixtures: a real Orthanc with planted studies, per transport)
+import test_query
 from test_retrieve import make_spec
+
+pacs, transport = test_query.pacs, test_query.transport  # fixtures: a real Orthanc with planted studies, per transport
 
 SECRET = "replication-test-secret-0123456789"
 NIH = Path("dcm_qa_nih") / "In" / "20180918Si"
@@ -77,14 +79,14 @@ def test_replication_asks_from_the_watermark_takes_late_series_and_is_a_noop_whe
 
     monkeypatch.setenv("P2B_REPL_SECRET", SECRET)
     today = date.today()
-    pacs = orthanc_factory()
+    orthanc = orthanc_factory()
     study_a, study_e = generate_uid(), generate_uid()
     a1 = plant(sample_dir, tmp_path / "up1", "RP-1", study_a, today - timedelta(days=3), "mr_0003", 3)
     e1 = plant(sample_dir, tmp_path / "up1", "RP-3", study_e, date(2020, 3, 1), "mr_0003", 3)
-    pacs.upload(sorted((tmp_path / "up1").iterdir()))
+    orthanc.upload(sorted((tmp_path / "up1").iterdir()))
     out = tmp_path / "out" / "ds"
     spec_path = write_spec(tmp_path, "patient_id,subject\nRP-1,01\nRP-2,02\nRP-3,03\n", project="repl-proj",
-                           pacs=pacs, selection="{inclusions: inclusions.csv, modalities: [MR]}",
+                           pacs=orthanc, selection="{inclusions: inclusions.csv, modalities: [MR]}",
                            pseudonymization="{secret_env: P2B_REPL_SECRET}", output=out,
                            retries="{attempts: 0, backoff_seconds: 0.1}")
     spec = load_spec(spec_path)
@@ -105,7 +107,7 @@ def test_replication_asks_from_the_watermark_takes_late_series_and_is_a_noop_whe
     a2 = plant(sample_dir, tmp_path / "up2", "RP-1", study_a, today - timedelta(days=3), "mr_0004", 4)
     b1 = plant(sample_dir, tmp_path / "up2", "RP-2", generate_uid(), today, "mr_0003", 3)
     c1 = plant(sample_dir, tmp_path / "up2", "RP-3", generate_uid(), date(2019, 6, 1), "mr_0004", 4)
-    pacs.upload(sorted((tmp_path / "up2").iterdir()))
+    orthanc.upload(sorted((tmp_path / "up2").iterdir()))
     since = query_since(spec)
     assert since == {r: (today - timedelta(days=7)).isoformat() for r in (2, 3, 4)}  # CSV line numbers
     full = find_studies(spec)  # the old study is on the PACS: a full extraction finds it

@@ -39,9 +39,12 @@ def _cmd_replicate(args) -> int:
 def _cmd_status(args) -> int:
     from .status import format_status, project_status, to_json
 
-    specs = args.spec or sorted(str(p) for p in Path.cwd().glob("*.y*ml"))
+    import os
+
+    specs = args.spec or [s for s in os.environ.get("PACS2BIDS_SPECS", "").split(os.pathsep) if s]
     if not specs:
-        print("pacs2bids: status: give the project specs (no *.yaml here)", file=sys.stderr)
+        print("pacs2bids status: give the projects' spec files (or list them in PACS2BIDS_SPECS, separated by "
+              f"'{os.pathsep}')", file=sys.stderr)
         return EXIT_USAGE
     statuses = [project_status(load_spec(s)) for s in specs]
     print(to_json(statuses) if args.json else "\n\n".join(format_status(s) for s in statuses))
@@ -233,7 +236,7 @@ def _add_extraction_commands(sub) -> None:
 
     p = sub.add_parser("status", help="per project: versions published, from which PACS, last run, pending, "
                        "failing, awaiting review (local state only)")
-    p.add_argument("spec", nargs="*", help="project specs (default: the *.yaml here)")
+    p.add_argument("spec", nargs="*", help="project specs (default: those PACS2BIDS_SPECS lists)")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
     p.set_defaults(func=_cmd_status)
 
