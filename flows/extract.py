@@ -29,6 +29,7 @@ from pacs2bids.deadletter import DeadLetters
 from pacs2bids.pacs import close_pools
 from pacs2bids.errors import LeakDetected, NothingToPublish, Pacs2BidsError, RunFailed
 from pacs2bids.heuristic_path import heuristic_sha256
+from pacs2bids.launch import flow_run_name, run_id_of_flow_run, tag_flow_run
 from pacs2bids.logsafety import quiet_third_party_loggers
 from pacs2bids.publish import current_version, seed_staging, staging_dir, work_area, write_marker
 from pacs2bids.recorder import Outcomes, Recorder
@@ -54,9 +55,12 @@ from pacs2bids.tasks.validate import validate_dataset
 __all__ = ["extract_project", "RunFailed", "NothingToPublish"]
 
 
-@flow(name="extract_project", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
-def extract_project(spec_path: str) -> dict:
+@flow(name="extract_project", flow_run_name=flow_run_name, task_runner=ThreadPoolTaskRunner(max_workers=4),
+      log_prints=False)
+def extract_project(spec_path: str, since: dict[int, str] | None = None) -> dict:
     """Extract one project end to end; returns the run summary (pseudonymised, JSON-ready).
+    ``since`` (inclusion row -> ISO day): those rows are asked only for studies from that day on
+    (set by ``replicate_project``, :mod:`pacs2bids.replicate`).
 
     Raises :class:`RunFailed` (carrying the summary) when nothing could be published.
     """
@@ -68,7 +72,8 @@ def extract_project(spec_path: str) -> dict:
     use_pacs_limit(spec)  # every connection to the PACS holds a slot of its limit, shared by every run
 
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
-    run_id = RunContext.new_run_id(flow_run_id)
+    run_id = run_id_of_flow_run(flow_run_id)  # the one its flow run's name holds
+    tag_flow_run(spec.project)
     ctx = RunContext(spec, run_id, flow_run_id, staging_dir(spec.output, spec.resolved_work_dir, run_id), versions)
     summary = RunSummary(project=spec.project, run_id=run_id, output=str(spec.output), started=ctx.started)
     outcomes = Outcomes(series=summary.series, quarantined=summary.quarantined,
@@ -78,7 +83,7 @@ def extract_project(spec_path: str) -> dict:
     try:
         with work_area(ctx, seed=False), run_log(ctx.staging / META / "logs" / f"run-{run_id}.log"):
             try:
-                results, seeded = _extract_studies(ctx, summary, outcomes, logger)
+                results, seeded = _extract_studies(ctx, summary, outcomes, logger, since)
                 with summary.timed("released"):
                     released = include_released(spec, ctx)
                 outcomes.extend(released.outcomes)
@@ -110,13 +115,13 @@ def extract_project(spec_path: str) -> dict:
 
 
 def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
-                     logger) -> tuple[list[StudyResult], bool]:
+                     logger, since: dict[int, str] | None = None) -> tuple[list[StudyResult], bool]:
     """Query, skip what the dataset holds already, then one ``extract_study`` per study. Staging is
     seeded from the published dataset only when there is something new (studies, released files):
     returns the results and whether it was."""
     spec = ctx.spec
     with summary.timed("query"):
-        found = find_studies(spec)
+        found = find_studies(spec, since)
     summary.unmatched = [{"row": i.row, "subject": i.subject} for i in found.unmatched]
     summary.unapplied_filters = [asdict(u) for u in found.unapplied]  # included, listed (query.py)
     for i in found.unmatched:

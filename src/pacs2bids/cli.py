@@ -32,6 +32,25 @@ def _cmd_run(args) -> int:
     return run_spec(Path(args.spec), as_json=args.json)
 
 
+def _cmd_replicate(args) -> int:
+    return run_spec(Path(args.spec), as_json=args.json, replicate=True, late_days=args.late_days)
+
+
+def _cmd_status(args) -> int:
+    from .status import format_status, project_status, to_json
+
+    import os
+
+    specs = args.spec or [s for s in os.environ.get("PACS2BIDS_SPECS", "").split(os.pathsep) if s]
+    if not specs:
+        print("pacs2bids status: give the projects' spec files (or list them in PACS2BIDS_SPECS, separated by "
+              f"'{os.pathsep}')", file=sys.stderr)
+        return EXIT_USAGE
+    statuses = [project_status(load_spec(s)) for s in specs]
+    print(to_json(statuses) if args.json else "\n\n".join(format_status(s) for s in statuses))
+    return EXIT_OK
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -245,6 +264,20 @@ def _add_extraction_commands(sub) -> None:
     p.add_argument("spec", help="project spec (YAML)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("replicate", help="bring a project up to date: only studies newer than its watermark, "
+                       "and late series of recent ones (docs: Incremental replication)")
+    p.add_argument("spec", help="project spec (YAML)")
+    p.add_argument("--late-days", type=int, default=None, help="re-check this many days before the watermark "
+                   "(default: the spec's replication.late_days, 7)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_replicate)
+
+    p = sub.add_parser("status", help="per project: versions published, from which PACS, last run, pending, "
+                       "failing, awaiting review (local state only)")
+    p.add_argument("spec", nargs="*", help="project specs (default: those PACS2BIDS_SPECS lists)")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("demo", help="extract the bundled sample from a bundled Orthanc into a local BIDS dataset")
     p.add_argument("--output", default="pacs2bids-demo", help="where the dataset appears (default: ./pacs2bids-demo)")

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from uuid import UUID
 
 from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
@@ -30,8 +31,9 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
-def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
-    """Validate the spec, run the flow, print the summary; returns the exit code."""
+def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False, late_days: int | None = None) -> int:
+    """Validate the spec, run the flow (``replicate``: ``replicate_project``, else ``extract_project``),
+    print the summary; returns the exit code."""
     _prefect_defaults()
     try:
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
@@ -44,7 +46,12 @@ def run_spec(spec_path: Path, *, as_json: bool = False) -> int:
 
     try:
         with show_progress(sys.stderr):  # a bar on a terminal, progress lines otherwise
-            summary = extract_project(str(spec_path))
+            if replicate:
+                from pacs2bids.flows.replicate import replicate_project
+
+                summary = replicate_project(str(spec_path), late_days)
+            else:
+                summary = extract_project(str(spec_path))
     except RunFailed as exc:
         summary = exc.summary
     except Pacs2BidsError as exc:
@@ -71,3 +78,53 @@ def _format(summary: dict) -> str:
     s.subjects = set(summary["subjects"])
     s.series = [SeriesLine(**line) for line in summary["series"]]
     return s.format()
+
+
+# -- flow runs named and tagged after the project (issue 14): found by project in the Prefect UI ------------------
+
+def _project_of(spec_path: str) -> str:
+    """The spec's ``project`` key, read without resolving the spec (no secret, no inclusion list)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(spec_path).read_text(encoding="utf-8"))
+        project = data.get("project") if isinstance(data, dict) else None
+    except (OSError, yaml.YAMLError):
+        project = None
+    return str(project) if project else Path(spec_path).stem
+
+
+def flow_run_name() -> str:
+    """``<project>/<run id>``, the name of an extraction's or a replication's flow run (``flow_run_name=``);
+    the flow takes its run id back from it (:func:`run_id_of_flow_run`)."""
+    from prefect.runtime import flow_run
+
+    from .run import RunContext
+
+    spec_path = flow_run.parameters.get("spec_path", "")
+    return f"{_project_of(spec_path)}/{RunContext.new_run_id(str(flow_run.id) if flow_run.id else None)}"
+
+
+def run_id_of_flow_run(flow_run_id: str | None) -> str:
+    """The run id the flow run's name holds (:func:`flow_run_name`), else a new one."""
+    from prefect.runtime import flow_run
+
+    from .run import RunContext
+
+    name = (flow_run.name or "") if flow_run_id else ""
+    run_id = name.rpartition("/")[2]
+    if "/" in name and flow_run_id and run_id.endswith("-" + flow_run_id[:8]):
+        return run_id
+    return RunContext.new_run_id(flow_run_id)
+
+
+def tag_flow_run(project: str) -> None:
+    """Add the project to the running flow run's tags (a deployment's run, or one from the command)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return
+    tags = sorted({*(flow_run.tags or []), project})
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(UUID(str(flow_run.id)), tags=tags)

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 
 from pydicom.dataset import Dataset
@@ -75,6 +76,11 @@ class _Filters:
     study_re: re.Pattern | None
     series_re: re.Pattern | None
     exclude_re: re.Pattern | None
+    since: date | None = None  # an incremental query (replication): only studies from this day on
+
+    def after(self, day: date | None) -> "_Filters":
+        """These filters, for the studies dated ``day`` or later only (None: unchanged)."""
+        return self if day is None else replace(self, lo=max(self.lo, day), since=day)
 
     @classmethod
     def of(cls, spec: ProjectSpec) -> "_Filters":
@@ -109,7 +115,7 @@ class _Candidate:
     series_count: int | None  # NumberOfStudyRelatedSeries, as the PACS answered it
 
 
-def find_studies(spec: ProjectSpec) -> QueryResult:
+def find_studies(spec: ProjectSpec, since: Mapping[int, date] | None = None) -> QueryResult:
     """Match every inclusion row against the PACS and apply the spec's filters.
 
     Takes the resolved spec (``spec.inclusions``, ``spec.selection``, ``spec.pacs``).
@@ -124,15 +130,22 @@ def find_studies(spec: ProjectSpec) -> QueryResult:
     study's count checked against its NumberOfStudyRelatedSeries, and one search per study for
     those the batch did not answer whole. The searches share one connection, and one slot of
     the PACS's gate (:meth:`Transport.one_connection`).
+
+    ``since`` (inclusion row -> day), for an incremental replication (:mod:`pacs2bids.replicate`):
+    such a row is first asked only for the studies dated that day or later, in one search by date;
+    a row whose window holds none is done (and not listed as unmatched), one whose window holds a
+    study is asked again as above, so that its studies get the sessions a full extraction gives.
     """
     filters = _Filters.of(spec)
     result = QueryResult()
     seen: set[str] = set()
     with open_transport(spec) as transport, transport.one_connection():
-        matched = [(inc, _candidates(spec, transport, inc, filters)) for inc in spec.inclusions]
+        since = since or {}
+        matched = [(inc, _row_candidates(spec, transport, inc, filters, since.get(inc.row)))
+                   for inc in spec.inclusions]
         series = _series_by_study(spec, transport, [c for _, found in matched for c in found], filters)
         for inc, found in matched:
-            if not _keep_inclusion(inc, found, series, filters, result, seen):
+            if not _keep_inclusion(inc, found, series, filters, result, seen) and inc.row not in since:
                 result.unmatched.append(inc)
     log.info(
         "query: %d inclusion rows, %d studies matched, %d rows unmatched",
@@ -148,6 +161,9 @@ def _studies_of(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Fil
     also the search in the window, which splits until whole. Returns (key, value, studies)."""
     key, value = ("PatientID", inc.patient_id) if inc.patient_id else ("AccessionNumber", inc.accession_number)
     what = f"study search for inclusion row {inc.row}"
+    if f.since is not None:  # incremental: the window alone
+        return key, value, list(with_retries(spec.retries, lambda: transport.find_studies(key, value, f.lo, f.hi),
+                                             what, log))
     every, whole = with_retries(spec.retries, lambda: transport.find_every_study(key, value), what, log)
 
     def inside(st: Dataset) -> bool:
@@ -158,6 +174,14 @@ def _studies_of(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Fil
     else:
         studies = list(with_retries(spec.retries, lambda: transport.find_studies(key, value, f.lo, f.hi), what, log))
     return key, value, studies + [st for st in every if not inside(st)]
+
+
+def _row_candidates(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters,
+                    since: date | None) -> list[_Candidate]:
+    """The candidates of one row; with ``since``, none unless a study is dated that day or later."""
+    if since is not None and not _candidates(spec, transport, inc, f.after(since)):
+        return []
+    return _candidates(spec, transport, inc, f)
 
 
 def _candidates(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters) -> list[_Candidate]:
@@ -175,7 +199,7 @@ def _candidates(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Fil
             continue
         sdate = str(st.get("StudyDate", "") or "")
         day = parse_da(sdate)
-        if f.dated and day is not None and not (f.lo <= day <= f.hi):
+        if (f.dated or f.since) and day is not None and not (f.lo <= day <= f.hi):
             continue  # outside the spec's date range (without one, no date excludes a study)
         desc = str(st.get("StudyDescription", "") or "")
         if f.study_re and not f.study_re.search(desc):

@@ -261,6 +261,12 @@ class RetrySettings(_Model):
     backoff_seconds: float = Field(2.0, ge=0, description="First back-off; doubles at each retry.")
 
 
+class ReplicationSettings(_Model):
+    late_days: int = Field(
+        7, ge=0, le=3650, description="replicate_project asks again for the studies dated up to this many days "
+        "before the last successful replication: series that reached the PACS late (pacs2bids.replicate).")
+
+
 class ProjectSpec(_Model):
     """A research project's extraction spec."""
 
@@ -283,6 +289,7 @@ class ProjectSpec(_Model):
                                             description="Where each study's work runs (config/operations.py).")
     derivatives: DerivativesSettings = Field(
         default_factory=DerivativesSettings, description="Derivatives written under derivatives/ (defacing: issue 15).")
+    replication: ReplicationSettings = Field(default_factory=ReplicationSettings)
     dataset_name: str | None = Field(None, description="Name in dataset_description.json (default: project).")
     sidecar_fields: dict[str, dict[str, str | int | float | bool | list[str | int | float]]] = Field(
         default_factory=dict,
