@@ -58,3 +58,39 @@ def test_fast_patterns_find_what_the_plain_forms_find():
                      for _ in range(rnd.randint(0, 12)))
         assert [m.span() for m in fast.finditer(s)] == [m.span() for m in plain.finditer(s)], s
         assert [m.span() for m in csa._UID_TOKEN.finditer(s)] == [m.span() for m in _PLAIN_UID.finditer(s)], s
+
+
+def test_batch_runs_without_pydicom_value_checks(sample_dir, tmp_path):
+    """pydicom's value checks (WARN mode: warnings only) are off while a batch runs, and the
+    process's setting is as it was afterwards; the file is pseudonymised all the same."""
+    import warnings
+    from pathlib import Path
+
+    import pydicom
+    from pydicom import config
+
+    from pacs2bids.config import PseudonymizationSettings
+    from pacs2bids.deid.batch import Known, SeriesJob, deid_batch
+
+    src = next(p for p in sorted(Path(sample_dir).rglob("*")) if p.is_file() and p.suffix in ("", ".dcm")
+               and _is_dicom(p))
+    ds = pydicom.dcmread(src)
+    ds.FrameOfReferenceUID = "1.2.3.4.5.bad_uid"  # not a valid UI value: pydicom would warn on decoding it
+    planted = tmp_path / "in.dcm"
+    ds.save_as(planted)
+    job = SeriesJob("t", "proj", b"test-secret-0123456789abcdef", PseudonymizationSettings(workers=1), "01", None,
+                    tmp_path, Known(frozenset(), frozenset()))
+    before = config.settings._reading_validation_mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = deid_batch(job, [(0, str(planted))])
+    assert [f[1] for f in result.files] == ["written"]
+    assert not [w for w in caught if "Invalid value" in str(w.message)]
+    assert config.settings._reading_validation_mode == before
+    out = pydicom.dcmread(tmp_path / result.files[0][3])
+    assert out.FrameOfReferenceUID.startswith("2.25.")
+
+
+def _is_dicom(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
