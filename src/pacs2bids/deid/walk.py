@@ -250,8 +250,7 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
 
 
 def _kept_unread(profile: Profile, tag: int, vr: str) -> tuple[str, str, str] | tuple[()]:
-    """The note of a public element that the profile keeps without reading its value, whatever
-    the file (as :func:`_act` and :func:`_default` decide it); ``()`` for any other element."""
+    """The note of a public element kept unread whatever the file (:func:`_act`, :func:`_default`); else ``()``."""
     rule = RULES.get(vr, _OTHER)
     resolved = profile.action(tag)
     if resolved is None:
@@ -275,7 +274,7 @@ def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
         del ds[t]
         return
     if group & 1:  # private
-        _walk_private(ds, t, ctx, depth, creators, kept_blocks)
+        _walk_private(ds, t, ctx, depth, creators, kept_blocks, memo)
         return
     if group == 0x0002:
         return
@@ -307,7 +306,8 @@ def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
     _act(ds, elem, ctx, depth, code, f"{source} {code}")
 
 
-def _walk_private(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, kept_blocks: set) -> None:
+def _walk_private(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, kept_blocks: set,
+                  memo: dict) -> None:
     """A private element: kept when its creator's block is on a keep list, cleaned; else removed."""
     tag = int(t)
     group, number = tag >> 16, tag & 0xFFFF
@@ -326,11 +326,27 @@ def _walk_private(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
         ctx.note(f"({group:04X},{number >> 8:02X}xx)", "removed", "private, not on a keep list (PS3.15 E.3.10)")
         return
     kept_blocks.add(block)
+    elem = element(ds, t)
+    kept = memo.get((tag, creator, elem.VR))
+    if kept is None:
+        kept = memo[(tag, creator, elem.VR)] = _private_kept_unread(tag, creator, elem.VR, why)
+    if kept:
+        ctx.note(*kept)
+        return
     name = element_name(tag, creator.strip().upper())  # as on the keep list that matched it
     if (group, creator.strip().upper(), number & 0xFF) == GE_PROTOCOL:
         values.ge_protocol(ds, ds[t], ctx, name, why)
         return
-    _clean(ds, element(ds, t), ctx, depth, name, why, private=True)
+    _clean(ds, elem, ctx, depth, name, why, private=True)
+
+
+def _private_kept_unread(tag: int, creator: str, vr: str, why: str) -> tuple[str, str, str] | tuple[()]:
+    """The note of a kept private element whose VR is never cleaned (:func:`_clean`); else ``()``."""
+    upper = creator.strip().upper()
+    rule = RULES.get(vr, _OTHER)
+    if (tag >> 16, upper, tag & 0xFF) == GE_PROTOCOL or (rule.cleans and tag not in _PIXEL_TAGS):
+        return ()
+    return (element_name(tag, upper), "kept", why + rule.kept_why)
 
 
 def apply(ds: Dataset, ctx: FileContext, *, pixels_cleaned: bool) -> None:
