@@ -10,6 +10,9 @@ its best round: a machine shared with other work slows whichever tool runs at th
 ``pacs2bids.deid`` runs in this process (``workers=1``); ``--workers N`` (N > 1) adds a row: the
 same files as one series, in batches to N worker processes (:mod:`pacs2bids.deid.pool`, started
 before the timing), with the ratio to the bare read + write on one core and the scaling.
+``--base SRC`` adds a row for another version of pacs2bids (its ``src`` folder, say a ``git
+archive`` of an earlier commit), timed in a child process on the same files in the same rounds
+(its start-up outside the timing): before and after, in one run.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -72,6 +77,21 @@ def dicognito_run(files: list[Path], out: Path) -> None:
         ds.save_as(out / f"{i}.dcm")
 
 
+def base_run(src: Path, files: list[Path], out: Path, work: Path) -> float:
+    """``ours`` with the pacs2bids under ``src``, in a child process: the seconds it timed."""
+    code = ("import sys, time, warnings; from pathlib import Path; warnings.simplefilter('ignore'); "
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_deid as b; "
+            "files = [Path(l) for l in Path(sys.argv[1]).read_text().splitlines()]; "
+            "t = time.perf_counter(); b.ours(files, Path(sys.argv[2]), Path(sys.argv[3])); "
+            "print(time.perf_counter() - t)")
+    listing = work.parent / "files.txt"
+    listing.write_text("\n".join(str(f) for f in files))
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    done = subprocess.run([sys.executable, "-c", code, str(listing), str(out), str(work)], env=env,
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
 def timed(fn, *args) -> float:
     t = time.perf_counter()
     fn(*args)
@@ -85,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=600)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=0, help="add a row for N worker processes (N > 1)")
+    ap.add_argument("--base", type=Path, help="add a row for the pacs2bids under this src folder (before)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-deid-") as tmp:
         work = Path(tmp)
@@ -97,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             "pydicom read+write": lambda r: timed(bare, files, work / f"bare{r}"),
             "pacs2bids.deid": lambda r: timed(ours, files, work / f"ours{r}", work / f"r{r}"),
         }
+        if args.base:
+            tools["deid (base)"] = lambda r: base_run(args.base.resolve(), files, work / f"base{r}", work / f"b{r}")
         if args.workers > 1:
             executor(args.workers).submit(int).result()  # the pool's processes started, outside the timing
             tools[f"deid --workers {args.workers}"] = lambda r: timed(

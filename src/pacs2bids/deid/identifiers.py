@@ -48,6 +48,8 @@ IDENTIFYING_KEYWORDS = (
     "PerformedProcedureStepID",
 )
 _IDENT_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTIFYING_KEYWORDS}
+# The VRs whose values are read whatever the tag: sequences (walked), dates, person names, UIDs.
+_READ_VRS = frozenset({"SQ", "DA", "DT", "PN", "UI"})
 
 
 def collect(ds: Dataset, profile: Profile, dates: set[str] | None = None) -> set[str]:
@@ -57,22 +59,29 @@ def collect(ds: Dataset, profile: Profile, dates: set[str] | None = None) -> set
     found: set[str] = set()
 
     def visit(d: Dataset) -> None:
-        for tag in d.keys():
-            elem = element(d, tag)  # decoded only when its value is read
+        for tag, elem in d._dict.items():  # the dataset's own dict: no Tag conversion per element
             vr = elem.VR
+            if elem.is_raw and (vr is None or vr == "UN" or elem.value is None):
+                elem = element(d, tag)  # decoded: its VR is decided by pydicom
+                vr = elem.VR
+            if vr not in _READ_VRS and tag not in _IDENT_TAGS:
+                continue  # nothing to collect: left undecoded, at no cost
             if vr == "SQ":
                 for item in d[tag].value or ():
                     visit(item)
                 continue
             private = bool(tag >> 16 & 1)  # tag.is_private, without the property call
-            if dates is not None and vr in ("DA", "DT"):
-                value = d[tag].value
-                for v in value if isinstance(value, MultiValue) else [value]:
-                    v = str(v or "").strip()
-                    if len(v) >= 8 and v[:8].isdigit():
-                        dates.add(v[:8])
+            if vr == "DA" or vr == "DT":
+                if dates is not None:
+                    value = d[tag].value
+                    for v in value if isinstance(value, MultiValue) else [value]:
+                        v = str(v or "").strip()
+                        if len(v) >= 8 and v[:8].isdigit():
+                            dates.add(v[:8])
+                if tag not in _IDENT_TAGS:  # a date is collected as a value only when identifying
+                    continue
             identifying = tag in _IDENT_TAGS or vr == "PN"
-            if not identifying and (vr != "UI" or private):
+            if not identifying and private:  # a private UI: never collected
                 continue
             resolved = profile.action(tag) if not private else None
             if resolved is not None and resolved[0] == "K":

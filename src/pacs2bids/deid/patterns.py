@@ -213,10 +213,16 @@ def date_tokens(dates: Iterable[str]) -> re.Pattern[bytes] | None:
             alts.add(re.escape(f"{dd}{sep}{m}{sep}{y}"))
     if not alts:
         return None
-    # a compact date may run on into its time of day (20180918121530): shifted all the same
-    return re.compile(rb"(?<![0-9])(?:" + "|".join(sorted(alts)).encode() + rb")(?![0-9])"
-                      + rb"|(?<![0-9])(?:" + "|".join(sorted(a for a in alts if a.isdigit())).encode()
-                      + rb")(?=(?:[01][0-9]|2[0-3])[0-5][0-9])")
+    # Each form, then the digit-free boundary behind it (a look-behind over its fixed length):
+    # a pattern that starts with literals lets the regex engine skip to them (a look-behind
+    # first made it try every form at every byte). A compact date may run on into its time of
+    # day (20180918121530): shifted all the same.
+    forms = []
+    for a in sorted(alts):
+        n = len(a.replace("\\", ""))
+        end = rb"(?:(?![0-9])|(?=(?:[01][0-9]|2[0-3])[0-5][0-9]))" if a.isdigit() else rb"(?![0-9])"
+        forms.append(a.encode() + rb"(?<![0-9][\s\S]{%d})" % n + end)
+    return re.compile(b"|".join(forms))
 
 
 def shift_date_token(token: bytes, days: int) -> bytes:

@@ -25,6 +25,7 @@ once, in :data:`RULES`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 from . import values
 from .context import FileContext, decoded, element, element_name, tool_version
 from .keyed import Keyed
-from .profile import GE_PROTOCOL
+from .profile import GE_PROTOCOL, Profile
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _SET_BY_US = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280301}
@@ -45,6 +46,8 @@ _CHARSET_TAG = 0x00080005
 # Latin-1 spellings (compile_identifiers) and give the same hits as the decoded text.
 _BYTE_SEARCHABLE_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
 _DEFAULT_WHY = "not in Table E.1-1: pacs2bids default"
+# Per profile: the public elements kept unread, by tag and VR (decided once, not per file).
+_KEPT: "weakref.WeakKeyDictionary[Profile, dict]" = weakref.WeakKeyDictionary()
 _TIME_KEPT = " (time of day kept: dates shift by whole days)"
 
 # The three ways an element is decided (the ``how`` of a rule's handler).
@@ -234,8 +237,9 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
         charset = ds[_CHARSET_TAG].value
         ctx.bytes_searchable = isinstance(charset, str) and charset.strip() in _BYTE_SEARCHABLE_CHARSETS
     try:
+        memo = _KEPT.setdefault(ctx.profile, {})  # (tag, VR) -> what _kept_unread said
         for t in tags:
-            _walk_element(ds, t, ctx, depth, creators, kept_blocks)
+            _walk_element(ds, t, ctx, depth, creators, kept_blocks, memo)
     finally:
         ctx.bytes_searchable = outer_searchable
     for (group, blk), _creator in creators.items():
@@ -245,14 +249,32 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
                 del ds[tag]
 
 
-def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, kept_blocks: set) -> None:
+def _kept_unread(profile: Profile, tag: int, vr: str) -> tuple[str, str, str] | tuple[()]:
+    """The note of a public element kept unread whatever the file (:func:`_act`, :func:`_default`); else ``()``."""
+    rule = RULES.get(vr, _OTHER)
+    resolved = profile.action(tag)
+    if resolved is None:
+        if tag >> 16 != 0x0010 and rule.by_default == NEVER:
+            return (element_name(tag), "kept", _DEFAULT_WHY)
+        return ()
+    code, source = resolved
+    code = profile.strictest(code, vr == "SQ")
+    if code == "K" and vr != "SQ":
+        return (element_name(tag), "kept", f"{source} {code}")
+    if code == "C" and (not rule.cleans or tag in _PIXEL_TAGS):
+        return (element_name(tag), "kept", f"{source} {code}" + rule.kept_why)
+    return ()
+
+
+def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, kept_blocks: set,
+                  memo: dict) -> None:
     tag = int(t)  # plain int comparisons: pydicom's BaseTag compares in Python
     group, number = tag >> 16, tag & 0xFFFF
     if number == 0x0000:  # group lengths: recomputed or obsolete
         del ds[t]
         return
     if group & 1:  # private
-        _walk_private(ds, t, ctx, depth, creators, kept_blocks)
+        _walk_private(ds, t, ctx, depth, creators, kept_blocks, memo)
         return
     if group == 0x0002:
         return
@@ -269,6 +291,12 @@ def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
         ctx.note("IconImageSequence", "removed", "thumbnail of the pixel data (P9)")
         return
     elem = element(ds, t)
+    kept = memo.get((tag, elem.VR))
+    if kept is None:
+        kept = memo[(tag, elem.VR)] = _kept_unread(ctx.profile, tag, elem.VR)
+    if kept:
+        ctx.note(*kept)
+        return
     resolved = ctx.profile.action(tag)
     if resolved is None:
         _default(ds, elem, ctx, depth)
@@ -278,7 +306,8 @@ def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
     _act(ds, elem, ctx, depth, code, f"{source} {code}")
 
 
-def _walk_private(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, kept_blocks: set) -> None:
+def _walk_private(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, kept_blocks: set,
+                  memo: dict) -> None:
     """A private element: kept when its creator's block is on a keep list, cleaned; else removed."""
     tag = int(t)
     group, number = tag >> 16, tag & 0xFFFF
@@ -297,11 +326,27 @@ def _walk_private(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
         ctx.note(f"({group:04X},{number >> 8:02X}xx)", "removed", "private, not on a keep list (PS3.15 E.3.10)")
         return
     kept_blocks.add(block)
+    elem = element(ds, t)
+    kept = memo.get((tag, creator, elem.VR))
+    if kept is None:
+        kept = memo[(tag, creator, elem.VR)] = _private_kept_unread(tag, creator, elem.VR, why)
+    if kept:
+        ctx.note(*kept)
+        return
     name = element_name(tag, creator.strip().upper())  # as on the keep list that matched it
     if (group, creator.strip().upper(), number & 0xFF) == GE_PROTOCOL:
         values.ge_protocol(ds, ds[t], ctx, name, why)
         return
-    _clean(ds, element(ds, t), ctx, depth, name, why, private=True)
+    _clean(ds, elem, ctx, depth, name, why, private=True)
+
+
+def _private_kept_unread(tag: int, creator: str, vr: str, why: str) -> tuple[str, str, str] | tuple[()]:
+    """The note of a kept private element whose VR is never cleaned (:func:`_clean`); else ``()``."""
+    upper = creator.strip().upper()
+    rule = RULES.get(vr, _OTHER)
+    if (tag >> 16, upper, tag & 0xFF) == GE_PROTOCOL or (rule.cleans and tag not in _PIXEL_TAGS):
+        return ()
+    return (element_name(tag, upper), "kept", why + rule.kept_why)
 
 
 def apply(ds: Dataset, ctx: FileContext, *, pixels_cleaned: bool) -> None:
