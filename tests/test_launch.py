@@ -4,6 +4,8 @@ migrated again by the next run's ephemeral server."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from importlib.metadata import version
 
 import pytest
@@ -57,3 +59,30 @@ def test_a_second_run_skips_the_migrations_and_completes(tmp_path, orthanc_facto
     assert (tmp_path / "prefect" / launch.MIGRATED).read_text().strip() == version("prefect")
     second = cli("run", str(spec_for(tmp_path / "b", pacs, "phantom")), env_extra=env)
     assert second.returncode in (0, 3), second.stdout + second.stderr[-3000:]
+
+
+EARLY = """
+import httpx
+from pacs2bids import launch
+thread = launch._start_server_early()
+import pacs2bids.flows.extract  # the flow's modules import while the server starts
+thread.join()
+from prefect.server.api.server import SubprocessASGIServer
+server = SubprocessASGIServer()  # the instance Prefect's client takes: already running
+assert server.running and httpx.get(server.api_url + "/health").status_code == 200
+server.stop()
+print("early-ok")
+"""
+
+
+def test_the_ephemeral_server_starts_while_the_flow_imports(tmp_path):
+    """The server Prefect's client uses is the one started before the flow's import, and answers."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300")
+    done = subprocess.run([sys.executable, "-c", EARLY], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "early-ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_no_early_server_when_prefect_has_a_server_of_its_own(home, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    assert launch._start_server_early() is None
