@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 from uuid import UUID
 
@@ -21,28 +22,108 @@ from .errors import Pacs2BidsError, SpecError
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
-def _prefect_defaults() -> None:
+def _prefect_defaults() -> bool:
     """Settings for Prefect's ephemeral mode on a small machine with no outside network:
-    a first start migrates a new database and can take longer than Prefect's default wait."""
+    a first start migrates a new database and can take longer than Prefect's default wait.
+    True when migrations are switched off for this run (the caller unsets it after the run)."""
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     os.environ.setdefault("NO_ET", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    marker = _migrated_marker()
+    if marker is not None and marker.is_file() and marker.read_text().strip() == _prefect_version():
+        # this Prefect version has already brought the database up to date: its ephemeral server
+        # need not run the migrations again (a third of its start-up on a small machine)
+        if "PREFECT_API_DATABASE_MIGRATE_ON_START" not in os.environ:
+            os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
+            return True
+    return False
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")
+
+
+MIGRATED = ".pacs2bids-migrated"  # in PREFECT_HOME: the Prefect version that last migrated its database
+
+
+def _migrated_marker() -> Path | None:
+    """Where a run records that Prefect's own SQLite database (in PREFECT_HOME) is migrated;
+    None when Prefect is not in ephemeral mode with that database (an API URL or another
+    database is set, in the environment or in Prefect's profiles: the migrations stay as they are)."""
+    if any(os.environ.get(v) for v in ("PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL",
+                                       "PREFECT_SERVER_DATABASE_CONNECTION_URL")):
+        return None
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    try:
+        profiles = (home / "profiles.toml").read_text()
+    except OSError:
+        profiles = ""
+    if "API_URL" in profiles or "DATABASE" in profiles or not (home / "prefect.db").is_file():
+        return None
+    return home / MIGRATED
+
+
+def _record_migrated() -> None:
+    """After a run that reached Prefect's API: its database is migrated by this Prefect version."""
+    marker = _migrated_marker()
+    if marker is not None and os.environ.get("PREFECT_API_DATABASE_MIGRATE_ON_START") != "false":
+        marker.write_text(_prefect_version() + "\n")
 
 
 def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False, late_days: int | None = None) -> int:
     """Validate the spec, run the flow (``replicate``: ``replicate_project``, else ``extract_project``),
     print the summary; returns the exit code."""
-    _prefect_defaults()
+    skips_migrations = _prefect_defaults()
+    try:
+        return _run(spec_path, as_json, replicate, late_days)
+    finally:
+        if skips_migrations:  # for this run only: another PREFECT_HOME in this process may be new
+            os.environ.pop("PREFECT_API_DATABASE_MIGRATE_ON_START", None)
+
+
+def _start_server_early() -> threading.Thread | None:
+    """Start Prefect's ephemeral API server (the one Prefect would start at the flow's first API
+    call: same class, same process, same settings) in a thread, so that its start-up, in a
+    process of its own, overlaps the import of the flow's modules. None when Prefect talks to a
+    server of its own (``PREFECT_API_URL``, in the environment or in Prefect's profiles). The
+    caller joins the thread before the flow runs; a failure here is Prefect's to report then."""
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    try:
+        profiles = (home / "profiles.toml").read_text()
+    except OSError:
+        profiles = ""
+    if os.environ.get("PREFECT_API_URL") or "API_URL" in profiles:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer  # imported here, not in the thread
+
+    def start() -> None:
+        try:
+            SubprocessASGIServer().start()
+        except Exception:  # the flow's first API call starts it again and says what failed
+            logging.getLogger("pacs2bids").debug("early start of Prefect's server failed", exc_info=True)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread
+
+
+def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None) -> int:
     try:
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
     except SpecError as exc:
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    server = _start_server_early()
     from pacs2bids.flows.extract import RunFailed, extract_project
 
     from .progressview import show_progress
+
+    if server is not None:
+        server.join()
 
     try:
         with show_progress(sys.stderr):  # a bar on a terminal, progress lines otherwise
@@ -63,6 +144,7 @@ def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False,
         print(f"pacs2bids: the run failed, nothing published: {type(exc).__name__}: {first} "
               "(run with -v for the traceback)", file=sys.stderr)
         return EXIT_FAILED
+    _record_migrated()  # the flow ran: Prefect's API (and its database) answered
     print()
     print(json.dumps(summary, indent=2) if as_json else _format(summary))
     return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)

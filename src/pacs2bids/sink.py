@@ -11,6 +11,7 @@ with a ``.reason.txt``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -29,6 +30,7 @@ from typing import BinaryIO, Callable
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_partial
+from pydicom.uid import UID
 
 from .checksum import sha256_file
 
@@ -42,6 +44,99 @@ _HEAD_TAGS = [0x00080018, 0x0020000D, 0x0020000E]
 _HEAD_BYTES = 1 << 16
 _PIXEL_DATA = struct.pack("<HH", 0x7FE0, 0x0010)
 _SEQUENCE_END = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
+
+
+class _Undecided(Exception):
+    """The fast walk of a head cannot decide (an unusual encoding): pydicom reads it."""
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_UNDEFINED, _ITEM, _ITEM_END, _SEQ_END = 0xFFFFFFFF, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+def _element(buf: bytes, at: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+    """The header of the element at ``at`` (PS3.5 7.1): tag, VR (None: implicit, or an item
+    tag), value length and where the value starts."""
+    if at + 8 > len(buf):
+        raise _Undecided()
+    group, elem, length = struct.unpack_from("<HHI", buf, at)
+    if implicit or group == 0xFFFE:
+        return group << 16 | elem, None, length, at + 8
+    vr = buf[at + 4:at + 6]
+    if vr in _LONG_VRS:
+        if at + 12 > len(buf):
+            raise _Undecided()
+        return group << 16 | elem, vr, struct.unpack_from("<I", buf, at + 8)[0], at + 12
+    return group << 16 | elem, vr, struct.unpack_from("<H", buf, at + 6)[0], at + 8
+
+
+def _past_sequence(buf: bytes, at: int, implicit: bool) -> int:
+    """Where a sequence of undefined length whose items start at ``at`` ends (PS3.5 7.5)."""
+    while True:
+        tag, _vr, length, at = _element(buf, at, implicit)
+        if tag == _SEQ_END:
+            return at
+        if tag != _ITEM:
+            raise _Undecided()
+        if length != _UNDEFINED:
+            at += length
+            continue
+        while True:  # an item of undefined length: its elements, up to the Item Delimitation Item
+            tag, vr, length, at = _element(buf, at, implicit)
+            if tag == _ITEM_END:
+                break
+            if length != _UNDEFINED:
+                at += length
+            elif vr == b"SQ" or (implicit and vr is None):
+                at = _past_sequence(buf, at, implicit)
+            else:
+                raise _Undecided()
+
+
+def _walk_head(buf: bytes) -> tuple[UID, dict[int, str], int]:
+    """The transfer syntax, the ``_HEAD_TAGS`` values and where the head ends, of the Part 10
+    file starting ``buf``, from its element headers alone (no pydicom object: a few
+    microseconds). Raises :class:`_Undecided` for anything else than little endian, not
+    deflated, a UID missing, empty or multi-valued, or a head longer than ``buf``."""
+    if buf[128:132] != b"DICM":
+        raise _Undecided()
+    at, syntax = 132, None
+    while buf[at:at + 2] == b"\x02\x00":  # the file meta group, explicit VR little endian
+        tag, _vr, length, at = _element(buf, at, False)
+        if tag == 0x00020010:
+            syntax = buf[at:at + length].decode("ascii", "replace").rstrip("\0 ")
+        at += length
+    implicit = _implicit(syntax)
+    found: dict[int, str] = {}
+    while True:
+        start = at
+        tag, vr, length, at = _element(buf, at, implicit)
+        if tag > 0x0020000E:
+            break
+        if length == _UNDEFINED:
+            if not (vr == b"SQ" or (implicit and vr is None)):
+                raise _Undecided()
+            at = _past_sequence(buf, at, implicit)
+            continue
+        if tag in _HEAD_TAGS:
+            found[tag] = buf[at:at + length].decode("ascii").rstrip("\0 ")
+        at += length
+    if len(found) < 3 or not all(found.values()) or any("\\" in v for v in found.values()):
+        raise _Undecided()
+    return UID(syntax), found, start
+
+
+@functools.lru_cache(maxsize=64)
+def _implicit(syntax: str | None) -> bool:
+    """Whether the transfer syntax ``syntax`` is implicit VR; :class:`_Undecided` unless it is
+    little endian and not deflated (or unknown to pydicom)."""
+    try:
+        uid = UID(syntax or "")
+        if not syntax or not uid.is_little_endian or uid.is_deflated:
+            raise _Undecided()
+        return uid.is_implicit_VR
+    except ValueError:
+        raise _Undecided() from None
 
 
 def _read_head(path: Path) -> tuple[Dataset, int, int]:
@@ -71,14 +166,13 @@ def _read_head(path: Path) -> tuple[Dataset, int, int]:
         return head, src.tell() if stopped else size, size
 
 
-def _pixels_close(head: Dataset, path: Path, stopped_at: int, size: int) -> bool:
+def _pixels_close(syntax: UID | None, path: Path, stopped_at: int, size: int) -> bool:
     """True when the file ends with its Pixel Data, whole: the element's header, searched for
     backwards from the end (in memory, C speed, nothing parsed), says a length that ends exactly
     at the end of the file (native), or says undefined length and the file ends with a Sequence
     Delimitation Item (encapsulated, PS3.5 A.4). False when it cannot tell (no pixels, little
     endian not used, something after them, the pattern met inside the pixels): the whole check
     decides then."""
-    syntax = head.file_meta.get("TransferSyntaxUID")
     if syntax is None or not syntax.is_little_endian or syntax.is_deflated or size - stopped_at < 16:
         return False
     # explicit VR: OW or OB, two reserved bytes, a 4-byte length; implicit VR: the length at once
@@ -96,15 +190,26 @@ def _pixels_close(head: Dataset, path: Path, stopped_at: int, size: int) -> bool
     return False
 
 
-def _check_payload(path: Path) -> tuple[str, str, str]:
+def _check_payload(path: Path, head: bytes | None = None) -> tuple[str, str, str]:
     """(SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID) of a received file, once it is
     known whole; raises (ValueError, pydicom's errors) when it is not readable or cut short.
+    ``head``: the file's first bytes, when its writer kept them (else they are read).
 
-    Cheap for the common case, an image whose Pixel Data ends the file: its head, and the header
-    of its Pixel Data found from the end. Anything else is read whole (values over 1 KiB skipped)."""
-    head, stopped_at, size = _read_head(path)
-    uids = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID))
-    if not _pixels_close(head, path, stopped_at, size):
+    Cheap for the common case, an image whose Pixel Data ends the file: its head, walked from
+    the element headers (pydicom parses it when the walk cannot decide), and the header of its
+    Pixel Data found from the end. Anything else is read whole (values over 1 KiB skipped)."""
+    size = os.stat(path).st_size
+    try:
+        if head is None or (len(head) < _HEAD_BYTES and len(head) < size):
+            with open(path, "rb") as f:
+                head = f.read(_HEAD_BYTES)
+        syntax, found, stopped_at = _walk_head(head)
+        uids = (found[0x00080018], found[0x0020000D], found[0x0020000E])
+    except Exception:  # an unusual encoding, or not DICOM: pydicom decides, as it always did
+        ds, stopped_at, size = _read_head(path)
+        syntax = ds.file_meta.get("TransferSyntaxUID")
+        uids = (str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
+    if not _pixels_close(syntax, path, stopped_at, size):
         _check_whole(pydicom.dcmread(path, defer_size=1024), path)
     return uids
 
@@ -235,16 +340,16 @@ class SeriesSink:
         log.warning("a received payload was quarantined: %s", reason)
 
     def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
-                 sha256: str | None = None, size: int | None = None) -> int:
+                 sha256: str | None = None, size: int | None = None, head: bytes | None = None) -> int:
         """Take the temporary file ``path`` (moved away; deleted otherwise by its creator).
         ``sha256`` and ``size``: the file's, when its writer took them as it wrote it (else the
-        file is read for them). Returns the C-STORE status to answer: 0x0000 stored, 0xC000
+        file is read for them); ``head``: its first bytes, kept by its writer. Returns the C-STORE status to answer: 0x0000 stored, 0xC000
         refused (PS3.4 B.2.3)."""
         if self.limiter is not None:
             self.limiter.wait()
         name = keyed_name(self.key, sop_instance_uid) if sop_instance_uid else f"unnamed-{uuid.uuid4().hex[:12]}"
         try:
-            payload_sop, study, series = _check_payload(path)
+            payload_sop, study, series = _check_payload(path, head)
         except Exception as exc:  # anything pydicom cannot read is quarantined, never stored
             self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})")
             return 0xC000

@@ -34,6 +34,7 @@ from . import gate
 log = logging.getLogger(__name__)
 
 PAGE = 500
+HEAD = 1 << 16  # bytes of each part kept in memory for the sink's check (pacs2bids.sink._HEAD_BYTES)
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
 
@@ -46,6 +47,7 @@ class Part:
     path: Path
     sha256: str
     size: int
+    head: bytes = b""  # its first HEAD bytes (all of it when shorter): the sink checks them in memory
 
 
 def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
@@ -235,16 +237,18 @@ class _PartWriter:
     def __init__(self, incoming: Path):
         fd, name = tempfile.mkstemp(suffix=".part", dir=incoming)
         self.file, self.path = os.fdopen(fd, "wb"), Path(name)
-        self.hash, self.size = hashlib.sha256(), 0
+        self.hash, self.size, self.head = hashlib.sha256(), 0, b""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: memoryview) -> None:
+        if self.size < HEAD:
+            self.head += data[:HEAD - self.size]
         self.file.write(data)
         self.hash.update(data)
         self.size += len(data)
 
     def close(self) -> Part:
         self.file.close()
-        return Part(self.path, self.hash.hexdigest(), self.size)
+        return Part(self.path, self.hash.hexdigest(), self.size, self.head)
 
 
 def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:

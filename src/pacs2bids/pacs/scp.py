@@ -30,7 +30,7 @@ class Receiver(Protocol):
     by its writer; returns the DIMSE status to answer (0x0000 stored)."""
 
     def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
-                 sha256: str | None = None, size: int | None = None) -> int: ...
+                 sha256: str | None = None, size: int | None = None, head: bytes | None = None) -> int: ...
 
 
 def store_handler(get_receiver: Callable[[object], Receiver | None]):
