@@ -170,6 +170,14 @@ def test_study_step_replace_raw_and_validator(head_t1w, phantom_t1w, tmp_path):
     assert sidecar["Sources"] == [f"bids:raw:{head}"] and sidecar["VoxelsZeroed"] == entries[head]["voxels_zeroed"]
     assert sidecar["RegistrationTool"] in ("SimpleITK", "FSL flirt") and sidecar["DefaceStarted"]
     assert (root / sidecar["Snapshot"]).stat().st_size > 1000
+    # W3C PROV (issue 15): a "deface" activity, by pydeface, used the raw image and generated the defaced one
+    from pacs2bids.provdoc import index, read_records
+
+    nodes = index(doc for _, doc in read_records(staging))
+    activity = nodes[nodes[f"bids::{entries[head]['file']}"]["GeneratedBy"]]
+    assert activity["Label"] == "deface" and activity["Used"] == [f"bids::{head}"]
+    assert activity["Parameters"]["replace_raw"] is True and activity["EndedAtTime"] == sidecar["DefaceFinished"]
+    assert not any("phantom" in i for i in nodes)  # a failed image has no record of being defaced
     description = json.loads((root / "dataset_description.json").read_text())
     assert description["DatasetType"] == "derivative" and description["SourceDatasets"]
     assert [g["Name"] for g in description["GeneratedBy"]][:2] == ["pacs2bids", "pydeface"]

@@ -55,12 +55,25 @@ def _refused(spec, folder, producer=PRODUCER, match="", exc=ReintegrationRefused
     with pytest.raises(exc, match=match):
         reintegrate(spec, folder, producer)
     assert current_version(spec.output) == before  # nothing changed
-    assert not (before / "derivatives").exists()
+    assert not [d for d in (before / "derivatives").glob("*") if not d.name.startswith("pacs2bids-")]  # ours only
+
+
+def _audited(spec, outcome: str) -> list[dict]:
+    """The reintegration entries of the project's operations audit log with ``outcome`` (chain verified)."""
+    from pacs2bids import audit
+
+    v = audit.verify(spec)
+    assert v.intact, v.broken
+    return [e.record for e in v.entries if e.record.get("action") == "reintegrate" and e.record["outcome"] == outcome]
 
 
 def test_refuses_a_foreign_subject(project, tmp_path):
     spec, _, _, subjects = project
+    before = len(_audited(spec, "refused"))
     _refused(spec, results(tmp_path / "r", [subjects[0], "sub-zz99"]), match="sub-zz99")
+    refused = _audited(spec, "refused")  # audited like an export: who tried, what kind of refusal
+    assert len(refused) == before + 1 and refused[-1]["refusal"] == "ReintegrationRefused"
+    assert refused[-1]["producer"] == PRODUCER.name and "sub-zz99" not in json.dumps(refused[-1])
 
 
 def test_refuses_a_missing_producer(project, tmp_path):
@@ -129,6 +142,9 @@ def test_publishes_a_new_version_with_its_producer(project, tmp_path):
     story = subprocess.run([sys.executable, "-m", "pacs2bids.cli", "lineage", str(mask)],
                            capture_output=True, text=True, timeout=120)
     assert story.returncode == 0 and PRODUCER.name in story.stdout and "fastsurfer 2.4.2" in story.stdout, story
+    entry = _audited(spec, "published")[-1]  # the export of results into the project, audited
+    assert entry["version"] == after.name and entry["producer"] == PRODUCER.name and entry["files"] == len(subjects) + 1
+    assert entry["derivative"] == "derivatives/segmentation" and entry["tool"] == "fastsurfer 2.4.2"
     shutil.rmtree(folder)  # the dataset holds its own copy
     assert mask.is_file()
 

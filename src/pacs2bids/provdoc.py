@@ -165,8 +165,9 @@ def index(records: Iterable[dict]) -> dict[str, dict]:
 
 def record_stage(root: Path, label: str, *, tool: str, version: str | None, inputs: Iterable[str | Path],
                  outputs: Iterable[str | Path], started=None, ended=None, parameters: dict | None = None,
-                 flow_run_id: str | None = None, run_id: str | None = None) -> Path:
-    """One call for a later stage (deface, QC, ...): a record ``prov/prov-<label>-<run>.jsonld`` in which
+                 flow_run_id: str | None = None, run_id: str | None = None, key: str | None = None) -> Path:
+    """One call for a later stage (deface, QC, ...): a record ``prov/prov-<label>-<run>[-<key>].jsonld``
+    (``key``: one record per image, say, within a run) in which
     the activity ``label`` (``tool`` ``version``, with pacs2bids, the operator and the flow run) used
     ``inputs`` and generated ``outputs`` (dataset files, relative to ``root`` or absolute; each with its
     SHA-256, derived from the inputs). Inputs are named as the series records name them (``bids::<path>``),
@@ -181,5 +182,5 @@ def record_stage(root: Path, label: str, *, tool: str, version: str | None, inpu
                        ended=ended, parameters=parameters)
     for p in outputs:
         rec.file_entity(root, p, generated_by=act, derived_from=used, attributed_to=agents[0])
-    name = f"prov-{_slug(label)}-{_slug(run_id or act.rsplit('-', 1)[-1])}.jsonld"
+    name = f"prov-{_slug(label)}-{_slug(run_id or act.rsplit('-', 1)[-1])}{'-' + _slug(key) if key else ''}.jsonld"
     return rec.write(root / PROV_DIR / name)

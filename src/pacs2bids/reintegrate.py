@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from . import audit
 from .versions import tool_versions
 from .deid import scan_for_leaks
 from .errors import LeakDetected, Pacs2BidsError
@@ -150,10 +151,22 @@ def reintegrate(spec, folder: Path, producer: Producer, *, name: str | None = No
     under ``derivatives/<name>/`` (an earlier one of that name is replaced), then send that version to
     the spec's secondary targets. Raises :class:`ReintegrationRefused`, :class:`LeakDetected` or
     :class:`~pacs2bids.errors.ValidationFailed` with nothing published."""
+    try:
+        name, subjects = check_folder(spec, folder, producer, name)
+        return _publish(spec, folder, producer, name, subjects)
+    except Pacs2BidsError as exc:  # a refusal is audited too: who tried what; the reason's kind, not its text
+        if isinstance(exc, audit.AuditError):
+            raise
+        audit.record(spec, "reintegrate", outcome="refused", refusal=type(exc).__name__, derivative=name,
+                     producer=producer.name or None)
+        raise
+
+
+def _publish(spec, folder: Path, producer: Producer, name: str, subjects: list[str]) -> Reintegrated:
+    """The checked ``folder`` into a new version of the project dataset (see :func:`reintegrate`)."""
     from .publish import publish_local
     from .targets.step import publish_to_target
 
-    name, subjects = check_folder(spec, folder, producer, name)
     run_id = RunContext.new_run_id(None)
     ctx = RunContext(spec, run_id, None, staging_dir(spec.output, spec.resolved_work_dir, run_id), tool_versions())
     with work_area(ctx):  # the run lock, staging seeded from the current version, removed on leaving
@@ -174,4 +187,8 @@ def reintegrate(spec, folder: Path, producer: Producer, *, name: str | None = No
         version = publish_local(ctx.staging, spec.output, run_id)
     log.info("derivatives/%s (%d files, %d subjects) published in version %s", name, n, len(subjects), run_id)
     targets = [publish_to_target(spec, i, version) for i in range(len(spec.targets or []))]
+    audit.record(spec, "reintegrate", outcome="published", run_id=run_id, version=version.name,
+                 derivative=f"derivatives/{name}", files=n, subjects=len(subjects), producer=producer.name,
+                 tool=f"{producer.tool} {producer.tool_version}".strip(), where=str(spec.output),
+                 targets=[{"target": getattr(t, "target", None), "state": getattr(t, "state", None)} for t in targets])
     return Reintegrated(name, version, n, subjects, targets)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from ..provdoc import record_stage
 from ..run import RunContext
 from .deface import METHOD, DefaceFailed, deface, load_3d, pydeface_version, snapshot
 from .register import tool_name
@@ -148,6 +149,12 @@ def _one(ctx: RunContext, root: Path, rel: str, replace_raw: bool) -> dict:
         "Snapshot": snap.relative_to(root).as_posix(),
     }
     _write(out.with_name(f"{stem}.json"), json.dumps(sidecar, indent=2) + "\n")
+    # W3C PROV: the raw image (as converted, before any replacement) -> the defaced image (issue 15)
+    record_stage(ctx.staging, "deface", tool="pydeface", version=pydeface_version(), inputs=[rel],
+                 outputs=[f"derivatives/{NAME}/{out_rel}"], started=done.started, ended=done.finished,
+                 parameters={"method": METHOD, "registration": f"{done.tool} {done.tool_version}",
+                             "voxels_zeroed": done.zeroed, "replace_raw": replace_raw},
+                 flow_run_id=ctx.flow_run_id, run_id=ctx.run_id, key=stem)
     if replace_raw:
         _set_aside(ctx, rel)
         shutil.copyfile(out, source)

@@ -30,6 +30,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from nibabel.filebasedimages import ImageFileError
@@ -38,6 +39,7 @@ from pacs2bids.config.qc import NIFTI_PARAMETERS, SIDECAR_PARAMETERS, Expected, 
 from pacs2bids.derivatives import qc_indices
 from pacs2bids.derivatives.qc_report import write_report
 from pacs2bids.errors import ValidationFailed
+from pacs2bids.provdoc import record_stage
 from pacs2bids.validate import issue_text, validate_dataset
 
 QC_DIR = Path("derivatives") / "pacs2bids-qc"
@@ -333,7 +335,7 @@ def check_qc_dataset(folder: Path) -> None:
 def run_qc(root: Path, settings: QcSettings, generated_by: dict) -> QcResult:
     """QC of every session of the BIDS dataset at ``root``, into ``root/derivatives/pacs2bids-qc``: a
     session whose files and settings are those of its earlier QC keeps it; the report is rewritten."""
-    start = time.perf_counter()
+    start, began = time.perf_counter(), datetime.now(timezone.utc)
     root = Path(root)
     out = root / QC_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -342,4 +344,17 @@ def run_qc(root: Path, settings: QcSettings, generated_by: dict) -> QcResult:
     sessions = [qc_session(root, sub, ses, folder, settings, out, generated_by) for sub, ses, folder in found]
     write_description(out, generated_by)
     write_report(out, sessions, settings.protocol is not None)
+    _record_provenance(root, out, [s for s in sessions if not s.reused], settings, generated_by, began)
     return QcResult(out, sessions, time.perf_counter() - start)
+
+
+def _record_provenance(root: Path, out: Path, fresh: list[SessionQC], settings: QcSettings, generated_by: dict,
+                       began: datetime) -> None:
+    """W3C PROV (issue 15): the images this run checked -> their sessions' QC JSON and the report."""
+    if not fresh:
+        return
+    outputs = [(out / s.json).relative_to(root) for s in fresh] + [(out / "index.html").relative_to(root)]
+    record_stage(root, "qc", tool=generated_by.get("Name", "pacs2bids"), version=generated_by.get("Version"),
+                 inputs=[i.path for s in fresh for i in s.images if not i.error], outputs=outputs,
+                 started=began, ended=datetime.now(timezone.utc),
+                 parameters={"protocol": settings.protocol is not None, "sessions": len(fresh)})
