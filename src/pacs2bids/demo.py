@@ -85,7 +85,8 @@ def run_demo(output: Path, *, transport: str = "dimse", retrieve: str = "c-get")
             )
             code = run_spec(spec)
     if code in (0, 3):
-        print(f"\nLook at: {output}  (BIDS dataset; pseudonymised DICOM in sourcedata/, provenance and lineage in .pacs2bids/)")
+        print(f"\nLook at: {output}  (BIDS dataset; pseudonymised DICOM in sourcedata/, W3C PROV in prov/, "
+              "lineage in .pacs2bids/, the protocol QC report in derivatives/pacs2bids-qc/index.html)")
         example = next(iter(sorted(output.glob("sub-*/**/*.nii.gz"))), output / "participants.tsv")
         print(f"Ask where a file came from:  pacs2bids lineage {example}")
     return code
