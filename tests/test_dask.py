@@ -41,10 +41,15 @@ def test_task_runner_settings_spec_and_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("PACS2BIDS_DASK_ADDRESS", "tcp://127.0.0.1:8786")
     chosen = spec.task_runner.from_environment()
     assert (chosen.kind, chosen.dask_address) == ("dask", "tcp://127.0.0.1:8786")
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     monkeypatch.setenv("PREFECT_API_URL", "")
-    with pytest.raises(SpecError, match="PREFECT_API_URL"):
-        with study_runner(spec):
-            pass
+    # no API URL at all, even when an earlier test of the session opened Prefect's test harness (which
+    # holds one in a settings context, not in the environment)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(SpecError, match="PREFECT_API_URL"):
+            with study_runner(spec):
+                pass
     monkeypatch.setenv("PACS2BIDS_TASK_RUNNER", "cluster")
     with pytest.raises(SpecError, match="threads or dask"):
         with study_runner(spec):
