@@ -132,9 +132,12 @@ def find_studies(spec: ProjectSpec, since: Mapping[int, date] | None = None) -> 
     the PACS's gate (:meth:`Transport.one_connection`).
 
     ``since`` (inclusion row -> day), for an incremental replication (:mod:`pacs2bids.replicate`):
-    such a row is first asked only for the studies dated that day or later, in one search by date;
-    a row whose window holds none is done (and not listed as unmatched), one whose window holds a
+    the rows so bounded are asked together, in ONE study search of the PACS by StudyDate from the
+    earliest bound on, matched here to each row by PatientID or AccessionNumber and its own day; a
+    row whose window holds none is done (and not listed as unmatched), one whose window holds a
     study is asked again as above, so that its studies get the sessions a full extraction gives.
+    When the PACS cuts that answer short or warns, each bounded row is asked in a search by date
+    of its own (logged).
     """
     filters = _Filters.of(spec)
     result = QueryResult()
