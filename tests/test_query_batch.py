@@ -5,6 +5,9 @@ The result is compared with the one-search-per-study path, and the searches are 
 
 from __future__ import annotations
 
+import logging
+from datetime import date
+
 import pytest
 
 from pacs2bids import query
@@ -56,7 +59,7 @@ class _Counted:
 
         def open_counted(spec):
             transport = real_open(spec)
-            for name in ("find_every_study", "find_studies", "find_series", "find_series_of"):
+            for name in ("find_every_study", "find_studies", "find_series", "find_series_of", "find_window"):
                 method = getattr(transport, name)
 
                 def counted(*a, _name=name, _method=method, **kw):
@@ -174,3 +177,70 @@ def test_the_query_holds_one_slot_of_the_pacs_gate(tmp_path, pacs, monkeypatch, 
         gate.set_gate(spec.pacs, None)
     assert q.studies and counted.requests > len(ROWS)
     assert len(taken) == 1 and len(given_back) == 1, (len(taken), counted.requests)
+
+
+def _per_row(monkeypatch):
+    """The path before the date-window search (issue 14): the window answer never whole, so each
+    bounded row is asked by a search of its own (the fallback)."""
+    real_open = query.open_transport
+
+    def open_per_row(spec):
+        transport = real_open(spec)
+        transport.find_window = lambda lo, hi: ([], False)
+        return transport
+
+    monkeypatch.setattr(query, "open_transport", open_per_row)
+
+
+def _bounds(spec, days: dict[str, date]) -> dict[int, date]:
+    return {inc.row: days[inc.subject] for inc in spec.inclusions if inc.subject in days}
+
+
+#: PLANTED1 (C) has a study on 2021-05-15, in its window; ACC3 (F) is dated 2021-04-15, before its
+#: window; NOBODY (D) has none; the others are asked whole (never replicated).
+WINDOWS = {"C": date(2021, 5, 1), "F": date(2021, 6, 1), "D": date(2021, 1, 1)}
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_one_window_search_finds_what_the_per_row_searches_found(tmp_path, pacs, monkeypatch, kind):
+    spec = make_spec(tmp_path, dimse_yaml(pacs) if kind == "dimse" else web_yaml(pacs), ROWS)
+    since = _bounds(spec, WINDOWS)
+    with monkeypatch.context() as m:
+        per_row = _Counted(m)
+        _per_row(m)
+        reference = query.find_studies(spec, since)
+    close_pools()
+    window = _Counted(monkeypatch)
+    got = query.find_studies(spec, since)
+    close_pools()
+    assert _summary(got) == _summary(reference)
+    assert {st.subject for st in got.studies} == {"A", "B", "C", "E"}  # F's study is before its window
+    assert [i.subject for i in got.unmatched] == []  # D is bounded: done, not unmatched
+    assert window.methods["find_window"] == 1, window.methods
+    rows_asked = sum(window.methods.get(m, 0) for m in ("find_every_study", "find_studies"))
+    rows_asked_before = sum(per_row.methods.get(m, 0) for m in ("find_every_study", "find_studies"))
+    assert rows_asked == rows_asked_before - len(since), (window.methods, per_row.methods)
+    # what the PACS served: one search instead of one per bounded row (QIDO-RS: three, to check it whole)
+    window_cost = 1 if kind == "dimse" else 3
+    assert window.requests == per_row.requests - len(since) + window_cost, (window.requests, per_row.requests)
+
+
+@pytest.mark.parametrize("kind", ["dimse", "dicomweb"])
+def test_a_window_answer_cut_short_falls_back_to_one_search_per_row(tmp_path, orthanc_factory, monkeypatch,
+                                                                   caplog, kind):
+    """Orthanc cuts every answer at LimitFindResults (C-FIND: Cancel; QIDO-RS: without a word)."""
+    o = orthanc_factory(extra={"LimitFindResults": 2})
+    assert o.upload(planted_studies(5)) == 5
+    rows = [("patient_id", "PLANTED1", "C"), ("patient_id", "NOBODY", "D"), ("accession_number", "ACC3", "F")]
+    spec = make_spec(tmp_path, dimse_yaml(o) if kind == "dimse" else web_yaml(o), rows)
+    since = _bounds(spec, WINDOWS)  # the window from January holds the five studies: cut at two
+    counted = _Counted(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="pacs2bids.query"):
+        got = query.find_studies(spec, since)
+    close_pools()
+    assert "cut the study search by date window short" in caplog.text
+    assert "PLANTED1" not in caplog.text and "ACC3" not in caplog.text
+    assert counted.methods["find_window"] == 1
+    assert counted.methods["find_studies"] >= len(since)  # each bounded row asked on its own
+    assert sorted(st.study_date for st in got.studies) == [f"2021{i:02d}15" for i in range(1, 6)]
+    assert {st.subject for st in got.studies} == {"C"} and got.unmatched == []

@@ -132,16 +132,20 @@ def find_studies(spec: ProjectSpec, since: Mapping[int, date] | None = None) -> 
     the PACS's gate (:meth:`Transport.one_connection`).
 
     ``since`` (inclusion row -> day), for an incremental replication (:mod:`pacs2bids.replicate`):
-    such a row is first asked only for the studies dated that day or later, in one search by date;
-    a row whose window holds none is done (and not listed as unmatched), one whose window holds a
+    the rows so bounded are asked together, in ONE study search of the PACS by StudyDate from the
+    earliest bound on, matched here to each row by PatientID or AccessionNumber and its own day; a
+    row whose window holds none is done (and not listed as unmatched), one whose window holds a
     study is asked again as above, so that its studies get the sessions a full extraction gives.
+    When the PACS cuts that answer short or warns, each bounded row is asked in a search by date
+    of its own (logged).
     """
     filters = _Filters.of(spec)
     result = QueryResult()
     seen: set[str] = set()
     with open_transport(spec) as transport, transport.one_connection():
         since = since or {}
-        matched = [(inc, _row_candidates(spec, transport, inc, filters, since.get(inc.row)))
+        hits = _window_hits(spec, transport, filters, since) if since else None
+        matched = [(inc, _row_candidates(spec, transport, inc, filters, since.get(inc.row), hits))
                    for inc in spec.inclusions]
         series = _series_by_study(spec, transport, [c for _, found in matched for c in found], filters)
         for inc, found in matched:
@@ -159,7 +163,7 @@ def _studies_of(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Fil
     return: a StudyDate that is not a valid date, or a valid one outside the window. One search
     without a date (universal matching, PS3.4 C.2.2.2.3); when the PACS may have cut it short,
     also the search in the window, which splits until whole. Returns (key, value, studies)."""
-    key, value = ("PatientID", inc.patient_id) if inc.patient_id else ("AccessionNumber", inc.accession_number)
+    key, value = _key_of(inc)
     what = f"study search for inclusion row {inc.row}"
     if f.since is not None:  # incremental: the window alone
         return key, value, list(with_retries(spec.retries, lambda: transport.find_studies(key, value, f.lo, f.hi),
@@ -177,16 +181,58 @@ def _studies_of(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Fil
 
 
 def _row_candidates(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters,
-                    since: date | None) -> list[_Candidate]:
-    """The candidates of one row; with ``since``, none unless a study is dated that day or later."""
-    if since is not None and not _candidates(spec, transport, inc, f.after(since)):
-        return []
+                    since: date | None, hits: set[int] | None = None) -> list[_Candidate]:
+    """The candidates of one row; with ``since``, none unless a study is dated that day or later
+    (known from ``hits``, the rows the window search matched, or else by a search of the row's own)."""
+    if since is not None:
+        if hits is not None and inc.row not in hits:
+            return []
+        if hits is None and not _candidates(spec, transport, inc, f.after(since)):
+            return []
     return _candidates(spec, transport, inc, f)
+
+
+def _window_hits(spec: ProjectSpec, transport: Transport, f: _Filters, since: Mapping[int, date]) -> set[int] | None:
+    """The rows bounded by a watermark that have a study in their window, by ONE study search of
+    the PACS by StudyDate from the earliest bound on, matched to the rows here by PatientID or
+    AccessionNumber. None when the PACS cut that answer short or warned: then each row is asked."""
+    wide = f.after(min(since.values()))
+    if wide.lo > wide.hi:
+        return set()
+    studies, whole = with_retries(spec.retries, lambda: transport.find_window(wide.lo, wide.hi),
+                                  "study search by date window", log)
+    if not whole:
+        log.warning("the PACS cut the study search by date window short (or warned): one search per "
+                    "inclusion row instead; raise its result limit (Orthanc: LimitFindResults)")
+        return None
+    by_key: dict[tuple[str, str], list[Dataset]] = {}
+    for st in studies:
+        for key in ("PatientID", "AccessionNumber"):
+            if value := str(st.get(key, "") or ""):
+                by_key.setdefault((key, value), []).append(st)
+    hits: set[int] = set()
+    for inc in spec.inclusions:
+        if inc.row in since:
+            key, value = _key_of(inc)
+            if _filtered(inc, key, value, by_key.get((key, value), []), f.after(since[inc.row])):
+                hits.add(inc.row)
+    log.info("replication: one study search by date window, %d of %d bounded rows have a study in it",
+             len(hits), len(since))
+    return hits
+
+
+def _key_of(inc: Inclusion) -> tuple[str, str]:
+    return ("PatientID", inc.patient_id) if inc.patient_id else ("AccessionNumber", inc.accession_number)
 
 
 def _candidates(spec: ProjectSpec, transport: Transport, inc: Inclusion, f: _Filters) -> list[_Candidate]:
     """The studies of one inclusion row that pass the study-level filters (once each)."""
     key, value, studies = _studies_of(spec, transport, inc, f)
+    return _filtered(inc, key, value, studies, f)
+
+
+def _filtered(inc: Inclusion, key: str, value: str, studies: list[Dataset], f: _Filters) -> list[_Candidate]:
+    """Those of ``studies`` that are the row's (``key`` is ``value``) and pass the study-level filters."""
     out: list[_Candidate] = []
     uids_here: set[str] = set()
     for st in studies:

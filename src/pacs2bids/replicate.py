@@ -9,6 +9,11 @@ older than that run (``replication.late_days`` in the spec, default 7). Older la
 studies whose StudyDate is not a valid date, are caught by a full extraction
 (``extract_project``, ``pacs2bids run``), which asks for everything.
 
+The rows with a watermark are asked together: one study search of the PACS by StudyDate from
+the earliest of their days on, matched to each row here by PatientID or AccessionNumber
+(:func:`pacs2bids.query.find_studies`); only the rows with a study in their window are then asked
+on their own. When the PACS cuts that answer short (its result limit) or warns, each row is asked.
+
 Within that window, the register (:mod:`pacs2bids.register`) skips every study the published
 dataset holds whole: a study to which a series was added since is extracted again; one that
 holds nothing new is not retrieved. When nothing is new, no version is published.

@@ -26,6 +26,7 @@ from .status import MoveDestinationUnknown, StatusInfo, classify, peer, raise_fo
 class FindResult:
     matches: list[Dataset] = field(default_factory=list)
     truncated: bool = False  # the PACS stopped early (result limit): split the query
+    warning: bool = False  # the PACS ended with a Warning status (its answer may be incomplete)
 
 
 @dataclass
@@ -104,6 +105,7 @@ def find(settings: DimseSettings, identifier: Dataset) -> FindResult:
         if final.category == "cancel":
             result.truncated = True
         else:
+            result.warning = final.category == "warning"
             raise_for_status(final, settings, f"C-FIND at {identifier.QueryRetrieveLevel} level")
         return result
 
