@@ -92,6 +92,8 @@ def study_runner(spec: ProjectSpec, studies: list | tuple = (1,)) -> Iterator[tu
             yield runner, extract_study
         return
     import dask
+    import distributed  # noqa: F401  its defaults first: leaving dask.config.set would else drop them all,
+    # and the next Dask run of this process would fail (KeyError: 'comm')
 
     # a study pseudonymises in child processes (pacs2bids.deid.pool): Dask's workers must not be daemonic
     # (set here for a LocalCluster; an existing cluster's nannies need DASK_DISTRIBUTED__WORKER__DAEMON=False)
