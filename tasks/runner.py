@@ -18,6 +18,7 @@ run the cluster on a trusted network (TLS: ``tls://`` addresses).
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -92,6 +93,9 @@ def study_runner(spec: ProjectSpec, studies: list | tuple = (1,)) -> Iterator[tu
             yield runner, extract_study
         return
     import dask
+    # distributed's defaults first: leaving dask.config.set would else drop them all, and the next
+    # Dask run of this process would fail (KeyError: 'comm')
+    importlib.import_module("distributed")
 
     # a study pseudonymises in child processes (pacs2bids.deid.pool): Dask's workers must not be daemonic
     # (set here for a LocalCluster; an existing cluster's nannies need DASK_DISTRIBUTED__WORKER__DAEMON=False)
