@@ -26,6 +26,7 @@ from prefect import task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pacs2bids.config import ProjectSpec
+from pacs2bids.deid import pool as deid_pool
 from pacs2bids.errors import SpecError
 from pacs2bids.model import StudyRef
 from pacs2bids.pacs import gate
@@ -51,7 +52,12 @@ def extract_study_on_worker(spec: ProjectSpec, study: StudyRef, ctx: RunContext)
     if gate.gate_for(settings) is None:
         use_pacs_limit(spec)
     get_run_logger().info("sub-%s: on worker %s, process %d", study.subject, socket.gethostname(), os.getpid())
-    return extract_study.fn(spec, study, ctx)
+    try:
+        return extract_study.fn(spec, study, ctx)
+    finally:
+        # a Dask worker is stopped without its atexit hooks: the de-identification pool's processes would
+        # outlive it, orphaned (holding the run's output open); they stop after each study instead
+        deid_pool.shutdown()
 
 
 def _dask_runner(settings):

@@ -115,6 +115,26 @@ def test_a_local_dask_cluster_of_two_processes_extracts_the_sample_like_the_thre
     assert pids["dask"]["studies"] == pids["threads"]["studies"] >= 5
     workers = _worker_pids(flow_runs["dask"])
     assert len(workers) == pids["dask"]["studies"] and os.getpid() not in set(workers.values())
+    assert _orphans() == []  # the workers' de-identification processes ended with them
+
+
+def _orphans(wait: float = 20.0) -> list[str]:
+    """Processes the Dask workers started (the de-identification pool's forkserver and its workers name
+    the worker's scratch folder) that are still alive ``wait`` seconds after the run."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + wait
+    while True:
+        left = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            line = " ".join(p.info["cmdline"] or [])
+            if "multiprocessing.forkserver" in line and "dask-scratch-space" in line:
+                left.append(f"{p.info['pid']}: {line[:120]}")
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 def _worker_pids(flow_run_id) -> dict[str, int]:
