@@ -217,6 +217,16 @@ def deploy_all_and_read_back(server: PrefectServer, root: Path, spec: Path, home
     import yaml
     from prefect.client.orchestration import get_client
 
+    from prefect.exceptions import ObjectNotFound
+
+    entries = yaml.safe_load((root / "deployments" / "prefect.yaml").read_text())["deployments"]
+    with client_settings(server), get_client(sync_client=True) as client:
+        for entry in entries:  # the file's deployments as the file alone makes them: an earlier test of the
+            try:  # session deployed extract-project with a schedule of its own on this server
+                client.delete_deployment(client.read_deployment_by_name(
+                    f"{entry['entrypoint'].partition(':')[2]}/{entry['name']}").id)
+            except ObjectNotFound:
+                pass
     env = {**server.client_env(home), "PACS2BIDS_HOME": str(root), "PACS2BIDS_SPEC": str(spec)}
     server.cli("deploy", "--prefect-file", "deployments/prefect.yaml", "--all", cwd=root, env=env)
     held = {}
