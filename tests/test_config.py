@@ -237,3 +237,9 @@ def test_blank_or_mostly_blank_secret_refused(tmp_path, secret):
     with pytest.raises(SpecError, match="shorter than 16 non-space characters.*openssl rand") as e:
         load_spec(write_spec(tmp_path, BASE), environ={"PACS2BIDS_PROJECT_SECRET": secret})
     assert secret not in str(e.value) or not secret.strip()
+
+
+def test_a_selection_regex_that_does_not_compile_is_refused_on_load(tmp_path):
+    body = BASE.replace("  inclusions: inclusions.csv\n", "  inclusions: inclusions.csv\n  series_description: '(T1'\n")
+    with pytest.raises(SpecError, match="series_description.*not a valid regular expression"):
+        load_spec(write_spec(tmp_path, body), environ=ENV)

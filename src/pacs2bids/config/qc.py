@@ -25,13 +25,25 @@ mm, ``Matrix`` in voxels, the first three axes). Example (spec.yaml)::
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NIFTI_PARAMETERS = ("VoxelSize", "Matrix")
 SIDECAR_PARAMETERS = ("RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "MagneticFieldStrength",
                       "Manufacturer", "ManufacturersModelName", "SoftwareVersions")
 _ENTITY = re.compile(r"[a-z]+-[A-Za-z0-9]+")
+
+
+def _compiles(v: str) -> str:
+    try:
+        re.compile(v)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return v
+
+
+Regex = Annotated[str, AfterValidator(_compiles)]  # a spec field holding a regular expression, checked on load
 
 
 class _Model(BaseModel):
@@ -45,17 +57,7 @@ class Expected(_Model):
     value: float | str | list[float] | None = Field(None, description="Expected value (number, list or string).")
     tolerance: float = Field(0.0, ge=0, description="Absolute tolerance, in the parameter's unit.")
     relative: float = Field(0.0, ge=0, description="Relative tolerance (0.05: within 5 % of value).")
-    regex: str | None = Field(None, description="For strings: a regular expression the whole value must match.")
-
-    @field_validator("regex")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return v
+    regex: Regex | None = Field(None, description="For strings: a regular expression the whole value must match.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Expected":

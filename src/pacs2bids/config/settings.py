@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from ..errors import SpecError
-from .qc import QcSettings
+from .qc import QcSettings, Regex
 from .operations import RetentionSettings, TaskRunnerSettings
 from .derivatives import DerivativesSettings
 from .targets import TargetSettings, move_url_output
@@ -189,9 +189,9 @@ class SelectionSettings(_Model):
     inclusions: Path = Field(description="CSV: patient_id or accession_number, subject[, session].")
     study_date: DateRange | None = Field(None, description="Study date range.")
     modalities: list[str] = Field(default_factory=lambda: ["MR"], description="Series modalities kept.")
-    study_description: str | None = Field(None, description="Regex a study description must match.")
-    series_description: str | None = Field(None, description="Regex a series description must match.")
-    exclude_series_description: str | None = Field(
+    study_description: Regex | None = Field(None, description="Regex a study description must match.")
+    series_description: Regex | None = Field(None, description="Regex a series description must match.")
+    exclude_series_description: Regex | None = Field(
         None, description="Regex: series whose description matches are left out."
     )
     merged_records: bool = Field(
@@ -200,16 +200,6 @@ class SelectionSettings(_Model):
         "names one of them). Without it such rows are refused, as a likely mix-up of two people. One patient ID "
         "under two subjects is always refused.",
     )
-
-    @field_validator("study_description", "series_description", "exclude_series_description")
-    @classmethod
-    def _regex(cls, v: str | None) -> str | None:
-        if v is not None:
-            try:
-                re.compile(v)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return v
 
 
 class PseudonymizationSettings(_Model):
