@@ -147,7 +147,7 @@ def test_outputs_and_validity(dataset):
     out = dataset / QC_DIR
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "pacs2bids"
-    assert desc["SourceDatasets"] == [{"URL": "../../"}]
+    assert desc["SourceDatasets"] == [{"URL": "bids:raw:"}] and desc["DatasetLinks"] == {"raw": "../../"}
     for s in result.sessions:
         written = json.loads((out / s.json).read_text())
         assert written["Status"] == s.status and len(written["Images"]) == len(s.images) > 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import nibabel as nib
 
+from ..bids.dataset import write_derivative_description
 from ..provdoc import record_stage
 from ..run import RunContext
 from .deface import METHOD, DefaceFailed, deface, load_3d, pydeface_version, snapshot
@@ -30,7 +31,6 @@ from .register import tool_name
 
 log = logging.getLogger(__name__)
 NAME = "pacs2bids-deface"
-BIDS_VERSION = "1.10.0"
 
 
 def _write(path: Path, text: str) -> None:
@@ -43,21 +43,13 @@ def _write(path: Path, text: str) -> None:
 def write_description(root: Path, version: str) -> None:
     """The derivative's dataset_description.json (and its .bidsignore: the review snapshots)."""
     tool = tool_name()
-    description = {
-        "Name": "pacs2bids defacing (pydeface's template and face mask)",
-        "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative",
-        "GeneratedBy": [
-            {"Name": "pacs2bids", "Version": version,
-             "Description": f"{METHOD} {pydeface_version()}'s method: its template registered onto each image with "
-                            f"{tool} (affine, 12 dof), its face mask resampled into the image, face voxels zeroed"},
-            {"Name": METHOD, "Version": pydeface_version(), "Description": "template and face mask"},
-            {"Name": tool, "Description": "registration"},
-        ],
-        "SourceDatasets": [{"URL": "bids:raw:"}],
-        "DatasetLinks": {"raw": "../../"},
-    }
-    _write(root / "dataset_description.json", json.dumps(description, indent=2) + "\n")
+    write_derivative_description(root, "pacs2bids defacing (pydeface's template and face mask)", generated_by=[
+        {"Name": "pacs2bids", "Version": version,
+         "Description": f"{METHOD} {pydeface_version()}'s method: its template registered onto each image with "
+                        f"{tool} (affine, 12 dof), its face mask resampled into the image, face voxels zeroed"},
+        {"Name": METHOD, "Version": pydeface_version(), "Description": "template and face mask"},
+        {"Name": tool, "Description": "registration"},
+    ])
     _write(root / ".bidsignore", "figures\n")  # the validator ignores a folder named without its slash
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from nibabel.filebasedimages import ImageFileError
 
+from pacs2bids.bids.dataset import write_derivative_description
 from pacs2bids.config.qc import NIFTI_PARAMETERS, SIDECAR_PARAMETERS, Expected, ExpectedSeries, Protocol, QcSettings
 from pacs2bids.derivatives import qc_indices
 from pacs2bids.derivatives.qc_report import write_report
@@ -312,10 +313,8 @@ def _remove_stale(out: Path, found: list[tuple[str, str | None, Path]]) -> None:
 
 
 def write_description(out: Path, generated_by: dict) -> None:
-    desc = {"Name": "pacs2bids protocol conformity QC", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
-            "GeneratedBy": [{**generated_by, "Description": "protocol conformity QC and image indices"}],
-            "SourceDatasets": [{"URL": "../../"}]}
-    (out / "dataset_description.json").write_text(json.dumps(desc, indent=2) + "\n")
+    write_derivative_description(out, "pacs2bids protocol conformity QC", generated_by=[
+        {**generated_by, "Description": "protocol conformity QC and image indices"}])
     (out / ".bidsignore").write_text("\n".join(BIDSIGNORE) + "\n")
     (out / "README").write_text(
         "Protocol conformity QC written by pacs2bids: one JSON per session (missing, duplicated and extra\n"
