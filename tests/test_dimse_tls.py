@@ -30,6 +30,9 @@ from pacs2bids.query import find_studies
 from pacs2bids.retrieve import retrieve_study
 
 from test_retrieve import disk_sops, dimse_yaml, make_spec, orthanc_sops, patient_ids
+import test_targets_research_pacs
+
+version = test_targets_research_pacs.version  # the module fixture: a pseudonymised published version
 
 
 def _name(cn: str) -> x509.Name:
@@ -171,3 +174,16 @@ def test_tls_settings_are_checked(tmp_path, pki):
         services.echo(s)
     assert "PRIVATE KEY" not in str(err.value)
     close_pools()
+
+
+def test_a_research_pacs_target_stores_over_dicom_tls(tls_pacs, pki, version):
+    from pacs2bids.config.targets import DimseTargetSettings
+    from pacs2bids.targets.research_pacs import ResearchPacsError, ResearchPacsTarget
+
+    root, manifest = version
+    common = dict(kind="dimse", name="rp", host="127.0.0.1", port=tls_pacs.dicom_port, ae_title=tls_pacs.aet, timeout=10)
+    with pytest.raises(ResearchPacsError, match="research PACS rp"):  # a plain association is refused
+        ResearchPacsTarget(DimseTargetSettings(**common)).publish(root, manifest)
+    tls = DimseTlsSettings(ca_bundle=pki["ca"], client_cert=pki["client"], client_key=pki["client_key"])
+    report = ResearchPacsTarget(DimseTargetSettings(**common, tls=tls)).publish(root, manifest)
+    assert report.verified and report.sent_files > 0 and not report.failed
