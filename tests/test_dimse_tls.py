@@ -187,3 +187,22 @@ def test_a_research_pacs_target_stores_over_dicom_tls(tls_pacs, pki, version):
     tls = DimseTlsSettings(ca_bundle=pki["ca"], client_cert=pki["client"], client_key=pki["client_key"])
     report = ResearchPacsTarget(DimseTargetSettings(**common, tls=tls)).publish(root, manifest)
     assert report.verified and report.sent_files > 0 and not report.failed
+
+
+def test_an_encrypted_client_key_opens_with_its_password_from_the_environment(tls_pacs, pki, monkeypatch):
+    key = serialization.load_pem_private_key(pki["client_key"].read_bytes(), None)
+    encrypted = pki["client_key"].with_name("encrypted.key")
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"key-password-for-this-test")))
+    tls = dict(ca_bundle=pki["ca"], client_cert=pki["client"], client_key=encrypted)
+    with pytest.raises(PacsError, match="client_key is encrypted: name its password's variable"):
+        services.echo(settings(tls_pacs, pki, **tls))
+    monkeypatch.delenv("TLS_KEY_PASSWORD", raising=False)
+    with pytest.raises(PacsError, match="TLS_KEY_PASSWORD, which is not set"):
+        services.echo(settings(tls_pacs, pki, **tls, client_key_password_env="TLS_KEY_PASSWORD"))
+    monkeypatch.setenv("TLS_KEY_PASSWORD", "wrong")
+    with pytest.raises(PacsError, match="cannot load") as err:
+        services.echo(settings(tls_pacs, pki, **tls, client_key_password_env="TLS_KEY_PASSWORD"))
+    assert "wrong" not in str(err.value)
+    monkeypatch.setenv("TLS_KEY_PASSWORD", "key-password-for-this-test")
+    services.echo(settings(tls_pacs, pki, **tls, client_key_password_env="TLS_KEY_PASSWORD"))

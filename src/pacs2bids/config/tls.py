@@ -5,6 +5,7 @@ asks for one. Read by :mod:`pacs2bids.pacs.tls`; the key file's content is never
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,8 +21,10 @@ class DimseTlsSettings(BaseModel):
                             "against. Verification is always on; nothing turns it off.")
     client_cert: Path | None = Field(None, description="Absolute path of our certificate (PEM), for a PACS that "
                                      "requires the client's certificate. Also our storage SCP's certificate for C-MOVE.")
-    client_key: Path | None = Field(None, description="Absolute path of the private key (PEM, unencrypted, readable by "
-                                    "this user only) of client_cert.")
+    client_key: Path | None = Field(None, description="Absolute path of the private key (PEM, readable by this user "
+                                    "only) of client_cert.")
+    client_key_password_env: str | None = Field(None, description="Environment variable holding the client_key's "
+                                                "password, when the key is encrypted.")
     server_name: str | None = Field(None, description="Name the PACS's certificate must carry (default: the host). "
                                     "For a certificate made for a DNS name while host is an address.")
 
@@ -30,6 +33,13 @@ class DimseTlsSettings(BaseModel):
     def _absolute(cls, v: Path | None) -> Path | None:
         if v is not None and not v.is_absolute():
             raise ValueError("must be an absolute path to a PEM file")
+        return v
+
+    @field_validator("client_key_password_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("give the NAME of an environment variable (letters, digits, _), never the password itself")
         return v
 
     @model_validator(mode="after")

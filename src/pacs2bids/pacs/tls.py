@@ -10,6 +10,7 @@ and the server one as ``start_server(ssl_context=...)``.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -30,12 +31,23 @@ def _load_identity(ctx: ssl.SSLContext, tls: DimseTlsSettings, where: str) -> No
         return
     cert = _pem(tls.client_cert, "client_cert", where)
     key = _pem(tls.client_key, "client_key", where)
+    password = None
+    if tls.client_key_password_env:
+        password = os.environ.get(tls.client_key_password_env)
+        if password is None:
+            raise PacsError(f"DICOM TLS: {where}.client_key_password_env names {tls.client_key_password_env}, which is "
+                            "not set; export it (the client_key's password)", transient=False)
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=(lambda: password) if password is not None else _no_password)
     except (ssl.SSLError, ValueError) as exc:  # the message names no key material
         raise PacsError(f"DICOM TLS: cannot load {where}.client_cert {cert} with its client_key ({exc.__class__.__name__}: "
-                        f"{getattr(exc, 'reason', None) or 'not a matching PEM certificate and unencrypted key'}); "
-                        "check that the key belongs to the certificate", transient=False) from None
+                        f"{getattr(exc, 'reason', None) or exc}); "
+                        "check that the key belongs to the certificate, and for an encrypted key its password "
+                        "(client_key_password_env)", transient=False) from None
+
+
+def _no_password() -> str:
+    raise ValueError("the client_key is encrypted: name its password's variable in client_key_password_env")
 
 
 def _trust(ctx: ssl.SSLContext, tls: DimseTlsSettings, where: str) -> None:
