@@ -94,6 +94,8 @@ def test_expired_studies_go_from_the_research_pacs_the_current_ones_stay(tmp_pat
     plan = purge.plan_purge(spec)
     assert sorted((i.where, i.what) for i in plan.items) == [("local", old.name), ("rp", old.name)]
     assert plan.not_purgeable == [] and _studies(research) == kept | gone  # a plan deletes nothing
+    assert f"rp               {old.name}  (published" in purge.format_plan(plan, dry_run=True)
+    assert "1 stud(ies) there" in purge.format_plan(plan, dry_run=True)
     purge.execute(spec, plan, logger=LOG)
     assert not [i.error for i in plan.items if i.error]
     assert _studies(research) == kept  # the old version's own study is gone; the shared one stays
@@ -107,13 +109,16 @@ def test_expired_studies_go_from_the_research_pacs_the_current_ones_stay(tmp_pat
     assert purge.plan_purge(spec).items == []
 
 
-def test_after_the_project_end_every_study_goes(tmp_path, research, sample_dir, creds):
+def test_after_the_project_end_every_study_goes(tmp_path, research, sample_dir, creds, prefect_harness, monkeypatch):
+    from pacs2bids.flows.purge import purge_project
+
     spec = _spec(tmp_path, research, "{keep_days: 3650, project_end: 2026-01-31}")
     _publish(spec, sample_dir, "20260101T000000Z-a", [S01_A, S02], days_ago=0)
     _publish(spec, sample_dir, "20260102T000000Z-b", [S01_A, S01_B], days_ago=0)
     assert len(_studies(research)) == 2
-    plan = purge.execute(spec, purge.plan_purge(spec), logger=LOG)
-    assert not [i.error for i in plan.items if i.error]
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    done = purge_project(str(spec.spec_path))  # the scheduled flow
+    assert not done["errors"] and "rp:20260102T000000Z-b" in done["deleted"]
     assert _studies(research) == set() and research.get("/instances") == []
     assert not versions_dir(spec.output).exists()
 

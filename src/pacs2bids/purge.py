@@ -160,7 +160,8 @@ def format_plan(plan: PurgePlan, *, dry_run: bool) -> str:
              + f"; {head} {len(plan.items)} item(s) on {plan.today}"]
     for i in plan.items:
         state = f"  FAILED: {i.error}" if i.error else ""
-        lines.append(f"  {i.where:<16} {i.what}{' (current)' if i.current else ''}  ({i.reason}){state}")
+        there = f", {len(i.studies)} stud(ies) there" if i.where not in _LOCAL and i.studies else ""
+        lines.append(f"  {i.where:<16} {i.what}{' (current)' if i.current else ''}  ({i.reason}{there}){state}")
     for name in plan.not_purgeable:
         lines.append(f"  {name:<16} {NOT_PURGEABLE}")
     return "\n".join(lines)
