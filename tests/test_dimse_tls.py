@@ -206,3 +206,12 @@ def test_an_encrypted_client_key_opens_with_its_password_from_the_environment(tl
     assert "wrong" not in str(err.value)
     monkeypatch.setenv("TLS_KEY_PASSWORD", "key-password-for-this-test")
     services.echo(settings(tls_pacs, pki, **tls, client_key_password_env="TLS_KEY_PASSWORD"))
+
+
+def test_tls_to_a_pacs_that_does_not_speak_it_is_named_and_may_be_retried(orthanc_factory, pki):
+    plain = orthanc_factory(dicomweb=False)
+    with pytest.raises(PacsError, match="TLS association .*handshake failed.*speaks DICOM TLS") as err:
+        services.echo(settings(plain, pki, ca_bundle=pki["ca"], client_cert=pki["client"],
+                               client_key=pki["client_key"]))
+    assert err.value.transient is True
+    close_pools()

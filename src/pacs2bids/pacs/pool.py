@@ -142,8 +142,9 @@ class AssociationPool:
                     f"knows our calling AE title {s.calling_ae_title!r} (and our host) among its modalities.",
                     transient=rejection["transient"],
                 )
-            if s.tls is not None and (why := diagnose(s.tls, s.host, s.port, min(s.timeout, 10.0))):
-                raise PacsError(f"cannot open a TLS association with {where}: {why}", transient=False)
+            why, transient = diagnose(s.tls, s.host, s.port, min(s.timeout, 10.0)) if s.tls else ("", True)
+            if why:
+                raise PacsError(f"cannot open a TLS association with {where}: {why}", transient=transient)
             raise PacsError(
                 f"cannot open an association with {where}: no answer or connection refused within "
                 f"{s.timeout:.0f} s. Check that the PACS is running, that host {s.host} and port {s.port} are "

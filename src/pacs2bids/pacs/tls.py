@@ -84,27 +84,34 @@ def server_context(tls: DimseTlsSettings, where: str = "pacs.dimse.tls") -> ssl.
     return ctx
 
 
-def diagnose(tls: DimseTlsSettings, host: str, port: int, timeout: float = 5.0, where: str = "pacs.dimse.tls") -> str:
+def diagnose(tls: DimseTlsSettings, host: str, port: int, timeout: float = 5.0,
+             where: str = "pacs.dimse.tls") -> tuple[str, bool]:
     """Why a TLS association could not be had, in words naming the fix ("" when the handshake
-    succeeds and the PACS keeps the connection): one extra connection, made only after a failure."""
+    succeeds and the PACS keeps the connection, or no connection is had at all), and whether running
+    again may be enough (a refused certificate: never). One extra connection, made only after a failure."""
     ctx, name = client_context(tls, host, where)
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=name) as conn:
-                conn.settimeout(min(timeout, 2.0))
-                try:
-                    conn.recv(1)  # TLS 1.3: a refused client certificate arrives as an alert after the handshake
-                except (socket.timeout, TimeoutError):
-                    return ""
-                return ""
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:  # refused or silent: not a TLS matter, the caller's message says what to check
+        return "", True
+    try:
+        with ctx.wrap_socket(raw, server_hostname=name) as conn:
+            conn.settimeout(min(timeout, 2.0))
+            try:
+                conn.recv(1)  # TLS 1.3: a refused client certificate arrives as an alert after the handshake
+            except (socket.timeout, TimeoutError):
+                pass
+            return "", True
     except ssl.SSLCertVerificationError as exc:
         return (f"the PACS's certificate was refused ({exc.verify_message}): check that {where}.ca_bundle holds the CA "
-                f"that signed it and that it names {name!r} (or set {where}.server_name)")
+                f"that signed it and that it names {name!r} (or set {where}.server_name)"), False
     except ssl.SSLError as exc:
-        reason = exc.reason or exc.__class__.__name__
-        if "CERTIFICATE" in str(reason).upper() or "UNKNOWN_CA" in str(reason).upper():
+        reason = str(exc.reason or exc.__class__.__name__)
+        if "CERTIFICATE" in reason.upper() or "UNKNOWN_CA" in reason.upper():
             return (f"the PACS refused our certificate ({reason}): give {where}.client_cert and client_key, signed by a "
-                    "CA the PACS trusts")
-        return f"the TLS handshake failed ({reason}): check that the PACS's port speaks DICOM TLS"
-    except OSError:  # refused or silent: not a TLS matter, the caller's message says what to check
-        return ""
+                    "CA the PACS trusts"), False
+        return f"the TLS handshake failed ({reason}): check that the PACS's port speaks DICOM TLS", True
+    except OSError as exc:  # connected, then reset or closed during the handshake: a plain DICOM port, likely
+        return (f"the TLS handshake failed ({type(exc).__name__}): check that the PACS's port speaks DICOM TLS"), True
+    finally:
+        raw.close()
