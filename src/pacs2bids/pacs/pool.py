@@ -97,9 +97,7 @@ class AssociationPool:
     def _associate(self, classes: frozenset[str]) -> _Slot:
         s = self.settings
         ae = AE(ae_title=s.calling_ae_title)
-        ae.acse_timeout = s.timeout
-        ae.dimse_timeout = s.timeout
-        ae.network_timeout = s.timeout
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout
         ae.connection_timeout = min(s.timeout, 30.0)
         ae.maximum_pdu_size = 0  # no limit on what we receive
         contexts = [build_context(ECHO), build_context(FIND), build_context(GET), build_context(MOVE)]
