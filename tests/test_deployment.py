@@ -77,6 +77,7 @@ def test_a_broken_entrypoint_is_refused(monkeypatch):
 def test_extraction_is_on_demand_replication_and_purge_are_scheduled():
     by_name = {d["name"]: d for d in _deployments()}
     assert not by_name["extract-project"].get("schedules"), "extraction runs on demand"
+    assert not by_name["reintegrate-derivative"].get("schedules"), "reintegration runs on demand"
     for name in ("replicate-project", "purge-project"):
         assert by_name[name].get("schedules"), f"{name} has no schedule"
     assert all(d["work_pool"]["name"] == "pacs2bids" for d in by_name.values())

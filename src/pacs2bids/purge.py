@@ -9,8 +9,12 @@ the re-identification log in the key store folder, and the operations log
 (:mod:`pacs2bids.audit`), where every purge is recorded with what it deleted. A purge that
 deletes the quarantine first seals the head of its decision log there.
 
-A research PACS target cannot be purged from here: the plan lists it, to be deleted with the
-PACS's own tools. A purge refuses to start while a run of the project is alive (its work lock).
+A research PACS target that is an Orthanc whose REST API the spec gives (``purge:`` on the target)
+loses the expired versions' studies that no staying version holds
+(:mod:`pacs2bids.targets.research_pacs_purge`); they are deleted before the local versions, and a
+local version whose studies could not be deleted there is kept, so the next purge can still find
+them. Any other research PACS is listed as not purgeable, with the reason. A purge refuses to
+start while a run of the project is alive (its work lock).
 
 :func:`plan_purge` lists (``pacs2bids purge SPEC --dry-run``); :func:`execute` deletes and records.
 Plain Python: the flow ``purge_project`` (flows/purge.py) orchestrates. No original identifier is
@@ -24,12 +28,13 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from . import audit
-from .errors import Pacs2BidsError
+from .errors import Pacs2BidsError, PacsError
+from .targets.research_pacs_purge import NOT_PURGEABLE
 from .publish import MANIFEST, _versions, current_version, versions_dir
 
 KEY_FILES = ("keys.journal", "keys.fernet")  # the matching key; audit.jsonl / audit.fernet are logs, kept
@@ -51,6 +56,7 @@ class PurgeItem:
     reason: str
     current: bool = False
     error: str = ""
+    studies: list[str] = field(default_factory=list, repr=False)  # research PACS: pseudonymised study UIDs
 
 
 @dataclass
@@ -106,12 +112,14 @@ def plan_purge(spec, *, now: datetime | None = None) -> PurgePlan:
         return plan
     cutoff = now - timedelta(days=retention.keep_days)
     current = current_version(spec.output)
+    local: list[tuple[Path, bool, str | None]] = []
     for v in _versions(spec.output):
         is_current = current is not None and v.resolve() == current.resolve()
         why = _expired(_published(v), is_current, ended, cutoff)
+        local.append((v, is_current, why))
         if why:
             plan.items.append(PurgeItem("local", v.name, why, current=is_current))
-    _plan_targets(spec, plan, ended, cutoff)
+    _plan_targets(spec, plan, ended, cutoff, local)
     if ended:
         work = Path(spec.resolved_work_dir)
         if (work / "quarantine").exists():
@@ -124,10 +132,17 @@ def plan_purge(spec, *, now: datetime | None = None) -> PurgePlan:
     return plan
 
 
-def _plan_targets(spec, plan: PurgePlan, ended: bool, cutoff: datetime) -> None:
+def _plan_targets(spec, plan: PurgePlan, ended: bool, cutoff: datetime, local: list) -> None:
     from .targets import Purgeable, open_targets
+    from .targets.research_pacs_purge import studies_to_delete
 
+    studies = None
     for target in open_targets(spec):
+        if getattr(getattr(target, "settings", None), "purge", None) is not None:  # a research PACS: its studies
+            studies = studies if studies is not None else studies_to_delete([(v, bool(why)) for v, _, why in local])
+            plan.items += [PurgeItem(target.name, v.name, why, current=cur, studies=studies[v.name])
+                           for v, cur, why in local if why]
+            continue
         if not isinstance(target, Purgeable):
             plan.not_purgeable.append(target.name)
             continue
@@ -145,9 +160,10 @@ def format_plan(plan: PurgePlan, *, dry_run: bool) -> str:
              + f"; {head} {len(plan.items)} item(s) on {plan.today}"]
     for i in plan.items:
         state = f"  FAILED: {i.error}" if i.error else ""
-        lines.append(f"  {i.where:<16} {i.what}{' (current)' if i.current else ''}  ({i.reason}){state}")
+        there = f", {len(i.studies)} stud(ies) there" if i.where not in _LOCAL and i.studies else ""
+        lines.append(f"  {i.where:<16} {i.what}{' (current)' if i.current else ''}  ({i.reason}{there}){state}")
     for name in plan.not_purgeable:
-        lines.append(f"  {name:<16} not purged by pacs2bids: delete the project's studies with the PACS's own tools")
+        lines.append(f"  {name:<16} {NOT_PURGEABLE}")
     return "\n".join(lines)
 
 
@@ -179,15 +195,17 @@ def execute(spec, plan: PurgePlan, *, logger: logging.Logger | logging.LoggerAda
     sealed = _seal_quarantine(spec) if any(i.where == "quarantine" for i in plan.items) else None
     with _WorkLock(Path(spec.resolved_work_dir)):
         targets = _purgeable_targets(spec) if any(i.where not in _LOCAL for i in plan.items) else {}
-        for item in sorted(plan.items, key=lambda i: i.current):
+        for item in sorted(plan.items, key=lambda i: (i.current, i.where in _LOCAL)):  # research PACS first
             try:
+                _kept_for_pacs(item, plan)
                 _delete(spec, item, targets, logger)
             except Exception as exc:  # noqa: BLE001 - one failure does not stop the rest; recorded
                 item.error = str(exc)[:300]
                 logger.error("purge: %s %s not deleted: %s", item.where, item.what, item.error)
     audit.record(spec, "purge", ended=plan.ended, keep_days=plan.keep_days,
-                 deleted=[{"where": i.where, "what": i.what, "current": i.current} for i in plan.items if not i.error],
-                 failed=[asdict(i) for i in plan.items if i.error], not_purgeable=plan.not_purgeable,
+                 deleted=[_entry(i) for i in plan.items if not i.error],
+                 failed=[{**_entry(i), "reason": i.reason, "error": i.error} for i in plan.items if i.error],
+                 not_purgeable=plan.not_purgeable,
                  output=str(spec.output), **({"quarantine_decisions": sealed} if sealed else {}))
     return plan
 
@@ -195,10 +213,36 @@ def execute(spec, plan: PurgePlan, *, logger: logging.Logger | logging.LoggerAda
 _LOCAL = ("local", "work", "quarantine", "key store")
 
 
+def _entry(item: PurgeItem) -> dict:
+    """An item as the audit log records it: places, version ids and counts (study UIDs are counted)."""
+    return {"where": item.where, "what": item.what, "current": item.current,
+            **({"studies": len(item.studies)} if item.where not in _LOCAL and item.studies else {})}
+
+
+def _kept_for_pacs(item: PurgeItem, plan: PurgePlan) -> None:
+    """A local version stays while a research PACS could not delete its studies (they are found from it)."""
+    if item.where == "local":
+        stuck = [i.where for i in plan.items if i.where not in _LOCAL and i.what == item.what and i.error and i.studies]
+        if stuck:
+            raise PurgeError(f"kept: research PACS {', '.join(stuck)} still holds its studies; the next purge tries "
+                             "again and deletes it then")
+
+
 def _purgeable_targets(spec) -> dict:
     from .targets import Purgeable, open_targets
+    from .targets.research_pacs_purge import OrthancStudyPurger
 
-    return {t.name: t for t in open_targets(spec) if isinstance(t, Purgeable)}
+    out: dict = {}
+    for t in open_targets(spec):
+        settings = getattr(t, "settings", None)
+        if getattr(settings, "purge", None) is not None:
+            try:
+                out[t.name] = OrthancStudyPurger(t.name, settings.purge, t.environ)
+            except PacsError as exc:  # its items fail with this; the other targets are purged
+                out[t.name] = exc
+        elif isinstance(t, Purgeable):
+            out[t.name] = t
+    return out
 
 
 def _delete(spec, item: PurgeItem, targets: dict, logger) -> None:
@@ -214,6 +258,10 @@ def _delete(spec, item: PurgeItem, targets: dict, logger) -> None:
     elif item.where == "key store":
         for name in KEY_FILES:
             (Path(spec.resolved_key_store) / name).unlink(missing_ok=True)
+    elif isinstance(targets[item.where], PacsError):  # a research PACS whose purger could not be made
+        raise targets[item.where]
+    elif hasattr(targets[item.where], "delete_studies"):
+        targets[item.where].delete_studies(item.studies, log=logger)
     else:
         targets[item.where].delete_version(item.what, log=logger)
     logger.info("purge: %s %s deleted (%s)", item.where, item.what, item.reason)

@@ -146,14 +146,16 @@ def _record(staging: Path, dest: Path, name: str, producer: Producer, run_id: st
     return rec.write(staging / PROV_DIR / f"prov-reintegrate-{name}-{run_id}.jsonld")
 
 
-def reintegrate(spec, folder: Path, producer: Producer, *, name: str | None = None) -> Reintegrated:
+def reintegrate(spec, folder: Path, producer: Producer, *, name: str | None = None,
+                run_id: str | None = None) -> Reintegrated:
     """Check ``folder`` (:func:`check_folder`) and publish a new version of the project dataset with it
     under ``derivatives/<name>/`` (an earlier one of that name is replaced), then send that version to
     the spec's secondary targets. Raises :class:`ReintegrationRefused`, :class:`LeakDetected` or
-    :class:`~pacs2bids.errors.ValidationFailed` with nothing published."""
+    :class:`~pacs2bids.errors.ValidationFailed` with nothing published. ``run_id`` names the new version
+    (default: a new one; the flow ``reintegrate_derivative`` gives its run's)."""
     try:
         name, subjects = check_folder(spec, folder, producer, name)
-        return _publish(spec, folder, producer, name, subjects)
+        return _publish(spec, folder, producer, name, subjects, run_id)
     except Pacs2BidsError as exc:  # a refusal is audited too: who tried what; the reason's kind, not its text
         if isinstance(exc, audit.AuditError):
             raise
@@ -162,12 +164,13 @@ def reintegrate(spec, folder: Path, producer: Producer, *, name: str | None = No
         raise
 
 
-def _publish(spec, folder: Path, producer: Producer, name: str, subjects: list[str]) -> Reintegrated:
+def _publish(spec, folder: Path, producer: Producer, name: str, subjects: list[str],
+             run_id: str | None = None) -> Reintegrated:
     """The checked ``folder`` into a new version of the project dataset (see :func:`reintegrate`)."""
     from .publish import publish_local
     from .targets.step import publish_to_target
 
-    run_id = RunContext.new_run_id(None)
+    run_id = run_id or RunContext.new_run_id(None)
     ctx = RunContext(spec, run_id, None, staging_dir(spec.output, spec.resolved_work_dir, run_id), tool_versions())
     with work_area(ctx):  # the run lock, staging seeded from the current version, removed on leaving
         dest = ctx.staging / "derivatives" / name

@@ -25,6 +25,7 @@ from .qc import QcSettings, Regex
 from .operations import RetentionSettings, TaskRunnerSettings
 from .derivatives import DerivativesSettings
 from .targets import TargetSettings, move_url_output
+from .tls import DimseTlsSettings
 
 
 class _Model(BaseModel):
@@ -60,6 +61,7 @@ class DimseSettings(_Model):
         "next attempt. The default leaves room for max_associations C-MOVEs at once, each with a spare.",
     )
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE or network answer.")
+    tls: DimseTlsSettings | None = Field(None, description="DICOM TLS for every association (config/tls.py).")
 
     @field_validator("ae_title", "calling_ae_title", "move_destination")
     @classmethod

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .tls import DimseTlsSettings
+
 STORAGE_SCHEMES = {"s3": "s3", "sftp": "sftp", "file": "folder"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -99,6 +101,42 @@ def _ae_title(v: str) -> str:
     return v
 
 
+class OrthancPurgeSettings(_Model):
+    """How purge deletes a project's expired studies from a research PACS that is an Orthanc: its
+    REST API (POST /tools/lookup, DELETE /studies/{id}; pacs2bids.targets.research_pacs_purge)."""
+
+    orthanc_rest: str = Field(description="The Orthanc's REST root, e.g. https://research-pacs.example.org:8042.")
+    username_env: str | None = Field(None, description="Environment variable holding the REST user name.")
+    password_env: str | None = Field(None, description="Environment variable holding the REST password.")
+    ca_bundle: Path | None = Field(None, description="Absolute path of the PEM file of the CA an https Orthanc is "
+                                   "checked against (TLS is always verified).")
+    timeout: float = Field(60.0, gt=0, description="Seconds to wait for an HTTP answer.")
+
+    @field_validator("orthanc_rest")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must start with http:// or https:// and name a host")
+        if parts.password or parts.username:
+            raise ValueError("the url holds credentials: name their environment variables in username_env/password_env")
+        return v.rstrip("/")
+
+    @field_validator("username_env", "password_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.fullmatch(v):
+            raise ValueError("give the NAME of an environment variable (letters, digits, _), never the secret itself")
+        return v
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _ca(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_absolute():
+            raise ValueError("must be an absolute path (the PEM file of the Orthanc's CA)")
+        return v
+
+
 class DicomwebTargetSettings(_Model):
     """A research PACS reached by DICOMweb (pacs2bids.targets.research_pacs): QIDO-RS to see what
     it holds, STOW-RS to send the pseudonymised DICOM."""
@@ -115,6 +153,8 @@ class DicomwebTargetSettings(_Model):
     batch_instances: int = Field(50, ge=1, le=1000, description="Instances per STOW-RS request, at most.")
     batch_megabytes: int = Field(64, ge=1, le=4096, description="Megabytes per STOW-RS request, at most (an "
                                  "instance larger than this goes alone).")
+    purge: OrthancPurgeSettings | None = Field(None, description="How purge deletes expired studies there "
+                                               "(default: none; purge lists the target as not purgeable).")
 
     @field_validator("url")
     @classmethod
@@ -150,6 +190,9 @@ class DimseTargetSettings(_Model):
     calling_ae_title: str = Field("PACS2BIDS", description="Our AE title, as the PACS knows it.")
     name: str | None = Field(None, description="Name in logs and the run summary (default: AE title, host, port).")
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for a DIMSE or network answer.")
+    tls: DimseTlsSettings | None = Field(None, description="DICOM TLS for its associations (config/tls.py).")
+    purge: OrthancPurgeSettings | None = Field(None, description="How purge deletes expired studies there "
+                                               "(default: none; purge lists the target as not purgeable).")
 
     _titles = field_validator("ae_title", "calling_ae_title")(_ae_title)
 

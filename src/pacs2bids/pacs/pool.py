@@ -25,6 +25,7 @@ from .gate import gate_for
 from .contexts import ECHO, FIND, GET, MOVE, accept_ignored_scp_roles, storage_contexts
 from .scp import Receiver, store_handler
 from .status import peer
+from .tls import client_context, diagnose
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class AssociationPool:
         self._cond = threading.Condition()
         self._gate_waiters = 0  # threads of this process waiting for a PACS-wide slot
         self._reaper: threading.Thread | None = None
+        self._tls_args = None  # built once, on the first association (pacs.dimse.tls)
 
     # -- opening ----------------------------------------------------------------------
     def _open(self, classes: frozenset[str]) -> _Slot:
@@ -95,9 +97,7 @@ class AssociationPool:
     def _associate(self, classes: frozenset[str]) -> _Slot:
         s = self.settings
         ae = AE(ae_title=s.calling_ae_title)
-        ae.acse_timeout = s.timeout
-        ae.dimse_timeout = s.timeout
-        ae.network_timeout = s.timeout
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout
         ae.connection_timeout = min(s.timeout, 30.0)
         ae.maximum_pdu_size = 0  # no limit on what we receive
         contexts = [build_context(ECHO), build_context(FIND), build_context(GET), build_context(MOVE)]
@@ -119,9 +119,11 @@ class AssociationPool:
             (evt.EVT_C_STORE, store_handler(lambda event: slot.receiver)),
             (evt.EVT_ACSE_RECV, on_acse),
         ]
+        if s.tls is not None and self._tls_args is None:
+            self._tls_args = client_context(s.tls, s.host)
         try:
             assoc = ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title, ext_neg=roles,
-                                 evt_handlers=handlers)
+                                 evt_handlers=handlers, tls_args=self._tls_args)
         except OSError as exc:  # socket.gaierror: the host name does not resolve
             raise PacsError(
                 f"cannot open an association with {peer(s)}: {_socket_reason(exc)}. Check pacs.dimse.host "
@@ -138,6 +140,9 @@ class AssociationPool:
                     f"knows our calling AE title {s.calling_ae_title!r} (and our host) among its modalities.",
                     transient=rejection["transient"],
                 )
+            why, transient = diagnose(s.tls, s.host, s.port, min(s.timeout, 10.0)) if s.tls else ("", True)
+            if why:
+                raise PacsError(f"cannot open a TLS association with {where}: {why}", transient=transient)
             raise PacsError(
                 f"cannot open an association with {where}: no answer or connection refused within "
                 f"{s.timeout:.0f} s. Check that the PACS is running, that host {s.host} and port {s.port} are "

@@ -18,6 +18,7 @@ from pynetdicom import AE, build_context, evt
 
 from ..config import DimseSettings
 from ..errors import PacsError
+from .tls import server_context
 from ..sopclasses import DEFAULT_STORAGE_CLASSES
 from .contexts import COMPRESSED, ECHO, UNCOMPRESSED
 
@@ -72,7 +73,8 @@ class StorageServer:
     (:meth:`expect_series`); the receiver then checks each one. Started on first use, stopped when the last user leaves.
     """
 
-    def __init__(self, host: str, port: int, ae_title: str, timeout: float, max_associations: int = 4):
+    def __init__(self, host: str, port: int, ae_title: str, timeout: float, max_associations: int = 4,
+                 ssl_context=None):
         self.host, self.ae_title = host, ae_title
         self._routes: dict[str, Receiver] = {}
         self._lock = threading.Lock()
@@ -91,7 +93,7 @@ class StorageServer:
         self._ae = ae
         self.connections = 0  # associations the PACS opened to us: it knows our AE
         self._server = ae.start_server(
-            (host, port), block=False,
+            (host, port), block=False, ssl_context=ssl_context,  # DICOM TLS (pacs.tls): the PACS must present its certificate
             evt_handlers=[(evt.EVT_C_STORE, store_handler(self._route)), (evt.EVT_ESTABLISHED, self._connected)],
         )
         self.port = self._server.server_address[1]
@@ -157,13 +159,14 @@ def storage_server(settings: DimseSettings) -> Iterator[StorageServer]:
     ``move_destination or calling_ae_title``, accepting at most ``storage_max_associations``
     associations at once. Raises :class:`PacsError` if the port is taken."""
     aet = settings.move_destination or settings.calling_ae_title
-    key = (settings.storage_host, settings.storage_port, aet)
+    key = (settings.storage_host, settings.storage_port, aet, settings.tls)
     with _SERVERS_LOCK:
         server = _SERVERS.get(key)
         if server is None:
+            context = server_context(settings.tls) if settings.tls is not None else None
             try:
                 server = StorageServer(settings.storage_host, settings.storage_port, aet, settings.timeout,
-                                       settings.storage_max_associations)
+                                       settings.storage_max_associations, context)
             except OSError as exc:
                 raise PacsError(
                     f"cannot start our storage SCP {aet} on {settings.storage_host}:{settings.storage_port}: "

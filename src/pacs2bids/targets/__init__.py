@@ -63,8 +63,8 @@ class Target(Protocol):
 @runtime_checkable
 class Purgeable(Protocol):
     """A target whose versions can be listed and deleted (retention, :mod:`pacs2bids.purge`):
-    :class:`~.fsspec_target.FsspecTarget`. A research PACS is not: its studies are deleted with
-    the PACS's own tools (Orthanc: ``DELETE /studies/{id}``), see docs/STORAGE.md."""
+    :class:`~.fsspec_target.FsspecTarget`. A research PACS is not (it holds studies, not versions):
+    :mod:`.research_pacs_purge` deletes an Orthanc's expired studies when the target gives ``purge``."""
 
     name: str
 

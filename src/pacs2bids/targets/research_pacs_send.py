@@ -25,6 +25,7 @@ from ..pacs import services
 from ..pacs.dicomweb import WebPacs, make_session
 from ..pacs.pool import pool_for
 from ..pacs.status import classify, peer
+from ..pacs.tls import client_context
 
 _MAX_CONTEXTS = 128  # PS3.8 9.3.2.2
 DUPLICATE = 0x0111  # PS3.7 C.5.8: the PACS already holds this SOP instance
@@ -63,7 +64,7 @@ class DimsePeer:
     def __init__(self, target):
         self.settings = DimseSettings(ae_title=target.ae_title, host=target.host, port=target.port,
                                       calling_ae_title=target.calling_ae_title, timeout=target.timeout,
-                                      max_associations=1)
+                                      max_associations=1, tls=target.tls)
 
     def counts(self, study: str) -> dict[str, int | None]:
         """Series UID -> instances the PACS holds in it (C-FIND, SERIES level, PS3.4 C.4.1;
@@ -135,8 +136,9 @@ class DimsePeer:
 
         contexts = [build_context(cls, [ts]) for cls, ts in sorted(pairs)]
         try:
+            tls_args = client_context(s.tls, s.host, "targets[].tls") if s.tls is not None else None
             assoc = ae.associate(s.host, s.port, contexts=contexts, ae_title=s.ae_title,
-                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)], tls_args=tls_args)
         except OSError as exc:
             raise PacsError(f"cannot reach {peer(s)}: {exc.strerror or exc}; check its host name", transient=False) from None
         if assoc.is_established:
