@@ -1,0 +1,232 @@
+"""Staging through a store (issue 14): each study works in its worker's own scratch folder and uploads its
+part to S3 (a real SeaweedFS on loopback); the flow's machine assembles the parts and publishes. The Dask
+workers (2 processes, each with its own scratch root) are refused every write under the flow's folder (an
+audit hook, in them and in the processes they start), so nothing they do can depend on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import write_spec
+from pacs2bids.config import load_spec
+from pacs2bids.errors import SpecError
+from pacs2bids.testing_servers import SeaweedS3
+
+SECRET = "staging-secret-0123456789abcdef"
+PACS = "{dimse: {ae_title: A, host: 127.0.0.1, port: 104}}"
+BUCKET = "staging"
+
+#: installed in each Dask worker (as a preload) and, through PYTHONPATH, in every Python process it starts
+#: (sitecustomize): a write under $PACS2BIDS_TEST_FORBID is refused and logged
+HOOK = r'''
+import os, sys
+
+def _install():
+    root = os.environ.get("PACS2BIDS_TEST_FORBID")
+    if not root or getattr(sys, "_pacs2bids_forbid", False):
+        return
+    sys._pacs2bids_forbid = True
+    root = os.path.realpath(root) + os.sep
+    log = os.environ["PACS2BIDS_TEST_VIOLATIONS"]
+    writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    events = {"os.mkdir", "os.remove", "os.rmdir", "os.rename", "os.link", "os.symlink", "os.truncate",
+              "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.utime"}
+
+    def under(p):
+        if isinstance(p, int) or p is None:
+            return False
+        try:
+            return (os.path.realpath(os.fsdecode(os.fspath(p))) + os.sep).startswith(root)
+        except TypeError:
+            return False
+
+    def hook(event, args):
+        if event == "open":
+            if not (isinstance(args[2], int) and args[2] & writes):
+                return
+            paths = args[:1]
+        elif event in events:
+            paths = args[:2]
+        else:
+            return
+        bad = [p for p in paths if under(p)]
+        if bad:
+            with open(log, "a") as f:
+                f.write(f"{os.getpid()} {event} {bad[0]}\n")
+            raise PermissionError(f"a worker wrote under the flow's folder: {bad[0]}")
+
+    sys.addaudithook(hook)
+    if os.environ.get("PACS2BIDS_TEST_SCRATCH_BASE") and not os.environ.get("PACS2BIDS_SCRATCH"):
+        os.environ["PACS2BIDS_SCRATCH"] = os.path.join(os.environ["PACS2BIDS_TEST_SCRATCH_BASE"],
+                                                       f"worker-{os.getpid()}")
+
+_install()
+'''
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed")).start()
+    server.make_bucket(BUCKET)
+    yield server
+    server.kill()
+
+
+def _staging(s3) -> str:
+    return (f"{{url: 's3://{BUCKET}/runs', endpoint_url: '{s3.endpoint}', access_key_id_env: ST_KEY, "
+            "secret_access_key_env: ST_SECRET}")
+
+
+def test_staging_setting_is_typed_off_by_default_and_never_holds_secrets(tmp_path, monkeypatch):
+    from pacs2bids.config.staging import SCRATCH_ENV
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+
+    def spec(name: str, staging: str | None):
+        folder = tmp_path / name
+        folder.mkdir()
+        keys = {"staging": staging} if staging else {}
+        return load_spec(write_spec(folder, "patient_id,subject\nP1,01\n", project="stg", pacs=PACS,
+                                    output=str(folder / "out"), **keys))
+
+    assert spec("default", None).staging is None
+    s = spec("s3", "{url: 's3://bucket/runs/', endpoint_url: 'http://127.0.0.1:9000', access_key_id_env: K, "
+                   "secret_access_key_env: S, scratch_dir: /var/tmp}").staging
+    assert s.url == "s3://bucket/runs" and s.store_settings().kind == "s3"
+    assert s.scratch_root({}) == Path("/var/tmp") and s.scratch_root({SCRATCH_ENV: "/scratch"}) == Path("/scratch")
+    assert spec("folder", "{url: 'file:///mnt/staging'}").staging.store_settings().kind == "folder"
+    for bad, says in [("{url: 'http://host/x'}", "s3:// .* or file://"),
+                      ("{url: 's3://u:pw@bucket/x'}", "password"),
+                      ("{url: 's3://bucket/x', access_key_id_env: 'AKIA 123'}", "NAME of an environment variable"),
+                      ("{url: 's3://bucket/x', scratch_dir: relative/dir}", "absolute"),
+                      ("{url: 's3://bucket/x', bucket: b}", "bucket")]:
+        with pytest.raises((SpecError, ValueError), match=says):
+            spec(f"bad{len(list(tmp_path.iterdir()))}", bad)
+
+
+def _files(root: Path) -> dict[str, str]:
+    """The dataset's files (run-specific metadata left out): path -> SHA-256 of images and DICOM."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if not p.is_file() or rel.startswith(".pacs2bids/") or rel.startswith("prov/") or rel.endswith("_scans.tsv"):
+            continue
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.name.endswith((".nii.gz", ".dcm")) else ""
+    return out
+
+
+def _key_store(spec) -> dict:
+    from pacs2bids.deid.keystore import KeyStore
+
+    store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
+    return {"identifiers": store.identifiers(),
+            "subjects": {s: store.reidentify(s, reason="test: the staged run's key equals the shared one")
+                         for s in store.subjects()}}
+
+
+def _hooks(folder: Path, forbid: Path, scratch: Path, violations: Path) -> dict:
+    """Dask configuration: the hook in each worker (preload) and in the processes it starts."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(HOOK)
+    (folder / "forbid_writes.py").write_text(HOOK)
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {"distributed.worker.preload": [str(folder / "forbid_writes.py")],
+            "distributed.nanny.environ": {"PYTHONPATH": path, "PACS2BIDS_TEST_FORBID": str(forbid),
+                                          "PACS2BIDS_TEST_VIOLATIONS": str(violations),
+                                          "PACS2BIDS_TEST_SCRATCH_BASE": str(scratch)}}
+
+
+@pytest.mark.slow
+def test_dask_workers_without_a_shared_folder_publish_what_a_shared_folder_run_does(
+        tmp_path, orthanc_factory, sample_dir, prefect_harness, monkeypatch, s3):
+    import dask
+
+    from pacs2bids.demo import sample_patients
+    from pacs2bids.dicomfiles import iter_dicom_files
+    from pacs2bids.flows.extract import extract_project
+    from pacs2bids.validate import validate_dataset
+    from test_dask import _worker_pids
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    monkeypatch.setenv("ST_KEY", s3.access_key)
+    monkeypatch.setenv("ST_SECRET", s3.secret_key)
+    monkeypatch.delenv("PACS2BIDS_TASK_RUNNER", raising=False)
+    monkeypatch.delenv("PACS2BIDS_SCRATCH", raising=False)
+    pacs = orthanc_factory(dicomweb=False)
+    pacs.upload(iter_dicom_files(sample_dir))
+    rows = "patient_id,subject\n" + "".join(f"{p},{n:02d}\n" for n, p in enumerate(sample_patients(sample_dir), 1))
+    specs, summaries = {}, {}
+    scratch, violations = tmp_path / "workers", tmp_path / "violations.log"
+    for kind in ("shared", "staged"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        keys = {"staging": _staging(s3), "task_runner": "{kind: dask, dask_workers: 2}"} if kind == "staged" else {}
+        path = write_spec(folder, rows, project="sample", pacs=pacs, output=str(folder / "ds"),
+                          selection="{inclusions: inclusions.csv, modalities: [MR]}", **keys)
+        config = _hooks(tmp_path / "hooks", folder, scratch, violations) if kind == "staged" else {}
+        with dask.config.set(config):
+            state = extract_project(str(path), return_state=True)
+        summaries[kind] = state.result()
+        assert summaries[kind]["published"] and summaries[kind]["state"] == "completed", (
+            summaries[kind]["errors"], summaries[kind]["study_failures"])
+        specs[kind] = load_spec(path)
+    staged = specs["staged"].output
+    assert not violations.exists(), violations.read_text()  # the workers never wrote under the flow's folder
+    workers = _worker_pids(state.state_details.flow_run_id)
+    assert len(set(workers.values())) == 2 and os.getpid() not in set(workers.values())
+    roots = sorted(scratch.iterdir())  # each worker its own scratch root, left empty
+    assert len(roots) == 2 and all(list(r.iterdir()) == [] for r in roots), roots
+    assert validate_dataset(staged).errors == []
+    shared = _files(specs["shared"].output)
+    assert len([f for f in shared if f.endswith(".nii.gz")]) >= 5 and _files(staged) == shared
+    assert summaries["staged"]["studies"] == summaries["shared"]["studies"] >= 5
+    assert _key_store(specs["staged"]) == _key_store(specs["shared"])
+    assert s3.filesystem().find(f"{BUCKET}/runs") == []  # every part assembled and deleted
+    assert not any((specs["staged"].resolved_work_dir / "raw").iterdir())
+
+
+@pytest.mark.slow
+def test_a_corrupted_part_fails_its_study_clearly_and_the_others_publish(
+        tmp_path, orthanc_factory, sample_dir, prefect_harness, monkeypatch, s3):
+    from pacs2bids import staging
+    from pacs2bids.dicomfiles import iter_dicom_files
+    from pacs2bids.flows.extract import extract_project
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    monkeypatch.setenv("ST_KEY", s3.access_key)
+    monkeypatch.setenv("ST_SECRET", s3.secret_key)
+    monkeypatch.delenv("PACS2BIDS_TASK_RUNNER", raising=False)
+    monkeypatch.setenv("PACS2BIDS_SCRATCH", str(tmp_path / "scratch"))
+    pacs = orthanc_factory(dicomweb=False)
+    for name in ("dcm_qa_philips", "dcm_qa_nih"):
+        pacs.upload(iter_dicom_files(sample_dir / name))
+    upload, corrupted = staging.upload_part, []
+
+    def corrupting(remote, ctx, part, offset):  # the store changes one byte of sub-01's first image
+        upload(remote, ctx, part, offset)
+        if part == "sub-01":
+            manifest = json.loads(remote.fs.cat_file(remote.at(f"{part}/{staging.MANIFEST}")))
+            rel = next(r for r in sorted(manifest["files"]) if r.endswith(".nii.gz"))
+            data = bytearray(remote.fs.cat_file(remote.at(f"{part}/{rel}")))
+            data[len(data) // 2] ^= 0xFF
+            remote.fs.pipe_file(remote.at(f"{part}/{rel}"), bytes(data))
+            corrupted.append(rel)
+
+    monkeypatch.setattr(staging, "upload_part", corrupting)
+    path = write_spec(tmp_path, "patient_id,subject\nphantom,01\nDEV,02\n", project="stg", pacs=pacs,
+                      output=str(tmp_path / "ds"), staging=_staging(s3))
+    summary = extract_project(str(path))
+    assert corrupted and summary["published"], summary["errors"]
+    [failure] = summary["study_failures"]
+    assert failure["label"] == "sub-01" and "SHA-256 differs from the manifest" in failure["reason"]
+    assert corrupted[0].removeprefix("files/") in failure["reason"] and "next run extracts it again" in failure["reason"]
+    output = load_spec(path).output
+    assert (output / "sub-02").is_dir() and not (output / "sub-01").exists()
+    assert not (output / "sourcedata" / "sub-01").exists()
+    assert s3.filesystem().find(f"{BUCKET}/runs") == []
+    assert list((tmp_path / "scratch").iterdir()) == []  # the worker's scratch went, raw files included
