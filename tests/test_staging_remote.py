@@ -223,6 +223,8 @@ def test_a_corrupted_part_fails_its_study_clearly_and_the_others_publish(
             corrupted.append(rel)
 
     monkeypatch.setattr(staging, "upload_part", corrupting)
+    stale = f"{BUCKET}/runs/stg/20200101T000000Z-stopped0/sub-09/{staging.MANIFEST}"
+    s3.filesystem().pipe_file(stale, b"{}")  # left by a run stopped before assembling: the next run removes it
     path = write_spec(tmp_path, "patient_id,subject\nphantom,01\nDEV,02\n", project="stg", pacs=pacs,
                       output=str(tmp_path / "ds"), staging=_staging(s3))
     summary = extract_project(str(path))

@@ -91,6 +91,7 @@ def share_key_store(ctx: RunContext, studies: list) -> None:
         return
     remote = _Remote(spec, ctx.run_id)
     try:
+        _remove_stale(remote)
         store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
         with store._locked(exclusive=False):  # a consistent snapshot and journal
             for name in KEY_FILES:
@@ -99,6 +100,20 @@ def share_key_store(ctx: RunContext, studies: list) -> None:
                     remote.fs.pipe_file(remote.at(f"{KEYS_DIR}/{name}"), path.read_bytes())
     finally:
         remote.store.close()
+
+
+def _remove_stale(remote: _Remote) -> None:
+    """Delete what runs of the project that were stopped before assembling left on the store: no other
+    run of the project is alive (the flow holds the work folder's run lock), so every other run's prefix
+    is stale."""
+    project = remote.base.rsplit("/", 1)[0]
+    try:
+        others = [p for p in remote.fs.ls(project, detail=False) if p.rstrip("/") != remote.base]
+    except FileNotFoundError:
+        return
+    for path in others:
+        log.warning("staging: removing %s, left by a run stopped before it assembled its studies", path)
+        remote.fs.rm(path, recursive=True)
 
 
 # -- a worker: one study -----------------------------------------------------------------------
