@@ -237,3 +237,63 @@ def test_a_corrupted_part_fails_its_study_clearly_and_the_others_publish(
     assert not (output / "sourcedata" / "sub-01").exists()
     assert _left(s3) == []
     assert list((tmp_path / "scratch").iterdir()) == []  # the worker's scratch went, raw files included
+
+
+def test_a_part_carries_quarantine_and_key_records_encrypted_and_they_merge_as_on_one_machine(
+        tmp_path, sample_dir, monkeypatch, s3):
+    import pydicom
+
+    from pacs2bids import quarantine, staging
+    from pacs2bids.deid.keystore import KeyStore
+    from pacs2bids.dicomfiles import iter_dicom_files
+    from pacs2bids.model import StudyRef
+    from pacs2bids.run import RunContext
+    from pacs2bids.study import StudyResult
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    monkeypatch.setenv("ST_KEY", s3.access_key)
+    monkeypatch.setenv("ST_SECRET", s3.secret_key)
+    spec = load_spec(write_spec(tmp_path, "patient_id,subject\nphantom,01\n", project="mrg", pacs=PACS,
+                                output=str(tmp_path / "ds"), staging=_staging(s3)))
+    ctx = RunContext(spec, "20260101T000000Z-merge000", None, tmp_path / "work-staging", {})
+    for d in (ctx.quarantine, ctx.scratch, ctx.staging):
+        d.mkdir(parents=True)
+    clinical = next(iter_dicom_files(sample_dir / "dcm_qa_philips"))
+    patient_id = str(pydicom.dcmread(clinical, stop_before_pixels=True).PatientID)
+    central = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
+    central.record_series("00", patient_ids=["EARLIER-PID"], patient_names=[], studies={}, identifiers=["EARLIER-PID"])
+    quarantine.hold(ctx.quarantine, "q1", clinical, "earlier", subject="00", session=None, series_folder="001-a")
+
+    staging.share_key_store(ctx, [1])  # the flow's machine, before the studies
+    remote = staging._Remote(spec, ctx.run_id)
+    (tmp_path / "worker").mkdir()
+    local_spec, local_ctx, offset = staging._local(spec, ctx, tmp_path / "worker", remote)  # a worker
+    quarantine.hold(local_ctx.quarantine, "q1", clinical, "pixels at risk", subject="01", session=None,
+                    series_folder="001-b")
+    KeyStore(local_spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes).record_series(
+        "01", patient_ids=[patient_id], patient_names=["DOE^JANE"], studies={"1.2.3": {"study_date": "20200101"}},
+        identifiers=[patient_id, "DOE^JANE"])
+    written = local_ctx.staging / "sub-01" / "anat" / "sub-01_T1w.json"
+    written.parent.mkdir(parents=True)
+    written.write_text("{}")
+    staging.upload_part(remote, local_ctx, "sub-01", offset)
+    fs = s3.filesystem()
+    stored = {p: fs.cat_file(p) for p in fs.find(f"{BUCKET}/runs")}
+    assert any(p.endswith("sub-01/manifest.json") for p in stored)
+    for p, data in stored.items():  # nothing identifying in clear on the store
+        assert patient_id.encode() not in data and b"DOE^JANE" not in data, p
+        assert clinical.read_bytes()[:4096] not in data
+
+    study = StudyRef(inclusion_row=1, subject="01", session=None, study_instance_uid="1.2.3", series=[])
+    [result] = staging.assemble(ctx, [study], [StudyResult("sub-01", part="s3://somewhere/sub-01")])
+    assert result.retrieval.study_failures == []
+    item = json.loads((ctx.quarantine / "q1-2.json").read_text())  # the id taken here: suffixed, as hold() does
+    assert item["id"] == "q1-2" and item["subject"] == "01" and item["reason"] == "pixels at risk"
+    assert (ctx.quarantine / "q1-2.dcm").read_bytes() == clinical.read_bytes()
+    assert json.loads((ctx.quarantine / "q1.json").read_text())["reason"] == "earlier"
+    assert (ctx.staging / "sub-01" / "anat" / "sub-01_T1w.json").read_text() == "{}"
+    KeyStore.forget_cache()
+    central = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
+    assert central.subjects() == ["00", "01"] and {patient_id, "DOE^JANE", "EARLIER-PID"} <= central.identifiers()
+    assert central.study_dates("01") == {"20200101"}
+    assert _left(s3) == []

@@ -28,6 +28,7 @@ run's prefix is deleted once assembled.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -213,8 +214,6 @@ def upload_part(remote: _Remote, ctx: RunContext, part: str, offset: tuple) -> N
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
 
 
