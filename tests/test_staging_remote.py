@@ -297,3 +297,26 @@ def test_a_part_carries_quarantine_and_key_records_encrypted_and_they_merge_as_o
     assert central.subjects() == ["00", "01"] and {patient_id, "DOE^JANE", "EARLIER-PID"} <= central.identifiers()
     assert central.study_dates("01") == {"20200101"}
     assert _left(s3) == []
+
+
+def test_a_store_that_cannot_be_used_is_named_with_the_fix(tmp_path, monkeypatch):
+    from pacs2bids import staging
+    from pacs2bids.model import StudyRef
+    from pacs2bids.run import RunContext
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    monkeypatch.delenv("ST_KEY", raising=False)
+    monkeypatch.setenv("ST_SECRET", "not-used")
+    monkeypatch.setenv("PACS2BIDS_SCRATCH", str(tmp_path / "scratch"))
+    spec = load_spec(write_spec(tmp_path, "patient_id,subject\nP1,01\n", project="bad", pacs=PACS,
+                                output=str(tmp_path / "ds"), staging="{url: 's3://bucket/runs', access_key_id_env: "
+                                "ST_KEY, secret_access_key_env: ST_SECRET, endpoint_url: 'http://127.0.0.1:9'}"))
+    ctx = RunContext(spec, "20260101T000000Z-bad00000", None, tmp_path / "staging", {})
+    with pytest.raises(staging.StagingError, match=r"staging store s3:bucket/runs cannot be used: .*ST_KEY .*is not "
+                       r"set; check staging: in the spec"):
+        staging.share_key_store(ctx, [1])
+    study = StudyRef(inclusion_row=1, subject="01", session=None, study_instance_uid="1.2.3", series=[])
+    result = staging.extract_staged(spec, study, ctx)  # on a worker: the study fails, named, nothing raised
+    [failure] = result.retrieval.study_failures
+    assert failure["label"] == "sub-01" and "ST_KEY" in failure["reason"] and result.part is None
+    assert list((tmp_path / "scratch").iterdir()) == []

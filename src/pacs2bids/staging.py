@@ -43,6 +43,7 @@ from .bids.names import session_dir
 from .checksum import sha256_file
 from .deid.keyed import Keyed, derive_key, fernet_key
 from .deid.keystore import KeyStore
+from .errors import Pacs2BidsError
 from .model import StudyRef
 from .recorder import Recorder
 from .run import RunContext, label
@@ -53,6 +54,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 KEYS_DIR = "_keys"  # the matching key as the run started, for the workers
 KEY_FILES = ("keys.fernet", "keys.journal")
+
+
+class StagingError(Pacs2BidsError):
+    """The staging store cannot be used at the start of a run (unreachable, credentials refused or unset)."""
 
 
 class PartError(Exception):
@@ -90,8 +95,9 @@ def share_key_store(ctx: RunContext, studies: list) -> None:
     spec = ctx.spec
     if spec.staging is None or not studies:
         return
-    remote = _Remote(spec, ctx.run_id)
+    remote = None
     try:
+        remote = _Remote(spec, ctx.run_id)
         _remove_stale(remote)
         store = KeyStore(spec.resolved_key_store, project=spec.project, secret=spec.secret_bytes)
         with store._locked(exclusive=False):  # a consistent snapshot and journal
@@ -99,8 +105,13 @@ def share_key_store(ctx: RunContext, studies: list) -> None:
                 path = spec.resolved_key_store / name
                 if path.exists():
                     remote.fs.pipe_file(remote.at(f"{KEYS_DIR}/{name}"), path.read_bytes())
+    except Exception as exc:
+        raise StagingError(
+            f"the staging store {spec.staging.store_settings().label} cannot be used: {_reason(exc)}; check "
+            "staging: in the spec (url, endpoint_url) and the environment variables it names") from None
     finally:
-        remote.store.close()
+        if remote is not None:
+            remote.store.close()
 
 
 def _remove_stale(remote: _Remote) -> None:
@@ -242,7 +253,7 @@ def _assemble_one(ctx: RunContext, remote: _Remote, study: StudyRef, result: Stu
         _merge_quarantine(ctx, into / "quarantine")
         _place(ctx, study, into / "files")
         return result
-    except (PartError, OSError, ValueError) as exc:
+    except Exception as exc:  # one study's failure never stops the others
         why = (f"its staged result ({result.part}) could not be assembled: {_reason(exc)}; nothing of this study "
                "is published, the next run extracts it again")
         log.error("%s: %s", result.label, why)

@@ -73,7 +73,7 @@ class StagingSettings(BaseModel):
         kind = "s3" if self.url.startswith("s3://") else "folder"
         s3 = {"endpoint_url": self.endpoint_url, "region": self.region, "access_key_id_env": self.access_key_id_env,
               "secret_access_key_env": self.secret_access_key_env} if kind == "s3" else {}
-        return StorageTargetSettings(kind=kind, url=self.url, name="staging", timeout=self.timeout, **s3)
+        return StorageTargetSettings(kind=kind, url=self.url, timeout=self.timeout, **s3)
 
     def scratch_root(self, environ: Mapping[str, str] = os.environ) -> Path:
         """This machine's local scratch root."""
