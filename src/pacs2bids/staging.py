@@ -77,11 +77,16 @@ class _Remote:
         return f"{self.base}/{rel}"
 
     def remove(self, rel: str | None = None) -> None:
+        """Delete a part (or the run's prefix); a store that fails here is logged, not raised (the next run
+        of the project removes what is left, :func:`_remove_stale`)."""
         path = self.at(rel) if rel else self.base
         try:
             self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
+        except Exception as exc:  # noqa: BLE001 - cleaning up after a failure
+            log.warning("staging: %s could not be deleted (%s); the next run of the project removes it",
+                        path, _reason(exc))
 
 
 def _cipher(spec) -> Fernet:
@@ -124,7 +129,8 @@ def _remove_stale(remote: _Remote) -> None:
     except FileNotFoundError:
         return
     for path in others:
-        log.warning("staging: removing %s, left by a run stopped before it assembled its studies", path)
+        if remote.fs.find(path):  # an empty folder some stores keep a while after its objects went is no news
+            log.warning("staging: removing %s, left by a run stopped before it assembled its studies", path)
         remote.fs.rm(path, recursive=True)
 
 
