@@ -320,3 +320,40 @@ def test_a_store_that_cannot_be_used_is_named_with_the_fix(tmp_path, monkeypatch
     [failure] = result.retrieval.study_failures
     assert failure["label"] == "sub-01" and "ST_KEY" in failure["reason"] and result.part is None
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_a_part_missing_a_file_or_its_manifest_fails_its_study_on_a_folder_store(tmp_path, monkeypatch):
+    from pacs2bids import staging
+    from pacs2bids.model import StudyRef
+    from pacs2bids.run import RunContext
+    from pacs2bids.study import StudyResult
+
+    monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
+    store = tmp_path / "store"
+    spec = load_spec(write_spec(tmp_path, "patient_id,subject\nP1,01\nP2,02\nP3,03\n", project="fld", pacs=PACS,
+                                output=str(tmp_path / "ds"), staging=f"{{url: 'file://{store}'}}"))
+    ctx = RunContext(spec, "20260101T000000Z-folder00", None, tmp_path / "work-staging", {})
+    for d in (ctx.quarantine, ctx.scratch, ctx.staging):
+        d.mkdir(parents=True)
+    staging.share_key_store(ctx, [1])
+    remote = staging._Remote(spec, ctx.run_id)
+    studies, results = [], []
+    for n in ("01", "02", "03"):
+        root = tmp_path / f"worker-{n}"
+        root.mkdir()
+        _, local_ctx, offset = staging._local(spec, ctx, root, remote)
+        image = local_ctx.staging / f"sub-{n}" / "anat" / f"sub-{n}_T1w.nii.gz"
+        image.parent.mkdir(parents=True)
+        image.write_bytes(b"image " + n.encode())
+        staging.upload_part(remote, local_ctx, f"sub-{n}", offset)
+        studies.append(StudyRef(inclusion_row=int(n), subject=n, session=None, study_instance_uid=f"1.2.{n}", series=[]))
+        results.append(StudyResult(f"sub-{n}", part=f"file://{store}/sub-{n}"))
+    part = store / "fld" / ctx.run_id
+    (part / "sub-01" / "files" / "sub-01" / "anat" / "sub-01_T1w.nii.gz").unlink()
+    (part / "sub-02" / staging.MANIFEST).unlink()  # an upload stopped before its end
+    out = staging.assemble(ctx, studies, results)
+    assert "sub-01_T1w.nii.gz" in out[0].retrieval.study_failures[0]["reason"]
+    assert "its manifest is missing" in out[1].retrieval.study_failures[0]["reason"]
+    assert out[2] is results[2] and (ctx.staging / "sub-03" / "anat" / "sub-03_T1w.nii.gz").read_bytes() == b"image 03"
+    assert not (ctx.staging / "sub-01").exists() and not (ctx.staging / "sub-02").exists()
+    assert not part.exists()

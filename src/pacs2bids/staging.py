@@ -275,15 +275,19 @@ def _fetch(remote: _Remote, part: str, into: Path) -> None:
         manifest = json.loads(remote.fs.cat_file(remote.at(f"{part}/{MANIFEST}")))
     except FileNotFoundError:
         raise PartError("its manifest is missing (the upload did not finish)") from None
-    for rel, want in sorted(manifest["files"].items()):
+    files = sorted(manifest["files"].items())
+    for rel, _ in files:
         if rel.startswith("/") or ".." in rel.split("/"):
             raise PartError(f"the manifest names a path outside the part: {rel}")
+        (into / rel).parent.mkdir(parents=True, exist_ok=True)
+    try:  # one call: the store's client downloads them concurrently
+        remote.fs.get([remote.at(f"{part}/{rel}") for rel, _ in files], [str(into / rel) for rel, _ in files])
+    except FileNotFoundError as exc:
+        raise PartError(f"a file of the part is missing ({exc})") from None
+    for rel, want in files:
         local = into / rel
-        local.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            remote.fs.get_file(remote.at(f"{part}/{rel}"), str(local))
-        except FileNotFoundError:
-            raise PartError(f"{rel} is missing") from None
+        if not local.is_file():
+            raise PartError(f"{rel} is missing")
         if local.stat().st_size != want["size"]:
             raise PartError(f"{rel} has {local.stat().st_size} bytes, its manifest says {want['size']}")
         if sha256_file(local) != want["sha256"]:
