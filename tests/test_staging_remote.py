@@ -322,7 +322,9 @@ def test_a_store_that_cannot_be_used_is_named_with_the_fix(tmp_path, monkeypatch
     assert list((tmp_path / "scratch").iterdir()) == []
 
 
-def test_a_part_missing_a_file_or_its_manifest_fails_its_study_on_a_folder_store(tmp_path, monkeypatch):
+def _folder_parts(tmp_path, monkeypatch, subjects: list[str]):
+    """Parts of ``subjects`` (one image each) staged on a folder store by workers of their own: returns
+    the flow's run context, the studies, their results and the run's prefix on the store."""
     from pacs2bids import staging
     from pacs2bids.model import StudyRef
     from pacs2bids.run import RunContext
@@ -330,15 +332,16 @@ def test_a_part_missing_a_file_or_its_manifest_fails_its_study_on_a_folder_store
 
     monkeypatch.setenv("PACS2BIDS_PROJECT_SECRET", SECRET)
     store = tmp_path / "store"
-    spec = load_spec(write_spec(tmp_path, "patient_id,subject\nP1,01\nP2,02\nP3,03\n", project="fld", pacs=PACS,
-                                output=str(tmp_path / "ds"), staging=f"{{url: 'file://{store}'}}"))
+    rows = "patient_id,subject\n" + "".join(f"P{n},{n}\n" for n in subjects)
+    spec = load_spec(write_spec(tmp_path, rows, project="fld", pacs=PACS, output=str(tmp_path / "ds"),
+                                staging=f"{{url: 'file://{store}'}}"))
     ctx = RunContext(spec, "20260101T000000Z-folder00", None, tmp_path / "work-staging", {})
     for d in (ctx.quarantine, ctx.scratch, ctx.staging):
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)
     staging.share_key_store(ctx, [1])
     remote = staging._Remote(spec, ctx.run_id)
     studies, results = [], []
-    for n in ("01", "02", "03"):
+    for n in subjects:
         root = tmp_path / f"worker-{n}"
         root.mkdir()
         _, local_ctx, offset = staging._local(spec, ctx, root, remote)
@@ -348,7 +351,13 @@ def test_a_part_missing_a_file_or_its_manifest_fails_its_study_on_a_folder_store
         staging.upload_part(remote, local_ctx, f"sub-{n}", offset)
         studies.append(StudyRef(inclusion_row=int(n), subject=n, session=None, study_instance_uid=f"1.2.{n}", series=[]))
         results.append(StudyResult(f"sub-{n}", part=f"file://{store}/sub-{n}"))
-    part = store / "fld" / ctx.run_id
+    return ctx, studies, results, store / "fld" / ctx.run_id
+
+
+def test_a_part_missing_a_file_or_its_manifest_fails_its_study_on_a_folder_store(tmp_path, monkeypatch):
+    from pacs2bids import staging
+
+    ctx, studies, results, part = _folder_parts(tmp_path, monkeypatch, ["01", "02", "03"])
     (part / "sub-01" / "files" / "sub-01" / "anat" / "sub-01_T1w.nii.gz").unlink()
     (part / "sub-02" / staging.MANIFEST).unlink()  # an upload stopped before its end
     out = staging.assemble(ctx, studies, results)
@@ -357,3 +366,19 @@ def test_a_part_missing_a_file_or_its_manifest_fails_its_study_on_a_folder_store
     assert out[2] is results[2] and (ctx.staging / "sub-03" / "anat" / "sub-03_T1w.nii.gz").read_bytes() == b"image 03"
     assert not (ctx.staging / "sub-01").exists() and not (ctx.staging / "sub-02").exists()
     assert not part.exists()
+
+
+def test_a_session_converted_again_replaces_its_earlier_conversion_in_staging(tmp_path, monkeypatch):
+    from pacs2bids import staging
+
+    earlier = tmp_path / "work-staging"  # seeded from the published dataset: an earlier conversion of sub-01
+    (earlier / "sub-01" / "anat").mkdir(parents=True)
+    (earlier / "sub-01" / "anat" / "sub-01_acq-old_T1w.nii.gz").write_bytes(b"old")
+    (earlier / "sub-01" / "sub-01_scans.tsv").write_text("filename\tacq_time\nanat/sub-01_acq-old_T1w.nii.gz\tn/a\n")
+    (earlier / "sourcedata" / "sub-01").mkdir(parents=True)
+    (earlier / "sourcedata" / "sub-01" / "kept.dcm").write_bytes(b"dicom")  # never cleared (as on one machine)
+    ctx, studies, results, _ = _folder_parts(tmp_path, monkeypatch, ["01"])
+    assert staging.assemble(ctx, studies, results) == results
+    anat = sorted(p.name for p in (ctx.staging / "sub-01" / "anat").iterdir())
+    assert anat == ["sub-01_T1w.nii.gz"] and not (ctx.staging / "sub-01" / "sub-01_scans.tsv").exists()
+    assert (ctx.staging / "sourcedata" / "sub-01" / "kept.dcm").read_bytes() == b"dicom"
