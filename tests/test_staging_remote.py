@@ -231,7 +231,8 @@ def test_a_corrupted_part_fails_its_study_clearly_and_the_others_publish(
     assert corrupted and summary["published"], summary["errors"]
     [failure] = summary["study_failures"]
     assert failure["label"] == "sub-01" and "SHA-256 differs from the manifest" in failure["reason"]
-    assert corrupted[0].removeprefix("files/") in failure["reason"] and "next run extracts it again" in failure["reason"]
+    assert corrupted[0].removeprefix("files/") in failure["reason"]
+    assert "next run extracts it again" in failure["reason"]
     output = load_spec(path).output
     assert (output / "sub-02").is_dir() and not (output / "sub-01").exists()
     assert not (output / "sourcedata" / "sub-01").exists()
@@ -349,7 +350,8 @@ def _folder_parts(tmp_path, monkeypatch, subjects: list[str]):
         image.parent.mkdir(parents=True)
         image.write_bytes(b"image " + n.encode())
         staging.upload_part(remote, local_ctx, f"sub-{n}", offset)
-        studies.append(StudyRef(inclusion_row=int(n), subject=n, session=None, study_instance_uid=f"1.2.{n}", series=[]))
+        studies.append(StudyRef(inclusion_row=int(n), subject=n, session=None, study_instance_uid=f"1.2.{n}",
+                                series=[]))
         results.append(StudyResult(f"sub-{n}", part=f"file://{store}/sub-{n}"))
     return ctx, studies, results, store / "fld" / ctx.run_id
 
