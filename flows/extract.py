@@ -37,6 +37,7 @@ from pacs2bids.register import skip_already_published
 from pacs2bids.released import awaiting_review, mark_published, project_quarantine
 from pacs2bids.run import META, RunContext, RunSummary, assign_sessions
 from pacs2bids.runlog import close_run_log, run_log, summary_artifact
+from pacs2bids.staging import assemble, share_key_store
 from pacs2bids.study import StudyResult, remove_raw
 from pacs2bids.versions import tool_versions
 from pacs2bids.tasks.bids import finalise_dataset
@@ -139,8 +140,10 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
         seed_staging(spec.output, ctx.staging, merge=True)
 
     with track_progress(spec.project, ctx.run_id, todo.studies, logger), study_runner(spec, todo.studies) as runner:
+        share_key_store(ctx, todo.studies)  # remote staging: the matching key the workers start from (issue 14)
         futures = [submit_study(runner, spec, study, ctx) for study in todo.studies]  # threads or Dask (issue 14)
         results = [f.result() for f in futures]
+    results = assemble(ctx, todo.studies, results)  # remote staging: each study's part into staging (issue 14)
     for r in results:  # every study's retrieval outcomes, then every study's conversion outcomes
         outcomes.extend(r.retrieval)
         summary.add_seconds(r.seconds)

@@ -9,7 +9,8 @@
 On Dask a study runs in another process, perhaps on another machine: its inputs (spec, study,
 run context) and its result are pickled, and it writes to the run's raw, quarantine and staging
 folders and to the key store, which must therefore be on storage every worker mounts at the same
-path (a shared file system). Such a worker installs the PACS's Prefect concurrency limit itself
+path (a shared file system), unless the spec sets ``staging`` (:mod:`pacs2bids.staging`: no shared
+file). Such a worker installs the PACS's Prefect concurrency limit itself
 (:func:`pacs2bids.tasks.pacs_limit.use_pacs_limit`) before its first connection, so the per-PACS
 bound holds across every worker; this needs a Prefect server every worker reaches
 (``PREFECT_API_URL``), refused otherwise. The spec travels to the workers with its secret:

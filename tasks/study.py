@@ -2,6 +2,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from pacs2bids import progress as _progress
+from pacs2bids import staging as _staging
 from pacs2bids import study as _study
 from pacs2bids.config import ProjectSpec
 from pacs2bids.model import StudyRef
@@ -13,7 +14,8 @@ from . import TASK_DEFAULTS
 @task(name="extract_study", task_run_name="extract_study-sub-{study.subject}", **TASK_DEFAULTS)
 def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study.StudyResult:
     """One study retrieved, pseudonymised and converted into the run's staging dataset
-    (:func:`pacs2bids.study.extract_study`); its progress goes to the Prefect run log and to the
+    (:func:`pacs2bids.study.extract_study`), or, with the spec's ``staging``, into its part on the
+    staging store (:func:`pacs2bids.staging.extract_staged`); its progress goes to the Prefect run log and to the
     run's tracker (:mod:`pacs2bids.progress`), when this process holds one."""
     logger = get_run_logger()
     tracker = _progress.tracker(ctx.run_id)
@@ -24,7 +26,9 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study
         if tracker is not None:
             tracker.received(series.series_instance_uid, done, total)
 
-    result = _study.extract_study(spec, study, ctx, progress=progress, log=logger)
+    # with remote staging, in a local scratch folder, then uploaded (pacs2bids.staging, issue 14)
+    extract = _study.extract_study if spec.staging is None else _staging.extract_staged
+    result = extract(spec, study, ctx, progress=progress, log=logger)
     if tracker is not None:
         tracker.add_bytes(result.received_bytes)
         tracker.study_done([s.series_instance_uid for s in study.series])

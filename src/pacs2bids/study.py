@@ -51,6 +51,7 @@ class StudyResult:
     seconds: dict[str, float] = field(default_factory=dict)  # retrieve, pseudonymise, convert
     received_bytes: int = 0  # the sizes of the study's raw files, from their ledgers (the run's MB/s)
     times: dict[str, str] = field(default_factory=dict)  # UTC start/end of each stage, for the PROV record
+    part: str | None = None  # with remote staging: where the study's part waits to be assembled (staging.py)
 
 
 def _now() -> str:

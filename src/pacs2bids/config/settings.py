@@ -23,6 +23,7 @@ from pydantic import (
 from ..errors import SpecError
 from .qc import QcSettings, Regex
 from .operations import RetentionSettings, TaskRunnerSettings
+from .staging import StagingSettings
 from .derivatives import DerivativesSettings
 from .targets import TargetSettings, move_url_output
 from .tls import DimseTlsSettings
@@ -279,6 +280,7 @@ class ProjectSpec(_Model):
     retention: RetentionSettings | None = Field(None, description="How long versions are kept (config/operations.py).")
     task_runner: TaskRunnerSettings = Field(default_factory=TaskRunnerSettings,
                                             description="Where each study's work runs (config/operations.py).")
+    staging: StagingSettings | None = Field(None, description="Where studies' results go (config/staging.py).")
     derivatives: DerivativesSettings = Field(
         default_factory=DerivativesSettings, description="Derivatives written under derivatives/ (defacing: issue 15).")
     replication: ReplicationSettings = Field(default_factory=ReplicationSettings)
