@@ -1,6 +1,6 @@
 """Incremental replication against a full extraction (issue 14, Figures), in one run:
 
-    .venv/bin/python benchmarks/bench_replicate.py [--studies 100] [--new 10] [--json FILE]
+    .venv/bin/python benchmarks/bench_replicate.py [--studies 100] [--new 10] [--limits 1,2] [--quick] [--json FILE]
 
 Starts Orthanc on loopback and loads ``--studies`` synthetic studies: copies of one real series of
 the bundled sample (dcm_qa_nih mr_0003), each with new Study/Series/SOP Instance UIDs and a patient
@@ -9,12 +9,15 @@ patients and ``--new`` more, who have no study yet. Then, in one Prefect (epheme
 
 1. the first ``replicate_project``: a full extraction of every study (no watermark yet);
 2. a no-op ``replicate_project`` (goal: <= 10 s);
-3. a no-op ``extract_project``: the same, asking for everything (what replication saves);
-4. ``replicate_project`` after ``--new`` studies, one per new patient, dated today, reached the PACS.
+3. a no-op ``extract_project``: the same, asking for everything (what replication saves; not with ``--quick``);
+4. for each ``--limits`` value (``pacs.max_associations``): a full extraction of the same studies on 1,
+   then on 2 Dask worker processes, each into a fresh folder (``bench_scaleout.py``: it also records
+   the PACS-side peak of open connections and checks the dataset equals the first run's);
+5. ``replicate_project`` after ``--new`` studies, one per new patient, dated today, reached the PACS.
 
-Prints the times and each one's ratio to the full extraction. Times exclude Prefect's start-up
-(the server starts once, before). The figure on 2 workers comes from the scale-out work
-(issue 14, Dask and process workers): its column stays "n/a" here. Figures: docs/BENCHMARKS.md.
+Prints the times, each one's ratio to the full extraction, and the ratio 2 workers / 1 worker per
+limit. Times exclude Prefect's start-up (its server starts once, before). Exit code 1 when a
+scale-out run went over its limit or published another dataset. Figures: docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
