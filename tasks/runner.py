@@ -31,6 +31,7 @@ from pacs2bids.deid import pool as deid_pool
 from pacs2bids.errors import SpecError
 from pacs2bids.model import StudyRef
 from pacs2bids.pacs import gate
+from pacs2bids.pacs.pool import close_pools
 from pacs2bids.run import RunContext
 from pacs2bids.study import StudyResult
 
@@ -59,6 +60,9 @@ def extract_study_on_worker(spec: ProjectSpec, study: StudyRef, ctx: RunContext)
         # a Dask worker is stopped without its atexit hooks: the de-identification pool's processes would
         # outlive it, orphaned (holding the run's output open); they stop after each study instead
         deid_pool.shutdown()
+        # and its idle associations, each holding a slot of the PACS limit, would die with it unreleased: the
+        # slots stayed taken until their lease expired (never, on a server that does not revoke leases)
+        close_pools()
 
 
 def _dask_runner(settings):
