@@ -57,9 +57,11 @@ def _copy(data: bytes, k: int) -> pydicom.Dataset | None:
     return ds
 
 
-def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0) -> Corpus:
+def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0, keep: Path | None = None) -> Corpus:
     """Upload ``copies`` copies of every DICOM file under ``root`` (``*.gz`` opened) to Orthanc;
-    with ``studies``, of the files of the first ``studies`` studies met only."""
+    with ``studies``, of the files of the first ``studies`` studies met only. With ``keep``, each
+    uploaded file is also written as ``keep/<study n>/NNNNNN.dcm`` (as the C-GET floor
+    would: the bare pydicom floor's input when the C-GET floor is not run)."""
     corpus = Corpus()
     blobs: list[bytes] = []
     sources, kept = [], set()
@@ -83,12 +85,22 @@ def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0) -> Corpus
             corpus.sop_classes.add(str(ds.SOPClassUID))
             corpus.instances += 1
             corpus.size += len(data)
+            if keep is not None:
+                _keep(keep, corpus, ds, data)
             blobs.append(data)
             if len(blobs) >= 200:  # bounded memory at 10x
                 o.upload(blobs)
                 blobs.clear()
     o.upload(blobs)
     return corpus
+
+
+def _keep(keep: Path, corpus: Corpus, ds: pydicom.Dataset, data: bytes) -> None:
+    """One uploaded file written under ``keep/<study n>/`` (study numbers in the order first met)."""
+    study = list(corpus.study_patient).index(str(ds.StudyInstanceUID))
+    folder = keep / f"{study:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{corpus.instances:06d}.dcm").write_bytes(data)
 
 
 def _timed(fn, *args):
