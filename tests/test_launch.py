@@ -3,6 +3,7 @@ migrated again by the next run's ephemeral server."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def test_a_second_run_skips_the_migrations_and_completes(tmp_path, orthanc_facto
     assert second.returncode in (0, 3), second.stdout + second.stderr[-3000:]
     for done in (first, second):  # Prefect's workers sent everything before the run's server stopped
         assert "Traceback" not in done.stderr and "Failed to send" not in done.stderr, done.stderr[-3000:]
+        # one server, the run's own: no part of the run (the PACS limit's slots) fell back to an ephemeral one
+        assert "Starting temporary server" not in done.stderr, done.stderr[-3000:]
 
 
 OWN_SERVER = """
@@ -100,7 +103,11 @@ def test_the_run_starts_its_own_server_uses_it_and_stops_it(tmp_path):
     assert "Traceback" not in done.stderr, done.stderr[-3000:]  # the log worker sent its lines before the stop
 
 
-def test_no_own_server_when_prefect_has_a_server_of_its_own(home, monkeypatch):
+def test_no_own_server_when_prefect_has_a_server_of_its_own_or_is_imported(home, monkeypatch):
+    importlib.import_module("prefect")  # imported: a second run in this process leaves Prefect to start its own
+
+    assert prefectserver.start() is None and "PREFECT_API_URL" not in os.environ
+    monkeypatch.delitem(sys.modules, "prefect")
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     assert prefectserver.start() is None
     monkeypatch.delenv("PREFECT_API_URL")
@@ -120,7 +127,7 @@ def test_a_server_that_cannot_start_is_named_with_the_fix(home, monkeypatch):
 
     monkeypatch.setattr(prefectserver.RunServer, "_launch", launch)
     monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
-    server = prefectserver.start()
+    server = prefectserver.RunServer()
     with pytest.raises(prefectserver.ServerFailed, match="PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         with prefectserver.serving(server):
             raise AssertionError("never inside")

@@ -5,14 +5,15 @@ Prefect's ephemeral mode runs its API server in a process of its own (uvicorn,
 it, the run's own process first imports that server's whole module, only to build the command:
 on a small machine, many seconds of CPU the server process then spends again. :func:`start`
 starts the very same command (same arguments, same environment and flags) at the start of a
-run, before the flow's modules are imported, so the server's start-up overlaps that import and
-nothing of the server is imported twice. :func:`serving` waits until it answers, points Prefect
-at it for the run (``PREFECT_API_URL``, in the environment for child processes and in Prefect's
-settings), then, after the run, drains Prefect's log and event workers (they send to it) and
-stops it.
+run, before Prefect and the flow's modules are imported, so the server's start-up overlaps that
+import and nothing of the server is imported twice; Prefect is pointed at it (``PREFECT_API_URL``,
+in the environment, read by Prefect's settings and by child processes). :func:`serving` waits
+until it answers, then, after the run, drains Prefect's log and event workers (they send to it)
+and stops it.
 
 Nothing changes when Prefect is set to use a server of its own (``PREFECT_API_URL`` in the
-environment or in a Prefect profile): :func:`start` returns None.
+environment or in a Prefect profile), or is imported already (a second run in one process):
+:func:`start` returns None and Prefect starts its ephemeral server as before.
 """
 
 from __future__ import annotations
@@ -108,8 +109,16 @@ class RunServer:
 
 
 def start() -> RunServer | None:
-    """Start the run's server now (it answers some seconds later); None when Prefect has a server of its own."""
-    return None if _has_own_server() else RunServer()
+    """Start the run's server now (it answers some seconds later) and point ``PREFECT_API_URL`` at it,
+    before Prefect is imported: Prefect's root settings, which code outside the run's context (threads,
+    Prefect's own event loop) reads, then name it too. None when Prefect has a server of its own, or
+    when Prefect is imported already in this process (a second run in one process: Prefect's root
+    settings are made; Prefect starts its ephemeral server as it does by itself)."""
+    if _has_own_server() or "prefect" in sys.modules:
+        return None
+    server = RunServer()
+    os.environ["PREFECT_API_URL"] = server.url
+    return server
 
 
 def _drain_prefect_workers() -> None:
@@ -130,7 +139,6 @@ def serving(server: RunServer | None) -> Iterator[None]:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    before = os.environ.get("PREFECT_API_URL")
     try:
         server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
         os.environ["PREFECT_API_URL"] = server.url  # child processes (Dask workers) use it too
@@ -140,8 +148,5 @@ def serving(server: RunServer | None) -> Iterator[None]:
             finally:
                 _drain_prefect_workers()
     finally:
-        if before is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = before
+        os.environ.pop("PREFECT_API_URL", None)  # set by start(): there was none before
         server.stop()
