@@ -1,7 +1,7 @@
 """End to end against its floors: one Orthanc, the floors, the anchors and ``pacs2bids run``, in one run.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'      # dicognito, pinned
-    .venv/bin/python benchmarks/bench_e2e.py [--corpus shared|sample] [--copies 1,10] [--studies N] [--quick] [--transports dicomweb,c-get] [--json FILE]
+    .venv/bin/python benchmarks/bench_e2e.py [--corpus shared|sample] [--copies 1,10] [--studies N] [--quick] [--transports dicomweb,c-get] [--base COMMIT] [--json FILE]
 
 Starts Orthanc on loopback (DICOMweb on), loads the corpus (``--copies N``: N copies, each with new
 Study/Series/SOP Instance UIDs and patient IDs; ``--studies N``: its first N studies only), then times
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def end_to_end_floor(floors: dict, transport: str) -> float:
 
 
 def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path,
-            transports: tuple[str, ...] = TRANSPORTS) -> dict:
+            transports: tuple[str, ...] = TRANSPORTS, base: Path | None = None) -> dict:
     """Everything, for one corpus size, on one fresh Orthanc. Without C-GET among ``transports``, its
     floor is not taken (None) and the bare pydicom floor reads the uploaded files kept on disk."""
     cget = "c-get" in transports
@@ -78,10 +79,11 @@ def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path,
                     anchors[key] = None
         runs = {}
         for transport in transports:
-            spec = steps.write_spec(tmp / f"run-{transport}", o, corpus, transport, free_port())
-            runs[transport] = steps.pacs2bids_run(spec)
-            print(f"pacs2bids run over {transport}: {runs[transport]['seconds']:.1f} s, "
-                  f"exit {runs[transport]['exit_code']} ({runs[transport]['state']})", flush=True)
+            for key, code in ((f"{transport} (base)", base), (transport, None)) if base else ((transport, None),):
+                spec = steps.write_spec(tmp / f"run-{key.replace(' ', '')}", o, corpus, transport, free_port())
+                runs[key] = steps.pacs2bids_run(spec, code)
+                print(f"pacs2bids run over {key}: {runs[key]['seconds']:.1f} s, "
+                      f"exit {runs[key]['exit_code']} ({runs[key]['state']})", flush=True)
     return {"copies": copies, "studies": len(corpus.study_patient), "patients": len(corpus.patients),
             "instances": corpus.instances, "megabytes": corpus.size / 1e6, "floors": floors, "anchors": anchors,
             "runs": runs, "goals": goals(floors, runs)}
@@ -89,9 +91,10 @@ def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path,
 
 def goals(floors: dict, runs: dict) -> dict:
     out = {}
-    for transport in runs:
-        ratio = runs[transport]["seconds"] / end_to_end_floor(floors, transport)
-        out[transport] = {"ratio": ratio, "goal": GOALS[transport], "pass": ratio <= GOALS[transport]}
+    for key in runs:
+        transport = key.split(" ")[0]
+        ratio = runs[key]["seconds"] / end_to_end_floor(floors, transport)
+        out[key] = {"ratio": ratio, "goal": GOALS[transport], "pass": ratio <= GOALS[transport]}
     return out
 
 
@@ -116,22 +119,20 @@ def table(fig: dict) -> str:
     for key, label, floor in ANCHOR_ROWS:
         if key in fig["anchors"]:
             lines.append(_row(label, fig["anchors"][key], floors[floor], floor))
-    for transport in fig["runs"]:
-        run = fig["runs"][transport]
+    for key in fig["runs"]:
+        run, transport = fig["runs"][key], key.split(" ")[0]
         beside = "wado_rs + pydicom_rw + dcm2niix" if transport == "dicomweb" else "c_get"
-        lines.append(_row(f"pacs2bids run, {transport}", run["seconds"], end_to_end_floor(floors, transport), beside))
+        lines.append(_row(f"pacs2bids run, {key}", run["seconds"], end_to_end_floor(floors, transport), beside))
         stages = run["stage_seconds"] or {}
         for stage in STAGES:
             floor = stage_floor(stage, transport)
             lines.append(_row(f"  stage {stage}", stages.get(stage), floors.get(floor), floor or ""))
     lines.append("-" * 90)
-    for transport in fig["runs"]:
-        lines.append(f"peak RSS, pacs2bids run {transport}: {fig['runs'][transport]['peak_rss_mb']:.0f} MB")
-    for transport, what in (("dicomweb", "the sum of the floors"), ("c-get", "the transfer floor")):
-        if transport not in fig["goals"]:
-            continue
-        goal = fig["goals"][transport]
-        lines.append(f"GOAL end to end over {transport} <= {goal['goal']}x {what}: {goal['ratio']:.2f}x "
+    for key in fig["runs"]:
+        lines.append(f"peak RSS, pacs2bids run {key}: {fig['runs'][key]['peak_rss_mb']:.0f} MB")
+    for key, goal in fig["goals"].items():
+        what = "the sum of the floors" if key.startswith("dicomweb") else "the transfer floor"
+        lines.append(f"GOAL end to end over {key} <= {goal['goal']}x {what}: {goal['ratio']:.2f}x "
                      f"{'PASS' if goal['pass'] else 'MISS'}")
     return "\n".join(lines)
 
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transports", default=",".join(TRANSPORTS),
                     help="pacs2bids runs to time: dicomweb, c-get or both (without c-get, its floor and the "
                          "anchors are skipped)")
+    ap.add_argument("--base", metavar="COMMIT", help="also time pacs2bids as it was at this commit of this "
+                    "repository (before and after in one run), each run just before the current code's")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args(argv)
     transports = tuple(t for t in TRANSPORTS if t in args.transports.split(","))
@@ -177,14 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     copies = [int(c) for c in args.copies.split(",")]
     figures = []
-    for n in copies:
-        with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-            figures.append(measure(root, n, args.studies, args.quick, Path(tmp), transports))
-        print(table(figures[-1]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-code-") as code:
+        os.environ["PREFECT_HOME"] = str(steps.migrated_prefect_home(Path(code) / "prefect"))
+        base = steps.base_package(args.base, Path(code) / "base") if args.base else None
+        for n in copies:
+            with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+                figures.append(measure(root, n, args.studies, args.quick, Path(tmp), transports, base))
+            print(table(figures[-1]), flush=True)
     if len(figures) > 1:
         print("\nscaling (time per study and peak RSS of the run):\n" + scaling(figures))
     if args.json:
-        args.json.write_text(json.dumps({"corpus": name, "quick": args.quick, "studies": args.studies,
+        args.json.write_text(json.dumps({"corpus": name, "quick": args.quick, "studies": args.studies, "base": args.base,
                                           "transports": list(transports), "sizes": figures}, indent=2))
     return 0
 
