@@ -239,9 +239,20 @@ def measure_run(o: Orthanc, corpus, tmp: Path, rounds: tuple[str, ...] = ("first
             raise RuntimeError(f"timed run {name} failed:\n" + "\n".join(tail))
         data = json.loads(result.read_text())
         data["process_wall"], data["peak_rss_mb"] = round(wall, 3), usage.ru_maxrss / 1024
-        data["phases"]["interpreter start and exit (server stop)"] = round(wall - data["total_in_process"], 3)
+        data["phases"]["interpreter start and exit"] = round(wall - data["total_in_process"], 3)
+        data["exit"] = _exit_marks(result.with_suffix(".exit.json"))
         out[name] = data
     return out
+
+
+def _exit_marks(path: Path) -> dict:
+    """Seconds from the run's return to each stage of the interpreter's exit (``fixed_run._time_the_exit``)."""
+    try:
+        marks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    start = marks.pop("main returned", None)
+    return {k: round(v - start, 3) for k, v in sorted(marks.items(), key=lambda kv: kv[1])} if start else {}
 
 
 def report_run(runs: dict) -> str:
@@ -252,6 +263,9 @@ def report_run(runs: dict) -> str:
         lines.append(f"| {phase} | " + " | ".join(f"{runs[n]['phases'].get(phase, 0.0):.2f}" for n in names) + " |")
     lines.append("| **process wall time** | " + " | ".join(f"**{runs[n]['process_wall']:.2f}**" for n in names) + " |")
     lines.append("| peak RSS MB | " + " | ".join(f"{runs[n]['peak_rss_mb']:.0f}" for n in names) + " |")
+    for mark in runs[names[0]].get("exit", {}):
+        lines.append(f"| exit: {mark}, s after the run returned | " + " | ".join(
+            f"{runs[n].get('exit', {}).get(mark, 0.0):.2f}" for n in names) + " |")
     kinds = sorted({k for n in names for k in runs[n]["api_requests"]})
     lines += ["", "| Prefect API requests (count, summed s) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
     for k in kinds:

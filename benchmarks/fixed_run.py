@@ -126,6 +126,27 @@ def _timed_flow(extract, spec_path: Path, marks: dict, t: float, t0: float) -> d
             "api_requests": {k: [n, round(s, 3)] for k, (n, s) in sorted(counts.items())}}
 
 
+def _time_the_exit(marks: dict) -> None:
+    """Mark the stages of the interpreter's exit in ``marks``: Prefect's services drained and the other
+    threads joined (``threading`` shutdown), then the ``atexit`` handlers (the last one written here runs last:
+    it was registered first, before Prefect's)."""
+    import atexit
+    import threading
+
+    def at(key):
+        return lambda: marks.setdefault(key, time.perf_counter())
+
+    threading._register_atexit(at("threading shutdown begins"))  # runs first: registered last
+    atexit.register(at("atexit handlers begin"))  # runs first of the atexit handlers: registered last
+    marks["main returned"] = time.perf_counter()
+
+
 if __name__ == "__main__":
+    import atexit
+
+    exit_marks: dict = {}
+    exit_file = Path(sys.argv[2]).with_suffix(".exit.json")
+    atexit.register(lambda: exit_file.write_text(json.dumps({**exit_marks, "atexit handlers end": time.perf_counter()})))
     out = timed_run(Path(sys.argv[1]))
     Path(sys.argv[2]).write_text(json.dumps(out, indent=2))
+    _time_the_exit(exit_marks)
