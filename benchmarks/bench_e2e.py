@@ -1,7 +1,7 @@
 """End to end against its floors: one Orthanc, the floors, the anchors and ``pacs2bids run``, in one run.
 
     .venv/bin/pip install -c constraints.txt -e '.[bench]'      # dicognito, pinned
-    .venv/bin/python benchmarks/bench_e2e.py [--corpus shared|sample] [--copies 1,10] [--studies N] [--quick] [--json FILE]
+    .venv/bin/python benchmarks/bench_e2e.py [--corpus shared|sample] [--copies 1,10] [--studies N] [--quick] [--transports dicomweb,c-get] [--base COMMIT] [--json FILE]
 
 Starts Orthanc on loopback (DICOMweb on), loads the corpus (``--copies N``: N copies, each with new
 Study/Series/SOP Instance UIDs and patient IDs; ``--studies N``: its first N studies only), then times
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -52,19 +53,22 @@ def end_to_end_floor(floors: dict, transport: str) -> float:
     return floors["c_get"]
 
 
-def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path) -> dict:
-    """Everything, for one corpus size, on one fresh Orthanc."""
+def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path,
+            transports: tuple[str, ...] = TRANSPORTS, base: Path | None = None) -> dict:
+    """Everything, for one corpus size, on one fresh Orthanc. Without C-GET among ``transports``, its
+    floor is not taken (None) and the bare pydicom floor reads the uploaded files kept on disk."""
+    cget = "c-get" in transports
     with Orthanc(workdir=tmp / "orthanc") as o:
-        corpus = steps.load_corpus(o, root, copies, studies)
+        corpus = steps.load_corpus(o, root, copies, studies, keep=None if cget else tmp / "cget")
         print(f"corpus: {root} x{copies}: {corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
               f"{len(corpus.study_patient)} studies, {len(corpus.patients)} patients", flush=True)
         floors, anchors = {}, {}
         floors["wado_rs"], _ = steps.wado_floor(o, corpus)
-        floors["c_get"], _ = steps.cget_floor(o, corpus, tmp / "cget")
+        floors["c_get"] = steps.cget_floor(o, corpus, tmp / "cget")[0] if cget else None
         floors["pydicom_rw"], _ = steps.pydicom_floor(tmp / "cget", tmp / "rw")
         floors["dcm2niix"], _ = steps.dcm2niix_floor(tmp / "rw", tmp / "nii")
         floors["read_once"], _ = steps.read_floor(tmp / "rw")
-        if not quick:
+        if not quick and cget:
             for key, run in (("getscu", lambda: steps.getscu_anchor(o, corpus, tmp / "getscu")),
                              ("dicognito", lambda: steps.dicognito_anchor(tmp / "cget", tmp / "dicognito")),
                              ("heudiconv", lambda: steps.heudiconv_anchor(tmp / "cget", tmp / "heudiconv"))):
@@ -74,11 +78,12 @@ def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path) -> di
                     print(f"bench_e2e: anchor {key} failed, reported n/a: {exc}", file=sys.stderr)
                     anchors[key] = None
         runs = {}
-        for transport in TRANSPORTS:
-            spec = steps.write_spec(tmp / f"run-{transport}", o, corpus, transport, free_port())
-            runs[transport] = steps.pacs2bids_run(spec)
-            print(f"pacs2bids run over {transport}: {runs[transport]['seconds']:.1f} s, "
-                  f"exit {runs[transport]['exit_code']} ({runs[transport]['state']})", flush=True)
+        for transport in transports:
+            for key, code in ((f"{transport} (base)", base), (transport, None)) if base else ((transport, None),):
+                spec = steps.write_spec(tmp / f"run-{key.replace(' ', '')}", o, corpus, transport, free_port())
+                runs[key] = steps.pacs2bids_run(spec, code)
+                print(f"pacs2bids run over {key}: {runs[key]['seconds']:.1f} s, "
+                      f"exit {runs[key]['exit_code']} ({runs[key]['state']})", flush=True)
     return {"copies": copies, "studies": len(corpus.study_patient), "patients": len(corpus.patients),
             "instances": corpus.instances, "megabytes": corpus.size / 1e6, "floors": floors, "anchors": anchors,
             "runs": runs, "goals": goals(floors, runs)}
@@ -86,9 +91,10 @@ def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path) -> di
 
 def goals(floors: dict, runs: dict) -> dict:
     out = {}
-    for transport in TRANSPORTS:
-        ratio = runs[transport]["seconds"] / end_to_end_floor(floors, transport)
-        out[transport] = {"ratio": ratio, "goal": GOALS[transport], "pass": ratio <= GOALS[transport]}
+    for key in runs:
+        transport = key.split(" ")[0]
+        ratio = runs[key]["seconds"] / end_to_end_floor(floors, transport)
+        out[key] = {"ratio": ratio, "goal": GOALS[transport], "pass": ratio <= GOALS[transport]}
     return out
 
 
@@ -109,34 +115,35 @@ def _row(step: str, seconds: float | None, floor: float | None, beside: str = ""
 def table(fig: dict) -> str:
     floors = fig["floors"]
     lines = [f"{'step':<44} {'seconds':>9} {'x floor':>9}  floor", "-" * 90]
-    lines += [_row(label, floors[key], floors[key], key) for key, label in FLOOR_ROWS]
+    lines += [_row(label, floors[key], floors[key], key) for key, label in FLOOR_ROWS if floors[key] is not None]
     for key, label, floor in ANCHOR_ROWS:
         if key in fig["anchors"]:
             lines.append(_row(label, fig["anchors"][key], floors[floor], floor))
-    for transport in TRANSPORTS:
-        run = fig["runs"][transport]
+    for key in fig["runs"]:
+        run, transport = fig["runs"][key], key.split(" ")[0]
         beside = "wado_rs + pydicom_rw + dcm2niix" if transport == "dicomweb" else "c_get"
-        lines.append(_row(f"pacs2bids run, {transport}", run["seconds"], end_to_end_floor(floors, transport), beside))
+        lines.append(_row(f"pacs2bids run, {key}", run["seconds"], end_to_end_floor(floors, transport), beside))
         stages = run["stage_seconds"] or {}
         for stage in STAGES:
             floor = stage_floor(stage, transport)
             lines.append(_row(f"  stage {stage}", stages.get(stage), floors.get(floor), floor or ""))
     lines.append("-" * 90)
-    for transport in TRANSPORTS:
-        lines.append(f"peak RSS, pacs2bids run {transport}: {fig['runs'][transport]['peak_rss_mb']:.0f} MB")
-    for transport, what in (("dicomweb", "the sum of the floors"), ("c-get", "the transfer floor")):
-        goal = fig["goals"][transport]
-        lines.append(f"GOAL end to end over {transport} <= {goal['goal']}x {what}: {goal['ratio']:.2f}x "
+    for key in fig["runs"]:
+        lines.append(f"peak RSS, pacs2bids run {key}: {fig['runs'][key]['peak_rss_mb']:.0f} MB")
+    for key, goal in fig["goals"].items():
+        what = "the sum of the floors" if key.startswith("dicomweb") else "the transfer floor"
+        lines.append(f"GOAL end to end over {key} <= {goal['goal']}x {what}: {goal['ratio']:.2f}x "
                      f"{'PASS' if goal['pass'] else 'MISS'}")
     return "\n".join(lines)
 
 
 def scaling(figures: list[dict]) -> str:
+    transports = list(figures[0]["runs"])
     lines = [f"{'copies':>6} {'studies':>7} " + " ".join(f"{t + ' s/study':>17} {t + ' peak MB':>17}"
-                                                          for t in TRANSPORTS)]
+                                                          for t in transports)]
     for fig in figures:
         cells = [f"{fig['runs'][t]['seconds'] / fig['studies']:17.2f} {fig['runs'][t]['peak_rss_mb']:17.0f}"
-                 for t in TRANSPORTS]
+                 for t in transports]
         lines.append(f"{fig['copies']:6d} {fig['studies']:7d} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -149,8 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--copies", default="1", help="corpus copies, e.g. 1 or 1,10 (each size on a fresh Orthanc)")
     ap.add_argument("--studies", type=int, default=0, help="keep only the corpus's first N studies (0: all)")
     ap.add_argument("--quick", action="store_true", help="skip the slow anchors (getscu, dicognito, heudiconv)")
+    ap.add_argument("--transports", default=",".join(TRANSPORTS),
+                    help="pacs2bids runs to time: dicomweb, c-get or both (without c-get, its floor and the "
+                         "anchors are skipped)")
+    ap.add_argument("--base", metavar="COMMIT", help="also time pacs2bids as it was at this commit of this "
+                    "repository (before and after in one run), each run just before the current code's")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     args = ap.parse_args(argv)
+    transports = tuple(t for t in TRANSPORTS if t in args.transports.split(","))
+    unknown = set(args.transports.split(",")) - set(TRANSPORTS)
+    if unknown or not transports:
+        print(f"bench_e2e: --transports takes {', '.join(TRANSPORTS)} (comma-separated), not {args.transports}",
+              file=sys.stderr)
+        return 2
     name = args.corpus or ("shared" if CORPORA["shared"].is_dir() else "sample")
     root = CORPORA[name]
     if not root.is_dir():
@@ -162,14 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     copies = [int(c) for c in args.copies.split(",")]
     figures = []
-    for n in copies:
-        with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
-            figures.append(measure(root, n, args.studies, args.quick, Path(tmp)))
-        print(table(figures[-1]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-code-") as code:
+        os.environ["PREFECT_HOME"] = str(steps.migrated_prefect_home(Path(code) / "prefect"))
+        base = steps.base_package(args.base, Path(code) / "base") if args.base else None
+        for n in copies:
+            with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+                figures.append(measure(root, n, args.studies, args.quick, Path(tmp), transports, base))
+            print(table(figures[-1]), flush=True)
     if len(figures) > 1:
         print("\nscaling (time per study and peak RSS of the run):\n" + scaling(figures))
     if args.json:
-        args.json.write_text(json.dumps({"corpus": name, "quick": args.quick, "studies": args.studies, "sizes": figures}, indent=2))
+        args.json.write_text(json.dumps({"corpus": name, "quick": args.quick, "studies": args.studies, "base": args.base,
+                                          "transports": list(transports), "sizes": figures}, indent=2))
     return 0
 
 

@@ -1,6 +1,7 @@
 """A run's fixed costs beside their floors (issue 12): the query, the leak scan and the lineage tables, in one run.
 
     .venv/bin/python benchmarks/bench_fixed.py [--corpus sample|shared] [--studies N] [--json FILE]
+    .venv/bin/python benchmarks/bench_fixed.py --run [--corpus sample|shared] [--studies N] [--json FILE]
 
 Starts Orthanc on loopback (DICOMweb on), loads the corpus (``benchmarks/e2e_steps.load_corpus``), then times:
 - query: ``pacs2bids.query.find_studies`` of every patient of the corpus, over C-FIND and over QIDO-RS, with the
@@ -16,6 +17,11 @@ Starts Orthanc on loopback (DICOMweb on), loads the corpus (``benchmarks/e2e_ste
   hashed). Floor: the SHA-256 of every file, once;
 - Prefect: an empty flow in its own process (import, ephemeral server start-up, one flow run), on a new
   PREFECT_HOME and again: the fixed cost every ``pacs2bids run`` pays before its first stage.
+
+With ``--run``, instead: one ``pacs2bids run`` over DICOMweb of the corpus, taken apart phase by phase
+(``benchmarks/fixed_run.py``: imports, Prefect's server start-up, the flow run's creation, each stage, what the
+flow does besides, the process's end) with Prefect's API requests counted; twice, on a new PREFECT_HOME then on
+the same one again (each run into its own output).
 """
 
 from __future__ import annotations
@@ -211,6 +217,63 @@ def measure_prefect(tmp: Path) -> dict:
     return out
 
 
+def measure_run(o: Orthanc, corpus, tmp: Path, rounds: tuple[str, ...] = ("first", "again")) -> dict:
+    """``fixed_run.py`` in its own process per round (same PREFECT_HOME); the process's wall time and peak RSS
+    from outside, its phases from inside (the difference: interpreter start and exit, the server's stop)."""
+    import subprocess
+
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-run"), steps.SECRET_ENV: SECRET.decode(),
+           "NIPYPE_NO_ET": "1"}
+    out = {}
+    for name in rounds:
+        spec = steps.write_spec(tmp / f"run-{name}", o, corpus, "dicomweb", 0)
+        result = tmp / f"run-{name}.json"
+        t = time.perf_counter()
+        with open(tmp / f"run-{name}.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fixed_run.py")), str(spec),
+                                     str(result)], env=env, stdout=log, stderr=subprocess.STDOUT)
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        if os.waitstatus_to_exitcode(status) or not result.is_file():
+            tail = (tmp / f"run-{name}.log").read_text(errors="replace").splitlines()[-10:]
+            raise RuntimeError(f"timed run {name} failed:\n" + "\n".join(tail))
+        data = json.loads(result.read_text())
+        data["process_wall"], data["peak_rss_mb"] = round(wall, 3), usage.ru_maxrss / 1024
+        data["phases"]["interpreter start and exit"] = round(wall - data["total_in_process"], 3)
+        data["exit"] = _exit_marks(result.with_suffix(".exit.json"))
+        out[name] = data
+    return out
+
+
+def _exit_marks(path: Path) -> dict:
+    """Seconds from the run's return to each stage of the interpreter's exit (``fixed_run._time_the_exit``)."""
+    try:
+        marks = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    start = marks.pop("main returned", None)
+    return {k: round(v - start, 3) for k, v in sorted(marks.items(), key=lambda kv: kv[1])} if start else {}
+
+
+def report_run(runs: dict) -> str:
+    names = list(runs)
+    lines = ["| phase of one `pacs2bids run` | " + " | ".join(f"{n} s" for n in names) + " |",
+             "| --- |" + " ---: |" * len(names)]
+    for phase in runs[names[0]]["phases"]:
+        lines.append(f"| {phase} | " + " | ".join(f"{runs[n]['phases'].get(phase, 0.0):.2f}" for n in names) + " |")
+    lines.append("| **process wall time** | " + " | ".join(f"**{runs[n]['process_wall']:.2f}**" for n in names) + " |")
+    lines.append("| peak RSS MB | " + " | ".join(f"{runs[n]['peak_rss_mb']:.0f}" for n in names) + " |")
+    for mark in runs[names[0]].get("exit", {}):
+        lines.append(f"| exit: {mark}, s after the run returned | " + " | ".join(
+            f"{runs[n].get('exit', {}).get(mark, 0.0):.2f}" for n in names) + " |")
+    kinds = sorted({k for n in names for k in runs[n]["api_requests"]})
+    lines += ["", "| Prefect API requests (count, summed s) | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    for k in kinds:
+        cells = [runs[n]["api_requests"].get(k, [0, 0.0]) for n in names]
+        lines.append(f"| {k} | " + " | ".join(f"{c[0]}, {c[1]:.2f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def report(q: dict, s: dict, pf: dict | None = None) -> str:
     lines = ["| step | seconds | requests | x its floor |", "| --- | ---: | ---: | ---: |",
              f"| floor: one study C-FIND per row, no gate | {q['floor']:.2f} | | |"]
@@ -237,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--corpus", choices=sorted(CORPORA), default="shared" if CORPORA["shared"].is_dir() else "sample")
     ap.add_argument("--studies", type=int, default=0, help="the first N studies only")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--run", action="store_true", help="time one pacs2bids run phase by phase instead")
     args = ap.parse_args(argv)
     root = CORPORA[args.corpus]
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as d:
@@ -250,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
             patients = sorted(set(corpus.study_patient.values()))
             print(f"corpus: {root}: {corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
                   f"{len(corpus.study_patient)} studies, {len(patients)} patients", flush=True)
+            if args.run:
+                runs = measure_run(o, corpus, tmp)
+                print(report_run(runs))
+                if args.json:
+                    args.json.write_text(json.dumps({"corpus": args.corpus, "runs": runs}, indent=2))
+                return 0
             q = measure_query(o, patients, tmp)
         s = measure_scan_and_lineage(root, args.studies, tmp)
         pf = measure_prefect(tmp)

@@ -57,9 +57,11 @@ def _copy(data: bytes, k: int) -> pydicom.Dataset | None:
     return ds
 
 
-def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0) -> Corpus:
+def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0, keep: Path | None = None) -> Corpus:
     """Upload ``copies`` copies of every DICOM file under ``root`` (``*.gz`` opened) to Orthanc;
-    with ``studies``, of the files of the first ``studies`` studies met only."""
+    with ``studies``, of the files of the first ``studies`` studies met only. With ``keep``, each
+    uploaded file is also written as ``keep/<study n>/NNNNNN.dcm`` (as the C-GET floor
+    would: the bare pydicom floor's input when the C-GET floor is not run)."""
     corpus = Corpus()
     blobs: list[bytes] = []
     sources, kept = [], set()
@@ -83,12 +85,22 @@ def load_corpus(o: Orthanc, root: Path, copies: int, studies: int = 0) -> Corpus
             corpus.sop_classes.add(str(ds.SOPClassUID))
             corpus.instances += 1
             corpus.size += len(data)
+            if keep is not None:
+                _keep(keep, corpus, ds, data)
             blobs.append(data)
             if len(blobs) >= 200:  # bounded memory at 10x
                 o.upload(blobs)
                 blobs.clear()
     o.upload(blobs)
     return corpus
+
+
+def _keep(keep: Path, corpus: Corpus, ds: pydicom.Dataset, data: bytes) -> None:
+    """One uploaded file written under ``keep/<study n>/`` (study numbers in the order first met)."""
+    study = list(corpus.study_patient).index(str(ds.StudyInstanceUID))
+    folder = keep / f"{study:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{corpus.instances:06d}.dcm").write_bytes(data)
 
 
 def _timed(fn, *args):
@@ -307,13 +319,50 @@ def _summary(stdout: str) -> dict:
         return {}
 
 
-def pacs2bids_run(spec: Path) -> dict:
-    """``pacs2bids run SPEC --json`` in its own process (Prefect ephemeral: its start-up counts).
+def base_package(commit: str, dest: Path) -> Path:
+    """This repository's pacs2bids at ``commit``, laid out as an importable package under ``dest``
+    (``src/pacs2bids`` with ``flows``, ``tasks`` and ``heuristics`` as its subpackages, as installed);
+    put first on PYTHONPATH, it is imported instead of the installed one (same dependencies)."""
+    tree = dest / "tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "archive", commit, "src", "flows",
+                              "tasks", "heuristics"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    shutil.copytree(tree / "src" / "pacs2bids", dest / "pkg" / "pacs2bids")
+    for sub in ("flows", "tasks", "heuristics"):
+        shutil.copytree(tree / sub, dest / "pkg" / "pacs2bids" / sub)
+    return dest / "pkg"
+
+
+def migrated_prefect_home(home: Path) -> Path:
+    """A PREFECT_HOME whose database this Prefect version has made and migrated, marked as
+    ``pacs2bids.launch`` marks it: every timed run then starts as a repeated run does."""
+    from pacs2bids.launch import MIGRATED
+
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    exe = shutil.which("prefect", path=str(VENV_BIN)) or "prefect"
+    subprocess.run([exe, "server", "database", "upgrade", "-y"], env=env, check=True, stdout=subprocess.DEVNULL,
+                   timeout=1800)
+    (home / MIGRATED).write_text(_prefect_version() + "\n")
+    return home
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")
+
+
+def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
+    """``pacs2bids run SPEC --json`` in its own process (its Prefect server's start-up counts); with
+    ``base``, the pacs2bids package under that folder (:func:`base_package`) runs instead.
     Returns seconds, peak RSS (MB, of the process and its waited-for children, from wait4), exit
     code, state and the summary's ``stage_seconds`` (None while the flow does not report them)."""
     exe = shutil.which("pacs2bids", path=str(VENV_BIN))
-    cmd = [exe] if exe else [sys.executable, "-m", "pacs2bids.cli"]
+    cmd = [exe] if exe and base is None else [sys.executable, "-m", "pacs2bids.cli"]
     env = {**os.environ, SECRET_ENV: "bench-secret-" + "0123456789abcdef" * 2, "NIPYPE_NO_ET": "1"}
+    if base is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(base), *filter(None, [os.environ.get("PYTHONPATH")])])
     log = spec.parent / "run.log"
     with open(spec.parent / "stdout.txt", "w+") as out, open(log, "wb") as err:
         t = time.perf_counter()

@@ -27,8 +27,9 @@ def progress_key(project: str) -> str:
 
 class ProgressArtifact:
     """An observer of a :class:`~pacs2bids.progress.RunProgress` that keeps one Prefect progress
-    artifact current: created on the first snapshot, updated when a study or series completes,
-    when the run finishes, and otherwise at most every ``UPDATE_SECONDS``."""
+    artifact current: created on the first snapshot, updated when a study completes and when the
+    run finishes, and otherwise (series completed, instances received) at most every
+    ``UPDATE_SECONDS``: each write is a request to Prefect's API, and a run has many series."""
 
     def __init__(self, project: str, run_id: str, logger=log, clock=time.monotonic):
         self.key, self.run_id, self.logger, self.clock = progress_key(project), run_id, logger, clock
@@ -38,24 +39,33 @@ class ProgressArtifact:
         self._written = 0.0
         self._failed = False
 
-    def __call__(self, snap: progress.Snapshot) -> None:
-        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+    def _due(self, snap: progress.Snapshot) -> bool:
+        """Whether ``snap`` is written: the first, a study completed, the run finished, or something
+        changed and ``UPDATE_SECONDS`` have passed since the last write."""
+        marks = (snap.studies_done, snap.series_done, snap.instances_received, snap.finished)
+        if self._last is None or marks[0] != self._last[0] or (snap.finished and not self._last[3]):
+            return True
+        return marks != self._last and self.clock() - self._written >= UPDATE_SECONDS
 
-        marks = (snap.studies_done, snap.series_done, snap.finished)
+    def __call__(self, snap: progress.Snapshot) -> None:
         with self._lock:
-            if self._failed or (self._last == marks and self.clock() - self._written < UPDATE_SECONDS):
+            if self._failed or not self._due(snap):
                 return
-            self._last, self._written = marks, self.clock()
-            description = f"pacs2bids run {self.run_id}: {snap.text()}"
-            pct = round(100.0 * snap.fraction, 1)
+            self._last = (snap.studies_done, snap.series_done, snap.instances_received, snap.finished)
+            self._written = self.clock()
             try:
-                if self.artifact_id is None:
-                    self.artifact_id = create_progress_artifact(progress=pct, key=self.key, description=description)
-                else:
-                    update_progress_artifact(self.artifact_id, progress=pct, description=description)
+                self._write(round(100.0 * snap.fraction, 1), f"pacs2bids run {self.run_id}: {snap.text()}")
             except Exception as exc:  # the UI's view: never worth failing a run for
                 self._failed = True
                 self.logger.warning("could not record the progress artifact: %s", type(exc).__name__)
+
+    def _write(self, pct: float, description: str) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(progress=pct, key=self.key, description=description)
+        else:
+            update_progress_artifact(self.artifact_id, progress=pct, description=description)
 
 
 @contextmanager

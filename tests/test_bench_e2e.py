@@ -51,3 +51,25 @@ def test_bench_e2e_quick_on_the_sample(tmp_path):
         assert run["seconds"] > 0 and run["peak_rss_mb"] > 0
         assert run["stage_seconds"] is None or set(STAGES) <= set(run["stage_seconds"])
         assert set(size["goals"][transport]) == {"ratio", "goal", "pass"}
+
+
+def test_bench_e2e_dicomweb_alone_beside_a_base_commit(tmp_path):
+    """``--transports dicomweb``: no C-GET floor nor run (the pydicom floor reads the uploaded files);
+    ``--base COMMIT``: that commit's pacs2bids runs too, in the same run, with its own rows."""
+    figures = tmp_path / "figures.json"
+    env = {**os.environ, "NIPYPE_NO_ET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_e2e.py"), "--corpus", "sample", "--studies", "2", "--quick",
+         "--transports", "dicomweb", "--base", "HEAD", "--json", str(figures)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = done.stdout
+    assert "floor: pynetdicom C-GET" not in out and "pacs2bids run, c-get" not in out
+    for label in ("floor: pydicom read + write", "pacs2bids run, dicomweb (base)", "pacs2bids run, dicomweb"):
+        assert re.search(rf"^{re.escape(label)}\s+{NUMBER}\s+{NUMBER}x\s", out, re.M), (label, out)
+    (size,) = json.loads(figures.read_text())["sizes"]
+    assert size["floors"]["c_get"] is None and size["floors"]["pydicom_rw"] > 0
+    assert set(size["runs"]) == {"dicomweb (base)", "dicomweb"}
+    for run in size["runs"].values():
+        assert run["exit_code"] in (0, 3) and run["state"] in ("completed", "completed with failures"), run

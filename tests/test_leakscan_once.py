@@ -140,3 +140,33 @@ def test_rules_made_by_hand_still_search():
     rules = Rules(distinctive=built.distinctive, common=built.common, pattern=built.pattern,
                   common_pattern=built.common_pattern)
     assert rules.finder.kinds(b"x IPP77881234 head y") == (True, True)
+
+
+def test_a_clean_scan_compiles_one_pattern(sample_dir, tmp_path, monkeypatch):
+    """Rules are built with one pattern (every string, both kinds); where it matches, the kind is looked
+    up, and the case-folding patterns are compiled only where a scan needs them (a DICOM file with a hit:
+    to name the element). Issue 12: compiling the patterns of a key store of every original UID, five
+    times, cost more than the scan."""
+    import re
+
+    from pacs2bids.deid import leakrules
+
+    compiled: list[bytes] = []
+    real = re.compile
+
+    def counting(pattern, flags=0):
+        if isinstance(pattern, bytes) and pattern.endswith((b"(?![a-z0-9])", b"case-folding")):  # the scan's own
+            compiled.append(pattern)
+        return real(pattern, flags)
+
+    uids = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(300)]  # a key store holds every original UID
+    root = _dataset(tmp_path / "ds", sample_dir)
+    monkeypatch.setattr(leakrules.re, "compile", counting)
+    monkeypatch.setattr(leakrules, "compile_strings", lambda strings: counting(b"case-folding"))
+    rules = build_rules(IDENTIFIERS + uids)
+    assert scan_for_leaks(root, rules) == []
+    assert len(compiled) == 1, compiled  # the pattern of both kinds (it matched common words), nothing else
+    planted = root / "sub-001" / "anat" / "sub-001_T1w.json"
+    planted.write_text('{"PatientID": "IPP77881234"}')
+    assert [h.path for h in scan_for_leaks(root, rules)] == [str(planted.relative_to(root))]
+    assert len(compiled) == 1  # a hit in a sidecar is told without another pattern

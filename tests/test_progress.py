@@ -152,3 +152,35 @@ def test_a_terminal_gets_a_bar_other_streams_lines():
     progress.close_run("run-tty")
     assert "studies 1/2" in out.getvalue() and "pacs2bids: progress:" not in out.getvalue()
     assert isinstance(renderer(io.StringIO()), LineProgress)
+
+
+def test_the_progress_artifact_is_written_per_study_and_otherwise_at_most_every_few_seconds():
+    """Each write of the Prefect progress artifact is an API request (issue 12: fixed costs): series
+    completing and instances arriving are written at most every UPDATE_SECONDS; the first snapshot,
+    each completed study and the end always. The Prefect write itself is left out (``_write``)."""
+    from pacs2bids.tasks.progress import UPDATE_SECONDS, ProgressArtifact
+
+    class Recorded(ProgressArtifact):
+        def _write(self, pct, description):
+            writes.append((pct, description))
+
+    writes: list = []
+    clock = Clock()
+    t = progress.RunProgress("r", clock)
+    t.subscribe(Recorded("p", "r", clock=clock))
+    t.begin(studies())
+    assert len(writes) == 1  # the first snapshot
+    t.received("a", 10, 10)
+    t.received("b", 20, 20)  # two series done within the same seconds: not written yet
+    t.add_bytes(1_000_000)
+    assert len(writes) == 1
+    clock.now += UPDATE_SECONDS
+    t.received("c", 1, None)  # some seconds later, anything new: written
+    assert len(writes) == 2
+    t.study_done(["a", "b", "c"])  # a study completed: written at once
+    assert len(writes) == 3 and "studies 1/2" in writes[-1][1]
+    t.received("d", 30, 30)  # its series done a moment later: not written
+    assert len(writes) == 3
+    t.study_done(["d"])
+    t.finish()
+    assert len(writes) == 5 and writes[-1][0] == 100.0 and writes[-1][1].endswith("· done")

@@ -12,10 +12,10 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from uuid import UUID
 
+from . import prefectserver
 from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
 
@@ -85,48 +85,19 @@ def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False,
             os.environ.pop("PREFECT_API_DATABASE_MIGRATE_ON_START", None)
 
 
-def _start_server_early() -> threading.Thread | None:
-    """Start Prefect's ephemeral API server (the one Prefect would start at the flow's first API
-    call: same class, same process, same settings) in a thread, so that its start-up, in a
-    process of its own, overlaps the import of the flow's modules. None when Prefect talks to a
-    server of its own (``PREFECT_API_URL``, in the environment or in Prefect's profiles). The
-    caller joins the thread before the flow runs; a failure here is Prefect's to report then."""
-    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
-    try:
-        profiles = (home / "profiles.toml").read_text()
-    except OSError:
-        profiles = ""
-    if os.environ.get("PREFECT_API_URL") or "API_URL" in profiles:
-        return None
-    from prefect.server.api.server import SubprocessASGIServer  # imported here, not in the thread
-
-    def start() -> None:
-        try:
-            SubprocessASGIServer().start()
-        except Exception:  # the flow's first API call starts it again and says what failed
-            logging.getLogger("pacs2bids").debug("early start of Prefect's server failed", exc_info=True)
-
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread
-
-
 def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None) -> int:
     try:
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
     except SpecError as exc:
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    server = _start_server_early()
+    server = prefectserver.start()  # Prefect's server for this run starts while the flow's modules import
     from pacs2bids.flows.extract import RunFailed, extract_project
 
     from .progressview import show_progress
 
-    if server is not None:
-        server.join()
-
     try:
-        with show_progress(sys.stderr):  # a bar on a terminal, progress lines otherwise
+        with prefectserver.serving(server), show_progress(sys.stderr):  # a bar on a terminal, lines otherwise
             if replicate:
                 from pacs2bids.flows.replicate import replicate_project
 

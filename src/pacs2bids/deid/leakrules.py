@@ -48,8 +48,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import unicodedata
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -148,23 +148,59 @@ def _anchored(words: frozenset[bytes]) -> re.Pattern[bytes] | None:
     return re.compile(rb"(?:" + _trie_regex(sorted(words)) + rb")(?![a-z0-9])") if words else None
 
 
-@dataclass(frozen=True)
 class Finder:
     """One pass over a file's bytes for both kinds of string (:meth:`kinds`).
 
     Same matches as :attr:`Rules.pattern` and :attr:`Rules.common_pattern` (a whole word, ASCII
     letters in any case: ``re.IGNORECASE`` on bytes folds ASCII only, as ``bytes.lower`` does),
     searched once in the lowered bytes with one pattern of every string; the boundary before a
-    match is checked here, so the pattern keeps a literal start the engine can skip to."""
+    match is checked here, so the pattern keeps a literal start the engine can skip to.
 
-    both: re.Pattern[bytes] | None
-    distinctive: re.Pattern[bytes] | None
-    common: re.Pattern[bytes] | None
+    Only that pattern (``both``) is compiled: where it matches, the kind of the string is told by
+    looking the bytes there up in each kind's set of words, one length at a time (what each kind's
+    pattern, ``(?:words)(?![a-z0-9])`` matched there, would say). Compiling a pattern costs more
+    than scanning a dataset when the key store holds every original UID; each kind's own pattern
+    is compiled only for a caller asking for it (:attr:`distinctive`, :attr:`common`)."""
+
+    def __init__(self, distinctive: frozenset[bytes], common: frozenset[bytes]):
+        self._words = {"distinctive": distinctive, "common": common}
+        self._lengths = {kind: sorted({len(w) for w in words}) for kind, words in self._words.items()}
+        self._compiled: dict[str, re.Pattern[bytes] | None] = {}
+        self._lock = threading.Lock()
+        self.both = _anchored(distinctive | common)
 
     @classmethod
     def of(cls, distinctive: Iterable[str], common: Iterable[str]) -> "Finder":
-        d, c = _lowered(distinctive), _lowered(common)
-        return cls(_anchored(d | c), _anchored(d), _anchored(c))
+        return cls(_lowered(distinctive), _lowered(common))
+
+    def _pattern(self, kind: str) -> re.Pattern[bytes] | None:
+        with self._lock:
+            if kind not in self._compiled:
+                self._compiled[kind] = _anchored(self._words[kind])
+            return self._compiled[kind]
+
+    @property
+    def searches_distinctive(self) -> bool:
+        return bool(self._words["distinctive"])
+
+    @property
+    def distinctive(self) -> re.Pattern[bytes] | None:
+        return self._pattern("distinctive") if self._words["distinctive"] else None
+
+    @property
+    def common(self) -> re.Pattern[bytes] | None:
+        return self._pattern("common") if self._words["common"] else None
+
+    def _at(self, kind: str, low: bytes, at: int) -> bool:
+        """A word of ``kind`` starts at ``at`` in ``low``, with no letter or digit after it."""
+        words, end = self._words[kind], len(low)
+        for n in self._lengths[kind]:
+            stop = at + n
+            if stop > end:
+                return False
+            if (stop == end or low[stop] not in _ALNUM) and low[at:stop] in words:
+                return True
+        return False
 
     def kinds(self, data: bytes, *, want_common: bool = True) -> tuple[bool, bool]:
         """(a distinctive string is in ``data``, a common one is), reading ``data`` once."""
@@ -178,31 +214,55 @@ class Finder:
             pos = at + 1
             if at and low[at - 1] in _ALNUM:
                 continue  # inside a longer word: not a match (the patterns' look-behind)
-            found_d = found_d or bool(self.distinctive and self.distinctive.match(low, at))
-            found_c = found_c or bool(want_common and self.common and self.common.match(low, at))
-            if found_d and (found_c or not want_common or self.common is None):
+            found_d = found_d or self._at("distinctive", low, at)
+            found_c = found_c or (want_common and self._at("common", low, at))
+            if found_d and (found_c or not want_common or not self._words["common"]):
                 break
         return found_d, found_c
 
     def distinctive_in(self, data: bytes) -> bool:
         """True when a distinctive string is in ``data`` (as ``Rules.pattern.search``)."""
-        return self.kinds(data, want_common=False)[0] if self.distinctive is not None else False
+        return self.kinds(data, want_common=False)[0] if self.searches_distinctive else False
 
 
-@dataclass
+_UNCOMPILED = object()
+
+
 class Rules:
-    """The identifying strings of a scan, sorted by the rule above."""
+    """The identifying strings of a scan, sorted by the rule above.
 
-    distinctive: frozenset[str] = frozenset()
-    common: frozenset[str] = frozenset()  # folded (:func:`_fold`)
-    pattern: re.Pattern[bytes] | None = None  # the distinctive strings, every spelling
-    common_pattern: re.Pattern[bytes] | None = None  # to skip files that cannot hold a common string
-    _keywords: frozenset[str] = field(default_factory=frozenset)
-    finder: Finder | None = None  # whole files: both kinds, one pass (built from the strings when not given)
+    ``pattern`` (the distinctive strings, every spelling, case-folding) and ``common_pattern`` (to
+    skip files that cannot hold a common string) are given, or compiled on first use from the
+    strings as written (``written``: :func:`build_rules`); ``finder`` (whole files: both kinds, one
+    pass) is built from the strings when not given, never empty."""
 
-    def __post_init__(self) -> None:
-        if self.finder is None:  # never an empty finder: a scan must not pass for want of one
-            self.finder = Finder.of(self.distinctive, self.common)
+    def __init__(self, distinctive: Iterable[str] = frozenset(), common: Iterable[str] = frozenset(),
+                 pattern: re.Pattern[bytes] | None = None, common_pattern: re.Pattern[bytes] | None = None,
+                 _keywords: Iterable[str] = frozenset(), finder: Finder | None = None,
+                 written: tuple[frozenset[str], frozenset[str]] | None = None):
+        self.distinctive, self.common = frozenset(distinctive), frozenset(common)  # common: folded (_fold)
+        self._keywords = frozenset(_keywords)
+        self._written = dict(zip(("pattern", "common_pattern"), written)) if written is not None else {}
+        self._patterns = {"pattern": pattern, "common_pattern": common_pattern}
+        for name in self._written:  # compiled on first use
+            if self._patterns[name] is None:
+                self._patterns[name] = _UNCOMPILED
+        self._lock = threading.Lock()
+        self.finder = finder if finder is not None else Finder.of(self.distinctive, self.common)
+
+    def _compiled(self, name: str) -> re.Pattern[bytes] | None:
+        with self._lock:
+            if self._patterns[name] is _UNCOMPILED:
+                self._patterns[name] = compile_strings(self._written[name])
+            return self._patterns[name]
+
+    @property
+    def pattern(self) -> re.Pattern[bytes] | None:
+        return self._compiled("pattern")
+
+    @property
+    def common_pattern(self) -> re.Pattern[bytes] | None:
+        return self._compiled("common_pattern")
 
     def holds_common(self, value: object) -> bool:
         """True when ``value`` (an identity field's value: text, PN or a list) is, or has as a
@@ -249,11 +309,10 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
                 distinctive.add(s)
             else:
                 common.add(s)
-    return Rules(
+    return Rules(  # the case-folding patterns are compiled when first asked for (few scans need them)
         distinctive=frozenset(distinctive),
         common=frozenset(_fold(s) for s in common),
-        pattern=compile_strings(distinctive),
-        common_pattern=compile_strings(common),
         _keywords=frozenset(IDENTIFYING_KEYWORDS),
         finder=Finder.of(distinctive, common),
+        written=(frozenset(distinctive), frozenset(common)),
     )

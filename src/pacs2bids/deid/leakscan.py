@@ -27,7 +27,6 @@ import gzip
 import io
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -133,8 +132,10 @@ def _json_fields(data: bytes, rules: Rules) -> list[str]:
     return found
 
 
-def _nifti_fields(data: bytes, pattern: re.Pattern[bytes] | None) -> list[str]:
-    if pattern is None:
+def _nifti_fields(data: bytes, rules: Rules) -> list[str]:
+    """The header fields (and extensions) of a NIfTI holding a distinctive string."""
+    found = rules.finder.distinctive_in
+    if rules.finder.both is None:
         return []
     sizes = (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")) if len(data) >= 4 else (0, 0)
     if 540 in sizes and len(data) >= 540:
@@ -144,13 +145,13 @@ def _nifti_fields(data: bytes, pattern: re.Pattern[bytes] | None) -> list[str]:
         spans = {"db_name": (14, 32), "descrip": (148, 228), "aux_file": (228, 252), "intent_name": (328, 344)}
         ext_start = 352
     else:  # not a NIfTI header: treat as raw bytes
-        return ["raw bytes"] if pattern.search(data) else []
-    fields = [name for name, (a, b) in spans.items() if pattern.search(data[a:b])]
+        return ["raw bytes"] if found(data) else []
+    fields = [name for name, (a, b) in spans.items() if found(data[a:b])]
     try:
         vox_offset = int(_vox_offset(data))
     except Exception:
         vox_offset = ext_start
-    if vox_offset > ext_start and pattern.search(data[ext_start:min(vox_offset, len(data))]):
+    if vox_offset > ext_start and found(data[ext_start:min(vox_offset, len(data))]):
         fields.append("extensions")
     return fields
 
@@ -174,11 +175,10 @@ def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pattern = rules.pattern
     fields: list[str] = []
 
     def hit(text: str) -> bool:
-        return pattern is not None and bool(pattern.search(text.encode("utf-8", "surrogateescape")))
+        return rules.finder.distinctive_in(text.encode("utf-8", "surrogateescape"))
 
     try:
         pf = pq.ParquetFile(source)
@@ -213,7 +213,7 @@ def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
 
 
 def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]:
-    pattern, finder = rules.pattern, rules.finder
+    finder = rules.finder
     lowered = name.lower()
     if lowered.endswith(".gz"):
         try:
@@ -222,7 +222,7 @@ def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]
             return [LeakHit(rel, "raw bytes", "raw")] if finder.distinctive_in(data) else []
         lowered = lowered[:-3]
     if lowered.endswith(".nii"):
-        return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, pattern)]
+        return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, rules)]
     distinctive, common = finder.kinds(data)  # one pass over the bytes, both kinds of string
     if len(data) >= 132 and data[128:132] == b"DICM":
         if not distinctive and not common:
@@ -252,13 +252,12 @@ def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakH
     """
     root = Path(root)
     rules = identifiers if isinstance(identifiers, Rules) else build_rules(identifiers)
-    pattern = rules.pattern
-    if pattern is None and not rules.common:
+    if rules.finder.both is None:
         return []
     hits: list[LeakHit] = []
 
     def named(text: str) -> bool:
-        return pattern is not None and bool(pattern.search(text.encode("utf-8", "surrogateescape")))
+        return rules.finder.distinctive_in(text.encode("utf-8", "surrogateescape"))
 
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -283,7 +282,7 @@ def _scan_file(rel: str, p: Path, rules: Rules) -> list[LeakHit]:
         if name.endswith((".nii", ".nii.gz")):
             data = _nifti_head(fh, name.endswith(".gz"))
             if data is not None:
-                return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, rules.pattern)]
+                return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, rules)]
             fh.seek(0)  # not a NIfTI after all, or not gzip: as any other file
         size = os.fstat(fh.fileno()).st_size
         if size > _MAX_TEXT_BYTES:
@@ -336,7 +335,7 @@ def _is_parquet(fh, size: int) -> bool:
 
 
 def _scan_large(rel: str, fh, rules: Rules) -> list[LeakHit]:
-    if rules.finder.distinctive is None:
+    if not rules.finder.searches_distinctive:
         return []
     overlap = 1024
     prev = b""

@@ -1,0 +1,152 @@
+"""One ``pacs2bids run``, phase by phase: where its fixed seconds go (issue 12). Used by ``bench_fixed.py --run``.
+
+    .venv/bin/python benchmarks/fixed_run.py SPEC OUT.json      # one timed run, in this process
+
+:func:`timed_run` takes ``launch.run_spec`` apart in its own order (Prefect settings, Prefect's server module, the
+early server start, the flow's imports, the wait for the server, the flow run) and times each phase; inside the
+flow, the phases come from the summary's ``stage_seconds`` and from wrappers around the flow's body and its
+``_extract_studies``. Every HTTP request of Prefect's client is counted, with its seconds, by kind. The run is the
+same as ``pacs2bids run SPEC``'s: nothing is skipped or stubbed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+# -- one `pacs2bids run`, phase by phase (issue 12: where the fixed seconds go) ------------------------------------
+FLOW_STAGES = ("released", "finalise", "qc", "validate", "lineage", "leak_scan", "publish")
+
+
+def _count_api(counts: dict) -> None:
+    """Count the Prefect client's HTTP requests and add up their seconds (threads overlap: a sum, not a span)."""
+    from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
+
+    real_async, real_sync = PrefectHttpxAsyncClient.send, PrefectHttpxSyncClient.send
+
+    def note(request, started: float) -> None:
+        key = f"{request.method} {'/'.join(p for p in request.url.path.split('/')[2:4] if '-' not in p)}"
+        n, s = counts.get(key, (0, 0.0))
+        counts[key] = (n + 1, s + time.perf_counter() - started)
+
+    async def send_async(self, request, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return await real_async(self, request, *a, **kw)
+        finally:
+            note(request, t)
+
+    def send_sync(self, request, *a, **kw):
+        t = time.perf_counter()
+        try:
+            return real_sync(self, request, *a, **kw)
+        finally:
+            note(request, t)
+
+    PrefectHttpxAsyncClient.send, PrefectHttpxSyncClient.send = send_async, send_sync
+
+
+def _lap(marks: dict, key: str, since: float) -> float:
+    now = time.perf_counter()
+    marks[key] = round(now - since, 3)
+    return now
+
+
+def timed_run(spec_path: Path) -> dict:
+    """``launch.run_spec`` taken apart, in this process, each phase timed in its order (the run itself is the
+    same: same settings, same server start, same flow); prints nothing, returns the phases."""
+    t0 = t = time.perf_counter()
+    marks: dict = {}
+    from pacs2bids import launch, prefectserver
+
+    t = _lap(marks, "import pacs2bids (launch, config)", t)
+    skips_migrations = launch._prefect_defaults()
+    launch.load_spec(spec_path)
+    t = _lap(marks, "Prefect settings, spec read", t)
+    server = prefectserver.start()
+    t = _lap(marks, "start Prefect's server process", t)
+    from pacs2bids.flows import extract
+
+    t = _lap(marks, "import the flow's modules (server starting meanwhile)", t)
+    with prefectserver.serving(server):
+        t = _lap(marks, "wait for the server after the imports", t)
+        out = _timed_flow(extract, spec_path, marks, t, t0)
+        t = time.perf_counter()
+    _lap(marks, "drain Prefect's workers, stop the server", t)
+    if not skips_migrations:
+        launch._record_migrated()
+    out["phases"], out["total_in_process"] = marks, round(time.perf_counter() - t0, 3)
+    return out
+
+
+def _timed_flow(extract, spec_path: Path, marks: dict, t: float, t0: float) -> dict:
+    counts: dict = {}
+    _count_api(counts)
+    inside: dict = {}
+    real_studies, real_fn = extract._extract_studies, extract.extract_project.fn
+
+    def studies(*a, **kw):
+        inside["studies_in"] = time.perf_counter()
+        try:
+            return real_studies(*a, **kw)
+        finally:
+            inside["studies_out"] = time.perf_counter()
+
+    @functools.wraps(real_fn)
+    def body(*a, **kw):
+        inside["in"] = time.perf_counter()
+        try:
+            return real_fn(*a, **kw)
+        finally:
+            inside["out"] = time.perf_counter()
+
+    extract._extract_studies, extract.extract_project.fn = studies, body
+    try:
+        summary = extract.extract_project(str(spec_path))
+    except extract.RunFailed as exc:
+        summary = exc.summary
+    end = time.perf_counter()
+    stages = summary.get("stage_seconds") or {}
+    marks["flow run created, until its body starts"] = round(inside["in"] - t, 3)
+    marks["flow body: before the query (spec, versions, PACS limit, tags, staging)"] = round(
+        inside["studies_in"] - inside["in"], 3)
+    marks["query"] = stages.get("query", 0.0)
+    marks["studies (retrieve, pseudonymise, convert: wall)"] = round(
+        inside["studies_out"] - inside["studies_in"] - stages.get("query", 0.0), 3)
+    for stage in FLOW_STAGES:
+        if stage in stages:
+            marks[stage] = stages[stage]
+    after = inside["out"] - inside["studies_out"] - sum(stages.get(s, 0.0) for s in FLOW_STAGES)
+    marks["flow body: the rest (summary, audit, artifacts, cleanup)"] = round(after, 3)
+    marks["flow run finished, after its body"] = round(end - inside["out"], 3)
+    return {"phases": marks, "total_in_process": round(end - t0, 3), "state": summary.get("state"),
+            "api_requests": {k: [n, round(s, 3)] for k, (n, s) in sorted(counts.items())}}
+
+
+def _time_the_exit(marks: dict) -> None:
+    """Mark the stages of the interpreter's exit in ``marks``: Prefect's services drained and the other
+    threads joined (``threading`` shutdown), then the ``atexit`` handlers (the last one written here runs last:
+    it was registered first, before Prefect's)."""
+    import atexit
+    import threading
+
+    def at(key):
+        return lambda: marks.setdefault(key, time.perf_counter())
+
+    threading._register_atexit(at("threading shutdown begins"))  # runs first: registered last
+    atexit.register(at("atexit handlers begin"))  # runs first of the atexit handlers: registered last
+    marks["main returned"] = time.perf_counter()
+
+
+if __name__ == "__main__":
+    import atexit
+
+    exit_marks: dict = {}
+    exit_file = Path(sys.argv[2]).with_suffix(".exit.json")
+    atexit.register(lambda: exit_file.write_text(json.dumps({**exit_marks, "atexit handlers end": time.perf_counter()})))
+    out = timed_run(Path(sys.argv[1]))
+    Path(sys.argv[2]).write_text(json.dumps(out, indent=2))
+    _time_the_exit(exit_marks)

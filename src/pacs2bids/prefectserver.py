@@ -1,0 +1,152 @@
+"""Prefect's API server for one ``pacs2bids run``, started by pacs2bids (issue 12: fixed costs).
+
+Prefect's ephemeral mode runs its API server in a process of its own (uvicorn,
+``prefect.server.api.server:create_app``, UI off, the ephemeral set of services), but to start
+it, the run's own process first imports that server's whole module, only to build the command:
+on a small machine, many seconds of CPU the server process then spends again. :func:`start`
+starts the very same command (same arguments, same environment and flags) at the start of a
+run, before Prefect and the flow's modules are imported, so the server's start-up overlaps that
+import and nothing of the server is imported twice; Prefect is pointed at it (``PREFECT_API_URL``,
+in the environment, read by Prefect's settings and by child processes). :func:`serving` waits
+until it answers, then, after the run, drains Prefect's log and event workers (they send to it)
+and stops it.
+
+Nothing changes when Prefect is set to use a server of its own (``PREFECT_API_URL`` in the
+environment or in a Prefect profile), or is imported already (a second run in one process):
+:func:`start` returns None and Prefect starts its ephemeral server as before.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import Pacs2BidsError
+
+FLAGS = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's
+
+
+class ServerFailed(Pacs2BidsError):
+    """Prefect's API server for the run did not start."""
+
+
+def _has_own_server() -> bool:
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    try:
+        profiles = (home / "profiles.toml").read_text()
+    except OSError:
+        profiles = ""
+    return bool(os.environ.get("PREFECT_API_URL")) or "API_URL" in profiles
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunServer:
+    """One Prefect API server process on loopback, for one run."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.process: subprocess.Popen | None = None
+        self._launch()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _launch(self) -> None:
+        self.port = _free_port()
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        self.process = subprocess.Popen(cmd, env={**os.environ, **FLAGS}, stdin=subprocess.DEVNULL)
+
+    def wait(self, timeout: float) -> None:
+        """Until ``/api/health`` answers; a process that ends first (its port taken meanwhile) is
+        started again on another port, twice at most."""
+        deadline, restarts = time.monotonic() + timeout, 0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                if restarts == 2:
+                    break
+                restarts += 1
+                self._launch()
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        code = self.process.poll()
+        self.stop()
+        raise ServerFailed(
+            f"Prefect's API server for this run did not answer on {self.url} within {timeout:.0f} s"
+            + (f" (it exited with code {code}; its messages are above)" if code is not None else "")
+            + ": raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a loaded machine, or point "
+              "PREFECT_API_URL at a running Prefect server")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+
+def start() -> RunServer | None:
+    """Start the run's server now (it answers some seconds later) and point ``PREFECT_API_URL`` at it,
+    before Prefect is imported: Prefect's root settings, which code outside the run's context (threads,
+    Prefect's own event loop) reads, then name it too. None when Prefect has a server of its own, or
+    when Prefect is imported already in this process (a second run in one process: Prefect's root
+    settings are made; Prefect starts its ephemeral server as it does by itself)."""
+    if _has_own_server() or "prefect" in sys.modules:
+        return None
+    server = RunServer()
+    os.environ["PREFECT_API_URL"] = server.url
+    return server
+
+
+def _drain_prefect_workers() -> None:
+    """Send what Prefect's log and event workers still hold while their server is up."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=30, at_exit=False)
+
+
+@contextmanager
+def serving(server: RunServer | None) -> Iterator[None]:
+    """Inside, Prefect uses ``server`` (waited for first); on leaving, its workers are drained and it
+    is stopped. With None, Prefect keeps its own settings."""
+    if server is None:
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 180))
+        os.environ["PREFECT_API_URL"] = server.url  # child processes (Dask workers) use it too
+        with temporary_settings(updates={PREFECT_API_URL: server.url}):
+            try:
+                yield
+            finally:
+                _drain_prefect_workers()
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)  # set by start(): there was none before
+        server.stop()
