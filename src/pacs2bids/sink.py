@@ -214,6 +214,9 @@ def _check_payload(path: Path, head: bytes | None = None) -> tuple[str, str, str
     return uids
 
 
+check_payload = _check_payload  # for a router (pacs2bids.retrieve.StudySink): it checks, the series sink files
+
+
 class RateLimiter:
     """At most ``per_minute`` instances accepted per minute, shared by whoever holds it.
     Delaying our C-STORE answers slows the PACS's sending: back-pressure, not polling (E5)."""
@@ -340,16 +343,18 @@ class SeriesSink:
         log.warning("a received payload was quarantined: %s", reason)
 
     def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
-                 sha256: str | None = None, size: int | None = None, head: bytes | None = None) -> int:
+                 sha256: str | None = None, size: int | None = None, head: bytes | None = None,
+                 uids: tuple[str, str, str] | None = None) -> int:
         """Take the temporary file ``path`` (moved away; deleted otherwise by its creator).
         ``sha256`` and ``size``: the file's, when its writer took them as it wrote it (else the
-        file is read for them); ``head``: its first bytes, kept by its writer. Returns the C-STORE status to answer: 0x0000 stored, 0xC000
-        refused (PS3.4 B.2.3)."""
+        file is read for them); ``head``: its first bytes, kept by its writer; ``uids``: what
+        :func:`check_payload` said of it, when a router checked it already. Returns the C-STORE
+        status to answer: 0x0000 stored, 0xC000 refused (PS3.4 B.2.3)."""
         if self.limiter is not None:
             self.limiter.wait()
         name = keyed_name(self.key, sop_instance_uid) if sop_instance_uid else f"unnamed-{uuid.uuid4().hex[:12]}"
         try:
-            payload_sop, study, series = _check_payload(path, head)
+            payload_sop, study, series = uids or _check_payload(path, head)
         except Exception as exc:  # anything pydicom cannot read is quarantined, never stored
             self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})")
             return 0xC000

@@ -182,11 +182,14 @@ class WebPacs:
                     adapter.close()
 
     # -- WADO-RS ----------------------------------------------------------------------
-    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str | None, incoming: Path,
+    def retrieve(self, study_uid: str, series_uid: str | None, sop_uid: str | None, incoming: Path,
                  on_part: Callable[[Part], None]) -> int:
-        """Stream a series (or one instance) into temporary files in ``incoming``, calling
-        ``on_part(part)`` for each as soon as it is complete. Returns the number of parts."""
-        url = f"{self.settings.url}/studies/{study_uid}/series/{series_uid}"
+        """Stream a series (or one instance; ``series_uid`` None: the whole study) into temporary
+        files in ``incoming``, calling ``on_part(part)`` for each as soon as it is complete.
+        Returns the number of parts."""
+        url = f"{self.settings.url}/studies/{study_uid}"
+        if series_uid:
+            url += f"/series/{series_uid}"
         if sop_uid:
             url += f"/instances/{sop_uid}"
         try:
