@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
+from pacs2bids import rawhead
 from pacs2bids import sink as sinkmod
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.pacs import close_pools
@@ -107,8 +108,8 @@ def _walk_or_pydicom(path: Path):
     ours = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID), stopped,
             str(head.file_meta.TransferSyntaxUID))
     try:
-        syntax, found, at = sinkmod._walk_head(path.read_bytes()[:1 << 16])
-    except sinkmod._Undecided:
+        syntax, found, at = rawhead.walk_head(path.read_bytes()[:1 << 16])
+    except rawhead.Undecided:
         return None, ours
     return (found[0x00080018], found[0x0020000D], found[0x0020000E], at, str(syntax)), ours
 

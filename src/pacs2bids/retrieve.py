@@ -100,7 +100,7 @@ class _SeriesRun:
         which needs a listed instance to tell an unknown destination from another failure)."""
         series, sink = self.series, self.sink
         if (self.unlisted_tried or not getattr(self.transport, "fetches_unlisted", False)
-                or not series.announced_instances or (sink.load(None) and not self.prefetched)):
+                or not series.announced_instances or (not self.prefetched and sink.load(None))):
             return False
         self.unlisted_tried = True
         try:
