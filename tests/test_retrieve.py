@@ -180,6 +180,45 @@ def test_each_transport_retrieves_every_instance(tmp_path, loaded, sample_files,
 
 
 @pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
+def test_a_study_wanted_whole_comes_in_one_request_same_files_and_ledgers(tmp_path, loaded, monkeypatch, transport):
+    """A study of four series, every one wanted: one request for the study (C-GET at study
+    level, WADO-RS of the study), each instance routed to its series folder as it arrives. The
+    files, names, ledgers and outcomes are those of a retrieval series by series (forced here by
+    a study with a series left out of the selection), and each series is handed over once."""
+    from dataclasses import replace
+
+    from pacs2bids.pacs.transport import DimseTransport, WebTransport
+
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o) if transport == "c-get" else web_yaml(o), [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    assert len(study.series) == 4 and study.excluded_series == 0
+    asked: list = []
+    for cls in (DimseTransport, WebTransport):
+        def fetch(self, study_uid, series_uid, *a, _fetch=cls.fetch, **k):
+            asked.append(series_uid)
+            return _fetch(self, study_uid, series_uid, *a, **k)
+        monkeypatch.setattr(cls, "fetch", fetch)
+
+    def run(which: str, ref) -> tuple[list, dict, list]:
+        handed: list = []
+        asked.clear()
+        results = retrieve_study(spec, ref, tmp_path / which / "raw", on_complete=handed.append)
+        raw = tmp_path / which / "raw"
+        files = {str(p.relative_to(raw)): p.read_bytes() for p in raw.rglob("*.dcm")}
+        ledgers = {str(p.relative_to(raw)): json.loads(p.read_text()) for p in raw.rglob(LEDGER)}
+        outcomes = [(r.series.series_instance_uid, r.status, r.received, r.missing, r.reason) for r in results]
+        assert sorted(r.series.series_instance_uid for r in handed) == sorted(s.series_instance_uid for s in ref.series)
+        return list(asked), (files, ledgers), outcomes
+
+    asked_whole, got_whole, outcomes_whole = run("whole", study)
+    asked_series, got_series, outcomes_series = run("series", replace(study, excluded_series=1))
+    assert asked_whole == [None]  # the study, once
+    assert sorted(asked_series) == sorted(s.series_instance_uid for s in study.series)
+    assert len(got_whole[0]) == 8 and got_whole == got_series and outcomes_whole == outcomes_series
+
+
+@pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
 def test_resume_fetches_only_missing_instances(tmp_path, loaded, sample_files, transport):
     o = loaded
     spec = make_spec(tmp_path, dimse_yaml(o) if transport == "c-get" else web_yaml(o),
