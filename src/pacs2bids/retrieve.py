@@ -6,7 +6,10 @@ hex, truncated): no original UID in a path. A re-run, or a run resumed after SIG
 the PACS's instance list (instance-level C-FIND or QIDO-RS, by SOPInstanceUID) with the disk
 and fetches only what is missing (:class:`pacs2bids.sink.SeriesSink` keeps each folder whole
 and its ledger, :func:`read_ledger`). A series with nothing on disk yet is first fetched whole,
-and listed only when fewer instances than its series query announced arrived.
+and listed only when fewer instances than its series query announced arrived. A study wanted
+whole (no series left out by the selection) with nothing on disk yet comes in one request (a
+study-level C-GET, or WADO-RS of the study), each instance routed to its series' folder by its
+SeriesInstanceUID as it arrives (:class:`StudySink`); then each series goes on as above.
 
 :func:`retrieve_study` does the whole job for one study: it waits for the PACS's retrieval
 window, paces instances (``pacs.instances_per_minute``), retrieves with the chosen transport
