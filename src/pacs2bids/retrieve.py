@@ -307,8 +307,10 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     write to the same keyed folders, so the fallback fetches only the missing instances.
 
     ``progress(series, stored_so_far, announced)`` is called after each attempt on a series.
-    ``on_complete(retrieved)`` is called, in the retrieving thread, as soon as a series is complete
-    on disk (its outcome is final), so that the caller can work on it while the next one arrives.
+    ``on_complete(retrieved)`` is called once per complete series, as soon as it is complete on disk
+    (its outcome is final), so that the caller can work on it while the next one arrives: in the
+    retrieving thread (for a study fetched whole over C-GET, the association's receiving thread;
+    in the order the series' last instances arrived).
     Returns one :class:`RetrievedSeries` per series, in the study's order. Series already
     complete on disk cost one instance-list query and no transfer; a series not yet on disk is
     first asked for whole, and listed only if fewer instances than announced arrived. Raises
