@@ -121,3 +121,52 @@ def test_quoted_boundary_with_characters_a_token_cannot_hold(tmp_path):
         assert read(Answer([body(P1, P2)], ct), tmp_path / "in") == [P1, P2]
     finally:
         B = old
+
+
+class Closable(Answer):
+    """An answer that records being closed (what the reader's caller does to stop it)."""
+
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
+def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path):
+    """While the caller holds the first part (filing it), the reader thread has already
+    received and written the next ones: the transfer and the filing overlap. The parts come in
+    order, whole, and a cut answer raises after the parts before the cut."""
+    import threading
+    import time
+
+    from pacs2bids.pacs.dicomweb import _read_ahead
+
+    parts = [bytes([i]) * (1000 + i) for i in range(5)]
+    answer = Closable([body(*parts, close=False)])
+    got, ahead = [], 0
+    with pytest.raises(PacsError, match="closing boundary"):
+        for part in _read_ahead(_multipart_parts(answer, tmp_path), answer):
+            if not got:  # the first part: wait for the reader to write the others meanwhile
+                deadline = time.monotonic() + 10
+                while len(list(tmp_path.iterdir())) < 4 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                ahead = len(list(tmp_path.iterdir()))
+            got.append(part.path.read_bytes())
+            part.path.unlink()
+    assert ahead >= 4 and got == parts[:4]  # the fifth was cut: not handed over, its file deleted
+    assert not list(tmp_path.iterdir())
+    assert not [t for t in threading.enumerate() if t.name == "wado-rs-reader"]
+
+
+def test_a_caller_stopping_early_leaves_no_file_and_no_reader(tmp_path):
+    import threading
+
+    from pacs2bids.pacs.dicomweb import _read_ahead
+
+    answer = Closable([body(*[bytes([i]) * 500 for i in range(6)])])
+    with pytest.raises(RuntimeError):
+        for part in _read_ahead(_multipart_parts(answer, tmp_path), answer, depth=2):
+            part.path.unlink()
+            raise RuntimeError("the caller failed")
+    assert not list(tmp_path.iterdir())
+    assert not [t for t in threading.enumerate() if t.name == "wado-rs-reader"]

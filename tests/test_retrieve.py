@@ -180,6 +180,45 @@ def test_each_transport_retrieves_every_instance(tmp_path, loaded, sample_files,
 
 
 @pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
+def test_a_study_wanted_whole_comes_in_one_request_same_files_and_ledgers(tmp_path, loaded, monkeypatch, transport):
+    """A study of four series, every one wanted: one request for the study (C-GET at study
+    level, WADO-RS of the study), each instance routed to its series folder as it arrives. The
+    files, names, ledgers and outcomes are those of a retrieval series by series (forced here by
+    a study with a series left out of the selection), and each series is handed over once."""
+    from dataclasses import replace
+
+    from pacs2bids.pacs.transport import DimseTransport, WebTransport
+
+    o = loaded
+    spec = make_spec(tmp_path, dimse_yaml(o) if transport == "c-get" else web_yaml(o), [("patient_id", "DEV", "A")])
+    study = find_studies(spec).studies[0]
+    assert len(study.series) == 4 and study.excluded_series == 0
+    asked: list = []
+    for cls in (DimseTransport, WebTransport):
+        def fetch(self, study_uid, series_uid, *a, _fetch=cls.fetch, **k):
+            asked.append(series_uid)
+            return _fetch(self, study_uid, series_uid, *a, **k)
+        monkeypatch.setattr(cls, "fetch", fetch)
+
+    def run(which: str, ref) -> tuple[list, dict, list]:
+        handed: list = []
+        asked.clear()
+        results = retrieve_study(spec, ref, tmp_path / which / "raw", on_complete=handed.append)
+        raw = tmp_path / which / "raw"
+        files = {str(p.relative_to(raw)): p.read_bytes() for p in raw.rglob("*.dcm")}
+        ledgers = {str(p.relative_to(raw)): json.loads(p.read_text()) for p in raw.rglob(LEDGER)}
+        outcomes = [(r.series.series_instance_uid, r.status, r.received, r.missing, r.reason) for r in results]
+        assert sorted(r.series.series_instance_uid for r in handed) == sorted(s.series_instance_uid for s in ref.series)
+        return list(asked), (files, ledgers), outcomes
+
+    asked_whole, got_whole, outcomes_whole = run("whole", study)
+    asked_series, got_series, outcomes_series = run("series", replace(study, excluded_series=1))
+    assert asked_whole == [None]  # the study, once
+    assert sorted(asked_series) == sorted(s.series_instance_uid for s in study.series)
+    assert len(got_whole[0]) == 8 and got_whole == got_series and outcomes_whole == outcomes_series
+
+
+@pytest.mark.parametrize("transport", ["c-get", "wado-rs"])
 def test_resume_fetches_only_missing_instances(tmp_path, loaded, sample_files, transport):
     o = loaded
     spec = make_spec(tmp_path, dimse_yaml(o) if transport == "c-get" else web_yaml(o),
@@ -277,7 +316,9 @@ def test_one_association_at_most_under_two_concurrent_retrievals(tmp_path, loade
     assert all(r.status == "complete" for r in results) and len(results) == 4 + 1 + 1
     assert pool.stats.max_open == 1
     assert pool.stats.opened == 1  # reused, not one per request
-    assert pool.stats.requests >= 6  # one C-GET per series at least (fresh series are not listed first)
+    # one C-GET per study (3), not per series (6): a study wanted whole comes in one study-level
+    # C-GET, its series routed as they arrive; nothing listed first, nothing asked again
+    assert pool.stats.requests == 3
 
 
 def test_rate_limiter_paces_instances(tmp_path, loaded):
@@ -346,8 +387,9 @@ def test_quarantined_payload_makes_series_incomplete(tmp_path, orthanc_factory, 
     by = {r.series.series_instance_uid: r for r in results}
     bad = by[victim.series_instance_uid]
     assert bad.status == "incomplete" and bad.missing == 1 and bad.quarantined, bad.reason
-    assert [r.series.series_instance_uid for r in early] == [
-        r.series.series_instance_uid for r in results if r.status == "complete"]
+    # each complete series handed over once (in the order its last instance arrived)
+    assert sorted(r.series.series_instance_uid for r in early) == sorted(
+        r.series.series_instance_uid for r in results if r.status == "complete")
     assert (tmp_path / "work" / "quarantine" / bad.quarantined[0][0]).is_file()
     assert all(r.status == "complete" for u, r in by.items() if u != victim.series_instance_uid)
 

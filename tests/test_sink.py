@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import RLELossless
 
+from pacs2bids import rawhead
 from pacs2bids import sink as sinkmod
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.pacs import close_pools
@@ -88,6 +89,26 @@ def test_the_writers_checksum_is_kept_and_the_file_not_read_for_it(tmp_path, nat
     assert [(e["sha256"], e["size"]) for e in ledger.values()] == [(digest, len(data))]
 
 
+def test_the_ledger_is_written_again_only_when_it_changed(tmp_path, native):
+    """A series' ledger is saved after each attempt and each look at the folder: a save with
+    nothing new writes nothing (no JSON of thousands of entries dumped again for nothing)."""
+    ds = pydicom.dcmread(native)
+    data = native.read_bytes()
+    sink = _sink(tmp_path, ds)
+    sink.save()
+    ledger = sink.folder / LEDGER
+    first = ledger.stat().st_ino
+    sink.load(None)
+    sink.save()
+    assert ledger.stat().st_ino == first  # not replaced
+    assert sink(_copy(tmp_path, data, "a.part"), None, str(ds.SOPInstanceUID)) == 0
+    sink.save()
+    assert ledger.stat().st_ino != first and len(json.loads(ledger.read_text())["instances"]) == 1
+    ledger.unlink()  # whatever removed it, the next save writes it again
+    sink.save()
+    assert len(json.loads(ledger.read_text())["instances"]) == 1
+
+
 def test_an_ordinary_head_is_walked_without_pydicom_and_in_memory(tmp_path, native, monkeypatch):
     """The head's UIDs come from its element headers, from the bytes its writer kept: pydicom's
     parser is not called and the file is not opened for them (issue 12: CPU per instance)."""
@@ -107,8 +128,8 @@ def _walk_or_pydicom(path: Path):
     ours = (str(head.SOPInstanceUID), str(head.StudyInstanceUID), str(head.SeriesInstanceUID), stopped,
             str(head.file_meta.TransferSyntaxUID))
     try:
-        syntax, found, at = sinkmod._walk_head(path.read_bytes()[:1 << 16])
-    except sinkmod._Undecided:
+        syntax, found, at = rawhead.walk_head(path.read_bytes()[:1 << 16])
+    except rawhead.Undecided:
         return None, ours
     return (found[0x00080018], found[0x0020000D], found[0x0020000E], at, str(syntax)), ours
 

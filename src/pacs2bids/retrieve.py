@@ -6,7 +6,10 @@ hex, truncated): no original UID in a path. A re-run, or a run resumed after SIG
 the PACS's instance list (instance-level C-FIND or QIDO-RS, by SOPInstanceUID) with the disk
 and fetches only what is missing (:class:`pacs2bids.sink.SeriesSink` keeps each folder whole
 and its ledger, :func:`read_ledger`). A series with nothing on disk yet is first fetched whole,
-and listed only when fewer instances than its series query announced arrived.
+and listed only when fewer instances than its series query announced arrived. A study wanted
+whole (no series left out by the selection) with nothing on disk yet comes in one request (a
+study-level C-GET, or WADO-RS of the study), each instance routed to its series' folder by its
+SeriesInstanceUID as it arrives (:class:`StudySink`); then each series goes on as above.
 
 :func:`retrieve_study` does the whole job for one study: it waits for the PACS's retrieval
 window, paces instances (``pacs.instances_per_minute``), retrieves with the chosen transport
@@ -31,10 +34,10 @@ from .errors import PacsError
 from .model import SeriesRef, StudyRef
 from .pacs.retry import with_retries
 from .pacs.transport import Transport, open_transport
-from .sink import RateLimiter, SeriesSink, keyed_name, read_ledger
+from .sink import RateLimiter, SeriesSink, check_payload, keyed_name, read_ledger
 from .windows import wait_until_open
 
-__all__ = ["RetrievedSeries", "read_ledger", "retrieve_study"]
+__all__ = ["RetrievedSeries", "StudySink", "read_ledger", "retrieve_study"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,7 @@ class _SeriesRun:
     last_error: str = ""
     whole_failed: bool = False
     unlisted_tried: bool = False
+    prefetched: bool = False  # its study was fetched whole (StudySink) into its empty folder just before
 
     def todo(self) -> list[str] | None:
         """What is still missing, from the disk alone: SOPInstanceUIDs, or None meaning
@@ -93,16 +97,18 @@ class _SeriesRun:
         True when as many good files as the series query announced are on disk; otherwise the
         caller lists the instances and asks for what is missing, as for any resume: also when
         the PACS answered this request with a failure status (over C-GET, a series of a private
-        SOP class fails until the listing names its class); a request that got no answer at all
+        SOP class fails until the listing names its class). When its study was just fetched whole
+        (``prefetched``, :class:`StudySink`), no request is made: what arrived is counted. A request that got no answer at all
         is raised (retried). Only where the transport allows it (``fetches_unlisted``: not C-MOVE,
         which needs a listed instance to tell an unknown destination from another failure)."""
         series, sink = self.series, self.sink
         if (self.unlisted_tried or not getattr(self.transport, "fetches_unlisted", False)
-                or not series.announced_instances or sink.load(None)):
+                or not series.announced_instances or (not self.prefetched and sink.load(None))):
             return False
         self.unlisted_tried = True
         try:
-            self.transport.fetch(series.study_instance_uid, series.series_instance_uid, None, sink, frozenset())
+            if not self.prefetched:
+                self.transport.fetch(series.study_instance_uid, series.series_instance_uid, None, sink, frozenset())
         except PacsError as exc:
             if exc.status is None:
                 raise
@@ -170,6 +176,43 @@ class _SeriesRun:
         return RetrievedSeries(series, sink.folder, received, missing, list(sink.quarantined), status, reason)
 
 
+class StudySink:
+    """Receives a study fetched in one request (C-GET at study level, WADO-RS of the study) and
+    hands each instance to its series' :class:`SeriesSink`, by the SeriesInstanceUID in its head
+    (checked once, here). A payload it cannot route (not readable, of another study, of a series
+    not asked for) is dropped, not filed: its series stays short, and the per-series retrieval
+    that follows asks for what is missing, and quarantines a bad payload there, in its series, as
+    a series fetch does. ``on_whole(series_uid)`` is called (in the receiving thread) once a
+    series holds as many files as its query announced. Thread-safe, as the series sinks."""
+
+    def __init__(self, study_uid: str, sinks: dict[str, SeriesSink], announced: dict[str, int | None],
+                 on_whole: Callable[[str], None] | None = None):
+        self.study_uid, self.sinks, self.announced, self.on_whole = study_uid, sinks, announced, on_whole
+        self.dropped = 0
+        self._whole: set[str] = set()
+
+    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
+                 sha256: str | None = None, size: int | None = None, head: bytes | None = None) -> int:
+        try:
+            uids = check_payload(path, head)
+        except Exception:  # not readable: the series fetch that follows decides (quarantine)
+            uids = None
+        sink = self.sinks.get(uids[2]) if uids is not None and uids[1] == self.study_uid else None
+        if sink is None:
+            self.dropped += 1
+            log.debug("a payload of a study-level retrieval could not be routed to a series: left to the series")
+            return 0xC000
+        status = sink(path, sop_class_uid, sop_instance_uid, sha256=sha256, size=size, head=head, uids=uids)
+        want = self.announced.get(uids[2])
+        with sink.lock:
+            whole = bool(status == 0x0000 and want and sink.stored >= want and uids[2] not in self._whole)
+            if whole:
+                self._whole.add(uids[2])
+        if whole and self.on_whole is not None:
+            self.on_whole(uids[2])
+        return status
+
+
 def _retrieve_series(spec: ProjectSpec, run: _SeriesRun) -> RetrievedSeries:
     """Attempts until the series is whole, or the retries are spent (then reported, not raised);
     a failure a retry cannot fix is raised."""
@@ -181,31 +224,72 @@ def _retrieve_series(spec: ProjectSpec, run: _SeriesRun) -> RetrievedSeries:
     return run.outcome(spec.retries.attempts)
 
 
+def _fetch_study_whole(transport: Transport, study: StudyRef, runs: list[_SeriesRun],
+                       on_complete: OnComplete | None) -> set[str]:
+    """When every series of ``study`` is wanted and none is on disk yet: the whole study in one
+    request (one C-GET, one WADO-RS answer), each instance routed to its series as it arrives
+    (:class:`StudySink`); a series is handed to ``on_complete`` as soon as it is whole. The
+    per-series retrieval then finds what arrived and asks, series by series, for what did not (a
+    series the PACS failed still fails alone). Returns the series already handed over. A partial
+    selection (``excluded_series``), a resume, or a study of one series are fetched series by series."""
+    if (len(runs) < 2 or study.excluded_series or not getattr(transport, "fetches_unlisted", False)
+            or not all(r.series.announced_instances for r in runs) or any(r.sink.load(None) for r in runs)):
+        return set()
+    by_uid = {r.series.series_instance_uid: r for r in runs}
+    handed: set[str] = set()
+
+    def whole(uid: str) -> None:
+        rs = by_uid[uid].outcome(0)
+        if rs.status == "complete" and on_complete is not None:
+            handed.add(uid)
+            on_complete(rs)
+
+    router = StudySink(study.study_instance_uid, {u: r.sink for u, r in by_uid.items()},
+                       {u: r.series.announced_instances for u, r in by_uid.items()}, whole)
+    try:
+        transport.fetch(study.study_instance_uid, None, None, router, frozenset())
+    except PacsError as exc:
+        if not exc.transient and exc.status is None:  # a configuration failure: as a series fetch would
+            raise
+        log.info("the study-level retrieval failed (%s): series by series", exc)
+    for run in runs:
+        run.prefetched = True
+        run.sink.save()
+    return handed
+
+
 def _retrieve_with(spec: ProjectSpec, kind: str | None, study: StudyRef, raw_root: Path, progress: Progress | None,
-                   limiter: RateLimiter | None, on_complete: OnComplete | None = None) -> list[RetrievedSeries]:
-    """Every series of ``study`` with one transport (``kind``: dimse, dicomweb; None: the chosen one)."""
+                   limiter: RateLimiter | None, on_complete: OnComplete | None = None,
+                   whole_study: bool = False) -> list[RetrievedSeries]:
+    """Every series of ``study`` with one transport (``kind``: dimse, dicomweb; None: the chosen
+    one); ``whole_study``: ``study.series`` is all of it that is wanted (not a fallback's rest)."""
     key = raw_name_key(spec.secret_bytes, spec.project)
     quarantine = raw_root.parent / "quarantine"
     (raw_root / INCOMING).mkdir(parents=True, exist_ok=True)
     out: list[RetrievedSeries] = []
     # a study is retrieved over one connection (one slot of the PACS's gate), as over DIMSE
     with open_transport(spec, kind, incoming=raw_root / INCOMING) as transport, transport.one_connection():
+        runs = []
         for series in study.series:
             folder = raw_root / keyed_name(key, study.study_instance_uid) / keyed_name(key, series.series_instance_uid)
             folder.mkdir(parents=True, exist_ok=True)
             sink = SeriesSink(key, study.study_instance_uid, series.series_instance_uid, folder, quarantine, limiter,
                               transport=transport.name)
+            runs.append(_SeriesRun(transport, series, sink, progress))
+        handed = _fetch_study_whole(transport, study, runs, on_complete) if whole_study else set()
+        for run in runs:
+            series = run.series
             try:
-                rs = _retrieve_series(spec, _SeriesRun(transport, series, sink, progress))
+                rs = _retrieve_series(spec, run)
             except PacsError as exc:
                 if not exc.transient:
                     raise
-                rs = RetrievedSeries(series, folder, 0, series.announced_instances or 0, list(sink.quarantined),
-                                     "failed", str(exc))
+                rs = RetrievedSeries(series, run.sink.folder, 0, series.announced_instances or 0,
+                                     list(run.sink.quarantined), "failed", str(exc))
             log.info("series #%s: %s, %d received, %d missing, %d quarantined",
                      series.series_number, rs.status, rs.received, rs.missing, len(rs.quarantined))
             out.append(rs)
-            if on_complete is not None and rs.status == "complete":
+            if on_complete is not None and rs.status == "complete" and series.series_instance_uid not in handed:
                 on_complete(rs)  # final: the fallback only takes what is not complete
     return out
 
@@ -223,8 +307,10 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     write to the same keyed folders, so the fallback fetches only the missing instances.
 
     ``progress(series, stored_so_far, announced)`` is called after each attempt on a series.
-    ``on_complete(retrieved)`` is called, in the retrieving thread, as soon as a series is complete
-    on disk (its outcome is final), so that the caller can work on it while the next one arrives.
+    ``on_complete(retrieved)`` is called once per complete series, as soon as it is complete on disk
+    (its outcome is final), so that the caller can work on it while the next one arrives: in the
+    retrieving thread (for a study fetched whole over C-GET, the association's receiving thread;
+    in the order the series' last instances arrived).
     Returns one :class:`RetrievedSeries` per series, in the study's order. Series already
     complete on disk cost one instance-list query and no transfer; a series not yet on disk is
     first asked for whole, and listed only if fewer instances than announced arrived. Raises
@@ -237,7 +323,7 @@ def retrieve_study(spec: ProjectSpec, study: StudyRef, raw_root: Path, *, progre
     wait_until_open(spec.pacs.windows, log=log.info)
     chosen, fallback = spec.pacs.chosen, spec.pacs.fallback
     try:
-        first = _retrieve_with(spec, None, study, raw_root, progress, limiter, on_complete)
+        first = _retrieve_with(spec, None, study, raw_root, progress, limiter, on_complete, whole_study=True)
     except PacsError as exc:
         if fallback is None:
             raise

@@ -16,6 +16,7 @@ import email.message
 import hashlib
 import logging
 import os
+import queue
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -182,11 +183,14 @@ class WebPacs:
                     adapter.close()
 
     # -- WADO-RS ----------------------------------------------------------------------
-    def retrieve(self, study_uid: str, series_uid: str, sop_uid: str | None, incoming: Path,
+    def retrieve(self, study_uid: str, series_uid: str | None, sop_uid: str | None, incoming: Path,
                  on_part: Callable[[Part], None]) -> int:
-        """Stream a series (or one instance) into temporary files in ``incoming``, calling
-        ``on_part(part)`` for each as soon as it is complete. Returns the number of parts."""
-        url = f"{self.settings.url}/studies/{study_uid}/series/{series_uid}"
+        """Stream a series (or one instance; ``series_uid`` None: the whole study) into temporary
+        files in ``incoming``, calling ``on_part(part)`` for each as soon as it is complete.
+        Returns the number of parts."""
+        url = f"{self.settings.url}/studies/{study_uid}"
+        if series_uid:
+            url += f"/series/{series_uid}"
         if sop_uid:
             url += f"/instances/{sop_uid}"
         try:
@@ -203,10 +207,53 @@ class WebPacs:
         r.raise_for_status()
         with r:
             n = 0
-            for part in _multipart_parts(r, incoming):
+            for part in _read_ahead(_multipart_parts(r, incoming), r):
                 n += 1
                 on_part(part)
             return n
+
+
+_DONE = object()
+
+
+def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int = 64) -> Iterator[Part]:
+    """``parts``, read in a thread of its own up to ``depth`` parts ahead: receiving, splitting,
+    creating, writing and hashing each file (calls that mostly release the interpreter lock, and
+    wait on the server and the disk) overlap with the caller's filing of the parts before. The
+    reader's error is raised here, after the parts that came before it. When the caller stops
+    early, the answer is closed and the files not handed over are deleted."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for part in parts:
+                q.put(part)
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as exc:  # handed to the caller, in its thread
+            q.put(exc)
+
+    reader = threading.Thread(target=read, name="wado-rs-reader", daemon=True)
+    reader.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        if reader.is_alive():
+            response.close()  # a reader blocked on the socket wakes up with an error
+        while reader.is_alive() or not q.empty():
+            try:
+                item = q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(item, Part):
+                item.path.unlink(missing_ok=True)
+        reader.join()
 
 
 def _boundary(content_type: str) -> bytes:
