@@ -1,6 +1,6 @@
 """Same outputs, byte for byte: pacs2bids.deid of this tree against another (``--base SRC``).
 
-    .venv/bin/python benchmarks/bench_deid_same.py --base DIR/src [root ...]
+    .venv/bin/python benchmarks/bench_deid_same.py --base DIR/src [--new DIR2/src] [root ...]
 
 Every series (files grouped by folder and Series Instance UID) of the roots (default: the shared
 corpus, the vendors corpus and the bundled sample) is pseudonymised by one project, in order,
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("roots", nargs="*", type=Path, default=ROOTS)
     ap.add_argument("--base", type=Path, required=True, help="the src folder of the other version")
+    ap.add_argument("--new", type=Path, default=REPO / "src", help="the src folder of this version (default: this tree)")
     args = ap.parse_args(argv)
     bad = 0
     with tempfile.TemporaryDirectory(prefix="deid-same-") as tmp:
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, options in PROFILES.items():
             times = {}
             lines = {}
-            for who, src in (("base", args.base.resolve()), ("new", REPO / "src")):
+            for who, src in (("base", args.base.resolve()), ("new", args.new.resolve())):
                 t = time.perf_counter()
                 lines[who] = child(src, folders, work / f"{who}-{name}", options)
                 times[who] = time.perf_counter() - t
