@@ -22,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32 as _LONG_VRS  # 4-byte length (PS3.5 7.1.2)
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32 as LONG_VRS  # 4-byte length (PS3.5 7.1.2)
 
 _SHORT = Struct("<HH2sH")  # tag, VR, 2-byte length
 _LONG = Struct("<HH2sHL")  # tag, VR, reserved, 4-byte length
@@ -54,12 +54,23 @@ def save(ds: Dataset, path: Path) -> None:
         f.writelines(parts)
 
 
+def copies_raw(ds: Dataset) -> bool:
+    """True when :func:`save` will copy the raw elements of ``ds`` as they are: it was read in explicit
+    VR little endian, its transfer syntax is one (not deflated) and its character set is unchanged."""
+    meta = getattr(ds, "file_meta", None)
+    return (ds.original_encoding == _EXPLICIT_LE and ds.original_character_set == ds._character_set
+            and meta is not None and _explicit_le(meta.get("TransferSyntaxUID")))
+
+
+def _explicit_le(ts) -> bool:
+    return (ts is not None and not ts.is_private and ts.is_transfer_syntax and not ts.is_implicit_VR
+            and ts.is_little_endian and ts != DeflatedExplicitVRLittleEndian)
+
+
 def _fast(ds: Dataset, meta, ts) -> bool:
     """True when the file is written in explicit VR little endian (not deflated) and ``save_as`` would
     change nothing of its File Meta Information but its group length (else ``save_as`` writes it)."""
-    if meta is None or ts is None or ts.is_private or not ts.is_transfer_syntax:
-        return False
-    if ts.is_implicit_VR or not ts.is_little_endian or ts == DeflatedExplicitVRLittleEndian:
+    if meta is None or not _explicit_le(ts):
         return False
     if any(t >> 16 in (0, 2) for t in ds._dict) or len(getattr(ds, "preamble", None) or b"\x00" * 128) != 128:
         return False
@@ -87,10 +98,15 @@ def _dataset(parts: list, ds: Dataset, parent_encoding) -> None:
                 elem = ds.get_item(tag)
             elif _raw(parts, elem):
                 continue
-        if elem.VR == "SQ" and isinstance(elem, DataElement):
-            _sequence(parts, elem, encoding)
-        else:
-            parts.append(_by_pydicom(write_data_element, elem, encoding))
+        element(parts, elem, encoding)
+
+
+def element(parts: list, elem: DataElement, encoding) -> None:
+    """A decoded element as ``write_data_element`` writes it in a dataset of ``encoding``."""
+    if elem.VR == "SQ" and isinstance(elem, DataElement):
+        _sequence(parts, elem, encoding)
+    else:
+        parts.append(_by_pydicom(write_data_element, elem, encoding))
 
 
 def _raw(parts: list, elem: RawDataElement) -> bool:
@@ -100,7 +116,7 @@ def _raw(parts: list, elem: RawDataElement) -> bool:
     if vr is None or len(vr) != 2 or elem.length == _UNDEFINED or not isinstance(value, bytes):
         return False
     tag, n = elem.tag, len(value)
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         parts.append(_LONG.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0, n))
     elif n > 0xFFFF:
         return False
