@@ -11,6 +11,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
+from pydicom.tag import Tag
 
 from pacs2bids.deid import values
 from pacs2bids.deid.context import FileContext
@@ -30,7 +31,7 @@ CREATOR_FORMS = [b"SIEMENS CSA HEADER", b"SIEMENS CSA HEADER\x00\x00", b"SIEMENS
 def _ds(tag: int, vr: str, value: bytes) -> Dataset:
     ds = Dataset()
     ds.set_original_encoding(False, True, None)
-    ds._dict[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    ds._dict[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
     return ds
 
 

@@ -15,6 +15,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from . import writer
@@ -31,7 +32,6 @@ def stamp(ds: Dataset, ctx: FileContext, *, pixels_cleaned: bool) -> None:
     """The attributes set by de-identification, their notes, the File Meta Information."""
     for name in ("PatientName", "PatientID"):
         ctx.note(name, "replaced", "subject code (P2)")
-    values = attributes(ctx.subject, ctx.profile, pixels_cleaned)
     if ctx.changes is None and writer.copies_raw(ds):
         charset = ds.get("SpecificCharacterSet", writer.default_encoding)
         key = (ctx.subject, pixels_cleaned, charset if isinstance(charset, str) else tuple(charset))
@@ -40,11 +40,11 @@ def stamp(ds: Dataset, ctx: FileContext, *, pixels_cleaned: bool) -> None:
         if raw is None:
             if len(cache) >= _PER_PROFILE:
                 cache.clear()
-            raw = cache[key] = _encoded(values, charset)
+            raw = cache[key] = _encoded(attributes(ctx.subject, ctx.profile, pixels_cleaned), charset)
         for elem in raw:
             ds._dict[elem.tag] = elem  # as pydicom's reader sets raw elements
     else:
-        for keyword, value in values:
+        for keyword, value in attributes(ctx.subject, ctx.profile, pixels_cleaned):
             setattr(ds, keyword, value)
     file_meta(ds, ctx.keyed)
 
@@ -79,7 +79,7 @@ def _encoded(values: list[tuple[str, object]], charset) -> list[RawDataElement]:
     """Each attribute as pydicom writes it in a dataset of ``charset``, as a raw element."""
     out = []
     for keyword, value in values:
-        tag = tag_for_keyword(keyword)
+        tag = Tag(tag_for_keyword(keyword))  # a BaseTag key, as pydicom's reader sets (its writer reads .element)
         vr = dictionary_VR(tag)
         parts: list[bytes] = []
         writer.element(parts, DataElement(tag, vr, value), charset)

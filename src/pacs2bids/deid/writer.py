@@ -18,7 +18,7 @@ from struct import Struct
 
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, validate_file_meta
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
@@ -47,11 +47,25 @@ def save(ds: Dataset, path: Path) -> None:
     head.is_implicit_VR, head.is_little_endian = _EXPLICIT_LE
     head.write(getattr(ds, "preamble", None) or b"\x00" * 128)
     head.write(b"DICM")
-    write_file_meta_info(head, meta, enforce_standard=True)
-    parts = [head.getvalue()]
+    parts = [head.getvalue(), _meta(meta)]
     _dataset(parts, ds, default_encoding)
     with open(path, "wb") as f:
         f.writelines(parts)
+
+
+def _meta(meta) -> bytes:
+    """``write_file_meta_info(enforce_standard=True)``: checked (and completed) by pydicom, its
+    elements written one by one by pydicom, the group length first. Raw elements (a File Meta
+    Information as read) are left to ``write_file_meta_info``."""
+    if any(isinstance(e, RawDataElement) for e in meta._dict.values()):
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = _EXPLICIT_LE
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        return fp.getvalue()
+    validate_file_meta(meta, enforce_standard=True)
+    body = b"".join(_by_pydicom(write_data_element, meta[t], default_encoding)
+                    for t in sorted(meta.keys()) if t != 0x00020000)
+    return _SHORT.pack(2, 0, b"UL", 4) + _UL.pack(len(body)) + body
 
 
 def copies_raw(ds: Dataset) -> bool:
