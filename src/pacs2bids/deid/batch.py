@@ -34,6 +34,7 @@ from .keyed import Keyed
 from .patterns import compile_identifiers, date_tokens, looks_like_uid
 from .profile import Profile
 from .walk import apply
+from .writer import save
 
 log = logging.getLogger("pacs2bids.deid.series")  # the series' log, wherever its files run
 BATCH_FILES = 16  # files per task sent to a worker process (see batch_size)
@@ -219,7 +220,7 @@ def _one_file(work: _FileWork, out: BatchResult, notes: Counter, index: int, pat
     out.pixel_log.extend(pixel_log)
     sop = str(ds.get("SOPInstanceUID", "")) or work.keyed.uid(qname)
     tmp = f".deid-{index:07d}.part"
-    ds.save_as(job.out_dir / tmp, enforce_file_format=True)
+    save(ds, job.out_dir / tmp)  # the bytes of save_as(enforce_file_format=True), raw elements copied
     sn = ds.get("SeriesNumber")
     info = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
             int(sn) if sn not in (None, "") else None, str(ds.get("SeriesDescription", "")), str(ds.get("Modality", "")))

@@ -52,6 +52,12 @@ _IDENT_TAGS = {pydicom.datadict.tag_for_keyword(k): k for k in IDENTIFYING_KEYWO
 _READ_VRS = frozenset({"SQ", "DA", "DT", "PN", "UI"})
 
 
+def raw_uids(value: bytes | None) -> str | MultiValue:
+    """The UIDs of a raw UI value as pydicom's ``convert_UI`` gives them (str values; ``UID`` strips each)."""
+    items = [v.strip() for v in (value or b"").decode("latin-1").rstrip("\0 ").rstrip(" \x00").split("\\")]
+    return items[0] if len(items) == 1 else MultiValue(str, items)
+
+
 def collect(ds: Dataset, profile: Profile, dates: set[str] | None = None) -> set[str]:
     """Identifying values of one file, at any depth (names, IDs, original UIDs...). When
     ``dates`` is given, the file's dates (``YYYYMMDD`` of every DA and DT value, public or
@@ -86,7 +92,10 @@ def collect(ds: Dataset, profile: Profile, dates: set[str] | None = None) -> set
             resolved = profile.action(tag) if not private else None
             if resolved is not None and resolved[0] == "K":
                 continue  # retained on purpose by an option: neither cleaned nor a leak
-            value = d[tag].value
+            if vr == "UI" and elem.is_raw and not elem.is_implicit_VR and elem.is_little_endian:
+                value = raw_uids(elem.value)  # as convert_UI reads them, without decoding the element
+            else:
+                value = d[tag].value
             if value in (None, "", b""):
                 continue
             values = value if isinstance(value, MultiValue) else [value]

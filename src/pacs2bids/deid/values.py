@@ -7,14 +7,17 @@ walk (:mod:`pacs2bids.deid.walk`), from its action code and its VR.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_has_tag, dictionary_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 from .context import FileContext, is_standard_uid
+from .identifiers import raw_uids
 from .csa import UID_TEXT, Scrub, scrub_bytes, scrub_ge_protocol
 from .keyed import birth_date_to_year, shift_da, shift_dt
 from .patterns import clean_text, is_date_value, mask_personal_data
@@ -72,8 +75,45 @@ def dates(elem: DataElement, ctx: FileContext, name: str, why: str, fallback: st
     ctx.note(name, "shifted", why + (" (unparsable values emptied)" if bad else ""), before, elem.value)
 
 
-def uids(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
-    """Every UID that is not of the standard gets its keyed UID."""
+# Printable ASCII without a backslash (and NUL padding): one value, the same text in every
+# character set the walk searches as bytes (context.FileContext.bytes_searchable).
+_PLAIN_TEXT = re.compile(rb"[\x00\x20-\x5b\x5d-\x7e]*")
+
+
+def _explicit_le_raw(elem: DataElement | RawDataElement) -> bool:
+    return elem.is_raw and not elem.is_implicit_VR and elem.is_little_endian and isinstance(elem.value, bytes)
+
+
+def _set_raw(ds: Dataset, elem: RawDataElement, value: bytes) -> None:
+    """A new value as a raw element (explicit VR little endian), written as it is."""
+    ds._dict[elem.tag] = RawDataElement(elem.tag, elem.VR, len(value), value, elem.value_tell, False, True)
+
+
+def creator(ds: Dataset, tag: int, ctx: FileContext) -> str:
+    """A private creator's text as pydicom decodes it (``""`` when it is not one text value). Plain
+    ASCII in a searchable character set is read from its bytes, and left raw in pydicom's own
+    encoding of the value (what pydicom writes once it has decoded it)."""
+    elem = ds._dict.get(tag)
+    if (elem is not None and elem.VR == "LO" and ctx.bytes_searchable and _explicit_le_raw(elem)
+            and _PLAIN_TEXT.fullmatch(elem.value)):
+        value = elem.value.decode("ascii").rstrip("\0 ")
+        encoded = value.encode("ascii")
+        encoded += b" " if len(encoded) % 2 else b""
+        if encoded != elem.value:
+            _set_raw(ds, elem, encoded)
+        return value
+    value = ds[tag].value
+    return value if isinstance(value, str) else ""
+
+
+def uids(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, name: str, why: str) -> None:
+    """Every UID that is not of the standard gets its keyed UID. A raw element is decoded and
+    written here as pydicom does (``convert_UI``, ``write_UI``), as a new raw element."""
+    if elem.is_raw:
+        if ctx.changes is None and _explicit_le_raw(elem):
+            _raw_uids(ds, elem, ctx, name, why)
+            return
+        elem = ds[elem.tag]
     values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
     new = []
     changed = False
@@ -88,6 +128,30 @@ def uids(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
         before = elem.value
         elem.value = [UID(x) for x in new] if len(new) > 1 else UID(new[0])
         ctx.note(name, "new-uid", why, before, elem.value)
+    else:
+        ctx.note(name, "kept", why + " (UID of the standard)")
+
+
+def _raw_uids(ds: Dataset, elem: RawDataElement, ctx: FileContext, name: str, why: str) -> None:
+    """:func:`uids` on the bytes: the values as ``convert_UI`` reads them, written back as
+    ``write_UI`` writes them (joined by backslashes, a NUL to an even length)."""
+    values = raw_uids(elem.value)
+    values = values if isinstance(values, MultiValue) else [values]
+    keyword = dictionary_keyword(elem.tag) if dictionary_has_tag(elem.tag) else ""
+    new, changed = [], False
+    for v in values:
+        v = v.strip("\x00 ")
+        if not v or is_standard_uid(v) or keyword.endswith(("SOPClassUID", "TransferSyntaxUID")):
+            new.append(v)
+        else:
+            new.append(ctx.keyed.uid(v))
+            changed = True
+    text = "\\".join(new if changed else values)
+    encoded = (text + "\0" if len(text) % 2 else text).encode("latin-1")
+    if encoded != elem.value:
+        _set_raw(ds, elem, encoded)
+    if changed:
+        ctx.note(name, "new-uid", why)
     else:
         ctx.note(name, "kept", why + " (UID of the standard)")
 

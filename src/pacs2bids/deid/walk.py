@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pydicom.dataelem import DataElement, RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from . import values
-from .context import FileContext, decoded, element, element_name, tool_version
-from .keyed import Keyed
+from .context import FileContext, decoded, element, element_name
 from .profile import GE_PROTOCOL, Profile
+from .stamp import stamp
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _SET_BY_US = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280301}
@@ -73,6 +72,7 @@ class Rule:
     cleans: bool = False  # read or changed by action C and in kept private elements
     text: bool = False  # raw text searched before decoding (FileContext.holds_no_identifier)
     kept_why: str = ""  # added to the note when action C keeps the value unread
+    raw: bool = False  # ``handle`` takes the element undecoded (and decodes it only if it must)
 
 
 def _walk_items(elem: DataElement, ctx: FileContext, depth: int) -> None:
@@ -102,7 +102,7 @@ def _time(ds, elem, ctx, depth, name, why, how, private) -> None:
 
 
 def _uid(ds, elem, ctx, depth, name, why, how, private) -> None:
-    values.uids(elem, ctx, name, why)
+    values.uids(ds, elem, ctx, name, why)
 
 
 def _person(ds, elem, ctx, depth, name, why, how, private) -> None:
@@ -138,7 +138,7 @@ RULES: dict[str, Rule] = {
     "DA": _DATE,
     "DT": _DATE,
     "TM": Rule(_time, dummy=None, kept_why=_TIME_KEPT),
-    "UI": Rule(_uid, dummy=None, by_default=ALWAYS, cleans=True),
+    "UI": Rule(_uid, dummy=None, by_default=ALWAYS, cleans=True, raw=True),
     "PN": Rule(_person, by_default=ALWAYS, cleans=True),
     **dict.fromkeys(("SH", "LO", "ST", "LT", "UT", "UC"), _CLEANED_TEXT),
     **dict.fromkeys(("AE", "CS"), _CODED_TEXT),
@@ -166,7 +166,8 @@ def _act(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, dept
         _clean(ds, elem, ctx, depth, name, why, private=False)
         return
     rule = RULES.get(vr, _OTHER)
-    elem = decoded(ds, elem)
+    if not (rule.raw and code in ("D", "U")):
+        elem = decoded(ds, elem)
     if code == "X":
         del ds[elem.tag]
         ctx.note(name, "removed", why, elem.value if vr != "SQ" else "")
@@ -204,7 +205,7 @@ def _default(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, 
         del ds[elem.tag]
         ctx.note(name, "removed", _DEFAULT_WHY + " (Patient group)")
         return
-    rule.handle(ds, decoded(ds, elem), ctx, depth, name, _DEFAULT_WHY, DEFAULT, False)
+    rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, _DEFAULT_WHY, DEFAULT, False)
 
 
 def _clean(
@@ -218,7 +219,7 @@ def _clean(
     if rule.text and ctx.holds_no_identifier(elem):
         ctx.note(name, "kept", why + " (checked)")
         return
-    rule.handle(ds, decoded(ds, elem), ctx, depth, name, why, CLEAN, private)
+    rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, why, CLEAN, private)
 
 
 def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
@@ -228,15 +229,14 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
     tags = sorted(ds.keys())
     kept_blocks: set[tuple[int, int]] = set()
     creators: dict[tuple[int, int], str] = {}
-    for t in tags:
-        if t >> 16 & 1 and 0x0010 <= t & 0xFFFF <= 0x00FF:  # private creators (plain int tests)
-            value = ds[t].value
-            creators[(t.group, t.element)] = value if isinstance(value, str) else ""
     outer_searchable = ctx.bytes_searchable
     if _CHARSET_TAG in ds:  # an item's own character set holds for the items below it
         charset = ds[_CHARSET_TAG].value
         ctx.bytes_searchable = isinstance(charset, str) and charset.strip() in _BYTE_SEARCHABLE_CHARSETS
     try:
+        for t in tags:
+            if t >> 16 & 1 and 0x0010 <= t & 0xFFFF <= 0x00FF:  # private creators (plain int tests)
+                creators[(t.group, t.element)] = values.creator(ds, t, ctx)
         memo = _KEPT.setdefault(ctx.profile, {})  # (tag, VR) -> what _kept_unread said
         for t in tags:
             _walk_element(ds, t, ctx, depth, creators, kept_blocks, memo)
@@ -351,48 +351,6 @@ def _private_kept_unread(tag: int, creator: str, vr: str, why: str) -> tuple[str
 
 def apply(ds: Dataset, ctx: FileContext, *, pixels_cleaned: bool) -> None:
     """The whole profile on one file: the walk, the attributes set by de-identification, the
-    File Meta Information rebuilt with a zeroed preamble (PS3.10 7.1)."""
+    File Meta Information rebuilt with a zeroed preamble (PS3.10 7.1; :mod:`pacs2bids.deid.stamp`)."""
     walk(ds, ctx, depth=0)
-    subject = ctx.subject
-    ds.PatientName = subject
-    ds.PatientID = subject
-    ctx.note("PatientName", "replaced", "subject code (P2)")
-    ctx.note("PatientID", "replaced", "subject code (P2)")
-    ds.PatientIdentityRemoved = "YES"
-    # one LO value within 64 characters (dcm2niix copies only that much into the sidecar);
-    # the options applied are the CID 7050 codes of the sequence below
-    ds.DeidentificationMethod = (
-        f"pacs2bids {tool_version()}, PS3.15 Annex E ({ctx.profile.describe()['edition']}) Basic Profile"
-    )[:64]
-    seq = Sequence()
-    for value, meaning in ctx.profile.method_codes(pixels_cleaned):
-        item = Dataset()
-        item.CodeValue = value
-        item.CodingSchemeDesignator = "DCM"
-        item.CodeMeaning = meaning
-        seq.append(item)
-    ds.DeidentificationMethodCodeSequence = seq
-    if ctx.profile.shift_dates:
-        ds.LongitudinalTemporalInformationModified = "MODIFIED"
-    elif ctx.profile.keep_dates:
-        ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
-    else:
-        ds.LongitudinalTemporalInformationModified = "REMOVED"
-    if pixels_cleaned:
-        ds.BurnedInAnnotation = "NO"
-    _file_meta(ds, ctx.keyed)
-
-
-def _file_meta(ds: Dataset, keyed: Keyed) -> None:
-    old = getattr(ds, "file_meta", None) or FileMetaDataset()
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", old.get("MediaStorageSOPClassUID"))
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or keyed.uid(
-        str(old.get("MediaStorageSOPInstanceUID", ""))
-    )
-    meta.TransferSyntaxUID = old.get("TransferSyntaxUID", ExplicitVRLittleEndian)
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"PACS2BIDS_{tool_version()}"[:16]
-    ds.file_meta = meta
-    ds.preamble = b"\x00" * 128
+    stamp(ds, ctx, pixels_cleaned=pixels_cleaned)
