@@ -7,6 +7,7 @@ import json
 import re
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import pytest
@@ -14,6 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings as hsettings, strate
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.sequence import Sequence
+
+if TYPE_CHECKING:
+    import numpy
 
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import KeyStore, LeakHit, Pseudonymiser, SeriesDeidResult, scan_for_leaks
@@ -445,7 +449,7 @@ def test_unreadable_file_is_quarantined_with_reason(tmp_path, t1_files):
 
 
 # -- overlays (Clean Graphics) ------------------------------------------------------------------
-def _with_overlay(sample_dir: Path, tmp_path: Path, text: str | None) -> tuple[Path, "np.ndarray"]:
+def _with_overlay(sample_dir: Path, tmp_path: Path, text: str | None) -> tuple[Path, "numpy.ndarray"]:
     """A real GE image with an overlay plane (6000) holding ``text`` drawn large, and an ROI
     outline (a rectangle: graphics, not text) in a corner that the text does not reach."""
     import numpy as np
