@@ -155,7 +155,7 @@ def recover(output: Path) -> None:
         if stray.is_symlink():
             stray.unlink()
     if not output.exists() and not output.is_symlink():
-        versions = _versions(output)
+        versions = published_versions(output)
         if versions:
             _link(output, versions[-1], suffix="recover")
             log.info("output %s restored to its newest published version %s", output, versions[-1].name)
@@ -186,7 +186,7 @@ def seed_staging(output: Path, staging: Path, *, merge: bool = False) -> None:
 
 
 # -- publishing -----------------------------------------------------------------------------
-def _versions(output: Path) -> list[Path]:
+def published_versions(output: Path) -> list[Path]:
     """Published versions, oldest first (run ids start with a UTC timestamp)."""
     vdir = versions_dir(output)
     if not vdir.is_dir():
@@ -294,7 +294,7 @@ def _migrate(output: Path, version: Path, run_id: str) -> None:
 
 def _prune(output: Path, keep: set[str | None]) -> None:
     """Remove versions other than the current one and the ``KEEP_PREVIOUS`` newest before it."""
-    versions = [v for v in _versions(output) if v.name not in keep]
+    versions = [v for v in published_versions(output) if v.name not in keep]
     spare = KEEP_PREVIOUS - len([k for k in keep if k]) + 1
     for v in versions[: max(0, len(versions) - spare)]:
         shutil.rmtree(v, ignore_errors=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 from . import audit
 from .errors import Pacs2BidsError, PacsError
 from .targets.research_pacs_purge import NOT_PURGEABLE
-from .publish import MANIFEST, _versions, current_version, versions_dir
+from .publish import MANIFEST, current_version, published_versions, versions_dir
 
 KEY_FILES = ("keys.journal", "keys.fernet")  # the matching key; audit.jsonl / audit.fernet are logs, kept
 
@@ -113,7 +113,7 @@ def plan_purge(spec, *, now: datetime | None = None) -> PurgePlan:
     cutoff = now - timedelta(days=retention.keep_days)
     current = current_version(spec.output)
     local: list[tuple[Path, bool, str | None]] = []
-    for v in _versions(spec.output):
+    for v in published_versions(spec.output):
         is_current = current is not None and v.resolve() == current.resolve()
         why = _expired(_published(v), is_current, ended, cutoff)
         local.append((v, is_current, why))

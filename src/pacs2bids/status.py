@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .config import ProjectSpec
 from .deadletter import DeadLetters
 from .lineage import LINEAGE_DIR, read_lineage
-from .publish import MANIFEST, _versions, current_version
+from .publish import MANIFEST, current_version, published_versions
 from .released import awaiting_review
 from .replicate import read_state
 
@@ -103,7 +103,7 @@ def project_status(spec: ProjectSpec) -> ProjectStatus:
     work = spec.resolved_work_dir
     current = current_version(spec.output)
     st = ProjectStatus(project=spec.project, output=str(spec.output_url or spec.output), pacs=pacs_label(spec))
-    st.versions = [_version_info(v, current) for v in _versions(spec.output)]
+    st.versions = [_version_info(v, current) for v in published_versions(spec.output)]
     st.last_run = _last_run(work)
     st.last_replication = read_state(spec).get("last")
     done = _published_series(current) if current is not None else {}
