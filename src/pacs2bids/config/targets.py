@@ -14,12 +14,21 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .tls import DimseTlsSettings
 
 STORAGE_SCHEMES = {"s3": "s3", "sftp": "sftp", "file": "folder"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(v: str) -> str:
+    if not _ENV_NAME.fullmatch(v):
+        raise ValueError("give the NAME of an environment variable (letters, digits, _), never the secret itself")
+    return v
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]  # a field naming an environment variable (never a secret)
 
 
 class _Model(BaseModel):
@@ -39,12 +48,12 @@ class StorageTargetSettings(_Model):
     name: str | None = Field(None, description="Name in logs and the run summary (default: kind and host).")
     endpoint_url: str | None = Field(None, description="S3: the S3 API's address, for a store other than AWS.")
     region: str | None = Field(None, description="S3: the region (default: the store's).")
-    access_key_id_env: str | None = Field(None, description="S3: environment variable holding the access key id.")
-    secret_access_key_env: str | None = Field(
+    access_key_id_env: EnvName | None = Field(None, description="S3: environment variable holding the access key id.")
+    secret_access_key_env: EnvName | None = Field(
         None, description="S3: environment variable holding the secret access key.")
-    password_env: str | None = Field(None, description="SFTP: environment variable holding the password.")
+    password_env: EnvName | None = Field(None, description="SFTP: environment variable holding the password.")
     key_file: Path | None = Field(None, description="SFTP: the private key file (default: ssh's own keys, agent).")
-    key_passphrase_env: str | None = Field(None, description="SFTP: environment variable holding the key's passphrase.")
+    key_passphrase_env: EnvName | None = Field(None, description="SFTP: environment variable holding the key's passphrase.")
     known_hosts: Path | None = Field(
         None, description="SFTP: known_hosts file checked against the server's host key (default: ~/.ssh/known_hosts; "
         "an unknown host is refused).")
@@ -59,12 +68,6 @@ class StorageTargetSettings(_Model):
         "or resumed in this run (sent) or for every file (all).")
     timeout: float = Field(30.0, gt=0, description="Seconds to wait for the store to answer.")
 
-    @field_validator("access_key_id_env", "secret_access_key_env", "password_env", "key_passphrase_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.fullmatch(v):
-            raise ValueError("give the NAME of an environment variable (letters, digits, _), never the secret itself")
-        return v
 
     @model_validator(mode="after")
     def _url_matches(self) -> "StorageTargetSettings":
@@ -106,8 +109,8 @@ class OrthancPurgeSettings(_Model):
     REST API (POST /tools/lookup, DELETE /studies/{id}; pacs2bids.targets.research_pacs_purge)."""
 
     orthanc_rest: str = Field(description="The Orthanc's REST root, e.g. https://research-pacs.example.org:8042.")
-    username_env: str | None = Field(None, description="Environment variable holding the REST user name.")
-    password_env: str | None = Field(None, description="Environment variable holding the REST password.")
+    username_env: EnvName | None = Field(None, description="Environment variable holding the REST user name.")
+    password_env: EnvName | None = Field(None, description="Environment variable holding the REST password.")
     ca_bundle: Path | None = Field(None, description="Absolute path of the PEM file of the CA an https Orthanc is "
                                    "checked against (TLS is always verified).")
     timeout: float = Field(60.0, gt=0, description="Seconds to wait for an HTTP answer.")
@@ -122,12 +125,6 @@ class OrthancPurgeSettings(_Model):
             raise ValueError("the url holds credentials: name their environment variables in username_env/password_env")
         return v.rstrip("/")
 
-    @field_validator("username_env", "password_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.fullmatch(v):
-            raise ValueError("give the NAME of an environment variable (letters, digits, _), never the secret itself")
-        return v
 
     @field_validator("ca_bundle")
     @classmethod
@@ -144,8 +141,8 @@ class DicomwebTargetSettings(_Model):
     kind: Literal["dicomweb"] = Field(description="dicomweb: a research PACS by QIDO-RS and STOW-RS.")
     url: str = Field(description="The DICOMweb root, e.g. https://pacs.example.org/dicom-web.")
     name: str | None = Field(None, description="Name in logs and the run summary (default: kind and host).")
-    username_env: str | None = Field(None, description="Environment variable holding the user name.")
-    password_env: str | None = Field(None, description="Environment variable holding the password.")
+    username_env: EnvName | None = Field(None, description="Environment variable holding the user name.")
+    password_env: EnvName | None = Field(None, description="Environment variable holding the password.")
     credentials_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding {username, password} as JSON, instead of "
         "environment variables.")
@@ -166,12 +163,6 @@ class DicomwebTargetSettings(_Model):
             raise ValueError("the url holds a password: put it in an environment variable named by password_env")
         return v.rstrip("/")
 
-    @field_validator("username_env", "password_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.fullmatch(v):
-            raise ValueError("give the NAME of an environment variable (letters, digits, _), never the secret itself")
-        return v
 
     @property
     def label(self) -> str:
