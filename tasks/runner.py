@@ -120,7 +120,7 @@ def _worker_pools(runner, spec: ProjectSpec, settings) -> Iterator[None]:
     from .workerpools import keep_pools, release_pools
 
     client = runner.client
-    workers = settings.dask_workers if not settings.dask_address else len(client.scheduler_info()["workers"])
+    workers = settings.dask_workers if not settings.dask_address else len(client.nthreads())  # worker processes
     keep_pools(client, spec.pacs.max_associations, workers)
     try:
         yield

@@ -97,3 +97,18 @@ def test_a_dask_worker_keeps_its_deid_pool_across_studies_and_the_run_releases_i
     assert 2 <= len(pool.seen) <= 1 + DEID_WORKERS, sorted(pool.seen)
     assert _orphans() == []  # released when the run's Dask part ended
     assert _slots_held(pacs_limit_name(load_spec(path))) == 0
+
+
+def test_outside_a_dask_worker_a_study_releases_the_pools_itself():
+    """The fallback: where no run plugin can reach (not on a Dask worker, or the run already released its
+    workers), the end of a study stops the de-identification pool and releases the associations."""
+    from pacs2bids.deid import pool as deid_pool
+    from pacs2bids.tasks.workerpools import after_study, on_this_worker
+
+    assert on_this_worker() is None
+    first = deid_pool.executor(2)
+    assert list(deid_pool.map_ordered(abs, [(-1,), (-2,)], 2)) == [1, 2]
+    after_study()
+    assert deid_pool._POOLS == {}
+    assert deid_pool.executor(2) is not first  # a later study starts a new pool
+    deid_pool.shutdown()
