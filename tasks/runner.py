@@ -14,7 +14,9 @@ file). Such a worker installs the PACS's Prefect concurrency limit itself
 (:func:`pacs2bids.tasks.pacs_limit.use_pacs_limit`) before its first connection, so the per-PACS
 bound holds across every worker; this needs a Prefect server every worker reaches
 (``PREFECT_API_URL``), refused otherwise. The spec travels to the workers with its secret:
-run the cluster on a trusted network (TLS: ``tls://`` addresses).
+run the cluster on a trusted network (TLS: ``tls://`` addresses). Each worker keeps its
+de-identification pool and pooled associations across the run's studies; they are released on every
+worker when the run's Dask part ends (:mod:`pacs2bids.tasks.workerpools`).
 """
 
 from __future__ import annotations
