@@ -14,6 +14,9 @@ port (sampled on the PACS's side, from the kernel's TCP table, every 10 ms: see
 files (path and, for images, SHA-256), compared with the first full extraction's (thread runner),
 so that every figure is the same work.
 
+Then, per limit, the same extraction on the thread runner with 1 thread: the time per study on 1 Dask
+worker against 1 thread of the flow's process (the Dask figure includes starting the cluster).
+
 Not measured here: 2 Prefect process workers of a real ``prefect server``. They spread whole flow
 runs (several projects), not one project's studies: one project's figure on them is the 1-worker one.
 """
@@ -99,15 +102,16 @@ def slots_held(name: str, wait: float = 15.0) -> int:
             time.sleep(0.5)
 
 
-def full_run(write_spec, o, folder: Path, patients: int, workers: int, limit: int) -> dict:
-    """One full extraction into ``folder`` (fresh) on a LocalCluster of ``workers`` Dask processes."""
+def full_run(write_spec, o, folder: Path, patients: int, workers: int, limit: int, kind: str = "dask") -> dict:
+    """One full extraction into ``folder`` (fresh) on a LocalCluster of ``workers`` Dask processes
+    (``kind="threads"``: on the thread runner, ``workers`` threads in this process)."""
     from pacs2bids.config import load_spec
     from pacs2bids.flows.extract import extract_project
     from pacs2bids.tasks.pacs_limit import pacs_limit_name
 
     folder.mkdir(parents=True)
-    spec = write_spec(folder, o, patients, extra=f"task_runner: {{kind: dask, dask_workers: {workers}}}\n",
-                      limit=limit)
+    setting = f"dask_workers: {workers}" if kind == "dask" else f"max_workers: {workers}"
+    spec = write_spec(folder, o, patients, extra=f"task_runner: {{kind: {kind}, {setting}}}\n", limit=limit)
     with PacsSideConnections(o.dicom_port) as seen:
         t = time.perf_counter()
         summary = extract_project(str(spec))
@@ -115,7 +119,7 @@ def full_run(write_spec, o, folder: Path, patients: int, workers: int, limit: in
     assert summary["published"] and summary["state"] == "completed", (summary["errors"], summary["state"])
     held = slots_held(pacs_limit_name(load_spec(spec)))
     if held:  # the next figure would wait for them (for ever, on a server that does not revoke leases)
-        raise RuntimeError(f"{held} slot(s) of the PACS limit still held after the run on {workers} Dask worker(s): "
+        raise RuntimeError(f"{held} slot(s) of the PACS limit still held after the run on {workers} {kind} worker(s): "
                            "a stopped worker did not give them back")
     files = dataset_files(load_spec(spec).output)
     return {"workers": workers, "limit": limit, "seconds": seconds, "studies": summary["studies"],
@@ -136,7 +140,16 @@ def scaleout(write_spec, o, tmp: Path, patients: int, limits: list[int], referen
     for limit in limits:
         one, two = (next(r for r in runs if r["limit"] == limit and r["workers"] == w) for w in (1, 2))
         ratios[str(limit)] = two["seconds"] / one["seconds"]
-    return {"runs": runs, "ratio_2_over_1": ratios, "reference_files": len(reference)}
+    # per study, 1 Dask worker against 1 thread of the flow's process: what a study costs on a worker
+    threads = {str(limit): full_run(write_spec, o, tmp / f"threads1-limit{limit}", patients, 1, limit, "threads")
+               for limit in limits}
+    per_study = {}
+    for limit in limits:
+        one = next(r for r in runs if r["limit"] == limit and r["workers"] == 1)
+        t = threads[str(limit)]
+        per_study[str(limit)] = {"dask_1_worker": one["seconds"] / one["studies"],
+                                 "thread_1": t["seconds"] / t["studies"], "thread_same_files": t["files"] == reference}
+    return {"runs": runs, "ratio_2_over_1": ratios, "reference_files": len(reference), "per_study": per_study}
 
 
 def table(fig: dict) -> str:
@@ -152,4 +165,8 @@ def table(fig: dict) -> str:
                    f"{peak:>9} {held:>10} {'yes' if r['same_files'] else 'NO':>10}")
     out.append(f"(same files: the dataset's {fig['reference_files']} subject files, images by SHA-256, equal to "
                "the first full extraction's)")
+    for limit, p in fig.get("per_study", {}).items():
+        out.append(f"per study, limit {limit}: 1 Dask worker {p['dask_1_worker']:.2f} s, 1 thread {p['thread_1']:.2f} s "
+                   f"(Dask / thread {p['dask_1_worker'] / p['thread_1']:.2f}; thread run same files: "
+                   f"{'yes' if p['thread_same_files'] else 'NO'})")
     return "\n".join(out)

@@ -14,7 +14,9 @@ file). Such a worker installs the PACS's Prefect concurrency limit itself
 (:func:`pacs2bids.tasks.pacs_limit.use_pacs_limit`) before its first connection, so the per-PACS
 bound holds across every worker; this needs a Prefect server every worker reaches
 (``PREFECT_API_URL``), refused otherwise. The spec travels to the workers with its secret:
-run the cluster on a trusted network (TLS: ``tls://`` addresses).
+run the cluster on a trusted network (TLS: ``tls://`` addresses). Each worker keeps its
+de-identification pool and pooled associations across the run's studies; they are released on every
+worker when the run's Dask part ends (:mod:`pacs2bids.tasks.workerpools`).
 """
 
 from __future__ import annotations
@@ -27,11 +29,9 @@ from prefect import task
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pacs2bids.config import ProjectSpec
-from pacs2bids.deid import pool as deid_pool
 from pacs2bids.errors import SpecError
 from pacs2bids.model import StudyRef
 from pacs2bids.pacs import gate
-from pacs2bids.pacs.pool import close_pools
 from pacs2bids.run import RunContext
 from pacs2bids.study import StudyResult
 
@@ -57,13 +57,13 @@ def extract_study_on_worker(spec: ProjectSpec, study: StudyRef, ctx: RunContext)
     try:
         return extract_study.fn(spec, study, ctx)
     finally:
-        # a Dask worker is stopped without its atexit hooks: the de-identification pool's processes would
-        # outlive it, orphaned (holding the run's output open); they stop after each study instead
-        deid_pool.shutdown()
-        # and its idle associations, each holding a slot of the PACS limit, would die with it unreleased: the
-        # slots stayed taken until their lease expired (never, on a server that does not revoke leases)
-        close_pools()
+        # the pools stay for the worker's next study; the run releases them on every worker when its Dask
+        # part ends (tasks/workerpools.py). Released here only where that cannot reach: no run plugin on
+        # this worker (not a Dask worker, or the run ended while this study ran), or associations that
+        # would hold a slot other workers wait for (PACS limit below the number of workers)
+        from .workerpools import after_study
 
+        after_study()
 
 def _dask_runner(settings):
     from prefect.settings import get_current_settings
@@ -111,7 +111,23 @@ def study_runner(spec: ProjectSpec, studies: list | tuple = (1,)) -> Iterator[tu
     # a study pseudonymises in child processes (pacs2bids.deid.pool): Dask's workers must not be daemonic
     # (set here for a LocalCluster; an existing cluster's nannies need DASK_DISTRIBUTED__WORKER__DAEMON=False)
     with dask.config.set({"distributed.worker.daemon": False}), _dask_runner(settings) as runner:
-        yield runner, extract_study_on_worker
+        with _worker_pools(runner, spec, settings):
+            yield runner, extract_study_on_worker
+
+
+@contextmanager
+def _worker_pools(runner, spec: ProjectSpec, settings) -> Iterator[None]:
+    """Every worker keeps its de-identification pool and associations across the run's studies; they
+    are released on every worker (waited for) when the run's Dask part ends, before the cluster closes."""
+    from .workerpools import keep_pools, release_pools
+
+    client = runner.client
+    workers = settings.dask_workers if not settings.dask_address else len(client.nthreads())  # worker processes
+    keep_pools(client, spec.pacs.max_associations, workers)
+    try:
+        yield
+    finally:
+        release_pools(client)
 
 
 def submit_study(runner_and_task, spec: ProjectSpec, study: StudyRef, ctx: RunContext):
