@@ -82,8 +82,8 @@ def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path,
             for key, code in ((f"{transport} (base)", base), (transport, None)) if base else ((transport, None),):
                 spec = steps.write_spec(tmp / f"run-{key.replace(' ', '')}", o, corpus, transport, free_port())
                 runs[key] = steps.pacs2bids_run(spec, code)
-                print(f"pacs2bids run over {key}: {runs[key]['seconds']:.1f} s, "
-                      f"exit {runs[key]['exit_code']} ({runs[key]['state']})", flush=True)
+                print(f"pacs2bids run over {key}: {runs[key]['seconds']:.1f} s, {runs[key]['cpu_seconds']:.1f} s "
+                      f"of CPU, exit {runs[key]['exit_code']} ({runs[key]['state']})", flush=True)
                 print(timeline(runs[key].get("timeline")), flush=True)
     return {"copies": copies, "studies": len(corpus.study_patient), "patients": len(corpus.patients),
             "instances": corpus.instances, "megabytes": corpus.size / 1e6, "floors": floors, "anchors": anchors,

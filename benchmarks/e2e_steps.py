@@ -377,5 +377,6 @@ def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"bench_e2e: pacs2bids run {spec} exited {proc.returncode}:\n" + "\n".join(tail), file=sys.stderr)
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": proc.returncode,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the run's and its waited-for children's
             "state": summary.get("state"), "stage_seconds": summary.get("stage_seconds"), "log": str(log),
             "timeline": summary.get("timeline")}
