@@ -82,11 +82,21 @@ def measure(root: Path, copies: int, studies: int, quick: bool, tmp: Path,
             for key, code in ((f"{transport} (base)", base), (transport, None)) if base else ((transport, None),):
                 spec = steps.write_spec(tmp / f"run-{key.replace(' ', '')}", o, corpus, transport, free_port())
                 runs[key] = steps.pacs2bids_run(spec, code)
-                print(f"pacs2bids run over {key}: {runs[key]['seconds']:.1f} s, "
-                      f"exit {runs[key]['exit_code']} ({runs[key]['state']})", flush=True)
+                print(f"pacs2bids run over {key}: {runs[key]['seconds']:.1f} s, {runs[key]['cpu_seconds']:.1f} s "
+                      f"of CPU, exit {runs[key]['exit_code']} ({runs[key]['state']})", flush=True)
+                print(timeline(runs[key].get("timeline")), flush=True)
     return {"copies": copies, "studies": len(corpus.study_patient), "patients": len(corpus.patients),
             "instances": corpus.instances, "megabytes": corpus.size / 1e6, "floors": floors, "anchors": anchors,
             "runs": runs, "goals": goals(floors, runs)}
+
+
+def timeline(rows: list[dict] | None) -> str:
+    """The run's studies in the order submitted: instances, then each stage's start-end (s after the
+    first submission); empty for a version without the summary's timeline."""
+    def span(s):
+        return f"{s[0]:6.1f}-{s[1]:6.1f}" if s else "      n/a     "
+    return "\n".join(f"  {r['study']:<28} {r['instances']:>5} inst  retrieve {span(r['retrieve'])}  "
+                     f"pseudonymise {span(r['pseudonymise'])}  convert {span(r['convert'])}" for r in rows or [])
 
 
 def goals(floors: dict, runs: dict) -> dict:

@@ -360,7 +360,8 @@ def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
     code, state and the summary's ``stage_seconds`` (None while the flow does not report them)."""
     exe = shutil.which("pacs2bids", path=str(VENV_BIN))
     cmd = [exe] if exe and base is None else [sys.executable, "-m", "pacs2bids.cli"]
-    env = {**os.environ, SECRET_ENV: "bench-secret-" + "0123456789abcdef" * 2, "NIPYPE_NO_ET": "1"}
+    env = {**os.environ, SECRET_ENV: "bench-secret-" + "0123456789abcdef" * 2, "NIPYPE_NO_ET": "1",
+           "PACS2BIDS_TIMELINE": "1"}  # each study's stages in the summary (read by versions that have it)
     if base is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(base), *filter(None, [os.environ.get("PYTHONPATH")])])
     log = spec.parent / "run.log"
@@ -376,4 +377,6 @@ def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         print(f"bench_e2e: pacs2bids run {spec} exited {proc.returncode}:\n" + "\n".join(tail), file=sys.stderr)
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": proc.returncode,
-            "state": summary.get("state"), "stage_seconds": summary.get("stage_seconds"), "log": str(log)}
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the run's and its waited-for children's
+            "state": summary.get("state"), "stage_seconds": summary.get("stage_seconds"), "log": str(log),
+            "timeline": summary.get("timeline")}

@@ -16,6 +16,8 @@ validator reports errors.
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import asdict
 
 from prefect import flow, runtime
@@ -35,10 +37,10 @@ from pacs2bids.publish import current_version, seed_staging, staging_dir, work_a
 from pacs2bids.recorder import Outcomes, Recorder
 from pacs2bids.register import skip_already_published
 from pacs2bids.released import awaiting_review, mark_published, project_quarantine
-from pacs2bids.run import META, RunContext, RunSummary, assign_sessions
+from pacs2bids.run import META, TIMELINE_ENV, RunContext, RunSummary, assign_sessions, study_timeline
 from pacs2bids.runlog import close_run_log, run_log, summary_artifact
 from pacs2bids.staging import assemble, share_key_store
-from pacs2bids.study import StudyResult, remove_raw
+from pacs2bids.study import StudyResult, longest_first, remove_raw
 from pacs2bids.versions import tool_versions
 from pacs2bids.tasks.bids import finalise_dataset
 from pacs2bids.tasks.deid import scan_for_leaks
@@ -141,8 +143,11 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
 
     with track_progress(spec.project, ctx.run_id, todo.studies, logger), study_runner(spec, todo.studies) as runner:
         share_key_store(ctx, todo.studies)  # remote staging: the matching key the workers start from (issue 14)
-        futures = [submit_study(runner, spec, study, ctx) for study in todo.studies]  # threads or Dask (issue 14)
-        results = [f.result() for f in futures]
+        order, t0 = longest_first(todo.studies), time.time()  # the largest study first: LPT (issue 12)
+        futures = {i: submit_study(runner, spec, todo.studies[i], ctx) for i in order}  # threads or Dask (issue 14)
+        results = [futures[i].result() for i in range(len(todo.studies))]  # the query's order, as before
+    if os.environ.get(TIMELINE_ENV) == "1":
+        summary.timeline = study_timeline(todo.studies, results, order, t0)
     results = assemble(ctx, todo.studies, results)  # remote staging: each study's part into staging (issue 14)
     for r in results:  # every study's retrieval outcomes, then every study's conversion outcomes
         outcomes.extend(r.retrieval)

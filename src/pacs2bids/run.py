@@ -100,6 +100,26 @@ def label(subject: str, session: str | None) -> str:
     return f"sub-{subject}" + (f"_ses-{session}" if session else "")
 
 
+TIMELINE_ENV = "PACS2BIDS_TIMELINE"  # "1": the run summary holds each study's timeline (issue 12)
+_SPANS = {"retrieve": ("retrieve_started", "retrieve_ended"),  # series are pseudonymised as they arrive: the
+          "pseudonymise": ("retrieve_ended", "pseudonymise_ended"),  # span is what remains after retrieval
+          "convert": ("pseudonymise_ended", "convert_ended")}
+
+
+def study_timeline(studies: list, results: list, submitted: list[int], t0: float) -> list[dict]:
+    """Each study, in the order it was submitted: its pseudonymised label, announced instances and
+    each stage's ``[start, end]`` in seconds after ``t0`` (epoch seconds; ``None`` where a stage did
+    not run). Labels and counts only: nothing identifying."""
+    rows = []
+    for i in submitted:
+        clock = results[i].clock
+        row = {"study": results[i].label, "instances": sum(s.announced_instances or 0 for s in studies[i].series)}
+        for stage, (a, b) in _SPANS.items():
+            row[stage] = [round(clock[a] - t0, 2), round(clock[b] - t0, 2)] if a in clock and b in clock else None
+        rows.append(row)
+    return rows
+
+
 @dataclass
 class SeriesLine:
     subject: str
@@ -141,6 +161,7 @@ class RunSummary:
     targets: list[dict] = field(default_factory=list)  # one TargetReport per secondary target (pacs2bids.targets)
     # seconds per stage (retrieve, pseudonymise, convert: summed over studies), for the benchmarks
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    timeline: list[dict] = field(default_factory=list)  # opt-in (TIMELINE_ENV): see study_timeline
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -177,6 +198,8 @@ class RunSummary:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if not self.timeline:
+            del d["timeline"]
         d["subjects"] = sorted(self.subjects)
         d["counts"] = {
             "subjects": len(self.subjects),

@@ -52,6 +52,17 @@ class StudyResult:
     received_bytes: int = 0  # the sizes of the study's raw files, from their ledgers (the run's MB/s)
     times: dict[str, str] = field(default_factory=dict)  # UTC start/end of each stage, for the PROV record
     part: str | None = None  # with remote staging: where the study's part waits to be assembled (staging.py)
+    clock: dict[str, float] = field(default_factory=dict)  # epoch seconds of each stage's bounds (the run's timeline)
+
+
+def longest_first(studies: list[StudyRef]) -> list[int]:
+    """The order to submit ``studies`` in (their indices): most announced instances first, the
+    query's order between equals. The classic LPT schedule: the largest study, the run's critical
+    path, starts at once instead of after the smaller ones have taken the workers (issue 12)."""
+    def size(i: int) -> tuple[int, int]:
+        series = studies[i].series
+        return -sum(s.announced_instances or 0 for s in series), -len(series)
+    return sorted(range(len(studies)), key=size)
 
 
 def _now() -> str:
@@ -80,6 +91,7 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     early = Recorder(keyed, result.retrieval)
     started = time.monotonic()
     result.times["retrieve_started"] = _now()
+    result.clock["retrieve_started"] = time.time()
     deid = _StudyDeid(spec, study, ctx)
     try:  # each series is pseudonymised as soon as it is complete, while the next one arrives
         retrieved = retrieve.retrieve_study(spec, study, ctx.raw_root, progress=progress, on_complete=deid.submit)
@@ -91,6 +103,7 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     finally:
         result.seconds["retrieve"] = time.monotonic() - started
         result.times["retrieve_ended"] = _now()
+        result.clock["retrieve_ended"] = time.time()
     log.info("%s: %d series retrieved", result.label, len(retrieved))
     result.received_bytes = sum(e.get("size") or 0
                                 for rs in retrieved for e in retrieve.read_ledger(rs.folder).values())
@@ -98,10 +111,12 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     deids = _pseudonymise(study, ctx, retrieved, deid, early, result)
     result.seconds["pseudonymise"] = time.monotonic() - started
     result.times["pseudonymise_ended"] = result.times["convert_started"] = _now()
+    result.clock["pseudonymise_ended"] = time.time()
     started = time.monotonic()
     if deids:
         _convert(spec, study, ctx, deids, Recorder(keyed, result.conversion), result, log)
     result.seconds["convert"] = time.monotonic() - started
+    result.clock["convert_ended"] = time.time()
     if deids and spec.derivatives.deface is not None:  # after conversion, within the study (issue 15)
         _deface(ctx, result, log)
     return result
