@@ -150,6 +150,10 @@ def _hooks(folder: Path, forbid: Path, scratch: Path, violations: Path) -> dict:
 def test_dask_workers_without_a_shared_folder_publish_what_a_shared_folder_run_does(
         tmp_path, orthanc_factory, sample_dir, prefect_harness, monkeypatch, s3):
     import dask
+    from importlib import import_module
+
+    import_module("distributed")  # its defaults enter dask's config now: leaving dask.config.set below
+    #                                before they are there would drop them all, and the next Dask run would fail
 
     from pacs2bids.demo import sample_patients
     from pacs2bids.dicomfiles import iter_dicom_files
