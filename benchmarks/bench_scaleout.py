@@ -24,10 +24,11 @@ runs (several projects), not one project's studies: one project's figure on them
 from __future__ import annotations
 
 import hashlib
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from pacs2bids.testing_sampling import Sampling, slots_held
 
 ESTABLISHED = "01"
 
@@ -48,7 +49,7 @@ def _accepted(port: int) -> set[int]:
 
 
 @dataclass
-class PacsSideConnections:
+class PacsSideConnections(Sampling):
     """The most connections the PACS held at once on ``port``, sampled in a thread every ``interval`` s.
 
     A sample is two reads of the kernel's table back to back, keeping the connections seen in both
@@ -59,23 +60,11 @@ class PacsSideConnections:
     interval: float = 0.01
     peak: int = 0
     samples: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if Path("/proc/net/tcp").exists():
-                self.peak = max(self.peak, len(_accepted(self.port) & _accepted(self.port)))
-                self.samples += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PacsSideConnections":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        if Path("/proc/net/tcp").exists():
+            self.peak = max(self.peak, len(_accepted(self.port) & _accepted(self.port)))
+            self.samples += 1
 
 
 def dataset_files(root: Path) -> dict[str, str]:
@@ -87,19 +76,6 @@ def dataset_files(root: Path) -> dict[str, str]:
         if p.is_file() and rel.startswith("sub-"):
             out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.name.endswith(".nii.gz") else ""
     return out
-
-
-def slots_held(name: str, wait: float = 15.0) -> int:
-    """The slots of the PACS limit ``name`` still held ``wait`` s after a run (0 as soon as none is)."""
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + wait
-    with get_client(sync_client=True) as client:
-        while True:
-            held = client.read_global_concurrency_limit_by_name(name).active_slots
-            if not held or time.monotonic() > deadline:
-                return held
-            time.sleep(0.5)
 
 
 def full_run(write_spec, o, folder: Path, patients: int, workers: int, limit: int, kind: str = "dask") -> dict:

@@ -11,58 +11,33 @@ held (each would wait for ever on this test server, which does not revoke leases
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
 
 import psutil
 import pytest
 
 from conftest import write_spec
+from pacs2bids.testing_sampling import Sampling, slots_held
 
 SECRET = "dask-lifecycle-secret-0123456789abcdef"
 DEID_WORKERS = 2
 
 
 @dataclass
-class PoolProcesses:
+class PoolProcesses(Sampling):
     """Every pid seen, sampled in a thread, of this test's Dask workers' de-identification processes."""
 
     interval: float = 0.02
     seen: set[int] = field(default_factory=set)
-    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for p in psutil.Process().children(recursive=True):  # this test's (other runs share the machine)
-                try:
-                    line = " ".join(p.cmdline())
-                except psutil.Error:
-                    continue
-                if "multiprocessing.forkserver" in line and "dask-scratch-space" in line:
-                    self.seen.add(p.pid)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PoolProcesses":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-
-def _slots_held(name: str, wait: float = 10.0) -> int:
-    from prefect.client.orchestration import get_client
-
-    deadline = time.monotonic() + wait
-    with get_client(sync_client=True) as client:
-        while True:
-            held = client.read_global_concurrency_limit_by_name(name).active_slots
-            if not held or time.monotonic() > deadline:
-                return held
-            time.sleep(0.5)
+    def sample(self) -> None:
+        for p in psutil.Process().children(recursive=True):  # this test's (other runs share the machine)
+            try:
+                line = " ".join(p.cmdline())
+            except psutil.Error:
+                continue
+            if "multiprocessing.forkserver" in line and "dask-scratch-space" in line:
+                self.seen.add(p.pid)
 
 
 @pytest.mark.slow
@@ -96,7 +71,7 @@ def test_a_dask_worker_keeps_its_deid_pool_across_studies_and_the_run_releases_i
     # the forkserver and the pool's workers, once: a pool stopped per study shows new workers per study
     assert 2 <= len(pool.seen) <= 1 + DEID_WORKERS, sorted(pool.seen)
     assert _orphans() == []  # released when the run's Dask part ended
-    assert _slots_held(pacs_limit_name(load_spec(path))) == 0
+    assert slots_held(pacs_limit_name(load_spec(path)), wait=10.0) == 0
 
 
 def test_outside_a_dask_worker_a_study_releases_the_pools_itself():

@@ -12,7 +12,6 @@ measurement can see what the limit forbids.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import psutil
 import pytest
 
 from conftest import write_spec
+from pacs2bids.testing_sampling import Sampling
 
 SECRET = "dask-limit-secret-0123456789abcdef"
 ESTABLISHED = "01"
@@ -42,7 +42,7 @@ def _tcp_table() -> dict[int, tuple[int, int]]:
 
 
 @dataclass
-class PacsSideSampler:
+class PacsSideSampler(Sampling):
     """Samples, every ``interval`` s in a thread, the connections the PACS accepted on ``port``.
 
     A sample is two reads of the table back to back and keeps the sockets listed in both: all
@@ -55,7 +55,6 @@ class PacsSideSampler:
     samples: int = 0
     owners_at_once: list[set] = field(default_factory=list)  # owners of the connections, samples with 2 or more
     _owner: dict[int, int] = field(default_factory=dict)  # client port -> pid
-    _stop: threading.Event = field(default_factory=threading.Event)
 
     def _attribute(self, client_ports: set[int]) -> None:
         me = psutil.Process()
@@ -67,28 +66,17 @@ class PacsSideSampler:
             except psutil.Error:
                 continue
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            first = _tcp_table()
-            second = _tcp_table()
-            accepted = {second[i][1] for i in first.keys() & second.keys()
-                        if first[i] == second[i] and second[i][0] == self.port}
-            self.samples += 1
-            self.peak = max(self.peak, len(accepted))
-            if accepted - self._owner.keys():
-                self._attribute(accepted - self._owner.keys())
-            if len(accepted) > 1:
-                self.owners_at_once.append({self._owner.get(p) for p in accepted})
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PacsSideSampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        first = _tcp_table()
+        second = _tcp_table()
+        accepted = {second[i][1] for i in first.keys() & second.keys()
+                    if first[i] == second[i] and second[i][0] == self.port}
+        self.samples += 1
+        self.peak = max(self.peak, len(accepted))
+        if accepted - self._owner.keys():
+            self._attribute(accepted - self._owner.keys())
+        if len(accepted) > 1:
+            self.owners_at_once.append({self._owner.get(p) for p in accepted})
 
 
 @pytest.mark.slow

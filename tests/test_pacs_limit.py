@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import requests
 from pydicom.uid import generate_uid
 
 from pacs2bids.dicomfiles import iter_dicom_files
+from pacs2bids.testing_sampling import Sampling
 
 PATIENTS = 6  # studies per run: more than a run retrieves at once (4 task threads)
 TCP_ESTABLISHED = "01"
@@ -85,7 +85,7 @@ def socket_inodes(pid: int) -> set[int]:
 
 
 @dataclass
-class Sampler:
+class Sampler(Sampling):
     """Samples, every ``interval`` seconds in a thread, the connections open to ``port`` and
     which of ``pids`` holds each.
 
@@ -108,47 +108,35 @@ class Sampler:
     slots_url: str = ""  # the Prefect limit: its active slots are read at each sample too
     slots_at_peak: list = field(default_factory=list)  # (time, connections, active slots)
     max_slots: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _owner: dict[int, str] = field(default_factory=dict)  # socket inode -> run holding it
 
-    def _run(self) -> None:
-        owner: dict[int, str] = {}
-        while not self._stop.is_set():
-            now = time.monotonic()
-            first = established_to(self.port)
-            inodes = first & established_to(self.port)
-            self.samples += 1
-            self.raw_peak = max(self.raw_peak, len(first))
-            self.peak = max(self.peak, len(inodes))
-            if inodes - owner.keys():
-                for name, pid in self.pids.items():
-                    for ino in socket_inodes(pid) & inodes:
-                        owner[ino] = name
-            holders = {owner[i] for i in inodes if i in owner}
-            if self.slots_url:
-                try:
-                    act = requests.get(self.slots_url, timeout=2).json().get("active_slots", -1)
-                except Exception:
-                    act = -2
-                self.max_slots = max(self.max_slots, act)
-            else:
-                act = None
-            if len(inodes) == self.peak:
-                self.at_peak = sorted(owner.get(i, "?") for i in inodes)
-                self.slots_at_peak.append((round(now, 2), len(inodes), act))
-            for name in holders:
-                self.seen.setdefault(name, []).append(now)
-            if self.pids and holders == set(self.pids):
-                self.both_at_once += 1
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "Sampler":
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+    def sample(self) -> None:
+        now = time.monotonic()
+        first = established_to(self.port)
+        inodes = first & established_to(self.port)
+        self.samples += 1
+        self.raw_peak = max(self.raw_peak, len(first))
+        self.peak = max(self.peak, len(inodes))
+        if inodes - self._owner.keys():
+            for name, pid in self.pids.items():
+                for ino in socket_inodes(pid) & inodes:
+                    self._owner[ino] = name
+        holders = {self._owner[i] for i in inodes if i in self._owner}
+        if self.slots_url:
+            try:
+                act = requests.get(self.slots_url, timeout=2).json().get("active_slots", -1)
+            except Exception:
+                act = -2
+            self.max_slots = max(self.max_slots, act)
+        else:
+            act = None
+        if len(inodes) == self.peak:
+            self.at_peak = sorted(self._owner.get(i, "?") for i in inodes)
+            self.slots_at_peak.append((round(now, 2), len(inodes), act))
+        for name in holders:
+            self.seen.setdefault(name, []).append(now)
+        if self.pids and holders == set(self.pids):
+            self.both_at_once += 1
 
 
 def write_project(tmp: Path, name: str, pacs_port: int, limit: int, per_minute: int) -> Path:
