@@ -28,24 +28,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacs2bids.testing_sampling import Sampling, slots_held
-
-ESTABLISHED = "01"
-
+from pacs2bids.testing_sampling import Sampling, slots_held, tcp_table
 
 def _accepted(port: int) -> set[int]:
     """Client ports of the ESTABLISHED TCP connections whose local port is ``port`` (the PACS's side)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            text = Path(table).read_text()
-        except OSError:
-            continue
-        for line in text.splitlines()[1:]:
-            f = line.split()
-            if len(f) > 3 and f[3] == ESTABLISHED and int(f[1].rsplit(":", 1)[1], 16) == port:
-                found.add(int(f[2].rsplit(":", 1)[1], 16))
-    return found
+    return {remote for local, remote in tcp_table().values() if local == port}
 
 
 @dataclass

@@ -14,31 +14,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import write_spec
-from pacs2bids.testing_sampling import Sampling
+from pacs2bids.testing_sampling import Sampling, tcp_table
 
 SECRET = "dask-limit-secret-0123456789abcdef"
-ESTABLISHED = "01"
-
-
-def _tcp_table() -> dict[int, tuple[int, int]]:
-    """ESTABLISHED TCP sockets: inode -> (local port, remote port), from /proc/net/tcp and tcp6."""
-    found = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            text = Path(table).read_text()
-        except OSError:
-            continue
-        for line in text.splitlines()[1:]:
-            f = line.split()
-            if len(f) > 9 and f[3] == ESTABLISHED:
-                found[int(f[9])] = (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16))
-    return found
 
 
 @dataclass
@@ -67,8 +50,8 @@ class PacsSideSampler(Sampling):
                 continue
 
     def sample(self) -> None:
-        first = _tcp_table()
-        second = _tcp_table()
+        first = tcp_table()
+        second = tcp_table()
         accepted = {second[i][1] for i in first.keys() & second.keys()
                     if first[i] == second[i] and second[i][0] == self.port}
         self.samples += 1

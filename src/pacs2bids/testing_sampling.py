@@ -1,7 +1,7 @@
 """Watching a run from outside, for the tests and benchmarks (issue 14: the per-PACS limit, the workers' pools).
 
 :class:`Sampling` runs a sampler's ``sample()`` every ``interval`` seconds in a daemon thread for the
-length of a ``with`` block; :func:`slots_held` reads how many slots of a Prefect global concurrency
+length of a ``with`` block; :func:`tcp_table` lists the machine's established TCP connections; :func:`slots_held` reads how many slots of a Prefect global concurrency
 limit a finished run still holds.
 """
 
@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
+
+ESTABLISHED = "01"  # the state column of /proc/net/tcp
 
 
 class Sampling:
@@ -48,3 +51,19 @@ def slots_held(name: str, wait: float = 15.0) -> int:
             if not held or time.monotonic() > deadline:
                 return held
             time.sleep(0.5)
+
+
+def tcp_table() -> dict[int, tuple[int, int]]:
+    """ESTABLISHED TCP sockets: inode -> (local port, remote port), from /proc/net/tcp and tcp6 (Linux;
+    empty elsewhere). A PACS's connections are those whose local port is its port."""
+    found = {}
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            text = Path(table).read_text()
+        except OSError:
+            continue
+        for line in text.splitlines()[1:]:
+            f = line.split()
+            if len(f) > 9 and f[3] == ESTABLISHED:
+                found[int(f[9])] = (int(f[1].rsplit(":", 1)[1], 16), int(f[2].rsplit(":", 1)[1], 16))
+    return found
