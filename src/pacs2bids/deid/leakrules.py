@@ -148,26 +148,43 @@ def _anchored(words: frozenset[bytes]) -> re.Pattern[bytes] | None:
     return re.compile(rb"(?:" + _trie_regex(sorted(words)) + rb")(?![a-z0-9])") if words else None
 
 
+#: A string of digits and dots at least :data:`_RUN_LENGTH` long (an original UID: most of a key store) is
+#: found without a pattern of its own (:class:`Finder`); shorter ones (dates, numbers) are in the pattern.
+_NUMERIC = re.compile(rb"[0-9][0-9.]*[0-9]")
+_RUN_LENGTH = 12
+
+
+_RUN = re.compile(rb"[0-9.]*")
+
+
 class Finder:
     """One pass over a file's bytes for both kinds of string (:meth:`kinds`).
 
     Same matches as :attr:`Rules.pattern` and :attr:`Rules.common_pattern` (a whole word, ASCII
     letters in any case: ``re.IGNORECASE`` on bytes folds ASCII only, as ``bytes.lower`` does),
-    searched once in the lowered bytes with one pattern of every string; the boundary before a
-    match is checked here, so the pattern keeps a literal start the engine can skip to.
+    searched in the lowered bytes; the boundary before a match is checked here.
 
-    Only that pattern (``both``) is compiled: where it matches, the kind of the string is told by
-    looking the bytes there up in each kind's set of words, one length at a time (what each kind's
-    pattern, ``(?:words)(?![a-z0-9])`` matched there, would say). Compiling a pattern costs more
-    than scanning a dataset when the key store holds every original UID; each kind's own pattern
-    is compiled only for a caller asking for it (:attr:`distinctive`, :attr:`common`)."""
+    Strings of digits and dots (original UIDs, dates, numbers: most of a key store) are not in a
+    pattern: runs of digits and dots are found with one simple pattern, and the strings each run can
+    hold (starting at its start or after a dot, ending at a dot or its end: the patterns' boundaries)
+    are looked up in a set, walking on only while the run still starts a known string. The cost grows
+    with the bytes, not with the number of UIDs. The other strings are in one pattern (``both``), and
+    where it matches, the kind of the string is told by looking the bytes there up in each kind's set
+    of words, one length at a time. Each kind's own pattern (every string) is compiled only for a
+    caller asking for it (:attr:`distinctive`, :attr:`common`)."""
 
     def __init__(self, distinctive: frozenset[bytes], common: frozenset[bytes]):
-        self._words = {"distinctive": distinctive, "common": common}
+        self._all = {"distinctive": distinctive, "common": common}
+        numeric = {w for w in distinctive | common if len(w) >= _RUN_LENGTH and _NUMERIC.fullmatch(w)}
+        self._words = {kind: words - numeric for kind, words in self._all.items()}
+        self._numbers = {kind: words & numeric for kind, words in self._all.items()}
         self._lengths = {kind: sorted({len(w) for w in words}) for kind, words in self._words.items()}
+        self._prefixes = frozenset(w[:i] for w in numeric for i in range(len(w)) if w[i:i + 1] == b".")
+        # where such a string can start: its first bytes (few distinct ones: UIDs share their roots)
+        self._heads = re.compile(_trie_regex(sorted({w[:_RUN_LENGTH] for w in numeric}))) if numeric else None
         self._compiled: dict[str, re.Pattern[bytes] | None] = {}
         self._lock = threading.Lock()
-        self.both = _anchored(distinctive | common)
+        self.both = _anchored(self._words["distinctive"] | self._words["common"])
 
     @classmethod
     def of(cls, distinctive: Iterable[str], common: Iterable[str]) -> "Finder":
@@ -176,23 +193,28 @@ class Finder:
     def _pattern(self, kind: str) -> re.Pattern[bytes] | None:
         with self._lock:
             if kind not in self._compiled:
-                self._compiled[kind] = _anchored(self._words[kind])
+                self._compiled[kind] = _anchored(self._all[kind])
             return self._compiled[kind]
 
     @property
+    def empty(self) -> bool:
+        """No string to search for."""
+        return not (self._all["distinctive"] or self._all["common"])
+
+    @property
     def searches_distinctive(self) -> bool:
-        return bool(self._words["distinctive"])
+        return bool(self._all["distinctive"])
 
     @property
     def distinctive(self) -> re.Pattern[bytes] | None:
-        return self._pattern("distinctive") if self._words["distinctive"] else None
+        return self._pattern("distinctive") if self._all["distinctive"] else None
 
     @property
     def common(self) -> re.Pattern[bytes] | None:
-        return self._pattern("common") if self._words["common"] else None
+        return self._pattern("common") if self._all["common"] else None
 
     def _at(self, kind: str, low: bytes, at: int) -> bool:
-        """A word of ``kind`` starts at ``at`` in ``low``, with no letter or digit after it."""
+        """A word of ``kind`` (not of digits and dots) starts at ``at`` in ``low``, no letter or digit after."""
         words, end = self._words[kind], len(low)
         for n in self._lengths[kind]:
             stop = at + n
@@ -202,12 +224,47 @@ class Finder:
                 return True
         return False
 
+    def _numeric(self, low: bytes, want_common: bool) -> tuple[bool, bool]:
+        """(a distinctive string of digits and dots is in ``low``, a common one is)."""
+        found = {"distinctive": False, "common": not want_common}
+        wanted = [k for k in found if not found[k] and self._numbers[k]]
+        pos = 0
+        while wanted and self._heads is not None and (m := self._heads.search(low, pos)):
+            s = m.start()
+            pos = s + 1
+            if s and low[s - 1] in _ALNUM:
+                continue  # inside a longer word (the patterns' look-behind)
+            for k in self._numbers_at(low, s):
+                found[k] = True
+            wanted = [k for k in wanted if not found[k]]
+        return found["distinctive"], found["common"] and want_common
+
+    def _numbers_at(self, low: bytes, s: int) -> set[str]:
+        """The kinds of the strings of digits and dots starting at ``s`` in ``low``: each ends at a dot
+        or where the run of digits and dots ends (then with no letter after it)."""
+        b = _RUN.match(low, s).end()
+        run_ends = b == len(low) or low[b] not in _ALNUM
+        kinds: set[str] = set()
+        e = low.find(b".", s, b)
+        while True:
+            stop = b if e < 0 else e
+            piece = low[s:stop]
+            if stop < b or run_ends:
+                kinds.update(k for k, words in self._numbers.items() if piece in words)
+            if e < 0 or piece not in self._prefixes:
+                return kinds  # no known string goes on past this dot
+            e = low.find(b".", e + 1, b)
+
     def kinds(self, data: bytes, *, want_common: bool = True) -> tuple[bool, bool]:
-        """(a distinctive string is in ``data``, a common one is), reading ``data`` once."""
-        if self.both is None:
+        """(a distinctive string is in ``data``, a common one is), reading ``data`` once (and each run
+        of digits and dots once more)."""
+        if self.empty:
             return False, False
         low = data.lower()
-        found_d = found_c = False
+        want_common = want_common and bool(self._all["common"])
+        found_d, found_c = self._numeric(low, want_common)
+        if self.both is None or (found_d and (found_c or not want_common)):
+            return found_d, found_c
         pos = 0
         while m := self.both.search(low, pos):
             at = m.start()
@@ -216,7 +273,7 @@ class Finder:
                 continue  # inside a longer word: not a match (the patterns' look-behind)
             found_d = found_d or self._at("distinctive", low, at)
             found_c = found_c or (want_common and self._at("common", low, at))
-            if found_d and (found_c or not want_common or not self._words["common"]):
+            if found_d and (found_c or not want_common):
                 break
         return found_d, found_c
 

@@ -135,7 +135,7 @@ def _json_fields(data: bytes, rules: Rules) -> list[str]:
 def _nifti_fields(data: bytes, rules: Rules) -> list[str]:
     """The header fields (and extensions) of a NIfTI holding a distinctive string."""
     found = rules.finder.distinctive_in
-    if rules.finder.both is None:
+    if rules.finder.empty:
         return []
     sizes = (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")) if len(data) >= 4 else (0, 0)
     if 540 in sizes and len(data) >= 540:
@@ -252,7 +252,7 @@ def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakH
     """
     root = Path(root)
     rules = identifiers if isinstance(identifiers, Rules) else build_rules(identifiers)
-    if rules.finder.both is None:
+    if rules.finder.empty:
         return []
     hits: list[LeakHit] = []
 
