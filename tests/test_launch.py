@@ -132,3 +132,48 @@ def test_a_server_that_cannot_start_is_named_with_the_fix(home, monkeypatch):
         with prefectserver.serving(server):
             raise AssertionError("never inside")
     assert len(launched) == 3 and server.process is None and "PREFECT_API_URL" not in os.environ
+
+
+ENDED = """
+import atexit, logging, sys, threading, time
+from pathlib import Path
+out = Path(sys.argv[1])
+
+class Freed:
+    def __del__(self):  # runs only in the interpreter's finalisation (module globals freed)
+        (out / "finalised").write_text("yes")
+
+kept = Freed()
+atexit.register(lambda: (out / "atexit").write_text("yes"))
+handler = logging.FileHandler(out / "log.txt")
+logging.getLogger("t").addHandler(handler)
+logging.getLogger("t").warning("the last line")
+threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("yes"))).start()
+print("printed", end="")
+{end}
+"""
+
+
+@pytest.mark.parametrize("end", ["from pacs2bids.launch import end_process; end_process(3)",
+                                 "sys.argv = ['pacs2bids', 'run', str(out / 'missing.yaml')]\n"
+                                 "from pacs2bids.cli import main; sys.exit(main())"])
+def test_the_command_ends_its_process_without_finalisation_and_loses_nothing(tmp_path, end):
+    """After the run returned, the command's process ends with os._exit (issue 12: the interpreter's
+    finalisation took seconds): threads joined, atexit handlers run, logs and streams flushed first."""
+    script = ENDED.replace("{end}", end)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
+    assert done.returncode == (3 if "end_process(3)" in end else launch.EXIT_USAGE), done.stderr[-3000:]
+    assert done.stdout.startswith("printed")
+    assert (tmp_path / "thread").read_text() == "yes" and (tmp_path / "atexit").read_text() == "yes"
+    assert (tmp_path / "log.txt").read_text() == "the last line\n"
+    assert not (tmp_path / "finalised").exists()  # no finalisation: the process ended with os._exit
+    if "cli" in end:
+        assert "missing.yaml" in done.stderr  # the command's message, flushed
+
+
+def test_a_command_called_from_python_returns(tmp_path):
+    """``main(argv)`` (a library call, or under pytest) returns its code: the process goes on."""
+    from pacs2bids import cli
+
+    assert cli.main(["run", str(tmp_path / "missing.yaml")]) == launch.EXIT_USAGE

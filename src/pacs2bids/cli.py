@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
-from .launch import EXIT_FAILED, EXIT_OK, EXIT_USAGE, run_spec
+from .launch import EXIT_FAILED, EXIT_OK, EXIT_USAGE, end_process, run_spec
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -361,13 +361,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return args.func(args)
+        code = args.func(args)
     except SpecError as exc:
         print(f"pacs2bids: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except Pacs2BidsError as exc:
         print(f"pacs2bids: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        code = EXIT_FAILED
+    if argv is None and args.command in ("run", "replicate", "demo") and "pytest" not in sys.modules:
+        end_process(code)  # the command's own process, its run returned: no interpreter finalisation (issue 12)
+    return code
 
 
 if __name__ == "__main__":
