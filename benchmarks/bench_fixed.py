@@ -1,7 +1,7 @@
 """A run's fixed costs beside their floors (issue 12): the query, the leak scan and the lineage tables, in one run.
 
     .venv/bin/python benchmarks/bench_fixed.py [--corpus sample|shared] [--studies N] [--json FILE]
-    .venv/bin/python benchmarks/bench_fixed.py --run [--corpus sample|shared] [--studies N] [--json FILE]
+    .venv/bin/python benchmarks/bench_fixed.py --run [--base COMMIT] [--corpus sample|shared] [--studies N] [--json FILE]
 
 Starts Orthanc on loopback (DICOMweb on), loads the corpus (``benchmarks/e2e_steps.load_corpus``), then times:
 - query: ``pacs2bids.query.find_studies`` of every patient of the corpus, over C-FIND and over QIDO-RS, with the
@@ -21,7 +21,8 @@ Starts Orthanc on loopback (DICOMweb on), loads the corpus (``benchmarks/e2e_ste
 With ``--run``, instead: one ``pacs2bids run`` over DICOMweb of the corpus, taken apart phase by phase
 (``benchmarks/fixed_run.py``: imports, Prefect's server start-up, the flow run's creation, each stage, what the
 flow does besides, the process's end) with Prefect's API requests counted; twice, on a new PREFECT_HOME then on
-the same one again (each run into its own output).
+the same one again (each run into its own output). ``--run --base COMMIT``: after that first run, the commit's
+pacs2bids (exported, first on PYTHONPATH) and this tree's alternate, twice each, on the same PREFECT_HOME.
 """
 
 from __future__ import annotations
@@ -217,15 +218,20 @@ def measure_prefect(tmp: Path) -> dict:
     return out
 
 
-def measure_run(o: Orthanc, corpus, tmp: Path, rounds: tuple[str, ...] = ("first", "again")) -> dict:
+def measure_run(o: Orthanc, corpus, tmp: Path, rounds: tuple[str, ...] = ("first", "again"),
+                base: Path | None = None) -> dict:
     """``fixed_run.py`` in its own process per round (same PREFECT_HOME); the process's wall time and peak RSS
-    from outside, its phases from inside (the difference: interpreter start and exit, the server's stop)."""
+    from outside, its phases from inside (the difference: interpreter start and exit, the server's stop).
+    A round named ``base...`` imports pacs2bids from ``base`` (:func:`e2e_steps.base_package`)."""
     import subprocess
 
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-run"), steps.SECRET_ENV: SECRET.decode(),
            "NIPYPE_NO_ET": "1"}
     out = {}
     for name in rounds:
+        env.pop("PYTHONPATH", None)
+        if name.startswith("base") and base is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(base), *filter(None, [os.environ.get("PYTHONPATH")])])
         spec = steps.write_spec(tmp / f"run-{name}", o, corpus, "dicomweb", 0)
         result = tmp / f"run-{name}.json"
         t = time.perf_counter()
@@ -301,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--studies", type=int, default=0, help="the first N studies only")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--run", action="store_true", help="time one pacs2bids run phase by phase instead")
+    ap.add_argument("--base", metavar="COMMIT", help="with --run: after a first run, this commit's pacs2bids and this "
+                    "tree's, alternating, twice each, on the same PREFECT_HOME")
     args = ap.parse_args(argv)
     root = CORPORA[args.corpus]
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as d:
@@ -315,7 +323,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"corpus: {root}: {corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
                   f"{len(corpus.study_patient)} studies, {len(patients)} patients", flush=True)
             if args.run:
-                runs = measure_run(o, corpus, tmp)
+                base = steps.base_package(args.base, tmp / "base") if args.base else None
+                rounds = ("first", "base", "new", "base 2", "new 2") if base else ("first", "again")
+                runs = measure_run(o, corpus, tmp, rounds, base)
                 print(report_run(runs))
                 if args.json:
                     args.json.write_text(json.dumps({"corpus": args.corpus, "runs": runs}, indent=2))

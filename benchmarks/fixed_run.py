@@ -150,3 +150,7 @@ if __name__ == "__main__":
     out = timed_run(Path(sys.argv[1]))
     Path(sys.argv[2]).write_text(json.dumps(out, indent=2))
     _time_the_exit(exit_marks)
+    from pacs2bids import launch
+
+    if hasattr(launch, "end_process"):  # as `pacs2bids run` ends its process (issue 12); older trees: as they did
+        launch.end_process(0)
