@@ -21,11 +21,12 @@ MIGRATE = "PREFECT_API_DATABASE_MIGRATE_ON_START"
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     for var in (MIGRATE, "PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL",
-                "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL", *launch.REPEAT_START):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
     (tmp_path / "prefect").mkdir()
     yield tmp_path / "prefect"
+    launch._unset_repeat_start()
     os.environ.pop(MIGRATE, None)
 
 
@@ -36,7 +37,11 @@ def test_migrations_are_skipped_only_for_a_database_this_version_migrated(home, 
     launch._record_migrated()
     assert (home / launch.MIGRATED).read_text().strip() == version("prefect")
     assert launch._prefect_defaults() is True and os.environ[MIGRATE] == "false"
-    os.environ.pop(MIGRATE)  # as run_spec does after the run (monkeypatch would restore it)
+    # nor are the block types registered again (loading every Prefect collection: ~1 s of the server's CPU)
+    assert os.environ["PREFECT_API_BLOCKS_REGISTER_ON_START"] == "false"
+    assert os.environ["PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION"] == "false"
+    launch._unset_repeat_start()  # as run_spec does after the run (monkeypatch would restore it)
+    assert not set(launch.REPEAT_START) & set(os.environ)
     (home / launch.MIGRATED).write_text("0.0.1\n")  # another Prefect version migrated it
     assert launch._prefect_defaults() is False and MIGRATE not in os.environ
     launch._record_migrated()

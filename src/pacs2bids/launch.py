@@ -35,11 +35,28 @@ def _prefect_defaults() -> bool:
     marker = _migrated_marker()
     if marker is not None and marker.is_file() and marker.read_text().strip() == _prefect_version():
         # this Prefect version has already brought the database up to date: its ephemeral server
-        # need not run the migrations again (a third of its start-up on a small machine)
+        # need not run the migrations again (a third of its start-up on a small machine), nor register
+        # the block types again (loading every Prefect collection to see whether they changed: about
+        # 1 s of the server's CPU; a block saved later registers its own type)
         if "PREFECT_API_DATABASE_MIGRATE_ON_START" not in os.environ:
-            os.environ["PREFECT_API_DATABASE_MIGRATE_ON_START"] = "false"
+            for name, value in REPEAT_START.items():
+                if name not in os.environ:
+                    os.environ[name] = value
+                    _SET_FOR_THE_RUN.add(name)
             return True
     return False
+
+
+#: Prefect's settings for a repeated start on a database this Prefect version migrated (:func:`_prefect_defaults`).
+REPEAT_START = {"PREFECT_API_DATABASE_MIGRATE_ON_START": "false", "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+                "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}
+_SET_FOR_THE_RUN: set[str] = set()
+
+
+def _unset_repeat_start() -> None:
+    """Unset what :func:`_prefect_defaults` set for one run (another PREFECT_HOME in this process may be new)."""
+    while _SET_FOR_THE_RUN:
+        os.environ.pop(_SET_FOR_THE_RUN.pop(), None)
 
 
 def _prefect_version() -> str:
@@ -83,7 +100,7 @@ def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False,
         return _run(spec_path, as_json, replicate, late_days)
     finally:
         if skips_migrations:  # for this run only: another PREFECT_HOME in this process may be new
-            os.environ.pop("PREFECT_API_DATABASE_MIGRATE_ON_START", None)
+            _unset_repeat_start()
 
 
 def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None) -> int:
