@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pacs2bids.pacs import dicomweb
 from pacs2bids.pacs.dicomweb import _boundary, _multipart_parts
 from pacs2bids.errors import PacsError
 
@@ -44,10 +45,18 @@ def read(answer: Answer, folder: Path) -> list[bytes]:
     for p in parts:  # the checksum and size taken while writing are those of the file
         data = p.path.read_bytes()
         assert (p.sha256, p.size) == (hashlib.sha256(data).hexdigest(), len(data))
+        # the bytes held in memory (parts up to MEMORY_PART) and the head are the file's
+        assert p.data == (data if len(data) <= dicomweb.MEMORY_PART else None)
+        assert p.head == data[:dicomweb.HEAD]
     return [p.path.read_bytes() for p in parts]
 
 
-def test_every_split_position_of_a_two_part_body(tmp_path):
+@pytest.mark.parametrize("memory_part", [1 << 20, 0, len(P2) - 1, len(P1)])
+def test_every_split_position_of_a_two_part_body(tmp_path, monkeypatch, memory_part):
+    """Whether a part is held in memory (its bytes handed over with it), or too large for that
+    (written as it streams) from its first byte or from some byte in the middle of a chunk, every
+    split of the answer gives the same parts, files, checksums and heads."""
+    monkeypatch.setattr(dicomweb, "MEMORY_PART", memory_part)
     data = body(P1, P2)
     for i in range(len(data) + 1):
         assert read(Answer([data[:i], data[i:]]), tmp_path / "in") == [P1, P2], f"split at byte {i}"
