@@ -11,6 +11,7 @@ with a ``.reason.txt``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import io
@@ -78,7 +79,7 @@ def _pixels_close(syntax: UID | None, path: Path, stopped_at: int, size: int, da
     Delimitation Item (encapsulated, PS3.5 A.4). False when it cannot tell (no pixels, little
     endian not used, something after them, the pattern met inside the pixels): the whole check
     decides then. ``data``: the file's bytes, when its writer held them (the file is not opened)."""
-    if syntax is None or not syntax.is_little_endian or syntax.is_deflated or size - stopped_at < 16:
+    if syntax is None or not _plain_le(syntax) or size - stopped_at < 16:
         return False
     if data is not None:
         return _tail_closes(syntax, data, stopped_at, size)
@@ -86,11 +87,21 @@ def _pixels_close(syntax: UID | None, path: Path, stopped_at: int, size: int, da
         return _tail_closes(syntax, mapped, stopped_at, size)
 
 
+@functools.lru_cache(maxsize=64)
+def _plain_le(syntax: UID) -> bool:
+    return syntax.is_little_endian and not syntax.is_deflated
+
+
+@functools.lru_cache(maxsize=64)
+def _patterns(syntax: UID) -> tuple[bytes, ...]:
+    """The Pixel Data element's header up to its length: explicit VR: OW or OB, two reserved
+    bytes (then a 4-byte length); implicit VR: the length at once."""
+    return (_PIXEL_DATA,) if syntax.is_implicit_VR else (_PIXEL_DATA + b"OW\0\0", _PIXEL_DATA + b"OB\0\0")
+
+
 def _tail_closes(syntax: UID, data, stopped_at: int, size: int) -> bool:
     """:func:`_pixels_close` on the file's bytes (``bytes`` or ``mmap``)."""
-    # explicit VR: OW or OB, two reserved bytes, a 4-byte length; implicit VR: the length at once
-    patterns = [_PIXEL_DATA] if syntax.is_implicit_VR else [_PIXEL_DATA + b"OW\0\0", _PIXEL_DATA + b"OB\0\0"]
-    for pattern in patterns:
+    for pattern in _patterns(syntax):
         at = data.rfind(pattern, stopped_at)
         if at < 0 or at + len(pattern) + 4 > size:
             continue

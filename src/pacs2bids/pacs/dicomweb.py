@@ -324,6 +324,17 @@ class _PartWriter:
         os.unlink(self.path)
 
 
+def _declared_length(headers: bytes) -> int:
+    """The Content-Length a part's headers declare (Orthanc sends it), or -1. Used only where the
+    delimiter is found right after that many bytes, in the bytes at hand; otherwise the body is
+    searched for the delimiter (RFC 2046 needs no Content-Length)."""
+    k = headers.lower().find(b"content-length:")
+    if k < 0:
+        return -1
+    value = headers[k + 15:].split(b"\r\n", 1)[0].strip()
+    return int(value) if value.isdigit() else -1
+
+
 def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:
     """Split a multipart/related body (RFC 2046 5.1) into files while it streams; each
     :class:`Part` carries the SHA-256 and size of its file, taken as it was written, and its
@@ -335,7 +346,7 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
     boundary = _boundary(response.headers.get("Content-Type", ""))
     delim = b"\r\n--" + boundary
     prefix = os.path.join(incoming, f"{uuid.uuid4().hex[:12]}-")  # one name per part, no mkstemp per file
-    count = 0
+    count, length = 0, -1
     buf, at = b"", 0  # unread bytes: buf[at:] (an index, not slices: a chunk holds many small parts)
     state = "preamble"
     out: _PartWriter | None = None
@@ -355,12 +366,14 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
                 i = buf.find(b"\r\n\r\n", at)
                 if i < 0:
                     break
-                at = i + 4
+                length, at = _declared_length(buf[at:i]), i + 4
                 count += 1
                 out = _PartWriter(f"{prefix}{count}.part")
                 state = "body"
-            else:
-                i = buf.find(delim, at)
+            else:  # where the part's Content-Length puts its delimiter, when it is there: no scan of its bytes
+                i = at + length if length >= 0 and out.size == 0 and buf.startswith(delim, at + length) else -1
+                if i < 0:
+                    i = buf.find(delim, at)
                 if i < 0:
                     end = len(buf) - len(delim)  # the delimiter may begin in these last bytes
                     if end > at:
