@@ -49,7 +49,7 @@ class Part:
     path: Path
     sha256: str
     size: int
-    head: bytes = b""  # its first HEAD bytes (all of it when shorter): the sink checks them in memory
+    head: bytes = b""  # its first HEAD bytes, when not held whole in data: the sink checks them in memory
     data: bytes | None = None  # all of it, when at most MEMORY_PART: the sink checks it without opening the file
 
 
@@ -314,8 +314,7 @@ class _PartWriter:
         data = None
         if self.held is not None:
             data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
-            self._write(data)
-            self.head = data[:HEAD]
+            self._write(data)  # its head is in data: not copied
         os.close(self.fd)
         return Part(Path(self.path), self.hash.hexdigest(), self.size, self.head, data)
 
