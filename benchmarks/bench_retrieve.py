@@ -15,6 +15,8 @@ study (files written) beside ``retrieve_study`` over C-GET with ``max_associatio
 the floor's time over ours (1.0: as fast as the floor); goals 0.8 (DICOMweb) and 0.9 (C-GET).
 ``--base COMMIT``: each round times the floor, then pacs2bids at COMMIT and this tree, each in a
 child process (same Orthanc, one after the other): before and after in one run.
+``--receive [--rounds N]``: the WADO-RS receive path alone, without a server (``receive``); run it
+with ``PYTHONPATH`` set to an older tree to compare.
 """
 
 from __future__ import annotations
@@ -175,6 +177,60 @@ def floors(root: Path, tmp: Path, methods: list[str], base: Path | None = None,
         return [(m, f, o) for m, f, o, _c in got]
 
 
+def receive(root: Path, rounds: int) -> None:
+    """The WADO-RS receive path alone, no server: every study of ``root`` as one multipart answer
+    in memory (parts with their Content-Length, as Orthanc sends them), fed in 1 MiB chunks
+    through the reader thread, the study router and the series sinks into files, as
+    ``retrieve_study`` does. Prints wall and CPU seconds per round: our own cost, without the
+    transfer's."""
+    import io
+
+    import pydicom
+
+    from pacs2bids.pacs import dicomweb
+    from pacs2bids.pacs.transport import _take
+    from pacs2bids.retrieve import StudySink
+    from pacs2bids.sink import SeriesSink
+
+    boundary, studies = "bench-boundary", {}
+    for _path, data in iter_dicom_bytes(root):
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        if ds.get("StudyInstanceUID") and ds.get("SeriesInstanceUID"):
+            studies.setdefault(str(ds.StudyInstanceUID), []).append((str(ds.SeriesInstanceUID), data))
+
+    class Answer:
+        headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+        def __init__(self, items):
+            self.body = b"".join([f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: {len(d)}"
+                                  f"\r\n\r\n".encode() + d + b"\r\n" for _se, d in items] + [f"--{boundary}--".encode()])
+
+        def iter_content(self, n):
+            yield from (self.body[i:i + n] for i in range(0, len(self.body), n))
+
+        def close(self):
+            pass
+
+    answers = {uid: Answer(items) for uid, items in studies.items()}
+    print(f"receive path: {sum(map(len, studies.values()))} instances, {len(studies)} studies of {root}", flush=True)
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for k, (uid, items) in enumerate(studies.items()):
+                sinks = {}
+                for n, se in enumerate(sorted({se for se, _d in items})):
+                    (Path(tmp) / f"{k}" / f"{n}").mkdir(parents=True)
+                    sinks[se] = SeriesSink(b"k" * 32, uid, se, Path(tmp) / f"{k}" / f"{n}", Path(tmp) / "q",
+                                           transport="wado-rs")
+                router, answer = StudySink(uid, sinks, {se: None for se in sinks}), answers[uid]
+                for part in dicomweb._read_ahead(dicomweb._multipart_parts(answer, Path(tmp)), answer):
+                    _take(router, part)
+                for sink in sinks.values():
+                    sink.save()
+            print(f"round {r}: wall {time.perf_counter() - t0:.2f} s, CPU {time.process_time() - c0:.2f} s", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sample", action="store_true", help="use the bundled sample even if the corpus is there")
@@ -184,9 +240,13 @@ def main(argv=None) -> int:
                     "round in child processes alternating with this tree")
     ap.add_argument("--rounds", type=int, default=1, help="with --floors: rounds of floor, (base,) ours")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--receive", action="store_true", help="the WADO-RS receive path alone, no server (--rounds)")
     args = ap.parse_args(argv)
     if args.child:
         return _child(args.child)
+    if args.receive:
+        receive(SAMPLE if args.sample or not CORPUS.is_dir() else CORPUS, args.rounds)
+        return 0
     if args.floors:
         roots = [SAMPLE] if args.sample or not CORPUS.is_dir() else [CORPUS, SAMPLE]
         methods = [m for m in ("wado-rs", "c-get") if m in args.only.split(",")]
