@@ -6,18 +6,24 @@ instances/s and the ratio to dcmtk (getscu for C-GET and WADO-RS, movescu for C-
 is the retrieval's (``retrieve_study`` of every study), the query before it is not counted.
 
     python benchmarks/bench_retrieve.py [--sample] [--only c-get,wado-rs,...]
-    python benchmarks/bench_retrieve.py --floors [--sample]
+    python benchmarks/bench_retrieve.py --floors [--sample] [--only wado-rs] [--base COMMIT --rounds N]
 
 ``--floors`` sets our retrieval beside its floors (issue 12), in one process, on the corpus and
 then on the sample (``--sample``: the sample alone): raw WADO-RS of every study (bytes read and
 dropped) beside ``retrieve_study`` over DICOMweb, and one pynetdicom association C-GETting every
 study (files written) beside ``retrieve_study`` over C-GET with ``max_associations: 1``. Ratio:
 the floor's time over ours (1.0: as fast as the floor); goals 0.8 (DICOMweb) and 0.9 (C-GET).
+``--base COMMIT``: each round times the floor, then pacs2bids at COMMIT and this tree, each in a
+child process (same Orthanc, one after the other): before and after in one run.
+``--receive [--rounds N]``: the WADO-RS receive path alone, without a server (``receive``); run it
+with ``PYTHONPATH`` set to an older tree to compare.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOALS = {"wado-rs": 0.8, "c-get": 0.9}  # issue 12: our throughput over the floor's
 CORPUS = REPO.parent / "shared" / "data" / "dicom"
 SAMPLE = REPO / "src" / "pacs2bids" / "data" / "sample"
+CPU: dict[str, float] = {}  # method -> CPU seconds of the last run_ours
 
 
 def load(o: Orthanc, root: Path) -> tuple[list[str], list[str]]:
@@ -77,16 +84,17 @@ def run_ours(o: Orthanc, method: str, pids: list[str], work: Path, move_port: in
                                     "  modalities: []\noutput: out\n")
     spec = load_spec(work / "spec.yaml", environ={"PACS2BIDS_PROJECT_SECRET": "b" * 32})
     studies = find_studies(spec).studies
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     statuses: dict[str, int] = {}
     for study in studies:
         for r in retrieve_study(spec, study, work / "raw"):
             statuses[r.status] = statuses.get(r.status, 0) + 1
     if set(statuses) != {"complete"}:
         print(f"warning: pacs2bids {method}: series {statuses}", file=sys.stderr)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     close_pools()
     n, size = tree_size(work / "raw")
+    CPU[method] = cpu  # this process's CPU (every thread) for the retrieval: steadier than the wall under load
     return elapsed, n, size
 
 
@@ -110,29 +118,117 @@ def run_dcmtk(o: Orthanc, tool: str, studies: list[str], work: Path) -> tuple[fl
     return elapsed, len(files), sum(p.stat().st_size for p in files)
 
 
-def floors(root: Path, tmp: Path) -> list[tuple[str, float, float]]:
+def run_ours_in(code: Path | None, o: Orthanc, method: str, pids: list[str], work: Path) -> tuple[float, int, int]:
+    """:func:`run_ours` in a child process, importing pacs2bids from ``code`` (an older tree,
+    ``e2e_steps.base_package``) or, when None, the installed one; both children alike."""
+    job = work.with_suffix(".json")
+    job.write_text(json.dumps({"url": o.dicomweb_url, "aet": o.aet, "port": o.dicom_port, "method": method,
+                               "pids": pids, "work": str(work), "move_port": free_port()}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code or ""), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, __file__, "--child", str(job)], env=env, capture_output=True, text=True,
+                          timeout=3600)
+    if done.returncode:
+        raise RuntimeError(f"bench child failed: {done.stderr[-2000:]}")
+    elapsed, n, size, CPU[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    return elapsed, n, size
+
+
+def _child(job: Path) -> int:
+    from types import SimpleNamespace
+
+    j = json.loads(job.read_text())
+    o = SimpleNamespace(dicomweb_url=j["url"], aet=j["aet"], dicom_port=j["port"])
+    print(json.dumps([*run_ours(o, j["method"], j["pids"], Path(j["work"]), j["move_port"]), CPU[j["method"]]]))
+    return 0
+
+
+def floors(root: Path, tmp: Path, methods: list[str], base: Path | None = None,
+           rounds: int = 1) -> list[tuple[str, float, float]]:
     """Our retrieval beside its floors on one Orthanc holding ``root``; prints and returns
-    (transport, floor seconds, our seconds)."""
+    (transport, floor seconds, our seconds). With ``base`` (an older pacs2bids tree), each
+    round times the floor, then the base and this tree in child processes, one after the other."""
     with Orthanc(workdir=tmp / "orthanc") as o:
         corpus = steps.load_corpus(o, root, 1)
         print(f"data: {root} ({corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
               f"{len(corpus.study_patient)} studies) on Orthanc {o.get('/system')['Version']}", flush=True)
         got = []
-        for method in ("wado-rs", "c-get"):
-            if method == "wado-rs":
-                floor_s, _ = steps.wado_floor(o, corpus)
-            else:
-                floor_s, _ = steps.cget_floor(o, corpus, tmp / "c-get-floor")
-            ours_s, n, size = run_ours(o, method, corpus.patients, tmp / method, free_port())
-            if n != corpus.instances:
-                print(f"warning: pacs2bids {method} wrote {n} of {corpus.instances} instances", file=sys.stderr)
-            got.append((method, floor_s, ours_s))
-        print(f"{'transport':<10} {'floor s':>8} {'ours s':>8} {'ours MB/s':>9} {'x floor':>8}  goal")
-        for method, floor_s, ours_s in got:
-            ratio = floor_s / ours_s
-            print(f"{method:<10} {floor_s:8.2f} {ours_s:8.2f} {corpus.size / 1e6 / ours_s:9.1f} {ratio:8.2f}  "
-                  f">= {GOALS[method]} {'PASS' if ratio >= GOALS[method] else 'MISS'}", flush=True)
-        return got
+        for r in range(rounds):
+            for method in methods:
+                if method == "wado-rs":
+                    floor_s, _ = steps.wado_floor(o, corpus)
+                else:
+                    floor_s, _ = steps.cget_floor(o, corpus, tmp / f"c-get-floor-{r}")
+                codes = [("base", base), ("ours", None)] if base else [("ours", False)]
+                for label, code in codes:
+                    work = tmp / f"{method}-{label}-{r}"
+                    if code is False:
+                        ours_s, n, size = run_ours(o, method, corpus.patients, work, free_port())
+                    else:
+                        ours_s, n, size = run_ours_in(code, o, method, corpus.patients, work)
+                    if n != corpus.instances:
+                        print(f"warning: {label} {method} wrote {n} of {corpus.instances} instances", file=sys.stderr)
+                    got.append((method if label == "ours" else f"{method} (base)", floor_s, ours_s, CPU[method]))
+                    shutil.rmtree(work, ignore_errors=True)
+        print(f"{'transport':<16} {'floor s':>8} {'ours s':>8} {'ours CPU s':>10} {'ours MB/s':>9} {'x floor':>8}  goal")
+        for method, floor_s, ours_s, cpu in got:
+            ratio, goal = floor_s / ours_s, GOALS[method.split()[0]]
+            print(f"{method:<16} {floor_s:8.2f} {ours_s:8.2f} {cpu:10.2f} {corpus.size / 1e6 / ours_s:9.1f} "
+                  f"{ratio:8.2f}  >= {goal} {'PASS' if ratio >= goal else 'MISS'}", flush=True)
+        return [(m, f, o) for m, f, o, _c in got]
+
+
+def receive(root: Path, rounds: int) -> None:
+    """The WADO-RS receive path alone, no server: every study of ``root`` as one multipart answer
+    in memory (parts with their Content-Length, as Orthanc sends them), fed in 1 MiB chunks
+    through the reader thread, the study router and the series sinks into files, as
+    ``retrieve_study`` does. Prints wall and CPU seconds per round: our own cost, without the
+    transfer's."""
+    import io
+
+    import pydicom
+
+    from pacs2bids.pacs import dicomweb
+    from pacs2bids.pacs.transport import _take
+    from pacs2bids.retrieve import StudySink
+    from pacs2bids.sink import SeriesSink
+
+    boundary, studies = "bench-boundary", {}
+    for _path, data in iter_dicom_bytes(root):
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+        if ds.get("StudyInstanceUID") and ds.get("SeriesInstanceUID"):
+            studies.setdefault(str(ds.StudyInstanceUID), []).append((str(ds.SeriesInstanceUID), data))
+
+    class Answer:
+        headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+
+        def __init__(self, items):
+            self.body = b"".join([f"--{boundary}\r\nContent-Type: application/dicom\r\nContent-Length: {len(d)}"
+                                  f"\r\n\r\n".encode() + d + b"\r\n" for _se, d in items] + [f"--{boundary}--".encode()])
+
+        def iter_content(self, n):
+            yield from (self.body[i:i + n] for i in range(0, len(self.body), n))
+
+        def close(self):
+            pass
+
+    answers = {uid: Answer(items) for uid, items in studies.items()}
+    print(f"receive path: {sum(map(len, studies.values()))} instances, {len(studies)} studies of {root}", flush=True)
+    for r in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="bench-receive-") as tmp:
+            t0, c0 = time.perf_counter(), time.process_time()
+            for k, (uid, items) in enumerate(studies.items()):
+                sinks = {}
+                for n, se in enumerate(sorted({se for se, _d in items})):
+                    (Path(tmp) / f"{k}" / f"{n}").mkdir(parents=True)
+                    sinks[se] = SeriesSink(b"k" * 32, uid, se, Path(tmp) / f"{k}" / f"{n}", Path(tmp) / "q",
+                                           transport="wado-rs")
+                router, answer = StudySink(uid, sinks, {se: None for se in sinks}), answers[uid]
+                for part in dicomweb._read_ahead(dicomweb._multipart_parts(answer, Path(tmp)), answer):
+                    _take(router, part)
+                for sink in sinks.values():
+                    sink.save()
+            print(f"round {r}: wall {time.perf_counter() - t0:.2f} s, CPU {time.process_time() - c0:.2f} s", flush=True)
 
 
 def main(argv=None) -> int:
@@ -140,12 +236,24 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", action="store_true", help="use the bundled sample even if the corpus is there")
     ap.add_argument("--only", default="c-get,c-move,wado-rs", help="methods of ours to run")
     ap.add_argument("--floors", action="store_true", help="our retrieval beside raw WADO-RS and one-association C-GET")
+    ap.add_argument("--base", metavar="COMMIT", help="with --floors: also time pacs2bids at this commit, each "
+                    "round in child processes alternating with this tree")
+    ap.add_argument("--rounds", type=int, default=1, help="with --floors: rounds of floor, (base,) ours")
+    ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--receive", action="store_true", help="the WADO-RS receive path alone, no server (--rounds)")
     args = ap.parse_args(argv)
+    if args.child:
+        return _child(args.child)
+    if args.receive:
+        receive(SAMPLE if args.sample or not CORPUS.is_dir() else CORPUS, args.rounds)
+        return 0
     if args.floors:
         roots = [SAMPLE] if args.sample or not CORPUS.is_dir() else [CORPUS, SAMPLE]
+        methods = [m for m in ("wado-rs", "c-get") if m in args.only.split(",")]
         for root in roots:
             with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp:
-                floors(root, Path(tmp))
+                base = steps.base_package(args.base, Path(tmp) / "base") if args.base else None
+                floors(root, Path(tmp), methods, base, args.rounds)
         return 0
     root = SAMPLE if args.sample or not CORPUS.is_dir() else CORPUS
     if not shutil.which("getscu"):

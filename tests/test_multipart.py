@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pacs2bids.pacs import dicomweb
 from pacs2bids.pacs.dicomweb import _boundary, _multipart_parts
 from pacs2bids.errors import PacsError
 
@@ -44,10 +45,18 @@ def read(answer: Answer, folder: Path) -> list[bytes]:
     for p in parts:  # the checksum and size taken while writing are those of the file
         data = p.path.read_bytes()
         assert (p.sha256, p.size) == (hashlib.sha256(data).hexdigest(), len(data))
+        # the bytes held in memory (parts up to MEMORY_PART) and the head are the file's
+        assert p.data == (data if len(data) <= dicomweb.MEMORY_PART else None)
+        assert (p.data or p.head)[:dicomweb.HEAD] == data[:dicomweb.HEAD]
     return [p.path.read_bytes() for p in parts]
 
 
-def test_every_split_position_of_a_two_part_body(tmp_path):
+@pytest.mark.parametrize("memory_part", [1 << 20, 0, len(P2) - 1, len(P1)])
+def test_every_split_position_of_a_two_part_body(tmp_path, monkeypatch, memory_part):
+    """Whether a part is held in memory (its bytes handed over with it), or too large for that
+    (written as it streams) from its first byte or from some byte in the middle of a chunk, every
+    split of the answer gives the same parts, files, checksums and heads."""
+    monkeypatch.setattr(dicomweb, "MEMORY_PART", memory_part)
     data = body(P1, P2)
     for i in range(len(data) + 1):
         assert read(Answer([data[:i], data[i:]]), tmp_path / "in") == [P1, P2], f"split at byte {i}"
@@ -170,3 +179,44 @@ def test_a_caller_stopping_early_leaves_no_file_and_no_reader(tmp_path):
             raise RuntimeError("the caller failed")
     assert not list(tmp_path.iterdir())
     assert not [t for t in threading.enumerate() if t.name == "wado-rs-reader"]
+
+
+def body_with_lengths(lengths: list[int | str], *parts: bytes) -> bytes:
+    out = b"preamble\r\n"
+    for n, p in zip(lengths, parts):
+        out += f"--{B}\r\nContent-Type: application/dicom\r\nContent-length: {n}\r\n\r\n".encode() + p + b"\r\n"
+    return out + f"--{B}--\r\n".encode()
+
+
+@pytest.mark.parametrize("lengths", [[len(P1), len(P2)], [len(P1) - 1, len(P2) + 1], [0, 10 ** 6], ["x", " 7 "],
+                                     [len(P1) + len(P2), 1]])
+def test_a_parts_content_length_is_used_only_where_its_delimiter_is(tmp_path, lengths):
+    """Orthanc declares each part's Content-Length: the reader jumps to the delimiter there
+    instead of searching the part's bytes for it. A length that does not land on a delimiter
+    (wrong, malformed, beyond the bytes at hand) is not trusted: the bytes are searched, and
+    every split of the answer gives the same parts."""
+    data = body_with_lengths(lengths, P1, P2)
+    for i in range(len(data) + 1):
+        assert read(Answer([data[:i], data[i:]]), tmp_path / "in") == [P1, P2], f"split at byte {i}"
+
+
+def test_a_declared_length_spares_the_search_of_the_part(tmp_path):
+    """With the right Content-Length and the part at hand, its bytes are not searched for the
+    delimiter; with a wrong one they are."""
+    big = b"x" * 100_000
+    searched = []
+
+    class Bytes(bytes):
+        def find(self, sub, *args):
+            searched.append(sub)
+            return super().find(sub, *args)
+
+    class Once(Answer):
+        def iter_content(self, chunk_size):
+            yield Bytes(self.chunks[0])
+
+    delim = f"\r\n--{B}".encode()
+    assert read(Once([body_with_lengths([len(big), len(P2)], big, P2)]), tmp_path / "in") == [big, P2]
+    assert delim not in searched
+    assert read(Once([body_with_lengths([len(big) - 1, len(P2)], big, P2)]), tmp_path / "in") == [big, P2]
+    assert searched.count(delim) == 1

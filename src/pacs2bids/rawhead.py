@@ -113,7 +113,13 @@ def walk_head(buf: bytes) -> tuple[UID, dict[int, str], int]:
         at += length
     if len(found) < 3 or not all(found.values()) or any("\\" in v for v in found.values()):
         raise Undecided()
-    return UID(syntax), found, start
+    return _uid(syntax), found, start
+
+
+@functools.lru_cache(maxsize=64)
+def _uid(syntax: str) -> UID:
+    """``UID(syntax)``, made once per transfer syntax (pydicom's UID checks its value)."""
+    return UID(syntax)
 
 
 @functools.lru_cache(maxsize=64)

@@ -192,9 +192,10 @@ class StudySink:
         self._whole: set[str] = set()
 
     def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
-                 sha256: str | None = None, size: int | None = None, head: bytes | None = None) -> int:
+                 sha256: str | None = None, size: int | None = None, head: bytes | None = None,
+                 data: bytes | None = None) -> int:
         try:
-            uids = check_payload(path, head)
+            uids = check_payload(path, head, data)
         except Exception:  # not readable: the series fetch that follows decides (quarantine)
             uids = None
         sink = self.sinks.get(uids[2]) if uids is not None and uids[1] == self.study_uid else None
@@ -202,7 +203,8 @@ class StudySink:
             self.dropped += 1
             log.debug("a payload of a study-level retrieval could not be routed to a series: left to the series")
             return 0xC000
-        status = sink(path, sop_class_uid, sop_instance_uid, sha256=sha256, size=size, head=head, uids=uids)
+        status = sink(path, sop_class_uid, sop_instance_uid, sha256=sha256, size=size, head=head, uids=uids,
+                      data=data)
         want = self.announced.get(uids[2])
         with sink.lock:
             whole = bool(status == 0x0000 and want and sink.stored >= want and uids[2] not in self._whole)

@@ -17,8 +17,8 @@ import hashlib
 import logging
 import os
 import queue
-import tempfile
 import threading
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 500
 HEAD = 1 << 16  # bytes of each part kept in memory for the sink's check (pacs2bids.sink._HEAD_BYTES)
+MEMORY_PART = 1 << 20  # a part up to this size is also handed over whole in memory (at most 64 read ahead)
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
 
@@ -48,7 +49,8 @@ class Part:
     path: Path
     sha256: str
     size: int
-    head: bytes = b""  # its first HEAD bytes (all of it when shorter): the sink checks them in memory
+    head: bytes = b""  # its first HEAD bytes, when not held whole in data: the sink checks them in memory
+    data: bytes | None = None  # all of it, when at most MEMORY_PART: the sink checks it without opening the file
 
 
 def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
@@ -279,40 +281,76 @@ def _boundary(content_type: str) -> bytes:
 
 
 class _PartWriter:
-    """A part's temporary file, hashed and counted as it is written."""
+    """A part's temporary file, created once (``os.open``, no Python file object), hashed and
+    counted as it is written. Its first bytes are held in memory (:class:`Part`), all of them
+    while they fit in ``MEMORY_PART``: each part is then written with one ``os.write`` and
+    hashed in one call (hashlib releases the interpreter lock on such buffers)."""
 
-    def __init__(self, incoming: Path):
-        fd, name = tempfile.mkstemp(suffix=".part", dir=incoming)
-        self.file, self.path = os.fdopen(fd, "wb"), Path(name)
-        self.hash, self.size, self.head = hashlib.sha256(), 0, b""
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        self.hash, self.size, self.held = hashlib.sha256(), 0, []  # held: the bytes not written yet
+        self.head = b""
 
-    def write(self, data: memoryview) -> None:
-        if self.size < HEAD:
-            self.head += data[:HEAD - self.size]
-        self.file.write(data)
-        self.hash.update(data)
+    def add(self, data: bytes) -> None:
+        """Take the next bytes of the part (a slice of the reader's buffer, already a copy)."""
         self.size += len(data)
+        if self.held is not None:
+            self.held.append(data)
+            if self.size <= MEMORY_PART:
+                return
+            data, self.held, self.head = b"".join(self.held), None, b""  # too large to hold: streamed from now on
+        if len(self.head) < HEAD:
+            self.head += data[:HEAD - len(self.head)]
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        self.hash.update(data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
 
     def close(self) -> Part:
-        self.file.close()
-        return Part(self.path, self.hash.hexdigest(), self.size, self.head)
+        data = None
+        if self.held is not None:
+            data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
+            self._write(data)  # its head is in data: not copied
+        os.close(self.fd)
+        return Part(Path(self.path), self.hash.hexdigest(), self.size, self.head, data)
+
+    def discard(self) -> None:
+        os.close(self.fd)
+        os.unlink(self.path)
+
+
+def _declared_length(headers: bytes) -> int:
+    """The Content-Length a part's headers declare (Orthanc sends it), or -1. Used only where the
+    delimiter is found right after that many bytes, in the bytes at hand; otherwise the body is
+    searched for the delimiter (RFC 2046 needs no Content-Length)."""
+    k = headers.lower().find(b"content-length:")
+    if k < 0:
+        return -1
+    value = headers[k + 15:].split(b"\r\n", 1)[0].strip()
+    return int(value) if value.isdigit() else -1
 
 
 def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:
     """Split a multipart/related body (RFC 2046 5.1) into files while it streams; each
-    :class:`Part` carries the SHA-256 and size of its file, taken as it was written.
+    :class:`Part` carries the SHA-256 and size of its file, taken as it was written, and its
+    bytes when they fit in ``MEMORY_PART``.
 
     Raises :class:`PacsError` (transient: a retry may get it whole) when the body ends before
     its close delimiter ``--boundary--``, in an instance or between two: parts already
     yielded are whole, what was cut is not kept."""
     boundary = _boundary(response.headers.get("Content-Type", ""))
     delim = b"\r\n--" + boundary
+    prefix = os.path.join(incoming, f"{uuid.uuid4().hex[:12]}-")  # one name per part, no mkstemp per file
+    count, length = 0, -1
     buf, at = b"", 0  # unread bytes: buf[at:] (an index, not slices: a chunk holds many small parts)
     state = "preamble"
     out: _PartWriter | None = None
     for data in response.iter_content(chunk):
         buf, at = (buf[at:] + data if at < len(buf) else data), 0
-        view = memoryview(buf)
         while True:
             if state == "preamble":
                 i = buf.find(b"--" + boundary, at)
@@ -327,24 +365,27 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
                 i = buf.find(b"\r\n\r\n", at)
                 if i < 0:
                     break
-                at = i + 4
-                out = _PartWriter(incoming)
+                length, at = _declared_length(buf[at:i]), i + 4
+                count += 1
+                out = _PartWriter(f"{prefix}{count}.part")
                 state = "body"
-            else:
-                i = buf.find(delim, at)
+            else:  # where the part's Content-Length puts its delimiter, when it is there: no scan of its bytes
+                i = at + length if length >= 0 and out.size == 0 and buf.startswith(delim, at + length) else -1
+                if i < 0:
+                    i = buf.find(delim, at)
                 if i < 0:
                     end = len(buf) - len(delim)  # the delimiter may begin in these last bytes
                     if end > at:
-                        out.write(view[at:end])
+                        out.add(buf[at:end])
                         at = end
                     break
-                out.write(view[at:i])
+                out.add(buf[at:i])
                 part, out = out.close(), None
                 at = i + len(delim)
                 state = "headers"
                 yield part
     if out is not None:
-        out.close().path.unlink(missing_ok=True)
+        out.discard()
         raise PacsError("WADO-RS answer ended in the middle of an instance, before its closing boundary: the "
                         "connection was cut; a retry fetches what is missing", transient=True)
     if state == "preamble":
