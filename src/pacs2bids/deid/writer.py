@@ -24,6 +24,8 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32 as LONG_VRS  # 4-byte length (PS3.5 7.1.2)
 
+from .context import str_of
+
 _SHORT = Struct("<HH2sH")  # tag, VR, 2-byte length
 _LONG = Struct("<HH2sHL")  # tag, VR, reserved, 4-byte length
 _UL = Struct("<L")
@@ -88,8 +90,8 @@ def _fast(ds: Dataset, meta, ts) -> bool:
         return False
     if any(t >> 16 in (0, 2) for t in ds._dict) or len(getattr(ds, "preamble", None) or b"\x00" * 128) != 128:
         return False
-    for meta_kw, ds_kw in (("MediaStorageSOPClassUID", "SOPClassUID"), ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
-        held, own = meta.get(meta_kw), ds.get(ds_kw)
+    for meta_kw, ds_tag in (("MediaStorageSOPClassUID", 0x00080016), ("MediaStorageSOPInstanceUID", 0x00080018)):
+        held, own = meta.get(meta_kw), str_of(ds, ds_tag)  # read from the bytes: left raw
         if held is None or (own and own != held):
             return False
     return True
