@@ -112,6 +112,34 @@ def test_action_z_on_bytes_gives_what_pydicom_gives(vr):
     assert a.notes == b.notes
 
 
+BINARY_FORMS = [b"\x80\x01 1.2.3.4.5.6.7.8.9 \xff\x00", b"\x80\x01 1.2.3.4.5.6.7.8.9 \xff\x00\x00", b"\x80 PLANTED-ID-7731 at 20230417 \x00", b"plain ascii 20230417",
+                b"\x80\x01\x02", b"", b"\x81 1.2.840.10008.5.1.4.1.1.4 \x00", b"\x90 20230417\\20230418 \x00\x00"]
+
+
+@pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))
+@pytest.mark.parametrize("private", [False, True])
+@pytest.mark.parametrize("vr", ["OB", "OW"])
+@pytest.mark.parametrize("raw", BINARY_FORMS)
+def test_binary_values_scrubbed_on_bytes_give_what_pydicom_gives(options, private, vr, raw):
+    from pacs2bids.deid.patterns import compile_identifiers, date_tokens
+
+    tag, why = 0x00111004 if private else 0x00081030, "settings.keep_private" if private else "basicProfile C"
+    on_bytes, decoded = _ds(tag, vr, raw), _ds(tag, vr, raw)
+    contexts = []
+    for ds, elem in ((on_bytes, on_bytes.get_item(tag)), (decoded, decoded[tag])):
+        ctx = _ctx(options)
+        ctx.pattern, ctx.dates = compile_identifiers({"PLANTED-ID-7731"}), date_tokens({"20230417", "20230418"})
+        walk._clean(ds, elem, ctx, 0, "x", why, private=private)
+        contexts.append(ctx)
+    assert contexts[0].notes == contexts[1].notes
+    if tag in on_bytes:
+        assert _bytes(on_bytes, tag) == _bytes(decoded, tag)
+    else:
+        assert tag not in decoded
+    if raw and not (private and raw.isascii()) and not len(raw) % 2:
+        assert on_bytes.get_item(tag).is_raw and b"PLANTED-ID-7731" not in on_bytes.get_item(tag).value
+
+
 # ---- a whole file: planted identifiers, the fast paths against the general path ----
 
 NAME, PID, OTHER_ID, ACCESSION, INSTITUTION = "Planted^Patient", "PLANTED-ID-7731", "OTHER-ID-5512", "ACC-998877", "St Plant Hospital"
@@ -140,6 +168,7 @@ def _planted(src: Path, out: Path) -> Path:
     ds.add_new(0x00111001, "DA", "20230417")
     ds.add_new(0x00111002, "LO", f"note {PID} 20230417")
     ds.add_new(0x00111003, "DT", "20230417101112")
+    ds.add_new(0x00111004, "OB", b"\x80\x01 " + PID.encode() + b" 1.2.3.4.5.6.7.8.9 20230417 \xff\x00")
     ds.add_new(0x00130010, "LO", "PLANTED DROPPED")
     ds.add_new(0x00131001, "LO", NAME)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -153,6 +182,7 @@ def _general(mp: pytest.MonkeyPatch) -> None:
     for module in (context, identifiers, values, walk, pixels, batch):
         mp.setattr(module, "raw_value", lambda elem, searchable=False: None)
     mp.setattr(values, "empty_raw", lambda ds, elem: False)
+    mp.setattr(values, "binary_raw", lambda *args: False)
 
 
 @pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))
@@ -160,7 +190,7 @@ def test_planted_file_same_bytes_by_both_paths(tmp_path, sample_dir, options):
     src = sorted((sample_dir / "dcm_qa_nih").rglob("*.dcm"))[0]
     planted = _planted(src, tmp_path / "in" / "planted.dcm")
     settings = PseudonymizationSettings(keep_private=['0011,"PLANTED KEPT",01', '0011,"PLANTED KEPT",02',
-                                                      '0011,"PLANTED KEPT",03'],
+                                                      '0011,"PLANTED KEPT",03', '0011,"PLANTED KEPT",04'],
                                         **({} if options is None else {"options": options}))
     outputs = {}
     for path in ("fast", "general"):

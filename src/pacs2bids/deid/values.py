@@ -242,6 +242,28 @@ def binary(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
         ctx.note(name, "kept", why + " (checked)")
 
 
+def binary_raw(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, name: str, why: str,
+               private: bool) -> bool:
+    """:func:`binary` on the bytes of a raw OB or OW value of an even length (what pydicom decodes
+    it to, and writes back unpadded), set back as a raw element when scrubbed. False: not done
+    (a dry run, another encoding or VR; a private value that is ASCII text, which
+    :func:`private_date` must look at): the caller decodes it and takes the general path."""
+    if ctx.changes is not None or elem.VR not in ("OB", "OW") or not _explicit_le_raw(elem) or len(elem.value) % 2:
+        return False
+    value = elem.value
+    if not value or private and value.isascii():  # empty: pydicom decodes it to None
+        return False
+    new, n = ctx.scrub(value)
+    if len(new) % 2:
+        return False
+    if n:
+        set_raw(ds, elem, new)
+        ctx.note(name, "scrubbed", why + " (UIDs and identifying strings overwritten, same length)")
+    else:
+        ctx.note(name, "kept", why + " (checked)")
+    return True
+
+
 def ge_protocol(ds: Dataset, elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
     """The GE protocol data block, scrubbed inside its gzip stream, or removed."""
     try:

@@ -220,6 +220,8 @@ def _clean(
     if rule.text and ctx.holds_no_identifier(elem):
         ctx.note(name, "kept", why + " (checked)")
         return
+    if rule.handle is _binary and values.binary_raw(ds, elem, ctx, name, why, private):
+        return  # scrubbed on its bytes, undecoded
     rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, why, CLEAN, private)
 
 
@@ -227,7 +229,7 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
     """Apply the profile to every element of ``ds`` (and of its sequences). Elements are
     decoded only when their value is read or changed: what is kept as it is stays in its
     raw form and is written back byte for byte."""
-    tags = sorted(ds.keys())
+    tags = sorted(ds._dict, key=int)  # plain int comparisons: BaseTag.__lt__ is Python
     kept_blocks: set[tuple[int, int]] = set()
     creators: dict[tuple[int, int], str] = {}
     outer_searchable = ctx.bytes_searchable

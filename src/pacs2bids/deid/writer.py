@@ -43,7 +43,9 @@ def save(ds: Dataset, path: Path) -> None:
     if not _fast(ds, meta, ts):
         ds.save_as(path, enforce_file_format=True)
         return
-    if "PixelData" in ds:  # as dcmwrite does (PS3.5 A.4): encapsulated data has an undefined length
+    pixels = ds._dict.get(0x7FE00010)
+    if pixels is not None and not _native_raw(pixels, ts):
+        # as dcmwrite does (PS3.5 A.4): encapsulated data has an undefined length
         ds["PixelData"].is_undefined_length = ts.is_compressed
     head = DicomBytesIO()
     head.is_implicit_VR, head.is_little_endian = _EXPLICIT_LE
@@ -53,6 +55,13 @@ def save(ds: Dataset, path: Path) -> None:
     _dataset(parts, ds, default_encoding)
     with open(path, "wb") as f:
         f.writelines(parts)
+
+
+def _native_raw(elem, ts) -> bool:
+    """Native Pixel Data still raw, of a defined even length: pydicom would write it as it was read
+    (its length defined, no padding), so it is copied undecoded (:func:`_raw`)."""
+    return (isinstance(elem, RawDataElement) and not ts.is_compressed and elem.length != _UNDEFINED
+            and isinstance(elem.value, bytes) and not len(elem.value) % 2 and elem.VR in ("OB", "OW"))
 
 
 def _meta(meta) -> bytes:
@@ -105,7 +114,7 @@ def _dataset(parts: list, ds: Dataset, parent_encoding) -> None:
         return
     encoding = ds.get("SpecificCharacterSet", parent_encoding)
     d = ds._dict
-    for tag in sorted(d):
+    for tag in sorted(d, key=int):  # plain int comparisons (BaseTag.__lt__ is Python)
         if not tag & 0xFFFF and tag >> 16 > 6:
             continue
         elem = d[tag]
