@@ -126,10 +126,13 @@ def test_binary_values_scrubbed_on_bytes_give_what_pydicom_gives(options, privat
     tag, why = 0x00111004 if private else 0x00081030, "settings.keep_private" if private else "basicProfile C"
     on_bytes, decoded = _ds(tag, vr, raw), _ds(tag, vr, raw)
     contexts = []
-    for ds, elem in ((on_bytes, on_bytes.get_item(tag)), (decoded, decoded[tag])):
+    for ds in (on_bytes, decoded):  # the second by the general path: the fast paths off
         ctx = _ctx(options)
         ctx.pattern, ctx.dates = compile_identifiers({"PLANTED-ID-7731"}), date_tokens({"20230417", "20230418"})
-        walk._clean(ds, elem, ctx, 0, "x", why, private=private)
+        with pytest.MonkeyPatch.context() as mp:
+            if ds is decoded:
+                _general(mp)
+            walk._clean(ds, ds.get_item(tag), ctx, 0, "x", why, private=private)
         contexts.append(ctx)
     assert contexts[0].notes == contexts[1].notes
     if tag in on_bytes:
@@ -138,6 +141,37 @@ def test_binary_values_scrubbed_on_bytes_give_what_pydicom_gives(options, privat
         assert tag not in decoded
     if raw and not (private and raw.isascii()) and not len(raw) % 2:
         assert on_bytes.get_item(tag).is_raw and b"PLANTED-ID-7731" not in on_bytes.get_item(tag).value
+
+
+CLEANED_TEXT_FORMS = [b"MPRAGE", b"MPRAGE ", b"1234.5\\0\\77777 ", b"PLANTED-ID-7731", b"seen on 20230417", b"20230417",
+                      b"20230417\\20230418", b"1.2.826.0.1.3680043.2.1125.1 ", b"call +33 6 12 34 56 78", b"a@b.org",
+                      b"", b" \\ ", b"caf\xe9", b"T1 \\ 12345 \x00"]
+
+
+@pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))
+@pytest.mark.parametrize("private", [False, True])
+@pytest.mark.parametrize("vr", ["SH", "LO", "CS"])
+@pytest.mark.parametrize("raw", CLEANED_TEXT_FORMS)
+def test_text_checked_on_bytes_gives_what_pydicom_gives(options, private, vr, raw):
+    from pacs2bids.deid.patterns import compile_identifiers, date_tokens
+
+    tag, why = (0x00111002, "settings.keep_private") if private else (0x00081030, "basicProfile C")
+    on_bytes, decoded = _ds(tag, vr, raw), _ds(tag, vr, raw)
+    contexts = []
+    for ds in (on_bytes, decoded):  # the second by the general path: the fast paths off
+        ctx = _ctx(options)
+        ctx.pattern, ctx.dates = compile_identifiers({"PLANTED-ID-7731"}), date_tokens({"20230417", "20230418"})
+        with pytest.MonkeyPatch.context() as mp:
+            if ds is decoded:
+                _general(mp)
+            walk._clean(ds, ds.get_item(tag), ctx, 0, "x", why, private=private)
+        contexts.append(ctx)
+    assert contexts[0].notes == contexts[1].notes
+    assert (tag in on_bytes) == (tag in decoded)
+    if tag in on_bytes:
+        assert _bytes(on_bytes, tag) == _bytes(decoded, tag)
+    if raw == b"1234.5\\0\\77777 ":
+        assert on_bytes.get_item(tag).is_raw  # nothing to change: checked on its bytes, never decoded
 
 
 # ---- a whole file: planted identifiers, the fast paths against the general path ----
@@ -183,6 +217,7 @@ def _general(mp: pytest.MonkeyPatch) -> None:
         mp.setattr(module, "raw_value", lambda elem, searchable=False: None)
     mp.setattr(values, "empty_raw", lambda ds, elem: False)
     mp.setattr(values, "binary_raw", lambda *args: False)
+    mp.setattr(values, "text_raw", lambda *args: False)
 
 
 @pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))

@@ -197,7 +197,38 @@ def text(elem: DataElement, ctx: FileContext, name: str, why: str, *, private: b
     addresses and NIRs masked (:func:`mask_personal_data`); in a private value, a whole
     UID gets its keyed UID (as a public one would) and a UID inside text a keyed token of
     the same length."""
-    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    new, total = _cleaned(elem.value if isinstance(elem.value, MultiValue) else [elem.value], ctx, private)
+    if total:
+        before = elem.value
+        elem.value = new if len(new) > 1 else new[0]
+        ctx.note(name, "cleaned", why + " (identifying values, dates or contact data removed)", before, elem.value)
+    else:
+        ctx.note(name, "kept", why + " (checked)")
+
+
+def text_raw(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, name: str, why: str,
+             private: bool) -> bool:
+    """:func:`text` on the values of a raw element read from its bytes (:func:`raw_value`) when
+    cleaning changes none of them: the element left raw, as pydicom writes it once decoded. False:
+    not done (a dry run, a value pydicom must decode, a change to make, a private value that is a
+    date for :func:`private_date`): the caller decodes it and takes the general path."""
+    value = raw_value(elem, ctx.bytes_searchable) if ctx.changes is None else None
+    if value is None:
+        return False
+    items = [value] if isinstance(value, str) else value
+    if private:
+        stripped = [v.strip(" \x00") for v in items]
+        if any(stripped) and all(is_date_value(v) for v in stripped if v):
+            return False
+    if _cleaned(items, ctx, private)[1]:
+        return False
+    as_written(ds, elem, value)
+    ctx.note(name, "kept", why + " (checked)")
+    return True
+
+
+def _cleaned(values: list, ctx: FileContext, private: bool) -> tuple[list, int]:
+    """The values of :func:`text` cleaned, and how many changes were made."""
     total = 0
     new = []
     for v in values:
@@ -215,12 +246,7 @@ def text(elem: DataElement, ctx: FileContext, name: str, why: str, *, private: b
         c, k = mask_personal_data(c)
         total += n + k
         new.append(c)
-    if total:
-        before = elem.value
-        elem.value = new if len(new) > 1 else new[0]
-        ctx.note(name, "cleaned", why + " (identifying values, dates or contact data removed)", before, elem.value)
-    else:
-        ctx.note(name, "kept", why + " (checked)")
+    return new, total
 
 
 def _same(token: str, _length: int) -> str:

@@ -206,6 +206,8 @@ def _default(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, 
         del ds[elem.tag]
         ctx.note(name, "removed", _DEFAULT_WHY + " (Patient group)")
         return
+    if rule.handle is _text and values.text_raw(ds, elem, ctx, name, _DEFAULT_WHY, False):
+        return  # checked on its bytes: nothing to change
     rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, _DEFAULT_WHY, DEFAULT, False)
 
 
@@ -222,6 +224,8 @@ def _clean(
         return
     if rule.handle is _binary and values.binary_raw(ds, elem, ctx, name, why, private):
         return  # scrubbed on its bytes, undecoded
+    if rule.handle is _text and values.text_raw(ds, elem, ctx, name, why, private):
+        return  # checked on its bytes: nothing to change
     rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, why, CLEAN, private)
 
 
