@@ -15,7 +15,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from pacs2bids.config import PseudonymizationSettings
 from pacs2bids.deid import batch, context, identifiers, pixels, values, walk
@@ -179,7 +179,7 @@ def test_text_checked_on_bytes_gives_what_pydicom_gives(options, private, vr, ra
 NAME, PID, OTHER_ID, ACCESSION, INSTITUTION = "Planted^Patient", "PLANTED-ID-7731", "OTHER-ID-5512", "ACC-998877", "St Plant Hospital"
 
 
-def _planted(src: Path, out: Path) -> Path:
+def _planted(src: Path, out: Path, syntax=ExplicitVRLittleEndian) -> Path:
     ds = pydicom.dcmread(src)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.PatientName, ds.PatientID, ds.OtherPatientIDs = NAME, PID, OTHER_ID
@@ -205,9 +205,9 @@ def _planted(src: Path, out: Path) -> Path:
     ds.add_new(0x00111004, "OB", b"\x80\x01 " + PID.encode() + b" 1.2.3.4.5.6.7.8.9 20230417 \xff\x00")
     ds.add_new(0x00130010, "LO", "PLANTED DROPPED")
     ds.add_new(0x00131001, "LO", NAME)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = syntax
     out.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(out, enforce_file_format=True)
+    ds.save_as(out, enforce_file_format=True, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
     return out
 
 
@@ -220,10 +220,11 @@ def _general(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(values, "text_raw", lambda *args: False)
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 @pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))
-def test_planted_file_same_bytes_by_both_paths(tmp_path, sample_dir, options):
+def test_planted_file_same_bytes_by_both_paths(tmp_path, sample_dir, options, syntax):
     src = sorted((sample_dir / "dcm_qa_nih").rglob("*.dcm"))[0]
-    planted = _planted(src, tmp_path / "in" / "planted.dcm")
+    planted = _planted(src, tmp_path / "in" / "planted.dcm", syntax)
     settings = PseudonymizationSettings(keep_private=['0011,"PLANTED KEPT",01', '0011,"PLANTED KEPT",02',
                                                       '0011,"PLANTED KEPT",03', '0011,"PLANTED KEPT",04'],
                                         **({} if options is None else {"options": options}))
@@ -231,7 +232,7 @@ def test_planted_file_same_bytes_by_both_paths(tmp_path, sample_dir, options):
     for path in ("fast", "general"):
         out = tmp_path / path
         out.mkdir()
-        job = SeriesJob(f"planted-{path}-{options}", "p", b"raw-test-secret-0123456789", settings, "01", None, out,
+        job = SeriesJob(f"planted-{path}-{options}-{syntax}", "p", b"raw-test-secret-0123456789", settings, "01", None, out,
                         Known(frozenset(), frozenset()))
         with pytest.MonkeyPatch.context() as mp:
             if path == "general":

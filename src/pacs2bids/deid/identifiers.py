@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -90,8 +91,9 @@ def _read(d: Dataset, tag: int, elem, value: str | list[str] | None):
     :func:`raw_value`), the element left as pydicom writes it once decoded; else decoded."""
     if value is None:
         return d[tag].value
-    if elem.VR != "UI":  # UIDs were never decoded here: the walk writes them
-        as_written(d, elem, value)
+    now = d._dict[tag]  # raw still, unless an earlier read decoded it
+    if isinstance(now, RawDataElement) and elem.VR != "UI":  # UIDs were never decoded here
+        as_written(d, now, value)
     return value
 
 
