@@ -28,7 +28,8 @@ from pydicom.dataset import Dataset
 from ..config import PseudonymizationSettings
 from ..sopclasses import NOT_PUBLISHED
 from . import pixels
-from .context import FileContext
+from . import identifiers
+from .context import FileContext, as_written, raw_value, str_of, value_of
 from .identifiers import collect
 from .keyed import Keyed
 from .patterns import compile_identifiers, date_tokens, looks_like_uid
@@ -37,6 +38,7 @@ from .walk import apply
 from .writer import save
 
 log = logging.getLogger("pacs2bids.deid.series")  # the series' log, wherever its files run
+_STUDY_UID, _SERIES_UID = 0x0020000D, 0x0020000E
 BATCH_FILES = 16  # files per task sent to a worker process (see batch_size)
 
 
@@ -72,7 +74,7 @@ def deid_dataset(ds: Dataset, ctx: FileContext, *, pixels_reviewed: bool) -> tup
 
 def drop_reason(ds: Dataset, allow_sop: set[str] | frozenset[str] = frozenset()) -> str | None:
     """Why an instance is dropped by default (None: it is kept); ``allow_sop`` keeps SOP classes."""
-    sop = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
+    sop = str_of(ds, 0x00080016) or str(getattr(ds.get("file_meta", Dataset()), "MediaStorageSOPClassUID", ""))
     if sop in allow_sop:
         return None
     if not sop:
@@ -197,12 +199,12 @@ def _one_file(work: _FileWork, out: BatchResult, notes: Counter, index: int, pat
     qname = work.keyed.token(f"{job.subject}/{job.session}/{path.name}/{index + 1}")
     try:
         ds = pydicom.dcmread(path, force=False)
-        _ = ds.get("SOPClassUID")
+        _ = value_of(ds, 0x00080016)  # read (decoded by pydicom unless raw_value can read it)
     except Exception as exc:  # pydicom raises many kinds on truncated or corrupt files
         out.files.append((index, "quarantine", qname, f"unreadable DICOM ({type(exc).__name__})", "", None))
         return
     if out.first is None:
-        out.first = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), ds.get("SeriesNumber"))
+        out.first = (str_of(ds, _STUDY_UID), str_of(ds, _SERIES_UID), ds.get("SeriesNumber"))
     reason = drop_reason(ds, work.allow_sop)
     if reason:
         out.files.append((index, "dropped", qname, reason, "", None))
@@ -218,12 +220,12 @@ def _one_file(work: _FileWork, out: BatchResult, notes: Counter, index: int, pat
         out.files.append((index, "quarantine", qname, reason, "", None))
         return
     out.pixel_log.extend(pixel_log)
-    sop = str(ds.get("SOPInstanceUID", "")) or work.keyed.uid(qname)
+    sop = str_of(ds, 0x00080018) or work.keyed.uid(qname)
     tmp = f".deid-{index:07d}.part"
     save(ds, job.out_dir / tmp)  # the bytes of save_as(enforce_file_format=True), raw elements copied
     sn = ds.get("SeriesNumber")
-    info = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
-            int(sn) if sn not in (None, "") else None, str(ds.get("SeriesDescription", "")), str(ds.get("Modality", "")))
+    info = (str_of(ds, _STUDY_UID), str_of(ds, _SERIES_UID),
+            int(sn) if sn not in (None, "") else None, str(ds.get("SeriesDescription", "")), str_of(ds, 0x00080060))
     out.files.append((index, "written", qname, tmp, sop, info))
 
 
@@ -248,16 +250,30 @@ def _file_context(work: _FileWork, out: BatchResult, notes: Counter, ds: Dataset
 
 def _remember_originals(work: _FileWork, out: BatchResult, ds: Dataset) -> None:
     """What the key store records of the series: the patient's IDs and names, the studies."""
-    out.patient_ids.add(str(ds.get("PatientID", "")))
-    out.patient_names.add(str(ds.get("PatientName", "")))
-    study_uid = str(ds.get("StudyInstanceUID", ""))
+    searchable = identifiers.charset_searchable(ds, True)
+    out.patient_ids.add(_text(ds, 0x00100020, searchable))
+    out.patient_names.add(_text(ds, 0x00100010, searchable))
+    study_uid = str_of(ds, _STUDY_UID)
     if study_uid and study_uid not in out.studies:
         out.studies[study_uid] = {
-            "accession_number": str(ds.get("AccessionNumber", "")),
-            "study_date": str(ds.get("StudyDate", "")),
+            "accession_number": _text(ds, 0x00080050, searchable),
+            "study_date": str_of(ds, 0x00080020),
             "pseudo_study_uid": work.keyed.uid(study_uid),
             "session": work.job.session,
         }
+
+def _text(ds: Dataset, tag: int, searchable: bool) -> str:
+    """``str(ds.get(keyword, ""))`` of a text value, read from its bytes when it can be
+    (:func:`~pacs2bids.deid.context.raw_value`), the element left as pydicom writes it."""
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return ""
+    value = raw_value(elem, searchable)
+    if isinstance(value, str):
+        as_written(ds, elem, value)
+        return value
+    return str(ds[tag].value)
+
 
 def batch_size(files: int, workers: int) -> int:
     """Files per batch: at most :data:`BATCH_FILES` (one round-trip per batch, never per file),

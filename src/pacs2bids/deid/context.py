@@ -13,6 +13,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
@@ -133,6 +134,79 @@ def element(ds: Dataset, tag) -> DataElement | RawDataElement:
     if elem is None or (elem.is_raw and (elem.value is None or elem.VR in (None, "UN"))):
         return ds[tag]  # absent, deferred or VR to be decided: pydicom's own way
     return elem
+
+
+# Character sets whose encoded text can be searched as bytes with the identifiers' UTF-8 and
+# Latin-1 spellings (compile_identifiers) and give the same hits as the decoded text.
+BYTE_SEARCHABLE_CHARSETS = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"})
+# Printable ASCII without a backslash, NUL padding: one value, the same text in every character
+# set (raw_value reads text VRs only in those its callers search as bytes).
+PLAIN_TEXT = re.compile(rb"[\x00\x20-\x5b\x5d-\x7e]*")
+# VRs pydicom decodes with its default encoding whatever the character set (convert_string), one
+# value split at backslashes once the padding is stripped; text VRs (convert_text) strip each value.
+_DEFAULT_ENCODED = frozenset({"AS", "CS", "DA", "DT", "TM", "UI"})
+_TEXT = frozenset({"SH", "LO"})
+
+
+def raw_value(elem: DataElement | RawDataElement, searchable: bool = False) -> str | list[str] | None:
+    """The value pydicom gives when it decodes ``elem`` (a str, or a list of them when it holds
+    several), read from the bytes of a raw explicit VR little endian element of a string VR (UI,
+    CS, DA, DT, TM, AS; SH, LO and PN when ``searchable``: a character set whose ASCII is ASCII)
+    without decoding it (a PN as ``str`` of pydicom's PersonName). None when ``elem`` must be decoded by pydicom (then do so), and always
+    when pydicom's reading checks RAISE: it may refuse the value, and that must still happen."""
+    if not isinstance(elem, RawDataElement) or elem.is_implicit_VR or not elem.is_little_endian:
+        return None
+    if pydicom_config.settings.reading_validation_mode == pydicom_config.RAISE:
+        return None
+    vr, value = elem.VR, elem.value
+    if not isinstance(value, bytes):
+        return None
+    if vr in _DEFAULT_ENCODED:
+        items = value.decode("latin-1").rstrip(" \x00").split("\\")
+        if vr == "UI":
+            items = [v.strip() for v in items]  # as UID() keeps them
+    elif vr in _TEXT and searchable and PLAIN_TEXT.fullmatch(value.replace(b"\\", b"")):
+        items = [v.rstrip("\x00 ") for v in value.decode("ascii").split("\\")]
+    elif vr == "PN" and searchable and b"=" not in value and PLAIN_TEXT.fullmatch(value.replace(b"\\", b"")):
+        items = value.rstrip(b"\x00 ").decode("ascii").split("\\")  # convert_PN: str() of each name
+    else:
+        return None
+    return items[0] if len(items) == 1 else items
+
+
+def set_raw(ds: Dataset, elem: DataElement | RawDataElement, value: bytes) -> None:
+    """A new value as a raw element (explicit VR little endian), written as it is."""
+    ds._dict[elem.tag] = RawDataElement(elem.tag, elem.VR, len(value), value, elem.value_tell, False, True)
+
+
+def as_written(ds: Dataset, elem: RawDataElement, value: str | list[str]) -> None:
+    """Leave ``elem`` as pydicom writes it once decoded to ``value`` (a :func:`raw_value`): the
+    values joined by backslashes, padded to an even length (a NUL for UI, else a space); raw
+    still. The same bytes as before pydicom decoded in its place (and wrote what it decoded)."""
+    data = (value if isinstance(value, str) else "\\".join(value)).encode("latin-1")
+    if len(data) % 2:
+        data += b"\x00" if elem.VR == "UI" else b" "
+    if data != elem.value:
+        set_raw(ds, elem, data)
+
+
+def value_of(ds: Dataset, tag: int, default: Any = None) -> Any:
+    """``ds[tag].value`` (``default`` when absent), read from its bytes when it is one value that
+    can be (:func:`raw_value`; default-encoded VRs only: the character set is not looked at), the
+    element then left as pydicom would write it (:func:`as_written`)."""
+    elem = ds._dict.get(tag)
+    if elem is None:
+        return default
+    value = raw_value(elem)
+    if isinstance(value, str):
+        as_written(ds, elem, value)
+        return value
+    return ds[tag].value
+
+
+def str_of(ds: Dataset, tag: int) -> str:
+    """``str(ds.get(keyword, ""))`` without decoding the element where it can (:func:`value_of`)."""
+    return str(value_of(ds, tag, ""))
 
 
 def is_standard_uid(value: str) -> bool:

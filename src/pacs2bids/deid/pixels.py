@@ -45,6 +45,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from ..childenv import child_env
 from ..sopclasses import SECONDARY_CAPTURE_PREFIX
+from .context import as_written, raw_value, str_of
 
 MAX_OCR_FRAMES = 32
 MASK_CONFIDENCE = 0.0  # any box with a letter or digit is masked
@@ -81,10 +82,11 @@ def risk_reason(ds: Dataset) -> str | None:
     """Why this image may carry burned-in text (None: not at risk)."""
     if "PixelData" not in ds:
         return None
-    sop = str(ds.get("SOPClassUID", ""))
-    modality = str(ds.get("Modality", "")).upper()
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    burned = str(ds.get("BurnedInAnnotation", "")).upper()
+    # read from the bytes where pydicom would give the same (context.raw_value): left undecoded
+    sop = str_of(ds, 0x00080016)
+    modality = str_of(ds, 0x00080060).upper()
+    image_type = [str(v).upper() for v in (_image_type(ds) or [])]
+    burned = str_of(ds, 0x00280301).upper()
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return "Secondary Capture SOP class"
     if modality in _RISKY_MODALITIES:
@@ -98,6 +100,16 @@ def risk_reason(ds: Dataset) -> str | None:
     if "SECONDARY" in image_type and burned != "NO":
         return "ImageType SECONDARY without BurnedInAnnotation NO"
     return None
+
+
+def _image_type(ds: Dataset):
+    """``ds.get("ImageType")``: its values (a str when it holds one, iterated as such by the caller)."""
+    elem = ds._dict.get(0x00080008)
+    value = raw_value(elem) if elem is not None else None
+    if value is None:
+        return ds.get("ImageType")
+    as_written(ds, elem, value)  # as pydicom writes it once decoded
+    return value
 
 
 def tesseract_available() -> bool:

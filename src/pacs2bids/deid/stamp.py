@@ -19,7 +19,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 
 from . import writer
-from .context import FileContext, tool_version
+from .context import FileContext, tool_version, value_of
 from .keyed import Keyed
 from .profile import Profile
 
@@ -94,8 +94,9 @@ def file_meta(ds: Dataset, keyed: Keyed) -> None:
     old = getattr(ds, "file_meta", None) or FileMetaDataset()
     meta = FileMetaDataset()
     meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", old.get("MediaStorageSOPClassUID"))
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID") or keyed.uid(
+    # the dataset's UIDs read from their bytes where pydicom would give the same (str_of): left raw
+    meta.MediaStorageSOPClassUID = value_of(ds, 0x00080016, old.get("MediaStorageSOPClassUID"))
+    meta.MediaStorageSOPInstanceUID = value_of(ds, 0x00080018) or keyed.uid(
         str(old.get("MediaStorageSOPInstanceUID", ""))
     )
     meta.TransferSyntaxUID = old.get("TransferSyntaxUID", ExplicitVRLittleEndian)

@@ -7,7 +7,6 @@ walk (:mod:`pacs2bids.deid.walk`), from its action code and its VR.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydicom.datadict import dictionary_has_tag, dictionary_keyword
@@ -16,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from .context import FileContext, is_standard_uid
+from .context import PLAIN_TEXT, FileContext, as_written, decoded, is_standard_uid, raw_value, set_raw
 from .identifiers import raw_uids
 from .csa import UID_TEXT, Scrub, scrub_bytes, scrub_ge_protocol
 from .keyed import birth_date_to_year, shift_da, shift_dt
@@ -37,27 +36,71 @@ def empty(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
     ctx.note(name, "emptied", why, before, "")
 
 
-def birth_date(ds: Dataset, elem: DataElement, ctx: FileContext) -> None:
+# VRs whose empty value (walk.RULES: "" or None) pydicom writes as no bytes at all.
+_EMPTY_RAW = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM", "UC", "UR", "UT", "UI", "PN",
+                        "DS", "IS"})
+
+
+def empty_raw(ds: Dataset, elem: DataElement | RawDataElement) -> bool:
+    """Action Z on a raw explicit VR little endian element of a string VR: set as a raw element
+    of no bytes, what pydicom writes once the decoded element is emptied. False: not done
+    (the caller decodes and empties it)."""
+    if elem.VR not in _EMPTY_RAW or not _explicit_le_raw(elem):
+        return False
+    set_raw(ds, elem, b"")
+    return True
+
+
+def birth_date(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext) -> None:
     """Patient's Birth Date (P4): shifted with the subject's dates, then cut to 1 January."""
-    value = str(elem.value or "")
+    value = raw_value(elem) if ctx.changes is None else None
+    if not isinstance(value, str):  # decoded by pydicom (several values, another encoding, a dry run)
+        elem = decoded(ds, elem)
+        value = str(elem.value or "")
     if ctx.profile.shift_dates and value:
         new = birth_date_to_year(value, ctx.days)
-        elem.value = new or ""
+        _set(ds, elem, new or "")
         ctx.note("PatientBirthDate", "shifted-to-year", "P4: shifted, then 1 January", value, new)
     else:
-        elem.value = ""
+        _set(ds, elem, "")
         ctx.note("PatientBirthDate", "emptied", "basicProfile Z", value, "")
 
 
-def dates(elem: DataElement, ctx: FileContext, name: str, why: str, fallback: str) -> None:
-    """A DA or DT value shifted by the subject's offset; ``fallback`` without a dates option."""
+def normalised(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext) -> None:
+    """A DA or DT value kept as it is: written as pydicom writes it once decoded (its padding
+    made even), from its bytes when it can be (:func:`_set`), else decoded."""
+    value = raw_value(elem) if ctx.changes is None else None
+    if value is None:
+        decoded(ds, elem)
+    else:
+        _set(ds, elem, value)
+
+
+def _set(ds: Dataset, elem: DataElement | RawDataElement, value: str | list[str]) -> None:
+    """A new DA or DT value: a raw element as pydicom's ``write_DA``/``write_DT`` write it (one
+    string, or values joined by backslashes, padded with a space to an even length, in the default
+    encoding: :func:`as_written`) when ``elem`` is raw, else set on the decoded element."""
+    if elem.is_raw:
+        as_written(ds, elem, value)
+    else:
+        elem.value = value
+
+
+def dates(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, name: str, why: str,
+          fallback: str) -> None:
+    """A DA or DT value shifted by the subject's offset; ``fallback`` without a dates option. A raw
+    element is read from its bytes and written back as a raw element, as pydicom would decode and
+    write it (:func:`_set`); decoded by pydicom in a dry run or in another encoding."""
+    raw = raw_value(elem) if ctx.changes is None else None
+    if raw is None:
+        elem = decoded(ds, elem)
+        raw = elem.value
     if not ctx.profile.shift_dates:
-        before = elem.value
-        elem.value = fallback
-        ctx.note(name, "replaced" if fallback else "emptied", why, before, fallback)
+        _set(ds, elem, fallback)
+        ctx.note(name, "replaced" if fallback else "emptied", why, raw, fallback)
         return
     fn = shift_da if elem.VR == "DA" else shift_dt
-    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    values = raw if isinstance(raw, (MultiValue, list)) else [raw]
     new, bad = [], 0
     for v in values:
         v = str(v or "").strip()
@@ -69,24 +112,16 @@ def dates(elem: DataElement, ctx: FileContext, name: str, why: str, fallback: st
             bad += 1
             s = ""
         new.append(s)
-    before = elem.value
-    elem.value = new if len(new) > 1 else (new[0] if new else "")
+    after = new if len(new) > 1 else (new[0] if new else "")
+    _set(ds, elem, after)
     ctx.dates_shifted = True
-    ctx.note(name, "shifted", why + (" (unparsable values emptied)" if bad else ""), before, elem.value)
+    ctx.note(name, "shifted", why + (" (unparsable values emptied)" if bad else ""), raw, after)
 
 
-# Printable ASCII without a backslash (and NUL padding): one value, the same text in every
-# character set the walk searches as bytes (context.FileContext.bytes_searchable).
-_PLAIN_TEXT = re.compile(rb"[\x00\x20-\x5b\x5d-\x7e]*")
 
 
 def _explicit_le_raw(elem: DataElement | RawDataElement) -> bool:
     return elem.is_raw and not elem.is_implicit_VR and elem.is_little_endian and isinstance(elem.value, bytes)
-
-
-def _set_raw(ds: Dataset, elem: RawDataElement, value: bytes) -> None:
-    """A new value as a raw element (explicit VR little endian), written as it is."""
-    ds._dict[elem.tag] = RawDataElement(elem.tag, elem.VR, len(value), value, elem.value_tell, False, True)
 
 
 def creator(ds: Dataset, tag: int, ctx: FileContext) -> str:
@@ -95,12 +130,12 @@ def creator(ds: Dataset, tag: int, ctx: FileContext) -> str:
     encoding of the value (what pydicom writes once it has decoded it)."""
     elem = ds._dict.get(tag)
     if (elem is not None and elem.VR == "LO" and ctx.bytes_searchable and _explicit_le_raw(elem)
-            and _PLAIN_TEXT.fullmatch(elem.value)):
+            and PLAIN_TEXT.fullmatch(elem.value)):
         value = elem.value.decode("ascii").rstrip("\0 ")
         encoded = value.encode("ascii")
         encoded += b" " if len(encoded) % 2 else b""
         if encoded != elem.value:
-            _set_raw(ds, elem, encoded)
+            set_raw(ds, elem, encoded)
         return value
     value = ds[tag].value
     return value if isinstance(value, str) else ""
@@ -149,7 +184,7 @@ def _raw_uids(ds: Dataset, elem: RawDataElement, ctx: FileContext, name: str, wh
     text = "\\".join(new if changed else values)
     encoded = (text + "\0" if len(text) % 2 else text).encode("latin-1")
     if encoded != elem.value:
-        _set_raw(ds, elem, encoded)
+        set_raw(ds, elem, encoded)
     if changed:
         ctx.note(name, "new-uid", why)
     else:
@@ -162,7 +197,38 @@ def text(elem: DataElement, ctx: FileContext, name: str, why: str, *, private: b
     addresses and NIRs masked (:func:`mask_personal_data`); in a private value, a whole
     UID gets its keyed UID (as a public one would) and a UID inside text a keyed token of
     the same length."""
-    values = elem.value if isinstance(elem.value, MultiValue) else [elem.value]
+    new, total = _cleaned(elem.value if isinstance(elem.value, MultiValue) else [elem.value], ctx, private)
+    if total:
+        before = elem.value
+        elem.value = new if len(new) > 1 else new[0]
+        ctx.note(name, "cleaned", why + " (identifying values, dates or contact data removed)", before, elem.value)
+    else:
+        ctx.note(name, "kept", why + " (checked)")
+
+
+def text_raw(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, name: str, why: str,
+             private: bool) -> bool:
+    """:func:`text` on the values of a raw element read from its bytes (:func:`raw_value`) when
+    cleaning changes none of them: the element left raw, as pydicom writes it once decoded. False:
+    not done (a dry run, a value pydicom must decode, a change to make, a private value that is a
+    date for :func:`private_date`): the caller decodes it and takes the general path."""
+    value = raw_value(elem, ctx.bytes_searchable) if ctx.changes is None else None
+    if value is None:
+        return False
+    items = [value] if isinstance(value, str) else value
+    if private:
+        stripped = [v.strip(" \x00") for v in items]
+        if any(stripped) and all(is_date_value(v) for v in stripped if v):
+            return False
+    if _cleaned(items, ctx, private)[1]:
+        return False
+    as_written(ds, elem, value)
+    ctx.note(name, "kept", why + " (checked)")
+    return True
+
+
+def _cleaned(values: list, ctx: FileContext, private: bool) -> tuple[list, int]:
+    """The values of :func:`text` cleaned, and how many changes were made."""
     total = 0
     new = []
     for v in values:
@@ -180,12 +246,7 @@ def text(elem: DataElement, ctx: FileContext, name: str, why: str, *, private: b
         c, k = mask_personal_data(c)
         total += n + k
         new.append(c)
-    if total:
-        before = elem.value
-        elem.value = new if len(new) > 1 else new[0]
-        ctx.note(name, "cleaned", why + " (identifying values, dates or contact data removed)", before, elem.value)
-    else:
-        ctx.note(name, "kept", why + " (checked)")
+    return new, total
 
 
 def _same(token: str, _length: int) -> str:
@@ -205,6 +266,28 @@ def binary(elem: DataElement, ctx: FileContext, name: str, why: str) -> None:
         ctx.note(name, "scrubbed", why + " (UIDs and identifying strings overwritten, same length)")
     else:
         ctx.note(name, "kept", why + " (checked)")
+
+
+def binary_raw(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, name: str, why: str,
+               private: bool) -> bool:
+    """:func:`binary` on the bytes of a raw OB or OW value of an even length (what pydicom decodes
+    it to, and writes back unpadded), set back as a raw element when scrubbed. False: not done
+    (a dry run, another encoding or VR; a private value that is ASCII text, which
+    :func:`private_date` must look at): the caller decodes it and takes the general path."""
+    if ctx.changes is not None or elem.VR not in ("OB", "OW") or not _explicit_le_raw(elem) or len(elem.value) % 2:
+        return False
+    value = elem.value
+    if not value or private and value.isascii():  # empty: pydicom decodes it to None
+        return False
+    new, n = ctx.scrub(value)
+    if len(new) % 2:
+        return False
+    if n:
+        set_raw(ds, elem, new)
+        ctx.note(name, "scrubbed", why + " (UIDs and identifying strings overwritten, same length)")
+    else:
+        ctx.note(name, "kept", why + " (checked)")
+    return True
 
 
 def ge_protocol(ds: Dataset, elem: DataElement, ctx: FileContext, name: str, why: str) -> None:

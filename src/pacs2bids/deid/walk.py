@@ -34,16 +34,13 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from . import values
-from .context import FileContext, decoded, element, element_name
+from .context import BYTE_SEARCHABLE_CHARSETS, FileContext, decoded, element, element_name, raw_value
 from .profile import GE_PROTOCOL, Profile
 from .stamp import stamp
 
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _SET_BY_US = {0x00100010, 0x00100020, 0x00120062, 0x00120063, 0x00120064, 0x00280303, 0x00280301}
 _CHARSET_TAG = 0x00080005
-# Character sets whose encoded text can be searched as bytes with the identifiers' UTF-8 and
-# Latin-1 spellings (compile_identifiers) and give the same hits as the decoded text.
-_BYTE_SEARCHABLE_CHARSETS = {"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192"}
 _DEFAULT_WHY = "not in Table E.1-1: pacs2bids default"
 # Per profile: the public elements kept unread, by tag and VR (decided once, not per file).
 _KEPT: "weakref.WeakKeyDictionary[Profile, dict]" = weakref.WeakKeyDictionary()
@@ -88,13 +85,14 @@ def _sequence(ds, elem, ctx, depth, name, why, how, private) -> None:
 
 def _date(ds, elem, ctx, depth, name, why, how, private) -> None:
     if how == REPLACE:
-        values.dates(elem, ctx, name, why, fallback="19000101" if elem.VR == "DA" else "19000101000000")
+        values.dates(ds, elem, ctx, name, why, fallback="19000101" if elem.VR == "DA" else "19000101000000")
     elif ctx.profile.keep_dates:
+        values.normalised(ds, elem, ctx)
         ctx.note(name, "kept", why)
     elif how == CLEAN or ctx.profile.shift_dates:
-        values.dates(elem, ctx, name, why, fallback="")
+        values.dates(ds, elem, ctx, name, why, fallback="")
     else:
-        values.empty(elem, ctx, name, why + " (date)")
+        values.empty(decoded(ds, elem), ctx, name, why + " (date)")
 
 
 def _time(ds, elem, ctx, depth, name, why, how, private) -> None:
@@ -123,7 +121,7 @@ def _none() -> None:
     return None
 
 
-_DATE = Rule(_date, dummy=None, by_default=ALWAYS, cleans=True)
+_DATE = Rule(_date, dummy=None, by_default=ALWAYS, cleans=True, raw=True)
 _CLEANED_TEXT = Rule(_text, by_default=OUTSIDE_PATIENT, cleans=True, text=True)
 _CODED_TEXT = Rule(_text, cleans=True, text=True)  # cleaned by action C and in kept private elements only
 _BINARY = Rule(_binary, dummy=b"", cleans=True)
@@ -165,6 +163,9 @@ def _act(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, dept
     if code == "C":
         _clean(ds, elem, ctx, depth, name, why, private=False)
         return
+    if code == "Z" and ctx.changes is None and values.empty_raw(ds, elem):  # the same bytes, undecoded
+        ctx.note(name, "emptied", why)
+        return
     rule = RULES.get(vr, _OTHER)
     if not (rule.raw and code in ("D", "U")):
         elem = decoded(ds, elem)
@@ -205,6 +206,8 @@ def _default(ds: Dataset, elem: DataElement | RawDataElement, ctx: FileContext, 
         del ds[elem.tag]
         ctx.note(name, "removed", _DEFAULT_WHY + " (Patient group)")
         return
+    if rule.handle is _text and values.text_raw(ds, elem, ctx, name, _DEFAULT_WHY, False):
+        return  # checked on its bytes: nothing to change
     rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, _DEFAULT_WHY, DEFAULT, False)
 
 
@@ -219,6 +222,10 @@ def _clean(
     if rule.text and ctx.holds_no_identifier(elem):
         ctx.note(name, "kept", why + " (checked)")
         return
+    if rule.handle is _binary and values.binary_raw(ds, elem, ctx, name, why, private):
+        return  # scrubbed on its bytes, undecoded
+    if rule.handle is _text and values.text_raw(ds, elem, ctx, name, why, private):
+        return  # checked on its bytes: nothing to change
     rule.handle(ds, elem if rule.raw else decoded(ds, elem), ctx, depth, name, why, CLEAN, private)
 
 
@@ -226,13 +233,14 @@ def walk(ds: Dataset, ctx: FileContext, depth: int = 0) -> None:
     """Apply the profile to every element of ``ds`` (and of its sequences). Elements are
     decoded only when their value is read or changed: what is kept as it is stays in its
     raw form and is written back byte for byte."""
-    tags = sorted(ds.keys())
+    tags = sorted(ds._dict, key=int)  # plain int comparisons: BaseTag.__lt__ is Python
     kept_blocks: set[tuple[int, int]] = set()
     creators: dict[tuple[int, int], str] = {}
     outer_searchable = ctx.bytes_searchable
     if _CHARSET_TAG in ds:  # an item's own character set holds for the items below it
-        charset = ds[_CHARSET_TAG].value
-        ctx.bytes_searchable = isinstance(charset, str) and charset.strip() in _BYTE_SEARCHABLE_CHARSETS
+        charset = raw_value(ds._dict[_CHARSET_TAG])
+        charset = ds[_CHARSET_TAG].value if charset is None else charset
+        ctx.bytes_searchable = isinstance(charset, str) and charset.strip() in BYTE_SEARCHABLE_CHARSETS
     try:
         for t in tags:
             if t >> 16 & 1 and 0x0010 <= t & 0xFFFF <= 0x00FF:  # private creators (plain int tests)
@@ -284,7 +292,7 @@ def _walk_element(ds: Dataset, t, ctx: FileContext, depth: int, creators: dict, 
         del ds[t]
         return
     if tag == 0x00100030:  # Patient's Birth Date (P4)
-        values.birth_date(ds, ds[t], ctx)
+        values.birth_date(ds, element(ds, t), ctx)
         return
     if tag == 0x00880200:  # Icon Image Sequence: a thumbnail of pixels nobody cleaned (P9)
         del ds[t]

@@ -24,6 +24,8 @@ from pydicom.filewriter import write_data_element, write_dataset, write_file_met
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32 as LONG_VRS  # 4-byte length (PS3.5 7.1.2)
 
+from .context import str_of
+
 _SHORT = Struct("<HH2sH")  # tag, VR, 2-byte length
 _LONG = Struct("<HH2sHL")  # tag, VR, reserved, 4-byte length
 _UL = Struct("<L")
@@ -41,7 +43,9 @@ def save(ds: Dataset, path: Path) -> None:
     if not _fast(ds, meta, ts):
         ds.save_as(path, enforce_file_format=True)
         return
-    if "PixelData" in ds:  # as dcmwrite does (PS3.5 A.4): encapsulated data has an undefined length
+    pixels = ds._dict.get(0x7FE00010)
+    if pixels is not None and not _native_raw(pixels, ts):
+        # as dcmwrite does (PS3.5 A.4): encapsulated data has an undefined length
         ds["PixelData"].is_undefined_length = ts.is_compressed
     head = DicomBytesIO()
     head.is_implicit_VR, head.is_little_endian = _EXPLICIT_LE
@@ -51,6 +55,13 @@ def save(ds: Dataset, path: Path) -> None:
     _dataset(parts, ds, default_encoding)
     with open(path, "wb") as f:
         f.writelines(parts)
+
+
+def _native_raw(elem, ts) -> bool:
+    """Native Pixel Data still raw, of a defined even length: pydicom would write it as it was read
+    (its length defined, no padding), so it is copied undecoded (:func:`_raw`)."""
+    return (isinstance(elem, RawDataElement) and not ts.is_compressed and elem.length != _UNDEFINED
+            and isinstance(elem.value, bytes) and not len(elem.value) % 2 and elem.VR in ("OB", "OW"))
 
 
 def _meta(meta) -> bytes:
@@ -88,8 +99,8 @@ def _fast(ds: Dataset, meta, ts) -> bool:
         return False
     if any(t >> 16 in (0, 2) for t in ds._dict) or len(getattr(ds, "preamble", None) or b"\x00" * 128) != 128:
         return False
-    for meta_kw, ds_kw in (("MediaStorageSOPClassUID", "SOPClassUID"), ("MediaStorageSOPInstanceUID", "SOPInstanceUID")):
-        held, own = meta.get(meta_kw), ds.get(ds_kw)
+    for meta_kw, ds_tag in (("MediaStorageSOPClassUID", 0x00080016), ("MediaStorageSOPInstanceUID", 0x00080018)):
+        held, own = meta.get(meta_kw), str_of(ds, ds_tag)  # read from the bytes: left raw
         if held is None or (own and own != held):
             return False
     return True
@@ -103,7 +114,7 @@ def _dataset(parts: list, ds: Dataset, parent_encoding) -> None:
         return
     encoding = ds.get("SpecificCharacterSet", parent_encoding)
     d = ds._dict
-    for tag in sorted(d):
+    for tag in sorted(d, key=int):  # plain int comparisons (BaseTag.__lt__ is Python)
         if not tag & 0xFFFF and tag >> 16 > 6:
             continue
         elem = d[tag]
