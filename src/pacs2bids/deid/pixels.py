@@ -85,7 +85,9 @@ def risk_reason(ds: Dataset) -> str | None:
     # read from the bytes where pydicom would give the same (context.raw_value): left undecoded
     sop = str_of(ds, 0x00080016)
     modality = str_of(ds, 0x00080060).upper()
-    image_type = [str(v).upper() for v in (_image_type(ds) or [])]
+    image_type = _image_type(ds) or []
+    # one value (VM 2-n, but single values are written): a str, not a list of letters
+    image_type = [str(v).upper() for v in ([image_type] if isinstance(image_type, str) else image_type)]
     burned = str_of(ds, 0x00280301).upper()
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return "Secondary Capture SOP class"
