@@ -130,7 +130,9 @@ def ocr_boxes(grey: np.ndarray, scale: int = 2) -> list[tuple[int, int, int, int
             capture_output=True,
             text=True,
             timeout=120,
-            env=child_env(),
+            # one thread: tesseract's OpenMP threads spin on busy cores, 2-3x the wall time and 2x the CPU
+            # beside the run's other work, for the same boxes (issue 12)
+            env=child_env(OMP_THREAD_LIMIT="1"),
         )
     if proc.returncode != 0:
         raise PixelError(f"tesseract failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}")
