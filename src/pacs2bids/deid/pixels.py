@@ -49,7 +49,7 @@ from ..sopclasses import SECONDARY_CAPTURE_PREFIX
 MAX_OCR_FRAMES = 32
 MASK_CONFIDENCE = 0.0  # any box with a letter or digit is masked
 REMAIN_CONFIDENCE = 60.0
-_RISKY_MODALITIES = {"US", "SC", "OT", "XC", "ES"}
+RISKY_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES"})  # pixels read by OCR
 
 
 class PixelError(Exception):
@@ -87,7 +87,7 @@ def risk_reason(ds: Dataset) -> str | None:
     burned = str(ds.get("BurnedInAnnotation", "")).upper()
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return "Secondary Capture SOP class"
-    if modality in _RISKY_MODALITIES:
+    if modality in RISKY_MODALITIES:
         return f"modality {modality}"
     if any("SCREEN SAVE" in v for v in image_type):
         return "ImageType SCREEN SAVE"
