@@ -70,3 +70,30 @@ def test_a_slot_given_back_goes_at_once_to_a_waiter_of_the_same_process(prefect_
     while held() and time.monotonic() < deadline:  # the waiter's own request, granted late, ends at once
         time.sleep(0.2)
     assert held() == 0
+
+
+def test_a_small_series_batches_go_before_those_a_large_one_queued_earlier():
+    """The shared pool served batches first come, first served: a small study's series waited
+    behind every batch a 1,700-file study had queued. Batches now wait in one queue by priority
+    (a series passes its number of files), so the small series' batches run next."""
+    import threading
+    import time
+
+    from pacs2bids.deid.pool import map_ordered
+
+    assert list(map_ordered(abs, [(-1,), (-2,)], 2)) == [1, 2]  # the pool's workers are up
+    large: list[float] = []
+
+    def run_large() -> None:
+        for _ in map_ordered(time.sleep, [(0.3,)] * 10, 2, window=10, priority=1000):
+            large.append(time.monotonic())
+
+    t = threading.Thread(target=run_large)
+    t.start()
+    time.sleep(0.1)  # the large series' ten batches are queued
+    assert list(map_ordered(time.sleep, [(0.3,), (0.3,)], 2, priority=2)) == [None, None]
+    small_done = time.monotonic()
+    t.join(60)
+    assert len(large) == 10
+    # first come, first served, the small series would end after all ten (1.5 s of two workers)
+    assert small_done < large[5], (small_done, large)

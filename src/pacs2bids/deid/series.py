@@ -151,7 +151,9 @@ class Pseudonymiser:
         batches = [(job, [(i, str(p)) for i, p in enumerate(state.paths[k:k + size], start=k)])
                    for k in range(0, len(state.paths), size)]
         try:
-            for batch in pool.map_ordered(deid_batch, batches, n if len(batches) > 1 else 1):
+            # a small series' batches go before a large one's (the pool's queue serves the fewest files first)
+            for batch in pool.map_ordered(deid_batch, batches, n if len(batches) > 1 else 1,
+                                          priority=len(state.paths)):
                 self._fold(state, batch)
         except BaseException:
             for tmp in out_dir.glob(".deid-*.part"):  # a failed series leaves no half-named file
