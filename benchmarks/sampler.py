@@ -35,6 +35,21 @@ def _cpu(native_id: int) -> float:
         return 0.0
 
 
+def _kind(name: str) -> str:
+    """A thread's name without its number or UUID (ThreadPoolExecutor-0_3, ...-renewal-<uuid>)."""
+    name = re.sub(r"[-_]?[0-9a-f]{8}(-?[0-9a-f]{4}){3}-?[0-9a-f]{12}", "", name)
+    return re.sub(r"([-_ ]?\(?\d+\)?)+$", "", name)
+
+
+def _chain(frame, depth: int = 4) -> str:
+    """The top of a stack and the callers under it, innermost first."""
+    out = []
+    while frame is not None and len(out) < depth:
+        out.append(_where(frame.f_code))
+        frame = frame.f_back
+    return " <- ".join(out)
+
+
 def _where(code) -> str:
     path = code.co_filename
     for marker in ("site-packages/", "/src/", "/lib/python3"):
@@ -48,7 +63,7 @@ class Sampler(threading.Thread):
     def __init__(self, interval: float = 0.01):
         super().__init__(name="sampler", daemon=True)
         self.interval, self.stop = interval, threading.Event()
-        self.by_thread, self.inclusive, self.self_ = Counter(), Counter(), Counter()
+        self.by_thread, self.inclusive, self.self_, self.callers = Counter(), Counter(), Counter(), Counter()
         self.last: dict[int, float] = {}
 
     def run(self) -> None:
@@ -62,9 +77,10 @@ class Sampler(threading.Thread):
                 used, self.last[t.native_id] = cpu - self.last.get(t.native_id, cpu), cpu
                 if used <= 0:
                     continue
-                self.by_thread[re.sub(r"[-_]?\d+", "", t.name)] += used
+                self.by_thread[_kind(t.name)] += used
                 frame, seen = frames[t.ident], set()
                 self.self_[_where(frame.f_code)] += used
+                self.callers[_chain(frame)] += used
                 while frame is not None:
                     key = _where(frame.f_code)
                     if key not in seen:
@@ -76,7 +92,8 @@ class Sampler(threading.Thread):
         total = sum(self.by_thread.values())
         lines = [f"CPU seen in Python threads: {total:.1f} s (process: {time.process_time():.1f} s)", "", "per thread:"]
         lines += [f"  {s:8.2f}  {name}" for name, s in self.by_thread.most_common()]
-        for title, counter in (("inclusive", self.inclusive), ("self (top of stack)", self.self_)):
+        for title, counter in (("inclusive", self.inclusive), ("self (top of stack)", self.self_),
+                               ("self, with its callers", self.callers)):
             lines += ["", f"{title}:"] + [f"  {s:8.2f}  {k}" for k, s in counter.most_common(top)]
         return "\n".join(lines) + "\n"
 

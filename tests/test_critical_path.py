@@ -97,3 +97,37 @@ def test_a_small_series_batches_go_before_those_a_large_one_queued_earlier():
     assert len(large) == 10
     # first come, first served, the small series would end after all ten (1.5 s of two workers)
     assert small_done < large[5], (small_done, large)
+
+
+def test_the_sampler_charges_cpu_to_the_busy_thread_not_the_blocked_one():
+    """benchmarks/sampler.py (bench_e2e --sample): a blocked thread costs nothing, whatever its stack."""
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from sampler import Sampler
+
+    def spin_here(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def sleep_here(seconds: float) -> None:
+        time.sleep(seconds)
+
+    sampler = Sampler(0.005)
+    sampler.start()
+    threads = [threading.Thread(target=spin_here, args=(0.6,), name="busy-1"),
+               threading.Thread(target=sleep_here, args=(1.0,), name="idle-1")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sampler.stop.set()
+    sampler.join()
+    spun = sum(s for k, s in sampler.self_.items() if k.endswith(":spin_here"))
+    slept = sum(s for k, s in sampler.inclusive.items() if k.endswith(":sleep_here"))
+    assert spun > 0.3 and slept < 0.05, sampler.report()
+    assert sampler.by_thread["busy"] > 0.3 and "spin_here" in sampler.report()
