@@ -12,11 +12,12 @@ from pacs2bids.deid import pixels
 def test_ocr_runs_tesseract_on_one_thread(monkeypatch):
     """tesseract's OpenMP threads spin on cores the run's other work holds: a burned-in-text check
     took 2-3x the wall time and twice the CPU beside it, for the same boxes. The child gets
-    OMP_THREAD_LIMIT=1 (and still never the project's key)."""
-    seen, real = [], subprocess.run
+    OMP_THREAD_LIMIT=1 (and still never the project's key), and reads the frame uncompressed."""
+    seen, images, real = [], [], subprocess.run
 
     def spy(cmd, **kw):
         seen.append((cmd[0], kw.get("env") or {}))
+        images.append(cmd[1])
         return real(cmd, **kw)
 
     monkeypatch.setattr(pixels.subprocess, "run", spy)
@@ -27,6 +28,8 @@ def test_ocr_runs_tesseract_on_one_thread(monkeypatch):
     env = seen[0][1]
     assert env.get("OMP_THREAD_LIMIT") == "1"
     assert "PACS2BIDS_SECRET" not in env
+    # an uncompressed image: PNG's deflate of a frame enlarged x2 cost 0.25 s of the caller's CPU (10x the rest)
+    assert images[0].endswith(".pgm")
 
 
 def test_a_slot_given_back_goes_at_once_to_a_waiter_of_the_same_process(prefect_harness):
