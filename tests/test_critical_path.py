@@ -134,3 +134,26 @@ def test_the_sampler_charges_cpu_to_the_busy_thread_not_the_blocked_one():
     slept = sum(s for k, s in sampler.inclusive.items() if k.endswith(":sleep_here"))
     assert spun > 0.3 and slept < 0.05, sampler.report()
     assert sampler.by_thread["busy"] > 0.3 and "spin_here" in sampler.report()
+
+
+def test_only_small_series_go_ahead_in_the_pool_queue(monkeypatch, tmp_path):
+    """A series of at most SMALL_SERIES files passes its size as its priority; larger ones share one
+    priority (first come, first served among them), so the largest study, often the critical path,
+    is delayed by no more than the small series' own work."""
+    from pacs2bids.config import PseudonymizationSettings
+    from pacs2bids.deid import Pseudonymiser
+    from pacs2bids.deid import series as deid_series
+
+    seen = []
+
+    def record(fn, batches, workers, window=None, priority=0):
+        seen.append(priority)
+        return iter(())
+
+    monkeypatch.setattr(deid_series.pool, "map_ordered", record)
+    p = Pseudonymiser("prio", b"0123456789abcdef0123", PseudonymizationSettings(workers=2), tmp_path / "keys")
+    for n in (3, deid_series.SMALL_SERIES, 500, 1692):
+        p.pseudonymise_series([tmp_path / f"f{i}" for i in range(n)], tmp_path / f"out{n}", subject="001",
+                              session=None, quarantine_dir=tmp_path / "q")
+    small = deid_series.SMALL_SERIES
+    assert seen == [3, small, small + 1, small + 1]
