@@ -115,57 +115,21 @@ def ensure_pacs_limit(spec: ProjectSpec) -> str:
     return name
 
 
-class _Slot:
-    """One slot of the limit, held by a small thread inside Prefect's ``concurrency`` context (which
-    renews the slot's lease) until :attr:`done` is set."""
-
-    def __init__(self, name: str, lease_seconds: float, ready: threading.Event):
-        self.taken, self.done, self.failure = threading.Event(), threading.Event(), []
-
-        def hold() -> None:
-            try:
-                with concurrency(name, occupy=1, timeout_seconds=None, strict=True,
-                                 lease_duration=lease_seconds, raise_on_lease_renewal_failure=False):
-                    self.taken.set()
-                    ready.set()
-                    self.done.wait()
-            except BaseException as exc:  # handed to the caller
-                self.failure.append(exc)
-            finally:
-                self.taken.set()
-                ready.set()
-
-        # an empty context, not a copy of the caller's: Prefect records a lease on the task run
-        # that acquires it and releases it when that task ends, but a pooled association (and
-        # its slot) outlives the task that opened it
-        self.thread = threading.Thread(target=contextvars.Context().run, args=(hold,), daemon=True,
-                                       name="pacs2bids-pacs-slot")
-        self.thread.start()
-
-    def give_back(self) -> None:
-        self.done.set()
-        self.thread.join(timeout=60)
-
-
 class PrefectGate:
     """A :data:`pacs2bids.pacs.gate.Gate` backed by a Prefect global concurrency limit.
-    Each slot is held by a small thread (:class:`_Slot`), so that a slot taken by one thread can be
-    given back by another: an association is opened by the thread that needs it and may be
-    released by the pool's reaper. A slot released while another connection of this process waits
-    for one is handed to it at once, still held (issue 12): Prefect's server makes a refused
-    acquisition retry after about the limit's average occupancy (seconds, when one study's retrieval
-    holds a slot), so a 1-instance study waited 2-4 s for a slot given back a moment before. The
-    bound is the same: a handed slot is never given back and taken again.
+
+    Each slot is held by a small thread inside Prefect's ``concurrency`` context (which renews
+    the slot's lease), so that a slot taken by one thread can be given back by another: an
+    association is opened by the thread that needs it and may be released by the pool's reaper.
     """
 
     def __init__(self, name: str, lease_seconds: float = LEASE_SECONDS, wait_log_seconds: float = WAIT_LOG_SECONDS):
         self.name, self.lease_seconds, self.wait_log_seconds = name, lease_seconds, wait_log_seconds
-        self._lock = threading.Lock()
-        self._waiting: list[tuple[threading.Event, list]] = []  # this process's waiters, first come first
 
     def _say_waiting(self, waited: float) -> None:
         """One line saying what this connection waits for: which limit, how many slots are held."""
         from prefect.client.orchestration import get_client
+
         try:
             with get_client(sync_client=True) as client:
                 limit = client.read_global_concurrency_limit_by_name(self.name)
@@ -176,42 +140,37 @@ class PrefectGate:
                     "run's slots come back when their %.0f s lease expires)", waited, self.name, held,
                     self.lease_seconds)
 
-    def _hand_on(self, slot: _Slot) -> None:
-        """A connection is done with ``slot``: to the first waiter of this process, else back to Prefect."""
-        with self._lock:
-            if self._waiting:
-                ready, box = self._waiting.pop(0)
-                box.append(slot)
-                ready.set()
-                return
-        slot.give_back()
-
     def __call__(self) -> Callable[[], None]:
-        ready, box = threading.Event(), []
-        with self._lock:
-            self._waiting.append((ready, box))
-        own = _Slot(self.name, self.lease_seconds, ready)
+        taken, done = threading.Event(), threading.Event()
+        failure: list[BaseException] = []
+
+        def hold() -> None:
+            try:
+                with concurrency(self.name, occupy=1, timeout_seconds=None, strict=True,
+                                 lease_duration=self.lease_seconds, raise_on_lease_renewal_failure=False):
+                    taken.set()
+                    done.wait()
+            except BaseException as exc:  # handed to the caller below
+                failure.append(exc)
+            finally:
+                taken.set()
+
+        # an empty context, not a copy of the caller's: Prefect records a lease on the task run
+        # that acquires it and releases it when that task ends, but a pooled association (and
+        # its slot) outlives the task that opened it
+        holder = threading.Thread(target=contextvars.Context().run, args=(hold,), daemon=True,
+                                  name="pacs2bids-pacs-slot")
+        holder.start()
         started = time.monotonic()
-        while not ready.wait(self.wait_log_seconds):
+        while not taken.wait(self.wait_log_seconds):
             self._say_waiting(time.monotonic() - started)
-        with self._lock:
-            if (ready, box) in self._waiting:
-                self._waiting.remove((ready, box))
-        if box:  # handed over by a connection of this process: our own request is not needed
-            slot = box[0]
-            if own.taken.is_set() and not own.failure:
-                self._hand_on(own)
-            else:
-                own.done.set()  # given back as soon as Prefect grants it
-        elif own.failure:
-            raise own.failure[0]
-        else:
-            slot = own
-        once = threading.Lock()
+        if failure:
+            raise failure[0]
 
         def release() -> None:
-            if once.acquire(blocking=False):  # a second call must not hand the slot on twice
-                self._hand_on(slot)
+            done.set()
+            holder.join(timeout=60)
+
         return release
 
 

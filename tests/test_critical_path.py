@@ -32,49 +32,6 @@ def test_ocr_runs_tesseract_on_one_thread(monkeypatch):
     assert images[0].endswith(".pgm")
 
 
-def test_a_slot_given_back_goes_at_once_to_a_waiter_of_the_same_process(prefect_harness):
-    """Prefect's server makes a refused acquisition retry after about the limit's average
-    occupancy (2 s for a new limit, more when a study's retrieval holds a slot): a small study
-    waited seconds for a slot given back a moment before. A slot released while another
-    connection of the process waits is handed to it, still held: the bound is unchanged."""
-    import threading
-    import time
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    from pacs2bids.tasks.pacs_limit import PrefectGate
-
-    name = "pacs2bids-pacs-HANDOFF@127.0.0.1:1"
-    with get_client(sync_client=True) as client:
-        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
-
-    def held() -> int:
-        with get_client(sync_client=True) as client:
-            return client.read_global_concurrency_limit_by_name(name).active_slots
-
-    gate = PrefectGate(name)
-    first = gate()
-    got: list = []
-    waiter = threading.Thread(target=lambda: got.append((gate(), time.monotonic())), daemon=True)
-    waiter.start()
-    time.sleep(3.0)  # the waiter was refused and sleeps in Prefect's retry
-    assert not got and held() == 1
-    released_at = time.monotonic()
-    first()
-    waiter.join(30)
-    assert got, "the waiter never got a slot"
-    release, at = got[0]
-    assert at - released_at < 0.5, f"the waiter got the slot {at - released_at:.2f} s after it was given back"
-    assert held() == 1  # handed over, never two at once
-    release()
-    release()  # a second call gives nothing back twice
-    deadline = time.monotonic() + 10
-    while held() and time.monotonic() < deadline:  # the waiter's own request, granted late, ends at once
-        time.sleep(0.2)
-    assert held() == 0
-
-
 def test_a_small_series_batches_go_before_those_a_large_one_queued_earlier():
     """The shared pool served batches first come, first served: a small study's series waited
     behind every batch a 1,700-file study had queued. Batches now wait in one queue by priority
