@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", metavar="COMMIT", help="also time pacs2bids as it was at this commit of this "
                     "repository (before and after in one run), each run just before the current code's")
     ap.add_argument("--json", type=Path, help="write the figures to this file")
+    ap.add_argument("--sample", type=Path, metavar="DIR", help="profile the current code's runs: where their "
+                    "process's CPU goes, per thread and function (benchmarks/sampler.py), one report each in DIR")
     args = ap.parse_args(argv)
     transports = tuple(t for t in TRANSPORTS if t in args.transports.split(","))
     unknown = set(args.transports.split(",")) - set(TRANSPORTS)
@@ -189,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_e2e: dcmtk is not installed (apt-get install dcmtk), or run with --quick", file=sys.stderr)
         return 2
     copies = [int(c) for c in args.copies.split(",")]
+    if args.sample:
+        args.sample.mkdir(parents=True, exist_ok=True)
+        os.environ[steps.SAMPLE_ENV] = str(args.sample.resolve())
     figures = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-code-") as code:
         os.environ["PREFECT_HOME"] = str(steps.migrated_prefect_home(Path(code) / "prefect"))

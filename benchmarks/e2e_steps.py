@@ -353,6 +353,9 @@ def _prefect_version() -> str:
     return version("prefect")
 
 
+SAMPLE_ENV = "BENCH_E2E_SAMPLE"  # a folder: the current code's runs are profiled there (bench_e2e --sample)
+
+
 def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
     """``pacs2bids run SPEC --json`` in its own process (its Prefect server's start-up counts); with
     ``base``, the pacs2bids package under that folder (:func:`base_package`) runs instead.
@@ -360,6 +363,9 @@ def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
     code, state and the summary's ``stage_seconds`` (None while the flow does not report them)."""
     exe = shutil.which("pacs2bids", path=str(VENV_BIN))
     cmd = [exe] if exe and base is None else [sys.executable, "-m", "pacs2bids.cli"]
+    if base is None and os.environ.get(SAMPLE_ENV):  # where the run's own CPU goes (benchmarks/sampler.py)
+        cmd = [sys.executable, str(Path(__file__).with_name("sampler.py")),
+               str(Path(os.environ[SAMPLE_ENV]) / f"{spec.parent.name}.txt"), "--"]
     env = {**os.environ, SECRET_ENV: "bench-secret-" + "0123456789abcdef" * 2, "NIPYPE_NO_ET": "1",
            "PACS2BIDS_TIMELINE": "1"}  # each study's stages in the summary (read by versions that have it)
     if base is not None:

@@ -69,3 +69,11 @@ def test_flow_submits_the_largest_study_first(prefect_harness, orthanc_factory, 
     assert [t["instances"] for t in timeline] == sorted((t["instances"] for t in timeline), reverse=True)
     for t in timeline:
         assert 0 <= t["retrieve"][0] <= t["retrieve"][1] <= t["pseudonymise"][1] <= t["convert"][1], t
+
+
+def test_a_study_whose_pixels_are_read_by_ocr_goes_before_larger_ordinary_ones():
+    """One ultrasound instance costs seconds of OCR (the 1-instance study ended the shared corpus's
+    run, submitted last): it counts as OCR_INSTANCES instances."""
+    us = StudyRef(7, "07", None, "1.2.7", series=[SeriesRef("1.2.7", "1.2.7.1", "US", 1, "", 1)])
+    studies = [_study(1, 1000), _study(2, 50), us, _study(3, 1)]
+    assert longest_first(studies) == [0, 2, 1, 3]

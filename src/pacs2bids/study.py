@@ -55,13 +55,29 @@ class StudyResult:
     clock: dict[str, float] = field(default_factory=dict)  # epoch seconds of each stage's bounds (the run's timeline)
 
 
+#: What one instance of a series at risk of burned-in text costs, in instances of an ordinary image:
+#: its pixels are read by OCR (tesseract, twice per frame: 1-2 s on a busy core, where the rest of a
+#: study's work costs ~20 ms per instance), so a 1-instance ultrasound study outlasts a 100-instance MR one.
+OCR_INSTANCES = 100
+
+
+def study_cost(study: StudyRef) -> int:
+    """The study's expected work, in instances (the query's announced counts; unknown counts 0):
+    a series whose modality puts its pixels at risk (:data:`pacs2bids.deid.pixels.RISKY_MODALITIES`:
+    ultrasound, secondary capture...) counts :data:`OCR_INSTANCES` per instance."""
+    from .deid.pixels import RISKY_MODALITIES
+
+    return sum((s.announced_instances or 0) * (OCR_INSTANCES if s.modality.upper() in RISKY_MODALITIES else 1)
+               for s in study.series)
+
+
 def longest_first(studies: list[StudyRef]) -> list[int]:
-    """The order to submit ``studies`` in (their indices): most announced instances first, the
-    query's order between equals. The classic LPT schedule: the largest study, the run's critical
-    path, starts at once instead of after the smaller ones have taken the workers (issue 12)."""
+    """The order to submit ``studies`` in (their indices): most expected work first
+    (:func:`study_cost`), then most series, then the query's order. The classic LPT schedule: the
+    longest study, the run's critical path, starts at once instead of after the smaller ones have
+    taken the workers (issue 12)."""
     def size(i: int) -> tuple[int, int]:
-        series = studies[i].series
-        return -sum(s.announced_instances or 0 for s in series), -len(series)
+        return -study_cost(studies[i]), -len(studies[i].series)
     return sorted(range(len(studies)), key=size)
 
 

@@ -50,7 +50,7 @@ from .context import as_written, raw_value, str_of
 MAX_OCR_FRAMES = 32
 MASK_CONFIDENCE = 0.0  # any box with a letter or digit is masked
 REMAIN_CONFIDENCE = 60.0
-_RISKY_MODALITIES = {"US", "SC", "OT", "XC", "ES"}
+RISKY_MODALITIES = frozenset({"US", "SC", "OT", "XC", "ES"})  # pixels read by OCR
 
 
 class PixelError(Exception):
@@ -91,7 +91,7 @@ def risk_reason(ds: Dataset) -> str | None:
     burned = str_of(ds, 0x00280301).upper()
     if sop.startswith(SECONDARY_CAPTURE_PREFIX):
         return "Secondary Capture SOP class"
-    if modality in _RISKY_MODALITIES:
+    if modality in RISKY_MODALITIES:
         return f"modality {modality}"
     if any("SCREEN SAVE" in v for v in image_type):
         return "ImageType SCREEN SAVE"
@@ -137,14 +137,16 @@ def ocr_boxes(grey: np.ndarray, scale: int = 2) -> list[tuple[int, int, int, int
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.Resampling.LANCZOS)
     with tempfile.TemporaryDirectory(prefix="pacs2bids-ocr-") as tmp:
-        png = Path(tmp) / "frame.png"
+        png = Path(tmp) / "frame.pgm"  # uncompressed: PNG's deflate cost 10x the rest of this (same boxes)
         img.save(png)
         proc = subprocess.run(
             ["tesseract", str(png), "stdout", "--psm", "11", "tsv"],
             capture_output=True,
             text=True,
             timeout=120,
-            env=child_env(),
+            # one thread: tesseract's OpenMP threads spin on busy cores, 2-3x the wall time and 2x the CPU
+            # beside the run's other work, for the same boxes (issue 12)
+            env=child_env(OMP_THREAD_LIMIT="1"),
         )
     if proc.returncode != 0:
         raise PixelError(f"tesseract failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}")

@@ -18,17 +18,20 @@ and handled by the parent's logger of the same name, so that they reach the run'
 from __future__ import annotations
 
 import atexit
+import heapq
+import itertools
 import logging
 import multiprocessing
 import os
 import threading
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
 
 ENV = "PACS2BIDS_DEID_WORKERS"
 _POOLS: dict[int, ProcessPoolExecutor] = {}
+_QUEUES: dict[int, "_Queue"] = {}  # id(pool) -> its queue of batches by priority
 _LOCK = threading.Lock()
 _RECORDS: list[dict] = []  # in a worker process: the log records of the batch it runs
 
@@ -85,6 +88,7 @@ def shutdown() -> None:
     with _LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
+        _QUEUES.clear()
     for pool in pools:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -106,11 +110,71 @@ def _relog(records: list[dict]) -> None:
             logger.handle(logging.makeLogRecord({**rec, "args": None, "exc_info": None}))
 
 
-def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: int | None = None) -> Iterator:
+class _Queue:
+    """The batches waiting for one shared pool, smallest ``priority`` first (then first come):
+    at most ``workers + 1`` are handed to the pool at a time (what it feeds its workers anyway), the
+    next one as each finishes. The pool's own queue is first come, first served: a 7-file series
+    of a small study waited there behind every batch a 1,700-file study had sent before it (issue 12)."""
+
+    def __init__(self, pool: ProcessPoolExecutor, workers: int):
+        self.pool, self.limit = pool, workers + 1
+        self.heap: list = []
+        self.running = 0
+        self.seq = itertools.count()
+        self.lock = threading.Lock()
+
+    def submit(self, priority: int, fn: Callable, batch: tuple) -> Future:
+        outer: Future = Future()
+        with self.lock:
+            heapq.heappush(self.heap, (priority, next(self.seq), outer, fn, batch))
+        self._pump()
+        return outer
+
+    def _pump(self) -> None:
+        while True:
+            with self.lock:
+                if self.running >= self.limit or not self.heap:
+                    return
+                _, _, outer, fn, batch = heapq.heappop(self.heap)
+                if not outer.set_running_or_notify_cancel():  # cancelled while it waited
+                    continue
+                self.running += 1
+            try:
+                inner = self.pool.submit(_call, fn, batch)
+            except BaseException as exc:  # a broken or shut-down pool: the caller sees it at its result
+                self._finish(outer, None, exc)
+            else:
+                inner.add_done_callback(lambda f, outer=outer: self._finish(outer, f, None))
+
+    def _finish(self, outer: Future, inner: Future | None, exc: BaseException | None) -> None:
+        with self.lock:
+            self.running -= 1
+        if inner is not None:
+            exc = CancelledError() if inner.cancelled() else inner.exception()
+        if exc is not None:
+            outer.set_exception(exc)
+        else:
+            outer.set_result(inner.result())
+        self._pump()
+
+
+def _queue(pool: ProcessPoolExecutor, workers: int) -> _Queue:
+    with _LOCK:
+        queue = _QUEUES.get(id(pool))
+        if queue is None or queue.pool is not pool:
+            queue = _QUEUES[id(pool)] = _Queue(pool, workers)
+    return queue
+
+
+def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: int | None = None,
+                priority: int = 0) -> Iterator:
     """``fn(*batch)`` for each batch, yielded in the batches' order.
 
     ``workers > 1``: in the shared process pool, at most ``window`` (default ``2 * workers``)
-    batches in flight; ``fn`` and its arguments must pickle. ``workers == 1``: in this thread.
+    batches in flight; ``fn`` and its arguments must pickle. Batches of every caller wait for the
+    pool's workers in one queue, lowest ``priority`` first (a series passes its number of files:
+    small series are not held behind a large one's batches), in order of submission between equals.
+    ``workers == 1``: in this thread.
     A failure of ``fn`` is raised when its result is reached; the batches not yet run are cancelled.
     A worker that dies breaks the pool (:class:`BrokenProcessPool` is raised): it is replaced at the
     next call, so one lost series does not fail the rest of the run.
@@ -120,10 +184,10 @@ def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: in
             yield fn(*batch)
         return
     pool, todo, pending = executor(workers), iter(batches), deque()
-    window = window or 2 * workers
+    queue, window = _queue(pool, workers), window or 2 * workers
     try:
         for batch in todo:
-            pending.append(pool.submit(_call, fn, batch))
+            pending.append(queue.submit(priority, fn, batch))
             if len(pending) >= window:
                 break
         while pending:
@@ -136,7 +200,7 @@ def map_ordered(fn: Callable, batches: Iterable[tuple], workers: int, window: in
                 raise
             _relog(records)
             for batch in todo:  # one in, one out
-                pending.append(pool.submit(_call, fn, batch))
+                pending.append(queue.submit(priority, fn, batch))
                 break
             yield result
     finally:

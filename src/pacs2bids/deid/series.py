@@ -39,6 +39,7 @@ from .profile import Profile
 from .record import SeriesDeidResult, build_record, dry_run
 
 log = logging.getLogger(__name__)
+SMALL_SERIES = 64  # files: a series this small goes ahead of larger ones in the worker pool's queue
 __all__ = ["BatchResult", "Known", "Pseudonymiser", "SeriesJob", "deid_batch", "deid_dataset"]
 
 @dataclass
@@ -151,7 +152,11 @@ class Pseudonymiser:
         batches = [(job, [(i, str(p)) for i, p in enumerate(state.paths[k:k + size], start=k)])
                    for k in range(0, len(state.paths), size)]
         try:
-            for batch in pool.map_ordered(deid_batch, batches, n if len(batches) > 1 else 1):
+            # a small series' batches go before a large one's (the pool's queue serves the lowest first); large
+            # series share one priority, first come first served: a large study, often the run's critical path,
+            # is delayed by no more than the small series' own work
+            for batch in pool.map_ordered(deid_batch, batches, n if len(batches) > 1 else 1,
+                                          priority=min(len(state.paths), SMALL_SERIES + 1)):
                 self._fold(state, batch)
         except BaseException:
             for tmp in out_dir.glob(".deid-*.part"):  # a failed series leaves no half-named file
