@@ -112,18 +112,11 @@ def test_action_z_on_bytes_gives_what_pydicom_gives(vr):
     assert a.notes == b.notes
 
 
-BINARY_FORMS = [b"\x80\x01 1.2.3.4.5.6.7.8.9 \xff\x00", b"\x80\x01 1.2.3.4.5.6.7.8.9 \xff\x00\x00", b"\x80 PLANTED-ID-7731 at 20230417 \x00", b"plain ascii 20230417",
-                b"\x80\x01\x02", b"", b"\x81 1.2.840.10008.5.1.4.1.1.4 \x00", b"\x90 20230417\\20230418 \x00\x00"]
-
-
-@pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))
-@pytest.mark.parametrize("private", [False, True])
-@pytest.mark.parametrize("vr", ["OB", "OW"])
-@pytest.mark.parametrize("raw", BINARY_FORMS)
-def test_binary_values_scrubbed_on_bytes_give_what_pydicom_gives(options, private, vr, raw):
+def _cleaned_both_ways(tag, vr, raw, options, why, private):
+    """The element cleaned on its bytes, then by the general path (the fast paths off): both
+    datasets and both contexts."""
     from pacs2bids.deid.patterns import compile_identifiers, date_tokens
 
-    tag, why = 0x00111004 if private else 0x00081030, "settings.keep_private" if private else "basicProfile C"
     on_bytes, decoded = _ds(tag, vr, raw), _ds(tag, vr, raw)
     contexts = []
     for ds in (on_bytes, decoded):  # the second by the general path: the fast paths off
@@ -134,6 +127,20 @@ def test_binary_values_scrubbed_on_bytes_give_what_pydicom_gives(options, privat
                 _general(mp)
             walk._clean(ds, ds.get_item(tag), ctx, 0, "x", why, private=private)
         contexts.append(ctx)
+    return on_bytes, decoded, contexts
+
+
+BINARY_FORMS = [b"\x80\x01 1.2.3.4.5.6.7.8.9 \xff\x00", b"\x80\x01 1.2.3.4.5.6.7.8.9 \xff\x00\x00", b"\x80 PLANTED-ID-7731 at 20230417 \x00", b"plain ascii 20230417",
+                b"\x80\x01\x02", b"", b"\x81 1.2.840.10008.5.1.4.1.1.4 \x00", b"\x90 20230417\\20230418 \x00\x00"]
+
+
+@pytest.mark.parametrize("options", list(PROFILES.values()), ids=list(PROFILES))
+@pytest.mark.parametrize("private", [False, True])
+@pytest.mark.parametrize("vr", ["OB", "OW"])
+@pytest.mark.parametrize("raw", BINARY_FORMS)
+def test_binary_values_scrubbed_on_bytes_give_what_pydicom_gives(options, private, vr, raw):
+    tag, why = 0x00111004 if private else 0x00081030, "settings.keep_private" if private else "basicProfile C"
+    on_bytes, decoded, contexts = _cleaned_both_ways(tag, vr, raw, options, why, private)
     assert contexts[0].notes == contexts[1].notes
     if tag in on_bytes:
         assert _bytes(on_bytes, tag) == _bytes(decoded, tag)
@@ -153,19 +160,8 @@ CLEANED_TEXT_FORMS = [b"MPRAGE", b"MPRAGE ", b"1234.5\\0\\77777 ", b"PLANTED-ID-
 @pytest.mark.parametrize("vr", ["SH", "LO", "CS"])
 @pytest.mark.parametrize("raw", CLEANED_TEXT_FORMS)
 def test_text_checked_on_bytes_gives_what_pydicom_gives(options, private, vr, raw):
-    from pacs2bids.deid.patterns import compile_identifiers, date_tokens
-
     tag, why = (0x00111002, "settings.keep_private") if private else (0x00081030, "basicProfile C")
-    on_bytes, decoded = _ds(tag, vr, raw), _ds(tag, vr, raw)
-    contexts = []
-    for ds in (on_bytes, decoded):  # the second by the general path: the fast paths off
-        ctx = _ctx(options)
-        ctx.pattern, ctx.dates = compile_identifiers({"PLANTED-ID-7731"}), date_tokens({"20230417", "20230418"})
-        with pytest.MonkeyPatch.context() as mp:
-            if ds is decoded:
-                _general(mp)
-            walk._clean(ds, ds.get_item(tag), ctx, 0, "x", why, private=private)
-        contexts.append(ctx)
+    on_bytes, decoded, contexts = _cleaned_both_ways(tag, vr, raw, options, why, private)
     assert contexts[0].notes == contexts[1].notes
     assert (tag in on_bytes) == (tag in decoded)
     if tag in on_bytes:
