@@ -182,3 +182,46 @@ def test_a_command_called_from_python_returns(tmp_path):
     from pacs2bids import cli
 
     assert cli.main(["run", str(tmp_path / "missing.yaml")]) == launch.EXIT_USAGE
+
+
+def _retry_after(url: str, name: str) -> list[float]:
+    """Take the only slot of a new limit ``name``, then the Retry-After of five refused takes."""
+    import json as _json
+    import urllib.error
+    import urllib.request
+
+    def post(path: str, body: dict):
+        req = urllib.request.Request(url + path, data=_json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        return urllib.request.urlopen(req, timeout=30)
+
+    post("/v2/concurrency_limits/", {"name": name, "limit": 1, "active": True})
+    post("/v2/concurrency_limits/increment", {"names": [name], "slots": 1, "mode": "concurrency"})
+    waits = []
+    for _ in range(5):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            post("/v2/concurrency_limits/increment", {"names": [name], "slots": 1, "mode": "concurrency"})
+        assert refused.value.code == 423
+        waits.append(float(refused.value.headers["Retry-After"]))
+    return waits
+
+
+def test_the_run_server_tells_slot_waiters_to_retry_soon(tmp_path, monkeypatch):
+    """A connection refused a slot of the PACS limit retries within ~0.5 s on the run's own server (Prefect's
+    default told it about 2-5 s on a new limit, the cap 30 s: issue 12), and the environment can set another cap."""
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    monkeypatch.delenv("PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", raising=False)
+    server = prefectserver.RunServer()
+    try:
+        server.wait(300)
+        assert max(_retry_after(server.url, "pacs2bids-pacs-test")) <= 0.5 * 1.3 + 1e-6
+    finally:
+        server.stop()
+    monkeypatch.setenv("PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS", "10")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-2"))
+    server = prefectserver.RunServer()
+    try:
+        server.wait(300)
+        assert min(_retry_after(server.url, "pacs2bids-pacs-test")) > 0.65
+    finally:
+        server.stop()

@@ -32,6 +32,11 @@ from typing import Iterator
 from .errors import Pacs2BidsError
 
 FLAGS = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}  # as Prefect's
+#: The run's server's own defaults, which the environment overrides. A connection refused a slot of the PACS
+#: limit (a global concurrency limit) is told to retry after about the limit's average occupancy, capped at this
+#: (Prefect's default cap is 30 s): a study of one instance waited 2-4 s for a slot given back a moment before
+#: (issue 12). Waiters still retry in turn, through the server: no process is served ahead of another.
+DEFAULTS = {"PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "0.5"}
 
 
 class ServerFailed(Pacs2BidsError):
@@ -69,7 +74,7 @@ class RunServer:
         self.port = _free_port()
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        self.process = subprocess.Popen(cmd, env={**os.environ, **FLAGS}, stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(cmd, env={**DEFAULTS, **os.environ, **FLAGS}, stdin=subprocess.DEVNULL)
 
     def wait(self, timeout: float) -> None:
         """Until ``/api/health`` answers; a process that ends first (its port taken meanwhile) is
