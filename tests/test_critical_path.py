@@ -69,10 +69,14 @@ def test_the_sampler_charges_cpu_to_the_busy_thread_not_the_blocked_one():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from sampler import Sampler
 
+    spun_out, release = threading.Event(), threading.Event()
+
     def spin_here(seconds: float) -> None:
         end = time.thread_time() + seconds
         while time.thread_time() < end:
             pass
+        spun_out.set()
+        release.wait(30)  # alive until the sampler has read its CPU (a loaded machine starves the sampler)
 
     def sleep_here(seconds: float) -> None:
         time.sleep(seconds)
@@ -83,11 +87,14 @@ def test_the_sampler_charges_cpu_to_the_busy_thread_not_the_blocked_one():
                threading.Thread(target=sleep_here, args=(1.0,), name="idle-1")]
     for t in threads:
         t.start()
+    spun_out.wait(60)
+    time.sleep(0.5)
+    release.set()
     for t in threads:
         t.join()
     sampler.stop.set()
     sampler.join()
-    spun = sum(s for k, s in sampler.self_.items() if k.endswith(":spin_here"))
+    spun = sum(s for k, s in sampler.inclusive.items() if k.endswith(":spin_here"))
     slept = sum(s for k, s in sampler.inclusive.items() if k.endswith(":sleep_here"))
     assert spun > 0.3 and slept < 0.05, sampler.report()
     assert sampler.by_thread["busy"] > 0.3 and "spin_here" in sampler.report()

@@ -67,7 +67,7 @@ def study_cost(study: StudyRef) -> int:
     ultrasound, secondary capture...) counts :data:`OCR_INSTANCES` per instance."""
     from .deid.pixels import RISKY_MODALITIES
 
-    return sum((s.announced_instances or 0) * (OCR_INSTANCES if s.modality.upper() in RISKY_MODALITIES else 1)
+    return sum((s.announced_instances or 0) * (OCR_INSTANCES if (s.modality or "").upper() in RISKY_MODALITIES else 1)
                for s in study.series)
 
 
