@@ -1,4 +1,4 @@
-"""The vendor corpus end to end, over DICOMweb (issue 9, "Data to test on").
+"""The vendor corpus end to end, over DICOMweb and C-GET (issue 9, "Data to test on").
 
 ../shared/data/dicom-vendors (Canon/Toshiba DTI, Philips classic and enhanced, Philips ASL, Siemens
 mosaic / VE / XA10 / XA60-61 enhanced, GE EPI) is decompressed, copied with a planted identity per
@@ -148,8 +148,8 @@ def _same(a, b) -> bool:
     return np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=1e-5, atol=1e-6)
 
 
-def test_vendor_corpus_end_to_end_over_dicomweb(prefect_harness, orthanc_factory, vendors_dir, tmp_path,
-                                                monkeypatch):
+@pytest.mark.parametrize("transport", ["dicomweb", "c-get"])
+def test_vendor_corpus_end_to_end(prefect_harness, orthanc_factory, vendors_dir, tmp_path, monkeypatch, transport):
     corpus = _vendor_corpus(vendors_dir, tmp_path)
     planted = plant_corpus(corpus, tmp_path / "planted")
     shutil.rmtree(corpus)
@@ -160,7 +160,9 @@ def test_vendor_corpus_end_to_end_over_dicomweb(prefect_harness, orthanc_factory
     pacs = orthanc_factory()
     assert pacs.upload(f for files in planted["by_series"].values() for f in files) > 2000
     out = tmp_path / "out"
-    spec = write_spec(tmp_path, f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n", planted, out)
+    block = (f"  dicomweb: {{url: {pacs.dicomweb_url}}}\n" if transport == "dicomweb" else
+             f"  dimse: {{ae_title: {pacs.aet}, host: 127.0.0.1, port: {pacs.dicom_port}, retrieve: c-get}}\n")
+    spec = write_spec(tmp_path, block, planted, out)
     spec.write_text(spec.read_text().replace("modalities: [MR]", "modalities: [MR, PR]"))  # A2 is a PR series
     summary = run_extraction(spec, monkeypatch)
     (tmp_path / "summary.json").write_text(json.dumps(summary, indent=1))  # to read when an assertion fails
