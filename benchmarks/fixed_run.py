@@ -64,10 +64,17 @@ def timed_run(spec_path: Path) -> dict:
 
     t = _lap(marks, "import pacs2bids (launch, config)", t)
     skips_migrations = launch._prefect_defaults()
-    launch.load_spec(spec_path)
-    t = _lap(marks, "Prefect settings, spec read", t)
-    server = prefectserver.start()
-    t = _lap(marks, "start Prefect's server process", t)
+    if hasattr(launch, "load_spec"):  # older trees: the spec read (pydantic imported) before the server's start
+        launch.load_spec(spec_path)
+        t = _lap(marks, "Prefect settings, spec read", t)
+        server = prefectserver.start()
+        t = _lap(marks, "start Prefect's server process", t)
+    else:  # the server first, then the spec (issue 12, session 15)
+        server = prefectserver.start()
+        from pacs2bids.config import load_spec
+
+        load_spec(spec_path)
+        t = _lap(marks, "Prefect settings, spec read", t)
     from pacs2bids.flows import extract
 
     t = _lap(marks, "import the flow's modules (server starting meanwhile)", t)

@@ -84,6 +84,7 @@ def where() -> str:
     get_run_logger().info("a line for Prefect's log worker to send")
     return str(get_client(sync_client=True).api_url)
 
+assert server.warmed.wait(300)  # answered /health and a first API read, before anyone waited for it
 with prefectserver.serving(server):
     url = server.url
     assert where().rstrip("/") == url, (where(), url)
@@ -175,6 +176,37 @@ def test_the_command_ends_its_process_without_finalisation_and_loses_nothing(tmp
     assert not (tmp_path / "finalised").exists()  # no finalisation: the process ended with os._exit
     if "cli" in end:
         assert "missing.yaml" in done.stderr  # the command's message, flushed
+
+
+FIRST = """
+import os, subprocess, sys
+from pacs2bids import prefectserver
+seen = {}
+
+def launch(self):  # records what the run's process had imported when it started the server
+    seen["imported"] = sorted(m for m in ("pydantic", "pacs2bids.config", "yaml", "prefect") if m in sys.modules)
+    self.port = prefectserver._free_port()
+    self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    seen["process"] = self.process
+
+prefectserver.RunServer._launch = launch
+from pacs2bids.cli import main
+code = main(["run", sys.argv[1]])
+print(code, seen["imported"], seen["process"].poll() is not None, "PREFECT_API_URL" in os.environ)
+"""
+
+
+def test_the_server_starts_before_the_spec_is_read_and_stops_on_a_bad_spec(tmp_path):
+    """``pacs2bids run`` starts Prefect's server first, before it imports the spec's models (pydantic) or
+    Prefect (issue 12: the server's start-up is the run's longest fixed cost); a bad spec stops it. The server
+    command is a stand-in that sleeps: what is checked is the run's process, not the server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    done = subprocess.run([sys.executable, "-c", FIRST, str(tmp_path / "missing.yaml")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(launch.EXIT_USAGE), "[]", "True", "False"], done.stdout + done.stderr[-2000:]
+    assert "missing.yaml" in done.stderr
 
 
 def test_a_command_called_from_python_returns(tmp_path):

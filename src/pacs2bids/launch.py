@@ -17,7 +17,6 @@ from typing import NoReturn
 from uuid import UUID
 
 from . import prefectserver
-from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -104,12 +103,19 @@ def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False,
 
 
 def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None) -> int:
+    # Prefect's server for this run starts first (its start-up is the longest of a run's fixed costs, issue 12):
+    # before the spec is read (pydantic) and while the flow's modules import; a bad spec stops it unused
+    server = prefectserver.start()
+    from .config import load_spec
+
     try:
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
     except SpecError as exc:
+        if server is not None:
+            server.stop()
+            os.environ.pop("PREFECT_API_URL", None)  # set by start(): there was none before
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    server = prefectserver.start()  # Prefect's server for this run starts while the flow's modules import
     from pacs2bids.flows.extract import RunFailed, extract_project
 
     from .progressview import show_progress
