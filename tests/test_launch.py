@@ -189,23 +189,49 @@ def launch(self):  # records what the run's process had imported when it started
     self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     seen["process"] = self.process
 
+def serving(server):  # the run's process waits for its server: what has it done before?
+    from pacs2bids import versions
+
+    seen["versions"] = versions._cached.cache_info().currsize
+    server.stop()
+    os.environ.pop("PREFECT_API_URL")
+    raise RuntimeError("stop here")
+
 prefectserver.RunServer._launch = launch
+prefectserver.serving = serving
 from pacs2bids.cli import main
 code = main(["run", sys.argv[1]])
-print(code, seen["imported"], seen["process"].poll() is not None, "PREFECT_API_URL" in os.environ)
+print(code, seen["imported"], seen["process"].poll() is not None, "PREFECT_API_URL" in os.environ,
+      seen.get("versions"))
 """
 
 
-def test_the_server_starts_before_the_spec_is_read_and_stops_on_a_bad_spec(tmp_path):
-    """``pacs2bids run`` starts Prefect's server first, before it imports the spec's models (pydantic) or
-    Prefect (issue 12: the server's start-up is the run's longest fixed cost); a bad spec stops it. The server
-    command is a stand-in that sleeps: what is checked is the run's process, not the server."""
+def _first(tmp_path, spec) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    done = subprocess.run([sys.executable, "-c", FIRST, str(tmp_path / "missing.yaml")], capture_output=True,
-                          text=True, env=env, timeout=300)
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PACS2BIDS_PROJECT_SECRET="launch-secret-0123456789abcdef")
+    done = subprocess.run([sys.executable, "-c", FIRST, str(spec)], capture_output=True, text=True, env=env,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [str(launch.EXIT_USAGE), "[]", "True", "False"], done.stdout + done.stderr[-2000:]
+    return done
+
+
+def test_the_server_starts_first_and_the_versions_are_read_while_it_starts(tmp_path):
+    """``pacs2bids run`` starts Prefect's server first, before it imports the spec's models (pydantic) or
+    Prefect (issue 12: the server's start-up is the run's longest fixed cost), and reads the tools' versions
+    before it waits for the server, not inside the flow. The server command is a stand-in that sleeps: what is
+    checked is the run's process, not the server."""
+    (tmp_path / "p").mkdir()
+    spec = spec_for(tmp_path / "p", "{dicomweb: {url: 'http://127.0.0.1:9/dicom-web'}}", "X1")
+    done = _first(tmp_path, spec)
+    assert done.stdout.split() == [str(launch.EXIT_FAILED), "[]", "True", "False", "1"], \
+        done.stdout + done.stderr[-2000:]
+    assert "stop here" in done.stderr
+
+
+def test_a_bad_spec_stops_the_server_started_for_the_run(tmp_path):
+    done = _first(tmp_path, tmp_path / "missing.yaml")
+    assert done.stdout.split() == [str(launch.EXIT_USAGE), "[]", "True", "False", "None"], \
+        done.stdout + done.stderr[-2000:]
     assert "missing.yaml" in done.stderr
 
 

@@ -119,6 +119,9 @@ def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None)
     from pacs2bids.flows.extract import RunFailed, extract_project
 
     from .progressview import show_progress
+    from .versions import tool_versions
+
+    tool_versions()  # asked once per process (dcm2niix run, packages read): now, while the server starts
 
     try:
         with prefectserver.serving(server), show_progress(sys.stderr):  # a bar on a terminal, lines otherwise
