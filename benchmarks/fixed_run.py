@@ -78,11 +78,9 @@ def timed_run(spec_path: Path) -> dict:
     from pacs2bids.flows import extract
 
     t = _lap(marks, "import the flow's modules (server starting meanwhile)", t)
-    if not hasattr(launch, "load_spec"):  # as run_spec does since session 15: before the wait for the server
-        from pacs2bids.versions import tool_versions
-
-        tool_versions()
-        t = _lap(marks, "read the tools' versions (server starting meanwhile)", t)
+    if hasattr(launch, "before_the_server"):  # as run_spec does since session 15: before the wait for the server
+        launch.before_the_server()
+        t = _lap(marks, "versions, Prefect's engines imported (server starting meanwhile)", t)
     with prefectserver.serving(server):
         t = _lap(marks, "wait for the server after the imports", t)
         out = _timed_flow(extract, spec_path, marks, t, t0)

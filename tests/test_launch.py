@@ -76,6 +76,8 @@ import sys, urllib.request
 from pacs2bids import prefectserver
 server = prefectserver.start()
 import pacs2bids.flows.extract  # the flow's modules import while the server starts
+from pacs2bids import launch
+launch.before_the_server()
 from prefect import flow, get_client
 from prefect.logging import get_run_logger
 
@@ -87,7 +89,11 @@ def where() -> str:
 assert server.warmed.wait(300)  # answered /health and a first API read, before anyone waited for it
 with prefectserver.serving(server):
     url = server.url
+    before = set(sys.modules)
     assert where().rstrip("/") == url, (where(), url)
+    late = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("fastapi", "starlette", "graphviz")
+                  or m.startswith(("prefect.flow_engine", "prefect.task_engine")))
+    assert not late, late  # imported before the server answered (launch.PREIMPORT), not by the first flow call
 assert server.process is None  # stopped on leaving
 try:
     urllib.request.urlopen(url + "/health", timeout=5)
@@ -192,11 +198,12 @@ def launch(self):  # records what the run's process had imported when it started
 def serving(server):  # the run's process waits for its server: what has it done before?
     from pacs2bids import versions
 
-    seen["versions"] = versions._cached.cache_info().currsize
+    seen["versions"] = versions._cached.cache_info().currsize * all(m in sys.modules for m in launch_.PREIMPORT)
     server.stop()
     os.environ.pop("PREFECT_API_URL")
     raise RuntimeError("stop here")
 
+from pacs2bids import launch as launch_
 prefectserver.RunServer._launch = launch
 prefectserver.serving = serving
 from pacs2bids.cli import main
@@ -217,9 +224,9 @@ def _first(tmp_path, spec) -> subprocess.CompletedProcess:
 
 def test_the_server_starts_first_and_the_versions_are_read_while_it_starts(tmp_path):
     """``pacs2bids run`` starts Prefect's server first, before it imports the spec's models (pydantic) or
-    Prefect (issue 12: the server's start-up is the run's longest fixed cost), and reads the tools' versions
-    before it waits for the server, not inside the flow. The server command is a stand-in that sleeps: what is
-    checked is the run's process, not the server."""
+    Prefect (issue 12: the server's start-up is the run's longest fixed cost); before it waits for the server,
+    it reads the tools' versions and imports what Prefect imports at a first flow call (not on the critical
+    path, inside the flow). The server command is a stand-in that sleeps: the run's process is checked."""
     (tmp_path / "p").mkdir()
     spec = spec_for(tmp_path / "p", "{dicomweb: {url: 'http://127.0.0.1:9/dicom-web'}}", "X1")
     done = _first(tmp_path, spec)

@@ -119,9 +119,8 @@ def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None)
     from pacs2bids.flows.extract import RunFailed, extract_project
 
     from .progressview import show_progress
-    from .versions import tool_versions
 
-    tool_versions()  # asked once per process (dcm2niix run, packages read): now, while the server starts
+    before_the_server()
 
     try:
         with prefectserver.serving(server), show_progress(sys.stderr):  # a bar on a terminal, lines otherwise
@@ -146,6 +145,30 @@ def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None)
     print()
     print(json.dumps(summary, indent=2) if as_json else _format(summary))
     return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)
+
+
+#: What Prefect imports only at a run's first flow and task calls, once its server answered (its engines,
+#: FastAPI's JSON encoder for the flow's parameters, rich's emoji table for the first log line: about 130
+#: modules, Prefect 3.8): imported by :func:`before_the_server` instead, while the server starts.
+PREIMPORT = ("prefect.flow_engine", "prefect.task_engine", "prefect.utilities.visualization", "fastapi.encoders",
+             "rich._emoji_codes")
+
+
+def before_the_server() -> None:
+    """What the run's process would do on its critical path once the server answers, done while the server
+    still starts (issue 12: the server's start-up is the longest of the run's fixed costs, the flow's imports
+    end before it): the tools' versions (asked once per process: dcm2niix run, packages read), and the modules
+    Prefect imports at a run's first flow and task calls (:data:`PREIMPORT`)."""
+    import importlib
+
+    from .versions import tool_versions
+
+    tool_versions()
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Prefect or rich version: it imports what it needs when it needs it
+            pass
 
 
 def end_process(code: int) -> NoReturn:
