@@ -283,6 +283,8 @@ def report_run(runs: dict) -> str:
         f"**{before_first_study(runs[n]):.2f}**" for n in names) + " |")
     lines.append("| **process wall time** | " + " | ".join(f"**{runs[n]['process_wall']:.2f}**" for n in names) + " |")
     lines.append("| peak RSS MB | " + " | ".join(f"{runs[n]['peak_rss_mb']:.0f}" for n in names) + " |")
+    late = "modules imported once the server answered, before the studies"
+    lines.append(f"| {late} | " + " | ".join(runs[n].get(late, "").partition(":")[0] for n in names) + " |")
     for mark in runs[names[0]].get("exit", {}):
         lines.append(f"| exit: {mark}, s after the run returned | " + " | ".join(
             f"{runs[n].get('exit', {}).get(mark, 0.0):.2f}" for n in names) + " |")
