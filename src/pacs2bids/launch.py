@@ -106,22 +106,23 @@ def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None)
     # Prefect's server for this run starts first (its start-up is the longest of a run's fixed costs, issue 12):
     # before the spec is read (pydantic) and while the flow's modules import; a bad spec stops it unused
     server = prefectserver.start()
-    from .config import load_spec
-
     try:
+        from .config import load_spec
+
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
-    except SpecError as exc:
+        from pacs2bids.flows.extract import RunFailed, extract_project
+
+        from .progressview import show_progress
+
+        before_the_server()
+    except BaseException as exc:  # a bad spec (or an interrupt) before the run: its server stops unused
         if server is not None:
             server.stop()
             os.environ.pop("PREFECT_API_URL", None)  # set by start(): there was none before
+        if not isinstance(exc, SpecError):
+            raise
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from pacs2bids.flows.extract import RunFailed, extract_project
-
-    from .progressview import show_progress
-
-    before_the_server()
-
     try:
         with prefectserver.serving(server), show_progress(sys.stderr):  # a bar on a terminal, lines otherwise
             if replicate:
