@@ -261,14 +261,30 @@ def _exit_marks(path: Path) -> dict:
     return {k: round(v - start, 3) for k, v in sorted(marks.items(), key=lambda kv: kv[1])} if start else {}
 
 
+def before_first_study(run: dict) -> float:
+    """Seconds from the process's start to the query's end (the studies are submitted next): the phases up to
+    the query, and the interpreter's start (the process's wall time less the time inside, less the exit)."""
+    phases, total = run["phases"], 0.0
+    for name, seconds in phases.items():
+        if name.startswith("studies"):
+            break
+        total += seconds
+    ended = run.get("exit", {}).get("atexit handlers end", 0.0)
+    return total + max(0.0, phases.get("interpreter start and exit", 0.0) - ended)
+
+
 def report_run(runs: dict) -> str:
     names = list(runs)
     lines = ["| phase of one `pacs2bids run` | " + " | ".join(f"{n} s" for n in names) + " |",
              "| --- |" + " ---: |" * len(names)]
     for phase in runs[names[0]]["phases"]:
         lines.append(f"| {phase} | " + " | ".join(f"{runs[n]['phases'].get(phase, 0.0):.2f}" for n in names) + " |")
+    lines.append("| **before the first study** (from the process's start to the query's end) | " + " | ".join(
+        f"**{before_first_study(runs[n]):.2f}**" for n in names) + " |")
     lines.append("| **process wall time** | " + " | ".join(f"**{runs[n]['process_wall']:.2f}**" for n in names) + " |")
     lines.append("| peak RSS MB | " + " | ".join(f"{runs[n]['peak_rss_mb']:.0f}" for n in names) + " |")
+    late = "modules imported once the server answered, before the studies"
+    lines.append(f"| {late} | " + " | ".join(runs[n].get(late, "").partition(":")[0] for n in names) + " |")
     for mark in runs[names[0]].get("exit", {}):
         lines.append(f"| exit: {mark}, s after the run returned | " + " | ".join(
             f"{runs[n].get('exit', {}).get(mark, 0.0):.2f}" for n in names) + " |")
@@ -308,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--run", action="store_true", help="time one pacs2bids run phase by phase instead")
     ap.add_argument("--base", metavar="COMMIT", help="with --run: after a first run, this commit's pacs2bids and this "
-                    "tree's, alternating, twice each, on the same PREFECT_HOME")
+                    "tree's, alternating, twice each (--rounds), on the same PREFECT_HOME")
+    ap.add_argument("--rounds", type=int, default=2, help="with --base: runs of each, alternating (default 2)")
     args = ap.parse_args(argv)
     root = CORPORA[args.corpus]
     with tempfile.TemporaryDirectory(prefix="bench-fixed-") as d:
@@ -324,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{len(corpus.study_patient)} studies, {len(patients)} patients", flush=True)
             if args.run:
                 base = steps.base_package(args.base, tmp / "base") if args.base else None
-                rounds = ("first", "base", "new", "base 2", "new 2") if base else ("first", "again")
+                pairs = [(f"base {i}", f"new {i}") if i > 1 else ("base", "new") for i in range(1, args.rounds + 1)]
+                rounds = ("first", *[r for pair in pairs for r in pair]) if base else ("first", "again")
                 runs = measure_run(o, corpus, tmp, rounds, base)
                 print(report_run(runs))
                 if args.json:

@@ -1,6 +1,7 @@
 """One ``pacs2bids run``, phase by phase: where its fixed seconds go (issue 12). Used by ``bench_fixed.py --run``.
 
     .venv/bin/python benchmarks/fixed_run.py SPEC OUT.json      # one timed run, in this process
+    .venv/bin/python benchmarks/fixed_run.py --first-call 5     # a first flow call, before_the_server off/on
 
 :func:`timed_run` takes ``launch.run_spec`` apart in its own order (Prefect settings, Prefect's server module, the
 early server start, the flow's imports, the wait for the server, the flow run) and times each phase; inside the
@@ -64,13 +65,23 @@ def timed_run(spec_path: Path) -> dict:
 
     t = _lap(marks, "import pacs2bids (launch, config)", t)
     skips_migrations = launch._prefect_defaults()
-    launch.load_spec(spec_path)
-    t = _lap(marks, "Prefect settings, spec read", t)
-    server = prefectserver.start()
-    t = _lap(marks, "start Prefect's server process", t)
+    if hasattr(launch, "load_spec"):  # older trees: the spec read (pydantic imported) before the server's start
+        launch.load_spec(spec_path)
+        t = _lap(marks, "Prefect settings, spec read", t)
+        server = prefectserver.start()
+        t = _lap(marks, "start Prefect's server process", t)
+    else:  # the server first, then the spec (issue 12, session 15)
+        server = prefectserver.start()
+        from pacs2bids.config import load_spec
+
+        load_spec(spec_path)
+        t = _lap(marks, "Prefect settings, spec read", t)
     from pacs2bids.flows import extract
 
     t = _lap(marks, "import the flow's modules (server starting meanwhile)", t)
+    if hasattr(launch, "before_the_server"):  # as run_spec does since session 15: before the wait for the server
+        launch.before_the_server()
+        t = _lap(marks, "versions, Prefect's engines imported (server starting meanwhile)", t)
     with prefectserver.serving(server):
         t = _lap(marks, "wait for the server after the imports", t)
         out = _timed_flow(extract, spec_path, marks, t, t0)
@@ -88,8 +99,11 @@ def _timed_flow(extract, spec_path: Path, marks: dict, t: float, t0: float) -> d
     inside: dict = {}
     real_studies, real_fn = extract._extract_studies, extract.extract_project.fn
 
+    before = set(sys.modules)
+
     def studies(*a, **kw):
         inside["studies_in"] = time.perf_counter()
+        inside["late_modules"] = sorted(set(sys.modules) - before)
         try:
             return real_studies(*a, **kw)
         finally:
@@ -122,7 +136,10 @@ def _timed_flow(extract, spec_path: Path, marks: dict, t: float, t0: float) -> d
     after = inside["out"] - inside["studies_out"] - sum(stages.get(s, 0.0) for s in FLOW_STAGES)
     marks["flow body: the rest (summary, audit, artifacts, cleanup)"] = round(after, 3)
     marks["flow run finished, after its body"] = round(end - inside["out"], 3)
+    late = inside.get("late_modules", [])
+    modules = f"{len(late)}: " + ", ".join(sorted({m.split('.')[0] if not m.startswith('prefect') else m for m in late}))
     return {"phases": marks, "total_in_process": round(end - t0, 3), "state": summary.get("state"),
+            "modules imported once the server answered, before the studies": modules,
             "api_requests": {k: [n, round(s, 3)] for k, (n, s) in sorted(counts.items())}}
 
 
@@ -141,7 +158,71 @@ def _time_the_exit(marks: dict) -> None:
     marks["main returned"] = time.perf_counter()
 
 
-if __name__ == "__main__":
+# -- the first flow call once the server answers, with and without launch.before_the_server (session 15) --------
+FIRST_CALL = """
+import os, sys, time
+from pacs2bids import launch, prefectserver
+launch._prefect_defaults()
+server = prefectserver.start()
+import pacs2bids.flows.extract
+from prefect import flow, task
+if sys.argv[1] == "on":
+    launch.before_the_server()
+from pacs2bids.tasks import TASK_DEFAULTS
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+inside = {}
+
+@task(name="one", **TASK_DEFAULTS)
+def one(x):
+    return x
+
+@flow(name="first-call", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=False)
+def first_call(spec_path: str) -> dict:
+    inside["body"], inside["body_cpu"] = time.perf_counter(), time.process_time()
+    get_run_logger().info("a line")
+    one(1)
+    return {"n": one.submit(2).result()}
+
+with prefectserver.serving(server):
+    server.warmed.wait(60)
+    time.sleep(1)  # the server idle: what is measured is the run's process
+    t, c = time.perf_counter(), time.process_time()
+    first_call("spec.yaml")
+    print(inside["body"] - t, inside["body_cpu"] - c, time.perf_counter() - t, time.process_time() - c)
+"""
+
+
+def first_calls(rounds: int) -> str:
+    """A first flow call (a flow run with a log line, a task called and one submitted) in a new process, once
+    its server answered and idled, after ``launch.before_the_server`` (on) or not (off), alternating: seconds
+    and CPU seconds of the run's process until the flow's body starts, and until the flow returned."""
+    import os
+    import statistics
+    import subprocess
+    import tempfile
+
+    env = {**os.environ, "PREFECT_HOME": tempfile.mkdtemp(prefix="first-call-")}
+    got: dict = {"off": [], "on": []}
+    for i in range(rounds * 2 + 1):
+        mode = ("off", "on")[i % 2]
+        done = subprocess.run([sys.executable, "-c", FIRST_CALL, mode], env=env, capture_output=True, text=True,
+                              timeout=900)
+        if done.returncode:
+            raise RuntimeError(done.stderr[-3000:])
+        if i:  # the first process creates the database
+            got[mode].append([float(v) for v in done.stdout.split()[-4:]])
+    lines = ["| first flow call (median of %d) | to its body s | CPU s | whole call s | CPU s |" % rounds,
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for mode in ("off", "on"):
+        cols = [statistics.median(r[k] for r in got[mode]) for k in range(4)]
+        lines.append(f"| before_the_server {mode} | " + " | ".join(f"{v:.3f}" for v in cols) + " |")
+    return "\n".join(lines) + "\n\nrounds: " + json.dumps(got)
+
+
+if __name__ == "__main__" and sys.argv[1] == "--first-call":
+    print(first_calls(int(sys.argv[2])))
+elif __name__ == "__main__":
     import atexit
 
     exit_marks: dict = {}

@@ -76,6 +76,8 @@ import sys, urllib.request
 from pacs2bids import prefectserver
 server = prefectserver.start()
 import pacs2bids.flows.extract  # the flow's modules import while the server starts
+from pacs2bids import launch
+launch.before_the_server()
 from prefect import flow, get_client
 from prefect.logging import get_run_logger
 
@@ -84,9 +86,14 @@ def where() -> str:
     get_run_logger().info("a line for Prefect's log worker to send")
     return str(get_client(sync_client=True).api_url)
 
+assert server.warmed.wait(300)  # answered /health and a first API read, before anyone waited for it
 with prefectserver.serving(server):
     url = server.url
+    before = set(sys.modules)
     assert where().rstrip("/") == url, (where(), url)
+    late = sorted(m for m in set(sys.modules) - before if m.split(".")[0] in ("fastapi", "starlette", "graphviz")
+                  or m.startswith(("prefect.flow_engine", "prefect.task_engine")))
+    assert not late, late  # imported before the server answered (launch.PREIMPORT), not by the first flow call
 assert server.process is None  # stopped on leaving
 try:
     urllib.request.urlopen(url + "/health", timeout=5)
@@ -175,6 +182,64 @@ def test_the_command_ends_its_process_without_finalisation_and_loses_nothing(tmp
     assert not (tmp_path / "finalised").exists()  # no finalisation: the process ended with os._exit
     if "cli" in end:
         assert "missing.yaml" in done.stderr  # the command's message, flushed
+
+
+FIRST = """
+import os, subprocess, sys
+from pacs2bids import prefectserver
+seen = {}
+
+def launch(self):  # records what the run's process had imported when it started the server
+    seen["imported"] = sorted(m for m in ("pydantic", "pacs2bids.config", "yaml", "prefect") if m in sys.modules)
+    self.port = prefectserver._free_port()
+    self.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    seen["process"] = self.process
+
+def serving(server):  # the run's process waits for its server: what has it done before?
+    from pacs2bids import versions
+
+    seen["versions"] = versions._cached.cache_info().currsize * all(m in sys.modules for m in launch_.PREIMPORT)
+    server.stop()
+    os.environ.pop("PREFECT_API_URL")
+    raise RuntimeError("stop here")
+
+from pacs2bids import launch as launch_
+prefectserver.RunServer._launch = launch
+prefectserver.serving = serving
+from pacs2bids.cli import main
+code = main(["run", sys.argv[1]])
+print(code, seen["imported"], seen["process"].poll() is not None, "PREFECT_API_URL" in os.environ,
+      seen.get("versions"))
+"""
+
+
+def _first(tmp_path, spec) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PACS2BIDS_PROJECT_SECRET="launch-secret-0123456789abcdef")
+    done = subprocess.run([sys.executable, "-c", FIRST, str(spec)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_the_server_starts_first_and_the_versions_are_read_while_it_starts(tmp_path):
+    """``pacs2bids run`` starts Prefect's server first, before it imports the spec's models (pydantic) or
+    Prefect (issue 12: the server's start-up is the run's longest fixed cost); before it waits for the server,
+    it reads the tools' versions and imports what Prefect imports at a first flow call (not on the critical
+    path, inside the flow). The server command is a stand-in that sleeps: the run's process is checked."""
+    (tmp_path / "p").mkdir()
+    spec = spec_for(tmp_path / "p", "{dicomweb: {url: 'http://127.0.0.1:9/dicom-web'}}", "X1")
+    done = _first(tmp_path, spec)
+    assert done.stdout.split() == [str(launch.EXIT_FAILED), "[]", "True", "False", "1"], \
+        done.stdout + done.stderr[-2000:]
+    assert "stop here" in done.stderr
+
+
+def test_a_bad_spec_stops_the_server_started_for_the_run(tmp_path):
+    done = _first(tmp_path, tmp_path / "missing.yaml")
+    assert done.stdout.split() == [str(launch.EXIT_USAGE), "[]", "True", "False", "None"], \
+        done.stdout + done.stderr[-2000:]
+    assert "missing.yaml" in done.stderr
 
 
 def test_a_command_called_from_python_returns(tmp_path):

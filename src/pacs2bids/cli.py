@@ -12,9 +12,16 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
 from .launch import EXIT_FAILED, EXIT_OK, EXIT_USAGE, end_process, run_spec
+
+
+def load_spec(path):
+    """:func:`pacs2bids.config.load_spec`, imported when a command reads a spec: ``run`` starts Prefect's
+    server before it imports the spec's models (pydantic, issue 12)."""
+    from .config import load_spec as load
+
+    return load(path)
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -17,7 +17,6 @@ from typing import NoReturn
 from uuid import UUID
 
 from . import prefectserver
-from .config import load_spec
 from .errors import Pacs2BidsError, SpecError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
@@ -104,16 +103,26 @@ def run_spec(spec_path: Path, *, as_json: bool = False, replicate: bool = False,
 
 
 def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None) -> int:
+    # Prefect's server for this run starts first (its start-up is the longest of a run's fixed costs, issue 12):
+    # before the spec is read (pydantic) and while the flow's modules import; a bad spec stops it unused
+    server = prefectserver.start()
     try:
+        from .config import load_spec
+
         load_spec(spec_path)  # refuse a bad spec before Prefect or the PACS is touched
-    except SpecError as exc:
+        from pacs2bids.flows.extract import RunFailed, extract_project
+
+        from .progressview import show_progress
+
+        before_the_server()
+    except BaseException as exc:  # a bad spec (or an interrupt) before the run: its server stops unused
+        if server is not None:
+            server.stop()
+            os.environ.pop("PREFECT_API_URL", None)  # set by start(): there was none before
+        if not isinstance(exc, SpecError):
+            raise
         print(f"pacs2bids: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    server = prefectserver.start()  # Prefect's server for this run starts while the flow's modules import
-    from pacs2bids.flows.extract import RunFailed, extract_project
-
-    from .progressview import show_progress
-
     try:
         with prefectserver.serving(server), show_progress(sys.stderr):  # a bar on a terminal, lines otherwise
             if replicate:
@@ -137,6 +146,30 @@ def _run(spec_path: Path, as_json: bool, replicate: bool, late_days: int | None)
     print()
     print(json.dumps(summary, indent=2) if as_json else _format(summary))
     return {"completed": EXIT_OK, "completed with failures": EXIT_PARTIAL}.get(summary["state"], EXIT_FAILED)
+
+
+#: What Prefect imports only at a run's first flow and task calls, once its server answered (its engines,
+#: FastAPI's JSON encoder for the flow's parameters, rich's emoji table for the first log line: about 130
+#: modules, Prefect 3.8): imported by :func:`before_the_server` instead, while the server starts.
+PREIMPORT = ("prefect.flow_engine", "prefect.task_engine", "prefect.utilities.visualization", "fastapi.encoders",
+             "rich._emoji_codes")
+
+
+def before_the_server() -> None:
+    """What the run's process would do on its critical path once the server answers, done while the server
+    still starts (issue 12: the server's start-up is the longest of the run's fixed costs, the flow's imports
+    end before it): the tools' versions (asked once per process: dcm2niix run, packages read), and the modules
+    Prefect imports at a run's first flow and task calls (:data:`PREIMPORT`)."""
+    import importlib
+
+    from .versions import tool_versions
+
+    tool_versions()
+    for name in PREIMPORT:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Prefect or rich version: it imports what it needs when it needs it
+            pass
 
 
 def end_process(code: int) -> NoReturn:
