@@ -132,6 +132,9 @@ def _lowered(strings: Iterable[str]) -> frozenset[bytes]:
     lowered as ``bytes.lower`` lowers: ASCII letters only, as ``re.IGNORECASE`` folds bytes."""
     words: set[bytes] = set()
     for s in strings:
+        if s.isascii() and not s.strip("0123456789."):  # digits and dots: one spelling, no case
+            words.add(s.encode("ascii"))
+            continue
         for form in _cased_forms(s):
             for enc in ("utf-8", "latin-1"):
                 try:
@@ -157,6 +160,15 @@ _RUN_LENGTH = 12
 _RUN = re.compile(rb"[0-9.]*")
 
 
+def _dotted_prefixes(numbers: Iterable[bytes]) -> Iterable[bytes]:
+    """Each part of each of ``numbers`` that ends before one of its dots."""
+    for w in numbers:
+        at = w.find(b".")
+        while at >= 0:
+            yield w[:at]
+            at = w.find(b".", at + 1)
+
+
 class Finder:
     """One pass over a file's bytes for both kinds of string (:meth:`kinds`).
 
@@ -175,11 +187,11 @@ class Finder:
 
     def __init__(self, distinctive: frozenset[bytes], common: frozenset[bytes]):
         self._all = {"distinctive": distinctive, "common": common}
-        numeric = {w for w in distinctive | common if len(w) >= _RUN_LENGTH and _NUMERIC.fullmatch(w)}
+        numeric = {w for kind in (distinctive, common) for w in kind if len(w) >= _RUN_LENGTH and _NUMERIC.fullmatch(w)}
         self._words = {kind: words - numeric for kind, words in self._all.items()}
         self._numbers = {kind: words & numeric for kind, words in self._all.items()}
         self._lengths = {kind: sorted({len(w) for w in words}) for kind, words in self._words.items()}
-        self._prefixes = frozenset(w[:i] for w in numeric for i in range(len(w)) if w[i:i + 1] == b".")
+        self._prefixes = frozenset(_dotted_prefixes(numeric))
         # where such a string can start: its first bytes (few distinct ones: UIDs share their roots)
         self._heads = re.compile(_trie_regex(sorted({w[:_RUN_LENGTH] for w in numeric}))) if numeric else None
         self._compiled: dict[str, re.Pattern[bytes] | None] = {}
@@ -352,11 +364,31 @@ def _name_forms(value: str) -> set[str]:
     return out
 
 
+def _plain_number(value: str) -> str | None:
+    """``value`` as :func:`variants` trims it, when it is only digits and dots with at least
+    :data:`DISTINCTIVE_DIGITS` digits (an original UID, a long number: most of a key store); such a
+    string is its own only variant, has no other spelling and is distinctive (:func:`is_common`)."""
+    v = value.strip().strip("\x00").strip()
+    if len(v) >= MIN_LENGTH and v.isascii() and not v.strip("0123456789.") and len(v) - v.count(".") >= DISTINCTIVE_DIGITS:
+        return v
+    return None
+
+
 def build_rules(identifiers: Iterable[str]) -> Rules:
-    """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring)."""
+    """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring).
+
+    ``identifiers`` is read once, as it comes (no copy of it): the strings of digits and dots (original
+    UIDs) go straight into the rules, each once, with no intermediate strings."""
     distinctive: set[str] = set()
     common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
-    for value in {str(v) for v in identifiers}:
+    others: set[str] = set()
+    for v in identifiers:
+        v = str(v)
+        if (n := _plain_number(v)) is not None:
+            distinctive.add(n)
+        else:
+            others.add(v)
+    for value in others:
         found = variants(value)
         pairs = {s for s in found if "^" in s or " " in s or "," in s} if "^" in value else set()
         for s in found | _name_forms(value):
@@ -366,10 +398,13 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
                 distinctive.add(s)
             else:
                 common.add(s)
+    del others
+    distinctive_set, common_set = frozenset(distinctive), frozenset(common)
+    del distinctive, common
     return Rules(  # the case-folding patterns are compiled when first asked for (few scans need them)
-        distinctive=frozenset(distinctive),
-        common=frozenset(_fold(s) for s in common),
+        distinctive=distinctive_set,
+        common=frozenset(_fold(s) for s in common_set),
         _keywords=frozenset(IDENTIFYING_KEYWORDS),
-        finder=Finder.of(distinctive, common),
-        written=(frozenset(distinctive), frozenset(common)),
+        finder=Finder.of(distinctive_set, common_set),
+        written=(distinctive_set, common_set),
     )
