@@ -9,7 +9,8 @@ import tracemalloc
 import pytest
 
 from pacs2bids.deid import leakrules
-from pacs2bids.deid.leakrules import _lowered, _plain_number, build_rules, is_common
+from pacs2bids.deid.leakfind import _lowered
+from pacs2bids.deid.leakrules import _plain_number, build_rules, is_common
 from pacs2bids.deid.patterns import _cased_forms, variants
 
 
