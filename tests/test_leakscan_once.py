@@ -10,6 +10,7 @@ import random
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from pacs2bids.deid import scan_for_leaks
@@ -171,3 +172,9 @@ def test_a_clean_scan_compiles_one_pattern(sample_dir, tmp_path, monkeypatch):
     planted.write_text('{"PatientID": "IPP77881234"}')
     assert [h.path for h in scan_for_leaks(root, rules)] == [str(planted.relative_to(root))]
     assert compiled == []  # a hit in a sidecar is told without a pattern
+    dicom = sorted(root.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(dicom)
+    ds.ImageComments = f"see {uids[7]}"
+    ds.save_as(dicom)
+    assert {h.field for h in scan_for_leaks(root, rules) if h.path.endswith(".dcm")} == {"ImageComments"}
+    assert compiled == []  # nor in a DICOM file: the element is named with the automaton (session 15)

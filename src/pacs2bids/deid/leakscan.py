@@ -66,15 +66,17 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool, skip_pixels: boo
         return [], []
     fields: list[str] = []
     classes: list[bytes] = []
-    pattern = rules.pattern if distinctive else None
+    # the finder, not the case-folding pattern (same matches): compiling that pattern of every original UID
+    # took 10 s and 29 MB at 1x, 127 s and 262 MB at 10x (the run's peak of memory: session 15)
+    found = rules.finder.distinctive_in if distinctive else None
 
     def check(value: object) -> bool:
-        if pattern is None:
+        if found is None:
             return False
         if isinstance(value, (bytes, bytearray)):
-            return bool(pattern.search(bytes(value)))
+            return found(bytes(value))
         try:
-            return bool(pattern.search(str(value).encode("utf-8", "replace")))
+            return found(str(value).encode("utf-8", "replace"))
         except Exception:
             return False
 
