@@ -72,3 +72,11 @@ def test_a_uid_alone_in_the_key_store(tmp_path):
     (tmp_path / f"b_{uid}").write_text("nothing")
     hits = {(h.path, h.field) for h in scan_for_leaks(tmp_path, rules)}
     assert hits == {("a.txt", "content"), (f"b_{uid}", "file name")}
+
+
+def test_the_same_hits_with_the_automaton_of_a_big_key_store(monkeypatch):
+    """Beyond 64 kB of strings the automaton is a contiguous NFA, not a DFA: the same hits."""
+    from pacs2bids.deid import leakfind
+
+    monkeypatch.setattr(leakfind, "_DFA_BYTES", 0)
+    test_many_uids_same_hits_as_the_case_folding_patterns()

@@ -56,6 +56,15 @@ def _dotted_prefixes(numbers: Iterable[bytes]) -> Iterable[bytes]:
             at = w.find(b".", at + 1)
 
 
+#: Up to this many bytes of strings, the automaton is a DFA (3x the speed of an NFA here; 23 MB for the 340 kB of a
+#: synthetic key store of 1,200 patients); beyond, a contiguous NFA (no memory to speak of).
+_DFA_BYTES = 64 * 1024
+
+
+def _implementation(size: int) -> ahocorasick_rs.Implementation:
+    return ahocorasick_rs.Implementation.DFA if size <= _DFA_BYTES else ahocorasick_rs.Implementation.ContiguousNFA
+
+
 class Finder:
     """One pass over a file's bytes for both kinds of string (:meth:`kinds`).
 
@@ -84,7 +93,8 @@ class Finder:
         self._word_kinds = [tuple(k for k in ("distinctive", "common") if w in self._words[k]) for w in words]
         heads = sorted({w[:_RUN_LENGTH] for w in numeric})
         self._searched = words + heads
-        self._automaton = ahocorasick_rs.BytesAhoCorasick(self._searched) if self._searched else None
+        self._automaton = ahocorasick_rs.BytesAhoCorasick(
+            self._searched, implementation=_implementation(sum(map(len, self._searched)))) if self._searched else None
         del numeric
         self._compiled: dict[str, re.Pattern[bytes] | None] = {}
         self._lock = threading.Lock()
