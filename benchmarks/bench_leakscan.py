@@ -64,6 +64,19 @@ def synthetic_identifiers(n_uids: int, seed: int = 1) -> set[str]:
     return ids
 
 
+def _file_with_a_hit(folder: Path, uid: str) -> Path:
+    """A folder holding one DICOM file of the bundled sample whose ImageComments hold ``uid`` (the scan then
+    names its element, as for a class UID the key store holds: one file of the run's dataset)."""
+    import pydicom
+
+    folder.mkdir(parents=True)
+    sample = sorted((REPO / "src/pacs2bids/data/sample/PACSMAN_data/dicomseries").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(sample)
+    ds.ImageComments = f"see {uid}"
+    ds.save_as(folder / "a.dcm")
+    return folder
+
+
 def measure_memory(build, ids: set[str]) -> tuple[float, float, float]:
     """(seconds, peak MB, kept MB) of ``build(ids)`` under tracemalloc."""
     gc.collect()
@@ -108,9 +121,13 @@ def main(argv=None) -> int:
         if args.memory:
             for n in (int(x) for x in args.uids.split(",")):
                 ids = synthetic_identifiers(n)
-                for label, build in (("base", old_rules.build_rules), ("new", leakrules.build_rules)):
+                hit = _file_with_a_hit(Path(tmp) / f"hit{n}", min(ids))
+                for label, build, scan in (("base", old_rules.build_rules, old_scan.scan_for_leaks),
+                                           ("new", leakrules.build_rules, leakscan.scan_for_leaks)):
                     took, peak, kept = measure_memory(build, ids)
                     print(f"{n:>7} UIDs {label:>4}: build {took:6.2f} s, peak {peak:7.1f} MB, kept {kept:7.1f} MB")
+                    took, peak, kept = measure_memory(lambda i: scan(hit, build(i)), ids)
+                    print(f"{'':>12} {label:>4}: build + scan of a file with a hit {took:6.2f} s, peak {peak:7.1f} MB")
         if args.root:
             scan_speed(args, old_scan, old_rules, leakscan, leakrules)
     return 0
