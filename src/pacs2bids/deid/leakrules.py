@@ -13,7 +13,8 @@ Each value is split into the strings searched for (:func:`pacs2bids.deid.pattern
 a person name gives its parts and its written forms "FIRST LAST", "LAST, FIRST"...). Each string
 is then one of:
 
-- *distinctive*: searched in every byte of every file, in any case and with or without accents,
+- *distinctive*: searched in every byte of every file (but a DICOM file's pixel samples:
+  :mod:`pacs2bids.deid.dicomtext`), in any case and with or without accents,
   as a whole word (no letter or digit either side). That is a person's name written with another
   part of it ("Marie Default", "DEFAULT^MARIE", "Default_Marie"), and any other string with at
   least one word that is neither a common word nor a short number ("IPP77881234", "Dupontel",
