@@ -139,3 +139,24 @@ def test_a_common_string_outside_identity_elements_is_told_without_pydicom(t1, t
     root = _write(t1, tmp_path)
     monkeypatch.undo()
     assert [h.field for h in scan_for_leaks(root, ["HEAD", "2339"])] == ["InstitutionalDepartmentName"]
+
+
+def test_encapsulated_fragments_are_pixels_and_what_follows_them_is_searched(t1, tmp_path):
+    """Compressed frames (encapsulated Pixel Data, PS3.5 A.4): a string in a fragment is no leak; one in an
+    element after the Sequence Delimitation Item is."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    frame = bytearray(b"\xff\xd8" + bytes(range(256)) * 20 + b"\xff\xd9")
+    frame[300:313] = b" IPP77881234 "
+    t1.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    t1.PixelData = encapsulate([bytes(frame), bytes(frame)], has_bot=True)
+    t1["PixelData"].VR = "OB"
+    t1["PixelData"].is_undefined_length = True
+    root = _write(t1, tmp_path)
+    found = elements((root / "a.dcm").read_bytes())
+    assert found is not None and sum(e.pixels for e in found) == 3  # the offset table and two fragments
+    assert scan_for_leaks(root, ["IPP77881234"]) == []
+    t1.private_block(0x7FE1, "ACME 1.0", create=True).add_new(0x02, "LO", "IPP77881234")
+    root = _write(t1, tmp_path)
+    assert [h.field for h in scan_for_leaks(root, ["IPP77881234"])] == ["(7FE1,1002)"]
