@@ -10,6 +10,7 @@ import random
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from pacs2bids.deid import scan_for_leaks
@@ -143,13 +144,13 @@ def test_rules_made_by_hand_still_search():
 
 
 def test_a_clean_scan_compiles_one_pattern(sample_dir, tmp_path, monkeypatch):
-    """Rules are built with one pattern (every string, both kinds); where it matches, the kind is looked
-    up, and the case-folding patterns are compiled only where a scan needs them (a DICOM file with a hit:
+    """Rules are built with no pattern (one automaton, every string, both kinds: session 15); where it
+    matches, the kind is looked up, and the case-folding patterns are compiled only where a scan needs them (a DICOM file with a hit:
     to name the element). Issue 12: compiling the patterns of a key store of every original UID, five
     times, cost more than the scan."""
     import re
 
-    from pacs2bids.deid import leakrules
+    from pacs2bids.deid import leakfind, leakrules
 
     compiled: list[bytes] = []
     real = re.compile
@@ -162,11 +163,18 @@ def test_a_clean_scan_compiles_one_pattern(sample_dir, tmp_path, monkeypatch):
     uids = [f"1.2.826.0.1.3680043.8.498.{n}" for n in range(300)]  # a key store holds every original UID
     root = _dataset(tmp_path / "ds", sample_dir)
     monkeypatch.setattr(leakrules.re, "compile", counting)
+    monkeypatch.setattr(leakfind.re, "compile", counting)
     monkeypatch.setattr(leakrules, "compile_strings", lambda strings: counting(b"case-folding"))
     rules = build_rules(IDENTIFIERS + uids)
     assert scan_for_leaks(root, rules) == []
-    assert len(compiled) == 1, compiled  # the pattern of both kinds (it matched common words), nothing else
+    assert compiled == []  # the automaton of both kinds (it matched common words), no pattern
     planted = root / "sub-001" / "anat" / "sub-001_T1w.json"
     planted.write_text('{"PatientID": "IPP77881234"}')
     assert [h.path for h in scan_for_leaks(root, rules)] == [str(planted.relative_to(root))]
-    assert len(compiled) == 1  # a hit in a sidecar is told without another pattern
+    assert compiled == []  # a hit in a sidecar is told without a pattern
+    dicom = sorted(root.rglob("*.dcm"))[0]
+    ds = pydicom.dcmread(dicom)
+    ds.ImageComments = f"see {uids[7]}"
+    ds.save_as(dicom)
+    assert {h.field for h in scan_for_leaks(root, rules) if h.path.endswith(".dcm")} == {"ImageComments"}
+    assert compiled == []  # nor in a DICOM file: the element is named with the automaton (session 15)

@@ -56,7 +56,8 @@ def test_many_uids_same_hits_as_the_case_folding_patterns():
         assert rules.finder.distinctive_in(data) == expected[0], data
         hits += expected[0]
     assert 50 < hits < len(texts)  # the texts hold both: some hits, some misses
-    assert len(rules.finder.both.pattern) < 2000  # the UIDs are not in the pattern: it does not grow with them
+    numeric = [w for w in rules.finder._searched if not w.strip(b"0123456789.")]
+    assert max(map(len, numeric)) <= 12 and len(rules.finder._searched) < len(known)  # UIDs: their first bytes only
 
 
 def test_a_uid_alone_in_the_key_store(tmp_path):
@@ -71,3 +72,11 @@ def test_a_uid_alone_in_the_key_store(tmp_path):
     (tmp_path / f"b_{uid}").write_text("nothing")
     hits = {(h.path, h.field) for h in scan_for_leaks(tmp_path, rules)}
     assert hits == {("a.txt", "content"), (f"b_{uid}", "file name")}
+
+
+def test_the_same_hits_with_the_automaton_of_a_big_key_store(monkeypatch):
+    """Beyond 64 kB of strings the automaton is a contiguous NFA, not a DFA: the same hits."""
+    from pacs2bids.deid import leakfind
+
+    monkeypatch.setattr(leakfind, "_DFA_BYTES", 0)
+    test_many_uids_same_hits_as_the_case_folding_patterns()

@@ -13,7 +13,8 @@ Each value is split into the strings searched for (:func:`pacs2bids.deid.pattern
 a person name gives its parts and its written forms "FIRST LAST", "LAST, FIRST"...). Each string
 is then one of:
 
-- *distinctive*: searched in every byte of every file, in any case and with or without accents,
+- *distinctive*: searched in every byte of every file (but a DICOM file's pixel samples:
+  :mod:`pacs2bids.deid.dicomtext`), in any case and with or without accents,
   as a whole word (no letter or digit either side). That is a person's name written with another
   part of it ("Marie Default", "DEFAULT^MARIE", "Default_Marie"), and any other string with at
   least one word that is neither a common word nor a short number ("IPP77881234", "Dupontel",
@@ -55,7 +56,8 @@ from pathlib import Path
 from typing import Iterable
 
 from .identifiers import IDENTIFYING_KEYWORDS
-from .patterns import MIN_LENGTH, _cased_forms, _trie_regex, compile_strings, variants
+from .leakfind import Finder
+from .patterns import MIN_LENGTH, compile_strings, variants
 
 log = logging.getLogger(__name__)
 
@@ -122,164 +124,6 @@ def is_common(text: str) -> bool:
     if not rest:
         return digits < DISTINCTIVE_DIGITS
     return len("".join(rest)) < MIN_LENGTH and digits < DISTINCTIVE_DIGITS
-
-
-_ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789")
-
-
-def _lowered(strings: Iterable[str]) -> frozenset[bytes]:
-    """The spellings :func:`compile_strings` searches for (cased forms, UTF-8 and Latin-1),
-    lowered as ``bytes.lower`` lowers: ASCII letters only, as ``re.IGNORECASE`` folds bytes."""
-    words: set[bytes] = set()
-    for s in strings:
-        for form in _cased_forms(s):
-            for enc in ("utf-8", "latin-1"):
-                try:
-                    words.add(form.encode(enc).lower())
-                except UnicodeEncodeError:
-                    pass
-    return frozenset(w for w in words if w)
-
-
-def _anchored(words: frozenset[bytes]) -> re.Pattern[bytes] | None:
-    """A case-sensitive pattern of ``words`` (already lowered), with no letter or digit after.
-    No IGNORECASE and nothing before the words: the engine then skips ahead to the bytes a word
-    can start with, several times faster than the case-folding pattern over binary data."""
-    return re.compile(rb"(?:" + _trie_regex(sorted(words)) + rb")(?![a-z0-9])") if words else None
-
-
-#: A string of digits and dots at least :data:`_RUN_LENGTH` long (an original UID: most of a key store) is
-#: found without a pattern of its own (:class:`Finder`); shorter ones (dates, numbers) are in the pattern.
-_NUMERIC = re.compile(rb"[0-9][0-9.]*[0-9]")
-_RUN_LENGTH = 12
-
-
-_RUN = re.compile(rb"[0-9.]*")
-
-
-class Finder:
-    """One pass over a file's bytes for both kinds of string (:meth:`kinds`).
-
-    Same matches as :attr:`Rules.pattern` and :attr:`Rules.common_pattern` (a whole word, ASCII
-    letters in any case: ``re.IGNORECASE`` on bytes folds ASCII only, as ``bytes.lower`` does),
-    searched in the lowered bytes; the boundary before a match is checked here.
-
-    Strings of digits and dots (original UIDs, dates, numbers: most of a key store) are not in a
-    pattern: runs of digits and dots are found with one simple pattern, and the strings each run can
-    hold (starting at its start or after a dot, ending at a dot or its end: the patterns' boundaries)
-    are looked up in a set, walking on only while the run still starts a known string. The cost grows
-    with the bytes, not with the number of UIDs. The other strings are in one pattern (``both``), and
-    where it matches, the kind of the string is told by looking the bytes there up in each kind's set
-    of words, one length at a time. Each kind's own pattern (every string) is compiled only for a
-    caller asking for it (:attr:`distinctive`, :attr:`common`)."""
-
-    def __init__(self, distinctive: frozenset[bytes], common: frozenset[bytes]):
-        self._all = {"distinctive": distinctive, "common": common}
-        numeric = {w for w in distinctive | common if len(w) >= _RUN_LENGTH and _NUMERIC.fullmatch(w)}
-        self._words = {kind: words - numeric for kind, words in self._all.items()}
-        self._numbers = {kind: words & numeric for kind, words in self._all.items()}
-        self._lengths = {kind: sorted({len(w) for w in words}) for kind, words in self._words.items()}
-        self._prefixes = frozenset(w[:i] for w in numeric for i in range(len(w)) if w[i:i + 1] == b".")
-        # where such a string can start: its first bytes (few distinct ones: UIDs share their roots)
-        self._heads = re.compile(_trie_regex(sorted({w[:_RUN_LENGTH] for w in numeric}))) if numeric else None
-        self._compiled: dict[str, re.Pattern[bytes] | None] = {}
-        self._lock = threading.Lock()
-        self.both = _anchored(self._words["distinctive"] | self._words["common"])
-
-    @classmethod
-    def of(cls, distinctive: Iterable[str], common: Iterable[str]) -> "Finder":
-        return cls(_lowered(distinctive), _lowered(common))
-
-    def _pattern(self, kind: str) -> re.Pattern[bytes] | None:
-        with self._lock:
-            if kind not in self._compiled:
-                self._compiled[kind] = _anchored(self._all[kind])
-            return self._compiled[kind]
-
-    @property
-    def empty(self) -> bool:
-        """No string to search for."""
-        return not (self._all["distinctive"] or self._all["common"])
-
-    @property
-    def searches_distinctive(self) -> bool:
-        return bool(self._all["distinctive"])
-
-    @property
-    def distinctive(self) -> re.Pattern[bytes] | None:
-        return self._pattern("distinctive") if self._all["distinctive"] else None
-
-    @property
-    def common(self) -> re.Pattern[bytes] | None:
-        return self._pattern("common") if self._all["common"] else None
-
-    def _at(self, kind: str, low: bytes, at: int) -> bool:
-        """A word of ``kind`` (not of digits and dots) starts at ``at`` in ``low``, no letter or digit after."""
-        words, end = self._words[kind], len(low)
-        for n in self._lengths[kind]:
-            stop = at + n
-            if stop > end:
-                return False
-            if (stop == end or low[stop] not in _ALNUM) and low[at:stop] in words:
-                return True
-        return False
-
-    def _numeric(self, low: bytes, want_common: bool) -> tuple[bool, bool]:
-        """(a distinctive string of digits and dots is in ``low``, a common one is)."""
-        found = {"distinctive": False, "common": not want_common}
-        wanted = [k for k in found if not found[k] and self._numbers[k]]
-        pos = 0
-        while wanted and self._heads is not None and (m := self._heads.search(low, pos)):
-            s = m.start()
-            pos = s + 1
-            if s and low[s - 1] in _ALNUM:
-                continue  # inside a longer word (the patterns' look-behind)
-            for k in self._numbers_at(low, s):
-                found[k] = True
-            wanted = [k for k in wanted if not found[k]]
-        return found["distinctive"], found["common"] and want_common
-
-    def _numbers_at(self, low: bytes, s: int) -> set[str]:
-        """The kinds of the strings of digits and dots starting at ``s`` in ``low``: each ends at a dot
-        or where the run of digits and dots ends (then with no letter after it)."""
-        b = _RUN.match(low, s).end()
-        run_ends = b == len(low) or low[b] not in _ALNUM
-        kinds: set[str] = set()
-        e = low.find(b".", s, b)
-        while True:
-            stop = b if e < 0 else e
-            piece = low[s:stop]
-            if stop < b or run_ends:
-                kinds.update(k for k, words in self._numbers.items() if piece in words)
-            if e < 0 or piece not in self._prefixes:
-                return kinds  # no known string goes on past this dot
-            e = low.find(b".", e + 1, b)
-
-    def kinds(self, data: bytes, *, want_common: bool = True) -> tuple[bool, bool]:
-        """(a distinctive string is in ``data``, a common one is), reading ``data`` once (and each run
-        of digits and dots once more)."""
-        if self.empty:
-            return False, False
-        low = data.lower()
-        want_common = want_common and bool(self._all["common"])
-        found_d, found_c = self._numeric(low, want_common)
-        if self.both is None or (found_d and (found_c or not want_common)):
-            return found_d, found_c
-        pos = 0
-        while m := self.both.search(low, pos):
-            at = m.start()
-            pos = at + 1
-            if at and low[at - 1] in _ALNUM:
-                continue  # inside a longer word: not a match (the patterns' look-behind)
-            found_d = found_d or self._at("distinctive", low, at)
-            found_c = found_c or (want_common and self._at("common", low, at))
-            if found_d and (found_c or not want_common):
-                break
-        return found_d, found_c
-
-    def distinctive_in(self, data: bytes) -> bool:
-        """True when a distinctive string is in ``data`` (as ``Rules.pattern.search``)."""
-        return self.kinds(data, want_common=False)[0] if self.searches_distinctive else False
 
 
 _UNCOMPILED = object()
@@ -352,11 +196,31 @@ def _name_forms(value: str) -> set[str]:
     return out
 
 
+def _plain_number(value: str) -> str | None:
+    """``value`` as :func:`variants` trims it, when it is only digits and dots with at least
+    :data:`DISTINCTIVE_DIGITS` digits (an original UID, a long number: most of a key store); such a
+    string is its own only variant, has no other spelling and is distinctive (:func:`is_common`)."""
+    v = value.strip().strip("\x00").strip()
+    if len(v) >= MIN_LENGTH and v.isascii() and not v.strip("0123456789.") and len(v) - v.count(".") >= DISTINCTIVE_DIGITS:
+        return v
+    return None
+
+
 def build_rules(identifiers: Iterable[str]) -> Rules:
-    """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring)."""
+    """Sort the strings of ``identifiers`` into distinctive and common ones (module docstring).
+
+    ``identifiers`` is read once, as it comes (no copy of it): the strings of digits and dots (original
+    UIDs) go straight into the rules, each once, with no intermediate strings."""
     distinctive: set[str] = set()
     common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
-    for value in {str(v) for v in identifiers}:
+    others: set[str] = set()
+    for v in identifiers:
+        v = str(v)
+        if (n := _plain_number(v)) is not None:
+            distinctive.add(n)
+        else:
+            others.add(v)
+    for value in others:
         found = variants(value)
         pairs = {s for s in found if "^" in s or " " in s or "," in s} if "^" in value else set()
         for s in found | _name_forms(value):
@@ -366,10 +230,13 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
                 distinctive.add(s)
             else:
                 common.add(s)
+    del others
+    distinctive_set, common_set = frozenset(distinctive), frozenset(common)
+    del distinctive, common
     return Rules(  # the case-folding patterns are compiled when first asked for (few scans need them)
-        distinctive=frozenset(distinctive),
-        common=frozenset(_fold(s) for s in common),
+        distinctive=distinctive_set,
+        common=frozenset(_fold(s) for s in common_set),
         _keywords=frozenset(IDENTIFYING_KEYWORDS),
-        finder=Finder.of(distinctive, common),
-        written=(frozenset(distinctive), frozenset(common)),
+        finder=Finder.of(distinctive_set, common_set),
+        written=(distinctive_set, common_set),
     )
