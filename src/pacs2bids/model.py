@@ -38,6 +38,7 @@ class StudyRef:
     study_description: str = ""
     series: list[SeriesRef] = field(default_factory=list)
     excluded_series: int = 0
+    sop_classes: tuple[str, ...] = ()  # SOPClassesInStudy (0008,0062), when the PACS answered it
 
     def __repr__(self) -> str:
         return f"StudyRef(row {self.inclusion_row}, sub-{self.subject}, {len(self.series)} series)"
