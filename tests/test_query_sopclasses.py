@@ -1,7 +1,8 @@
-"""The query asks for each study's SOP classes (SOPClassesInStudy), for the schedule only (issue 12):
-a study of Secondary Captures under Modality CT (the shared corpus's CT exam summary) costs seconds
-of OCR, which its series' modality does not show. Real Orthanc, over C-FIND (it answers the key)
-and QIDO-RS (Orthanc 1.10's DICOMweb plugin leaves it out: the study is then costed by modality)."""
+"""The query asks for each study's SOP classes, for the schedule only (issue 12): a study of Secondary
+Captures under Modality CT (the shared corpus's CT exam summary) costs seconds of OCR, which its
+series' modality does not show. Real Orthanc: over C-FIND it answers SOPClassesInStudy (the study's
+small series are then counted as OCR'd), over QIDO-RS (1.10's DICOMweb plugin) not that one but each
+series' SOPClassUID (then exactly the Secondary Capture series is)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def test_the_query_reads_the_study_sop_classes_and_the_cost_counts_their_ocr(kin
         close_pools()
     [study] = q.studies
     assert {s.modality for s in study.series} == {"CT"}  # the series query shows no Secondary Capture
-    if kind == "dicomweb" and not study.sop_classes:
-        assert study_cost(study) == len(files)  # not answered: costed by modality, as before
+    if kind == "dicomweb":
+        assert sorted(s.sop_class for s in study.series) == ["1.2.840.10008.5.1.4.1.1.2", SC], study.series
+        assert study_cost(study) == 6 * OCR_INSTANCES + 1  # the 6 screenshots, not the CT localizer
         return
     assert SC in study.sop_classes and "1.2.840.10008.5.1.4.1.1.2" in study.sop_classes, study.sop_classes
     # the 6-image summary series counts its OCR; the 1-image localizer too (a series query cannot tell them)

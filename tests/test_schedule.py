@@ -94,3 +94,8 @@ def test_a_study_holding_secondary_captures_under_another_modality_counts_their_
     big = StudyRef(10, "10", None, "1.2.10", series=[SeriesRef("1.2.10", "1.2.10.1", "CT", 1, "", 400)],
                    sop_classes=sc.sop_classes)
     assert study_cost(big) == 400
+    # each series' class known (QIDO-RS of Orthanc): exactly the Secondary Capture series counts
+    exact = StudyRef(11, "11", None, "1.2.11", series=[
+        SeriesRef("1.2.11", "1.2.11.1", "CT", 1, "", 6, "1.2.840.10008.5.1.4.1.1.7"),
+        SeriesRef("1.2.11", "1.2.11.2", "CT", 2, "", 1, "1.2.840.10008.5.1.4.1.1.2")])
+    assert study_cost(exact) == 601

@@ -21,6 +21,7 @@ class SeriesRef:
     series_number: int | None = None
     series_description: str = ""
     announced_instances: int | None = None
+    sop_class: str = ""  # the SOPClassUID the series query answered (QIDO-RS, some servers), else ""
 
     def __repr__(self) -> str:
         return f"SeriesRef(#{self.series_number}, {self.modality}, {self.announced_instances} instances)"

@@ -333,6 +333,7 @@ def _keep_series(ref: StudyRef, series: list[Dataset], f: _Filters) -> None:
                 study_instance_uid=ref.study_instance_uid, series_instance_uid=se_uid, modality=modality,
                 series_number=_int(se.get("SeriesNumber")), series_description=sdesc,
                 announced_instances=_int(se.get("NumberOfSeriesRelatedInstances")),
+                sop_class=str(se.get("SOPClassUID", "") or "").strip(),
             )
         )
     ref.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description))

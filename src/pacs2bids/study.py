@@ -62,23 +62,27 @@ OCR_INSTANCES = 100
 #: In a study whose SOPClassesInStudy holds a Secondary Capture class, a series of at most this many
 #: instances counts as at risk whatever its modality: screenshots, dose reports and exam summaries come
 #: as a few images, often under the study's modality (the shared corpus's CT "exam summary": 6 SC images
-#: with Modality CT); a series query cannot tell which series holds them.
+#: with Modality CT); a C-FIND series query cannot tell which series holds them.
 SC_SERIES_MAX = 16
 
 
 def study_cost(study: StudyRef) -> int:
     """The study's expected work, in instances (the query's announced counts; unknown counts 0):
     a series whose modality puts its pixels at risk (:data:`pacs2bids.deid.pixels.RISKY_MODALITIES`:
-    ultrasound, secondary capture...) counts :data:`OCR_INSTANCES` per instance, and so does a series
-    of at most :data:`SC_SERIES_MAX` instances of a study the PACS says holds Secondary Captures."""
+    ultrasound, secondary capture...) or whose SOP class (when the series query answered it) is a
+    Secondary Capture counts :data:`OCR_INSTANCES` per instance; so does, when some series' class is
+    unknown, a series of at most :data:`SC_SERIES_MAX` instances of a study whose SOPClassesInStudy
+    holds a Secondary Capture class."""
     from .deid.pixels import RISKY_MODALITIES
     from .sopclasses import SECONDARY_CAPTURE_PREFIX
 
-    captures = any(c.startswith(SECONDARY_CAPTURE_PREFIX) for c in study.sop_classes)
+    known = all(s.sop_class for s in study.series)  # each series' class answered: no guess
+    captures = not known and any(c.startswith(SECONDARY_CAPTURE_PREFIX) for c in study.sop_classes)
 
     def ocr(s) -> bool:
         n = s.announced_instances or 0
-        return (s.modality or "").upper() in RISKY_MODALITIES or (captures and 0 < n <= SC_SERIES_MAX)
+        return ((s.modality or "").upper() in RISKY_MODALITIES or s.sop_class.startswith(SECONDARY_CAPTURE_PREFIX)
+                or (captures and 0 < n <= SC_SERIES_MAX))
 
     return sum((s.announced_instances or 0) * (OCR_INSTANCES if ocr(s) else 1) for s in study.series)
 
