@@ -370,3 +370,32 @@ def test_a_slot_given_back_is_taken_by_a_waiter_without_seconds_of_polling(prefe
     # half the connections wait less than a poll and a half (the waits of the old gate: median 0.95 s)
     assert got["waits"][len(got["waits"]) // 2] < 0.3, got
     assert got["took"] < 3.5, got
+
+
+RENEW_SCRIPT = """
+import sys, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from pacs2bids.tasks.pacs_limit import LEASE_SECONDS, PrefectGate
+name = sys.argv[1]
+with get_client(sync_client=True) as client:
+    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+release = PrefectGate(name)()
+time.sleep(LEASE_SECONDS + 25)  # past the lease and the server's sweep of expired leases (every 15 s or so)
+with get_client(sync_client=True) as client:
+    print("held", client.read_global_concurrency_limit_by_name(name).active_slots, flush=True)
+release()
+with get_client(sync_client=True) as client:
+    print("after", client.read_global_concurrency_limit_by_name(name).active_slots, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_slot_held_longer_than_its_lease_is_renewed(prefect_server, tmp_path):
+    """A large study's retrieval holds its slot for minutes: the gate renews the lease, so the
+    server never revokes it while the connection is open (the PACS limit keeps its meaning)."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", RENEW_SCRIPT, "pacs2bids-pacs-RENEW@127.0.0.1:1"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held 1" in proc.stdout and "after 0" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
