@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from prefect.concurrency.sync import concurrency
 from prefect.logging import get_run_logger
 
 from pacs2bids.config import ProjectSpec
@@ -19,6 +18,7 @@ from pacs2bids.pacs import gate
 
 LEASE_SECONDS = 60.0  # a slot held by a process that died is freed after this long (Prefect's minimum)
 WAIT_LOG_SECONDS = 30.0  # a connection waiting for a slot says so this often
+POLL_SECONDS = 0.2  # a connection refused a slot asks again at least this often
 
 
 def _log():
@@ -118,21 +118,41 @@ def ensure_pacs_limit(spec: ProjectSpec) -> str:
 class PrefectGate:
     """A :data:`pacs2bids.pacs.gate.Gate` backed by a Prefect global concurrency limit.
 
-    Each slot is held by a small thread inside Prefect's ``concurrency`` context (which renews
-    the slot's lease), so that a slot taken by one thread can be given back by another: an
-    association is opened by the thread that needs it and may be released by the pool's reaper.
+    Each slot is a lease of the limit taken, renewed and given back over one client this gate
+    keeps (Prefect's API, not its ``concurrency`` context): a slot taken by one thread can be given
+    back by another (an association is opened by the thread that needs it and may be released by
+    the pool's reaper), nothing is recorded on the task run that took it, and one thread renews
+    every lease the gate holds. A refused connection asks again after the server's
+    ``Retry-After``, at most :data:`POLL_SECONDS`: every waiter, of this process or another, asks
+    on its own at the same pace, so a slot given back is taken within about that long by whoever
+    asks first (Prefect's ``concurrency`` queued a process's waiters behind each other's sleeps,
+    and its release waited for its lease thread: seconds per small study, issue 12).
     """
 
-    def __init__(self, name: str, lease_seconds: float = LEASE_SECONDS, wait_log_seconds: float = WAIT_LOG_SECONDS):
+    def __init__(self, name: str, lease_seconds: float = LEASE_SECONDS, wait_log_seconds: float = WAIT_LOG_SECONDS,
+                 poll_seconds: float = POLL_SECONDS):
         self.name, self.lease_seconds, self.wait_log_seconds = name, lease_seconds, wait_log_seconds
+        self.poll_seconds = poll_seconds
+        self._client = None
+        self._lock = threading.Lock()  # one request at a time on the shared client
+        self._leases: set = set()  # the leases held, renewed by the renewer thread
+        self._renewer: threading.Thread | None = None
+
+    def _call(self, method: str, *args):
+        from prefect.client.orchestration import get_client
+
+        with self._lock:
+            if self._client is None:
+                # an empty context, not the caller's: nothing recorded on the task run that opened it
+                client = contextvars.Context().run(get_client, sync_client=True)
+                client.__enter__()
+                self._client = client
+            return getattr(self._client, method)(*args)
 
     def _say_waiting(self, waited: float) -> None:
         """One line saying what this connection waits for: which limit, how many slots are held."""
-        from prefect.client.orchestration import get_client
-
         try:
-            with get_client(sync_client=True) as client:
-                limit = client.read_global_concurrency_limit_by_name(self.name)
+            limit = self._call("read_global_concurrency_limit_by_name", self.name)
             held = f"{limit.active_slots} of {limit.limit} slots held"
         except Exception as exc:  # a side output: never worth failing the wait for
             held = f"slots unknown ({type(exc).__name__})"
@@ -140,36 +160,67 @@ class PrefectGate:
                     "run's slots come back when their %.0f s lease expires)", waited, self.name, held,
                     self.lease_seconds)
 
-    def __call__(self) -> Callable[[], None]:
-        taken, done = threading.Event(), threading.Event()
-        failure: list[BaseException] = []
+    def _acquire(self) -> str:
+        """Take one slot (waiting as long as it takes); returns its lease's id."""
+        import httpx
 
-        def hold() -> None:
-            try:
-                with concurrency(self.name, occupy=1, timeout_seconds=None, strict=True,
-                                 lease_duration=self.lease_seconds, raise_on_lease_renewal_failure=False):
-                    taken.set()
-                    done.wait()
-            except BaseException as exc:  # handed to the caller below
-                failure.append(exc)
-            finally:
-                taken.set()
-
-        # an empty context, not a copy of the caller's: Prefect records a lease on the task run
-        # that acquires it and releases it when that task ends, but a pooled association (and
-        # its slot) outlives the task that opened it
-        holder = threading.Thread(target=contextvars.Context().run, args=(hold,), daemon=True,
-                                  name="pacs2bids-pacs-slot")
-        holder.start()
         started = time.monotonic()
-        while not taken.wait(self.wait_log_seconds):
-            self._say_waiting(time.monotonic() - started)
-        if failure:
-            raise failure[0]
+        next_log = started + self.wait_log_seconds
+        while True:
+            try:
+                response = self._call("increment_concurrency_slots_with_lease", [self.name], 1, "concurrency",
+                                      self.lease_seconds)
+                break
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code != 423:  # 423 Locked: every slot is held
+                    raise
+                retry = float(exc.response.headers.get("Retry-After") or self.poll_seconds)
+            now = time.monotonic()
+            if now >= next_log:
+                self._say_waiting(now - started)
+                next_log = now + self.wait_log_seconds
+            time.sleep(min(retry, self.poll_seconds))
+        body = response.json()
+        if not body.get("limits"):
+            from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
+
+            raise ConcurrencySlotAcquisitionError(
+                f"the PACS limit {self.name} does not exist on the Prefect server: it is created when the run "
+                "starts (pacs2bids.tasks.pacs_limit.use_pacs_limit)")
+        return body["lease_id"]
+
+    def _renew(self) -> None:
+        """The gate's renewer: every third of the lease, each lease held is renewed (a failure is
+        logged; the slot then frees itself when its lease expires, as a killed run's would)."""
+        while True:
+            time.sleep(self.lease_seconds / 3)
+            with self._lock:
+                leases = list(self._leases)
+            for lease_id in leases:
+                try:
+                    self._call("renew_concurrency_lease", lease_id, self.lease_seconds)
+                except Exception as exc:
+                    _log().warning("the lease of a slot of the PACS limit %s could not be renewed (%s)", self.name,
+                                   type(exc).__name__)
+
+    def __call__(self) -> Callable[[], None]:
+        lease_id = self._acquire()
+        with self._lock:
+            self._leases.add(lease_id)
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew, daemon=True, name="pacs2bids-pacs-leases")
+                self._renewer.start()
 
         def release() -> None:
-            done.set()
-            holder.join(timeout=60)
+            with self._lock:
+                if lease_id not in self._leases:
+                    return  # given back already
+                self._leases.discard(lease_id)
+            try:
+                self._call("release_concurrency_slots_with_lease", lease_id)
+            except Exception as exc:  # the slot frees itself when its lease expires
+                _log().warning("a slot of the PACS limit %s could not be given back (%s): it frees itself within "
+                               "%.0f s", self.name, type(exc).__name__, self.lease_seconds)
 
         return release
 

@@ -316,3 +316,86 @@ def test_ephemeral_mode_gives_back_the_slots_of_killed_runs_only(tmp_path):
     assert taker.returncode == 0, err[-3000:]
     assert "reclaimed 2" in out and "held after" in out, out + err[-2000:]
     assert "kept by runs that were killed were given back" in err
+
+
+# -- a slot given back is soon taken by a waiter (issue 12: small studies waited seconds for one) -----
+CONTENTION_SCRIPT = """
+import json, sys, threading, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from pacs2bids.tasks.pacs_limit import PrefectGate
+name = sys.argv[1]
+with get_client(sync_client=True) as client:
+    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2, active=True))
+gate = PrefectGate(name)
+lock, held, peak, waits = threading.Lock(), [0], [0], []
+def connection():
+    for _ in range(3):  # three short connections one after the other, as small studies' retrievals
+        asked = time.monotonic()
+        release = gate()
+        with lock:
+            waits.append(time.monotonic() - asked)
+            held[0] += 1
+            peak[0] = max(peak[0], held[0])
+        time.sleep(0.05)
+        with lock:
+            held[0] -= 1
+        release()
+started = time.monotonic()
+threads = [threading.Thread(target=connection) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+took = time.monotonic() - started
+with get_client(sync_client=True) as client:
+    active = client.read_global_concurrency_limit_by_name(name).active_slots
+print(json.dumps({"took": took, "peak": peak[0], "waits": sorted(waits), "active": active}), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_slot_given_back_is_taken_by_a_waiter_without_seconds_of_polling(prefect_server, tmp_path):
+    """4 connections of 50 ms each, 3 times, through a limit of 2: 0.3 s of holding in all. Through
+    Prefect's ``concurrency`` context (the gate before issue 12's fix) the waiters of one process
+    queued behind each other's ``Retry-After`` sleeps (1.5-5 s on this server) and each release
+    waited for its lease thread: 8.9 s on a quiet machine, against 1.1 s now."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", CONTENTION_SCRIPT, "pacs2bids-pacs-CONTENTION@127.0.0.1:1"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["peak"] == 2, got  # the bound holds, and is reached
+    assert got["active"] == 0, got  # every slot given back
+    # half the connections wait less than a poll and a half (the waits of the old gate: median 0.95 s)
+    assert got["waits"][len(got["waits"]) // 2] < 0.3, got
+    assert got["took"] < 3.5, got
+
+
+RENEW_SCRIPT = """
+import sys, time
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from pacs2bids.tasks.pacs_limit import LEASE_SECONDS, PrefectGate
+name = sys.argv[1]
+with get_client(sync_client=True) as client:
+    client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1, active=True))
+release = PrefectGate(name)()
+time.sleep(LEASE_SECONDS + 25)  # past the lease and the server's sweep of expired leases (every 15 s or so)
+with get_client(sync_client=True) as client:
+    print("held", client.read_global_concurrency_limit_by_name(name).active_slots, flush=True)
+release()
+with get_client(sync_client=True) as client:
+    print("after", client.read_global_concurrency_limit_by_name(name).active_slots, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_slot_held_longer_than_its_lease_is_renewed(prefect_server, tmp_path):
+    """A large study's retrieval holds its slot for minutes: the gate renews the lease, so the
+    server never revokes it while the connection is open (the PACS limit keeps its meaning)."""
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run([sys.executable, "-c", RENEW_SCRIPT, "pacs2bids-pacs-RENEW@127.0.0.1:1"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held 1" in proc.stdout and "after 0" in proc.stdout, (proc.stdout, proc.stderr[-3000:])

@@ -10,7 +10,7 @@ import pytest
 
 from pacs2bids.model import SeriesRef, StudyRef
 from pacs2bids.run import RunSummary, study_timeline
-from pacs2bids.study import StudyResult, longest_first
+from pacs2bids.study import StudyResult, longest_first, study_cost
 
 
 def _study(row: int, *sizes: int | None) -> StudyRef:
@@ -77,3 +77,25 @@ def test_a_study_whose_pixels_are_read_by_ocr_goes_before_larger_ordinary_ones()
     us = StudyRef(7, "07", None, "1.2.7", series=[SeriesRef("1.2.7", "1.2.7.1", "US", 1, "", 1)])
     studies = [_study(1, 1000), _study(2, 50), us, _study(3, 1)]
     assert longest_first(studies) == [0, 2, 1, 3]
+
+
+def test_a_study_holding_secondary_captures_under_another_modality_counts_their_ocr():
+    """The shared corpus's CT exam summary: 6 Secondary Capture images with Modality CT (and a
+    1-image CT localizer), OCR'd for seconds, was submitted twelfth of 14 and ended the run. The
+    PACS's SOPClassesInStudy (C-FIND) names the class: its small series count as OCR'd."""
+    sc = StudyRef(8, "08", None, "1.2.8", series=[SeriesRef("1.2.8", "1.2.8.1", "CT", 1, "", 6),
+                                                  SeriesRef("1.2.8", "1.2.8.2", "CT", 2, "", 1)],
+                  sop_classes=("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.7"))
+    plain = StudyRef(9, "09", None, "1.2.9", series=list(sc.series), sop_classes=("1.2.840.10008.5.1.4.1.1.2",))
+    studies = [_study(1, 1000), _study(2, 200, 300), plain, sc]
+    assert study_cost(sc) == 700 and study_cost(plain) == 7
+    assert longest_first(studies) == [0, 3, 1, 2]
+    # a large series of such a study is not taken for screenshots
+    big = StudyRef(10, "10", None, "1.2.10", series=[SeriesRef("1.2.10", "1.2.10.1", "CT", 1, "", 400)],
+                   sop_classes=sc.sop_classes)
+    assert study_cost(big) == 400
+    # each series' class known (QIDO-RS of Orthanc): exactly the Secondary Capture series counts
+    exact = StudyRef(11, "11", None, "1.2.11", series=[
+        SeriesRef("1.2.11", "1.2.11.1", "CT", 1, "", 6, "1.2.840.10008.5.1.4.1.1.7"),
+        SeriesRef("1.2.11", "1.2.11.2", "CT", 2, "", 1, "1.2.840.10008.5.1.4.1.1.2")])
+    assert study_cost(exact) == 601

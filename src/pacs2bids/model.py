@@ -21,6 +21,7 @@ class SeriesRef:
     series_number: int | None = None
     series_description: str = ""
     announced_instances: int | None = None
+    sop_class: str = ""  # the SOPClassUID the series query answered (QIDO-RS, some servers), else ""
 
     def __repr__(self) -> str:
         return f"SeriesRef(#{self.series_number}, {self.modality}, {self.announced_instances} instances)"
@@ -38,6 +39,7 @@ class StudyRef:
     study_description: str = ""
     series: list[SeriesRef] = field(default_factory=list)
     excluded_series: int = 0
+    sop_classes: tuple[str, ...] = ()  # SOPClassesInStudy (0008,0062), when the PACS answered it
 
     def __repr__(self) -> str:
         return f"StudyRef(row {self.inclusion_row}, sub-{self.subject}, {len(self.series)} series)"

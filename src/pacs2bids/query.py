@@ -251,7 +251,7 @@ def _filtered(inc: Inclusion, key: str, value: str, studies: list[Dataset], f: _
         if f.study_re and not f.study_re.search(desc):
             continue
         ref = StudyRef(inclusion_row=inc.row, subject=inc.subject, session=inc.session, study_instance_uid=uid,
-                       study_date=sdate, study_description=desc)
+                       study_date=sdate, study_description=desc, sop_classes=_sop_classes(st))
         out.append(_Candidate(ref, day, _int(st.get("NumberOfStudyRelatedSeries"))))
     return out
 
@@ -305,6 +305,16 @@ def _keep_inclusion(inc: Inclusion, candidates: list[_Candidate], series: dict[s
     return kept_any
 
 
+def _sop_classes(study: Dataset) -> tuple[str, ...]:
+    """The study's SOPClassesInStudy (0008,0062) as the PACS answered it (a C-FIND or QIDO key: Orthanc
+    answers it over C-FIND), for the schedule only (:func:`pacs2bids.study.study_cost`); () when not."""
+    value = study.get("SOPClassesInStudy")
+    if value is None or value == "":
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip() for v in values if str(v).strip())
+
+
 def _keep_series(ref: StudyRef, series: list[Dataset], f: _Filters) -> None:
     """Append to ``ref`` the series the filters keep (once each, by SeriesNumber), count the others."""
     done: set[str] = set()
@@ -323,6 +333,7 @@ def _keep_series(ref: StudyRef, series: list[Dataset], f: _Filters) -> None:
                 study_instance_uid=ref.study_instance_uid, series_instance_uid=se_uid, modality=modality,
                 series_number=_int(se.get("SeriesNumber")), series_description=sdesc,
                 announced_instances=_int(se.get("NumberOfSeriesRelatedInstances")),
+                sop_class=str(se.get("SOPClassUID", "") or "").strip(),
             )
         )
     ref.series.sort(key=lambda s: (s.series_number is None, s.series_number or 0, s.series_description))

@@ -59,16 +59,32 @@ class StudyResult:
 #: its pixels are read by OCR (tesseract, twice per frame: 1-2 s on a busy core, where the rest of a
 #: study's work costs ~20 ms per instance), so a 1-instance ultrasound study outlasts a 100-instance MR one.
 OCR_INSTANCES = 100
+#: In a study whose SOPClassesInStudy holds a Secondary Capture class, a series of at most this many
+#: instances counts as at risk whatever its modality: screenshots, dose reports and exam summaries come
+#: as a few images, often under the study's modality (the shared corpus's CT "exam summary": 6 SC images
+#: with Modality CT); a C-FIND series query cannot tell which series holds them.
+SC_SERIES_MAX = 16
 
 
 def study_cost(study: StudyRef) -> int:
     """The study's expected work, in instances (the query's announced counts; unknown counts 0):
     a series whose modality puts its pixels at risk (:data:`pacs2bids.deid.pixels.RISKY_MODALITIES`:
-    ultrasound, secondary capture...) counts :data:`OCR_INSTANCES` per instance."""
+    ultrasound, secondary capture...) or whose SOP class (when the series query answered it) is a
+    Secondary Capture counts :data:`OCR_INSTANCES` per instance; so does, when some series' class is
+    unknown, a series of at most :data:`SC_SERIES_MAX` instances of a study whose SOPClassesInStudy
+    holds a Secondary Capture class."""
     from .deid.pixels import RISKY_MODALITIES
+    from .sopclasses import SECONDARY_CAPTURE_PREFIX
 
-    return sum((s.announced_instances or 0) * (OCR_INSTANCES if (s.modality or "").upper() in RISKY_MODALITIES else 1)
-               for s in study.series)
+    known = all(s.sop_class for s in study.series)  # each series' class answered: no guess
+    captures = not known and any(c.startswith(SECONDARY_CAPTURE_PREFIX) for c in study.sop_classes)
+
+    def ocr(s) -> bool:
+        n = s.announced_instances or 0
+        return ((s.modality or "").upper() in RISKY_MODALITIES or s.sop_class.startswith(SECONDARY_CAPTURE_PREFIX)
+                or (captures and 0 < n <= SC_SERIES_MAX))
+
+    return sum((s.announced_instances or 0) * (OCR_INSTANCES if ocr(s) else 1) for s in study.series)
 
 
 def longest_first(studies: list[StudyRef]) -> list[int]:
