@@ -5,6 +5,7 @@ Content-Type forms servers send (PS3.18 8.7.3.5, RFC 2046 5.1)."""
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,28 @@ def test_a_declared_length_spares_the_search_of_the_part(tmp_path):
     assert delim not in searched
     assert read(Once([body_with_lengths([len(big) - 1, len(P2)], big, P2)]), tmp_path / "in") == [big, P2]
     assert searched.count(delim) == 1
+
+
+def test_a_part_held_in_memory_is_hashed_by_the_thread_that_files_it(tmp_path, monkeypatch):
+    """The reader thread (receiving, splitting, creating and writing every file) is the busier one:
+    it does not hash a part held in memory; the caller's thread does, once, when it asks. A part
+    streamed to its file (larger than MEMORY_PART) is still hashed as it is written."""
+    hashed_in: list[str] = []
+    real = hashlib.sha256
+
+    def spy(*args):
+        hashed_in.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(dicomweb.hashlib, "sha256", spy)
+    answer = Answer([body(P1, P2)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    parts = list(dicomweb._read_ahead(_multipart_parts(answer, folder), answer))
+    assert all(p.data is not None for p in parts) and hashed_in == []  # the reader hashed nothing
+    assert [p.sha256 for p in parts] == [real(P1).hexdigest(), real(P2).hexdigest()]
+    assert [p.sha256 for p in parts] and hashed_in == [threading.current_thread().name] * 2  # once each
+    monkeypatch.setattr(dicomweb, "MEMORY_PART", 0)
+    streamed = list(_multipart_parts(Answer([body(P1, P2)]), tmp_path / "in"))
+    hashed_in.clear()
+    assert [p.sha256 for p in streamed] == [real(P1).hexdigest(), real(P2).hexdigest()] and hashed_in == []

@@ -43,14 +43,25 @@ _ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
 
 @dataclass(frozen=True)
 class Part:
-    """One instance of a WADO-RS answer, whole in a temporary file: its SHA-256 (hex) and size
-    were taken from the bytes as they were written."""
+    """One instance of a WADO-RS answer, whole in a temporary file, and its size. Its SHA-256
+    (:attr:`sha256`) was taken from the bytes as they were streamed to the file, or, for a part
+    held whole in ``data``, is taken from them by whoever asks, once: the thread that files it."""
 
     path: Path
-    sha256: str
+    streamed_sha256: str | None
     size: int
     head: bytes = b""  # its first HEAD bytes, when not held whole in data: the sink checks them in memory
     data: bytes | None = None  # all of it, when at most MEMORY_PART: the sink checks it without opening the file
+
+    @property
+    def sha256(self) -> str:
+        """The hex SHA-256 of the part's bytes. For a part held in memory it is computed here, in
+        the caller's thread, not by the reader, which is the busier of the two: receiving,
+        splitting, creating and writing every file (hashlib releases the interpreter lock, so
+        the hash runs beside the reader's next parts)."""
+        if self.streamed_sha256 is None:
+            object.__setattr__(self, "streamed_sha256", hashlib.sha256(self.data).hexdigest())
+        return self.streamed_sha256
 
 
 def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
@@ -289,7 +300,7 @@ class _PartWriter:
     def __init__(self, path: str):
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        self.hash, self.size, self.held = hashlib.sha256(), 0, []  # held: the bytes not written yet
+        self.hash, self.size, self.held = None, 0, []  # held: the bytes not written yet; hash: once streamed
         self.head = b""
 
     def add(self, data: bytes) -> None:
@@ -304,8 +315,11 @@ class _PartWriter:
             self.head += data[:HEAD - len(self.head)]
         self._write(data)
 
-    def _write(self, data: bytes) -> None:
-        self.hash.update(data)
+    def _write(self, data: bytes, hashed: bool = True) -> None:
+        if hashed:
+            if self.hash is None:
+                self.hash = hashlib.sha256()
+            self.hash.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
@@ -314,9 +328,10 @@ class _PartWriter:
         data = None
         if self.held is not None:
             data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
-            self._write(data)  # its head is in data: not copied
+            self._write(data, hashed=False)  # its head is in data: not copied; hashed by the filer (Part.sha256)
         os.close(self.fd)
-        return Part(Path(self.path), self.hash.hexdigest(), self.size, self.head, data)
+        digest = None if data is not None else (self.hash or hashlib.sha256()).hexdigest()
+        return Part(Path(self.path), digest, self.size, self.head, data)
 
     def discard(self) -> None:
         os.close(self.fd)
