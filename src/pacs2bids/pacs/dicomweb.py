@@ -303,16 +303,18 @@ class _PartWriter:
         self.hash, self.size, self.held = None, 0, []  # held: the bytes not written yet; hash: once streamed
         self.head = b""
 
-    def add(self, data: bytes) -> None:
-        """Take the next bytes of the part (a slice of the reader's buffer, already a copy)."""
+    def add(self, data: memoryview) -> None:
+        """Take the next bytes of the part: a view of the reader's chunk (immutable bytes), copied
+        once, when the part is closed (held) or joined (too large to hold), or not at all (streamed)."""
         self.size += len(data)
         if self.held is not None:
             self.held.append(data)
             if self.size <= MEMORY_PART:
                 return
-            data, self.held, self.head = b"".join(self.held), None, b""  # too large to hold: streamed from now on
+            data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
+            self.held, self.head = None, b""  # too large to hold: streamed from now on
         if len(self.head) < HEAD:
-            self.head += data[:HEAD - len(self.head)]
+            self.head += bytes(data[:HEAD - len(self.head)])
         self._write(data)
 
     def _write(self, data: bytes, hashed: bool = True) -> None:
@@ -327,7 +329,7 @@ class _PartWriter:
     def close(self) -> Part:
         data = None
         if self.held is not None:
-            data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
+            data = bytes(self.held[0]) if len(self.held) == 1 else b"".join(self.held)
             self._write(data, hashed=False)  # its head is in data: not copied; hashed by the filer (Part.sha256)
         os.close(self.fd)
         digest = None if data is not None else (self.hash or hashlib.sha256()).hexdigest()
@@ -349,6 +351,19 @@ def _declared_length(headers: bytes) -> int:
     return int(value) if value.isdigit() else -1
 
 
+def _held_back(buf: bytes, at: int, delim: bytes) -> int:
+    """Where the bytes at the end of ``buf`` that may begin ``delim`` start (``len(buf)`` when none
+    can), given that ``delim`` is not in ``buf[at:]``: only a suffix that is a prefix of ``delim``
+    is held back for the next chunk, so that the next chunk is mostly taken as it is, not copied
+    after them. ``delim`` is CR LF "--" boundary; a boundary has no CR (RFC 2046 5.1.1), so such a
+    suffix starts at the last CR; otherwise (a boundary with a CR) its last len(delim) - 1 bytes."""
+    start = max(at, len(buf) - len(delim) + 1)
+    if b"\r" in delim[1:]:
+        return start
+    k = buf.rfind(b"\r", start)
+    return k if k >= 0 and delim.startswith(buf[k:]) else len(buf)
+
+
 def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:
     """Split a multipart/related body (RFC 2046 5.1) into files while it streams; each
     :class:`Part` carries the SHA-256 and size of its file, taken as it was written, and its
@@ -365,7 +380,8 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
     state = "preamble"
     out: _PartWriter | None = None
     for data in response.iter_content(chunk):
-        buf, at = (buf[at:] + data if at < len(buf) else data), 0
+        buf, at = (buf[at:] + data if at < len(buf) else data), 0  # mostly nothing left over: no copy
+        view = memoryview(buf)
         while True:
             if state == "preamble":
                 i = buf.find(b"--" + boundary, at)
@@ -389,12 +405,12 @@ def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1
                 if i < 0:
                     i = buf.find(delim, at)
                 if i < 0:
-                    end = len(buf) - len(delim)  # the delimiter may begin in these last bytes
+                    end = _held_back(buf, at, delim)  # the delimiter may begin in these last bytes
                     if end > at:
-                        out.add(buf[at:end])
+                        out.add(view[at:end])
                         at = end
                     break
-                out.add(buf[at:i])
+                out.add(view[at:i])
                 part, out = out.close(), None
                 at = i + len(delim)
                 state = "headers"
