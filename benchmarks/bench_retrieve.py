@@ -159,6 +159,7 @@ def floors(root: Path, tmp: Path, methods: list[str], base: Path | None = None,
                 else:
                     floor_s, _ = steps.cget_floor(o, corpus, tmp / f"c-get-floor-{r}")
                 codes = [("base", base), ("ours", None)] if base else [("ours", False)]
+                codes = codes[::-1] if r % 2 else codes  # who comes second meets the first's writeback
                 for label, code in codes:
                     work = tmp / f"{method}-{label}-{r}"
                     if code is False:
