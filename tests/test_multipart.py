@@ -1,16 +1,17 @@
-"""The WADO-RS multipart reader (:func:`pacs2bids.pacs.dicomweb._multipart_parts`), on bodies built
+"""The WADO-RS multipart reader (:func:`pacs2bids.pacs.multipart._multipart_parts`), on bodies built
 here byte by byte: every position a chunk boundary can fall at, truncated answers, and the
 Content-Type forms servers send (PS3.18 8.7.3.5, RFC 2046 5.1)."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import pytest
 
-from pacs2bids.pacs import dicomweb
-from pacs2bids.pacs.dicomweb import _boundary, _multipart_parts
+from pacs2bids.pacs import multipart
+from pacs2bids.pacs.multipart import _boundary, _multipart_parts
 from pacs2bids.errors import PacsError
 
 B = "3fe2a-Boundary"
@@ -46,8 +47,8 @@ def read(answer: Answer, folder: Path) -> list[bytes]:
         data = p.path.read_bytes()
         assert (p.sha256, p.size) == (hashlib.sha256(data).hexdigest(), len(data))
         # the bytes held in memory (parts up to MEMORY_PART) and the head are the file's
-        assert p.data == (data if len(data) <= dicomweb.MEMORY_PART else None)
-        assert (p.data or p.head)[:dicomweb.HEAD] == data[:dicomweb.HEAD]
+        assert p.data == (data if len(data) <= multipart.MEMORY_PART else None)
+        assert (p.data or p.head)[:multipart.HEAD] == data[:multipart.HEAD]
     return [p.path.read_bytes() for p in parts]
 
 
@@ -56,7 +57,7 @@ def test_every_split_position_of_a_two_part_body(tmp_path, monkeypatch, memory_p
     """Whether a part is held in memory (its bytes handed over with it), or too large for that
     (written as it streams) from its first byte or from some byte in the middle of a chunk, every
     split of the answer gives the same parts, files, checksums and heads."""
-    monkeypatch.setattr(dicomweb, "MEMORY_PART", memory_part)
+    monkeypatch.setattr(multipart, "MEMORY_PART", memory_part)
     data = body(P1, P2)
     for i in range(len(data) + 1):
         assert read(Answer([data[:i], data[i:]]), tmp_path / "in") == [P1, P2], f"split at byte {i}"
@@ -148,7 +149,7 @@ def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path):
     import threading
     import time
 
-    from pacs2bids.pacs.dicomweb import _read_ahead
+    from pacs2bids.pacs.multipart import _read_ahead
 
     parts = [bytes([i]) * (1000 + i) for i in range(5)]
     answer = Closable([body(*parts, close=False)])
@@ -170,7 +171,7 @@ def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path):
 def test_a_caller_stopping_early_leaves_no_file_and_no_reader(tmp_path):
     import threading
 
-    from pacs2bids.pacs.dicomweb import _read_ahead
+    from pacs2bids.pacs.multipart import _read_ahead
 
     answer = Closable([body(*[bytes([i]) * 500 for i in range(6)])])
     with pytest.raises(RuntimeError):
@@ -220,3 +221,51 @@ def test_a_declared_length_spares_the_search_of_the_part(tmp_path):
     assert delim not in searched
     assert read(Once([body_with_lengths([len(big) - 1, len(P2)], big, P2)]), tmp_path / "in") == [big, P2]
     assert searched.count(delim) == 1
+
+
+def test_a_part_held_in_memory_is_hashed_by_the_thread_that_files_it(tmp_path, monkeypatch):
+    """The reader thread (receiving, splitting, creating and writing every file) is the busier one:
+    it does not hash a part held in memory; the caller's thread does, once, when it asks. A part
+    streamed to its file (larger than MEMORY_PART) is still hashed as it is written."""
+    hashed_in: list[str] = []
+    real = hashlib.sha256
+
+    def spy(*args):
+        hashed_in.append(threading.current_thread().name)
+        return real(*args)
+
+    monkeypatch.setattr(multipart.hashlib, "sha256", spy)
+    answer = Answer([body(P1, P2)])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    parts = list(multipart._read_ahead(_multipart_parts(answer, folder), answer))
+    assert all(p.data is not None for p in parts) and hashed_in == []  # the reader hashed nothing
+    assert [p.sha256 for p in parts] == [real(P1).hexdigest(), real(P2).hexdigest()]
+    assert [p.sha256 for p in parts] and hashed_in == [threading.current_thread().name] * 2  # once each
+    monkeypatch.setattr(multipart, "MEMORY_PART", 0)
+    streamed = list(_multipart_parts(Answer([body(P1, P2)]), tmp_path / "in"))
+    hashed_in.clear()
+    assert [p.sha256 for p in streamed] == [real(P1).hexdigest(), real(P2).hexdigest()] and hashed_in == []
+
+
+def test_a_large_part_streams_to_its_file_without_copies_of_the_chunks(tmp_path, monkeypatch):
+    """Each chunk is written from a view of itself: not copied after the few bytes left over from the
+    chunk before (a suffix of it can begin the delimiter only if it starts with its CR), nor sliced
+    into a copy per part piece. Measured by what Python allocates while the answer is split."""
+    import tracemalloc
+
+    monkeypatch.setattr(multipart, "MEMORY_PART", 0)  # streamed: nothing held
+    size, chunk = 16 << 20, 4 << 20
+    payload = bytes(range(256)) * (size // 256)  # no CR LF "--" boundary in it; CRs at every chunk's end
+    data = body(payload)
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tracemalloc.start()
+    try:
+        parts = list(_multipart_parts(Answer(chunks), folder))
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [p.path.read_bytes() == payload for p in parts] == [True]
+    assert peak < chunk // 4, f"{peak} bytes allocated while splitting {len(chunks)} chunks of {chunk}"

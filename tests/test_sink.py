@@ -210,3 +210,35 @@ def test_a_fresh_series_is_not_listed_and_a_resumed_one_is(tmp_path, orthanc_fac
             data = files[name].read_bytes()
             assert (entry["sha256"], entry["size"], entry["transport"]) == (
                 hashlib.sha256(data).hexdigest(), len(data), transport)
+
+
+def test_a_later_look_at_the_folder_checks_only_what_the_sink_did_not_write(tmp_path, native, monkeypatch):
+    """After its first look (ledger read, every file's size checked), a sink trusts the files it wrote
+    or checked itself: a series looked at again after its retrieval costs no stat per file. What was
+    removed or added since is still seen."""
+    data = native.read_bytes()
+    ds = pydicom.dcmread(native)
+    sink = _sink(tmp_path, ds)
+    assert sink.load(None) == set()
+    other = pydicom.dcmread(native)
+    other.SOPInstanceUID = ds.SOPInstanceUID + ".2"
+    other.save_as(tmp_path / "other.dcm")
+    for i, (raw, uid) in enumerate([(data, ds.SOPInstanceUID), ((tmp_path / "other.dcm").read_bytes(),
+                                                                  other.SOPInstanceUID)]):
+        assert sink(_copy(tmp_path, raw, f"{i}.part"), None, str(uid)) == 0
+    sink.save()
+    stats = []
+    real_stat = sinkmod.os.stat
+    monkeypatch.setattr(sinkmod.os, "stat", lambda p, *a, **k: (str(p).endswith(".dcm") and stats.append(p))
+                        or real_stat(p, *a, **k))
+    names = sink.load(None)
+    assert len(names) == 2 and stats == []  # its own files: no stat
+    first, second = sorted(sink.folder.glob("*.dcm"))
+    second.unlink()  # whatever removed it
+    (sink.folder / f"{'f' * 32}.dcm").write_bytes(data)  # a file it never saw: checked, hashed
+    again = sink.load(None)
+    assert again == {first.stem, "f" * 32} and len(stats) == 1
+    assert sink.ledger["f" * 32] == {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "transport": None}
+    fresh = SeriesSink(b"k" * 32, sink.study_uid, sink.series_uid, sink.folder, tmp_path / "quarantine")
+    first.write_bytes(data[:-1])  # a new sink (a resumed run) checks every file against the ledger again
+    assert fresh.load(None) == {"f" * 32}

@@ -226,11 +226,20 @@ class SeriesSink:
         self.quarantined: list[tuple[str, str]] = []
         self.stored = 0  # files written in this run
         self.duplicates = 0  # arrived again although already on disk: not rewritten
+        # name -> size of the files this sink wrote, or found matching its ledger, since its first
+        # load(): a later load() trusts them without a stat (a series is looked at 3 times after
+        # its retrieval); None until that first load, which reads the ledger and stats every file
+        self._seen: dict[str, int] | None = None
 
     # -- ledger -----------------------------------------------------------------------
     def load(self, announced_names: set[str] | None) -> set[str]:
-        """Reconcile the folder with its ledger; returns the names of the good files on disk."""
-        self.ledger = read_ledger(self.folder)
+        """Reconcile the folder with its ledger; returns the names of the good files on disk.
+        The first call reads the ledger and checks each file's size against it; later calls
+        (the ledger in memory is then the folder's) check only the files this sink has not
+        written or checked yet, and still see what was removed or added since."""
+        if self._seen is None:
+            self.ledger, self._seen = read_ledger(self.folder), {}
+        seen = self._seen
         present: set[str] = set()
         with os.scandir(self.folder) as entries:  # DirEntry: no pathlib object per file
             files = [(e.name, e.path) for e in entries]
@@ -241,8 +250,11 @@ class SeriesSink:
             if not fname.endswith(".dcm") or fname == ".dcm":
                 continue
             name = fname[:-4]
-            size = os.stat(p).st_size
             entry = self.ledger.get(name)
+            if entry is not None and seen.get(name) == entry["size"]:
+                present.add(name)
+                continue
+            size = os.stat(p).st_size
             if entry is None:  # renamed into place, then the run died before the ledger was saved
                 entry = self.ledger[name] = {"sha256": sha256_file(p), "size": size, "transport": None}
                 self._changes += 1
@@ -252,10 +264,12 @@ class SeriesSink:
                 self.ledger.pop(name, None)
                 self._changes += 1
                 continue
+            seen[name] = size
             present.add(name)
         for name in list(self.ledger):
             if name not in present:
                 self.ledger.pop(name)
+                seen.pop(name, None)
                 self._changes += 1
         return present
 
@@ -316,6 +330,8 @@ class SeriesSink:
         _move_into_place(path, dest)
         with self.lock:
             self.ledger[name] = {"sha256": sha256, "size": size, "transport": self.transport}
+            if self._seen is not None:
+                self._seen[name] = size
             self._changes += 1
             self.stored += 1
         if self.on_stored is not None:

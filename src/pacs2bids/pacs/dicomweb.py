@@ -4,7 +4,8 @@ QIDO-RS (PS3.18 10.6) pages with ``limit``/``offset`` until an empty page, so a 
 result cap never hides matches. WADO-RS (PS3.18 10.4) asks for
 ``multipart/related; type="application/dicom"`` and writes each part to a temporary file as
 it streams, byte for byte as the server sent it: no instance is held whole in memory; each part's
-SHA-256 and size are taken as it is written (:class:`Part`), so nobody reads it again for them.
+SHA-256 and size are taken as it is written (:class:`Part`, :mod:`pacs2bids.pacs.multipart`), so nobody reads
+it again for them.
 Credentials come from the environment variables the spec names. When a gate is installed for
 the PACS (:mod:`pacs2bids.pacs.gate`), every request holds one of its slots while in flight, and
 asks the server to close its connection with it: no idle keep-alive connection outlives its slot.
@@ -12,15 +13,10 @@ asks the server to close its connection with it: no idle keep-alive connection o
 
 from __future__ import annotations
 
-import email.message
-import hashlib
 import logging
 import os
-import queue
 import threading
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,26 +27,13 @@ from pydicom.dataset import Dataset
 from ..config import DicomwebSettings
 from ..errors import PacsError
 from . import gate
+from .multipart import Part, _multipart_parts, _read_ahead
 
 log = logging.getLogger(__name__)
 
 PAGE = 500
-HEAD = 1 << 16  # bytes of each part kept in memory for the sink's check (pacs2bids.sink._HEAD_BYTES)
-MEMORY_PART = 1 << 20  # a part up to this size is also handed over whole in memory (at most 64 read ahead)
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
-
-
-@dataclass(frozen=True)
-class Part:
-    """One instance of a WADO-RS answer, whole in a temporary file: its SHA-256 (hex) and size
-    were taken from the bytes as they were written."""
-
-    path: Path
-    sha256: str
-    size: int
-    head: bytes = b""  # its first HEAD bytes, when not held whole in data: the sink checks them in memory
-    data: bytes | None = None  # all of it, when at most MEMORY_PART: the sink checks it without opening the file
 
 
 def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
@@ -213,183 +196,3 @@ class WebPacs:
                 n += 1
                 on_part(part)
             return n
-
-
-_DONE = object()
-
-
-def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int = 64) -> Iterator[Part]:
-    """``parts``, read in a thread of its own up to ``depth`` parts ahead: receiving, splitting,
-    creating, writing and hashing each file (calls that mostly release the interpreter lock, and
-    wait on the server and the disk) overlap with the caller's filing of the parts before. The
-    reader's error is raised here, after the parts that came before it. When the caller stops
-    early, the answer is closed and the files not handed over are deleted."""
-    q: queue.Queue = queue.Queue(depth)
-    stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for part in parts:
-                q.put(part)
-                if stop.is_set():
-                    return
-            q.put(_DONE)
-        except BaseException as exc:  # handed to the caller, in its thread
-            q.put(exc)
-
-    reader = threading.Thread(target=read, name="wado-rs-reader", daemon=True)
-    reader.start()
-    try:
-        while (item := q.get()) is not _DONE:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        if reader.is_alive():
-            response.close()  # a reader blocked on the socket wakes up with an error
-        while reader.is_alive() or not q.empty():
-            try:
-                item = q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(item, Part):
-                item.path.unlink(missing_ok=True)
-        reader.join()
-
-
-def _boundary(content_type: str) -> bytes:
-    """The boundary of a ``multipart/related`` answer (RFC 2046 5.1.1, quoted or not; other
-    parameters such as ``type`` and ``transfer-syntax`` in any order, PS3.18 8.7.3.5). Raises
-    :class:`PacsError` naming what the server sent when it is not a multipart answer of DICOM parts."""
-    header = email.message.Message()
-    header["Content-Type"] = content_type
-    kind = header.get_content_type() if content_type.strip() else "an answer without Content-Type"
-    if kind != "multipart/related":
-        raise PacsError(
-            f"WADO-RS answer is {kind}, not multipart/related: the server does not serve WADO-RS at this URL, or "
-            "refused the Accept header; check the DICOMweb URL in the spec (its root, where /studies is)"
-        )
-    part_type = header.get_param("type")
-    if isinstance(part_type, str) and part_type.lower() != "application/dicom":
-        raise PacsError(f"WADO-RS answer holds {part_type} parts, not application/dicom; check the server's WADO-RS")
-    boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary:
-        raise PacsError("WADO-RS answer is multipart/related without a boundary parameter: it cannot be split "
-                        "into instances; the server's answer is malformed")
-    return boundary.encode()
-
-
-class _PartWriter:
-    """A part's temporary file, created once (``os.open``, no Python file object), hashed and
-    counted as it is written. Its first bytes are held in memory (:class:`Part`), all of them
-    while they fit in ``MEMORY_PART``: each part is then written with one ``os.write`` and
-    hashed in one call (hashlib releases the interpreter lock on such buffers)."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        self.hash, self.size, self.held = hashlib.sha256(), 0, []  # held: the bytes not written yet
-        self.head = b""
-
-    def add(self, data: bytes) -> None:
-        """Take the next bytes of the part (a slice of the reader's buffer, already a copy)."""
-        self.size += len(data)
-        if self.held is not None:
-            self.held.append(data)
-            if self.size <= MEMORY_PART:
-                return
-            data, self.held, self.head = b"".join(self.held), None, b""  # too large to hold: streamed from now on
-        if len(self.head) < HEAD:
-            self.head += data[:HEAD - len(self.head)]
-        self._write(data)
-
-    def _write(self, data: bytes) -> None:
-        self.hash.update(data)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-
-    def close(self) -> Part:
-        data = None
-        if self.held is not None:
-            data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
-            self._write(data)  # its head is in data: not copied
-        os.close(self.fd)
-        return Part(Path(self.path), self.hash.hexdigest(), self.size, self.head, data)
-
-    def discard(self) -> None:
-        os.close(self.fd)
-        os.unlink(self.path)
-
-
-def _declared_length(headers: bytes) -> int:
-    """The Content-Length a part's headers declare (Orthanc sends it), or -1. Used only where the
-    delimiter is found right after that many bytes, in the bytes at hand; otherwise the body is
-    searched for the delimiter (RFC 2046 needs no Content-Length)."""
-    k = headers.lower().find(b"content-length:")
-    if k < 0:
-        return -1
-    value = headers[k + 15:].split(b"\r\n", 1)[0].strip()
-    return int(value) if value.isdigit() else -1
-
-
-def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:
-    """Split a multipart/related body (RFC 2046 5.1) into files while it streams; each
-    :class:`Part` carries the SHA-256 and size of its file, taken as it was written, and its
-    bytes when they fit in ``MEMORY_PART``.
-
-    Raises :class:`PacsError` (transient: a retry may get it whole) when the body ends before
-    its close delimiter ``--boundary--``, in an instance or between two: parts already
-    yielded are whole, what was cut is not kept."""
-    boundary = _boundary(response.headers.get("Content-Type", ""))
-    delim = b"\r\n--" + boundary
-    prefix = os.path.join(incoming, f"{uuid.uuid4().hex[:12]}-")  # one name per part, no mkstemp per file
-    count, length = 0, -1
-    buf, at = b"", 0  # unread bytes: buf[at:] (an index, not slices: a chunk holds many small parts)
-    state = "preamble"
-    out: _PartWriter | None = None
-    for data in response.iter_content(chunk):
-        buf, at = (buf[at:] + data if at < len(buf) else data), 0
-        while True:
-            if state == "preamble":
-                i = buf.find(b"--" + boundary, at)
-                if i < 0:
-                    at = max(at, len(buf) - len(delim))
-                    break
-                at = i + len(boundary) + 2
-                state = "headers"
-            elif state == "headers":
-                if len(buf) - at >= 2 and buf[at:at + 2] == b"--":
-                    return
-                i = buf.find(b"\r\n\r\n", at)
-                if i < 0:
-                    break
-                length, at = _declared_length(buf[at:i]), i + 4
-                count += 1
-                out = _PartWriter(f"{prefix}{count}.part")
-                state = "body"
-            else:  # where the part's Content-Length puts its delimiter, when it is there: no scan of its bytes
-                i = at + length if length >= 0 and out.size == 0 and buf.startswith(delim, at + length) else -1
-                if i < 0:
-                    i = buf.find(delim, at)
-                if i < 0:
-                    end = len(buf) - len(delim)  # the delimiter may begin in these last bytes
-                    if end > at:
-                        out.add(buf[at:end])
-                        at = end
-                    break
-                out.add(buf[at:i])
-                part, out = out.close(), None
-                at = i + len(delim)
-                state = "headers"
-                yield part
-    if out is not None:
-        out.discard()
-        raise PacsError("WADO-RS answer ended in the middle of an instance, before its closing boundary: the "
-                        "connection was cut; a retry fetches what is missing", transient=True)
-    if state == "preamble":
-        raise PacsError("WADO-RS answer ended before its first boundary: no instance in it (the server sent an "
-                        "empty or truncated multipart body)", transient=True)
-    raise PacsError("WADO-RS answer ended without its closing boundary (--boundary--): the connection was cut "
-                    "between two instances; a retry fetches what is missing", transient=True)
