@@ -23,12 +23,13 @@ class Undecided(Exception):
     """The fast walk of a head cannot decide (an unusual encoding): pydicom reads it."""
 
 
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_UNDEFINED, _ITEM, _ITEM_END, _SEQ_END = 0xFFFFFFFF, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+#: Value length of undefined length, and the item and delimiter tags (PS3.5 7.5)
+UNDEFINED, ITEM, ITEM_END, SEQ_END = 0xFFFFFFFF, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _EXPLICIT, _IMPLICIT, _U32 = struct.Struct("<HH2sH"), struct.Struct("<HHI"), struct.Struct("<I")
 
 
-def _element(buf: bytes, at: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
+def element_header(buf: bytes, at: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
     """The header of the element at ``at`` (PS3.5 7.1): tag, VR (None: implicit, or an item
     tag), value length and where the value starts."""
     if at + 8 > len(buf):
@@ -37,7 +38,7 @@ def _element(buf: bytes, at: int, implicit: bool) -> tuple[int, bytes | None, in
     if implicit or group == 0xFFFE:
         return group << 16 | elem, None, length, at + 8
     vr = buf[at + 4:at + 6]
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         if at + 12 > len(buf):
             raise Undecided()
         return group << 16 | elem, vr, struct.unpack_from("<I", buf, at + 8)[0], at + 12
@@ -47,19 +48,19 @@ def _element(buf: bytes, at: int, implicit: bool) -> tuple[int, bytes | None, in
 def _past_sequence(buf: bytes, at: int, implicit: bool) -> int:
     """Where a sequence of undefined length whose items start at ``at`` ends (PS3.5 7.5)."""
     while True:
-        tag, _vr, length, at = _element(buf, at, implicit)
-        if tag == _SEQ_END:
+        tag, _vr, length, at = element_header(buf, at, implicit)
+        if tag == SEQ_END:
             return at
-        if tag != _ITEM:
+        if tag != ITEM:
             raise Undecided()
-        if length != _UNDEFINED:
+        if length != UNDEFINED:
             at += length
             continue
         while True:  # an item of undefined length: its elements, up to the Item Delimitation Item
-            tag, vr, length, at = _element(buf, at, implicit)
-            if tag == _ITEM_END:
+            tag, vr, length, at = element_header(buf, at, implicit)
+            if tag == ITEM_END:
                 break
-            if length != _UNDEFINED:
+            if length != UNDEFINED:
                 at += length
             elif vr == b"SQ" or (implicit and vr is None):
                 at = _past_sequence(buf, at, implicit)
@@ -76,7 +77,7 @@ def walk_head(buf: bytes) -> tuple[UID, dict[int, str], int]:
         raise Undecided()
     at, syntax = 132, None
     while buf[at:at + 2] == b"\x02\x00":  # the file meta group, explicit VR little endian
-        tag, _vr, length, at = _element(buf, at, False)
+        tag, _vr, length, at = element_header(buf, at, False)
         if tag == 0x00020010:
             syntax = buf[at:at + length].decode("ascii", "replace").rstrip("\0 ")
         at += length
@@ -94,7 +95,7 @@ def walk_head(buf: bytes) -> tuple[UID, dict[int, str], int]:
             group, elem, vr, length = explicit(buf, at)
             if group == 0xFFFE:
                 vr, length, at = None, long_length(buf, at + 4)[0], at + 8
-            elif vr in _LONG_VRS:
+            elif vr in LONG_VRS:
                 if at + 12 > end:
                     raise Undecided()
                 length, at = long_length(buf, at + 8)[0], at + 12
@@ -103,7 +104,7 @@ def walk_head(buf: bytes) -> tuple[UID, dict[int, str], int]:
         tag = group << 16 | elem
         if tag > 0x0020000E:
             break
-        if length == _UNDEFINED:
+        if length == UNDEFINED:
             if not (vr == b"SQ" or (implicit and vr is None)):
                 raise Undecided()
             at = _past_sequence(buf, at, implicit)

@@ -19,37 +19,29 @@ import bisect
 import struct
 from typing import NamedTuple
 
+from ..rawhead import ITEM as _ITEM
+from ..rawhead import ITEM_END as _ITEM_END
+from ..rawhead import LONG_VRS as _LONG_VRS
+from ..rawhead import SEQ_END as _SEQ_END
+from ..rawhead import UNDEFINED as _UNDEFINED
+from ..rawhead import Undecided as _Undecided
+from ..rawhead import element_header
+
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _VRS = _LONG_VRS | frozenset(vr.encode() for vr in (
     "AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split()))
-_UNDEFINED, _ITEM, _ITEM_END, _SEQ_END = 0xFFFFFFFF, 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_HEADER = struct.Struct("<HHI")
-_EXPLICIT = struct.Struct("<HH2sH")
-_U32 = struct.Struct("<I")
 #: Transfer syntaxes read here: every little endian one that is not deflated (the rest: ``None``).
 _BIG_ENDIAN, _DEFLATED = "1.2.840.10008.1.2.2", ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
 
 
-class _Undecided(Exception):
-    pass
-
-
 def _header(buf: bytes, at: int, implicit: bool) -> tuple[int, bytes | None, int, int]:
-    """Tag, VR (None: implicit or an item tag), value length and where the value starts."""
-    if at + 8 > len(buf):
+    """Tag, VR (None: implicit or an item tag), value length and where the value starts
+    (:func:`pacs2bids.rawhead.element_header`); a VR that is not one undecided (a reader could take it
+    otherwise)."""
+    tag, vr, length, value = element_header(buf, at, implicit)
+    if vr is not None and vr not in _VRS:
         raise _Undecided()
-    group, elem, length = _HEADER.unpack_from(buf, at)
-    if implicit or group == 0xFFFE:
-        return group << 16 | elem, None, length, at + 8
-    group, elem, vr, short = _EXPLICIT.unpack_from(buf, at)
-    if vr not in _VRS:
-        raise _Undecided()  # not a VR: a reader could take it otherwise
-    if vr in _LONG_VRS:
-        if at + 12 > len(buf):
-            raise _Undecided()
-        return group << 16 | elem, vr, _U32.unpack_from(buf, at + 8)[0], at + 12
-    return group << 16 | elem, vr, short, at + 8
+    return tag, vr, length, value
 
 
 class Element(NamedTuple):
