@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import re
-import threading
 from typing import Iterable, Iterator
 
 import ahocorasick_rs
 
-from .patterns import _cased_forms, _trie_regex
+from .patterns import _cased_forms
 
 _ALNUM = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789")
 
@@ -29,13 +28,6 @@ def _lowered(strings: Iterable[str]) -> frozenset[bytes]:
                 except UnicodeEncodeError:
                     pass
     return frozenset(w for w in words if w)
-
-
-def _anchored(words: frozenset[bytes]) -> re.Pattern[bytes] | None:
-    """A case-sensitive pattern of ``words`` (already lowered), with no letter or digit after.
-    No IGNORECASE and nothing before the words: the engine then skips ahead to the bytes a word
-    can start with, several times faster than the case-folding pattern over binary data."""
-    return re.compile(rb"(?:" + _trie_regex(sorted(words)) + rb")(?![a-z0-9])") if words else None
 
 
 #: A string of digits and dots at least :data:`_RUN_LENGTH` long (an original UID: most of a key store) is
@@ -79,8 +71,8 @@ class Finder:
     on only while the run still starts a known string. The cost grows with the bytes, not with the
     number of UIDs. Those first bytes and the other strings are searched together, in one pass of an
     Aho-Corasick automaton (``ahocorasick_rs``, every occurrence, overlapping ones included) over the
-    lowered bytes; the boundaries of each occurrence are checked here. Each kind's own pattern (every
-    string) is compiled only for a caller asking for it (:attr:`distinctive`, :attr:`common`)."""
+    lowered bytes; the boundaries of each occurrence are checked here (the regexes of every string, for
+    callers asking for them, are :class:`~pacs2bids.deid.leakrules.Rules`' own)."""
 
     def __init__(self, distinctive: frozenset[bytes], common: frozenset[bytes]):
         self._all = {"distinctive": distinctive, "common": common}
@@ -96,18 +88,10 @@ class Finder:
         self._automaton = ahocorasick_rs.BytesAhoCorasick(
             self._searched, implementation=_implementation(sum(map(len, self._searched)))) if self._searched else None
         del numeric
-        self._compiled: dict[str, re.Pattern[bytes] | None] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def of(cls, distinctive: Iterable[str], common: Iterable[str]) -> "Finder":
         return cls(_lowered(distinctive), _lowered(common))
-
-    def _pattern(self, kind: str) -> re.Pattern[bytes] | None:
-        with self._lock:
-            if kind not in self._compiled:
-                self._compiled[kind] = _anchored(self._all[kind])
-            return self._compiled[kind]
 
     @property
     def empty(self) -> bool:
@@ -117,14 +101,6 @@ class Finder:
     @property
     def searches_distinctive(self) -> bool:
         return bool(self._all["distinctive"])
-
-    @property
-    def distinctive(self) -> re.Pattern[bytes] | None:
-        return self._pattern("distinctive") if self._all["distinctive"] else None
-
-    @property
-    def common(self) -> re.Pattern[bytes] | None:
-        return self._pattern("common") if self._all["common"] else None
 
     def _numbers_at(self, low: bytes, s: int) -> set[str]:
         """The kinds of the strings of digits and dots starting at ``s`` in ``low``: each ends at a dot
@@ -141,11 +117,6 @@ class Finder:
             if e < 0 or piece not in self._prefixes:
                 return kinds  # no known string goes on past this dot
             e = low.find(b".", e + 1, b)
-
-    @property
-    def searched_bytes(self) -> int:
-        """The size of what the automaton holds (the other strings and the UIDs' first bytes)."""
-        return sum(map(len, self._searched))
 
     def occurrences(self, data: bytes) -> Iterator[tuple[str, int]]:
         """Each string of the rules in ``data`` (a whole word): its kind and where it starts, in one
