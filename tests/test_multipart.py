@@ -40,16 +40,26 @@ class Answer:
         yield from (c for c in self.chunks if c)
 
 
+def part_bytes(p) -> bytes:
+    """A part's bytes: held in memory (no file), or in its temporary file."""
+    return p.data if p.path is None else p.path.read_bytes()
+
+
 def read(answer: Answer, folder: Path) -> list[bytes]:
     folder.mkdir(exist_ok=True)
+    for old in folder.iterdir():
+        old.unlink()
     parts = list(_multipart_parts(answer, folder))
     for p in parts:  # the checksum and size taken while writing are those of the file
-        data = p.path.read_bytes()
+        data = part_bytes(p)
         assert (p.sha256, p.size) == (hashlib.sha256(data).hexdigest(), len(data))
-        # the bytes held in memory (parts up to MEMORY_PART) and the head are the file's
-        assert p.data == (data if len(data) <= multipart.MEMORY_PART else None)
-        assert (p.data or p.head)[:multipart.HEAD] == data[:multipart.HEAD]
-    return [p.path.read_bytes() for p in parts]
+        # a part up to MEMORY_PART is held in memory, with no file; a larger one is a file, its head kept
+        if len(data) <= multipart.MEMORY_PART:
+            assert p.path is None and p.data == data
+        else:
+            assert p.data is None and p.head == data[:multipart.HEAD]
+    assert sorted(folder.iterdir()) == sorted(p.path for p in parts if p.path is not None)  # no other file
+    return [part_bytes(p) for p in parts]
 
 
 @pytest.mark.parametrize("memory_part", [1 << 20, 0, len(P2) - 1, len(P1)])
@@ -66,19 +76,24 @@ def test_every_split_position_of_a_two_part_body(tmp_path, monkeypatch, memory_p
     assert read(Answer([bytes([b]) for b in data]), tmp_path / "in") == [P1, P2]  # one byte at a time
 
 
-def test_parts_are_whole_files_and_nothing_partial_is_left(tmp_path):
+def test_parts_are_whole_files_and_nothing_partial_is_left(tmp_path, monkeypatch):
     data = body(P1, P2)
     folder = tmp_path / "in"
     folder.mkdir()
+    held = list(_multipart_parts(Answer([data]), folder))  # small parts: in memory, no file made for them
+    assert [(p.path, p.data) for p in held] == [(None, P1), (None, P2)] and not list(folder.iterdir())
+    monkeypatch.setattr(multipart, "MEMORY_PART", 0)  # too large to hold: each streamed to its own file
     paths = [p.path for p in _multipart_parts(Answer([data]), folder)]
     assert [p.read_bytes() for p in paths] == [P1, P2] and sorted(folder.iterdir()) == sorted(paths)
 
 
+@pytest.mark.parametrize("memory_part", [1 << 20, 0])
 @pytest.mark.parametrize("cut, whole_parts", [
     ("in_second_part", [P1]), ("after_delimiter", [P1]), ("before_close", [P1]), ("half_close", [P1, P2]),
     ("no_boundary", []),
 ])
-def test_an_answer_without_its_closing_boundary_is_an_error(tmp_path, cut, whole_parts):
+def test_an_answer_without_its_closing_boundary_is_an_error(tmp_path, monkeypatch, cut, whole_parts, memory_part):
+    monkeypatch.setattr(multipart, "MEMORY_PART", memory_part)
     whole = body(P1, P2)
     data = {
         "in_second_part": whole[: whole.index(P2) + 5],
@@ -89,13 +104,14 @@ def test_an_answer_without_its_closing_boundary_is_an_error(tmp_path, cut, whole
     }[cut]
     folder = tmp_path / "in"
     folder.mkdir()
-    got = []
+    got, files = [], []
     with pytest.raises(PacsError, match="ended") as err:
         for p in _multipart_parts(Answer([data]), folder):
-            got.append(p.path.read_bytes())
+            got.append(part_bytes(p))
+            files += [p.path.read_bytes()] if p.path is not None else []
     assert err.value.transient  # a retry may get it whole
     assert got == whole_parts  # what was whole before the cut
-    assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(got)  # the cut instance is not left behind
+    assert sorted(p.read_bytes() for p in folder.iterdir()) == sorted(files)  # the cut instance is not left behind
 
 
 @pytest.mark.parametrize("content_type, what", [
@@ -142,7 +158,7 @@ class Closable(Answer):
         self.closed = True
 
 
-def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path):
+def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path, monkeypatch):
     """While the caller holds the first part (filing it), the reader thread has already
     received and written the next ones: the transfer and the filing overlap. The parts come in
     order, whole, and a cut answer raises after the parts before the cut."""
@@ -150,6 +166,8 @@ def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path):
     import time
 
     from pacs2bids.pacs.multipart import _read_ahead
+
+    monkeypatch.setattr(multipart, "MEMORY_PART", 0)  # each part in a file: what the reader did shows on disk
 
     parts = [bytes([i]) * (1000 + i) for i in range(5)]
     answer = Closable([body(*parts, close=False)])
@@ -168,10 +186,12 @@ def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path):
     assert not [t for t in threading.enumerate() if t.name == "wado-rs-reader"]
 
 
-def test_a_caller_stopping_early_leaves_no_file_and_no_reader(tmp_path):
+def test_a_caller_stopping_early_leaves_no_file_and_no_reader(tmp_path, monkeypatch):
     import threading
 
     from pacs2bids.pacs.multipart import _read_ahead
+
+    monkeypatch.setattr(multipart, "MEMORY_PART", 0)  # the parts read ahead are files: they must be deleted
 
     answer = Closable([body(*[bytes([i]) * 500 for i in range(6)])])
     with pytest.raises(RuntimeError):
@@ -224,9 +244,9 @@ def test_a_declared_length_spares_the_search_of_the_part(tmp_path):
 
 
 def test_a_part_held_in_memory_is_hashed_by_the_thread_that_files_it(tmp_path, monkeypatch):
-    """The reader thread (receiving, splitting, creating and writing every file) is the busier one:
-    it does not hash a part held in memory; the caller's thread does, once, when it asks. A part
-    streamed to its file (larger than MEMORY_PART) is still hashed as it is written."""
+    """The reader thread (receiving and splitting the answer) does not hash a part held in
+    memory; the caller's thread does, once, when it asks. A part streamed to its file (larger
+    than MEMORY_PART) is still hashed as it is written."""
     hashed_in: list[str] = []
     real = hashlib.sha256
 

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import hmac
 import io
+import itertools
 import json
 import logging
 import mmap
@@ -45,11 +46,11 @@ _PIXEL_DATA = struct.pack("<HH", 0x7FE0, 0x0010)
 _SEQUENCE_END = (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
 
 
-def _read_head(path: Path) -> tuple[Dataset, int, int]:
+def _read_head(path: Path | None, data: bytes | None = None) -> tuple[Dataset, int, int]:
     """The head of a Part 10 file (its meta, then the data set up to SeriesInstanceUID, only the
     tags of ``_HEAD_TAGS``), where the head ends, and the file's size. Parsed from the first
     ``_HEAD_BYTES`` in memory (pydicom reads a buffer several times faster than a file); from
-    the file when the head is longer."""
+    the file when the head is longer. ``data``: the file's bytes, when it has no file yet."""
     stopped: list[bool] = []
 
     def past_head(tag, vr, length) -> bool:  # called for top-level elements only
@@ -57,8 +58,8 @@ def _read_head(path: Path) -> tuple[Dataset, int, int]:
             stopped.append(True)
         return bool(stopped)
 
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    with (open(path, "rb") if data is None else io.BytesIO(data)) as f:
+        size = os.fstat(f.fileno()).st_size if data is None else len(data)
         src: BinaryIO = io.BytesIO(f.read(_HEAD_BYTES))
         try:
             head = read_partial(src, stop_when=past_head, defer_size=1024, specific_tags=_HEAD_TAGS)
@@ -117,7 +118,8 @@ def _check_payload(path: Path, head: bytes | None = None, data: bytes | None = N
     """(SOPInstanceUID, StudyInstanceUID, SeriesInstanceUID) of a received file, once it is
     known whole; raises (ValueError, pydicom's errors) when it is not readable or cut short.
     ``head``: the file's first bytes, when its writer kept them (else they are read); ``data``:
-    all its bytes, when its writer held them (then the file is opened only if pydicom must decide).
+    all its bytes, when its writer held them (``path`` may then be None: no file yet; with a
+    file, it is opened only if pydicom must decide).
 
     Cheap for the common case, an image whose Pixel Data ends the file: its head, walked from
     the element headers (pydicom parses it when the walk cannot decide), and the header of its
@@ -133,12 +135,21 @@ def _check_payload(path: Path, head: bytes | None = None, data: bytes | None = N
         syntax, found, stopped_at = _walk_head(head)
         uids = (found[0x00080018], found[0x0020000D], found[0x0020000E])
     except Exception:  # an unusual encoding, or not DICOM: pydicom decides, as it always did
-        ds, stopped_at, size = _read_head(path)
+        ds, stopped_at, size = _read_head(path, data)
         syntax = ds.file_meta.get("TransferSyntaxUID")
         uids = (str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
     if not _pixels_close(syntax, path, stopped_at, size, data):
-        _check_whole(pydicom.dcmread(path, defer_size=1024), path)
+        if data is not None:
+            _check_whole(pydicom.dcmread(io.BytesIO(data), defer_size=1024), size, lambda: data[-8:])
+        else:
+            _check_whole(pydicom.dcmread(path, defer_size=1024), size, functools.partial(_last_bytes, path, size))
     return uids
+
+
+def _last_bytes(path: Path, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 8))
+        return f.read(8)
 
 
 check_payload = _check_payload  # for a router (pacs2bids.retrieve.StudySink): it checks, the series sink files
@@ -181,10 +192,32 @@ def _move_into_place(src: Path | str, dest: Path | str) -> None:
         src.unlink(missing_ok=True)
 
 
-def _check_whole(ds: Dataset, path: Path) -> None:
-    """Raise ValueError if the file ends before its last element does (a cut transfer):
-    values larger than the defer size were not read, only their offsets and lengths."""
-    size = path.stat().st_size
+_TEMP_NAMES = itertools.count()  # next() is atomic under the interpreter lock: one name per write
+
+
+def _write_into_place(data: bytes, dest: str) -> None:
+    """Write ``data`` to ``dest`` whole or not at all: under a temporary name beside it (a
+    ``.part`` that :meth:`SeriesSink.load` deletes if a killed run left it), renamed in the same
+    folder (one directory locked, not two)."""
+    folder, name = os.path.split(dest)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_TEMP_NAMES)}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, dest)
+
+
+def _check_whole(ds: Dataset, size: int, last8: Callable[[], bytes]) -> None:
+    """Raise ValueError if the file (``size`` bytes; ``last8()``: its last 8) ends before its last
+    element does (a cut transfer): values larger than the defer size were not read, only their
+    offsets and lengths."""
     tag = ds.keys().__reversed__().__next__() if len(ds) else None
     if tag is None:
         raise ValueError("empty data set")
@@ -199,10 +232,8 @@ def _check_whole(ds: Dataset, path: Path) -> None:
                 raise ValueError("pixel data is shorter than its rows and columns say (truncated)")
         return
     if length == 0xFFFFFFFF:  # encapsulated pixel data ends with a Sequence Delimitation Item
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 8))
-            if f.read(8) not in (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"):
-                raise ValueError("encapsulated pixel data is not closed (truncated)")
+        if last8() not in _SEQUENCE_END:
+            raise ValueError("encapsulated pixel data is not closed (truncated)")
     elif tell + length > size:
         raise ValueError("the last element extends past the end of the file (truncated)")
 
@@ -285,39 +316,43 @@ class SeriesSink:
         os.replace(tmp, self.folder / LEDGER)
 
     # -- receiving --------------------------------------------------------------------
-    def _quarantine(self, path: Path, name: str, reason: str) -> None:
+    def _quarantine(self, path: Path | None, name: str, reason: str, data: bytes | None = None) -> None:
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         if name == "unnamed":
             name = f"unnamed-{uuid.uuid4().hex[:12]}"
         qname = f"{name}-{uuid.uuid4().hex[:8]}.dcm"
-        _move_into_place(path, self.quarantine_dir / qname)
+        if path is None:
+            _write_into_place(data, os.path.join(self.quarantine_dir, qname))
+        else:
+            _move_into_place(path, self.quarantine_dir / qname)
         (self.quarantine_dir / f"{qname}.reason.txt").write_text(reason + "\n")
         with self.lock:
             self.quarantined.append((qname, reason))
         log.warning("a received payload was quarantined: %s", reason)
 
-    def __call__(self, path: Path, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
+    def __call__(self, path: Path | None, sop_class_uid: str | None = None, sop_instance_uid: str | None = None, *,
                  sha256: str | None = None, size: int | None = None, head: bytes | None = None,
                  uids: tuple[str, str, str] | None = None, data: bytes | None = None) -> int:
-        """Take the temporary file ``path`` (moved away; deleted otherwise by its creator).
-        ``sha256`` and ``size``: the file's, when its writer took them as it wrote it (else the
-        file is read for them); ``head``: its first bytes, kept by its writer; ``data``: all its
-        bytes, when its writer held them (checked in memory); ``uids``: what
-        :func:`check_payload` said of it, when a router checked it already. Returns the C-STORE
-        status to answer: 0x0000 stored, 0xC000 refused (PS3.4 B.2.3)."""
+        """Take a received instance: the temporary file ``path`` (moved away; deleted otherwise by
+        its creator), or, when ``path`` is None, its bytes ``data`` (the file is then written
+        here, once, in the series folder). ``sha256`` and ``size``: the file's, when its writer
+        took them as it wrote it (else they are taken here); ``head``: its first bytes, kept by
+        its writer; ``data``: all its bytes, when its writer held them (checked in memory);
+        ``uids``: what :func:`check_payload` said of it, when a router checked it already.
+        Returns the C-STORE status to answer: 0x0000 stored, 0xC000 refused (PS3.4 B.2.3)."""
         if self.limiter is not None:
             self.limiter.wait()
         name = keyed_name(self.key, sop_instance_uid) if sop_instance_uid else "unnamed"  # made unique if quarantined
         try:
             payload_sop, study, series = uids or _check_payload(path, head, data)
         except Exception as exc:  # anything pydicom cannot read is quarantined, never stored
-            self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})")
+            self._quarantine(path, name, f"not readable DICOM ({type(exc).__name__}: {str(exc)[:120]})", data)
             return 0xC000
         if sop_instance_uid and payload_sop != sop_instance_uid:
-            self._quarantine(path, name, "payload SOPInstanceUID differs from the one announced for it")
+            self._quarantine(path, name, "payload SOPInstanceUID differs from the one announced for it", data)
             return 0xC000
         if study != self.study_uid or series != self.series_uid:
-            self._quarantine(path, name, "payload belongs to another study or series than the one requested")
+            self._quarantine(path, name, "payload belongs to another study or series than the one requested", data)
             return 0xC000
         name = keyed_name(self.key, payload_sop)
         dest = os.path.join(self.folder, f"{name}.dcm")
@@ -325,9 +360,14 @@ class SeriesSink:
             if os.path.exists(dest):
                 self.duplicates += 1
                 return 0x0000
-        if sha256 is None or size is None:
-            sha256, size = sha256_file(path), os.stat(path).st_size
-        _move_into_place(path, dest)
+        if path is None:
+            # hashlib and os.write release the interpreter lock: the reader goes on beside them
+            sha256, size = hashlib.sha256(data).hexdigest(), len(data)
+            _write_into_place(data, dest)
+        else:
+            if sha256 is None or size is None:
+                sha256, size = sha256_file(path), os.stat(path).st_size
+            _move_into_place(path, dest)
         with self.lock:
             self.ledger[name] = {"sha256": sha256, "size": size, "transport": self.transport}
             if self._seen is not None:

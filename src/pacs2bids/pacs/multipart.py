@@ -1,7 +1,8 @@
 """A WADO-RS answer (``multipart/related`` of DICOM parts, RFC 2046 5.1, PS3.18 8.7.3.5) split
-into its parts as it streams: each written byte for byte to a temporary file, its size and SHA-256
-taken (:class:`Part`), parts up to ``MEMORY_PART`` also handed over in memory, read ahead in a
-thread of their own (:func:`_read_ahead`). Used by :mod:`pacs2bids.pacs.dicomweb`."""
+into its parts as it streams (:class:`Part`): a part up to ``MEMORY_PART`` is handed over in
+memory, with no file (its receiver writes it once, where it belongs); a larger one is written
+byte for byte to a temporary file as it streams, its size and SHA-256 taken on the way. Parts are
+read ahead in a thread of their own (:func:`_read_ahead`). Used by :mod:`pacs2bids.pacs.dicomweb`."""
 
 from __future__ import annotations
 
@@ -25,15 +26,17 @@ MEMORY_PART = 1 << 20  # a part up to this size is also handed over whole in mem
 
 @dataclass(frozen=True)
 class Part:
-    """One instance of a WADO-RS answer, whole in a temporary file, and its size. Its SHA-256
-    (:attr:`sha256`) was taken from the bytes as they were streamed to the file, or, for a part
-    held whole in ``data``, is taken from them by whoever asks, once: the thread that files it."""
+    """One instance of a WADO-RS answer and its size: whole in ``data`` (``path`` None: no file
+    was made for it; up to ``MEMORY_PART``), or whole in the temporary file ``path`` (a larger
+    one). Its SHA-256 (:attr:`sha256`) was taken from the bytes as they were streamed to the
+    file, or, for a part held in ``data``, is taken from them by whoever asks, once: the thread
+    that files it."""
 
-    path: Path
+    path: Path | None
     streamed_sha256: str | None
     size: int
     head: bytes = b""  # its first HEAD bytes, when not held whole in data: the sink checks them in memory
-    data: bytes | None = None  # all of it, when at most MEMORY_PART: the sink checks it without opening the file
+    data: bytes | None = None  # all of it, when at most MEMORY_PART: checked and written by the receiver
 
     @property
     def sha256(self) -> str:
@@ -50,9 +53,9 @@ _DONE = object()
 
 
 def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int = 64) -> Iterator[Part]:
-    """``parts``, read in a thread of its own up to ``depth`` parts ahead: receiving, splitting,
-    creating, writing and hashing each file (calls that mostly release the interpreter lock, and
-    wait on the server and the disk) overlap with the caller's filing of the parts before. The
+    """``parts``, read in a thread of its own up to ``depth`` parts ahead: receiving and splitting
+    the answer (and writing the parts too large to hold) overlap with the caller's checking and
+    filing of the parts before. The
     reader's error is raised here, after the parts that came before it. When the caller stops
     early, the answer is closed and the files not handed over are deleted."""
     q: queue.Queue = queue.Queue(depth)
@@ -84,7 +87,7 @@ def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int =
                 item = q.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if isinstance(item, Part):
+            if isinstance(item, Part) and item.path is not None:
                 item.path.unlink(missing_ok=True)
         reader.join()
 
@@ -112,15 +115,15 @@ def _boundary(content_type: str) -> bytes:
 
 
 class _PartWriter:
-    """A part's temporary file, created once (``os.open``, no Python file object), hashed and
-    counted as it is written. Its first bytes are held in memory (:class:`Part`), all of them
-    while they fit in ``MEMORY_PART``: each part is then written with one ``os.write`` and
-    hashed in one call (hashlib releases the interpreter lock on such buffers)."""
+    """One part as it streams. Its bytes are held in memory while they fit in ``MEMORY_PART``
+    (:class:`Part` ``data``; no file: the receiver writes it once, in its series folder, and
+    hashes it there: hashlib and ``os.write`` release the interpreter lock). Past that size a
+    temporary file ``path`` is created (``os.open``, no Python file object) and the part
+    streams into it, hashed and counted as it is written, its first ``HEAD`` bytes kept."""
 
     def __init__(self, path: str):
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        self.hash, self.size, self.held = None, 0, []  # held: the bytes not written yet; hash: once streamed
+        self.path, self.fd = path, -1
+        self.hash, self.size, self.held = None, 0, []  # held: the bytes while the part fits in memory
         self.head = b""
 
     def add(self, data: memoryview) -> None:
@@ -132,32 +135,27 @@ class _PartWriter:
             if self.size <= MEMORY_PART:
                 return
             data = self.held[0] if len(self.held) == 1 else b"".join(self.held)
-            self.held, self.head = None, b""  # too large to hold: streamed from now on
+            self.held = None  # too large to hold: streamed to its file from now on
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+            self.hash = hashlib.sha256()
         if len(self.head) < HEAD:
             self.head += bytes(data[:HEAD - len(self.head)])
-        self._write(data)
-
-    def _write(self, data: bytes, hashed: bool = True) -> None:
-        if hashed:
-            if self.hash is None:
-                self.hash = hashlib.sha256()
-            self.hash.update(data)
+        self.hash.update(data)
         view = memoryview(data)
         while view:
             view = view[os.write(self.fd, view):]
 
     def close(self) -> Part:
-        data = None
-        if self.held is not None:
+        if self.held is not None:  # held whole: no file; hashed by whoever files it (Part.sha256)
             data = bytes(self.held[0]) if len(self.held) == 1 else b"".join(self.held)
-            self._write(data, hashed=False)  # its head is in data: not copied; hashed by the filer (Part.sha256)
+            return Part(None, None, self.size, b"", data)
         os.close(self.fd)
-        digest = None if data is not None else (self.hash or hashlib.sha256()).hexdigest()
-        return Part(Path(self.path), digest, self.size, self.head, data)
+        return Part(Path(self.path), self.hash.hexdigest(), self.size, self.head, None)
 
     def discard(self) -> None:
-        os.close(self.fd)
-        os.unlink(self.path)
+        if self.fd >= 0:
+            os.close(self.fd)
+            os.unlink(self.path)
 
 
 def _declared_length(headers: bytes) -> int:
@@ -185,9 +183,9 @@ def _held_back(buf: bytes, at: int, delim: bytes) -> int:
 
 
 def _multipart_parts(response: requests.Response, incoming: Path, chunk: int = 1 << 20) -> Iterator[Part]:
-    """Split a multipart/related body (RFC 2046 5.1) into files while it streams; each
-    :class:`Part` carries the SHA-256 and size of its file, taken as it was written, and its
-    bytes when they fit in ``MEMORY_PART``.
+    """Split a multipart/related body (RFC 2046 5.1) into :class:`Part` s while it streams: the
+    bytes of each one that fits in ``MEMORY_PART``, a temporary file in ``incoming`` (with its
+    SHA-256, taken as it was written) for each larger one.
 
     Raises :class:`PacsError` (transient: a retry may get it whole) when the body ends before
     its close delimiter ``--boundary--``, in an instance or between two: parts already
