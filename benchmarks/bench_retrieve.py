@@ -13,6 +13,11 @@ then on the sample (``--sample``: the sample alone): raw WADO-RS of every study 
 dropped) beside ``retrieve_study`` over DICOMweb, and one pynetdicom association C-GETting every
 study (files written) beside ``retrieve_study`` over C-GET with ``max_associations: 1``. Ratio:
 the floor's time over ours (1.0: as fast as the floor); goals 0.8 (DICOMweb) and 0.9 (C-GET).
+Over DICOMweb each round also times the keep floor (``e2e_steps.wado_keep_floor``: the same
+transfer, each instance written to its own file and hashed, in the simplest code) and prints the
+CPU seconds Orthanc spent serving each one: on a machine the PACS shares, what is left for us.
+``--link-mbit N`` (root, Linux) shapes loopback to N Mbit/s (``tc`` token bucket on ``lo``, removed
+at the end) for the DICOMweb rounds: the transfer at a hospital link's speed instead of memory's.
 ``--base COMMIT``: each round times the floor, then pacs2bids at COMMIT and this tree, each in a
 child process (same Orthanc, one after the other): before and after in one run.
 ``--receive [--rounds N]``: the WADO-RS receive path alone, without a server (``receive``); run it
@@ -143,7 +148,7 @@ def _child(job: Path) -> int:
 
 
 def floors(root: Path, tmp: Path, methods: list[str], base: Path | None = None,
-           rounds: int = 1) -> list[tuple[str, float, float]]:
+           rounds: int = 1, link_mbit: int | None = None) -> list[tuple[str, float, float]]:
     """Our retrieval beside its floors on one Orthanc holding ``root``; prints and returns
     (transport, floor seconds, our seconds). With ``base`` (an older pacs2bids tree), each
     round times the floor, then the base and this tree in child processes, one after the other."""
@@ -151,21 +156,27 @@ def floors(root: Path, tmp: Path, methods: list[str], base: Path | None = None,
         corpus = steps.load_corpus(o, root, 1)
         print(f"data: {root} ({corpus.instances} instances, {corpus.size / 1e6:.0f} MB, "
               f"{len(corpus.study_patient)} studies) on Orthanc {o.get('/system')['Version']}", flush=True)
-        got = []
+        got, keep = [], []
         for r in range(rounds):
             for method in methods:
                 if method == "wado-rs":
-                    floor_s, _ = steps.wado_floor(o, corpus)
+                    with shaped_loopback(link_mbit):
+                        served = orthanc_cpu(o)
+                        floor_s, _ = steps.wado_floor(o, corpus)
+                        served = orthanc_cpu(o) - served
+                        keep_s, _files, keep_cpu = steps.wado_keep_floor(o, corpus, tmp / f"keep-floor-{r}")
+                    keep.append((floor_s, served, keep_s, keep_cpu))
                 else:
                     floor_s, _ = steps.cget_floor(o, corpus, tmp / f"c-get-floor-{r}")
                 codes = [("base", base), ("ours", None)] if base else [("ours", False)]
                 codes = codes[::-1] if r % 2 else codes  # who comes second meets the first's writeback
                 for label, code in codes:
                     work = tmp / f"{method}-{label}-{r}"
-                    if code is False:
-                        ours_s, n, size = run_ours(o, method, corpus.patients, work, free_port())
-                    else:
-                        ours_s, n, size = run_ours_in(code, o, method, corpus.patients, work)
+                    with shaped_loopback(link_mbit if method == "wado-rs" else None):
+                        if code is False:
+                            ours_s, n, size = run_ours(o, method, corpus.patients, work, free_port())
+                        else:
+                            ours_s, n, size = run_ours_in(code, o, method, corpus.patients, work)
                     if n != corpus.instances:
                         print(f"warning: {label} {method} wrote {n} of {corpus.instances} instances", file=sys.stderr)
                     got.append((method if label == "ours" else f"{method} (base)", floor_s, ours_s, CPU[method]))
@@ -178,7 +189,46 @@ def floors(root: Path, tmp: Path, methods: list[str], base: Path | None = None,
             ratio, goal = floor_s / ours_s, GOALS[method.split()[0]]
             print(f"{method:<16} {floor_s:8.2f} {ours_s:8.2f} {cpu:10.2f} {corpus.size / 1e6 / ours_s:9.1f} "
                   f"{ratio:8.2f}  >= {goal} {'PASS' if ratio >= goal else 'MISS'}", flush=True)
+        if keep:
+            print("the WADO-RS floor beside the keep floor (each instance also written to its own file and hashed, "
+                  "simplest code), and the CPU Orthanc spent serving the floor:")
+            print(f"{'round':<6} {'floor s':>8} {'Orthanc CPU s':>13} {'keep floor s':>12} {'its CPU s':>9} "
+                  f"{'keep x floor':>12}")
+            for r, (floor_s, served, keep_s, keep_cpu) in enumerate(keep):
+                print(f"{r:<6} {floor_s:8.2f} {served:13.2f} {keep_s:12.2f} {keep_cpu:9.2f} {floor_s / keep_s:12.2f}",
+                      flush=True)
         return [(m, f, o) for m, f, o, _c in got]
+
+
+def orthanc_cpu(o: Orthanc) -> float:
+    """CPU seconds (user + system) the Orthanc process has used so far (Linux /proc; 0 elsewhere)."""
+    proc = getattr(o, "_proc", None)
+    try:
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (AttributeError, OSError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class shaped_loopback:
+    """Loopback shaped to ``mbit`` Mbit/s for the block (``tc`` token bucket filter on ``lo``,
+    root only), removed on leaving: the transfer at a network link's speed, not memory's. Only
+    loopback is touched; whatever else uses it meanwhile is slowed too (run it alone)."""
+
+    def __init__(self, mbit: int | None):
+        self.mbit = mbit
+
+    def __enter__(self):
+        if self.mbit:
+            if os.geteuid() != 0 or not shutil.which("tc"):
+                raise SystemExit("--link-mbit needs root and tc (Debian iproute2)")
+            subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", "rate", f"{self.mbit}mbit",
+                            "burst", "1mb", "latency", "100ms"], check=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.mbit:
+            subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], check=False)
 
 
 def receive(root: Path, rounds: int) -> None:
@@ -243,6 +293,8 @@ def main(argv=None) -> int:
     ap.add_argument("--base", metavar="COMMIT", help="with --floors: also time pacs2bids at this commit, each "
                     "round in child processes alternating with this tree")
     ap.add_argument("--rounds", type=int, default=1, help="with --floors: rounds of floor, (base,) ours")
+    ap.add_argument("--link-mbit", type=int, help="with --floors: loopback shaped to this many Mbit/s for the "
+                    "DICOMweb rounds (tc on lo; root)")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--receive", action="store_true", help="the WADO-RS receive path alone, no server (--rounds)")
     args = ap.parse_args(argv)
@@ -257,7 +309,7 @@ def main(argv=None) -> int:
         for root in roots:
             with tempfile.TemporaryDirectory(prefix="bench-retrieve-") as tmp:
                 base = steps.base_package(args.base, Path(tmp) / "base") if args.base else None
-                floors(root, Path(tmp), methods, base, args.rounds)
+                floors(root, Path(tmp), methods, base, args.rounds, args.link_mbit)
         return 0
     root = SAMPLE if args.sample or not CORPUS.is_dir() else CORPUS
     if not shutil.which("getscu"):
