@@ -4,7 +4,8 @@ Prefect's ephemeral mode runs its API server in a process of its own (uvicorn,
 ``prefect.server.api.server:create_app``, UI off, the ephemeral set of services), but to start
 it, the run's own process first imports that server's whole module, only to build the command:
 on a small machine, many seconds of CPU the server process then spends again. :func:`start`
-starts the very same command (same arguments, same environment and flags) at the start of a
+starts the same command (same arguments, same environment and flags; the app is Prefect's, its
+SQLite transactions begun ``IMMEDIATE``: :mod:`pacs2bids.prefectapp`) at the start of a
 run, before Prefect and the flow's modules are imported, so the server's start-up overlaps that
 import and nothing of the server is imported twice; Prefect is pointed at it (``PREFECT_API_URL``,
 in the environment, read by Prefect's settings and by child processes). :func:`serving` waits
@@ -100,7 +101,9 @@ class RunServer:
 
     def _launch(self) -> None:
         self.port = _free_port()
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+        # Prefect's app, its SQLite transactions begun IMMEDIATE (pacs2bids.prefectapp: no 503 and 2 s retry
+        # when two writers meet)
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "pacs2bids.prefectapp:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         self.process = subprocess.Popen(cmd, env={**DEFAULTS, **os.environ, **FLAGS}, stdin=subprocess.DEVNULL)
 
