@@ -23,13 +23,19 @@ def _verdict(path: Path, data: bytes | None):
         return type(exc).__name__
 
 
-def test_a_held_image_is_checked_without_opening_its_file(tmp_path, sample_dir, monkeypatch):
+def _image_and_sink(tmp_path: Path, sample_dir: Path, **kwargs):
+    """A real native image (its bytes, its data set) and a sink for its series in ``tmp_path/raw``."""
     native = sorted(iter_dicom_files(sample_dir / "dcm_qa_philips"))[0]
     data = native.read_bytes()
     ds = pydicom.dcmread(native)
     folder = tmp_path / "raw"
     folder.mkdir()
-    sink = SeriesSink(b"k" * 32, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), folder, tmp_path / "q")
+    sink = SeriesSink(b"k" * 32, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), folder, tmp_path / "q", **kwargs)
+    return data, ds, folder, sink
+
+
+def test_a_held_image_is_checked_without_opening_its_file(tmp_path, sample_dir, monkeypatch):
+    data, ds, folder, sink = _image_and_sink(tmp_path, sample_dir)
     part = tmp_path / "a.part"
     part.write_bytes(data)
 
@@ -46,13 +52,7 @@ def test_a_held_part_without_a_file_is_written_once_in_its_series_folder(tmp_pat
     """The reader made no file for it: the sink checks the bytes, writes them under a temporary
     name in the series folder and renames it there (not from another folder), hashes them, and
     records that hash and size. Nothing else is left in the folder; a second arrival is a duplicate."""
-    native = sorted(iter_dicom_files(sample_dir / "dcm_qa_philips"))[0]
-    data = native.read_bytes()
-    ds = pydicom.dcmread(native)
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    sink = SeriesSink(b"k" * 32, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), folder, tmp_path / "q",
-                      transport="wado-rs")
+    data, ds, folder, sink = _image_and_sink(tmp_path, sample_dir, transport="wado-rs")
     renames = []
     real_replace = sinkmod.os.replace
     monkeypatch.setattr(sinkmod.os, "replace", lambda a, b: (renames.append((Path(a).parent, Path(b).parent)),
@@ -70,12 +70,7 @@ def test_a_held_part_without_a_file_is_written_once_in_its_series_folder(tmp_pat
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, sample_dir, monkeypatch):
-    native = sorted(iter_dicom_files(sample_dir / "dcm_qa_philips"))[0]
-    data = native.read_bytes()
-    ds = pydicom.dcmread(native)
-    folder = tmp_path / "raw"
-    folder.mkdir()
-    sink = SeriesSink(b"k" * 32, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), folder, tmp_path / "q")
+    data, ds, folder, sink = _image_and_sink(tmp_path, sample_dir)
 
     def full(fd, view):
         raise OSError(28, "No space left on device")
