@@ -110,15 +110,17 @@ def _timed(fn, *args):
 
 
 # -- floors -------------------------------------------------------------------------------
+WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'  # every floor asks as pacs2bids does
+
+
 def wado_floor(o: Orthanc, corpus: Corpus) -> tuple[float, int]:
     """Raw WADO-RS of every study, streamed, bytes counted and dropped; returns (seconds, bytes)."""
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
     def run() -> int:
         n = 0
         with requests.Session() as s:
             for uid in corpus.study_patient:
-                with s.get(f"{o.dicomweb_url}/studies/{uid}", headers={"Accept": accept}, stream=True,
+                with s.get(f"{o.dicomweb_url}/studies/{uid}", headers={"Accept": WADO_ACCEPT}, stream=True,
                            timeout=600) as r:
                     r.raise_for_status()
                     for chunk in r.iter_content(1 << 20):
@@ -136,7 +138,7 @@ def wado_keep_floor(o: Orthanc, corpus: Corpus, out: Path) -> tuple[float, int, 
     pay at least, beyond the transfer. Returns (seconds, files, CPU seconds of this process)."""
     import hashlib
 
-    accept = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    from pacs2bids.pacs.multipart import _boundary  # the answer's boundary, as pacs2bids reads it
 
     def run() -> int:
         files = 0
@@ -144,11 +146,10 @@ def wado_keep_floor(o: Orthanc, corpus: Corpus, out: Path) -> tuple[float, int, 
             for k, uid in enumerate(corpus.study_patient):
                 folder = out / f"{k:04d}"
                 folder.mkdir(parents=True)
-                with s.get(f"{o.dicomweb_url}/studies/{uid}", headers={"Accept": accept}, stream=True,
+                with s.get(f"{o.dicomweb_url}/studies/{uid}", headers={"Accept": WADO_ACCEPT}, stream=True,
                            timeout=600) as r:
                     r.raise_for_status()
-                    boundary = r.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
-                    delim, buf, at = b"\r\n--" + boundary, b"", 0
+                    delim, buf, at = b"\r\n--" + _boundary(r.headers["Content-Type"]), b"", 0
                     for chunk in r.iter_content(1 << 20):
                         buf, at = buf[at:] + chunk, 0
                         view = memoryview(buf)
