@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the figures to this file")
     ap.add_argument("--sample", type=Path, metavar="DIR", help="profile the current code's runs: where their "
                     "process's CPU goes, per thread and function (benchmarks/sampler.py), one report each in DIR")
+    ap.add_argument("--memory", type=Path, metavar="DIR", help="where the current code's runs hold memory over "
+                    "time, under tracemalloc (benchmarks/memprobe.py; slower), one report each in DIR")
     args = ap.parse_args(argv)
     transports = tuple(t for t in TRANSPORTS if t in args.transports.split(","))
     unknown = set(args.transports.split(",")) - set(TRANSPORTS)
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         args.sample.mkdir(parents=True, exist_ok=True)
         os.environ[steps.SAMPLE_ENV] = str(args.sample.resolve())
+    if args.memory:
+        args.memory.mkdir(parents=True, exist_ok=True)
+        os.environ[steps.MEMORY_ENV] = str(args.memory.resolve())
     figures = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-code-") as code:
         os.environ["PREFECT_HOME"] = str(steps.migrated_prefect_home(Path(code) / "prefect"))

@@ -398,6 +398,7 @@ def _prefect_version() -> str:
 
 
 SAMPLE_ENV = "BENCH_E2E_SAMPLE"  # a folder: the current code's runs are profiled there (bench_e2e --sample)
+MEMORY_ENV = "BENCH_E2E_MEMORY"  # a folder: where the current code's runs hold memory (bench_e2e --memory)
 
 
 def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
@@ -410,6 +411,9 @@ def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
     if base is None and os.environ.get(SAMPLE_ENV):  # where the run's own CPU goes (benchmarks/sampler.py)
         cmd = [sys.executable, str(Path(__file__).with_name("sampler.py")),
                str(Path(os.environ[SAMPLE_ENV]) / f"{spec.parent.name}.txt"), "--"]
+    elif base is None and os.environ.get(MEMORY_ENV):  # where the run's memory goes (benchmarks/memprobe.py)
+        cmd = [sys.executable, str(Path(__file__).with_name("memprobe.py")),
+               str(Path(os.environ[MEMORY_ENV]) / f"{spec.parent.name}.txt"), "--"]
     env = {**os.environ, SECRET_ENV: "bench-secret-" + "0123456789abcdef" * 2, "NIPYPE_NO_ET": "1",
            "PACS2BIDS_TIMELINE": "1"}  # each study's stages in the summary (read by versions that have it)
     if base is not None:
