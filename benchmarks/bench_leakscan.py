@@ -117,7 +117,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         old_scan, old_rules = load_base(args.base, Path(tmp))
-        leakrules.common_words(), old_rules.common_words()  # the word lists: loaded once, before
+        for rules in (leakrules, old_rules):  # the word lists: loaded once, before, by code that keeps them
+            getattr(rules, "common_words", lambda: None)()
         if args.memory:
             for n in (int(x) for x in args.uids.split(",")):
                 ids = synthetic_identifiers(n)

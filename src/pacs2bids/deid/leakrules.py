@@ -77,41 +77,69 @@ def _fold(text: str) -> str:
 
 
 @lru_cache(maxsize=1)
-def common_words() -> frozenset[str]:
-    """Lower-case entries of every word list in ``/usr/share/dict``, accents removed."""
-    words: set[str] = set()
+def _word_lists() -> tuple[Path, ...]:
+    """The word lists of ``/usr/share/dict`` (warns once when there is none)."""
     try:
-        lists = sorted({p.resolve() for p in _WORD_LIST_DIR.iterdir()  # "words" links to one of the others
-                        if p.is_file() and not p.name.startswith("README")})
+        lists = tuple(sorted({p.resolve() for p in _WORD_LIST_DIR.iterdir()  # "words" links to one of the others
+                              if p.is_file() and not p.name.startswith("README")}))
     except OSError:
-        lists = []
-    for p in lists:
-        try:
-            text = p.read_text("utf-8", errors="replace")
-        except OSError:
-            continue
-        for line in text.splitlines():
-            w = line.strip()
-            if w and w == w.lower() and "'" not in w:
-                # ASCII and lower case already: folding only joins its spaces (NFKD is a no-op)
-                words.add(" ".join(w.split()) if w.isascii() else _fold(w))
-    if not words:
+        lists = ()
+    if not lists:
         log.warning(
             "no word list in %s (Debian packages wamerican and wfrench): the leak scanner searches every "
             "identifying string everywhere, common words included", _WORD_LIST_DIR,
         )
-    return frozenset(words)
+    return lists
+
+
+def known_words(words: Iterable[str]) -> frozenset[str]:
+    """Those of ``words`` (folded: :func:`_fold`) that a word list of ``/usr/share/dict`` holds in lower
+    case, accents removed. The lists are read a line at a time and only the words asked for are
+    kept: their 380,000 entries held as a set would take 55 MB of the run's memory for the rest
+    of its life, for the few thousand words a project's identifiers have."""
+    wanted = set(words)
+    found: set[str] = set()
+    for p in _word_lists() if wanted else ():
+        try:
+            with open(p, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    w = line.strip()
+                    if w and w == w.lower() and "'" not in w:
+                        # ASCII and lower case already: folding only joins its spaces (NFKD is a no-op)
+                        w = " ".join(w.split()) if w.isascii() else _fold(w)
+                        if w in wanted:
+                            found.add(w)
+        except OSError:
+            continue
+    return frozenset(found)
+
+
+def _words(folded: str) -> list[str]:
+    """The words of a folded string that a word list may hold (not numbers)."""
+    return [w for w in _WORD.findall(folded) if not w.isdigit()]
+
+
+def common_strings(strings: Iterable[str]) -> set[str]:
+    """Those of ``strings`` that are common (:func:`is_common`), the word lists read once for all."""
+    strings = list(strings)
+    words = known_words(w for s in strings for w in _words(_fold(s)))
+    return {s for s in strings if _is_common(s, words)}
 
 
 def is_common(text: str) -> bool:
     """True when every word of ``text`` is a common word or a number of fewer than
     :data:`DISTINCTIVE_DIGITS` digits, or when what is left once they are set aside is shorter
-    than 4 characters (see the module docstring)."""
+    than 4 characters (see the module docstring). Reads the word lists: for many strings, use
+    :func:`common_strings`."""
+    return bool(common_strings([text]))
+
+
+def _is_common(text: str, words: frozenset[str]) -> bool:
+    """:func:`is_common`, ``words`` holding the common words among those of ``text``."""
     folded = _fold(text)
     if any(len(t) >= COMPOUND_LENGTH and any(c.isdigit() for c in t) and any(c.isalpha() for c in t)
            for t in folded.split()):
         return False  # a code such as "GATE-PID-551177": common parts, but distinctive as a whole
-    words = common_words()
     rest = []
     for w in _WORD.findall(folded):
         if w.isdigit():
@@ -212,7 +240,6 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
     ``identifiers`` is read once, as it comes (no copy of it): the strings of digits and dots (original
     UIDs) go straight into the rules, each once, with no intermediate strings."""
     distinctive: set[str] = set()
-    common: set[str] = set()  # as written: the pattern that picks the files to read needs every spelling
     others: set[str] = set()
     for v in identifiers:
         v = str(v)
@@ -220,17 +247,19 @@ def build_rules(identifiers: Iterable[str]) -> Rules:
             distinctive.add(n)
         else:
             others.add(v)
+    maybe: set[str] = set()  # common or distinctive: the word lists tell, read once for all of them
     for value in others:
         found = variants(value)
         pairs = {s for s in found if "^" in s or " " in s or "," in s} if "^" in value else set()
-        for s in found | _name_forms(value):
+        forms = _name_forms(value)
+        for s in found | forms:
             if not s or len(s) < MIN_LENGTH:
                 continue
-            if s in pairs or s in _name_forms(value) or not is_common(s):
-                distinctive.add(s)
-            else:
-                common.add(s)
+            (distinctive if s in pairs or s in forms else maybe).add(s)
     del others
+    common = common_strings(maybe - distinctive)
+    distinctive |= maybe - common
+    del maybe
     distinctive_set, common_set = frozenset(distinctive), frozenset(common)
     del distinctive, common
     return Rules(  # the case-folding patterns are compiled when first asked for (few scans need them)
