@@ -1,6 +1,7 @@
 from prefect import task
 from prefect.logging import get_run_logger
 
+from pacs2bids import memory as _memory
 from pacs2bids import progress as _progress
 from pacs2bids import staging as _staging
 from pacs2bids import study as _study
@@ -32,4 +33,5 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study
     if tracker is not None:
         tracker.add_bytes(result.received_bytes)
         tracker.study_done([s.series_instance_uid for s in study.series])
+    _memory.give_back()  # what the study freed: the process stays the size of the studies at hand
     return result

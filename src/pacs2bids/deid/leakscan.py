@@ -202,6 +202,9 @@ def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ..memory import arrow_system_pool
+
+    arrow_system_pool()  # its buffers go back to the system with the rest (pacs2bids.memory)
     fields: list[str] = []
 
     def hit(text: str) -> bool:

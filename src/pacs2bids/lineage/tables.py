@@ -29,7 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..checksum import sha256_file
+from ..memory import arrow_system_pool, give_back
 
+arrow_system_pool()  # the tables' buffers go back to the system with the rest (pacs2bids.memory)
 LINEAGE_DIR = Path(".pacs2bids") / "lineage"
 
 SCHEMA = pa.schema(
@@ -280,4 +282,7 @@ def record_lineage(dataset_root: Path, records: Iterable[LineageRecord], instanc
     the units of work wrote (:func:`write_instance_part`), which are then removed."""
     write_instances(dataset_root, read_instance_parts(dataset_root, instance_parts), run_id=run_id, project=project)
     shutil.rmtree(dataset_root / PARTS_DIR, ignore_errors=True)
-    return write_run(dataset_root, records, run_id=run_id, project=project, **run)
+    try:
+        return write_run(dataset_root, records, run_id=run_id, project=project, **run)
+    finally:
+        give_back()  # what the tables used, before the leak scan builds its rules (pacs2bids.memory)
