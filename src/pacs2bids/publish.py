@@ -39,6 +39,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -220,12 +221,17 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _manifest(staging: Path, run_id: str, previous: str | None) -> dict:
+    """Every regular file of ``staging`` (relative path: size), in path order; walked as strings (no
+    ``Path`` per file: a project's files are many)."""
     files = {}
-    for p in sorted(staging.rglob("*")):
-        if p.is_file() and not p.is_symlink():
-            files[p.relative_to(staging).as_posix()] = p.stat().st_size
+    for dirpath, _dirnames, filenames in os.walk(staging):
+        rel = os.path.relpath(dirpath, staging).replace(os.sep, "/")
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                files[name if rel == "." else f"{rel}/{name}"] = st.st_size
     return {"run_id": run_id, "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "previous": previous, "files": files}
+            "previous": previous, "files": dict(sorted(files.items(), key=lambda kv: kv[0].split("/")))}
 
 
 def publish_local(staging: Path, output: Path, run_id: str | None = None) -> Path:
