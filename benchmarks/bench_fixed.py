@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import e2e_steps as steps  # noqa: E402  (the benchmark's own helper module, beside this file)
+import waited  # noqa: E402
 import pydicom  # noqa: E402
 
 from pacs2bids import query  # noqa: E402
@@ -234,17 +235,14 @@ def measure_run(o: Orthanc, corpus, tmp: Path, rounds: tuple[str, ...] = ("first
             env["PYTHONPATH"] = os.pathsep.join([str(base), *filter(None, [os.environ.get("PYTHONPATH")])])
         spec = steps.write_spec(tmp / f"run-{name}", o, corpus, "dicomweb", 0)
         result = tmp / f"run-{name}.json"
-        t = time.perf_counter()
-        with open(tmp / f"run-{name}.log", "wb") as log:
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("fixed_run.py")), str(spec),
-                                     str(result)], env=env, stdout=log, stderr=subprocess.STDOUT)
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        if os.waitstatus_to_exitcode(status) or not result.is_file():
+        with open(tmp / f"run-{name}.log", "wb") as log:  # waited.py: the run's peak, not this process's
+            code, wall, peak, _cpu = waited.run([sys.executable, str(Path(__file__).with_name("fixed_run.py")),
+                                                 str(spec), str(result)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        if code or not result.is_file():
             tail = (tmp / f"run-{name}.log").read_text(errors="replace").splitlines()[-10:]
             raise RuntimeError(f"timed run {name} failed:\n" + "\n".join(tail))
         data = json.loads(result.read_text())
-        data["process_wall"], data["peak_rss_mb"] = round(wall, 3), usage.ru_maxrss / 1024
+        data["process_wall"], data["peak_rss_mb"] = round(wall, 3), peak
         data["phases"]["interpreter start and exit"] = round(wall - data["total_in_process"], 3)
         data["exit"] = _exit_marks(result.with_suffix(".exit.json"))
         out[name] = data

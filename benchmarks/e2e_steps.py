@@ -20,6 +20,7 @@ import pydicom
 import requests
 from pydicom.uid import generate_uid
 
+import waited
 from pacs2bids.dicomfiles import iter_dicom_bytes, iter_dicom_files
 from pacs2bids.orthanc import Orthanc
 
@@ -404,7 +405,8 @@ MEMORY_ENV = "BENCH_E2E_MEMORY"  # a folder: where the current code's runs hold 
 def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
     """``pacs2bids run SPEC --json`` in its own process (its Prefect server's start-up counts); with
     ``base``, the pacs2bids package under that folder (:func:`base_package`) runs instead.
-    Returns seconds, peak RSS (MB, of the process and its waited-for children, from wait4), exit
+    Returns seconds, peak RSS (MB, the largest of the process and its waited-for children, from wait4 in
+    :mod:`waited`), exit
     code, state and the summary's ``stage_seconds`` (None while the flow does not report them)."""
     exe = shutil.which("pacs2bids", path=str(VENV_BIN))
     cmd = [exe] if exe and base is None else [sys.executable, "-m", "pacs2bids.cli"]
@@ -420,17 +422,14 @@ def pacs2bids_run(spec: Path, base: Path | None = None) -> dict:
         env["PYTHONPATH"] = os.pathsep.join([str(base), *filter(None, [os.environ.get("PYTHONPATH")])])
     log = spec.parent / "run.log"
     with open(spec.parent / "stdout.txt", "w+") as out, open(log, "wb") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen([*cmd, "run", str(spec), "--json"], stdout=out, stderr=err, env=env)
-        _pid, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        # through waited.py: the run's own peak, not this process's size at the fork (waited.py)
+        code, seconds, peak, cpu = waited.run([*cmd, "run", str(spec), "--json"], stdout=out, stderr=err, env=env)
         out.seek(0)
         summary = _summary(out.read())
-    if proc.returncode not in (0, 3):  # the run's own log (pacs2bids keeps identifiers out of it)
+    if code not in (0, 3):  # the run's own log (pacs2bids keeps identifiers out of it)
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        print(f"bench_e2e: pacs2bids run {spec} exited {proc.returncode}:\n" + "\n".join(tail), file=sys.stderr)
-    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024, "exit_code": proc.returncode,
-            "cpu_seconds": usage.ru_utime + usage.ru_stime,  # the run's and its waited-for children's
+        print(f"bench_e2e: pacs2bids run {spec} exited {code}:\n" + "\n".join(tail), file=sys.stderr)
+    return {"seconds": seconds, "peak_rss_mb": peak, "exit_code": code,
+            "cpu_seconds": cpu,  # the run's and its waited-for children's
             "state": summary.get("state"), "stage_seconds": summary.get("stage_seconds"), "log": str(log),
             "timeline": summary.get("timeline")}

@@ -73,3 +73,25 @@ def test_bench_e2e_dicomweb_alone_beside_a_base_commit(tmp_path):
     assert set(size["runs"]) == {"dicomweb (base)", "dicomweb"}
     for run in size["runs"].values():
         assert run["exit_code"] in (0, 3) and run["state"] in ("completed", "completed with failures"), run
+
+
+def test_the_peak_rss_of_a_run_is_its_own_not_the_benchmarks(tmp_path):
+    """A child of a large process reports, through wait4, the memory it was forked with: the benchmark's.
+    benchmarks/waited.py reports the command's own peak (session 17: "the run's peak" at x1 was the
+    benchmark's 409 MB; the run peaked at 328 MB)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import waited
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    held = bytearray(300 * 2**20)  # this process: 300 MB more, every page touched
+    held[::4096] = b"x" * len(held[::4096])
+    small = [sys.executable, "-c", "pass"]
+    proc = subprocess.Popen(small)
+    _pid, _status, usage = os.wait4(proc.pid, 0)
+    assert usage.ru_maxrss / 1024 > 300, "the direct child was expected to report its parent's size"
+    code, seconds, peak, _cpu = waited.run(small)
+    assert code == 0 and seconds > 0 and peak < 100, f"waited.py reported {peak:.0f} MB for an empty interpreter"
+    code, _s, peak, _cpu = waited.run([sys.executable, "-c", "b = bytearray(150 * 2**20); b[::4096] = b'x' * len(b[::4096])"])
+    assert code == 0 and 150 < peak < 250, f"a child that holds 150 MB: reported {peak:.0f} MB"
+    del held
