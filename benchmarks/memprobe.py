@@ -1,17 +1,18 @@
 """Where a process's memory goes over time: RSS beside what Python and malloc hold, step by step.
 
-    .venv/bin/python benchmarks/memprobe.py REPORT.txt [--interval 0.5] [--frames 4] -- run SPEC --json
+    .venv/bin/python benchmarks/memprobe.py REPORT.txt [--interval 0.5] [--frames 4] [--trace-from FUNCTION] -- run SPEC --json
 
 runs ``pacs2bids`` with these arguments in this process, with a thread that every
 ``interval`` seconds records the process's RSS (``/proc/self/statm``), the bytes Python objects hold
 (``tracemalloc``), what glibc's malloc holds in use and free in its arenas (``mallinfo2``), the number
 of threads and the pacs2bids function the main thread is in (the flow's current step). ``tracemalloc``
-starts when the run does (``launch``: the imports before it are not traced, they would take minutes
-traced). Each time
+starts when a function named ``--trace-from`` is on the main thread's stack (default
+``_check_and_publish``: the dataset-level steps after the studies; ``_run``: the whole flow; the
+imports are never traced, they would take minutes). Each time
 Python's traced memory reaches a new high by 8 MB or more, a snapshot is kept (the last one is
 reported). The report lists the timeline (a line per step change or per 5 s) and the allocation
 sites that held the most at the highest snapshot, grouped by ``frames`` frames of traceback
-(``--frames 0``: no tracemalloc, RSS and malloc only, at full speed).
+(``--frames 0`` or ``MEMPROBE_FRAMES=0``: no tracemalloc, RSS and malloc only, at full speed).
 
 RSS above traced + malloc's free is memory outside Python's heap (pyarrow's pool, thread stacks,
 mapped libraries); malloc's free bytes are fragmentation malloc keeps rather than returns. The
@@ -60,6 +61,14 @@ def _rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def _on_stack(frame, name: str) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _step(frame) -> str:
     """The innermost pacs2bids function on a stack (the step the flow is in)."""
     while frame is not None:
@@ -72,9 +81,10 @@ def _step(frame) -> str:
 
 
 class Probe(threading.Thread):
-    def __init__(self, interval: float, main_ident: int, frames: int):
+    def __init__(self, interval: float, main_ident: int, frames: int, trace_from: str):
         super().__init__(name="memprobe", daemon=True)
         self.interval, self.main, self.frames, self.stop = interval, main_ident, frames, threading.Event()
+        self.trace_from = trace_from
         self.samples: list[tuple] = []
         self.snapshot, self.snapshot_at, self._high = None, None, 0
         self.mallinfo = _mallinfo()
@@ -82,8 +92,9 @@ class Probe(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
-            step = _step(sys._current_frames().get(self.main))
-            if self.frames and not tracemalloc.is_tracing() and step.startswith("pacs2bids/launch"):
+            frame = sys._current_frames().get(self.main)
+            step = _step(frame)
+            if self.frames and not tracemalloc.is_tracing() and _on_stack(frame, self.trace_from):
                 tracemalloc.start(self.frames)
             traced, _peak = tracemalloc.get_traced_memory()
             used, free = self.mallinfo()
@@ -116,16 +127,19 @@ class Probe(threading.Thread):
 
 def main() -> int:
     args = sys.argv[1:]
-    out, interval, frames = Path(args.pop(0)), 0.5, 4
-    while args and args[0] in ("--interval", "--frames"):
+    out, interval, trace_from = Path(args.pop(0)), 0.5, "_check_and_publish"
+    frames = int(os.environ.get("MEMPROBE_FRAMES", "4"))  # 0: RSS and malloc only (bench_e2e --memory passes none)
+    while args and args[0] in ("--interval", "--frames", "--trace-from"):
         if args[0] == "--interval":
             interval = float(args[1])
-        else:
+        elif args[0] == "--frames":
             frames = int(args[1])
+        else:
+            trace_from = args[1]
         args = args[2:]
     if args and args[0] == "--":
         args = args[1:]
-    probe = Probe(interval, threading.get_ident(), frames)
+    probe = Probe(interval, threading.get_ident(), frames, trace_from)
     probe.start()
     from pacs2bids.cli import main as cli
 
