@@ -30,6 +30,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from sampler import run_cli  # beside this file
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MB = 1024 * 1024
 OURS = ("/pacs2bids/", "/flows/", "/tasks/")
@@ -139,18 +141,7 @@ def main() -> int:
         args = args[2:]
     if args and args[0] == "--":
         args = args[1:]
-    probe = Probe(interval, threading.get_ident(), frames, trace_from)
-    probe.start()
-    from pacs2bids.cli import main as cli
-
-    code = 1
-    try:
-        code = cli(args)
-    finally:
-        probe.stop.set()
-        probe.join()
-        out.write_text(probe.report())
-    return code
+    return run_cli(Probe(interval, threading.get_ident(), frames, trace_from), out, args)
 
 
 if __name__ == "__main__":

@@ -106,17 +106,22 @@ def main() -> int:
         args = args[2:]
     if args and args[0] == "--":
         args = args[1:]
-    sampler = Sampler(interval)
-    sampler.start()
+    return run_cli(Sampler(interval), out, args)
+
+
+def run_cli(watcher: threading.Thread, out: Path, args: list[str]) -> int:
+    """``pacs2bids ARGS`` in this process while ``watcher`` (a thread with ``stop`` and ``report()``) runs;
+    its report is written to ``out`` when the command ends (memprobe.py uses it too)."""
+    watcher.start()
     from pacs2bids.cli import main as cli
 
     code = 1
     try:
         code = cli(args)
     finally:
-        sampler.stop.set()
-        sampler.join()
-        out.write_text(sampler.report())
+        watcher.stop.set()
+        watcher.join()
+        out.write_text(watcher.report())
     return code
 
 
