@@ -33,6 +33,7 @@ from pacs2bids.errors import LeakDetected, NothingToPublish, Pacs2BidsError, Run
 from pacs2bids.heuristic_path import heuristic_sha256
 from pacs2bids.launch import flow_run_name, run_id_of_flow_run, tag_flow_run
 from pacs2bids.logsafety import quiet_third_party_loggers
+from pacs2bids.memory import tune_malloc
 from pacs2bids.publish import current_version, seed_staging, staging_dir, work_area, write_marker
 from pacs2bids.recorder import Outcomes, Recorder
 from pacs2bids.register import skip_already_published
@@ -68,6 +69,7 @@ def extract_project(spec_path: str, since: dict[int, str] | None = None) -> dict
     Raises :class:`RunFailed` (carrying the summary) when nothing could be published.
     """
     quiet_third_party_loggers()  # also under a Prefect worker, without the CLI
+    tune_malloc()  # large blocks mapped alone, heaps trimmed past 1 MB: freed memory returned (pacs2bids.memory)
     logger = get_run_logger()
     spec = load_spec(spec_path)
     versions = tool_versions()

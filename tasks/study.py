@@ -19,6 +19,7 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext) -> _study
     staging store (:func:`pacs2bids.staging.extract_staged`); its progress goes to the Prefect run log and to the
     run's tracker (:mod:`pacs2bids.progress`), when this process holds one."""
     logger = get_run_logger()
+    _memory.tune_malloc()  # also on a Dask worker (issue 14): what the study frees is returned
     tracker = _progress.tracker(ctx.run_id)
 
     def progress(series, done: int, total: int | None) -> None:

@@ -40,6 +40,57 @@ def test_give_back_returns_what_malloc_holds_free():
     assert after < held / 4, f"give_back left {after} of {held} MB"
 
 
+_LARGE_BLOCKS = """
+import sys
+from pacs2bids.memory import tune_malloc
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+if sys.argv[1] == "mapped":
+    print(tune_malloc(), end=" ")
+big = b"x" * (8 << 20)
+del big  # a large block freed: glibc's own threshold rises to 8 MB
+start = rss()
+if sys.argv[2] == "top":  # 12 MB at the heap's top (blocks below the mapping threshold), freed
+    blocks = [b"x" * 100_000 for _ in range(120)]
+    del blocks
+else:  # 60 MB of 300 kB blocks (a file's bytes), each followed by a small live object, freed
+    files, pins = [], []
+    for i in range(200):
+        files.append(b"x" * 300_000)
+        pins.append(b"p" * 2000)
+    del files
+print(round(rss() - start))
+"""
+
+
+def _held(mode: str, scenario: str = "between", **env) -> str:
+    """``_LARGE_BLOCKS`` in a fresh process, without glibc's own settings unless ``env`` gives them."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _LARGE_BLOCKS, mode, scenario], capture_output=True, text=True,
+                         check=True, env={**base, **env})
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
+def test_memory_freed_is_returned_at_once():
+    """glibc's own thresholds rise with the largest block freed (8 MB here): 300 kB blocks then come from the
+    heap and stay there once freed, held between live objects, and so does a heap's free top up to 16 MB.
+    Tuned, the large blocks are mapped alone and returned when freed, and the top is trimmed past 1 MB."""
+    top, between = int(_held("default", "top")), int(_held("default", "between"))
+    assert top > 8 and between > 40  # the fault this guards against, as glibc behaves by default
+    (done, top), (_, between) = _held("mapped", "top").split(), _held("mapped", "between").split()
+    assert done == "True" and int(top) < 4 and int(between) < 10, f"{top}, {between} MB freed still held"
+
+
+@pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "1048576"}, {"MALLOC_TRIM_THRESHOLD_": "67108864"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=67108864"}])
+def test_thresholds_the_environment_chose_are_kept(env):
+    assert _held("mapped", **env).split()[0] == "False"
+
+
 _POOL = """
 import pyarrow as pa
 from pacs2bids.memory import arrow_system_pool
