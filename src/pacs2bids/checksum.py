@@ -6,9 +6,8 @@ import hashlib
 from pathlib import Path
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """The file's SHA-256, read into one buffer reused for the whole file (``hashlib.file_digest``): a new
+    block per read would cost a fresh mapping each, large blocks being mapped alone (pacs2bids.memory)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
