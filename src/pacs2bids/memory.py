@@ -19,7 +19,7 @@ had used (about 35 MB each). The peak of the run was at its end, every step's le
   freed so far (up to 32 and 64 MB): after the first large file, every file's bytes, received part and
   volume come from the heaps, and what they free stays there, counted in RSS, until the next
   ``malloc_trim``. Measured at 10x the shared corpus (benchmarks/memprobe.py, docs/BENCHMARKS.md,
-  session 18): peak RSS 396-409 MB by default, 335 MB with these two; the same with a 256 kB trim
+  session 18): peak RSS 379-409 MB by default, 335-338 MB with these two; the same with a 256 kB trim
   threshold but about 10 % more CPU (the heaps' tops returned and taken again), 386-403 MB with
   16-64 MB. Called when a run's flow starts and by each study; thresholds the environment chose
   (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, ``GLIBC_TUNABLES``) are kept.
