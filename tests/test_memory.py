@@ -9,12 +9,14 @@ import sys
 
 import pytest
 
-_HELD_FREE = """
-from pacs2bids.memory import give_back
-
+_RSS = """
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
+"""
+
+_HELD_FREE = _RSS + """
+from pacs2bids.memory import give_back
 
 start = rss()
 chunks = [bytes(1000) + i.to_bytes(4, "little") for i in range(150_000)]  # 150 MB from malloc's heap
@@ -26,9 +28,10 @@ print(round(held - start), round(rss() - start))
 """
 
 
-def _run(code: str, **env) -> str:
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, **env})
+def _run(code: str, *args: str, base: dict | None = None, **env) -> str:
+    """``code`` in a fresh process, with ``args``, in ``base`` (default: this environment) and ``env``."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True,
+                         env={**(os.environ if base is None else base), **env})
     return out.stdout.strip()
 
 
@@ -40,13 +43,9 @@ def test_give_back_returns_what_malloc_holds_free():
     assert after < held / 4, f"give_back left {after} of {held} MB"
 
 
-_LARGE_BLOCKS = """
+_LARGE_BLOCKS = _RSS + """
 import sys
 from pacs2bids.memory import tune_malloc
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
 
 if sys.argv[1] == "mapped":
     print(tune_malloc(), end=" ")
@@ -69,9 +68,7 @@ print(round(rss() - start))
 def _held(mode: str, scenario: str = "between", **env) -> str:
     """``_LARGE_BLOCKS`` in a fresh process, without glibc's own settings unless ``env`` gives them."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", _LARGE_BLOCKS, mode, scenario], capture_output=True, text=True,
-                         check=True, env={**base, **env})
-    return out.stdout.strip()
+    return _run(_LARGE_BLOCKS, mode, scenario, base=base, **env)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux")
