@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
 
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -34,6 +36,41 @@ log = logging.getLogger(__name__)
 PAGE = 500
 _ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 _ACCEPT_PLAIN = 'multipart/related; type="application/dicom"'
+# What a QIDO-RS query value keeps as it is: RFC 3986's query characters, less those that would
+# split or change the query (& = + # ; %) and the space. '*' and '?' are DICOM's wildcards and ','
+# separates a UID list (PS3.18 8.3.4): encoded, some servers take them literally.
+QUERY_SAFE = "*?,-._~:/@!$'()"
+
+
+def query_string(params: dict[str, Any] | None) -> str:
+    """``?key=value&...`` for a QIDO-RS request, a list value as repeated keys (``includefield``);
+    each value percent-encoded only where it must be (:data:`QUERY_SAFE`)."""
+    if not params:
+        return ""
+    pairs = [(k, v) for k, vs in params.items() for v in (vs if isinstance(vs, (list, tuple, set)) else [vs])]
+    return "?" + "&".join(f"{quote(str(k), safe='')}={quote(str(v), safe=QUERY_SAFE)}" for k, v in pairs)
+
+
+def wildcard_form(value: str) -> str | None:
+    """``value`` with each run of characters a query must percent-encode replaced by ``*``, for a
+    server that does not decode them (Orthanc's DICOMweb plugin 1.7 compares ``IRC%20A`` to the
+    stored ``IRC A``); None when nothing in it is encoded, or it keeps fewer than 3 characters to
+    match on (the search would be nearly universal). Its answer is a superset: match it exactly."""
+    encoded = quote(value, safe=QUERY_SAFE)
+    if encoded == value:
+        return None
+    pattern = re.sub(r"\*+", "*", "".join(c if quote(c, safe=QUERY_SAFE) == c else "*" for c in value))
+    return pattern if len(pattern.replace("*", "").replace("?", "")) >= 3 else None
+
+
+class _Client(DICOMwebClient):
+    """dicomweb-client's QIDO-RS, with the query string from :func:`query_string`: it would encode
+    every value with ``quote_plus``, so that ``*``, ``?`` and ``,`` reach the server as ``%2A``,
+    ``%3F``, ``%2C``, which a server that does not decode its query (Orthanc's DICOMweb plugin
+    1.7) takes literally: a wildcard search then matches nothing."""
+
+    def _http_get(self, url: str, params: dict | None = None, headers: dict | None = None, stream: bool = False):
+        return super()._http_get(url + query_string(params), None, headers, stream)
 
 
 def make_session(settings: DicomwebSettings, environ: dict | None = None) -> requests.Session:
@@ -73,7 +110,7 @@ class WebPacs:
     def __init__(self, settings: DicomwebSettings, session: requests.Session | None = None):
         self.settings = settings
         self.session = session or make_session(settings)
-        self.client = DICOMwebClient(settings.url, session=self.session, timeout=settings.timeout)
+        self.client = _Client(settings.url, session=self.session, timeout=settings.timeout)
         # the stage retries transient failures (pacs2bids.pacs.retry); dicomweb-client would
         # otherwise retry 408/429/503/504 itself, up to 5 times, inside each of ours
         self.client.set_http_retry_params(retry=False)
