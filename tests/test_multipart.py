@@ -186,6 +186,33 @@ def test_parts_are_read_ahead_while_the_caller_files_them(tmp_path, monkeypatch)
     assert not [t for t in threading.enumerate() if t.name == "wado-rs-reader"]
 
 
+def test_what_is_read_ahead_is_bounded_in_bytes(monkeypatch):
+    """The reader stops when the parts waiting hold the budget: 64 parts of 100 kB would be 6.4 MB
+    ahead per answer (32 MB for CT slices of 512 kB); with a 300 kB budget, 3 wait and one more is
+    read. A part larger than the budget still passes, alone, and every part comes in order."""
+    import time
+
+    from pacs2bids.pacs.multipart import Part, _read_ahead
+
+    monkeypatch.setattr(multipart, "AHEAD_BYTES", 300_000, raising=False)
+    sizes = [100_000] * 20 + [1_000_000] + [100_000] * 5
+    made = []
+
+    def parts():
+        for i, n in enumerate(sizes):
+            made.append(i)
+            yield Part(path=None, streamed_sha256=None, size=n, data=bytes([i]) * n)
+
+    got = []
+    for part in _read_ahead(parts(), Closable([])):
+        if not got:
+            time.sleep(0.5)  # the caller is slow: the reader fills what it may meanwhile
+            ahead = len(made)
+        got.append(part.data)
+    assert ahead <= 5, ahead  # the first, 3 waiting, 1 waiting for room (64 before the budget)
+    assert got == [bytes([i]) * n for i, n in enumerate(sizes)]
+
+
 def test_a_caller_stopping_early_leaves_no_file_and_no_reader(tmp_path, monkeypatch):
     import threading
 

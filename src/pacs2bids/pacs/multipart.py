@@ -21,7 +21,8 @@ import requests
 from ..errors import PacsError
 
 HEAD = 1 << 16  # bytes of each part kept in memory for the sink's check (pacs2bids.sink._HEAD_BYTES)
-MEMORY_PART = 1 << 20  # a part up to this size is also handed over whole in memory (at most 64 read ahead)
+MEMORY_PART = 1 << 20  # a part up to this size is also handed over whole in memory
+AHEAD_BYTES = 4 << 20  # the bytes of parts read ahead and held in memory, per answer (one part more if larger)
 
 
 @dataclass(frozen=True)
@@ -52,18 +53,34 @@ class Part:
 _DONE = object()
 
 
-def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int = 64) -> Iterator[Part]:
-    """``parts``, read in a thread of its own up to ``depth`` parts ahead: receiving and splitting
+def _held(item) -> int:
+    """The bytes a part read ahead holds in memory: all of it, or its head (the rest is in its file)."""
+    return len(item.data if item.data is not None else item.head) if isinstance(item, Part) else 0
+
+
+def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int = 64,
+                budget: int | None = None) -> Iterator[Part]:
+    """``parts``, read in a thread of its own up to ``depth`` parts and ``budget`` bytes held in
+    memory ahead (:data:`AHEAD_BYTES`; a part larger than that alone): receiving and splitting
     the answer (and writing the parts too large to hold) overlap with the caller's checking and
-    filing of the parts before. The
-    reader's error is raised here, after the parts that came before it. When the caller stops
-    early, the answer is closed and the files not handed over are deleted."""
+    filing of the parts before, and what waits is bounded in bytes whatever the parts' size
+    (64 CT slices of 512 kB would be 32 MB per answer). The reader's error is raised here, after
+    the parts that came before it. When the caller stops early, the answer is closed and the
+    files not handed over are deleted."""
+    budget = AHEAD_BYTES if budget is None else budget
     q: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
+    room = threading.Condition()
+    held = 0
 
     def read() -> None:
+        nonlocal held
         try:
             for part in parts:
+                n = _held(part)
+                with room:
+                    room.wait_for(lambda: held == 0 or held + n <= budget or stop.is_set())
+                    held += n
                 q.put(part)
                 if stop.is_set():
                     return
@@ -77,9 +94,14 @@ def _read_ahead(parts: Iterator[Part], response: requests.Response, depth: int =
         while (item := q.get()) is not _DONE:
             if isinstance(item, BaseException):
                 raise item
+            with room:
+                held -= _held(item)
+                room.notify()
             yield item
     finally:
         stop.set()
+        with room:
+            room.notify()  # a reader waiting for room goes on, and sees the stop
         if reader.is_alive():
             response.close()  # a reader blocked on the socket wakes up with an error
         while reader.is_alive() or not q.empty():
