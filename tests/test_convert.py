@@ -532,3 +532,32 @@ def test_sidecar_fields_given_by_the_project_make_asl_publishable(vendors_dir, t
         ProjectSpec.model_validate({"project": "p", "pacs": {"dicomweb": {"url": "http://127.0.0.1:1/dicom-web"}},
                                     "selection": {"inclusions": "x.csv"}, "output": str(tmp_path / "o"),
                                     "sidecar_fields": {"asl": {"post labeling delay": 1}}})
+
+
+@pytest.mark.corpus
+@pytest.mark.parametrize("whole", [True, False])
+def test_series_sent_classic_and_enhanced_is_converted_once(vendors_dir, tmp_path, whole):
+    """Philips field map 2001 (dcm_qa_philips_enh) exported both as 212 classic MR images and as one
+    enhanced MR object of 212 frames, under one Series Instance UID, as a PACS holds it. Given both,
+    dcm2niix made 8 images (2 echoes x magnitude/phase, twice) and the series failed as split; now
+    the classic images are converted (4 images, BIDS-valid) and the enhanced object is named as not
+    converted. With a classic image missing, the two forms are not the same frames: both stay."""
+    import gzip
+
+    src = tmp_path / "dicom" / "2001"
+    src.mkdir(parents=True)
+    root_in = vendors_dir / "dcm_qa_philips_enh" / "In"
+    classic = sorted((root_in / "cl").glob("2001_*.dcm.gz"))
+    for p in classic[: None if whole else -1] + sorted((root_in / "enh").glob("2001_*.dcm.gz")):
+        (src / f"{p.parent.name}-{p.name[:-3]}").write_bytes(gzip.decompress(p.read_bytes()))
+    root = tmp_path / "bids"
+    (fmap,) = [s for s in convert_session(src.parent, root, subject="01", session=None, heuristic="auto",
+                                          work_dir=tmp_path / "w").series if s.series_number == 2001]
+    if not whole:
+        assert fmap.status == "failed" and "split" in fmap.reason, fmap
+        return
+    assert fmap.status == "converted", fmap
+    assert "212 classic MR images; the 1 enhanced MR object(s)" in fmap.reason, fmap.reason
+    assert len([o for o in fmap.outputs if o.endswith(".nii.gz")]) == 4, fmap.outputs
+    finalise_dataset(root, name="classic and enhanced", participants=["01"], generated_by={"Name": "pacs2bids"})
+    assert validate_dataset(root).errors == []

@@ -6,7 +6,8 @@
 - :data:`DEFAULT_STORAGE_CLASSES`: both, as UID strings (what our storage SCP accepts);
 - :func:`is_image_sop_class`: whether dcm2niix turns an instance's pixel data into NIfTI;
 - :data:`NOT_PUBLISHED`: classes whose instances pseudonymisation leaves out, with the reason;
-- :data:`SECONDARY_CAPTURE_PREFIX`: screenshots, whose pixels are checked for burned-in text.
+- :data:`SECONDARY_CAPTURE_PREFIX`: screenshots, whose pixels are checked for burned-in text;
+- :data:`ENHANCED_FORM`: a classic image class and its enhanced (multi-frame) form.
 """
 
 from __future__ import annotations
@@ -79,3 +80,12 @@ NOT_PUBLISHED = (
 
 # Secondary Capture (1.2.840.10008.5.1.4.1.1.7 and its multi-frame variants): screenshots, burned-in text likely
 SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+
+
+# A classic image storage class (one file per frame) and its enhanced form (frames in one file):
+# some scanners (Philips) send a series in both, under one Series Instance UID (dcm_qa_philips_enh).
+ENHANCED_FORM = {
+    str(sc.MRImageStorage): (str(sc.EnhancedMRImageStorage), "MR"),
+    str(sc.CTImageStorage): (str(sc.EnhancedCTImageStorage), "CT"),
+    str(sc.PositronEmissionTomographyImageStorage): (str(sc.EnhancedPETImageStorage), "PET"),
+}

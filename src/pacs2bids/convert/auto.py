@@ -173,6 +173,8 @@ def convert_auto(dicom_dir: Path, bids_root: Path, *, subject: str, session: str
             if reason.startswith(NO_IMAGE):
                 reason = f"{NO_IMAGE}; its log is kept in {failed_log()}"
             s = v.series
+            if s.left_out:
+                reason = f"{reason}; {s.left_out}" if reason else s.left_out
             results.append(ConvertedSeries(s.uid, s.number, s.description, v.status, outs, reason))
         for res in results:
             if res.status != "converted":

@@ -16,7 +16,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_partial
 
 from pacs2bids.convert.series import ConvertedSeries
-from pacs2bids.sopclasses import is_image_sop_class
+from pacs2bids.sopclasses import ENHANCED_FORM, is_image_sop_class
 from pacs2bids.dicomfiles import iter_dicom_files
 from pacs2bids.errors import ConversionError
 
@@ -53,6 +53,7 @@ class SessionSeries:
     description: str
     files: list[Path] = field(default_factory=list)
     date: str = ""  # YYYYMMDD of the (shifted) acquisition, "" when unreadable
+    left_out: str = ""  # what of its files dcm2niix is not given, and why (:func:`_one_form`)
 
 
 def _read_ids(path: Path):
@@ -77,17 +78,47 @@ def _same_series(path: Path, uid: bytes, sop: bytes) -> bool:
     return True
 
 
+def _frames(files: list[Path]) -> int | None:
+    """The frames of these multi-frame files together (NumberOfFrames); None when one is unreadable."""
+    total = 0
+    for f in files:
+        try:
+            with open(f, "rb") as fp:
+                ds = read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x00280008)
+            total += int(ds.get("NumberOfFrames", 1) or 1)
+        except (InvalidDicomError, OSError, ValueError, TypeError, EOFError):
+            return None
+    return total
+
+
+def _one_form(s: SessionSeries, by_class: dict[str, list[Path]]) -> None:
+    """A series sent both as classic images and in enhanced form (the same frames, under one
+    Series Instance UID: a Philips set to export both) is converted from its classic images only:
+    given both, dcm2niix makes two of every image, and the series fails as split. Only when the
+    enhanced files hold exactly as many frames as there are classic images: else both stay."""
+    for classic, (enhanced, kind) in ENHANCED_FORM.items():
+        cl, en = by_class.get(classic, []), by_class.get(enhanced, [])
+        if cl and en and _frames(en) == len(cl):
+            drop = set(en)
+            s.files = [f for f in s.files if f not in drop]
+            s.left_out = (f"converted from its {len(cl)} classic {kind} images; the {len(en)} enhanced {kind} "
+                          "object(s) holding the same frames were not converted (both stay in sourcedata)")
+
+
 def scan_session(dicom_dir: Path) -> tuple[list[SessionSeries], list[ConvertedSeries]]:
     """The image series under ``dicom_dir`` (in series-number order) and the non-image ones,
     already reported as ``skipped``. A file whose folder's previous file was of the same series
-    (checked by a byte search) is not parsed again: sourcedata holds one folder per series."""
+    (checked by a byte search) is not parsed again: sourcedata holds one folder per series. A
+    series sent in both classic and enhanced form keeps its classic files only (:func:`_one_form`)."""
     series: dict[str, SessionSeries] = {}
     filtered: dict[str, ConvertedSeries] = {}
+    by_class: dict[str, dict[str, list[Path]]] = {}  # series UID -> SOP class -> its image files
     last: tuple[Path, bytes, bytes, str] | None = None  # folder, uid, sop class, uid of the previous file
     for path in iter_dicom_files(dicom_dir):
         if last and last[0] == path.parent and _same_series(path, last[1], last[2]):
-            if last[3] in series:
-                series[last[3]].files.append(path)
+            if last[3] in series and (same := by_class[last[3]].get(last[2].decode())) is not None:
+                series[last[3]].files.append(path)  # of an image class, as the previous file
+                same.append(path)
             continue
         try:
             ds = _read_ids(path)
@@ -114,6 +145,10 @@ def scan_session(dicom_dir: Path) -> tuple[list[SessionSeries], list[ConvertedSe
             date = next((str(ds.get(t) or "") for t in _DATE_TAGS if str(ds.get(t) or "").strip()), "")
             s = series[uid] = SessionSeries(uid, number, str(ds.get("SeriesDescription", "")), [], date)
         s.files.append(path)
+        by_class.setdefault(uid, {}).setdefault(sop, []).append(path)
+    for uid, classes in by_class.items():
+        if len(classes) > 1:
+            _one_form(series[uid], classes)
     ordered = sorted(series.values(), key=lambda s: (s.number is None, s.number or 0, s.uid))
     return ordered, [f for u, f in filtered.items() if u not in series]
 
@@ -186,7 +221,9 @@ def dcm2niix_session(roots: list[Path], private: Path, *, sidecar_only: bool = F
                 proc.wait()
                 raise
             names = _name_keys(series)
-            if names is None:  # two files' names differ only by their extension: name the links instead
+            if names is None or any(s.left_out for s in series):
+                # two files' names differ only by their extension, or dcm2niix is not to read them all:
+                # name the links instead
                 proc.kill()
                 proc.wait()
                 shutil.rmtree(out)
