@@ -11,5 +11,7 @@ from . import TASK_DEFAULTS
 
 @task(name="scan_for_leaks", **TASK_DEFAULTS)
 def scan_for_leaks(spec: ProjectSpec, root: Path) -> list[LeakHit]:
-    """Search every byte under ``root`` for the project's identifying values (from the key store)."""
-    return _scan(root, pseudonymiser(spec).identifiers())
+    """Search every byte under ``root`` for the project's identifying values (from the key store).
+    Unless the profile keeps full dates, every date element was shifted or emptied: not searched."""
+    p = pseudonymiser(spec)
+    return _scan(root, p.identifiers(), dates_shifted=not p.profile.keep_dates)

@@ -33,6 +33,10 @@ is then one of:
   (dcm2niix sidecars: ``"InstitutionalDepartmentName": "DEFAULT"``). In free text, a common
   first name is caught next to its other part (a distinctive string).
 
+A date element (DA, DT) of a DICOM file is not searched when the pseudonymisation shifted or emptied
+every date (``scan_for_leaks(..., dates_shifted=True)``: the extraction's scan, unless the profile keeps
+full dates): it holds a shifted date, which meets a birth date of the project by chance only.
+
 A UID found only in an element that names a class (``*SOPClassUID``, ``*TransferSyntaxUID``) is no
 hit: the pseudonymiser keeps those as they are, a private class (Siemens' CSA non-image storage
 1.3.12.2.1107.5.9.1) included, and it names a kind of object, not a patient.
@@ -178,6 +182,9 @@ class Rules:
                 self._patterns[name] = _UNCOMPILED
         self._lock = threading.Lock()
         self.finder = finder if finder is not None else Finder.of(self.distinctive, self.common)
+        # True when pseudonymisation shifted (or emptied) the value of every DA and DT element of the
+        # DICOM files scanned: a string found in one is a shifted date, never an original value
+        self.dates_shifted = False
 
     def _compiled(self, name: str) -> re.Pattern[bytes] | None:
         with self._lock:

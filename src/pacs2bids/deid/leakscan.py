@@ -97,6 +97,8 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool, skip_pixels: boo
             if vr == "SQ":
                 for i, item in enumerate(value or ()):
                     visit(item, f"{prefix}{name}[{i}].")
+            elif rules.dates_shifted and vr in _DATE_VRS:
+                continue  # a shifted date (_shifted_date)
             elif check(value):
                 if vr == "UI" and name.endswith(_CLASS_UID_KEYWORDS):
                     classes.append(str(value).encode("ascii", "replace"))
@@ -114,6 +116,27 @@ def _dicom_fields(data: bytes, rules: Rules, distinctive: bool, skip_pixels: boo
     return fields, classes
 
 
+_DATE_VRS = ("DA", "DT")
+
+
+def _shifted_date(e: Element, rules: Rules) -> bool:
+    """Whether ``e`` is a date element (DA, DT; an implicit VR from the dictionary) of files whose
+    every date was shifted (:attr:`Rules.dates_shifted`). What it holds is then a shifted date, or
+    empty: it equals a birth date or a long number by chance only (one patient's shifted study
+    date on another's birth date: at 240 patients, one subject in a run), never by copy, and
+    refusing it would refuse a large project for no leak."""
+    if not rules.dates_shifted or e.pixels:
+        return False
+    if e.vr is not None:
+        return e.vr.decode("ascii", "replace") in _DATE_VRS
+    from pydicom.datadict import dictionary_VR
+
+    try:
+        return not (e.tag >> 16) & 1 and dictionary_VR(e.tag) in _DATE_VRS
+    except KeyError:
+        return False
+
+
 def _placed(data: bytes, found: list[Element], rules: Rules) -> tuple[bool, bool]:
     """(a distinctive string is in ``data`` out of its pixel samples, a common one is in an element
     :func:`_dicom_fields` reads for one), from where each string is among the ``found`` elements."""
@@ -123,6 +146,8 @@ def _placed(data: bytes, found: list[Element], rules: Rules) -> tuple[bool, bool
     distinctive = common = False
     for kind, pos in rules.finder.occurrences(data):
         e = element_at(found, starts, pos)
+        if e is not None and _shifted_date(e, rules):
+            continue
         if kind == "distinctive":
             distinctive = distinctive or e is None or not e.pixels
         elif not common:  # an element whose VR pydicom decides, a PN, or an identity field
@@ -278,9 +303,11 @@ def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]
     return []
 
 
-def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakHit]:
+def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules, *, dates_shifted: bool = False) -> list[LeakHit]:
     """Search every file and name under ``root`` for ``identifiers`` (or rules built from them
-    by :func:`build_rules`), following the rule of the module docstring.
+    by :func:`build_rules`), following the rule of the module docstring. ``dates_shifted``: the
+    pseudonymisation shifted every date, so the DA and DT elements of DICOM files hold no original
+    value and are not searched (:func:`_shifted_date`).
 
     Each file is opened once and its bytes read once (a NIfTI's header alone), in one pass of
     one pattern for both kinds of string (:class:`pacs2bids.deid.leakrules.Finder`).
@@ -289,6 +316,7 @@ def scan_for_leaks(root: Path, identifiers: Iterable[str] | Rules) -> list[LeakH
     """
     root = Path(root)
     rules = identifiers if isinstance(identifiers, Rules) else build_rules(identifiers)
+    rules.dates_shifted = dates_shifted
     if rules.finder.empty:
         return []
     hits: list[LeakHit] = []
