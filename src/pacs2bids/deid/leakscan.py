@@ -35,6 +35,7 @@ from typing import Iterable
 
 from .dicomtext import PIXEL_TAGS, Element, element_at, elements, without_pixels
 from .leakrules import Rules, build_rules
+from .leaknifti import nifti_fields, nifti_head
 
 _MAX_TEXT_BYTES = 256 * 1024 * 1024
 
@@ -184,42 +185,6 @@ def _json_fields(data: bytes, rules: Rules) -> list[str]:
     return found
 
 
-def _nifti_fields(data: bytes, rules: Rules) -> list[str]:
-    """The header fields (and extensions) of a NIfTI holding a distinctive string."""
-    found = rules.finder.distinctive_in
-    if rules.finder.empty:
-        return []
-    sizes = (int.from_bytes(data[:4], "little"), int.from_bytes(data[:4], "big")) if len(data) >= 4 else (0, 0)
-    if 540 in sizes and len(data) >= 540:
-        spans = {"descrip": (240, 320), "aux_file": (320, 344), "intent_name": (508, 524)}
-        ext_start = 544
-    elif 348 in sizes and len(data) >= 348:
-        spans = {"db_name": (14, 32), "descrip": (148, 228), "aux_file": (228, 252), "intent_name": (328, 344)}
-        ext_start = 352
-    else:  # not a NIfTI header: treat as raw bytes
-        return ["raw bytes"] if found(data) else []
-    fields = [name for name, (a, b) in spans.items() if found(data[a:b])]
-    try:
-        vox_offset = int(_vox_offset(data))
-    except Exception:
-        vox_offset = ext_start
-    if vox_offset > ext_start and found(data[ext_start:min(vox_offset, len(data))]):
-        fields.append("extensions")
-    return fields
-
-
-def _vox_offset(data: bytes) -> float:
-    import struct
-
-    if int.from_bytes(data[:4], "little") == 348:
-        return struct.unpack("<f", data[108:112])[0]
-    if int.from_bytes(data[:4], "big") == 348:
-        return struct.unpack(">f", data[108:112])[0]
-    if int.from_bytes(data[:4], "little") == 540:
-        return struct.unpack("<q", data[168:176])[0]
-    return struct.unpack(">q", data[168:176])[0]
-
-
 def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
     """Columns (``schema``, ``statistics``) of a Parquet file (a path, or a file object named
     ``name``) holding a match, all decoded; raises OSError when the file cannot be decoded (a
@@ -277,7 +242,7 @@ def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]
             return [LeakHit(rel, "raw bytes", "raw")] if finder.distinctive_in(data) else []
         lowered = lowered[:-3]
     if lowered.endswith(".nii"):
-        return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, rules)]
+        return [LeakHit(rel, f, "nifti-header") for f in nifti_fields(data, rules.finder)]
     if len(data) >= 132 and data[128:132] == b"DICM":
         distinctive, common = finder.kinds(data)  # one pass over the bytes, both kinds of string
         if not distinctive and not common:
@@ -345,9 +310,9 @@ def _scan_file(rel: str, p: Path, rules: Rules) -> list[LeakHit]:
     name = p.name.lower()
     with open(p, "rb") as fh:
         if name.endswith((".nii", ".nii.gz")):
-            data = _nifti_head(fh, name.endswith(".gz"))
+            data = nifti_head(fh, name.endswith(".gz"))
             if data is not None:
-                return [LeakHit(rel, f, "nifti-header") for f in _nifti_fields(data, rules)]
+                return [LeakHit(rel, f, "nifti-header") for f in nifti_fields(data, rules.finder)]
             fh.seek(0)  # not a NIfTI after all, or not gzip: as any other file
         size = os.fstat(fh.fileno()).st_size
         if size > _MAX_TEXT_BYTES:
@@ -363,29 +328,6 @@ def _scan_file(rel: str, p: Path, rules: Rules) -> list[LeakHit]:
 def _parquet_hits(rel: str, source, rules: Rules, name: str | None = None) -> list[LeakHit]:
     return [LeakHit(rel, c if c in ("schema", "statistics") else f"column {c}", "parquet")
             for c in _parquet_fields(source, rules, name)]
-
-
-def _nifti_head(fh, gz: bool) -> bytes | None:
-    """A NIfTI's header and extensions (what the scan reads of it: the voxels are not text), from
-    the file ``fh`` open at its start; None when it is not a NIfTI header (or not gzip data)."""
-    try:
-        src = gzip.GzipFile(fileobj=fh, mode="rb") if gz else fh
-        head = src.read(544)
-        sizes = (int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")) if len(head) >= 4 else (0, 0)
-        if not ((540 in sizes and len(head) >= 540) or (348 in sizes and len(head) >= 348)):
-            return None
-        try:
-            end = int(_vox_offset(head))
-        except (ValueError, OverflowError):
-            return head
-        parts = [head]
-        left = end - len(head)
-        while left > 0 and (chunk := src.read(min(left, 1 << 20))):
-            parts.append(chunk)
-            left -= len(chunk)
-        return b"".join(parts)
-    except (OSError, EOFError):  # not gzip data, or cut short: read as raw bytes, as before
-        return None
 
 
 def _is_parquet(fh, size: int) -> bool:
