@@ -188,7 +188,11 @@ def _json_fields(data: bytes, rules: Rules) -> list[str]:
 def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
     """Columns (``schema``, ``statistics``) of a Parquet file (a path, or a file object named
     ``name``) holding a match, all decoded; raises OSError when the file cannot be decoded (a
-    scan that cannot read must not pass)."""
+    scan that cannot read must not pass).
+
+    Read a batch at a time, each column's values joined into one text by Arrow (:func:`_column_text`):
+    memory is bounded by the batch, not by the table, which grows with the project (the lineage's
+    instances: 54,300 rows at 20 copies of the corpus took 70 MB as Python values)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -197,11 +201,13 @@ def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
     arrow_system_pool()  # its buffers go back to the system with the rest (pacs2bids.memory)
     fields: list[str] = []
 
-    def hit(text: str) -> bool:
-        return rules.finder.distinctive_in(text.encode("utf-8", "surrogateescape"))
+    def hit(text: str | bytes) -> bool:
+        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
+        return rules.finder.distinctive_in(data)
 
     try:
-        pf = pq.ParquetFile(source)
+        # pre_buffer off: a file object is read a column chunk at a time, not in one read of the file
+        pf = pq.ParquetFile(source, pre_buffer=False)
         meta = pf.schema_arrow.to_string(show_schema_metadata=True)
         meta += "\n" + "\n".join(
             (k + b"=" + v).decode("utf-8", "replace") for k, v in (pf.metadata.metadata or {}).items()
@@ -217,19 +223,45 @@ def _parquet_fields(source, rules: Rules, name: str | None = None) -> list[str]:
                     stats += [str(st.min), str(st.max)]
         if hit("\n".join(stats)):
             fields.append("statistics")
-        for batch in pf.iter_batches(batch_size=8192):
-            for name, column in zip(batch.schema.names, batch.columns):
-                if name in fields:
+        del stats
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH, use_threads=False):
+            for column_name, column in zip(batch.schema.names, batch.columns):
+                if column_name in fields:
                     continue
-                values = [v for v in column.to_pylist() if v is not None]
-                if hit("\n".join(str(v) for v in values)) or (
-                    rules.is_identity_field(name) and any(rules.holds_common(v) for v in values)
+                if hit(_column_text(column)) or (
+                    rules.is_identity_field(column_name)
+                    and any(rules.holds_common(v) for v in column.to_pylist() if v is not None)
                 ):
-                    fields.append(name)
+                    fields.append(column_name)
     except (pa.ArrowException, ValueError, OSError) as exc:
         where = name or getattr(source, "name", source)
         raise OSError(f"cannot read Parquet file {Path(str(where)).name}: {str(exc).strip()}") from None
     return fields
+
+
+#: Rows of a Parquet file decoded at a time by the leak scan.
+_PARQUET_BATCH = 4096
+
+
+def _column_text(column) -> str | bytes:
+    """The values of an Arrow ``column`` (nulls left out) as one text, a line each, joined by
+    Arrow (no Python object per value); the Python text of each value for the types Arrow cannot
+    cast to text (nested ones)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = pc.drop_null(column)
+    kind = values.type
+    if pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind):
+        values, kind = values.cast(pa.binary()), pa.binary()
+    elif not (pa.types.is_binary(kind) or pa.types.is_string(kind)):
+        try:
+            values, kind = values.cast(pa.string()), pa.string()
+        except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+            return "\n".join(str(v) for v in values.to_pylist())
+    lists = pa.ListArray.from_arrays(pa.array([0, len(values)], pa.int32()), values)
+    text = pc.binary_join(lists, b"\n" if pa.types.is_binary(kind) else "\n")[0].as_py()
+    return text if text is not None else ""
 
 
 def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]:
@@ -315,13 +347,11 @@ def _scan_file(rel: str, p: Path, rules: Rules) -> list[LeakHit]:
                 return [LeakHit(rel, f, "nifti-header") for f in nifti_fields(data, rules.finder)]
             fh.seek(0)  # not a NIfTI after all, or not gzip: as any other file
         size = os.fstat(fh.fileno()).st_size
+        if _is_parquet(fh, size):  # by content, not by name; read a batch at a time
+            return _parquet_hits(rel, fh, rules, name=p.name)
         if size > _MAX_TEXT_BYTES:
-            if _is_parquet(fh, size):
-                return _parquet_hits(rel, fh, rules)
             return _scan_large(rel, fh, rules)
         data = fh.read()
-    if len(data) >= 12 and data[:4] == b"PAR1" and data[-4:] == b"PAR1":  # by content, not by name
-        return _parquet_hits(rel, io.BytesIO(data), rules, name=p.name)
     return _scan_bytes(rel, p.name, data, rules)
 
 
