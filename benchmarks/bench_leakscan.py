@@ -24,6 +24,7 @@ import gc
 import importlib
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -37,15 +38,23 @@ DEFAULT_SECRET = "bench-fixed-secret-0123456789abcdef"
 
 
 def load_base(commit: str, where: Path):
-    """The base commit's leak scan modules, as a package ``leakbase`` (leakscan, leakrules)."""
+    """The base commit's leak scan modules, as a package ``leakbase`` (leakscan, leakrules, and leakfind
+    where the base has it)."""
     pkg = where / "leakbase"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
-    for name in ("leakscan", "leakrules"):
-        text = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:src/pacs2bids/deid/{name}.py"],
-                              check=True, capture_output=True, text=True).stdout
-        for mod in ("identifiers", "patterns", "context", "keystore"):
-            text = text.replace(f"from .{mod} import", f"from pacs2bids.deid.{mod} import")
+    texts = {}
+    for name in ("leakscan", "leakrules", "leakfind"):
+        shown = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:src/pacs2bids/deid/{name}.py"],
+                               capture_output=True, text=True)
+        if shown.returncode == 0:
+            texts[name] = shown.stdout
+    copied = "|".join(texts)
+    for name, text in texts.items():
+        # the other modules are this tree's: every relative import but of those copied here
+        text = re.sub(r"^(\s*)from \.\.(\w+) import", r"\1from pacs2bids.\2 import", text, flags=re.M)
+        text = re.sub(rf"^(\s*)from \.(?!(?:{copied})\b)(\w+) import", r"\1from pacs2bids.deid.\2 import",
+                      text, flags=re.M)
         (pkg / f"{name}.py").write_text(text)
     sys.path.insert(0, str(where))
     return importlib.import_module("leakbase.leakscan"), importlib.import_module("leakbase.leakrules")

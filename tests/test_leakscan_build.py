@@ -11,7 +11,7 @@ import tracemalloc
 import pytest
 
 from pacs2bids.deid import leakrules
-from pacs2bids.deid.leakfind import _lowered
+from pacs2bids.deid.leakfind import lowered
 from pacs2bids.deid.leakrules import _plain_number, build_rules, common_strings
 from pacs2bids.deid.patterns import _cased_forms, variants
 
@@ -38,14 +38,14 @@ EDGE = ["1234567", "123456", "1.2.3", "1.2.3.4.5.6.7", " 1.2.840.10008.5.1.4.1.1
 @pytest.mark.parametrize("value", EDGE + _uids(20))
 def test_a_string_of_digits_and_dots_is_sorted_as_the_general_path_sorts_it(value):
     distinctive, common = _general(value)
-    rules = build_rules([value])
+    rules = build_rules([value], keep_strings=True)
     assert set(rules.distinctive) == distinctive
     assert set(rules.common) == {leakrules._fold(s) for s in common}
     if _plain_number(value) is not None:
         assert distinctive == {_plain_number(value)} and not common
     spelled = {f.encode("utf-8").lower() for s in distinctive for f in _cased_forms(s)}
     spelled |= {f.encode("latin-1").lower() for s in distinctive for f in _cased_forms(s) if max(map(ord, f)) < 256}
-    assert _lowered(distinctive) == spelled
+    assert lowered(distinctive) == spelled
 
 
 def test_uids_skip_the_general_path(monkeypatch):
@@ -54,7 +54,7 @@ def test_uids_skip_the_general_path(monkeypatch):
     monkeypatch.setattr(leakrules, "common_strings", lambda s, _f=leakrules.common_strings: calls.extend(s) or _f(s))
     uids = _uids(3000)
     rules = build_rules(uids + ["DUPONTEL^JEAN"])
-    assert all(u.encode() in rules.finder._numbers["distinctive"] for u in uids)
+    assert all(rules.finder.holds_number("distinctive", u.encode()) for u in uids)
     assert calls and not any(c in set(uids) for c in calls)
 
 
@@ -94,6 +94,32 @@ def test_building_rules_from_a_big_key_store_keeps_memory_bounded():
         tracemalloc.stop()
     assert rules.finder.distinctive_in(b"see " + sorted(ids)[5].encode() + b" here")
     assert peak < 50e6, f"building the rules took {peak / 1e6:.0f} MB"
+
+
+def test_rules_hold_the_uids_of_a_big_key_store_as_digests():
+    """What the rules keep for the rest of the run, from 56,000 UIDs (the key store at 20 copies of the shared
+    corpus) and 240 patients' values: under 6 MB. Held as strings twice (``str`` in the rules, ``bytes`` in
+    the finder) they kept 30 MB. Every UID is still found, and a UID it does not hold is not."""
+    uids = _uids(56000)
+    ids = set(uids)
+    for i in range(240):
+        ids |= {f"PATIENT{i:05d}X^JEAN", f"IPP{10**7 + i}", f"ACC{10**6 + i * 7}"}
+    build_rules(["DUPONTEL^JEAN"])  # the word lists' first reading, outside the measure
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        rules = build_rules(ids)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    del ids
+    assert kept < 6e6, f"the rules keep {kept / 1e6:.1f} MB"
+    assert all(rules.finder.distinctive_in(b"(0020,000e) " + u.encode() + b"\x00") for u in uids[::97])
+    assert not rules.finder.distinctive_in(b"(0020,000e) " + uids[5].encode() + b"1\x00")
+    assert not rules.finder.distinctive_in(b"(0020,000e) 1.2.840.113619.2.55.3.99999999.1\x00")
+    assert not any(u in rules.distinctive for u in uids[:100])  # held by the finder alone
+    with pytest.raises(RuntimeError, match="keep_strings"):
+        rules.pattern
 
 
 def test_naming_the_element_of_a_hit_keeps_memory_bounded(sample_dir, tmp_path):

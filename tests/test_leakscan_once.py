@@ -116,7 +116,7 @@ def _texts(rng: random.Random) -> list[bytes]:
 
 
 def test_one_pass_finds_what_the_case_folding_patterns_find():
-    rules = build_rules(IDENTIFIERS)
+    rules = build_rules(IDENTIFIERS, keep_strings=True)
     assert rules.common and rules.distinctive
     for data in _texts(random.Random(12)):
         expected = (rules.pattern.search(data) is not None, rules.common_pattern.search(data) is not None)
@@ -126,7 +126,7 @@ def test_one_pass_finds_what_the_case_folding_patterns_find():
 
 @pytest.mark.parametrize("identifiers", [["2339", "HEAD"], ["IPP77881234"], []])
 def test_one_kind_of_string_alone(identifiers):
-    rules = build_rules(identifiers)
+    rules = build_rules(identifiers, keep_strings=True)
     for data in _texts(random.Random(3)):
         expected = (rules.pattern is not None and rules.pattern.search(data) is not None,
                     rules.common_pattern is not None and rules.common_pattern.search(data) is not None)
@@ -137,7 +137,7 @@ def test_rules_made_by_hand_still_search():
     """Rules built without :func:`build_rules` get a finder of their strings, never an empty one."""
     from pacs2bids.deid.leakrules import Rules
 
-    built = build_rules(["IPP77881234", "HEAD"])
+    built = build_rules(["IPP77881234", "HEAD"], keep_strings=True)
     rules = Rules(distinctive=built.distinctive, common=built.common, pattern=built.pattern,
                   common_pattern=built.common_pattern)
     assert rules.finder.kinds(b"x IPP77881234 head y") == (True, True)
