@@ -684,8 +684,12 @@ def test_key_store_process_reads_only_what_others_appended_since(tmp_path, monke
     assert len(reader.subjects()) == 20 and len(decrypted) == 20  # first read: every line
     decrypted.clear()
     _record(writer, "020", 20)  # another series task of this process
-    assert "1.2.3.020.20" in KeyStore(folder, project="proj", secret=SECRET).identifiers()
+    assert "IPP020" in KeyStore(folder, project="proj", secret=SECRET).values()
     assert len(decrypted) == 1  # only the new line
+    decrypted.clear()
+    # the original UIDs are not cached (test_key_store_cache_does_not_grow_with_the_uids): read anew
+    assert "1.2.3.020.20" in KeyStore(folder, project="proj", secret=SECRET).identifiers()
+    assert len(decrypted) == 21
     decrypted.clear()
     assert "IPP020" in Pseudonymiser("proj", SECRET, PseudonymizationSettings(), folder)._values
     assert not decrypted  # nothing new: nothing decrypted
@@ -701,6 +705,38 @@ def test_key_store_process_reads_only_what_others_appended_since(tmp_path, monke
     reader.identifiers().clear()
     reader.reidentify("001", reason=WHY)["patient_ids"].append("X")
     assert reader.reidentify("001", reason=WHY)["patient_ids"] == ["IPP001"] and len(reader.identifiers()) > 50
+
+
+def test_key_store_cache_does_not_grow_with_the_uids(tmp_path):
+    """What a process keeps of the key store between calls grows with the patients, not with the instances:
+    the original UIDs (one per instance: 56,000 at 20 copies of the shared corpus, 18 MB cached) are read
+    from the files when asked for, not kept. 200 series of 150 UIDs each: kept under 1 MB (4 MB cached)."""
+    import tracemalloc
+
+    KeyStore.forget_cache()
+    ks = KeyStore(tmp_path / "keys", project="proj", secret=SECRET, compact_bytes=400_000)
+    uids = {f"1.3.12.2.1107.5.2.43.66051.{s:04d}{i:04d}.{10**15 + s * 1000 + i}"
+            for s in range(200) for i in range(150)}
+    by_series = sorted(uids)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for s in range(200):
+            ks.record_series(f"{s // 10:03d}", patient_ids=[f"IPP{s // 10:05d}"],
+                             patient_names=[f"NAME{s // 10}^JEAN"],
+                             studies={f"1.2.3.{s}": {"study_date": "20200101", "pseudo_study_uid": f"2.25.{s}"}},
+                             identifiers=by_series[s * 150:(s + 1) * 150] + [f"IPP{s // 10:05d}"])
+            assert f"IPP{s // 10:05d}" in ks.values()  # what a series reads: the cache is filled
+        found = ks.identifiers()
+        assert uids <= found and len(found) == len(uids) + 20
+        del found
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "keys" / "keys.fernet").exists()  # compactions ran: their snapshot holds every UID
+    assert kept < 1e6, f"the key store's cache kept {kept / 1e6:.1f} MB"
+    KeyStore.forget_cache()
+    assert uids <= KeyStore(tmp_path / "keys", project="proj", secret=SECRET).identifiers()
 
 
 # -- leak scanner -----------------------------------------------------------------------------
