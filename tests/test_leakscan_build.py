@@ -10,6 +10,7 @@ import tracemalloc
 
 import pytest
 
+from _traced import traced_peak
 from pacs2bids.deid import leakrules
 from pacs2bids.deid.leakfind import lowered
 from pacs2bids.deid.leakrules import _plain_number, build_rules, common_strings
@@ -86,12 +87,7 @@ def test_building_rules_from_a_big_key_store_keeps_memory_bounded():
     ids = set(_uids(30000))
     for i in range(1200):
         ids |= {f"PATIENT{i:05d}X^JEAN", f"IPP{10**7 + i}", f"ACC{10**6 + i * 7}"}
-    tracemalloc.start()
-    try:
-        rules = build_rules(ids)
-        _cur, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    rules, peak = traced_peak(build_rules, ids)
     assert rules.finder.distinctive_in(b"see " + sorted(ids)[5].encode() + b" here")
     assert peak < 50e6, f"building the rules took {peak / 1e6:.0f} MB"
 
@@ -135,11 +131,6 @@ def test_naming_the_element_of_a_hit_keeps_memory_bounded(sample_dir, tmp_path):
     ds = pydicom.dcmread(sorted((sample_dir / "PACSMAN_data" / "dicomseries").glob("*.dcm"))[0])
     ds.ImageComments = f"see {uids[123]}"
     ds.save_as(tmp_path / "a.dcm")
-    tracemalloc.start()
-    try:
-        hits = scan_for_leaks(tmp_path, rules)
-        _cur, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    hits, peak = traced_peak(scan_for_leaks, tmp_path, rules)
     assert [h.field for h in hits] == ["ImageComments"]
     assert peak < 50e6, f"naming the element took {peak / 1e6:.0f} MB"

@@ -5,12 +5,12 @@ every value of every column type is still searched (issue 12, "memory stays flat
 from __future__ import annotations
 
 import os
-import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from _traced import traced_peak
 from pacs2bids.deid import scan_for_leaks
 from pacs2bids.deid.leakrules import build_rules
 
@@ -49,12 +49,7 @@ def test_a_big_table_is_scanned_with_memory_bounded_by_a_batch(tmp_path):
     del table, paths
     rules = build_rules([LEAKED, LEAKED_UID])
     scan_for_leaks(tmp_path / "ds", build_rules(["warm-up-only"]))  # imports, Arrow's first use
-    tracemalloc.start()
-    try:
-        hits = scan_for_leaks(tmp_path / "ds", rules)
-        _now, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    hits, peak = traced_peak(scan_for_leaks, tmp_path / "ds", rules)
     assert {h.field for h in hits} == {"column path", "statistics"}, hits
     assert peak < 8e6, f"the scan of a {path.stat().st_size / 1e6:.0f} MB table took {peak / 1e6:.0f} MB"
 

@@ -8,10 +8,10 @@ import io
 import json
 import os
 import random
-import tracemalloc
 
 import pytest
 
+from _traced import traced_peak
 from pacs2bids.deid import scan_for_leaks
 from pacs2bids.deid.leakrules import build_rules
 
@@ -73,12 +73,7 @@ def test_a_large_text_file_is_searched_with_memory_bounded_by_a_window(tmp_path)
     assert size > 20e6
     rules = build_rules(IDENTIFIERS)
     scan_for_leaks(tmp_path / "ds", build_rules(["warm-up-only"]))
-    tracemalloc.start()
-    try:
-        hits = scan_for_leaks(root, rules)
-        _now, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    hits, peak = traced_peak(scan_for_leaks, root, rules)
     assert [(h.path, h.field, h.kind) for h in hits] == [("published.json", "content", "text")]
     assert peak < 8e6, f"the scan of a {size / 1e6:.0f} MB file took {peak / 1e6:.0f} MB"
 
