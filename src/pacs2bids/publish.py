@@ -220,6 +220,13 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _path_order(path: str) -> str:
+    """The sort key of a relative path in path order (component by component: ``a/b`` before ``a.txt``), as
+    one string: ``/`` becomes NUL, lower than any character a name holds (a list of its parts per path took
+    20 MB at 20 copies of the corpus, 60,000 files)."""
+    return path.replace("/", "\0")
+
+
 def _manifest(staging: Path, run_id: str, previous: str | None) -> dict:
     """Every regular file of ``staging`` (relative path: size), in path order; walked as strings (no
     ``Path`` per file: a project's files are many)."""
@@ -231,7 +238,7 @@ def _manifest(staging: Path, run_id: str, previous: str | None) -> dict:
             if stat.S_ISREG(st.st_mode):
                 files[name if rel == "." else f"{rel}/{name}"] = st.st_size
     return {"run_id": run_id, "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "previous": previous, "files": dict(sorted(files.items(), key=lambda kv: kv[0].split("/")))}
+            "previous": previous, "files": {k: files[k] for k in sorted(files, key=_path_order)}}
 
 
 def publish_local(staging: Path, output: Path, run_id: str | None = None) -> Path:
@@ -260,7 +267,11 @@ def publish_local(staging: Path, output: Path, run_id: str | None = None) -> Pat
     previous = None if before is None or legacy else before.name
     manifest = staging / MANIFEST
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(_manifest(staging, run_id, previous), indent=1) + "\n")
+    doc = _manifest(staging, run_id, previous)  # before the manifest's own file is there
+    with open(manifest, "w") as f:  # written as it is encoded, not held whole as one text first
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    del doc
     _test_point("staged")
     version, n = vdir / run_id, 1
     while version.exists() or version.is_symlink():  # the same run id published twice (tests, retries)
