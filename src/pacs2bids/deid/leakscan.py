@@ -294,10 +294,16 @@ def _scan_bytes(rel: str, name: str, data: bytes, rules: Rules) -> list[LeakHit]
                 fields = ["raw bytes"]
         return [LeakHit(rel, f, "dicom") for f in fields]
     distinctive, common = finder.kinds(data)  # one pass over the bytes, both kinds of string
+    return _text_hits(rel, lowered.endswith(".json"), distinctive, common, lambda: data, rules)
+
+
+def _text_hits(rel: str, is_json: bool, distinctive: bool, common: bool, whole, rules: Rules) -> list[LeakHit]:
+    """The verdict on a file that is neither DICOM, NIfTI nor Parquet: a distinctive string anywhere is a
+    hit; a common one only in the fields of a JSON document, read by ``whole()`` when it is needed."""
     if distinctive:
         return [LeakHit(rel, "content", "text")]
-    if lowered.endswith(".json") and common:
-        return [LeakHit(rel, f, "text") for f in _json_fields(data, rules)]
+    if is_json and common:
+        return [LeakHit(rel, f, "text") for f in _json_fields(whole(), rules)]
     return []
 
 
@@ -348,12 +354,14 @@ def _scan_file(rel: str, p: Path, rules: Rules) -> list[LeakHit]:
                 return [LeakHit(rel, f, "nifti-header") for f in nifti_fields(data, rules.finder)]
             fh.seek(0)  # not a NIfTI after all, or not gzip: as any other file
         size = os.fstat(fh.fileno()).st_size
-        if _is_parquet(fh, size):  # by content, not by name; read a batch at a time
+        head = fh.read(132)  # what the file is, by content: Parquet's magic, DICOM's after its preamble
+        if _is_parquet(fh, size, head):  # not by name; read a batch at a time
             return _parquet_hits(rel, fh, rules, name=p.name)
+        fh.seek(0)
         if size > _MAX_TEXT_BYTES:  # too large to read whole, whatever it is: its raw bytes, a window at a time
             found = rules.finder.searches_distinctive and rules.finder.stream_kinds(fh, want_common=False)[0]
             return [LeakHit(rel, "raw bytes", "raw")] if found else []
-        if size > STREAM_CHUNK and not name.endswith(".gz") and not _is_dicom(fh):
+        if size > STREAM_CHUNK and not name.endswith(".gz") and head[128:132] != b"DICM":
             return _scan_text(rel, name, fh, rules)
         data = fh.read()
     return _scan_bytes(rel, p.name, data, rules)
@@ -365,19 +373,12 @@ def _scan_text(rel: str, name: str, fh, rules: Rules) -> list[LeakHit]:
     read whole, for its fields (as :func:`_scan_bytes`)."""
     is_json = name.endswith(".json")
     distinctive, common = rules.finder.stream_kinds(fh, want_common=is_json)
-    if distinctive:
-        return [LeakHit(rel, "content", "text")]
-    if common:
+
+    def whole() -> bytes:
         fh.seek(0)
-        return [LeakHit(rel, f, "text") for f in _json_fields(fh.read(), rules)]
-    return []
+        return fh.read()
 
-
-def _is_dicom(fh) -> bool:
-    """A DICOM Part 10 file (``DICM`` after its 128-byte preamble); ``fh`` is left at its start."""
-    head = fh.read(132)
-    fh.seek(0)
-    return head[128:132] == b"DICM"
+    return _text_hits(rel, is_json, distinctive, common, whole, rules)
 
 
 def _parquet_hits(rel: str, source, rules: Rules, name: str | None = None) -> list[LeakHit]:
@@ -385,12 +386,12 @@ def _parquet_hits(rel: str, source, rules: Rules, name: str | None = None) -> li
             for c in _parquet_fields(source, rules, name)]
 
 
-def _is_parquet(fh, size: int) -> bool:
-    """By content (magic ``PAR1`` at both ends), not by name; ``fh`` is left at its start."""
-    if size < 12:
+def _is_parquet(fh, size: int, head: bytes) -> bool:
+    """By content (magic ``PAR1`` at both ends; ``head``: the file's first bytes), not by name; ``fh`` is
+    left at its start when it is one."""
+    if size < 12 or not head.startswith(b"PAR1"):
         return False
-    head = fh.read(4)
     fh.seek(size - 4)
     tail = fh.read(4)
     fh.seek(0)
-    return head == b"PAR1" and tail == b"PAR1"
+    return tail == b"PAR1"
