@@ -8,14 +8,15 @@ runs ``pacs2bids`` with these arguments in this process, with a thread that ever
 of threads and the pacs2bids function the main thread is in (the flow's current step). ``tracemalloc``
 starts when a function named ``--trace-from`` is on the main thread's stack (default
 ``_check_and_publish``: the dataset-level steps after the studies; ``_run``: the whole flow; the
-imports are never traced, they would take minutes). Each time
+imports are never traced, they would take minutes; ``MEMPROBE_TRACE_FROM`` sets it too). Each time
 Python's traced memory reaches a new high by 8 MB or more, a snapshot is kept (the last one is
 reported). The report lists the timeline (a line per step change or per 5 s) and the allocation
 sites that held the most at the highest snapshot, grouped by ``frames`` frames of traceback
 (``--frames 0`` or ``MEMPROBE_FRAMES=0``: no tracemalloc, RSS and malloc only, at full speed).
 
 RSS above traced + malloc's free is memory outside Python's heap (pyarrow's pool, thread stacks,
-mapped libraries); malloc's free bytes are fragmentation malloc keeps rather than returns. The
+mapped libraries); ``file`` is the part of RSS mapped from files (libraries, memory-mapped data); malloc's free
+bytes are fragmentation malloc keeps rather than returns. The
 run is slower under tracemalloc (about 1.5-2x): use this for where memory goes, not for time.
 ``bench_e2e.py --memory DIR`` runs the timed branch run under it.
 """
@@ -63,6 +64,15 @@ def _rss() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
+def _rss_file() -> int:
+    """The resident pages mapped from files (libraries, mapped images): ``RssFile`` of /proc/self/status."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"RssFile:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _on_stack(frame, name: str) -> bool:
     while frame is not None:
         if frame.f_code.co_name == name:
@@ -101,23 +111,24 @@ class Probe(threading.Thread):
             traced, _peak = tracemalloc.get_traced_memory()
             used, free = self.mallinfo()
             t = time.monotonic() - self.t0
-            self.samples.append((t, _rss(), traced, used, free, threading.active_count(), step))
+            self.samples.append((t, _rss(), _rss_file(), traced, used, free, threading.active_count(), step))
             if tracemalloc.is_tracing() and traced > self._high + 8 * MB:
                 self._high = traced
                 self.snapshot, self.snapshot_at = tracemalloc.take_snapshot(), (t, traced)
 
     def report(self, top: int = 25) -> str:
-        head = f"{'s':>7} {'RSS':>7} {'traced':>7} {'malloc':>7} {'free':>6} {'thr':>4}  step (MB)"
+        head = f"{'s':>7} {'RSS':>7} {'file':>6} {'traced':>7} {'malloc':>7} {'free':>6} {'thr':>4}  step (MB)"
         lines, last = [head], None
-        for i, (t, rss, traced, used, free, threads, step) in enumerate(self.samples):
-            if step != (last and last[6]) or last is None or t - last[0] >= 5 or i == len(self.samples) - 1:
-                lines.append(f"{t:7.1f} {rss / MB:7.0f} {traced / MB:7.0f} {used / MB:7.0f} {free / MB:6.0f} "
-                             f"{threads:4d}  {step}")
-                last = (t, rss, traced, used, free, threads, step)
+        for i, (t, rss, rss_file, traced, used, free, threads, step) in enumerate(self.samples):
+            if step != (last and last[-1]) or last is None or t - last[0] >= 5 or i == len(self.samples) - 1:
+                lines.append(f"{t:7.1f} {rss / MB:7.0f} {rss_file / MB:6.0f} {traced / MB:7.0f} {used / MB:7.0f} "
+                             f"{free / MB:6.0f} {threads:4d}  {step}")
+                last = (t, step)
         if self.samples:
             peak = max(self.samples, key=lambda s: s[1])
-            lines += ["", f"peak RSS {peak[1] / MB:.0f} MB at {peak[0]:.1f} s, in {peak[6]} "
-                          f"(traced {peak[2] / MB:.0f} MB, malloc in use {peak[3] / MB:.0f}, free {peak[4] / MB:.0f})"]
+            lines += ["", f"peak RSS {peak[1] / MB:.0f} MB at {peak[0]:.1f} s, in {peak[7]} (mapped from files "
+                          f"{peak[2] / MB:.0f} MB, traced {peak[3] / MB:.0f}, malloc in use {peak[4] / MB:.0f}, "
+                          f"free {peak[5] / MB:.0f})"]
         if self.snapshot is not None:
             t, traced = self.snapshot_at
             lines += ["", f"Python's allocations at {t:.1f} s ({traced / MB:.0f} MB traced), by site:"]
@@ -129,7 +140,8 @@ class Probe(threading.Thread):
 
 def main() -> int:
     args = sys.argv[1:]
-    out, interval, trace_from = Path(args.pop(0)), 0.5, "_check_and_publish"
+    out, interval = Path(args.pop(0)), 0.5
+    trace_from = os.environ.get("MEMPROBE_TRACE_FROM", "_check_and_publish")  # bench_e2e --memory passes none
     frames = int(os.environ.get("MEMPROBE_FRAMES", "4"))  # 0: RSS and malloc only (bench_e2e --memory passes none)
     while args and args[0] in ("--interval", "--frames", "--trace-from"):
         if args[0] == "--interval":
