@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+from pathlib import Path
 
-from pacs2bids.targets.manifest import MANIFEST_PATH, build_manifest, check_copy, ensure_manifest
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pacs2bids.lineage.tables import LINEAGE_DIR, InstanceRecord, LineageRecord, write_instances, write_run
+from pacs2bids.targets.manifest import MANIFEST_PATH, build_manifest, check_copy, ensure_manifest, file_sha256
 from targets_helpers import make_version
 
 
@@ -47,3 +54,68 @@ def test_targets_building_the_manifest_at_once_do_not_trip_on_each_other(tmp_pat
         [t.join() for t in threads]
         assert not errors and len(results) == 3 and all(r == results[0] for r in results)
         assert sorted(p.name for p in (v / ".pacs2bids").iterdir()) == ["dataset.json", "manifest.json"]
+
+
+def _hashed(monkeypatch) -> list[str]:
+    """The files the manifest reads and hashes, by name, from now on."""
+    from pacs2bids.targets import manifest as m
+
+    seen, real = [], m.file_sha256
+    monkeypatch.setattr(m, "file_sha256", lambda p: seen.append(Path(p).name) or real(p))
+    return seen
+
+
+def _record_lineage(version: Path, run_id: str) -> list[str]:
+    """The run's lineage tables, as the run writes them after its files (real writers): its output
+    files in the run table, a sourcedata instance in the instances table. Returns the paths recorded."""
+    source = version / "sourcedata" / "sub-000" / "1.2.3.dcm"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(os.urandom(3000))
+    outputs = sorted(p.relative_to(version).as_posix() for p in version.glob("sub-*/anat/*.nii.gz"))
+    time.sleep(0.05)  # the tables written after the files, as a run does (inode times are kernel ticks)
+    write_run(version, [LineageRecord("sub-000", None, path=rel) for rel in outputs], run_id=run_id, project="p",
+              flow_run_id=None, pacs2bids_version="0", heuristic_sha256=None)
+    instance = InstanceRecord("sub-000", None, "2.25.1", "2.25.2", "2.25.3", "sourcedata/sub-000/1.2.3.dcm",
+                              "dicomweb", None)
+    write_instances(version, [instance], run_id=run_id, project="p")
+    return [*outputs, "sourcedata/sub-000/1.2.3.dcm"]
+
+
+def test_the_files_the_runs_lineage_hashed_are_not_read_again_and_the_manifest_is_the_same(tmp_path, monkeypatch):
+    v = make_version(tmp_path, "20260101T000000Z-aaaa", subjects=3)
+    recorded = _record_lineage(v, v.name)
+    expected = {rel: file_sha256(v / rel) for rel in recorded}
+    seen = _hashed(monkeypatch)
+    m = build_manifest(v)
+    assert {rel: m["files"][rel]["sha256"] for rel in recorded} == expected
+    assert set(m["files"]) == {p.relative_to(v).as_posix() for p in v.rglob("*") if p.is_file()}
+    # read: what the tables do not list (the tables themselves, the description, participants.tsv...)
+    assert seen and not {Path(rel).name for rel in recorded} & set(seen)
+    assert all(m["files"][rel]["sha256"] == file_sha256(v / rel) for rel in m["files"])
+
+
+def test_a_file_changed_after_the_lineage_or_of_another_size_is_hashed_again(tmp_path, monkeypatch):
+    v = make_version(tmp_path, "20260101T000000Z-aaaa", subjects=3)
+    first, second, source = _record_lineage(v, v.name)[:3]
+    table = v / LINEAGE_DIR / f"run-{v.name}.parquet"
+    rows = pq.read_table(table).to_pylist()
+    for row in rows:  # a table whose size disagrees with the file (written by hand, say)
+        row["size"] = row["size"] + 1 if row["path"] == second else row["size"]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(table)), table)
+    time.sleep(0.05)
+    (v / first).write_bytes(os.urandom((v / first).stat().st_size))  # same size, other bytes, after the table
+    seen = _hashed(monkeypatch)
+    m = build_manifest(v)
+    assert {Path(first).name, Path(second).name} <= set(seen) and Path(source).name not in seen
+    assert all(m["files"][rel]["sha256"] == file_sha256(v / rel) for rel in m["files"])
+
+
+def test_an_earlier_runs_tables_carried_with_the_dataset_are_not_trusted(tmp_path, monkeypatch):
+    v1 = make_version(tmp_path, "20260101T000000Z-aaaa", subjects=2)
+    recorded = _record_lineage(v1, v1.name)
+    v2 = make_version(tmp_path, "20260102T000000Z-bbbb", base=v1, subjects=1)  # copied, as staging is seeded
+    (v2 / recorded[0]).write_bytes(os.urandom((v2 / recorded[0]).stat().st_size))  # changed by the later run
+    seen = _hashed(monkeypatch)
+    m = build_manifest(v2)
+    assert {Path(rel).name for rel in recorded} <= set(seen)
+    assert all(m["files"][rel]["sha256"] == file_sha256(v2 / rel) for rel in m["files"])

@@ -9,6 +9,13 @@ can check a copy::
 A manifest already saved for the same version is read back, not recomputed (a re-run with
 nothing new reads no dataset byte); one copied from an earlier version (the next run's staging
 starts from the published dataset) names another version and is rebuilt.
+
+The files the version's own run hashed for its lineage tables (``.pacs2bids/lineage/run-<run
+id>.parquet`` and ``instances-<run id>.parquet``: every pseudonymised instance and converted file)
+are not read again: their SHA-256 is taken from the table when the file has the size the table
+says and has not changed since the table was written (its inode change time, which no tool can
+set back, is older than the table's). Every other file, those carried from earlier versions
+included, is read and hashed.
 """
 
 from __future__ import annotations
@@ -16,8 +23,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..lineage.tables import LINEAGE_DIR
 
 FORMAT = "pacs2bids-manifest/1"
 MANIFEST_PATH = ".pacs2bids/manifest.json"
@@ -33,8 +46,30 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def lineage_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
+    """The checksums the version's own run recorded in its lineage tables: relative path -> (size,
+    SHA-256, the table's inode change time in ns). Tables of earlier runs (copied with the dataset)
+    are left out: a file may have changed in a later run. A table that cannot be read gives nothing."""
+    run_ids = {version.name, re.sub(r"\.\d+$", "", version.name)}  # a run id published twice gets ".2"
+    found: dict[str, tuple[int, str, int]] = {}
+    for run_id in sorted(run_ids):
+        for kind in ("run", "instances"):
+            table = version / LINEAGE_DIR / f"{kind}-{run_id}.parquet"
+            try:
+                changed = os.stat(table).st_ctime_ns
+                for batch in pq.ParquetFile(table).iter_batches(columns=["path", "size", "sha256"]):
+                    for rel, size, sha in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                        if rel and sha and size is not None:
+                            found[rel] = (size, sha, changed)
+            except (OSError, pa.ArrowException):
+                continue
+    return found
+
+
 def build_manifest(version: Path) -> dict:
-    """The manifest of the version folder ``version`` (regular files only, sorted paths)."""
+    """The manifest of the version folder ``version`` (regular files only, sorted paths); the files
+    its run's lineage tables hashed are not read again (:func:`lineage_hashes`)."""
+    known = lineage_hashes(version)
     files: dict[str, dict] = {}
     for dirpath, dirnames, filenames in os.walk(version):
         dirnames.sort()
@@ -43,7 +78,11 @@ def build_manifest(version: Path) -> dict:
             rel = path.relative_to(version).as_posix()
             if rel == MANIFEST_PATH or rel.startswith(_TMP_PREFIX) or path.is_symlink() or not path.is_file():
                 continue
-            files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            st = path.stat()
+            size, sha, table_changed = known.pop(rel, (None, None, 0))
+            if size != st.st_size or st.st_ctime_ns >= table_changed:  # not hashed, or changed since
+                sha = file_sha256(path)
+            files[rel] = {"size": st.st_size, "sha256": sha}
     files = dict(sorted(files.items()))
     return {"format": FORMAT, "version": version.name, "files": files,
             "total_bytes": sum(f["size"] for f in files.values())}
