@@ -41,7 +41,7 @@ from pacs2bids.released import awaiting_review, mark_published, project_quaranti
 from pacs2bids.run import META, TIMELINE_ENV, RunContext, RunSummary, assign_sessions, study_timeline
 from pacs2bids.runlog import close_run_log, run_log, summary_artifact
 from pacs2bids.staging import assemble, share_key_store
-from pacs2bids.study import GENERATED_BY, StudyResult, longest_first, remove_raw
+from pacs2bids.study import StudyResult, longest_first, remove_raw
 from pacs2bids.versions import tool_versions
 from pacs2bids.tasks.bids import finalise_dataset
 from pacs2bids.tasks.deid import scan_for_leaks
@@ -101,8 +101,7 @@ def extract_project(spec_path: str, since: dict[int, str] | None = None) -> dict
                     summary.finish()
                     logger.info("nothing new since the last run: the published dataset is left as it is")
                 else:
-                    _check_and_publish(ctx, summary, Recorder(outcomes=outcomes), parts,
-                                       qc_done=[r.qc for r in results if r.qc])
+                    _check_and_publish(ctx, summary, Recorder(outcomes=outcomes), parts)
             except Pacs2BidsError as exc:
                 summary.errors.append(str(exc))
                 summary.finish()
@@ -160,10 +159,8 @@ def _extract_studies(ctx: RunContext, summary: RunSummary, outcomes: Outcomes,
     return results, seeded
 
 
-def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder, instance_parts: list[str],
-                       qc_done: list[dict]) -> None:
-    """Finalise, validate, record lineage, scan for leaks and publish the staging dataset. ``qc_done``: the
-    sessions whose protocol QC their study made already (kept when unchanged)."""
+def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder, instance_parts: list[str]) -> None:
+    """Finalise, validate, record lineage, scan for leaks and publish the staging dataset."""
     spec, staging = ctx.spec, ctx.staging
     participants = sorted(p.name.removeprefix("sub-") for p in staging.glob("sub-*") if p.is_dir())
     if not participants:  # subjects with images, this run's or earlier
@@ -172,12 +169,13 @@ def _check_and_publish(ctx: RunContext, summary: RunSummary, recorder: Recorder,
             "inclusions listed in this summary"
         )
     with summary.timed("finalise"):
-        finalise_dataset(staging, spec.dataset_name or spec.project, participants, GENERATED_BY)
+        finalise_dataset(staging, spec.dataset_name or spec.project, participants,
+                         {"Name": "pacs2bids", "Version": __version__})
         write_run_provenance(staging, run_id=ctx.run_id, flow_run_id=ctx.flow_run_id, started=ctx.started,
                              parameters={"project": spec.project, "heuristic": str(spec.heuristic)})
     if spec.qc.enabled:  # dataset-level: every session, before the validator and the leak scan see it
         with summary.timed("qc"):
-            qc = run_qc(staging, spec.qc, GENERATED_BY, done=qc_done)
+            qc = run_qc(staging, spec.qc, {"Name": "pacs2bids", "Version": __version__})
         summary.stage_seconds["qc_per_session"] = qc["seconds_per_session"]
     with summary.timed("validate"):
         report = validate_dataset(staging)

@@ -10,10 +10,10 @@ from . import TASK_DEFAULTS
 
 
 @task(name="run_qc", **TASK_DEFAULTS)
-def run_qc(bids_root: Path, settings: QcSettings, generated_by: dict, done: list[dict] | None = None) -> dict:
+def run_qc(bids_root: Path, settings: QcSettings, generated_by: dict) -> dict:
     """Protocol conformity QC of every session → derivatives/pacs2bids-qc (validated); returns the counts
-    of sessions per status and the QC seconds per session. ``done``: the sessions the studies checked."""
-    result = qc.run_qc(bids_root, settings, generated_by, done or ())
+    of sessions per status and the QC seconds per session."""
+    result = qc.run_qc(bids_root, settings, generated_by)
     qc.check_qc_dataset(result.folder)
     summary = result.summary()
     get_run_logger().info("protocol QC of %d session(s) (%d kept from the last run): %s; report %s/index.html",

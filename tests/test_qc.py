@@ -283,38 +283,6 @@ def test_unchanged_sessions_keep_their_qc(dataset):
     assert validate_dataset(copy / QC_DIR).ok
 
 
-def test_sessions_checked_by_their_studies_are_kept_as_this_runs_qc(dataset, monkeypatch):
-    """The flow's studies check their session as soon as it is converted (pacs2bids.study), in threads; the
-    dataset-level QC then reads no image of a session unchanged since, counts it as this run's (provenance),
-    and checks again a session changed after its study's QC."""
-    import threading
-
-    from pacs2bids.derivatives import qc as qc_module
-
-    protocol = {"series": [{"match": "epi", "count": 4}]}
-    found = qc_module.session_folders(dataset)
-    done, threads = [], []
-    for sub, ses, folder in found:  # as the studies do: at once, each its own session
-        threads.append(threading.Thread(target=lambda a=(sub, ses, folder): done.append(qc_module.qc_session(
-            dataset, *a, settings(protocol, snapshots=True), dataset / QC_DIR, GENERATED_BY).to_dict())))
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    bold = next(dataset.glob("sub-01/ses-philips/func/*_bold.json"))  # changed after its study's QC
-    bold.write_text(json.dumps({**sidecar(dataset, str(bold.relative_to(dataset))[:-5]), "RepetitionTime": 3.0}))
-    read, real_read = [], qc_module.read_image
-    monkeypatch.setattr(qc_module, "read_image", lambda root, nifti, *a: read.append(nifti.name) or real_read(
-        root, nifti, *a))
-    result = by_label(run_qc(dataset, settings(protocol, snapshots=True), GENERATED_BY, done))
-    assert read and all("ses-philips" in name for name in read)
-    assert not any(s.reused for s in result.values())  # none of them from an earlier run
-    assert result["sub-01_ses-philips"].images[0].parameters["RepetitionTime"] == 3.0
-    checked = {s["Subject"] + (s["Session"] or ""): s for s in done}
-    assert result["sub-01_ses-nih"].to_dict() == checked["01nih"]
-    prov = json.dumps([json.loads(p.read_text()) for p in dataset.rglob("*.jsonld")])
-    assert all(f"ses-{ses}" in prov for _, ses, _ in found)  # every session's images: this run's QC inputs
-    assert validate_dataset(dataset / QC_DIR).ok
-
-
 def test_no_snr_on_a_fieldmap_in_hz(dataset):
     gefmap = by_label(run_qc(dataset, settings(None), GENERATED_BY))["sub-01_ses-gefmap"]
     indices = {i.suffix: i.indices for i in gefmap.images}

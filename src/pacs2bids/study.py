@@ -23,7 +23,6 @@ from . import __version__, convert, retrieve
 from .config import ProjectSpec
 from .deid import Pseudonymiser
 from .deid.keyed import Keyed
-from .derivatives import qc
 from .derivatives.deface_study import deface_study
 from .dicomfiles import iter_dicom_files
 from .lineage import instance_records, write_instance_part
@@ -53,7 +52,6 @@ class StudyResult:
     received_bytes: int = 0  # the sizes of the study's raw files, from their ledgers (the run's MB/s)
     times: dict[str, str] = field(default_factory=dict)  # UTC start/end of each stage, for the PROV record
     part: str | None = None  # with remote staging: where the study's part waits to be assembled (staging.py)
-    qc: dict | None = None  # its session's protocol QC, made as soon as it was converted (SessionQC.to_dict)
     clock: dict[str, float] = field(default_factory=dict)  # epoch seconds of each stage's bounds (the run's timeline)
 
 
@@ -153,8 +151,6 @@ def extract_study(spec: ProjectSpec, study: StudyRef, ctx: RunContext, *, progre
     result.clock["convert_ended"] = time.time()
     if deids and spec.derivatives.deface is not None:  # after conversion, within the study (issue 15)
         _deface(ctx, result, log)
-    if deids and spec.qc.enabled:  # beside the other studies' work, not after them all (issue 12)
-        _qc(spec, study, ctx, result, log)
     return result
 
 
@@ -331,28 +327,6 @@ def _deface(ctx: RunContext, result: StudyResult, log) -> None:
     if entries:
         log.info("%s: %d of %d image(s) defaced", result.label, sum(e["status"] == "defaced" for e in entries),
                  len(entries))
-
-
-#: What the tool's QC and dataset descriptions name as their generator (part of a session QC's fingerprint).
-GENERATED_BY = {"Name": "pacs2bids", "Version": __version__}
-
-
-def _qc(spec: ProjectSpec, study: StudyRef, ctx: RunContext, result: StudyResult, log) -> None:
-    """The protocol QC of the study's session, in the study's thread: the dataset-level QC
-    (:func:`pacs2bids.derivatives.qc.run_qc`) keeps it when the session has not changed since, and does
-    it again otherwise (another study of the session, a failure here: logged, never raised)."""
-    folder = session_dir(ctx.staging, study.subject, study.session)
-    if not folder.is_dir():
-        return
-    started = time.monotonic()
-    try:
-        done = qc.qc_session(ctx.staging, study.subject, study.session, folder, spec.qc, ctx.staging / qc.QC_DIR,
-                             GENERATED_BY)
-    except Exception as exc:  # noqa: BLE001 - the dataset-level QC checks the session again, and reports
-        log.warning("%s: protocol QC left to the end of the run: %s", result.label, reason(exc))
-        return
-    result.qc = None if done.reused else done.to_dict()
-    result.seconds["qc"] = time.monotonic() - started
 
 
 def remove_raw(folders: list[str]) -> None:

@@ -28,12 +28,10 @@ import json
 import math
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
 
 from nibabel.filebasedimages import ImageFileError
 
@@ -274,27 +272,10 @@ def _earlier(out: Path, qc: SessionQC) -> SessionQC | None:
     return kept
 
 
-_LOCKS: dict[str, threading.Lock] = {}
-_LOCKS_GUARD = threading.Lock()
-
-
-def _session_lock(path: Path) -> threading.Lock:
-    """One lock per session's QC JSON in this process: a study's QC (:func:`pacs2bids.study.extract_study`)
-    and another study of the same session never write its JSON and figures at once."""
-    with _LOCKS_GUARD:
-        return _LOCKS.setdefault(str(path), threading.Lock())
-
-
 def qc_session(root: Path, subject: str, session: str | None, folder: Path, settings: QcSettings,
                out: Path, generated_by: dict) -> SessionQC:
     """QC of one session: read every image, check, write its JSON; or the earlier run's QC, when nothing it
     depends on has changed (:func:`fingerprint`). Times itself."""
-    with _session_lock(out / SessionQC(subject, session).json):
-        return _qc_session(root, subject, session, folder, settings, out, generated_by)
-
-
-def _qc_session(root: Path, subject: str, session: str | None, folder: Path, settings: QcSettings,
-                out: Path, generated_by: dict) -> SessionQC:
     start = time.perf_counter()
     qc = SessionQC(subject, session, fingerprint=fingerprint(root, folder, settings, generated_by))
     kept = _earlier(out, qc)
@@ -350,24 +331,16 @@ def check_qc_dataset(folder: Path) -> None:
                                + "; ".join(issue_text(e) for e in report.errors[:10]))
 
 
-def run_qc(root: Path, settings: QcSettings, generated_by: dict, done: Iterable[dict] = ()) -> QcResult:
+def run_qc(root: Path, settings: QcSettings, generated_by: dict) -> QcResult:
     """QC of every session of the BIDS dataset at ``root``, into ``root/derivatives/pacs2bids-qc``: a
-    session whose files and settings are those of its earlier QC keeps it; the report is rewritten.
-    ``done``: the sessions this run's studies checked already (:meth:`SessionQC.to_dict`): each is kept
-    when its session has not changed since (as an earlier run's would be), and counted as this run's QC."""
+    session whose files and settings are those of its earlier QC keeps it; the report is rewritten."""
     start, began = time.perf_counter(), datetime.now(timezone.utc)
     root = Path(root)
     out = root / QC_DIR
     out.mkdir(parents=True, exist_ok=True)
     found = session_folders(root)
     _remove_stale(out, found)
-    checked = {(d["Subject"], d["Session"]): d["Fingerprint"] for d in done}
-    sessions = []
-    for sub, ses, folder in found:
-        qc = qc_session(root, sub, ses, folder, settings, out, generated_by)
-        if qc.reused and checked.get((sub, ses)) == qc.fingerprint:
-            qc.reused = False  # a study of this run made it: its images are this run's QC inputs (provenance)
-        sessions.append(qc)
+    sessions = [qc_session(root, sub, ses, folder, settings, out, generated_by) for sub, ses, folder in found]
     write_description(out, generated_by)
     write_report(out, sessions, settings.protocol is not None)
     _record_provenance(root, out, [s for s in sessions if not s.reused], settings, generated_by, began)
