@@ -34,6 +34,12 @@ from ..memory import arrow_system_pool, give_back
 arrow_system_pool()  # the tables' buffers go back to the system with the rest (pacs2bids.memory)
 LINEAGE_DIR = Path(".pacs2bids") / "lineage"
 
+
+def table_path(dataset_root: Path, kind: str, run_id: str) -> Path:
+    """Where a run's lineage table of ``kind`` (``run``: a row per output; ``instances``: a row per
+    instance) is in the dataset."""
+    return dataset_root / LINEAGE_DIR / f"{kind}-{run_id}.parquet"
+
 SCHEMA = pa.schema(
     [
         pa.field("run_id", pa.string(), nullable=False),
@@ -129,7 +135,7 @@ def write_run(
             }
         )
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    out = dataset_root / LINEAGE_DIR / f"run-{run_id}.parquet"
+    out = table_path(dataset_root, "run", run_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".parquet.tmp")
     pq.write_table(table, tmp)
@@ -215,7 +221,7 @@ def write_instances(
     """Write this run's instance table, ``_BATCH`` rows at a time, computing each published
     file's SHA-256 and size as it goes (streamed). Returns its path, or None if no record."""
     now = datetime.now(timezone.utc).replace(microsecond=0)
-    out = dataset_root / LINEAGE_DIR / f"instances-{run_id}.parquet"
+    out = table_path(dataset_root, "instances", run_id)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".parquet.tmp")
     writer = None

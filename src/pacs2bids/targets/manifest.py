@@ -24,13 +24,14 @@ import hashlib
 import json
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..lineage.tables import LINEAGE_DIR
+from ..lineage.tables import table_path
 
 FORMAT = "pacs2bids-manifest/1"
 MANIFEST_PATH = ".pacs2bids/manifest.json"
@@ -54,7 +55,7 @@ def lineage_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
     found: dict[str, tuple[int, str, int]] = {}
     for run_id in sorted(run_ids):
         for kind in ("run", "instances"):
-            table = version / LINEAGE_DIR / f"{kind}-{run_id}.parquet"
+            table = table_path(version, kind, run_id)
             try:
                 changed = os.stat(table).st_ctime_ns
                 for batch in pq.ParquetFile(table).iter_batches(columns=["path", "size", "sha256"]):
@@ -76,9 +77,11 @@ def build_manifest(version: Path) -> dict:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(version).as_posix()
-            if rel == MANIFEST_PATH or rel.startswith(_TMP_PREFIX) or path.is_symlink() or not path.is_file():
+            if rel == MANIFEST_PATH or rel.startswith(_TMP_PREFIX):  # before any look: another target's goes
                 continue
-            st = path.stat()
+            st = path.lstat()  # one call: symlinks and other non-regular files are left out
+            if not stat.S_ISREG(st.st_mode):
+                continue
             size, sha, table_changed = known.pop(rel, (None, None, 0))
             if size != st.st_size or st.st_ctime_ns >= table_changed:  # not hashed, or changed since
                 sha = file_sha256(path)
