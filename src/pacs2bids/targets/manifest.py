@@ -31,20 +31,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..checksum import sha256_file
 from ..lineage.tables import table_path
 
 FORMAT = "pacs2bids-manifest/1"
 MANIFEST_PATH = ".pacs2bids/manifest.json"
 _TMP_PREFIX = ".pacs2bids/.manifest.json.tmp-"  # + a unique suffix: targets build it at once in threads
-BLOCK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # looked up here at each call: tests count the files hashed by patching it
 
 
 def lineage_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
