@@ -84,11 +84,12 @@ def test_replication_asks_from_the_watermark_takes_late_series_and_is_a_noop_whe
     a1 = plant(sample_dir, tmp_path / "up1", "RP-1", study_a, today - timedelta(days=3), "mr_0003", 3)
     e1 = plant(sample_dir, tmp_path / "up1", "RP-3", study_e, date(2020, 3, 1), "mr_0003", 3)
     orthanc.upload(sorted((tmp_path / "up1").iterdir()))
-    out = tmp_path / "out" / "ds"
+    out, mirror = tmp_path / "out" / "ds", tmp_path / "mirror"
     spec_path = write_spec(tmp_path, "patient_id,subject\nRP-1,01\nRP-2,02\nRP-3,03\n", project="repl-proj",
                            pacs=orthanc, selection="{inclusions: inclusions.csv, modalities: [MR]}",
                            pseudonymization="{secret_env: P2B_REPL_SECRET}", output=out,
-                           retries="{attempts: 0, backoff_seconds: 0.1}")
+                           retries="{attempts: 0, backoff_seconds: 0.1}",
+                           targets=f"[{{kind: folder, url: 'file://{mirror}'}}]")
     spec = load_spec(spec_path)
     keyed = Keyed(spec.secret_bytes, spec.project)
     assert query_since(spec) == {}  # never replicated: every row is asked for everything
@@ -114,8 +115,17 @@ def test_replication_asks_from_the_watermark_takes_late_series_and_is_a_noop_whe
     close_pools()
     assert c1 in {s.series_instance_uid for st in full.studies for s in st.series}
 
+    from pacs2bids.targets import manifest as target_manifest
+
+    hashed, file_sha256 = [], target_manifest.file_sha256
+    monkeypatch.setattr(target_manifest, "file_sha256", lambda p: hashed.append(Path(p)) or file_sha256(p))
     second = replicate_project(str(spec_path))
     assert second["published"] and second["state"] == "completed", second["errors"]
+    assert [(t["state"], t["verified"]) for t in second["targets"]] == [("published", True)]
+    # the target's manifest took the checksums of what the run carried unchanged from the first version
+    carried = current_version(spec.output) / target_manifest.CARRIED_PATH
+    sub03 = {p.relative_to(carried.parents[1]) for p in carried.parents[1].glob("sub-03/**/*") if p.is_file()}
+    assert sub03 and not sub03 & {p.relative_to(carried.parents[1]) for p in hashed}
     assert second["studies"] == 2 and second["replication"]["incremental_rows"] == 3
     assert published_series(spec) == {keyed.uid(u) for u in (a1, a2, e1, b1)}  # not c1: before the window
     assert keyed.uid(c1) not in json.dumps(second)

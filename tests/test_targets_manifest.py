@@ -11,7 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pacs2bids.lineage.tables import LINEAGE_DIR, InstanceRecord, LineageRecord, write_instances, write_run
-from pacs2bids.targets.manifest import MANIFEST_PATH, build_manifest, check_copy, ensure_manifest, file_sha256
+from pacs2bids.publish import publish_local, seed_staging
+from pacs2bids.targets.manifest import (CARRIED_PATH, MANIFEST_PATH, build_manifest, check_copy, ensure_manifest,
+                                       file_sha256)
 from targets_helpers import make_version
 
 
@@ -119,3 +121,58 @@ def test_an_earlier_runs_tables_carried_with_the_dataset_are_not_trusted(tmp_pat
     m = build_manifest(v2)
     assert {Path(rel).name for rel in recorded} <= set(seen)
     assert all(m["files"][rel]["sha256"] == file_sha256(v2 / rel) for rel in m["files"])
+
+
+def _published_with_manifest(tmp_path: Path) -> tuple[Path, Path]:
+    """A dataset published locally (real publish) whose version a target had: its manifest saved."""
+    output = tmp_path / "out" / "dataset"
+    output.parent.mkdir()
+    first = make_version(tmp_path / "work", "staging-20260101T000000Z-aaaa", subjects=3)
+    version = publish_local(first, output, "20260101T000000Z-aaaa")
+    ensure_manifest(version)
+    return output, version
+
+
+def test_files_carried_unchanged_from_the_version_before_are_not_read_again(tmp_path, monkeypatch):
+    output, v1 = _published_with_manifest(tmp_path)
+    staging = tmp_path / "work" / "staging-20260102T000000Z-bbbb"
+    seed_staging(output, staging)  # the next run starts from the published dataset
+    images = sorted(p.relative_to(staging).as_posix() for p in staging.glob("sub-*/anat/*.nii.gz"))
+    carried = set(pq.read_table(staging / CARRIED_PATH).column("path").to_pylist())
+    assert carried == set(ensure_manifest(v1)["files"]) - {".pacs2bids/published.json"}  # that one is not copied
+    time.sleep(0.05)  # the run's work comes after the seed (inode times are kernel ticks)
+    in_place, replaced, kept = images
+    with open(staging / in_place, "r+b") as f:  # rewritten in place, same size
+        f.write(os.urandom(16))
+    tmp = staging / f"{replaced}.new"
+    tmp.write_bytes((staging / replaced).read_bytes()[::-1])
+    os.replace(tmp, staging / replaced)  # replaced by another file of the same size
+    (staging / "sub-009" / "anat").mkdir(parents=True)
+    (staging / "sub-009" / "anat" / "sub-009_T1w.nii.gz").write_bytes(os.urandom(100))
+    (staging / "participants.tsv").write_text("participant_id\nsub-000\nsub-001\nsub-002\nsub-009\n")
+    v2 = publish_local(staging, output, "20260102T000000Z-bbbb")
+    seen = _hashed(monkeypatch)
+    m = build_manifest(v2)
+    assert Path(kept).name not in seen and "dataset.json" not in seen  # carried, unchanged: not read
+    assert {Path(in_place).name, Path(replaced).name, "sub-009_T1w.nii.gz", "participants.tsv"} <= set(seen)
+    assert set(m["files"]) == {p.relative_to(v2).as_posix() for p in v2.rglob("*") if p.is_file()} - {MANIFEST_PATH}
+    assert all(m["files"][rel]["sha256"] == file_sha256(v2 / rel) for rel in m["files"])
+
+
+def test_nothing_is_carried_without_the_earlier_manifest_and_an_old_record_is_not_trusted(tmp_path, monkeypatch):
+    output, v1 = _published_with_manifest(tmp_path)
+    s2 = tmp_path / "work" / "staging-20260102T000000Z-bbbb"
+    seed_staging(output, s2)
+    (s2 / MANIFEST_PATH).unlink()  # this version had no target: no manifest to carry from
+    v2 = publish_local(s2, output, "20260102T000000Z-bbbb")
+    assert (v2 / CARRIED_PATH).is_file()  # v1's files recorded when v2 was seeded
+    s3 = tmp_path / "work" / "staging-20260103T000000Z-cccc"
+    seed_staging(output, s3)
+    assert not (s3 / CARRIED_PATH).exists()  # the record copied from v2 described v2's copies: removed
+    v3 = publish_local(s3, output, "20260103T000000Z-cccc")
+    (v3 / CARRIED_PATH).parent.mkdir(exist_ok=True)
+    (v3 / CARRIED_PATH).write_bytes((v2 / CARRIED_PATH).read_bytes())  # an old record, put back by hand
+    seen = _hashed(monkeypatch)
+    m = build_manifest(v3)
+    assert {p.name for p in v3.glob("sub-*/anat/*.nii.gz")} <= set(seen)  # their copies are newer: read
+    assert all(m["files"][rel]["sha256"] == file_sha256(v3 / rel) for rel in m["files"])

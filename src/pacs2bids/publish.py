@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import PublishError
+from .targets.manifest import record_carried
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def seed_staging(output: Path, staging: Path, *, merge: bool = False) -> None:
     if current is not None and any(current.iterdir()):
         shutil.copytree(current, staging, symlinks=True, dirs_exist_ok=merge)
         (staging / MANIFEST).unlink(missing_ok=True)  # describes the version copied, not the next one
+        record_carried(current, staging)  # the targets' manifest of the next version does not hash them again
     else:
         staging.mkdir(parents=True, exist_ok=merge)
 

@@ -14,8 +14,13 @@ The files the version's own run hashed for its lineage tables (``.pacs2bids/line
 id>.parquet`` and ``instances-<run id>.parquet``: every pseudonymised instance and converted file)
 are not read again: their SHA-256 is taken from the table when the file has the size the table
 says and has not changed since the table was written (its inode change time, which no tool can
-set back, is older than the table's). Every other file, those carried from earlier versions
-included, is read and hashed.
+set back, is older than the table's).
+
+Nor are the files carried from the version before: when the next run's staging is seeded with
+its dataset, :func:`record_carried` writes ``.pacs2bids/carried.parquet``: each copied file that
+the earlier version's manifest hashed and that has not changed since that manifest was saved, with
+the copy's size and inode change time. A file still at that size and change time takes its
+SHA-256 from there. Every other file is read and hashed.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from ..lineage.tables import table_path
 
 FORMAT = "pacs2bids-manifest/1"
 MANIFEST_PATH = ".pacs2bids/manifest.json"
+CARRIED_PATH = ".pacs2bids/carried.parquet"
+_CARRIED = pa.schema([("path", pa.string()), ("size", pa.int64()), ("sha256", pa.string()), ("ctime_ns", pa.int64())])
 _TMP_PREFIX = ".pacs2bids/.manifest.json.tmp-"  # + a unique suffix: targets build it at once in threads
 file_sha256 = sha256_file  # looked up here at each call: tests count the files hashed by patching it
 
@@ -60,10 +67,62 @@ def lineage_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
     return found
 
 
+def record_carried(source: Path, staging: Path) -> int:
+    """Once the dataset of the published version ``source`` is copied into ``staging`` (the next run
+    starts from it): record in ``staging``'s :data:`CARRIED_PATH` each copied file whose SHA-256
+    ``source``'s saved manifest gives, when neither the file in ``source`` (inode change time older
+    than the manifest's) nor its copy (same size) differs: path, size, SHA-256 and the copy's
+    inode change time, for :func:`build_manifest`. A record copied with the dataset (it describes
+    an earlier copy) is removed first. Returns the number of files recorded."""
+    out = staging / CARRIED_PATH
+    out.unlink(missing_ok=True)
+    try:
+        saved_at = os.stat(source / MANIFEST_PATH).st_ctime_ns
+        saved = read_manifest((source / MANIFEST_PATH).read_bytes())
+    except (OSError, ValueError):
+        return 0  # no target had this version: nothing hashed to carry
+    if saved.get("version") != source.name:
+        return 0
+    rows: dict[str, list] = {name: [] for name in _CARRIED.names}
+    for rel, entry in saved["files"].items():
+        try:
+            src, copy = os.lstat(source / rel), os.lstat(staging / rel)
+        except OSError:
+            continue
+        if (stat.S_ISREG(src.st_mode) and stat.S_ISREG(copy.st_mode) and src.st_ctime_ns < saved_at
+                and src.st_size == copy.st_size == entry.get("size") and isinstance(entry.get("sha256"), str)):
+            for name, value in zip(_CARRIED.names, (rel, copy.st_size, entry["sha256"], copy.st_ctime_ns)):
+                rows[name].append(value)
+    del saved
+    if rows["path"]:
+        tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
+        pq.write_table(pa.table(rows, schema=_CARRIED), tmp)
+        os.replace(tmp, out)
+    return len(rows["path"])
+
+
+def carried_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
+    """What :func:`record_carried` recorded in ``version``: relative path -> (size, SHA-256, the copy's
+    inode change time in ns), keeping only the files recorded before the record was written (a file
+    changed in the same kernel tick as its record could not be told apart). Empty without a record."""
+    table = version / CARRIED_PATH
+    found: dict[str, tuple[int, str, int]] = {}
+    try:
+        written = os.stat(table).st_ctime_ns
+        for batch in pq.ParquetFile(table).iter_batches(columns=list(_CARRIED.names)):
+            for rel, size, sha, changed in zip(*(batch.column(i).to_pylist() for i in range(4))):
+                if changed < written:
+                    found[rel] = (size, sha, changed)
+    except (OSError, pa.ArrowException):
+        return {}
+    return found
+
+
 def build_manifest(version: Path) -> dict:
     """The manifest of the version folder ``version`` (regular files only, sorted paths); the files
-    its run's lineage tables hashed are not read again (:func:`lineage_hashes`)."""
-    known = lineage_hashes(version)
+    its run's lineage tables hashed (:func:`lineage_hashes`), and those carried unchanged from the
+    version before (:func:`carried_hashes`), are not read again."""
+    known, carried = lineage_hashes(version), carried_hashes(version)
     files: dict[str, dict] = {}
     for dirpath, dirnames, filenames in os.walk(version):
         dirnames.sort()
@@ -76,8 +135,10 @@ def build_manifest(version: Path) -> dict:
             if not stat.S_ISREG(st.st_mode):
                 continue
             size, sha, table_changed = known.pop(rel, (None, None, 0))
-            if size != st.st_size or st.st_ctime_ns >= table_changed:  # not hashed, or changed since
-                sha = file_sha256(path)
+            if size != st.st_size or st.st_ctime_ns >= table_changed:  # not hashed this run, or changed since
+                size, sha, copied = carried.pop(rel, (None, None, None))
+                if size != st.st_size or st.st_ctime_ns != copied:  # not carried, or changed since its copy
+                    sha = file_sha256(path)
             files[rel] = {"size": st.st_size, "sha256": sha}
     files = dict(sorted(files.items()))
     return {"format": FORMAT, "version": version.name, "files": files,
