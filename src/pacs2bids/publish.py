@@ -171,11 +171,10 @@ def seed_staging(output: Path, staging: Path, *, merge: bool = False) -> None:
 
     Reads through ``output``'s symlink (after :func:`recover`), so a re-run always starts from
     the last published version. A full copy, not hard links: conversion tools overwrite files
-    in place, and a link would let them change the published dataset before the swap.
-
+    in place, and a link would let them change the published dataset before the swap. What the
+    copy carries unchanged is recorded for the targets' next manifest (``record_carried``).
     With ``merge``, what staging holds already (the run's log, opened before the query told
-    whether the run has anything to publish) is kept and the dataset copied around it.
-    """
+    whether the run has anything to publish) is kept and the dataset copied around it."""
     recover(output)
     if staging.exists() and not merge:
         shutil.rmtree(staging)
@@ -183,7 +182,7 @@ def seed_staging(output: Path, staging: Path, *, merge: bool = False) -> None:
     if current is not None and any(current.iterdir()):
         shutil.copytree(current, staging, symlinks=True, dirs_exist_ok=merge)
         (staging / MANIFEST).unlink(missing_ok=True)  # describes the version copied, not the next one
-        record_carried(current, staging)  # the targets' manifest of the next version does not hash them again
+        record_carried(current, staging)
     else:
         staging.mkdir(parents=True, exist_ok=merge)
 
