@@ -32,6 +32,7 @@ import re
 import stat
 import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +48,12 @@ _TMP_PREFIX = ".pacs2bids/.manifest.json.tmp-"  # + a unique suffix: targets bui
 file_sha256 = sha256_file  # looked up here at each call: tests count the files hashed by patching it
 
 
+def _rows(table: Path, columns: list[str]) -> Iterator[tuple]:
+    """The values of ``columns`` in the Parquet file ``table``, a row at a time (read a batch at a time)."""
+    for batch in pq.ParquetFile(table).iter_batches(columns=columns):
+        yield from zip(*(batch.column(name).to_pylist() for name in columns))
+
+
 def lineage_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
     """The checksums the version's own run recorded in its lineage tables: relative path -> (size,
     SHA-256, the table's inode change time in ns). Tables of earlier runs (copied with the dataset)
@@ -58,10 +65,9 @@ def lineage_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
             table = table_path(version, kind, run_id)
             try:
                 changed = os.stat(table).st_ctime_ns
-                for batch in pq.ParquetFile(table).iter_batches(columns=["path", "size", "sha256"]):
-                    for rel, size, sha in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                        if rel and sha and size is not None:
-                            found[rel] = (size, sha, changed)
+                for rel, size, sha in _rows(table, ["path", "size", "sha256"]):
+                    if rel and sha and size is not None:
+                        found[rel] = (size, sha, changed)
             except (OSError, pa.ArrowException):
                 continue
     return found
@@ -109,10 +115,9 @@ def carried_hashes(version: Path) -> dict[str, tuple[int, str, int]]:
     found: dict[str, tuple[int, str, int]] = {}
     try:
         written = os.stat(table).st_ctime_ns
-        for batch in pq.ParquetFile(table).iter_batches(columns=list(_CARRIED.names)):
-            for rel, size, sha, changed in zip(*(batch.column(i).to_pylist() for i in range(4))):
-                if changed < written:
-                    found[rel] = (size, sha, changed)
+        for rel, size, sha, changed in _rows(table, _CARRIED.names):
+            if changed < written:
+                found[rel] = (size, sha, changed)
     except (OSError, pa.ArrowException):
         return {}
     return found
